@@ -74,6 +74,9 @@ pub enum Error {
         source: Arc<sled::Error>,
     },
 
+    #[error("shard {shard}: a stored {what} does not decode")]
+    StoreCorrupt { shard: ShardId, what: &'static str },
+
     #[error("shard {shard} has no replica in this state store")]
     ShardMissing { shard: ShardId },
 

@@ -17,6 +17,8 @@
 mod config;
 mod error;
 mod log;
+mod sm;
+mod snapshot;
 
 /// Identifies a Raft group in the shared log (for Dossier, a shard replica's group).
 pub type GroupId = u64;
@@ -29,3 +31,9 @@ pub use log::engine::{GroupState, LogEngine, LogStats, OnDurable, Pin, WriteBatc
 pub use log::frame::FRAME_HEADER_BYTES;
 pub use log::record::HardState;
 pub use log::segment::SegmentId;
+pub use sm::command::{
+    ApplyEntry, Batch, Command, Condition, EntryPayload, Expect, Op, Outcome, Session,
+};
+pub use sm::shard::{Applied, ShardHandle, ShardStore};
+pub use sm::store::StateStore;
+pub use snapshot::{SnapshotMeta, SnapshotReceiver, read_snapshot_chunk};

@@ -234,6 +234,7 @@ impl Record {
         Ok(record)
     }
 
+    #[cfg(test)]
     pub fn as_ref(&self) -> RecordRef<'_> {
         match self {
             Record::Entry { group, index, data } => RecordRef::Entry {

@@ -1,0 +1,203 @@
+//! What the state machine applies: commands carried by Raft entries, and their outcomes.
+//!
+//! Applying is deterministic: it depends only on the store's contents and the entries, never on
+//! configuration or clocks, so every replica reaches the same state. Limits are therefore checked
+//! when a command is proposed ([`Batch::check_limits`]), not when it is applied.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::config::StoreConfig;
+use crate::error::{Error, Result};
+
+/// What a condition expects of a key's current value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Expect {
+    Absent,
+    Present,
+    Equals(Bytes),
+}
+
+/// A condition on one key, checked before a batch's operations run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Condition {
+    pub key: Bytes,
+    pub expect: Expect,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Put { key: Bytes, value: Bytes },
+    Delete { key: Bytes },
+}
+
+/// An atomic batch: if every condition holds, every operation is applied; otherwise none is.
+/// Compare-and-set is a batch of one `Equals` condition and one `Put`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    pub conditions: Vec<Condition>,
+    pub ops: Vec<Op>,
+}
+
+impl Batch {
+    pub fn put(key: impl Into<Bytes>, value: impl Into<Bytes>) -> Self {
+        Batch {
+            conditions: Vec::new(),
+            ops: vec![Op::Put {
+                key: key.into(),
+                value: value.into(),
+            }],
+        }
+    }
+
+    pub fn delete(key: impl Into<Bytes>) -> Self {
+        Batch {
+            conditions: Vec::new(),
+            ops: vec![Op::Delete { key: key.into() }],
+        }
+    }
+
+    /// Puts `new` at `key` only if its current value is `expected` (`None`: only if absent).
+    pub fn compare_and_set(
+        key: impl Into<Bytes>,
+        expected: Option<Bytes>,
+        new: impl Into<Bytes>,
+    ) -> Self {
+        let key = key.into();
+        let expect = expected.map_or(Expect::Absent, Expect::Equals);
+        Batch {
+            conditions: vec![Condition {
+                key: key.clone(),
+                expect,
+            }],
+            ops: vec![Op::Put {
+                key,
+                value: new.into(),
+            }],
+        }
+    }
+
+    /// Checks key and value sizes and the number of conditions plus operations.
+    pub fn check_limits(&self, config: &StoreConfig) -> Result<()> {
+        let ops = self.conditions.len() + self.ops.len();
+        if ops > config.ops_per_batch_max {
+            return Err(Error::TooManyOps {
+                ops,
+                max: config.ops_per_batch_max,
+            });
+        }
+        let check_key = |key: &Bytes| {
+            if key.len() > config.key_bytes_max {
+                return Err(Error::KeyTooLarge {
+                    bytes: key.len(),
+                    max: config.key_bytes_max,
+                });
+            }
+            Ok(())
+        };
+        let check_value = |value: &Bytes| {
+            if value.len() > config.value_bytes_max {
+                return Err(Error::ValueTooLarge {
+                    bytes: value.len(),
+                    max: config.value_bytes_max,
+                });
+            }
+            Ok(())
+        };
+        for condition in &self.conditions {
+            check_key(&condition.key)?;
+            if let Expect::Equals(value) = &condition.expect {
+                check_value(value)?;
+            }
+        }
+        for op in &self.ops {
+            match op {
+                Op::Put { key, value } => {
+                    check_key(key)?;
+                    check_value(value)?;
+                }
+                Op::Delete { key } => check_key(key)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A client session and the sequence number of this request within it: the exactly-once key.
+/// A session has one request in flight at a time; a retry carries the same sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub client: u64,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// An atomic batch, deduplicated per session when one is given.
+    Txn {
+        session: Option<Session>,
+        batch: Batch,
+    },
+    /// Forgets sessions last used by an entry below `before_index` (bounds the session table).
+    /// A retry from a forgotten session after this is answered `SessionExpired`, never re-applied.
+    ExpireSessions { before_index: u64 },
+}
+
+/// What an entry carries, as the state machine sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryPayload {
+    /// A leader's no-op entry: only the applied id moves.
+    Blank,
+    /// A membership change, opaque here, kept with the applied id.
+    Membership(Bytes),
+    Command(Command),
+}
+
+/// One committed entry to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyEntry {
+    pub index: u64,
+    /// The caller's encoding of the entry's log id, returned by `applied()`.
+    pub log_id: Bytes,
+    pub payload: EntryPayload,
+}
+
+/// The result of applying one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Not a command (blank or membership), or sessions expired.
+    Done,
+    /// The batch's operations were applied.
+    Applied,
+    /// Condition `index` (in the batch's order) did not hold; nothing was applied.
+    ConditionFailed { index: u32 },
+    /// The session's sequence number is below the last one applied: an old, superseded retry.
+    StaleSequence { last: u64 },
+    /// The session is unknown although its sequence number says it was used before: it expired.
+    SessionExpired,
+}
+
+impl Outcome {
+    pub(crate) fn encode(self) -> [u8; 5] {
+        let (kind, arg) = match self {
+            Outcome::Done => (0, 0),
+            Outcome::Applied => (1, 0),
+            Outcome::ConditionFailed { index } => (2, index),
+            // Only Applied and ConditionFailed are ever stored in the session table.
+            Outcome::StaleSequence { .. } | Outcome::SessionExpired => unreachable!("never stored"),
+        };
+        let mut out = [kind, 0, 0, 0, 0];
+        out[1..].copy_from_slice(&arg.to_le_bytes());
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Outcome> {
+        let arg = u32::from_le_bytes(bytes.get(1..5)?.try_into().ok()?);
+        match bytes.first()? {
+            0 => Some(Outcome::Done),
+            1 => Some(Outcome::Applied),
+            2 => Some(Outcome::ConditionFailed { index: arg }),
+            _ => None,
+        }
+    }
+}

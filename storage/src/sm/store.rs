@@ -1,0 +1,253 @@
+//! `StateStore`: one sled database per node, one tree per shard replica, and the flusher that
+//! tells the log how far it may be purged.
+//!
+//! Durability: sled's own background flush is turned off. A flusher thread calls `Db::flush` every
+//! `flush-interval-ms`; before each flush it notes every shard's applied index, and after the flush
+//! returns it publishes that index as the shard's durable applied index. A crash loses at most the
+//! applies since the last flush, which the layer above re-applies from the log, so the log must
+//! never be purged past [`ShardStore::durable_applied_index`].
+//!
+//! Which tree holds a shard is recorded in a `catalog` tree (shard id -> generation). Installing a
+//! snapshot fills a tree of the next generation and then switches the catalog entry; a crash
+//! before the switch leaves the old state, and trees the catalog does not name are dropped on open.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::ShardId;
+use crate::config::StoreConfig;
+use crate::error::{Error, Result};
+use crate::sm::shard::{ShardHandle, ShardStore};
+
+const CATALOG: &[u8] = b"catalog";
+
+pub(crate) fn tree_name(shard: ShardId, generation: u64) -> String {
+    format!("shard-{shard}-{generation}")
+}
+
+fn parse_generation(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+#[derive(Debug)]
+pub(crate) struct StoreInner {
+    pub(crate) db: sled::Db,
+    pub(crate) catalog: sled::Tree,
+    pub(crate) config: Arc<StoreConfig>,
+    shards: Mutex<HashMap<ShardId, ShardHandle>>,
+    stop: Mutex<bool>,
+    wake: Condvar,
+}
+
+/// The sled state store of one node.
+#[derive(Debug)]
+pub struct StateStore {
+    inner: Arc<StoreInner>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+impl StateStore {
+    pub fn open(config: Arc<StoreConfig>) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(&config.dir)
+            .cache_capacity(config.cache_bytes)
+            .flush_every_ms(None)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| Error::sled("open state store", e))?;
+        let catalog = db
+            .open_tree(CATALOG)
+            .map_err(|e| Error::sled("open catalog", e))?;
+        let mut shards = HashMap::new();
+        let mut named = Vec::new();
+        for item in catalog.iter() {
+            let (key, value) = item.map_err(|e| Error::sled("read catalog", e))?;
+            let (Some(shard), Some(generation)) =
+                (parse_generation(&key), parse_generation(&value))
+            else {
+                return Err(Error::StoreCorrupt {
+                    shard: 0,
+                    what: "catalog entry",
+                });
+            };
+            let name = tree_name(shard, generation);
+            let tree = db
+                .open_tree(&name)
+                .map_err(|e| Error::sled("open shard tree", e))?;
+            shards.insert(shard, Arc::new(ShardStore::new(shard, tree)?));
+            named.push(name);
+        }
+        for name in db.tree_names() {
+            let name = String::from_utf8_lossy(&name).into_owned();
+            if name.starts_with("shard-") && !named.contains(&name) {
+                warn!(tree = %name, "dropping a shard tree left by an interrupted install or removal");
+                db.drop_tree(name.as_bytes())
+                    .map_err(|e| Error::sled("drop orphan tree", e))?;
+            }
+        }
+        info!(dir = %config.dir.display(), shards = shards.len(), "state store opened");
+        let inner = Arc::new(StoreInner {
+            db,
+            catalog,
+            config: Arc::clone(&config),
+            shards: Mutex::new(shards),
+            stop: Mutex::new(false),
+            wake: Condvar::new(),
+        });
+        let flusher = {
+            let inner = Arc::clone(&inner);
+            std::thread::Builder::new()
+                .name("dossier-state-flusher".into())
+                .spawn(move || flusher_loop(&inner))
+                .map_err(|e| Error::io("spawn state flusher thread", &config.dir, e))?
+        };
+        Ok(StateStore {
+            inner,
+            flusher: Some(flusher),
+        })
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    /// The replica of `shard` on this node, if any.
+    pub fn shard(&self, shard: ShardId) -> Option<ShardHandle> {
+        self.inner
+            .shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&shard)
+            .cloned()
+    }
+
+    /// Every shard with a replica here, ascending.
+    pub fn shards(&self) -> Vec<ShardId> {
+        let mut ids: Vec<ShardId> = self
+            .inner
+            .shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Creates an empty replica of `shard`.
+    pub fn create_shard(&self, shard: ShardId) -> Result<ShardHandle> {
+        let mut shards = self.inner.shards.lock().unwrap_or_else(|e| e.into_inner());
+        if shards.contains_key(&shard) {
+            return Err(Error::ShardExists { shard });
+        }
+        let tree = self
+            .inner
+            .db
+            .open_tree(tree_name(shard, 0))
+            .map_err(|e| Error::sled("create shard tree", e))?;
+        tree.clear()
+            .map_err(|e| Error::sled("clear new shard tree", e))?;
+        self.inner
+            .catalog
+            .insert(shard.to_be_bytes(), &0u64.to_be_bytes())
+            .map_err(|e| Error::sled("record shard in catalog", e))?;
+        let handle = Arc::new(ShardStore::new(shard, tree)?);
+        shards.insert(shard, Arc::clone(&handle));
+        Ok(handle)
+    }
+
+    /// Removes the replica of `shard` and its data.
+    pub fn remove_shard(&self, shard: ShardId) -> Result<()> {
+        let mut shards = self.inner.shards.lock().unwrap_or_else(|e| e.into_inner());
+        let handle = shards.remove(&shard).ok_or(Error::ShardMissing { shard })?;
+        let _applying = handle.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.inner
+            .catalog
+            .remove(shard.to_be_bytes())
+            .map_err(|e| Error::sled("remove shard from catalog", e))?;
+        self.flush()?;
+        let name = handle.tree().name();
+        self.inner
+            .db
+            .drop_tree(name)
+            .map_err(|e| Error::sled("drop shard tree", e))?;
+        Ok(())
+    }
+
+    /// Makes everything applied so far durable and advances every shard's durable applied index.
+    pub fn flush(&self) -> Result<()> {
+        flush(&self.inner)
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<StoreInner> {
+        &self.inner
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.config.dir
+    }
+}
+
+pub(crate) fn flush(inner: &StoreInner) -> Result<()> {
+    let shards: Vec<ShardHandle> = inner
+        .shards
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    let applied: Vec<u64> = shards
+        .iter()
+        .map(|s| s.applied.load(Ordering::Acquire))
+        .collect();
+    inner
+        .db
+        .flush()
+        .map_err(|e| Error::sled("flush state store", e))?;
+    for (shard, applied) in shards.iter().zip(applied) {
+        shard.durable_applied.fetch_max(applied, Ordering::AcqRel);
+    }
+    Ok(())
+}
+
+fn flusher_loop(inner: &StoreInner) {
+    let interval = Duration::from_millis(inner.config.flush_interval_ms);
+    let mut stop = inner.stop.lock().unwrap_or_else(|e| e.into_inner());
+    while !*stop {
+        stop = inner
+            .wake
+            .wait_timeout(stop, interval)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+        if *stop {
+            break;
+        }
+        drop(stop);
+        if let Err(e) = flush(inner) {
+            tracing::error!(error = %e, "state store flush failed");
+        }
+        stop = inner.stop.lock().unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+impl Drop for StateStore {
+    fn drop(&mut self) {
+        *self.inner.stop.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.inner.wake.notify_all();
+        if let Some(flusher) = self.flusher.take()
+            && flusher.join().is_err()
+        {
+            warn!("state flusher thread panicked");
+        }
+        if let Err(e) = flush(&self.inner) {
+            warn!(error = %e, "final state store flush failed");
+        }
+    }
+}

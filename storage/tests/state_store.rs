@@ -1,0 +1,507 @@
+//! The sled state store against a `BTreeMap` model, and snapshot round trips and refusals.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dossier_storage::{
+    ApplyEntry, Batch, Command, Condition, EntryPayload, Error, Expect, Op, Outcome, Session,
+    SnapshotReceiver, StateStore, StoreConfig, read_snapshot_chunk,
+};
+use proptest::prelude::*;
+
+fn config(dir: &std::path::Path) -> Arc<StoreConfig> {
+    StoreConfig {
+        dir: dir.to_path_buf(),
+        flush_interval_ms: 50,
+        ..StoreConfig::default()
+    }
+    .validate()
+    .unwrap()
+}
+
+fn key(k: u8) -> Bytes {
+    // Two "patients" (prefixes) so that prefix scans have something to tell apart.
+    Bytes::from(format!("p{}/k{}", k % 2, k))
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Txn {
+        client: Option<u64>,
+        retry: bool,
+        conditions: Vec<(u8, Option<Option<u8>>)>,
+        ops: Vec<(u8, Option<u8>)>,
+    },
+    Expire {
+        back: u64,
+    },
+    Membership(u8),
+    Blank,
+    Reopen,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let cond = (0u8..6, proptest::option::of(proptest::option::of(0u8..3)));
+    let op = (0u8..6, proptest::option::of(0u8..3));
+    prop_oneof![
+        8 => (proptest::option::of(0u64..3), proptest::bool::weighted(0.3), proptest::collection::vec(cond, 0..3), proptest::collection::vec(op, 1..4))
+            .prop_map(|(client, retry, conditions, ops)| Step::Txn { client, retry, conditions, ops }),
+        1 => (0u64..20).prop_map(|back| Step::Expire { back }),
+        1 => any::<u8>().prop_map(Step::Membership),
+        1 => Just(Step::Blank),
+        1 => Just(Step::Reopen),
+    ]
+}
+
+#[derive(Default)]
+struct Model {
+    data: BTreeMap<Bytes, Bytes>,
+    sessions: HashMap<u64, (u64, u64, Outcome)>,
+}
+
+impl Model {
+    fn apply(&mut self, index: u64, session: Option<Session>, batch: &Batch) -> Outcome {
+        if let Some(s) = session {
+            match self.sessions.get(&s.client) {
+                Some(&(seq, _, outcome)) if s.seq == seq => return outcome,
+                Some(&(seq, _, _)) if s.seq < seq => return Outcome::StaleSequence { last: seq },
+                None if s.seq > 1 => return Outcome::SessionExpired,
+                _ => {}
+            }
+        }
+        let failed = batch.conditions.iter().position(|c| {
+            let cur = self.data.get(&c.key);
+            !match &c.expect {
+                Expect::Absent => cur.is_none(),
+                Expect::Present => cur.is_some(),
+                Expect::Equals(v) => cur == Some(v),
+            }
+        });
+        let outcome = match failed {
+            Some(i) => Outcome::ConditionFailed { index: i as u32 },
+            None => {
+                for op in &batch.ops {
+                    match op {
+                        Op::Put { key, value } => {
+                            self.data.insert(key.clone(), value.clone());
+                        }
+                        Op::Delete { key } => {
+                            self.data.remove(key);
+                        }
+                    }
+                }
+                Outcome::Applied
+            }
+        };
+        if let Some(s) = session {
+            self.sessions.insert(s.client, (s.seq, index, outcome));
+        }
+        outcome
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// Applying random batches (conditions, puts, deletes, sessions with retries, expiry, reopen)
+    /// gives the model's outcomes and leaves the model's data, sessions and applied index.
+    #[test]
+    fn state_store_matches_model(steps in proptest::collection::vec(step(), 1..40), group_size in 1usize..4) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let mut store = StateStore::open(Arc::clone(&cfg)).unwrap();
+        let mut shard = store.create_shard(9).unwrap();
+        let mut model = Model::default();
+        let mut next_seq: HashMap<u64, u64> = HashMap::new();
+        let mut index = 0u64;
+        let mut membership = None;
+        let mut pending: Vec<(ApplyEntry, Option<Outcome>)> = Vec::new();
+        let flush = |shard: &dossier_storage::ShardHandle, pending: &mut Vec<(ApplyEntry, Option<Outcome>)>| -> Result<(), TestCaseError> {
+            if pending.is_empty() { return Ok(()); }
+            let entries: Vec<ApplyEntry> = pending.iter().map(|(e, _)| e.clone()).collect();
+            let got = shard.apply(&entries).unwrap();
+            for ((_, want), got) in pending.iter().zip(got) {
+                prop_assert_eq!(want.unwrap_or(Outcome::Done), got);
+            }
+            pending.clear();
+            Ok(())
+        };
+        for step in steps {
+            index += 1;
+            let log_id = Bytes::from(format!("id-{index}"));
+            match step {
+                Step::Txn { client, retry, conditions, ops } => {
+                    let session = client.map(|c| {
+                        let seq = next_seq.entry(c).or_insert(0);
+                        if !(retry && *seq > 0) { *seq += 1; }
+                        Session { client: c, seq: *seq }
+                    });
+                    let batch = Batch {
+                        conditions: conditions.into_iter().map(|(k, e)| Condition { key: key(k), expect: match e {
+                            None => Expect::Absent, Some(None) => Expect::Present, Some(Some(v)) => Expect::Equals(Bytes::from(vec![v])),
+                        }}).collect(),
+                        ops: ops.into_iter().map(|(k, v)| match v {
+                            Some(v) => Op::Put { key: key(k), value: Bytes::from(vec![v]) },
+                            None => Op::Delete { key: key(k) },
+                        }).collect(),
+                    };
+                    let want = model.apply(index, session, &batch);
+                    pending.push((ApplyEntry { index, log_id, payload: EntryPayload::Command(Command::Txn { session, batch }) }, Some(want)));
+                }
+                Step::Expire { back } => {
+                    let before_index = index.saturating_sub(back);
+                    model.sessions.retain(|_, (_, i, _)| *i >= before_index);
+                    pending.push((ApplyEntry { index, log_id, payload: EntryPayload::Command(Command::ExpireSessions { before_index }) }, None));
+                }
+                Step::Membership(m) => {
+                    membership = Some(Bytes::from(vec![m]));
+                    pending.push((ApplyEntry { index, log_id, payload: EntryPayload::Membership(Bytes::from(vec![m])) }, None));
+                }
+                Step::Blank => pending.push((ApplyEntry { index, log_id, payload: EntryPayload::Blank }, None)),
+                Step::Reopen => {
+                    index -= 1; // a reopen is not an entry
+                    flush(&shard, &mut pending)?;
+                    drop(shard);
+                    drop(store);
+                    store = StateStore::open(Arc::clone(&cfg)).unwrap();
+                    shard = store.shard(9).unwrap();
+                }
+            }
+            if pending.len() >= group_size {
+                flush(&shard, &mut pending)?;
+            }
+        }
+        flush(&shard, &mut pending)?;
+        let applied = shard.applied().unwrap();
+        prop_assert_eq!(applied.as_ref().map(|a| a.index), (index > 0).then_some(index));
+        if let Some(applied) = applied {
+            prop_assert_eq!(applied.log_id, Bytes::from(format!("id-{index}")));
+        }
+        prop_assert_eq!(shard.membership().unwrap(), membership);
+        let all = shard.scan_prefix(b"", None, usize::MAX).unwrap();
+        let want: Vec<(Bytes, Bytes)> = model.data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        prop_assert_eq!(&all, &want);
+        // Prefix scans page through one patient's keys without mixing in another's.
+        let p1: Vec<(Bytes, Bytes)> = want.iter().filter(|(k, _)| k.starts_with(b"p1/")).cloned().collect();
+        let mut paged = Vec::new();
+        let mut after: Option<Bytes> = None;
+        loop {
+            let page = shard.scan_prefix(b"p1/", after.as_deref(), 2).unwrap();
+            if page.is_empty() { break; }
+            after = Some(page.last().unwrap().0.clone());
+            paged.extend(page);
+        }
+        prop_assert_eq!(paged, p1);
+        let mut sessions: Vec<(u64, u64, u64)> = model.sessions.iter().map(|(&c, &(s, i, _))| (c, s, i)).collect();
+        sessions.sort_unstable();
+        prop_assert_eq!(shard.sessions().unwrap(), sessions);
+    }
+}
+
+fn fill(shard: &dossier_storage::ShardHandle, first_index: u64, n: u64, tag: &str) {
+    let entries: Vec<ApplyEntry> = (0..n)
+        .map(|i| ApplyEntry {
+            index: first_index + i,
+            log_id: Bytes::from(format!("{tag}-{i}")),
+            payload: EntryPayload::Command(Command::Txn {
+                session: Some(Session {
+                    client: 1 + i % 3,
+                    seq: 1 + i / 3,
+                }),
+                batch: Batch::put(format!("patient-{}/{tag}-{i}", i % 7), vec![i as u8; 100]),
+            }),
+        })
+        .collect();
+    for chunk in entries.chunks(500) {
+        shard.apply(chunk).unwrap();
+    }
+}
+
+fn dump(
+    shard: &dossier_storage::ShardHandle,
+) -> (
+    Vec<(Bytes, Bytes)>,
+    Vec<(u64, u64, u64)>,
+    Option<dossier_storage::Applied>,
+) {
+    (
+        shard.scan_prefix(b"", None, usize::MAX).unwrap(),
+        shard.sessions().unwrap(),
+        shard.applied().unwrap(),
+    )
+}
+
+/// A snapshot built from one replica and installed (through a chunked stream) over another
+/// replica with different data makes it equal to the source, and survives a reopen.
+#[test]
+fn snapshot_round_trip_replaces_state() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let src = StateStore::open(config(src_dir.path())).unwrap();
+    let a = src.create_shard(4).unwrap();
+    fill(&a, 1, 3000, "a");
+    a.apply(&[ApplyEntry {
+        index: 3001,
+        log_id: Bytes::from_static(b"m"),
+        payload: EntryPayload::Membership(Bytes::from_static(b"voters:1,2,3")),
+    }])
+    .unwrap();
+    let file = src_dir.path().join("snap-4");
+    let meta = a.build_snapshot(&file).unwrap();
+    assert_eq!(meta.records, 3000 + 3, "data plus three sessions");
+    assert_eq!(meta.applied.as_ref().unwrap().index, 3001);
+
+    let dst_cfg = config(dst_dir.path());
+    {
+        let dst = StateStore::open(Arc::clone(&dst_cfg)).unwrap();
+        let b = dst.create_shard(4).unwrap();
+        fill(&b, 1, 10, "b");
+        let mut rx = SnapshotReceiver::create(&dst_dir.path().join("incoming-4"), 1 << 30).unwrap();
+        let mut offset = 0;
+        loop {
+            let chunk = read_snapshot_chunk(&file, offset, 64 * 1024).unwrap();
+            if chunk.is_empty() {
+                break;
+            }
+            rx.write_chunk(offset, &chunk).unwrap();
+            offset += chunk.len() as u64;
+        }
+        assert!(
+            matches!(
+                rx.write_chunk(offset + 10, b"x"),
+                Err(Error::Corrupt { .. })
+            ),
+            "out of order chunk"
+        );
+        let path = rx.finish().unwrap();
+        let installed = dst.install_snapshot(4, &path).unwrap();
+        assert_eq!(installed, meta);
+        assert_eq!(dump(&b), dump(&a));
+        assert_eq!(b.membership().unwrap(), a.membership().unwrap());
+        assert_eq!(b.durable_applied_index(), Some(3001));
+    }
+    let dst = StateStore::open(dst_cfg).unwrap();
+    let b = dst.shard(4).unwrap();
+    assert_eq!(dump(&b), dump(&a));
+    assert!(
+        b.get(b"patient-0/b-0").unwrap().is_none(),
+        "old state is gone"
+    );
+}
+
+/// A snapshot file cut short or with a flipped bit is refused, and the replica keeps its state.
+#[test]
+fn damaged_snapshot_is_refused_and_state_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(config(dir.path())).unwrap();
+    let a = store.create_shard(1).unwrap();
+    fill(&a, 1, 200, "a");
+    let file = dir.path().join("snap");
+    a.build_snapshot(&file).unwrap();
+    let good = std::fs::read(&file).unwrap();
+    let b = store.create_shard(2).unwrap();
+    fill(&b, 1, 5, "b");
+    let before = dump(&b);
+    let wrong_shard = store.install_snapshot(2, &file);
+    assert!(
+        matches!(
+            wrong_shard,
+            Err(Error::SnapshotShardMismatch {
+                expected: 2,
+                found: 1
+            })
+        ),
+        "{wrong_shard:?}"
+    );
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    for round in 0..60 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let mut bad = good.clone();
+        if round % 2 == 0 {
+            bad.truncate((rng % good.len() as u64) as usize);
+        } else {
+            let at = (rng % good.len() as u64) as usize;
+            bad[at] ^= 1 << (rng % 8);
+        }
+        let damaged = dir.path().join("damaged");
+        std::fs::write(&damaged, &bad).unwrap();
+        let result = store.install_snapshot(1, &damaged);
+        assert!(
+            matches!(result, Err(Error::Corrupt { .. })),
+            "round {round}: {result:?}"
+        );
+        assert_eq!(dump(&b), before);
+    }
+    assert_eq!(store.shards(), vec![1, 2]);
+}
+
+/// The durable applied index trails the applied index until a flush, then catches up.
+#[test]
+fn durable_applied_index_follows_flushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        dir: dir.path().to_path_buf(),
+        flush_interval_ms: 60_000,
+        ..StoreConfig::default()
+    }
+    .validate()
+    .unwrap();
+    let store = StateStore::open(cfg).unwrap();
+    let shard = store.create_shard(3).unwrap();
+    assert_eq!(shard.durable_applied_index(), None);
+    fill(&shard, 1, 10, "x");
+    assert_eq!(shard.applied().unwrap().unwrap().index, 10);
+    assert_eq!(shard.durable_applied_index(), None, "no flush yet");
+    store.flush().unwrap();
+    assert_eq!(shard.durable_applied_index(), Some(10));
+}
+
+/// Limits are checked when a batch is proposed, with errors that name the limit.
+#[test]
+fn batch_limits_are_typed_errors() {
+    let cfg = StoreConfig {
+        key_bytes_max: 8,
+        value_bytes_max: 16,
+        ops_per_batch_max: 2,
+        ..StoreConfig::default()
+    };
+    assert!(matches!(
+        Batch::put("123456789", "v").check_limits(&cfg),
+        Err(Error::KeyTooLarge { bytes: 9, max: 8 })
+    ));
+    assert!(matches!(
+        Batch::put("k", vec![0u8; 17]).check_limits(&cfg),
+        Err(Error::ValueTooLarge { .. })
+    ));
+    let cas = Batch::compare_and_set("k", Some(Bytes::from_static(b"a")), "b");
+    assert!(cas.check_limits(&cfg).is_ok());
+    let mut big = cas.clone();
+    big.ops.push(Op::Delete {
+        key: Bytes::from_static(b"z"),
+    });
+    assert!(matches!(
+        big.check_limits(&cfg),
+        Err(Error::TooManyOps { ops: 3, max: 2 })
+    ));
+}
+
+const CHILD_ENV: &str = "DOSSIER_STATE_CRASH_CHILD_DIR";
+
+/// Not a test on its own: the child of `sigkill_leaves_store_at_an_applied_prefix`. Applies runs
+/// of entries as fast as it can, each entry writing its own key and a counter; flushes often and
+/// prints the durable applied index. Bounded: stops after 20 s by itself.
+#[test]
+fn crash_child_applier() {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let cfg = StoreConfig {
+        dir: dir.into(),
+        flush_interval_ms: 5,
+        ..StoreConfig::default()
+    }
+    .validate()
+    .unwrap();
+    let store = StateStore::open(cfg).unwrap();
+    let shard = store.create_shard(1).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut index = 0u64;
+    let mut printed = None;
+    while std::time::Instant::now() < deadline {
+        let entries: Vec<ApplyEntry> = (0..16)
+            .map(|_| {
+                index += 1;
+                let mut batch = Batch::put(format!("k{index:08}"), vec![7u8; 200]);
+                batch.ops.push(Op::Put {
+                    key: Bytes::from_static(b"count"),
+                    value: Bytes::from(index.to_be_bytes().to_vec()),
+                });
+                ApplyEntry {
+                    index,
+                    log_id: Bytes::new(),
+                    payload: EntryPayload::Command(Command::Txn {
+                        session: None,
+                        batch,
+                    }),
+                }
+            })
+            .collect();
+        shard.apply(&entries).unwrap();
+        let durable = shard.durable_applied_index();
+        if durable != printed {
+            println!("DURABLE {}", durable.unwrap_or(0));
+            printed = durable;
+        }
+    }
+}
+
+/// A process applying at full speed is SIGKILLed; the reopened store is exactly at some applied
+/// index at or past the last one reported durable: data and applied id changed together.
+#[test]
+fn sigkill_leaves_store_at_an_applied_prefix() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "crash_child_applier",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let started = std::time::Instant::now();
+    let mut durable = 0u64;
+    for line in lines.map_while(Result::ok) {
+        if let Some(n) = line
+            .strip_prefix("DURABLE ")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            durable = durable.max(n);
+        }
+        if durable >= 20_000 || started.elapsed() > std::time::Duration::from_secs(10) {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(durable > 0, "the child reported nothing durable");
+
+    let store = StateStore::open(config(dir.path())).unwrap();
+    let shard = store.shard(1).unwrap();
+    let applied = shard
+        .applied()
+        .unwrap()
+        .expect("something was applied")
+        .index;
+    assert!(
+        applied >= durable,
+        "applied {applied} is below the reported durable {durable}"
+    );
+    let count = shard.get(b"count").unwrap().expect("counter");
+    assert_eq!(
+        u64::from_be_bytes(count.as_ref().try_into().unwrap()),
+        applied
+    );
+    let keys = shard.scan_prefix(b"k", None, usize::MAX).unwrap();
+    assert_eq!(
+        keys.len() as u64,
+        applied,
+        "exactly the keys of entries 1..={applied}"
+    );
+    assert_eq!(
+        keys.last().unwrap().0,
+        Bytes::from(format!("k{applied:08}"))
+    );
+    eprintln!(
+        "killed after {:?}: durable {durable}, recovered applied {applied}",
+        started.elapsed()
+    );
+}
