@@ -1,1 +1,118 @@
-fn main() {}
+//! `dossier-bench`: measurements of Dossier, printed as a table on stderr and one JSON object per
+//! line on stdout. Bounded: every measurement stops after its `--seconds` (or its fill size).
+//!
+//! Only the storage engine is measured so far; the cluster load generator (against etcd) and the
+//! failover benchmark come with the cluster.
+
+mod stats;
+mod storage;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dossier-bench",
+    version,
+    about = "Benchmarks for Dossier (results: one JSON object per line on stdout)"
+)]
+struct Cli {
+    /// Directory for benchmark files; must be on the disk being measured (not a tmpfs).
+    #[arg(long, global = true, default_value = "target/bench-data")]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The disk's raw limit: 4 KiB write + fdatasync per call (appending and overwriting).
+    FsyncRaw {
+        /// Seconds per mode.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// The log engine's append path: closed-loop appenders, each waiting for durability.
+    LogAppend {
+        /// Concurrent appenders; several values run one after another.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 64, 256])]
+        appenders: Vec<usize>,
+        /// Raft groups the appenders spread over.
+        #[arg(long, default_value_t = 64)]
+        groups: u64,
+        /// Payload bytes per entry.
+        #[arg(long, default_value_t = 256)]
+        entry_bytes: usize,
+        /// Measured seconds per appender count.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Unmeasured warm-up seconds before each measurement.
+        #[arg(long, default_value_t = 1)]
+        warmup_seconds: u64,
+    },
+    /// Recovery time of a log of a given size, and index memory per million entries.
+    LogRecovery {
+        /// Bytes of log to fill before reopening.
+        #[arg(long, default_value_t = 1 << 30)]
+        log_bytes: u64,
+        #[arg(long, default_value_t = 64)]
+        groups: u64,
+        #[arg(long, default_value_t = 256)]
+        entry_bytes: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    std::fs::create_dir_all(&cli.dir).with_context(|| format!("create {}", cli.dir.display()))?;
+    let dir = tempfile::tempdir_in(&cli.dir).context("create a scratch directory")?;
+    let lines = match cli.command {
+        Command::FsyncRaw { seconds } => {
+            eprintln!("fsync-raw: {seconds} s per mode");
+            storage::fsync_raw(dir.path(), Duration::from_secs(seconds))?
+        }
+        Command::LogAppend {
+            appenders,
+            groups,
+            entry_bytes,
+            seconds,
+            warmup_seconds,
+        } => {
+            let mut lines = Vec::new();
+            for n in appenders {
+                eprintln!(
+                    "log-append: {n} appenders over {groups} groups, {entry_bytes} B entries, {seconds} s"
+                );
+                let line = storage::append(
+                    dir.path(),
+                    n,
+                    groups,
+                    entry_bytes,
+                    Duration::from_secs(seconds),
+                    Duration::from_secs(warmup_seconds),
+                )?;
+                println!("{line}");
+                lines.push(line);
+            }
+            return Ok(());
+        }
+        Command::LogRecovery {
+            log_bytes,
+            groups,
+            entry_bytes,
+        } => {
+            eprintln!(
+                "log-recovery: filling {} MiB over {groups} groups",
+                log_bytes >> 20
+            );
+            storage::recovery(dir.path(), log_bytes, groups, entry_bytes)?
+        }
+    };
+    for line in lines {
+        println!("{line}");
+    }
+    Ok(())
+}

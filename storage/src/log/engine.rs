@@ -31,7 +31,8 @@ use crate::log::segment::{self, Header, SEGMENT_HEADER_BYTES, ScanEnd, SegmentId
 
 /// Called once with the outcome of a submitted batch: `Ok` only after its bytes are fdatasync'ed.
 ///
-/// It runs on the log's writer thread, so it must be short (send on a channel, wake a task).
+/// It runs on the log's notifier thread, in durability order, so it must be short (send on a
+/// channel, wake a task) and must not submit to the log and wait.
 pub type OnDurable = Box<dyn FnOnce(Result<()>) + Send + 'static>;
 
 /// Frames read back from disk are checked against the hard cap, not the configured entry limit,
@@ -298,6 +299,10 @@ struct State {
     reclaim: Option<Reclaim>,
     failed: bool,
     closing: bool,
+    /// The writer is waiting on `work` and must be woken for new work.
+    writer_idle: bool,
+    /// Submitters waiting on `room`.
+    room_waiters: usize,
 }
 
 #[derive(Debug, Default)]
@@ -328,7 +333,8 @@ struct Shared {
 #[derive(Debug)]
 pub struct LogEngine {
     shared: Arc<Shared>,
-    writer: Option<JoinHandle<()>>,
+    /// The writer, then the notifier: joined in that order.
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl LogEngine {
@@ -373,16 +379,23 @@ impl LogEngine {
             counters: Counters::default(),
             _lock: lock,
         });
+        let (notify, notices) = std::sync::mpsc::sync_channel(NOTIFY_ROUNDS_MAX);
+        let queued = Arc::new(AtomicU64::new(0));
+        let notifier_queued = Arc::clone(&queued);
+        let notifier = std::thread::Builder::new()
+            .name("dossier-log-notify".into())
+            .spawn(move || notifier_loop(notices, &notifier_queued))
+            .map_err(|e| Error::io("spawn log notifier thread", &dir, e))?;
         let writer = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("dossier-log-writer".into())
-                .spawn(move || writer_loop(&shared))
+                .spawn(move || writer_loop(&shared, &notify, &queued))
                 .map_err(|e| Error::io("spawn log writer thread", &dir, e))?
         };
         let engine = LogEngine {
             shared,
-            writer: Some(writer),
+            threads: vec![writer, notifier],
         };
         // Segments left unreferenced by an earlier run are reclaimed from the start.
         let doomed = plan_reclaim(&mut engine.lock(), &engine.shared);
@@ -439,17 +452,23 @@ impl LogEngine {
             if queued == 0 || queued + bytes <= config.pending_bytes_max {
                 break;
             }
+            state.room_waiters += 1;
             state = self
                 .shared
                 .room
                 .wait(state)
                 .unwrap_or_else(|e| e.into_inner());
+            state.room_waiters -= 1;
         }
         let appended = apply(&mut state, &batch);
         state.tail.pending.callbacks.push(on_durable);
         evict(&mut state, config.cache_bytes_max);
+        // A busy writer picks the batch up at the end of its round; waking it costs a syscall.
+        let wake = state.writer_idle;
         drop(state);
-        self.shared.work.notify_one();
+        if wake {
+            self.shared.work.notify_one();
+        }
         self.shared.counters.batches.fetch_add(1, Ordering::Relaxed);
         self.shared
             .counters
@@ -658,10 +677,12 @@ impl LogEngine {
         self.lock().closing = true;
         self.shared.work.notify_one();
         self.shared.room.notify_all();
-        if let Some(writer) = self.writer.take()
-            && writer.join().is_err()
-        {
-            warn!("log writer thread panicked");
+        // The writer drains what is queued and exits, dropping its sender; the notifier then
+        // runs the last callbacks and exits.
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                warn!("a log thread panicked");
+            }
         }
     }
 }
@@ -898,25 +919,51 @@ fn evict(state: &mut State, cache_bytes_max: usize) {
     }
 }
 
-fn writer_loop(shared: &Shared) {
+/// Rounds whose callbacks may wait for the notifier before the writer itself waits.
+const NOTIFY_ROUNDS_MAX: usize = 1024;
+
+/// Callbacks of one round and its outcome, handed from the writer to the notifier.
+type Notice = (Vec<OnDurable>, Result<()>);
+
+/// Runs callbacks in round order on their own thread, so that waking hundreds of waiters overlaps
+/// with the writer's next write and fdatasync instead of delaying it.
+fn notifier_loop(notices: std::sync::mpsc::Receiver<Notice>, queued: &AtomicU64) {
+    for (callbacks, result) in notices {
+        for callback in callbacks {
+            callback(result.clone());
+        }
+        queued.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Rounds with at most this many callbacks run them on the writer itself when the notifier is
+/// idle: one waiter is woken sooner directly than through another thread.
+const INLINE_CALLBACKS_MAX: usize = 4;
+
+fn writer_loop(shared: &Shared, notify: &std::sync::mpsc::SyncSender<Notice>, queued: &AtomicU64) {
     loop {
-        let (chunks, callbacks, files) = {
+        let (chunks, callbacks, files, room_waiters) = {
             let mut state = lock(shared);
             while state.tail.pending.chunks.is_empty() && state.tail.pending.callbacks.is_empty() {
                 if state.closing {
                     return;
                 }
+                state.writer_idle = true;
                 state = shared.work.wait(state).unwrap_or_else(|e| e.into_inner());
+                state.writer_idle = false;
             }
             let pending = std::mem::take(&mut state.tail.pending);
+            let room_waiters = state.room_waiters;
             let files: HashMap<SegmentId, Arc<File>> = pending
                 .chunks
                 .iter()
                 .filter_map(|c| Some((c.segment, state.tail.segments[&c.segment].file.clone()?)))
                 .collect();
-            (pending.chunks, pending.callbacks, files)
+            (pending.chunks, pending.callbacks, files, room_waiters)
         };
-        shared.room.notify_all();
+        if room_waiters > 0 {
+            shared.room.notify_all();
+        }
         let result = write_round(shared, &chunks, files);
         let deletions = {
             let mut state = lock(shared);
@@ -944,22 +991,31 @@ fn writer_loop(shared: &Shared) {
             } else {
                 Vec::new()
             };
+            let room_waiters = state.room_waiters;
             drop(state);
-            shared.room.notify_all();
-            match result {
-                Ok(deletions) => {
-                    for callback in callbacks {
-                        callback(Ok(()));
-                    }
-                    deletions
+            if room_waiters > 0 {
+                shared.room.notify_all();
+            }
+            let (callbacks, result, deletions) = match result {
+                Ok(deletions) => (callbacks, Ok(()), deletions),
+                Err(e) => (
+                    callbacks.into_iter().chain(stranded).collect(),
+                    Err(e),
+                    Vec::new(),
+                ),
+            };
+            // Callbacks run in round order: inline only when no earlier round is still queued.
+            if callbacks.len() <= INLINE_CALLBACKS_MAX && queued.load(Ordering::Acquire) == 0 {
+                for callback in callbacks {
+                    callback(result.clone());
                 }
-                Err(e) => {
-                    for callback in callbacks.into_iter().chain(stranded) {
-                        callback(Err(e.clone()));
-                    }
-                    Vec::new()
+            } else {
+                queued.fetch_add(1, Ordering::AcqRel);
+                if notify.send((callbacks, result)).is_err() {
+                    tracing::error!("log notifier thread is gone; callbacks were dropped");
                 }
             }
+            deletions
         };
         delete_segments(shared, deletions);
     }
@@ -1180,6 +1236,8 @@ fn recover(config: &LogConfig) -> Result<State> {
         reclaim: None,
         failed: false,
         closing: false,
+        writer_idle: false,
+        room_waiters: 0,
     };
     let mut bytes = Vec::new();
     for (n, &id) in ids.iter().enumerate() {

@@ -1,0 +1,269 @@
+//! Measurements of the storage engine: the disk's raw fdatasync rate, the log's append path under
+//! concurrency (group commit), recovery time, and index memory per million entries.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use bytes::Bytes;
+use dossier_storage::{LogConfig, LogEngine, WriteBatch};
+
+use crate::stats::{Json, Latency, per_second};
+
+const BLOCK: usize = 4096;
+
+/// Raw disk limit: one 4 KiB write + fdatasync per call, appending to a growing file (what a
+/// naive log does) and overwriting a preallocated block (no metadata to sync).
+pub fn fsync_raw(dir: &Path, duration: Duration) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for mode in ["append", "overwrite"] {
+        let path = dir.join(format!("raw-{mode}"));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .context("create raw file")?;
+        if mode == "overwrite" {
+            file.write_all_at(&[1u8; BLOCK], 0)
+                .context("preallocate block")?;
+            file.sync_all().context("sync preallocated block")?;
+        }
+        let block = [0xabu8; BLOCK];
+        let mut lat = Vec::new();
+        let started = Instant::now();
+        let mut offset = 0u64;
+        while started.elapsed() < duration {
+            let t = Instant::now();
+            file.write_all_at(&block, offset).context("write block")?;
+            file.sync_data().context("fdatasync")?;
+            lat.push(t.elapsed().as_nanos() as u64);
+            if mode == "append" {
+                offset += BLOCK as u64;
+            }
+        }
+        let elapsed = started.elapsed();
+        let calls = lat.len() as u64;
+        std::fs::remove_file(&path).ok();
+        out.push(
+            Json::new("fsync-raw")
+                .str("mode", mode)
+                .num("calls", calls as f64)
+                .num("seconds", elapsed.as_secs_f64())
+                .num("fsyncs_per_s", per_second(calls, elapsed))
+                .latency("latency", Latency::of(&mut lat))
+                .finish(),
+        );
+    }
+    Ok(out)
+}
+
+fn log_config(dir: &Path) -> Result<Arc<LogConfig>> {
+    Ok(LogConfig {
+        dir: dir.to_path_buf(),
+        ..LogConfig::default()
+    }
+    .validate()?)
+}
+
+/// `appenders` threads, each in a closed loop appending one entry of `entry_bytes` to its own
+/// groups (of `groups` in all) and waiting until it is durable.
+pub fn append(
+    dir: &Path,
+    appenders: usize,
+    groups: u64,
+    entry_bytes: usize,
+    duration: Duration,
+    warmup: Duration,
+) -> Result<String> {
+    ensure!(
+        appenders > 0 && groups > 0,
+        "appenders and groups must be positive"
+    );
+    let log_dir = dir.join(format!("append-{appenders}"));
+    let engine = Arc::new(LogEngine::open(log_config(&log_dir)?)?);
+    let payload = Bytes::from(vec![0x5au8; entry_bytes]);
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..appenders)
+        .map(|t| {
+            let (engine, payload, measuring, stop) = (
+                Arc::clone(&engine),
+                payload.clone(),
+                Arc::clone(&measuring),
+                Arc::clone(&stop),
+            );
+            std::thread::spawn(move || -> Result<Vec<u64>> {
+                // Each appender owns the groups g with g % appenders == t (at least one), so that
+                // indexes stay contiguous without coordination.
+                let mine: Vec<u64> = if appenders as u64 <= groups {
+                    (0..groups)
+                        .filter(|g| g % appenders as u64 == t as u64)
+                        .collect()
+                } else {
+                    vec![groups + t as u64]
+                };
+                let mut next = vec![1u64; mine.len()];
+                let mut lat = Vec::new();
+                let mut k = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut batch = WriteBatch::new();
+                    batch.append(mine[k], next[k], payload.clone());
+                    next[k] += 1;
+                    k = (k + 1) % mine.len();
+                    let started = Instant::now();
+                    engine.write(batch)?;
+                    if measuring.load(Ordering::Relaxed) {
+                        lat.push(started.elapsed().as_nanos() as u64);
+                    }
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    std::thread::sleep(warmup);
+    let before = engine.stats();
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    std::thread::sleep(duration);
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let after = engine.stats();
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
+    for t in threads {
+        lat.extend(
+            t.join()
+                .map_err(|_| anyhow::anyhow!("appender panicked"))??,
+        );
+    }
+    let entries = lat.len() as u64;
+    let fsyncs = after.fsyncs - before.fsyncs;
+    let fsync_us =
+        (after.fsync_nanos_total - before.fsync_nanos_total) as f64 / 1000.0 / fsyncs.max(1) as f64;
+    Arc::into_inner(engine)
+        .context("engine still shared")?
+        .close()?;
+    std::fs::remove_dir_all(&log_dir).ok();
+    Ok(Json::new("log-append")
+        .num("appenders", appenders as f64)
+        .num("groups", groups as f64)
+        .num("entry_bytes", entry_bytes as f64)
+        .num("seconds", elapsed.as_secs_f64())
+        .num("entries", entries as f64)
+        .num("entries_per_s", per_second(entries, elapsed))
+        .num("fsyncs_per_s", per_second(fsyncs, elapsed))
+        .num("entries_per_fsync", entries as f64 / fsyncs.max(1) as f64)
+        .num("fsync_mean_us", fsync_us)
+        .latency("latency", Latency::of(&mut lat))
+        .finish())
+}
+
+fn rss_bytes() -> Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").context("read /proc/self/statm")?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .context("statm has a resident field")?
+        .parse()?;
+    Ok(pages * 4096)
+}
+
+/// Fills a log of `log_bytes` with `entry_bytes` entries over `groups` groups, reopens it and
+/// times recovery; reports index memory per million entries (the engine's own estimate and the
+/// growth of resident memory across the open).
+pub fn recovery(
+    dir: &Path,
+    log_bytes: u64,
+    groups: u64,
+    entry_bytes: usize,
+) -> Result<Vec<String>> {
+    let log_dir = dir.join("recovery");
+    let config = log_config(&log_dir)?;
+    let payload = Bytes::from(vec![0x33u8; entry_bytes]);
+    let frame_bytes = (entry_bytes + 8 + 17) as u64;
+    let total = log_bytes / frame_bytes;
+    let per_group = total / groups;
+    {
+        let engine = LogEngine::open(Arc::clone(&config))?;
+        let started = Instant::now();
+        let mut last_report = Instant::now();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<dossier_storage::Result<()>>(64);
+        let mut in_flight = 0;
+        let batch_entries = 64u64;
+        for first in (1..=per_group).step_by(batch_entries as usize) {
+            for group in 0..groups {
+                let mut batch = WriteBatch::new();
+                for index in first..(first + batch_entries).min(per_group + 1) {
+                    batch.append(group, index, payload.clone());
+                }
+                if in_flight == 64 {
+                    rx.recv().context("writer gone")??;
+                    in_flight -= 1;
+                }
+                let tx = tx.clone();
+                engine.submit(batch, Box::new(move |r| drop(tx.send(r))))?;
+                in_flight += 1;
+            }
+            if last_report.elapsed() > Duration::from_secs(2) {
+                eprintln!("  filling: {:.0}%", 100.0 * first as f64 / per_group as f64);
+                last_report = Instant::now();
+            }
+        }
+        for _ in 0..in_flight {
+            rx.recv().context("writer gone")??;
+        }
+        eprintln!(
+            "  filled {} entries in {:.1?}",
+            per_group * groups,
+            started.elapsed()
+        );
+        engine.close()?;
+    }
+    let on_disk: u64 = std::fs::read_dir(&log_dir)?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    // Drop the page cache when allowed so that recovery reads from the disk; say which it was.
+    let cold = std::fs::write("/proc/sys/vm/drop_caches", "1").is_ok();
+    let rss_before = rss_bytes()?;
+    let started = Instant::now();
+    let engine = LogEngine::open(Arc::clone(&config))?;
+    let elapsed = started.elapsed();
+    let rss_after = rss_bytes()?;
+    let stats = engine.stats();
+    let entries = per_group * groups;
+    let million = entries as f64 / 1e6;
+    engine.close()?;
+    std::fs::remove_dir_all(&log_dir).ok();
+    Ok(vec![
+        Json::new("log-recovery")
+            .num("log_bytes", on_disk as f64)
+            .num("entries", entries as f64)
+            .num("groups", groups as f64)
+            .num("segments", stats.segments as f64)
+            .str("page_cache", if cold { "dropped" } else { "warm" })
+            .num("seconds", elapsed.as_secs_f64())
+            .num(
+                "mib_per_s",
+                on_disk as f64 / (1 << 20) as f64 / elapsed.as_secs_f64(),
+            )
+            .finish(),
+        Json::new("log-index-memory")
+            .num("entries", entries as f64)
+            .num(
+                "index_bytes_per_million_entries",
+                stats.index_bytes as f64 / million,
+            )
+            .num(
+                "rss_growth_bytes_per_million_entries",
+                rss_after.saturating_sub(rss_before) as f64 / million,
+            )
+            .finish(),
+    ])
+}
