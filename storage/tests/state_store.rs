@@ -25,6 +25,22 @@ fn key(k: u8) -> Bytes {
     Bytes::from(format!("p{}/k{}", k % 2, k))
 }
 
+/// Opens a store this process just closed. sled releases its file lock from background threads
+/// (and a concurrently spawned child briefly holds inherited descriptors), so the lock may still be
+/// held for a moment; a real second process would hold it for good.
+fn reopen(cfg: &Arc<StoreConfig>) -> StateStore {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match StateStore::open(Arc::clone(cfg)) {
+            Ok(store) => return store,
+            Err(e) if std::time::Instant::now() < deadline && format!("{e:?}").contains("WouldBlock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("reopen failed: {e:?}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Step {
     Txn {
@@ -164,7 +180,7 @@ proptest! {
                     flush(&shard, &mut pending)?;
                     drop(shard);
                     drop(store);
-                    store = StateStore::open(Arc::clone(&cfg)).unwrap();
+                    store = reopen(&cfg);
                     shard = store.shard(9).unwrap();
                 }
             }
@@ -281,7 +297,7 @@ fn snapshot_round_trip_replaces_state() {
         assert_eq!(b.membership().unwrap(), a.membership().unwrap());
         assert_eq!(b.durable_applied_index(), Some(3001));
     }
-    let dst = StateStore::open(dst_cfg).unwrap();
+    let dst = reopen(&dst_cfg);
     let b = dst.shard(4).unwrap();
     assert_eq!(dump(&b), dump(&a));
     assert!(
