@@ -37,9 +37,14 @@ enum Command {
     },
     /// The log engine's append path: closed-loop appenders, each waiting for durability.
     LogAppend {
-        /// Concurrent appenders; several values run one after another.
+        /// Concurrent closed-loop appenders (each keeps one append outstanding); several values
+        /// run one after another.
         #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 64, 256])]
         appenders: Vec<usize>,
+        /// OS threads driving the appenders, as an async runtime's workers would (an OS thread
+        /// per appender measures the scheduler, not the log: pass --threads 1000 for that).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
         /// Raft groups the appenders spread over.
         #[arg(long, default_value_t = 64)]
         groups: u64,
@@ -52,6 +57,9 @@ enum Command {
         /// Unmeasured warm-up seconds before each measurement.
         #[arg(long, default_value_t = 1)]
         warmup_seconds: u64,
+        /// The log's group-commit linger, in microseconds (the engine's default when omitted).
+        #[arg(long)]
+        linger_us: Option<u64>,
     },
     /// Recovery time of a log of a given size, and index memory per million entries.
     LogRecovery {
@@ -76,26 +84,30 @@ fn main() -> Result<()> {
         }
         Command::LogAppend {
             appenders,
+            threads,
             groups,
             entry_bytes,
             seconds,
             warmup_seconds,
+            linger_us,
         } => {
-            let mut lines = Vec::new();
+            let linger_us =
+                linger_us.unwrap_or(dossier_storage::LogConfig::default().group_commit_linger_us);
             for n in appenders {
                 eprintln!(
-                    "log-append: {n} appenders over {groups} groups, {entry_bytes} B entries, {seconds} s"
+                    "log-append: {n} appenders over {groups} groups, {entry_bytes} B entries, linger {linger_us} us, {seconds} s"
                 );
-                let line = storage::append(
-                    dir.path(),
-                    n,
+                let load = storage::AppendLoad {
+                    appenders: n,
+                    threads,
                     groups,
                     entry_bytes,
-                    Duration::from_secs(seconds),
-                    Duration::from_secs(warmup_seconds),
-                )?;
-                println!("{line}");
-                lines.push(line);
+                    linger_us,
+                    duration: Duration::from_secs(seconds),
+                    warmup: Duration::from_secs(warmup_seconds),
+                };
+                // Printed as each finishes, so that a long run shows progress.
+                println!("{}", storage::append(dir.path(), &load)?);
             }
             return Ok(());
         }

@@ -63,63 +63,113 @@ pub fn fsync_raw(dir: &Path, duration: Duration) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn log_config(dir: &Path) -> Result<Arc<LogConfig>> {
+fn log_config(dir: &Path, linger_us: u64) -> Result<Arc<LogConfig>> {
     Ok(LogConfig {
         dir: dir.to_path_buf(),
+        group_commit_linger_us: linger_us,
         ..LogConfig::default()
     }
     .validate()?)
 }
 
-/// `appenders` threads, each in a closed loop appending one entry of `entry_bytes` to its own
-/// groups (of `groups` in all) and waiting until it is durable.
-pub fn append(
-    dir: &Path,
-    appenders: usize,
-    groups: u64,
-    entry_bytes: usize,
-    duration: Duration,
-    warmup: Duration,
-) -> Result<String> {
+/// One closed-loop append measurement.
+#[derive(Debug, Clone, Copy)]
+pub struct AppendLoad {
+    /// Logical closed-loop appenders: each keeps one append outstanding.
+    pub appenders: usize,
+    /// OS threads that drive the appenders (as an async runtime's workers would).
+    pub threads: usize,
+    pub groups: u64,
+    pub entry_bytes: usize,
+    pub linger_us: u64,
+    pub duration: Duration,
+    pub warmup: Duration,
+}
+
+/// `appenders` logical appenders, each in a closed loop appending one entry of `entry_bytes` to
+/// its own groups (of `groups` in all) and waiting until it is durable before the next, driven by
+/// `threads` OS threads.
+pub fn append(dir: &Path, load: &AppendLoad) -> Result<String> {
+    let AppendLoad {
+        appenders,
+        threads,
+        groups,
+        entry_bytes,
+        linger_us,
+        duration,
+        warmup,
+    } = *load;
     ensure!(
         appenders > 0 && groups > 0,
         "appenders and groups must be positive"
     );
     let log_dir = dir.join(format!("append-{appenders}"));
-    let engine = Arc::new(LogEngine::open(log_config(&log_dir)?)?);
+    let engine = Arc::new(LogEngine::open(log_config(&log_dir, linger_us)?)?);
     let payload = Bytes::from(vec![0x5au8; entry_bytes]);
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..appenders)
-        .map(|t| {
+    let drivers = threads.clamp(1, appenders);
+    let threads: Vec<_> = (0..drivers)
+        .map(|d| {
             let (engine, payload, measuring, stop) = (
                 Arc::clone(&engine),
                 payload.clone(),
                 Arc::clone(&measuring),
                 Arc::clone(&stop),
             );
+            // Logical appenders a with a % drivers == d, driven by this thread as tasks of an
+            // async runtime would be: each keeps exactly one append outstanding.
+            let mine: Vec<usize> = (0..appenders).filter(|a| a % drivers == d).collect();
             std::thread::spawn(move || -> Result<Vec<u64>> {
-                // Each appender owns the groups g with g % appenders == t (at least one), so that
-                // indexes stay contiguous without coordination.
-                let mine: Vec<u64> = if appenders as u64 <= groups {
-                    (0..groups)
-                        .filter(|g| g % appenders as u64 == t as u64)
-                        .collect()
-                } else {
-                    vec![groups + t as u64]
+                // Appender a owns the groups g with g % appenders == a (or a group of its own
+                // when there are more appenders than groups), so indexes stay contiguous.
+                let groups_of = |a: usize| -> Vec<u64> {
+                    if appenders as u64 <= groups {
+                        (0..groups)
+                            .filter(|g| g % appenders as u64 == a as u64)
+                            .collect()
+                    } else {
+                        vec![groups + a as u64]
+                    }
                 };
-                let mut next = vec![1u64; mine.len()];
+                let owned: Vec<Vec<u64>> = mine.iter().map(|&a| groups_of(a)).collect();
+                let mut next: Vec<Vec<u64>> = owned.iter().map(|g| vec![1u64; g.len()]).collect();
+                let mut turn = vec![0usize; mine.len()];
+                let (done_tx, done_rx) =
+                    std::sync::mpsc::sync_channel::<(usize, Instant, dossier_storage::Result<()>)>(
+                        mine.len(),
+                    );
+                let submit =
+                    |slot: usize, next: &mut Vec<Vec<u64>>, turn: &mut Vec<usize>| -> Result<()> {
+                        let k = turn[slot];
+                        let mut batch = WriteBatch::new();
+                        batch.append(owned[slot][k], next[slot][k], payload.clone());
+                        next[slot][k] += 1;
+                        turn[slot] = (k + 1) % owned[slot].len();
+                        let done_tx = done_tx.clone();
+                        let started = Instant::now();
+                        engine.submit(
+                            batch,
+                            Box::new(move |r| drop(done_tx.send((slot, started, r)))),
+                        )?;
+                        Ok(())
+                    };
+                for slot in 0..mine.len() {
+                    submit(slot, &mut next, &mut turn)?;
+                }
                 let mut lat = Vec::new();
-                let mut k = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let mut batch = WriteBatch::new();
-                    batch.append(mine[k], next[k], payload.clone());
-                    next[k] += 1;
-                    k = (k + 1) % mine.len();
-                    let started = Instant::now();
-                    engine.write(batch)?;
+                let mut outstanding = mine.len();
+                while outstanding > 0 {
+                    let (slot, started, result) =
+                        done_rx.recv().context("log callbacks stopped")?;
+                    result?;
+                    outstanding -= 1;
                     if measuring.load(Ordering::Relaxed) {
                         lat.push(started.elapsed().as_nanos() as u64);
+                    }
+                    if !stop.load(Ordering::Relaxed) {
+                        submit(slot, &mut next, &mut turn)?;
+                        outstanding += 1;
                     }
                 }
                 Ok(lat)
@@ -152,8 +202,10 @@ pub fn append(
     std::fs::remove_dir_all(&log_dir).ok();
     Ok(Json::new("log-append")
         .num("appenders", appenders as f64)
+        .num("threads", drivers as f64)
         .num("groups", groups as f64)
         .num("entry_bytes", entry_bytes as f64)
+        .num("linger_us", linger_us as f64)
         .num("seconds", elapsed.as_secs_f64())
         .num("entries", entries as f64)
         .num("entries_per_s", per_second(entries, elapsed))
@@ -184,7 +236,7 @@ pub fn recovery(
     entry_bytes: usize,
 ) -> Result<Vec<String>> {
     let log_dir = dir.join("recovery");
-    let config = log_config(&log_dir)?;
+    let config = log_config(&log_dir, LogConfig::default().group_commit_linger_us)?;
     let payload = Bytes::from(vec![0x33u8; entry_bytes]);
     let frame_bytes = (entry_bytes + 8 + 17) as u64;
     let total = log_bytes / frame_bytes;

@@ -20,6 +20,7 @@ fn config(dir: &Path) -> Arc<LogConfig> {
         batch_bytes_max: 1024 * 1024,
         pending_bytes_max: 4 * 1024 * 1024,
         cache_bytes_max: 1024 * 1024,
+        ..LogConfig::default()
     }
     .validate()
     .expect("valid test config")

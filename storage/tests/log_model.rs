@@ -18,6 +18,7 @@ fn small_config(dir: &std::path::Path) -> Arc<LogConfig> {
         batch_bytes_max: 1024 * 1024,
         pending_bytes_max: 4 * 1024 * 1024,
         cache_bytes_max: 16 * 1024,
+        ..LogConfig::default()
     }
     .validate()
     .expect("valid test config")

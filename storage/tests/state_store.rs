@@ -33,7 +33,10 @@ fn reopen(cfg: &Arc<StoreConfig>) -> StateStore {
     loop {
         match StateStore::open(Arc::clone(cfg)) {
             Ok(store) => return store,
-            Err(e) if std::time::Instant::now() < deadline && format!("{e:?}").contains("WouldBlock") => {
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && format!("{e:?}").contains("WouldBlock") =>
+            {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             Err(e) => panic!("reopen failed: {e:?}"),

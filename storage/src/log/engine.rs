@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tracing::{debug, info, warn};
@@ -299,8 +299,10 @@ struct State {
     reclaim: Option<Reclaim>,
     failed: bool,
     closing: bool,
-    /// The writer is waiting on `work` and must be woken for new work.
+    /// The writer is waiting on `work` and must be woken for new work...
     writer_idle: bool,
+    /// ...once this many callbacks are queued (more than one while it lingers).
+    wake_at_callbacks: usize,
     /// Submitters waiting on `room`.
     room_waiters: usize,
 }
@@ -464,7 +466,8 @@ impl LogEngine {
         state.tail.pending.callbacks.push(on_durable);
         evict(&mut state, config.cache_bytes_max);
         // A busy writer picks the batch up at the end of its round; waking it costs a syscall.
-        let wake = state.writer_idle;
+        let wake =
+            state.writer_idle && state.tail.pending.callbacks.len() >= state.wake_at_callbacks;
         drop(state);
         if wake {
             self.shared.work.notify_one();
@@ -940,18 +943,44 @@ fn notifier_loop(notices: std::sync::mpsc::Receiver<Notice>, queued: &AtomicU64)
 /// idle: one waiter is woken sooner directly than through another thread.
 const INLINE_CALLBACKS_MAX: usize = 4;
 
+/// A round that completed at least this many callbacks makes the writer linger before the next.
+const LINGER_CALLBACKS_MIN: usize = 2 * INLINE_CALLBACKS_MAX;
+
 fn writer_loop(shared: &Shared, notify: &std::sync::mpsc::SyncSender<Notice>, queued: &AtomicU64) {
+    let linger = Duration::from_micros(shared.config.group_commit_linger_us);
+    let mut last_round = 0;
     loop {
         let (chunks, callbacks, files, room_waiters) = {
             let mut state = lock(shared);
+            // The many callers completed by the last round are about to submit again: give them a
+            // moment to arrive, so that one fdatasync covers them all instead of a trickle each.
+            if last_round >= LINGER_CALLBACKS_MIN && !linger.is_zero() {
+                let want = last_round * 3 / 4;
+                let deadline = Instant::now() + linger;
+                while state.tail.pending.callbacks.len() < want && !state.closing {
+                    let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                        break;
+                    };
+                    state.writer_idle = true;
+                    state.wake_at_callbacks = want;
+                    state = shared
+                        .work
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    state.writer_idle = false;
+                }
+            }
             while state.tail.pending.chunks.is_empty() && state.tail.pending.callbacks.is_empty() {
                 if state.closing {
                     return;
                 }
                 state.writer_idle = true;
+                state.wake_at_callbacks = 1;
                 state = shared.work.wait(state).unwrap_or_else(|e| e.into_inner());
                 state.writer_idle = false;
             }
+            last_round = state.tail.pending.callbacks.len();
             let pending = std::mem::take(&mut state.tail.pending);
             let room_waiters = state.room_waiters;
             let files: HashMap<SegmentId, Arc<File>> = pending
@@ -1237,6 +1266,7 @@ fn recover(config: &LogConfig) -> Result<State> {
         failed: false,
         closing: false,
         writer_idle: false,
+        wake_at_callbacks: 1,
         room_waiters: 0,
     };
     let mut bytes = Vec::new();
