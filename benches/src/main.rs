@@ -61,6 +61,22 @@ enum Command {
         #[arg(long)]
         linger_us: Option<u64>,
     },
+    /// Group commit against the disk in one run: rounds alternating raw append+fdatasync with
+    /// the engine at each linger setting; reports each ratio and the median.
+    LogRatio {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value_t = 64)]
+        appenders: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Measured seconds of each raw and each engine run.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Linger settings to compare, in microseconds.
+        #[arg(long, value_delimiter = ',', default_values_t = [0, 200])]
+        linger_us: Vec<u64>,
+    },
     /// Recovery time of a log of a given size, and index memory per million entries.
     LogRecovery {
         /// Bytes of log to fill before reopening.
@@ -107,9 +123,30 @@ fn main() -> Result<()> {
                     warmup: Duration::from_secs(warmup_seconds),
                 };
                 // Printed as each finishes, so that a long run shows progress.
-                println!("{}", storage::append(dir.path(), &load)?);
+                println!("{}", storage::append(dir.path(), &load)?.0);
             }
             return Ok(());
+        }
+        Command::LogRatio {
+            rounds,
+            appenders,
+            threads,
+            seconds,
+            linger_us,
+        } => {
+            eprintln!(
+                "log-ratio: {rounds} rounds, {appenders} appenders, lingers {linger_us:?} us, {seconds} s each"
+            );
+            let load = storage::AppendLoad {
+                appenders,
+                threads,
+                groups: 64,
+                entry_bytes: 256,
+                linger_us: 0,
+                duration: Duration::from_secs(seconds),
+                warmup: Duration::from_secs(1),
+            };
+            storage::ratio(dir.path(), rounds.max(1), &load, &linger_us)?
         }
         Command::LogRecovery {
             log_bytes,

@@ -16,46 +16,59 @@ use crate::stats::{Json, Latency, per_second};
 
 const BLOCK: usize = 4096;
 
-/// Raw disk limit: one 4 KiB write + fdatasync per call, appending to a growing file (what a
-/// naive log does) and overwriting a preallocated block (no metadata to sync).
+/// One raw-disk mode: 4 KiB write + fdatasync per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawMode {
+    /// Appending to a growing file (what a naive log does): the size must be synced too.
+    Append,
+    /// Overwriting one preallocated block: data only.
+    Overwrite,
+}
+
+/// Calls per second of one raw mode, and the call latencies in nanoseconds.
+pub fn raw_rate(dir: &Path, mode: RawMode, duration: Duration) -> Result<(f64, Vec<u64>)> {
+    let path = dir.join(format!("raw-{mode:?}"));
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .context("create raw file")?;
+    if mode == RawMode::Overwrite {
+        file.write_all_at(&[1u8; BLOCK], 0)
+            .context("preallocate block")?;
+        file.sync_all().context("sync preallocated block")?;
+    }
+    let block = [0xabu8; BLOCK];
+    let mut lat = Vec::new();
+    let started = Instant::now();
+    let mut offset = 0u64;
+    while started.elapsed() < duration {
+        let t = Instant::now();
+        file.write_all_at(&block, offset).context("write block")?;
+        file.sync_data().context("fdatasync")?;
+        lat.push(t.elapsed().as_nanos() as u64);
+        if mode == RawMode::Append {
+            offset += BLOCK as u64;
+        }
+    }
+    let rate = per_second(lat.len() as u64, started.elapsed());
+    std::fs::remove_file(&path).ok();
+    Ok((rate, lat))
+}
+
+/// Raw disk limit in both modes, as JSON lines.
 pub fn fsync_raw(dir: &Path, duration: Duration) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for mode in ["append", "overwrite"] {
-        let path = dir.join(format!("raw-{mode}"));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .context("create raw file")?;
-        if mode == "overwrite" {
-            file.write_all_at(&[1u8; BLOCK], 0)
-                .context("preallocate block")?;
-            file.sync_all().context("sync preallocated block")?;
-        }
-        let block = [0xabu8; BLOCK];
-        let mut lat = Vec::new();
-        let started = Instant::now();
-        let mut offset = 0u64;
-        while started.elapsed() < duration {
-            let t = Instant::now();
-            file.write_all_at(&block, offset).context("write block")?;
-            file.sync_data().context("fdatasync")?;
-            lat.push(t.elapsed().as_nanos() as u64);
-            if mode == "append" {
-                offset += BLOCK as u64;
-            }
-        }
-        let elapsed = started.elapsed();
-        let calls = lat.len() as u64;
-        std::fs::remove_file(&path).ok();
+    for mode in [RawMode::Append, RawMode::Overwrite] {
+        let (rate, mut lat) = raw_rate(dir, mode, duration)?;
         out.push(
             Json::new("fsync-raw")
-                .str("mode", mode)
-                .num("calls", calls as f64)
-                .num("seconds", elapsed.as_secs_f64())
-                .num("fsyncs_per_s", per_second(calls, elapsed))
+                .str("mode", &format!("{mode:?}").to_lowercase())
+                .num("calls", lat.len() as f64)
+                .num("seconds", duration.as_secs_f64())
+                .num("fsyncs_per_s", rate)
                 .latency("latency", Latency::of(&mut lat))
                 .finish(),
         );
@@ -89,7 +102,7 @@ pub struct AppendLoad {
 /// `appenders` logical appenders, each in a closed loop appending one entry of `entry_bytes` to
 /// its own groups (of `groups` in all) and waiting until it is durable before the next, driven by
 /// `threads` OS threads.
-pub fn append(dir: &Path, load: &AppendLoad) -> Result<String> {
+pub fn append(dir: &Path, load: &AppendLoad) -> Result<(String, f64, Option<Latency>)> {
     let AppendLoad {
         appenders,
         threads,
@@ -200,7 +213,9 @@ pub fn append(dir: &Path, load: &AppendLoad) -> Result<String> {
         .context("engine still shared")?
         .close()?;
     std::fs::remove_dir_all(&log_dir).ok();
-    Ok(Json::new("log-append")
+    let rate = per_second(entries, elapsed);
+    let latency = Latency::of(&mut lat);
+    let json = Json::new("log-append")
         .num("appenders", appenders as f64)
         .num("threads", drivers as f64)
         .num("groups", groups as f64)
@@ -208,12 +223,13 @@ pub fn append(dir: &Path, load: &AppendLoad) -> Result<String> {
         .num("linger_us", linger_us as f64)
         .num("seconds", elapsed.as_secs_f64())
         .num("entries", entries as f64)
-        .num("entries_per_s", per_second(entries, elapsed))
+        .num("entries_per_s", rate)
         .num("fsyncs_per_s", per_second(fsyncs, elapsed))
         .num("entries_per_fsync", entries as f64 / fsyncs.max(1) as f64)
         .num("fsync_mean_us", fsync_us)
-        .latency("latency", Latency::of(&mut lat))
-        .finish())
+        .latency("latency", latency)
+        .finish();
+    Ok((json, rate, latency))
 }
 
 fn rss_bytes() -> Result<u64> {
@@ -318,4 +334,64 @@ pub fn recovery(
             )
             .finish(),
     ])
+}
+
+/// Group commit judged against the disk in one run: rounds alternate a raw append+fdatasync
+/// measurement with the engine at each linger setting, so that drift of the disk hits both.
+pub fn ratio(dir: &Path, rounds: usize, load: &AppendLoad, lingers: &[u64]) -> Result<Vec<String>> {
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); lingers.len()];
+    let mut p50s: Vec<Vec<f64>> = vec![Vec::new(); lingers.len()];
+    let mut p99s: Vec<Vec<f64>> = vec![Vec::new(); lingers.len()];
+    let mut out = Vec::new();
+    for round in 1..=rounds {
+        let (raw, mut raw_lat) = raw_rate(dir, RawMode::Append, load.duration)?;
+        let raw_lat = Latency::of(&mut raw_lat).context("no raw calls")?;
+        for (k, &linger_us) in lingers.iter().enumerate() {
+            let (_, rate, lat) = append(dir, &AppendLoad { linger_us, ..*load })?;
+            let lat = lat.context("no appends completed")?;
+            ratios[k].push(rate / raw);
+            p50s[k].push(lat.p50 / raw_lat.p50);
+            p99s[k].push(lat.p99 / raw_lat.p99);
+            eprintln!(
+                "  round {round}: raw {raw:.0} fsyncs/s, linger {linger_us} us: {rate:.0} entries/s = {:.1}x",
+                rate / raw
+            );
+            out.push(
+                Json::new("log-append-ratio")
+                    .num("round", round as f64)
+                    .num("appenders", load.appenders as f64)
+                    .num("linger_us", linger_us as f64)
+                    .num("raw_fsyncs_per_s", raw)
+                    .num("entries_per_s", rate)
+                    .num("ratio", rate / raw)
+                    .num("raw_p50_us", raw_lat.p50)
+                    .num("raw_p99_us", raw_lat.p99)
+                    .num("p50_us", lat.p50)
+                    .num("p99_us", lat.p99)
+                    .finish(),
+            );
+        }
+    }
+    for (k, &linger_us) in lingers.iter().enumerate() {
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (p50_ratio, p99_ratio) = (median(&mut p50s[k]), median(&mut p99s[k]));
+        let r = &mut ratios[k];
+        r.sort_by(f64::total_cmp);
+        out.push(
+            Json::new("log-append-ratio-summary")
+                .num("appenders", load.appenders as f64)
+                .num("linger_us", linger_us as f64)
+                .num("rounds", r.len() as f64)
+                .num("ratio_min", r[0])
+                .num("ratio_median", r[r.len() / 2])
+                .num("ratio_max", r[r.len() - 1])
+                .num("p50_vs_raw_median", p50_ratio)
+                .num("p99_vs_raw_median", p99_ratio)
+                .finish(),
+        );
+    }
+    Ok(out)
 }

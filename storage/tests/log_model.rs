@@ -1,6 +1,8 @@
 //! The log engine against a simple in-memory model: random appends, truncations, purges, votes
 //! and reopens across several groups, with segments small enough to roll and be reclaimed.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 

@@ -1,5 +1,7 @@
 //! The sled state store against a `BTreeMap` model, and snapshot round trips and refusals.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -237,13 +239,13 @@ fn fill(shard: &dossier_storage::ShardHandle, first_index: u64, n: u64, tag: &st
     }
 }
 
-fn dump(
-    shard: &dossier_storage::ShardHandle,
-) -> (
+type Dump = (
     Vec<(Bytes, Bytes)>,
     Vec<(u64, u64, u64)>,
     Option<dossier_storage::Applied>,
-) {
+);
+
+fn dump(shard: &dossier_storage::ShardHandle) -> Dump {
     (
         shard.scan_prefix(b"", None, usize::MAX).unwrap(),
         shard.sessions().unwrap(),
@@ -523,4 +525,24 @@ fn sigkill_leaves_store_at_an_applied_prefix() {
         "killed after {:?}: durable {durable}, recovered applied {applied}",
         started.elapsed()
     );
+}
+
+/// `docs/config-template.toml` parses into both configs, with exactly the defaults: the template
+/// cannot drift from the code.
+#[test]
+fn config_template_matches_defaults() {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Template {
+        log: dossier_storage::LogConfig,
+        state: StoreConfig,
+    }
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/config-template.toml"
+    ))
+    .unwrap();
+    let template: Template = toml::from_str(&text).unwrap();
+    assert_eq!(template.log, dossier_storage::LogConfig::default());
+    assert_eq!(template.state, StoreConfig::default());
 }

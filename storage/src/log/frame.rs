@@ -35,20 +35,9 @@ impl FrameFault {
 ///
 /// The caller enforces `payload_bytes_max` with a typed error first; here it is an invariant.
 pub fn encode_frame(payload: &[u8], payload_bytes_max: u32, out: &mut Vec<u8>) {
-    let len = u32::try_from(payload.len()).expect("caller enforces the payload limit");
-    assert!(
-        len <= payload_bytes_max,
-        "caller enforces the payload limit"
-    );
-    assert!(len > 0, "payloads are never empty");
-    let start = out.len();
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    out.extend_from_slice(payload);
-    debug_assert_eq!(
-        decode_frame(&out[start..], payload_bytes_max),
-        Ok((payload, out.len() - start))
-    );
+    encode_frame_with(out, payload.len(), payload_bytes_max, |out| {
+        out.extend_from_slice(payload)
+    });
 }
 
 /// Appends one frame to `out` whose payload `write_payload` appends, without an extra copy.
