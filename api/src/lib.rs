@@ -1,3 +1,22 @@
-//! `dossier-api`: the wire contract (protobuf, package `dossier.v1`) and the typed clinical records.
+//! `dossier-api`: the wire contract and the patient-to-shard hash.
 //!
-//! Not built yet: this crate is intentionally empty. It will do no I/O.
+//! - `v1`: the public services (`Kv`, `Admin`) and `ErrorDetail`, package `dossier.v1`.
+//! - `raft::v1`: the internal node-to-node service, package `dossier.raft.v1`.
+//! - [`patient_hash`]: the stable hash that places a patient in a shard.
+//!
+//! Non-goals: no I/O, no networking beyond the generated stubs, no knowledge of Raft internals.
+
+#![allow(clippy::large_enum_variant, missing_debug_implementations)] // generated code
+
+pub mod v1 {
+    tonic::include_proto!("dossier.v1");
+}
+
+pub mod raft {
+    pub mod v1 {
+        tonic::include_proto!("dossier.raft.v1");
+    }
+}
+
+mod hash;
+pub use hash::{PATIENT_HASH_SEED, patient_hash};
