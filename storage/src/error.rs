@@ -77,6 +77,13 @@ pub enum Error {
     #[error("shard {shard}: a stored {what} does not decode")]
     StoreCorrupt { shard: ShardId, what: &'static str },
 
+    #[error("shard {shard}: entry {index} does not follow the applied index {applied:?}")]
+    ApplyOutOfOrder {
+        shard: ShardId,
+        index: u64,
+        applied: Option<u64>,
+    },
+
     #[error("shard {shard} has no replica in this state store")]
     ShardMissing { shard: ShardId },
 

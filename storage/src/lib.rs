@@ -36,4 +36,6 @@ pub use sm::command::{
 };
 pub use sm::shard::{Applied, ShardHandle, ShardStore};
 pub use sm::store::StateStore;
-pub use snapshot::{SnapshotMeta, SnapshotReceiver, read_snapshot_chunk};
+pub use snapshot::{
+    SnapshotHeader, SnapshotMeta, SnapshotReceiver, read_snapshot_chunk, read_snapshot_header,
+};

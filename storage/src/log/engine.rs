@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -189,7 +189,7 @@ impl LogEngine {
     /// anywhere else fails with [`Error::Corrupt`] naming the file and offset.
     pub fn open(config: Arc<LogConfig>) -> Result<Self> {
         let dir = config.dir.clone();
-        fs::create_dir_all(&dir).map_err(|e| Error::io("create log directory", &dir, e))?;
+        create_dir_durable(&dir)?;
         let lock_path = dir.join("LOCK");
         let lock = OpenOptions::new()
             .create(true)
@@ -714,4 +714,29 @@ fn apply(state: &mut State, batch: &WriteBatch) -> u64 {
         }
     }
     appended
+}
+
+/// Creates `dir` and any missing ancestors, fsyncing each parent so that the new directories
+/// survive a crash (a vanished log directory would silently read as a fresh log).
+fn create_dir_durable(dir: &Path) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(path) = at {
+        if path.as_os_str().is_empty() || path.exists() {
+            break;
+        }
+        missing.push(path.to_path_buf());
+        at = path.parent();
+    }
+    fs::create_dir_all(dir).map_err(|e| Error::io("create log directory", dir, e))?;
+    for created in missing.iter().rev() {
+        let parent = match created.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io("fsync parent of new log directory", parent, e))?;
+    }
+    Ok(())
 }

@@ -48,7 +48,9 @@ pub(super) fn recover(config: &LogConfig) -> Result<State> {
             active: ids.first().copied().unwrap_or(1),
             pending: Pending::default(),
             segment_bytes_max: config.segment_bytes_max,
-            frame_payload_max: config.frame_payload_max(),
+            // Limits are enforced with typed errors at submit; the tail asserts only the hard cap,
+            // so that rewriting an old record after `entry-bytes-max` shrank cannot panic.
+            frame_payload_max: RECOVERY_PAYLOAD_MAX / 2,
         },
         durable: (0, 0),
         cache_bytes: 0,

@@ -28,7 +28,7 @@ pub(super) type Notice = (Vec<OnDurable>, Result<()>);
 pub(super) fn notifier_loop(notices: std::sync::mpsc::Receiver<Notice>, queued: &AtomicU64) {
     for (callbacks, result) in notices {
         for callback in callbacks {
-            callback(result.clone());
+            run_callback(callback, result.clone());
         }
         queued.fetch_sub(1, Ordering::AcqRel);
     }
@@ -114,11 +114,18 @@ pub(super) fn writer_loop(
                     Err(e)
                 }
             };
+            // After a failed write or fsync the page cache cannot be trusted (a failed fsync is
+            // reported once and the pages are marked clean): nothing queued behind it may be
+            // written, `durable` never moves again, and no segment is reclaimed.
             let stranded = if state.failed {
+                state.tail.pending.chunks.clear();
+                state.tail.pending.bytes = 0;
+                state.reclaim = None;
                 std::mem::take(&mut state.tail.pending.callbacks)
             } else {
                 Vec::new()
             };
+            let failed = state.failed;
             let room_waiters = state.room_waiters;
             drop(state);
             if room_waiters > 0 {
@@ -135,7 +142,7 @@ pub(super) fn writer_loop(
             // Callbacks run in round order: inline only when no earlier round is still queued.
             if callbacks.len() <= INLINE_CALLBACKS_MAX && queued.load(Ordering::Acquire) == 0 {
                 for callback in callbacks {
-                    callback(result.clone());
+                    run_callback(callback, result.clone());
                 }
             } else {
                 queued.fetch_add(1, Ordering::AcqRel);
@@ -143,9 +150,20 @@ pub(super) fn writer_loop(
                     tracing::error!("log notifier thread is gone; callbacks were dropped");
                 }
             }
+            if failed {
+                return;
+            }
             deletions
         };
         delete_segments(shared, deletions);
+    }
+}
+
+/// Runs one callback; a panicking callback is a bug in its caller, reported, and must not take the
+/// writer or the notifier (and so every later callback) down with it.
+fn run_callback(callback: OnDurable, result: Result<()>) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(result))).is_err() {
+        tracing::error!("a log durability callback panicked");
     }
 }
 
@@ -305,19 +323,21 @@ pub(super) fn delete_segments(shared: &Shared, ids: Vec<SegmentId>) {
         return;
     }
     let dir = &shared.config.dir;
+    // Oldest first, each unlink made durable before the next, stopping at the first failure: the
+    // files left are always a suffix-free prefix gap-less run, which recovery replays consistently
+    // (their entries are dead by records further on) and reclaims again.
+    let mut deleted = 0;
     for id in &ids {
         let path = dir.join(segment::file_name(*id));
-        // A segment that cannot be deleted only wastes disk; recovery reclaims it next time.
-        if let Err(e) = fs::remove_file(&path) {
-            warn!(segment = id, error = %e, "failed to delete reclaimed log segment");
+        if let Err(e) = fs::remove_file(&path).and_then(|()| File::open(dir)?.sync_all()) {
+            warn!(segment = id, error = %e, "failed to delete a reclaimed log segment; retried after restart");
+            break;
         }
-    }
-    if let Err(e) = sync_dir(dir) {
-        warn!(error = %e, "failed to fsync log directory after reclaim");
+        deleted += 1;
     }
     shared
         .counters
         .reclaimed
-        .fetch_add(ids.len() as u64, Ordering::Relaxed);
-    debug!(count = ids.len(), "log segments reclaimed");
+        .fetch_add(deleted, Ordering::Relaxed);
+    debug!(count = deleted, "log segments reclaimed");
 }

@@ -169,8 +169,10 @@ impl ShardStore {
         }
     }
 
-    pub(crate) fn tree(&self) -> sled::Tree {
-        self.tree.read().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The live tree, held for the duration of a read: a snapshot install swaps the tree under
+    /// the write lock and drops the old one only after every reader has let go of it.
+    pub(crate) fn tree(&self) -> std::sync::RwLockReadGuard<'_, sled::Tree> {
+        self.tree.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The last applied entry, read from the store.
@@ -242,7 +244,8 @@ impl ShardStore {
     }
 
     /// Applies committed entries in order, in one atomic sled batch with the applied id, and
-    /// returns one outcome per entry. Entries at or below the applied index are a caller bug.
+    /// returns one outcome per entry. Entries must be above the applied index and increasing;
+    /// otherwise nothing is applied and `ApplyOutOfOrder` is returned.
     pub fn apply(&self, entries: &[ApplyEntry]) -> Result<Vec<Outcome>> {
         let Some(last) = entries.last() else {
             return Ok(Vec::new());
@@ -257,10 +260,14 @@ impl ShardStore {
         let mut expected = self.applied.load(Ordering::Acquire);
         let mut outcomes = Vec::with_capacity(entries.len());
         for entry in entries {
-            assert!(
-                entry.index >= expected,
-                "entries apply above the applied index, in order"
-            );
+            if entry.index < expected || entry.index == u64::MAX {
+                let applied = expected.checked_sub(1);
+                return Err(Error::ApplyOutOfOrder {
+                    shard: self.shard,
+                    index: entry.index,
+                    applied,
+                });
+            }
             expected = entry.index + 1;
             let outcome = match &entry.payload {
                 EntryPayload::Blank => Outcome::Done,

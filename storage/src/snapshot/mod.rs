@@ -286,7 +286,7 @@ impl StateStore {
         let handle = self.shard(shard).ok_or(Error::ShardMissing { shard })?;
         let inner = Arc::clone(self.inner());
         let _applying = handle.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let old = handle.tree();
+        let old = handle.tree().clone();
         let generation = inner
             .catalog
             .get(shard.to_be_bytes())
@@ -411,6 +411,32 @@ fn load(tree: &sled::Tree, shard: ShardId, path: &Path) -> Result<SnapshotMeta> 
         .map_err(|e| Error::sled("load snapshot", e))?;
     meta.bytes = frames.offset;
     Ok(meta)
+}
+
+/// What a snapshot file's header says: enough to describe it without reading it whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotHeader {
+    pub shard: ShardId,
+    pub applied: Option<Applied>,
+    pub membership: Option<Bytes>,
+    /// Size of the file in bytes.
+    pub bytes: u64,
+}
+
+/// Reads the header of a snapshot file (checking its magic and the header frame's crc32 only).
+pub fn read_snapshot_header(path: &Path) -> Result<SnapshotHeader> {
+    let mut frames = FrameReader::open(path)?;
+    let payload = frames
+        .next()?
+        .ok_or_else(|| frames.corrupt("snapshot has no header"))?;
+    let meta =
+        decode_header(&payload).ok_or_else(|| frames.corrupt("snapshot header does not decode"))?;
+    Ok(SnapshotHeader {
+        shard: meta.shard,
+        applied: meta.applied,
+        membership: meta.membership,
+        bytes: frames.len,
+    })
 }
 
 /// Reads up to `max_bytes` of a snapshot file from `offset`: one chunk of a stream to a peer.
