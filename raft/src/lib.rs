@@ -1,3 +1,29 @@
-//! `dossier-raft`: openraft `=0.10.0-alpha.37` over `dossier-storage`, and the multi-group network.
+//! `dossier-raft`: openraft `=0.10.0-alpha.37` over `dossier-storage`, many groups per node.
 //!
-//! Not built yet: this crate is intentionally empty. It must know nothing of patients.
+//! - [`LogStore`]: `RaftLogStorage` over one group's part of the node's shared, group-committed log.
+//! - [`StateMachine`]: `RaftStateMachine` over one shard replica of the sled state store, with
+//!   snapshot files.
+//! - [`PeerPool`] / [`GroupNetwork`]: one tonic channel per peer node carrying every group's
+//!   messages, each tagged with its shard id; [`RaftServer`] receives them.
+//! - [`GroupContext::start`]: starts a replica.
+//!
+//! Non-goals: this crate knows nothing of patients, routing or the public API.
+
+mod error;
+mod group;
+mod log_store;
+mod network;
+mod server;
+mod state_machine;
+mod types;
+
+pub use error::Error;
+pub use group::{GroupContext, Raft, RaftConfig};
+pub use log_store::LogStore;
+pub use network::{GroupNetwork, NetworkConfig, PeerPool};
+pub use server::{GroupRegistry, RaftServer};
+pub use state_machine::{SnapshotFile, StateMachine};
+pub use types::{Entry, LogId, NodeId, Request, Response, StoredMembership, TypeConfig, Vote};
+
+/// openraft itself, for the types the node needs (metrics, errors, membership).
+pub use openraft;

@@ -1,0 +1,106 @@
+//! Starting one Raft group (a shard replica) on a node, and the Raft timing configuration.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use dossier_storage::{LogEngine, ShardId, StateStore};
+use serde::Deserialize;
+
+use crate::error::Error;
+use crate::log_store::LogStore;
+use crate::network::{GroupNetwork, PeerPool};
+use crate::state_machine::StateMachine;
+use crate::types::{NodeId, TypeConfig};
+
+/// A running replica: openraft's handle, typed with our state machine.
+pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
+
+/// Raft timing and log compaction, shared by every group of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RaftConfig {
+    /// Leader heartbeat period, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// A follower that hears no leader for a random time in this range starts an election.
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Pre-Vote: a node returning from a partition asks before it disrupts a healthy leader.
+    pub pre_vote: bool,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log below a snapshot (for followers slightly behind).
+    pub log_entries_kept_after_snapshot: u64,
+    /// Entries per append-entries message.
+    pub entries_per_append_max: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            pre_vote: true,
+            snapshot_after_entries: 10_000,
+            log_entries_kept_after_snapshot: 1_000,
+            entries_per_append_max: 300,
+        }
+    }
+}
+
+impl RaftConfig {
+    /// openraft's configuration for a group (validated: openraft checks the timeout relations).
+    pub fn openraft(&self, cluster: &str) -> Result<Arc<openraft::Config>, Error> {
+        let config = openraft::Config {
+            cluster_name: cluster.to_owned(),
+            heartbeat_interval: self.heartbeat_interval_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            enable_pre_vote: Some(self.pre_vote),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: self.log_entries_kept_after_snapshot,
+            max_payload_entries: self.entries_per_append_max,
+            purge_batch_size: 256,
+            // The network applies its own snapshot deadline (NetworkConfig::snapshot_timeout).
+            install_snapshot_timeout: 60_000,
+            ..Default::default()
+        };
+        Ok(Arc::new(config.validate()?))
+    }
+}
+
+/// Everything a node shares between its groups.
+#[derive(Debug, Clone)]
+pub struct GroupContext {
+    pub node_id: NodeId,
+    pub config: Arc<openraft::Config>,
+    pub engine: Arc<LogEngine>,
+    pub store: Arc<StateStore>,
+    pub pool: Arc<PeerPool>,
+    /// Each group keeps its snapshots in `snapshot_root/shard-{id}`.
+    pub snapshot_root: PathBuf,
+}
+
+impl GroupContext {
+    pub fn snapshot_dir(&self, shard: ShardId) -> PathBuf {
+        self.snapshot_root.join(format!("shard-{shard}"))
+    }
+
+    /// Starts (or restarts) the local replica of `shard`: its log is the shard's part of the
+    /// shared log, its state machine the shard's tree.
+    pub async fn start(&self, shard: ShardId) -> Result<Raft, Error> {
+        let sm = StateMachine::open(Arc::clone(&self.store), shard, self.snapshot_dir(shard))
+            .map_err(|source| Error::Io {
+                op: "open state machine",
+                source,
+            })?;
+        let log = LogStore::new(Arc::clone(&self.engine), shard);
+        let network = GroupNetwork::new(shard, Arc::clone(&self.pool));
+        Raft::new(self.node_id, Arc::clone(&self.config), network, log, sm)
+            .await
+            .map_err(|e| Error::Fatal {
+                shard,
+                reason: e.to_string(),
+            })
+    }
+}

@@ -1,0 +1,273 @@
+//! Sending side of the network: one tonic channel per peer node, shared by every group; each
+//! message names its shard. Connections are lazy, connect with a short timeout, and every call has
+//! a deadline, so a dead peer costs a bounded wait, never a hang.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dossier_api::raft::v1::raft_client::RaftClient;
+use dossier_api::raft::v1::{RaftMessage, RaftReply, SnapshotChunk};
+use dossier_storage::ShardId;
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, RaftNetworkFactory, RaftNetworkV2, Snapshot};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::state_machine::SnapshotFile;
+use crate::types::{CommittedLeaderId, NodeId, TypeConfig, Vote, decode, encode};
+
+/// How a peer is reached and how long the network may wait on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkConfig {
+    pub connect_timeout: Duration,
+    /// Deadline of a whole snapshot transfer.
+    pub snapshot_timeout: Duration,
+    /// Bytes per snapshot chunk.
+    pub snapshot_chunk_bytes: usize,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            connect_timeout: Duration::from_millis(250),
+            snapshot_timeout: Duration::from_secs(60),
+            snapshot_chunk_bytes: 1 << 20,
+        }
+    }
+}
+
+/// The node's connections to its peers, by address: one HTTP/2 channel per peer.
+#[derive(Debug)]
+pub struct PeerPool {
+    config: NetworkConfig,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl PeerPool {
+    pub fn new(config: NetworkConfig) -> Arc<Self> {
+        Arc::new(PeerPool {
+            config,
+            channels: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn config(&self) -> &NetworkConfig {
+        &self.config
+    }
+
+    /// The channel to `addr` (host:port), created lazily on first use.
+    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(channel) = channels.get(addr) {
+            return Ok(channel.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(self.config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        channels.insert(addr.to_owned(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Builds the per-peer clients of one group.
+#[derive(Debug, Clone)]
+pub struct GroupNetwork {
+    shard: ShardId,
+    pool: Arc<PeerPool>,
+}
+
+impl GroupNetwork {
+    pub fn new(shard: ShardId, pool: Arc<PeerPool>) -> Self {
+        GroupNetwork { shard, pool }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
+    type Network = PeerLink;
+
+    async fn new_client(&mut self, _target: NodeId, node: &BasicNode) -> Self::Network {
+        PeerLink {
+            shard: self.shard,
+            addr: node.addr.clone(),
+            pool: Arc::clone(&self.pool),
+        }
+    }
+}
+
+/// One group's link to one peer.
+#[derive(Debug)]
+pub struct PeerLink {
+    shard: ShardId,
+    addr: String,
+    pool: Arc<PeerPool>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Rpc {
+    AppendEntries,
+    Vote,
+    PreVote,
+    TransferLeader,
+}
+
+fn status_error(status: &tonic::Status) -> RPCError<TypeConfig> {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown => {
+            RPCError::Unreachable(Unreachable::new(status))
+        }
+        _ => RPCError::Network(NetworkError::new(status)),
+    }
+}
+
+fn reply<Resp: DeserializeOwned>(reply: RaftReply) -> Result<Resp, RPCError<TypeConfig>> {
+    if !reply.error.is_empty() {
+        // The peer is up but cannot serve this group (yet): back off like for an unreachable peer.
+        return Err(RPCError::Unreachable(Unreachable::from_string(reply.error)));
+    }
+    decode(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+}
+
+impl PeerLink {
+    fn client(&self) -> Result<RaftClient<Channel>, RPCError<TypeConfig>> {
+        let channel = self
+            .pool
+            .channel(&self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        Ok(RaftClient::new(channel))
+    }
+
+    async fn unary<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        rpc: Rpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = tonic::Request::new(RaftMessage {
+            shard_id: self.shard,
+            payload,
+        });
+        request.set_timeout(option.hard_ttl());
+        let mut client = self.client()?;
+        let result = match rpc {
+            Rpc::AppendEntries => client.append_entries(request).await,
+            Rpc::Vote => client.vote(request).await,
+            Rpc::PreVote => client.pre_vote(request).await,
+            Rpc::TransferLeader => client.transfer_leader(request).await,
+        };
+        reply(result.map_err(|s| status_error(&s))?.into_inner())
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerLink {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary(Rpc::AppendEntries, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary(Rpc::Vote, &rpc, &option).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary(Rpc::PreVote, &rpc, &option).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary(Rpc::TransferLeader, &req, &option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot<CommittedLeaderId, NodeId, BasicNode, SnapshotFile>,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let network = |e: &dyn std::error::Error| {
+            StreamingError::Network(NetworkError::from_string(e.to_string()))
+        };
+        let header = encode(&(vote, snapshot.meta.clone())).map_err(|e| network(&e))?;
+        let path = snapshot.snapshot.path.clone();
+        let chunk_bytes = self.pool.config().snapshot_chunk_bytes;
+        let shard = self.shard;
+        // A bounded channel feeds the request stream: at most a few chunks are in memory.
+        let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(4);
+        let reader = tokio::task::spawn_blocking(move || -> dossier_storage::Result<()> {
+            let mut offset = 0u64;
+            let mut header = Some(header);
+            loop {
+                let data = dossier_storage::read_snapshot_chunk(&path, offset, chunk_bytes)?;
+                // The first chunk always goes (it carries the header); an empty read ends it.
+                if data.is_empty() && header.is_none() {
+                    return Ok(());
+                }
+                offset += data.len() as u64;
+                let header = header.take().unwrap_or_default();
+                let end = data.is_empty();
+                if tx
+                    .blocking_send(SnapshotChunk {
+                        shard_id: shard,
+                        header,
+                        data: data.to_vec(),
+                    })
+                    .is_err()
+                    || end
+                {
+                    return Ok(());
+                }
+            }
+        });
+        let mut client = self.client().map_err(|e| network(&e))?;
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        request.set_timeout(self.pool.config().snapshot_timeout);
+        let sent = tokio::select! {
+            sent = client.install_snapshot(request) => sent,
+            closed = cancel => {
+                reader.abort();
+                return Err(StreamingError::Closed(closed));
+            }
+        };
+        match reader.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(network(&e)),
+            Err(e) => return Err(network(&e)),
+        }
+        let sent = sent.map_err(|s| match status_error(&s) {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            other => StreamingError::Network(NetworkError::new(&other)),
+        })?;
+        reply::<SnapshotResponse<TypeConfig>>(sent.into_inner()).map_err(|e| match e {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            other => StreamingError::Network(NetworkError::new(&other)),
+        })
+    }
+}

@@ -1,0 +1,165 @@
+//! Receiving side of the network: the `dossier.raft.v1.Raft` gRPC service, dispatching each
+//! message to the local replica of its shard.
+
+use std::sync::Arc;
+
+use dossier_api::raft::v1::raft_server::Raft as RaftService;
+use dossier_api::raft::v1::{RaftMessage, RaftReply, SnapshotChunk};
+use dossier_storage::{ShardId, SnapshotReceiver};
+use openraft::Snapshot;
+use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
+use serde::Serialize;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::group::Raft;
+use crate::state_machine::SnapshotFile;
+use crate::types::{SnapshotMeta, TypeConfig, Vote, decode, encode};
+
+/// Finds the local replica of a shard.
+pub trait GroupRegistry: Send + Sync + 'static {
+    fn raft(&self, shard: ShardId) -> Option<Raft>;
+    /// Where a snapshot for `shard` being received is written.
+    fn incoming_snapshot_path(&self, shard: ShardId) -> Option<std::path::PathBuf>;
+    /// The largest snapshot accepted, in bytes.
+    fn snapshot_bytes_max(&self) -> u64;
+}
+
+/// The internal Raft service of a node.
+#[derive(Debug)]
+pub struct RaftServer<R> {
+    registry: Arc<R>,
+}
+
+impl<R> RaftServer<R> {
+    pub fn new(registry: Arc<R>) -> Self {
+        RaftServer { registry }
+    }
+}
+
+fn ok<T: Serialize>(value: &T) -> Result<Response<RaftReply>, Status> {
+    let payload = encode(value).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(RaftReply {
+        payload,
+        error: String::new(),
+    }))
+}
+
+fn refused(error: impl ToString) -> Result<Response<RaftReply>, Status> {
+    Ok(Response::new(RaftReply {
+        payload: Vec::new(),
+        error: error.to_string(),
+    }))
+}
+
+impl<R: GroupRegistry> RaftServer<R> {
+    fn group(&self, shard: ShardId) -> Result<Raft, String> {
+        self.registry
+            .raft(shard)
+            .ok_or_else(|| format!("no replica of shard {shard} on this node"))
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $request:ident, $ty:ty, $method:ident) => {{
+        let message: RaftMessage = $request.into_inner();
+        let raft = match $self.group(message.shard_id) {
+            Ok(raft) => raft,
+            Err(e) => return refused(e),
+        };
+        let rpc: $ty =
+            decode(&message.payload).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        match raft.$method(rpc).await {
+            Ok(response) => ok(&response),
+            Err(e) => refused(e),
+        }
+    }};
+}
+
+#[tonic::async_trait]
+impl<R: GroupRegistry> RaftService for RaftServer<R> {
+    async fn append_entries(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftReply>, Status> {
+        dispatch!(
+            self,
+            request,
+            AppendEntriesRequest<TypeConfig>,
+            append_entries
+        )
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
+        dispatch!(self, request, VoteRequest<TypeConfig>, vote)
+    }
+
+    async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
+        dispatch!(self, request, VoteRequest<TypeConfig>, pre_vote)
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftReply>, Status> {
+        dispatch!(
+            self,
+            request,
+            TransferLeaderRequest<TypeConfig>,
+            handle_transfer_leader
+        )
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let mut chunks = request.into_inner();
+        let first = chunks
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let raft = match self.group(first.shard_id) {
+            Ok(raft) => raft,
+            Err(e) => return refused(e),
+        };
+        let (vote, meta): (Vote, SnapshotMeta) = decode(&first.header)
+            .map_err(|e| Status::invalid_argument(format!("snapshot header: {e}")))?;
+        let Some(path) = self.registry.incoming_snapshot_path(first.shard_id) else {
+            return refused(format!(
+                "no replica of shard {} on this node",
+                first.shard_id
+            ));
+        };
+        let bytes_max = self.registry.snapshot_bytes_max();
+        let internal = |e: dossier_storage::Error| Status::internal(e.to_string());
+        let mut receiver = SnapshotReceiver::create(&path, bytes_max).map_err(internal)?;
+        let shard = first.shard_id;
+        let mut offset = 0u64;
+        let mut chunk = Some(first);
+        while let Some(c) = chunk {
+            if c.shard_id != shard {
+                return Err(Status::invalid_argument(
+                    "snapshot chunks name different shards",
+                ));
+            }
+            receiver.write_chunk(offset, &c.data).map_err(internal)?;
+            offset += c.data.len() as u64;
+            chunk = chunks.next().await.transpose()?;
+        }
+        let path = receiver.finish().map_err(internal)?;
+        match raft
+            .install_full_snapshot(
+                vote,
+                Snapshot {
+                    meta,
+                    snapshot: SnapshotFile { path },
+                },
+            )
+            .await
+        {
+            Ok(response) => ok(&response),
+            Err(e) => refused(e),
+        }
+    }
+}
