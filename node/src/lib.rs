@@ -1,3 +1,161 @@
-//! `dossier-node`: the server process (routing, meta group, data groups, gRPC and HTTP endpoints).
+//! `dossier-node`: the Dossier server.
 //!
-//! Not built yet: this crate is intentionally empty and ships no binary.
+//! A node hosts the meta group (the cluster map) and the replicas of the data shards the map
+//! assigns to it, all over one shared log and one state store. It serves the public `Kv` and
+//! `Admin` gRPC services and the internal Raft service on one port, and `/metrics`, `/healthz`,
+//! `/readyz` over HTTP. See `docs/architecture.md` and `docs/operations.md`.
+//!
+//! Non-goals: no routing logic beyond "which shard holds this patient" (clients cache the map);
+//! no authorisation yet.
+
+pub mod config;
+mod errors;
+mod http;
+mod meta;
+mod metrics;
+mod node;
+mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use dossier_api::raft::v1::raft_server::RaftServer as RaftGrpc;
+use dossier_api::v1::admin_server::AdminServer;
+use dossier_api::v1::kv_server::KvServer;
+use dossier_raft::RaftServer;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+pub use config::{Config, Flags, NodeConfig};
+pub use node::Node;
+
+/// Largest gRPC message accepted (a batch at its limits, a snapshot chunk).
+const GRPC_MESSAGE_BYTES_MAX: usize = 64 << 20;
+
+/// Runs a node until `stop` fires (or SIGTERM / Ctrl-C when `stop` is `None`): serve, then on
+/// stop hand leaderships to other replicas, stop accepting, stop the groups and flush.
+pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Result<()> {
+    let node = Node::start(Arc::clone(&config)).await?;
+    info!(node_id = node.node_id(), listen = %config.node.listen, http = %config.node.http_listen, "node started");
+
+    let (serving_tx, serving_rx) = watch::channel(false);
+    let grpc = {
+        let node = Arc::clone(&node);
+        let mut serving = serving_rx.clone();
+        let addr = config.node.listen;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind gRPC endpoint {addr}"))?;
+        let incoming = tokio_stream_listener(listener);
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .timeout(node.config.request_deadline() + Duration::from_secs(1))
+                .add_service(
+                    RaftGrpc::new(RaftServer::new(Arc::clone(&node)))
+                        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+                )
+                .add_service(
+                    KvServer::new(service::kv::KvService::new(Arc::clone(&node)))
+                        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+                )
+                .add_service(AdminServer::new(service::admin::AdminService::new(
+                    Arc::clone(&node),
+                )))
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = serving.wait_for(|stop| *stop).await;
+                })
+                .await
+        })
+    };
+    let http = {
+        let node = Arc::clone(&node);
+        let mut serving = serving_rx.clone();
+        let addr = config.node.http_listen;
+        tokio::spawn(async move {
+            http::serve(node, addr, async move {
+                let _ = serving.wait_for(|stop| *stop).await;
+            })
+            .await
+        })
+    };
+    let reconcile = {
+        let node = Arc::clone(&node);
+        let mut serving = serving_rx.clone();
+        tokio::spawn(async move {
+            if node.config.node.auto_init {
+                while let Err(e) = node.auto_init().await {
+                    warn!(error = %format!("{e:#}"), "auto-init failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            loop {
+                if let Err(e) = node.reconcile().await {
+                    warn!(error = %format!("{e:#}"), "reconcile failed");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = serving.wait_for(|stop| *stop) => return,
+                }
+            }
+        })
+    };
+
+    wait_for_stop(stop).await;
+    info!("stopping: handing leaderships over");
+    let (moved, kept) = node.drain(Duration::from_secs(3)).await;
+    info!(
+        moved = moved.len(),
+        kept = kept.len(),
+        "leaderships handed over"
+    );
+    let _ = serving_tx.send(true);
+    reconcile.abort();
+    match grpc.await {
+        Ok(Err(e)) => error!(error = %e, "gRPC server failed"),
+        Err(e) => error!(error = %e, "gRPC server task failed"),
+        Ok(Ok(())) => {}
+    }
+    if let Ok(Err(e)) = http.await {
+        error!(error = %format!("{e:#}"), "HTTP server failed");
+    }
+    node.shutdown().await;
+    info!("node stopped");
+    Ok(())
+}
+
+fn tokio_stream_listener(
+    listener: tokio::net::TcpListener,
+) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures_util::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| {
+            let _ = stream.set_nodelay(true);
+            stream
+        });
+        Some((accepted, listener))
+    })
+}
+
+async fn wait_for_stop(stop: Option<watch::Receiver<bool>>) {
+    match stop {
+        Some(mut stop) => {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+        None => {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        error!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+                        let _ = tokio::signal::ctrl_c().await;
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM received"),
+                _ = tokio::signal::ctrl_c() => info!("interrupt received"),
+            }
+        }
+    }
+}

@@ -175,6 +175,16 @@ impl ShardStore {
         self.tree.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Keys held (data, sessions and the few metadata keys). A full scan in sled: for status
+    /// reports, not for request paths.
+    pub fn len(&self) -> usize {
+        self.tree().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The last applied entry, read from the store.
     pub fn applied(&self) -> Result<Option<Applied>> {
         let value = self

@@ -1,0 +1,331 @@
+//! `dossier-node` configuration: embedded defaults, then a TOML file, then `DOSSIER_*` environment
+//! variables and command-line flags (flags win). Validated once at start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use dossier_raft::RaftConfig;
+use dossier_storage::{LogConfig, StoreConfig};
+use serde::Deserialize;
+
+/// Request limits, enforced with typed errors (INVALID_ARGUMENT naming the field and limit,
+/// RESOURCE_EXHAUSTED when the node is saturated).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Limits {
+    /// Longest patient id, in bytes.
+    pub patient_id_bytes_max: usize,
+    /// Requests executing at once on this node; more are refused, never queued without bound.
+    pub in_flight_max: usize,
+    /// Deadline of a request that brings none (or a longer one), in milliseconds.
+    pub request_deadline_ms: u64,
+    /// Most keys one scan page returns.
+    pub scan_page_max: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            patient_id_bytes_max: 128,
+            in_flight_max: 4096,
+            request_deadline_ms: 5_000,
+            scan_page_max: 1_000,
+        }
+    }
+}
+
+/// The whole configuration of a node, as in `docs/config-template.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NodeConfig {
+    /// This node's id, unique in the cluster, not 0.
+    pub node_id: u64,
+    /// Address of the gRPC endpoint (public Kv/Admin and internal Raft services).
+    pub listen: SocketAddr,
+    /// Address other nodes and clients use to reach this node (default: `listen`).
+    pub advertise: Option<String>,
+    /// Address of the HTTP endpoint (/metrics, /healthz, /readyz).
+    pub http_listen: SocketAddr,
+    /// Directory of everything this node stores (log, state, snapshots).
+    pub data_dir: PathBuf,
+    /// Name of the cluster, shared by its nodes.
+    pub cluster_name: String,
+    /// Initialise a single-node cluster by itself when none exists (the embedded default for
+    /// trying Dossier). Turn off for nodes of a multi-node cluster, then run `dossier cluster init`.
+    pub auto_init: bool,
+    /// Shards of a self-initialised single-node cluster.
+    pub auto_init_shards: u32,
+    pub raft: RaftConfig,
+    pub limits: Limits,
+    /// Log engine limits; its `dir` is ignored (always `data-dir/log`).
+    pub log: LogConfig,
+    /// State store limits; its `dir` is ignored (always `data-dir/state`).
+    pub state: StoreConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node_id: 1,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            advertise: None,
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            data_dir: PathBuf::from("dossier-data"),
+            cluster_name: "dossier".to_owned(),
+            auto_init: true,
+            auto_init_shards: 4,
+            raft: RaftConfig::default(),
+            limits: Limits::default(),
+            log: LogConfig::default(),
+            state: StoreConfig::default(),
+        }
+    }
+}
+
+/// A validated configuration with derived paths.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub advertise: String,
+    pub log: Arc<LogConfig>,
+    pub state: Arc<StoreConfig>,
+    pub raft: Arc<dossier_raft::openraft::Config>,
+}
+
+impl Config {
+    pub fn request_deadline(&self) -> Duration {
+        Duration::from_millis(self.node.limits.request_deadline_ms)
+    }
+
+    pub fn snapshot_root(&self) -> PathBuf {
+        self.node.data_dir.join("snapshots")
+    }
+}
+
+impl NodeConfig {
+    /// Checks every field and the relations between them; messages name the field.
+    pub fn validate(self) -> Result<Arc<Config>> {
+        ensure!(self.node_id != 0, "node-id must not be 0");
+        ensure!(
+            !self.cluster_name.is_empty(),
+            "cluster-name must not be empty"
+        );
+        ensure!(
+            self.listen != self.http_listen,
+            "listen and http-listen must differ, both are {}",
+            self.listen
+        );
+        let r = &self.raft;
+        if r.election_timeout_min_ms <= 3 * r.heartbeat_interval_ms {
+            bail!(
+                "raft.election-timeout-min-ms ({}) must be more than 3 x raft.heartbeat-interval-ms ({}), \
+                 or a few delayed heartbeats start elections",
+                r.election_timeout_min_ms,
+                r.heartbeat_interval_ms
+            );
+        }
+        ensure!(
+            r.election_timeout_max_ms > r.election_timeout_min_ms,
+            "raft.election-timeout-max-ms ({}) must be above raft.election-timeout-min-ms ({})",
+            r.election_timeout_max_ms,
+            r.election_timeout_min_ms
+        );
+        ensure!(
+            (1..=1024).contains(&self.auto_init_shards),
+            "auto-init-shards must be within 1..1024, is {}",
+            self.auto_init_shards
+        );
+        let l = &self.limits;
+        ensure!(
+            (1..=1024).contains(&l.patient_id_bytes_max),
+            "limits.patient-id-bytes-max must be within 1..1024"
+        );
+        ensure!(
+            l.in_flight_max > 0,
+            "limits.in-flight-max must be at least 1"
+        );
+        ensure!(
+            (10..=600_000).contains(&l.request_deadline_ms),
+            "limits.request-deadline-ms must be within 10..600000"
+        );
+        ensure!(
+            l.scan_page_max > 0,
+            "limits.scan-page-max must be at least 1"
+        );
+        let advertise = self
+            .advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string());
+        let log = LogConfig {
+            dir: self.data_dir.join("log"),
+            ..self.log.clone()
+        }
+        .validate()
+        .context("invalid [log] section")?;
+        let state = StoreConfig {
+            dir: self.data_dir.join("state"),
+            ..self.state.clone()
+        }
+        .validate()
+        .context("invalid [state] section")?;
+        let raft = self
+            .raft
+            .openraft(&self.cluster_name)
+            .context("invalid [raft] section")?;
+        Ok(Arc::new(Config {
+            node: self,
+            advertise,
+            log,
+            state,
+            raft,
+        }))
+    }
+}
+
+/// Command-line flags; each also reads a `DOSSIER_*` environment variable. Unset ones leave the
+/// file's (or the embedded default's) value.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dossier-node",
+    version,
+    about = "The Dossier server: a Raft-replicated, patient-sharded store for the shared patient record.",
+    long_about = "The Dossier server.\n\nWith no configuration at all it runs a single-node cluster in ./dossier-data, \
+                  initialising itself (auto-init), like etcd with no flags. For a multi-node cluster, start every \
+                  node with --no-auto-init and its own --node-id, --listen, --http-listen and --data-dir, then run \
+                  `dossier cluster init`. Precedence: flags > DOSSIER_* environment > --config file > defaults."
+)]
+pub struct Flags {
+    /// TOML configuration file (see docs/config-template.toml).
+    #[arg(long, env = "DOSSIER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's id: unique in the cluster, not 0.
+    #[arg(long, env = "DOSSIER_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// gRPC listen address (public Kv/Admin and internal Raft services).
+    #[arg(long, env = "DOSSIER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address peers and clients use to reach this node (default: the listen address).
+    #[arg(long, env = "DOSSIER_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// HTTP listen address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "DOSSIER_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Data directory (log, state, snapshots).
+    #[arg(long, env = "DOSSIER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Do not initialise a single-node cluster when none exists; wait for `dossier cluster init`.
+    #[arg(long, env = "DOSSIER_NO_AUTO_INIT")]
+    pub no_auto_init: bool,
+    /// Raft heartbeat period in milliseconds.
+    #[arg(long, env = "DOSSIER_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Minimum election timeout in milliseconds (must exceed 3 heartbeats).
+    #[arg(long, env = "DOSSIER_ELECTION_TIMEOUT_MIN_MS")]
+    pub election_timeout_min_ms: Option<u64>,
+    /// Maximum election timeout in milliseconds.
+    #[arg(long, env = "DOSSIER_ELECTION_TIMEOUT_MAX_MS")]
+    pub election_timeout_max_ms: Option<u64>,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `dossier_node=debug`.
+    #[arg(long, env = "DOSSIER_LOG", default_value = "info,openraft=warn")]
+    pub log: String,
+}
+
+impl Flags {
+    /// Builds the configuration: defaults, then the file, then environment and flags.
+    pub fn resolve(&self) -> Result<NodeConfig> {
+        let mut config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("read config file {}", path.display()))?;
+                toml::from_str::<NodeConfig>(&text)
+                    .with_context(|| format!("parse config file {}", path.display()))?
+            }
+            None => NodeConfig::default(),
+        };
+        if let Some(v) = self.node_id {
+            config.node_id = v;
+        }
+        if let Some(v) = self.listen {
+            config.listen = v;
+        }
+        if let Some(v) = &self.advertise {
+            config.advertise = Some(v.clone());
+        }
+        if let Some(v) = self.http_listen {
+            config.http_listen = v;
+        }
+        if let Some(v) = &self.data_dir {
+            config.data_dir = v.clone();
+        }
+        if self.no_auto_init {
+            config.auto_init = false;
+        }
+        if let Some(v) = self.heartbeat_interval_ms {
+            config.raft.heartbeat_interval_ms = v;
+        }
+        if let Some(v) = self.election_timeout_min_ms {
+            config.raft.election_timeout_min_ms = v;
+        }
+        if let Some(v) = self.election_timeout_max_ms {
+            config.raft.election_timeout_max_ms = v;
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Defaults are valid; a too-short election timeout is refused with a message naming both fields.
+    #[test]
+    fn validate_names_fields() {
+        assert!(NodeConfig::default().validate().is_ok());
+        let mut c = NodeConfig::default();
+        c.raft.election_timeout_min_ms = 250;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("election-timeout-min-ms") && e.contains("heartbeat-interval-ms"),
+            "{e}"
+        );
+        let c = NodeConfig {
+            node_id: 0,
+            ..NodeConfig::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("node-id"));
+    }
+
+    /// Flags override the file, which overrides the defaults.
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "node-id = 3\nlisten = \"127.0.0.1:9000\"\n[raft]\nheartbeat-interval-ms = 50\n",
+        )
+        .unwrap();
+        let flags = Flags::parse_from([
+            "dossier-node",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:9100",
+        ]);
+        let c = flags.resolve().unwrap();
+        assert_eq!(
+            (c.node_id, c.listen.port(), c.raft.heartbeat_interval_ms),
+            (3, 9100, 50)
+        );
+        std::fs::write(&file, "no-such-field = 1\n").unwrap();
+        assert!(
+            Flags::parse_from(["dossier-node", "--config", file.to_str().unwrap()])
+                .resolve()
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,112 @@
+//! The node's request errors and their one mapping to gRPC statuses with an `ErrorDetail`.
+
+use dossier_api::v1::{ErrorDetail, ErrorReason, ShardDescriptor};
+use prost::Message;
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("this node is not the leader of shard {shard}")]
+    NotLeader {
+        shard: u64,
+        leader: Option<(u64, String)>,
+    },
+    #[error("shard {} has a newer descriptor (epoch {})", .descriptor.shard_id, .descriptor.epoch)]
+    StaleEpoch { descriptor: ShardDescriptor },
+    #[error("{field}: {message}")]
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+        limit: Option<u64>,
+    },
+    #[error("too many requests in flight on this node (limit {limit})")]
+    ResourceExhausted { limit: u64 },
+    #[error("the request deadline passed; a write may still take effect")]
+    Deadline,
+    #[error("no replica of shard {shard} on this node")]
+    ShardNotFound { shard: u64 },
+    #[error("{0}")]
+    ClusterState(String),
+    #[error("{0}")]
+    Session(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        ApiError::InvalidArgument {
+            field,
+            message: message.into(),
+            limit: None,
+        }
+    }
+
+    pub fn too_large(field: &'static str, bytes: usize, limit: usize) -> Self {
+        ApiError::InvalidArgument {
+            field,
+            message: format!("is {bytes} bytes, above the limit of {limit}"),
+            limit: Some(limit as u64),
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn code_name(&self) -> &'static str {
+        match self {
+            ApiError::NotLeader { .. } => "not_leader",
+            ApiError::StaleEpoch { .. } => "stale_epoch",
+            ApiError::InvalidArgument { .. } => "invalid_argument",
+            ApiError::ResourceExhausted { .. } => "resource_exhausted",
+            ApiError::Deadline => "deadline",
+            ApiError::ShardNotFound { .. } => "shard_not_found",
+            ApiError::ClusterState(_) => "cluster_state",
+            ApiError::Session(_) => "session",
+            ApiError::Unavailable(_) => "unavailable",
+        }
+    }
+
+    fn parts(&self) -> (Code, ErrorReason) {
+        match self {
+            ApiError::NotLeader { .. } => (Code::Unavailable, ErrorReason::NotLeader),
+            ApiError::StaleEpoch { .. } => (Code::FailedPrecondition, ErrorReason::StaleEpoch),
+            ApiError::InvalidArgument { .. } => {
+                (Code::InvalidArgument, ErrorReason::InvalidArgument)
+            }
+            ApiError::ResourceExhausted { .. } => {
+                (Code::ResourceExhausted, ErrorReason::ResourceExhausted)
+            }
+            ApiError::Deadline => (Code::DeadlineExceeded, ErrorReason::Deadline),
+            ApiError::ShardNotFound { .. } => (Code::NotFound, ErrorReason::ShardNotFound),
+            ApiError::ClusterState(_) => (Code::FailedPrecondition, ErrorReason::ClusterState),
+            ApiError::Session(_) => (Code::FailedPrecondition, ErrorReason::Session),
+            ApiError::Unavailable(_) => (Code::Unavailable, ErrorReason::Unavailable),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let (code, reason) = e.parts();
+        let mut detail = ErrorDetail {
+            reason: reason as i32,
+            message: e.to_string(),
+            ..ErrorDetail::default()
+        };
+        match &e {
+            ApiError::NotLeader {
+                leader: Some((id, addr)),
+                ..
+            } => {
+                detail.leader_hint_node_id = *id;
+                detail.leader_hint_address = addr.clone();
+            }
+            ApiError::StaleEpoch { descriptor } => detail.shard = Some(descriptor.clone()),
+            ApiError::InvalidArgument { field, limit, .. } => {
+                detail.field = (*field).to_owned();
+                detail.limit = limit.unwrap_or(0);
+            }
+            _ => {}
+        }
+        Status::with_details(code, e.to_string(), detail.encode_to_vec().into())
+    }
+}

@@ -1,0 +1,38 @@
+//! `dossier-node`: parses the configuration and runs the node. See `dossier-node --help`.
+
+use clap::Parser;
+use dossier_node::Flags;
+
+fn main() -> std::process::ExitCode {
+    let flags = Flags::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&flags.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+    let config = match flags.resolve().and_then(|c| c.validate()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("dossier-node: invalid configuration: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dossier-node: failed to start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dossier_node::run(config, None)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("failed to run the node: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

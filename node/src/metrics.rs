@@ -1,0 +1,189 @@
+//! Prometheus metrics: request and commit latency histograms here, per-shard Raft state and log
+//! counters gathered at scrape time.
+
+use std::fmt::Write as _;
+
+use dossier_raft::openraft::async_runtime::WatchReceiver;
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, Registry, TextEncoder};
+
+use crate::node::Node;
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub request_seconds: HistogramVec,
+    pub commit_seconds: Histogram,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let request_seconds = HistogramVec::new(
+            HistogramOpts::new("dossier_request_seconds", "Latency of public gRPC requests")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["method", "code"],
+        )
+        .expect("valid metric");
+        let commit_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "dossier_commit_seconds",
+                "Proposal to commit-and-apply latency of writes",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(request_seconds.clone()))
+            .expect("registered once");
+        registry
+            .register(Box::new(commit_seconds.clone()))
+            .expect("registered once");
+        Metrics {
+            registry,
+            request_seconds,
+            commit_seconds,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The Prometheus text exposition of everything.
+pub fn render(node: &Node) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP dossier_shard_term Current Raft term of the local replica.\n# TYPE dossier_shard_term gauge"
+    );
+    let groups = node.groups();
+    let mut rows = Vec::new();
+    for (shard, raft) in &groups {
+        let m = raft.metrics().borrow_watched().clone();
+        rows.push((
+            *shard,
+            m.current_term,
+            m.current_leader.unwrap_or(0),
+            m.state.is_leader(),
+            m.last_log_index.unwrap_or(0),
+            m.local_committed.map_or(0, |l| l.index),
+            m.last_applied.map_or(0, |l| l.index),
+        ));
+    }
+    for r in &rows {
+        let _ = writeln!(out, "dossier_shard_term{{shard=\"{}\"}} {}", r.0, r.1);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP dossier_shard_leader Node id of the leader the local replica knows (0: none).\n# TYPE dossier_shard_leader gauge"
+    );
+    for r in &rows {
+        let _ = writeln!(out, "dossier_shard_leader{{shard=\"{}\"}} {}", r.0, r.2);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP dossier_shard_is_leader 1 when this node leads the shard.\n# TYPE dossier_shard_is_leader gauge"
+    );
+    for r in &rows {
+        let _ = writeln!(
+            out,
+            "dossier_shard_is_leader{{shard=\"{}\"}} {}",
+            r.0,
+            u8::from(r.3)
+        );
+    }
+    for (name, help, col) in [
+        (
+            "dossier_shard_last_log_index",
+            "Last log index of the local replica.",
+            4,
+        ),
+        (
+            "dossier_shard_commit_index",
+            "Commit index known to the local replica.",
+            5,
+        ),
+        (
+            "dossier_shard_applied_index",
+            "Applied index of the local replica.",
+            6,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for r in &rows {
+            let v = [r.4, r.5, r.6][col - 4];
+            let _ = writeln!(out, "{name}{{shard=\"{}\"}} {v}", r.0);
+        }
+    }
+    let log = node.engine().stats();
+    for (name, help, kind, value) in [
+        (
+            "dossier_log_fsyncs_total",
+            "fdatasync calls of the shared log.",
+            "counter",
+            log.fsyncs as f64,
+        ),
+        (
+            "dossier_log_fsync_seconds_total",
+            "Time spent in fdatasync by the shared log.",
+            "counter",
+            log.fsync_nanos_total as f64 / 1e9,
+        ),
+        (
+            "dossier_log_rounds_total",
+            "Group-commit rounds (one write and one fsync each).",
+            "counter",
+            log.rounds as f64,
+        ),
+        (
+            "dossier_log_batches_total",
+            "Write batches submitted to the shared log.",
+            "counter",
+            log.batches_submitted as f64,
+        ),
+        (
+            "dossier_log_entries_total",
+            "Entries appended to the shared log.",
+            "counter",
+            log.entries_appended as f64,
+        ),
+        (
+            "dossier_log_bytes_written_total",
+            "Bytes written to the shared log.",
+            "counter",
+            log.bytes_written as f64,
+        ),
+        (
+            "dossier_log_segments",
+            "Segment files of the shared log.",
+            "gauge",
+            log.segments as f64,
+        ),
+        (
+            "dossier_log_cache_bytes",
+            "Entry bytes held by the log's read cache.",
+            "gauge",
+            log.cache_bytes as f64,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    let mut buf = Vec::new();
+    if TextEncoder::new()
+        .encode(&node.metrics.registry.gather(), &mut buf)
+        .is_ok()
+    {
+        out.push_str(&String::from_utf8_lossy(&buf));
+    }
+    out
+}

@@ -1,0 +1,451 @@
+//! `Node`: the groups a node hosts, its view of the cluster map, and the operations the services
+//! need (write through Raft, linearizable read barrier, init, drain).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use dossier_api::v1::{ClusterMap, NodeInfo, ShardDescriptor};
+use dossier_raft::openraft::async_runtime::WatchReceiver;
+use dossier_raft::openraft::{BasicNode, ReadPolicy, ServerState};
+use dossier_raft::{GroupContext, GroupRegistry, NetworkConfig, PeerPool, Raft, Request};
+use dossier_storage::{
+    Batch, Command, Condition, Expect, LogEngine, Op, Outcome, ShardHandle, ShardId, StateStore,
+};
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::errors::ApiError;
+use crate::meta::{self, META_SHARD};
+use crate::metrics::Metrics;
+
+/// One Dossier server process.
+#[derive(Debug)]
+pub struct Node {
+    pub config: Arc<Config>,
+    ctx: GroupContext,
+    groups: RwLock<HashMap<ShardId, Raft>>,
+    map: RwLock<Option<ClusterMap>>,
+    pub in_flight: Arc<Semaphore>,
+    pub metrics: Metrics,
+    stopping: AtomicBool,
+    incoming_seq: AtomicU64,
+}
+
+fn leader_of(raft: &Raft) -> Option<u64> {
+    raft.metrics().borrow_watched().current_leader
+}
+
+impl Node {
+    /// Opens the storage, starts the meta group and every replica already on disk.
+    pub async fn start(config: Arc<Config>) -> Result<Arc<Node>> {
+        std::fs::create_dir_all(&config.node.data_dir)
+            .with_context(|| format!("create data directory {}", config.node.data_dir.display()))?;
+        let engine = Arc::new(LogEngine::open(Arc::clone(&config.log)).context("open the log")?);
+        let store =
+            Arc::new(StateStore::open(Arc::clone(&config.state)).context("open the state store")?);
+        let pool = PeerPool::new(NetworkConfig::default());
+        let ctx = GroupContext {
+            node_id: config.node.node_id,
+            config: Arc::clone(&config.raft),
+            engine,
+            store,
+            pool,
+            snapshot_root: config.snapshot_root(),
+        };
+        let node = Arc::new(Node {
+            in_flight: Arc::new(Semaphore::new(config.node.limits.in_flight_max)),
+            metrics: Metrics::new(),
+            config,
+            ctx,
+            groups: RwLock::new(HashMap::new()),
+            map: RwLock::new(None),
+            stopping: AtomicBool::new(false),
+            incoming_seq: AtomicU64::new(0),
+        });
+        // The meta group first, then every replica this node held before a restart: they resume
+        // at once, before the map is read.
+        node.ensure_group(META_SHARD).await?;
+        for shard in node.ctx.store.shards() {
+            node.ensure_group(shard).await?;
+        }
+        node.refresh_map();
+        Ok(node)
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.config.node.node_id
+    }
+
+    pub fn store(&self) -> &StateStore {
+        &self.ctx.store
+    }
+
+    pub fn engine(&self) -> &LogEngine {
+        &self.ctx.engine
+    }
+
+    pub fn group(&self, shard: ShardId) -> Option<Raft> {
+        self.groups
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&shard)
+            .cloned()
+    }
+
+    pub fn groups(&self) -> Vec<(ShardId, Raft)> {
+        let mut all: Vec<_> = self
+            .groups
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(s, r)| (*s, r.clone()))
+            .collect();
+        all.sort_unstable_by_key(|(s, _)| *s);
+        all
+    }
+
+    pub fn replica(&self, shard: ShardId) -> Option<ShardHandle> {
+        self.ctx.store.shard(shard)
+    }
+
+    async fn ensure_group(&self, shard: ShardId) -> Result<Raft> {
+        if let Some(raft) = self.group(shard) {
+            return Ok(raft);
+        }
+        let raft = self
+            .ctx
+            .start(shard)
+            .await
+            .with_context(|| format!("start group {shard}"))?;
+        let mut groups = self.groups.write().unwrap_or_else(|e| e.into_inner());
+        // Another task may have started it meanwhile; keep the first.
+        Ok(groups.entry(shard).or_insert(raft).clone())
+    }
+
+    /// The cluster map as this node last read it from its meta replica.
+    pub fn map(&self) -> Option<ClusterMap> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn refresh_map(&self) -> Option<ClusterMap> {
+        let meta = self.replica(META_SHARD)?;
+        match meta::read_map(&meta) {
+            Ok(map) => {
+                *self.map.write().unwrap_or_else(|e| e.into_inner()) = map.clone();
+                map
+            }
+            Err(e) => {
+                warn!(error = %e, "the cluster map does not decode");
+                None
+            }
+        }
+    }
+
+    /// Starts the replicas the map assigns to this node; the first replica of a shard initialises
+    /// its group. Called periodically; cheap when nothing changed.
+    pub async fn reconcile(&self) -> Result<()> {
+        let Some(map) = self.refresh_map() else {
+            return Ok(());
+        };
+        let me = self.node_id();
+        for d in &map.shards {
+            if !d.replicas.contains(&me) {
+                continue;
+            }
+            let raft = self.ensure_group(d.shard_id).await?;
+            if d.replicas.first() == Some(&me)
+                && !raft.is_initialized().await.context("query group state")?
+            {
+                let members = members(&map, &d.replicas)?;
+                match raft.initialize(members).await {
+                    Ok(()) => info!(shard = d.shard_id, "shard group initialised"),
+                    Err(e) => {
+                        warn!(shard = d.shard_id, error = %e, "shard group initialisation refused")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Initialises a fresh cluster: the meta group on `nodes` (this node among them), then the map
+    /// of `shards` shards with `replicas` replicas. Idempotent: an existing map is returned.
+    pub async fn init_cluster(
+        &self,
+        nodes: Vec<NodeInfo>,
+        shards: u32,
+        replicas: u32,
+    ) -> Result<ClusterMap, ApiError> {
+        if let Some(map) = self.refresh_map() {
+            return Ok(map);
+        }
+        if nodes.is_empty() {
+            return Err(ApiError::invalid("nodes", "at least one node is needed"));
+        }
+        if !(1..=1024).contains(&shards) {
+            return Err(ApiError::InvalidArgument {
+                field: "shards",
+                message: "must be within 1..1024".into(),
+                limit: Some(1024),
+            });
+        }
+        if replicas == 0 || replicas as usize > nodes.len() {
+            return Err(ApiError::invalid(
+                "replicas",
+                format!("must be within 1..{} (the node count)", nodes.len()),
+            ));
+        }
+        let mut ids: Vec<u64> = nodes.iter().map(|n| n.node_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != nodes.len()
+            || ids.contains(&0)
+            || nodes.iter().any(|n| n.address.is_empty())
+        {
+            return Err(ApiError::invalid(
+                "nodes",
+                "node ids must be unique and non-zero, addresses set",
+            ));
+        }
+        if !ids.contains(&self.node_id()) {
+            return Err(ApiError::invalid(
+                "nodes",
+                format!("must include this node ({})", self.node_id()),
+            ));
+        }
+        let meta = self
+            .group(META_SHARD)
+            .ok_or(ApiError::ShardNotFound { shard: META_SHARD })?;
+        let members: BTreeMap<u64, BasicNode> = nodes
+            .iter()
+            .map(|n| (n.node_id, BasicNode::new(&n.address)))
+            .collect();
+        if let Err(e) = meta.initialize(members).await {
+            // Already initialised (a retry): carry on and write the map if it is missing.
+            info!(error = %e, "meta group initialisation refused");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while leader_of(&meta).is_none() {
+            if Instant::now() > deadline {
+                return Err(ApiError::Unavailable(
+                    "the meta group elected no leader within 10 s".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let plan = meta::plan(&nodes, shards, replicas);
+        let batch = Batch {
+            conditions: vec![Condition {
+                key: meta::MAP_KEY.into(),
+                expect: Expect::Absent,
+            }],
+            ops: vec![Op::Put {
+                key: meta::MAP_KEY.into(),
+                value: meta::encode(&plan).into(),
+            }],
+        };
+        self.write(
+            META_SHARD,
+            Command::Txn {
+                session: None,
+                batch,
+            },
+            Duration::from_secs(10),
+        )
+        .await?;
+        self.reconcile()
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("{e:#}")))?;
+        self.map()
+            .ok_or_else(|| ApiError::ClusterState("the map is not applied here yet; retry".into()))
+    }
+
+    /// Initialises a single-node cluster if this node has never been part of one.
+    pub async fn auto_init(&self) -> Result<()> {
+        let meta = self.group(META_SHARD).context("meta group")?;
+        if meta.is_initialized().await? {
+            return Ok(());
+        }
+        let me = NodeInfo {
+            node_id: self.node_id(),
+            address: self.config.advertise.clone(),
+        };
+        let map = self
+            .init_cluster(vec![me], self.config.node.auto_init_shards, 1)
+            .await
+            .map_err(|e| anyhow::anyhow!("auto-init: {e}"))?;
+        info!(
+            shards = map.shards.len(),
+            "initialised a single-node cluster"
+        );
+        Ok(())
+    }
+
+    fn not_leader(
+        &self,
+        shard: ShardId,
+        leader: Option<u64>,
+        node: Option<&BasicNode>,
+    ) -> ApiError {
+        let hint = match (leader, node) {
+            (Some(id), Some(node)) => Some((id, node.addr.clone())),
+            (Some(id), None) => self
+                .map()
+                .and_then(|m| meta::address(&m, id).map(|a| (id, a.to_owned()))),
+            _ => None,
+        };
+        ApiError::NotLeader {
+            shard,
+            leader: hint,
+        }
+    }
+
+    /// Proposes `command` to the shard's group and waits until it is committed and applied here.
+    pub async fn write(
+        &self,
+        shard: ShardId,
+        command: Command,
+        deadline: Duration,
+    ) -> Result<(Outcome, u64), ApiError> {
+        let raft = self.group(shard).ok_or(ApiError::ShardNotFound { shard })?;
+        let started = Instant::now();
+        let result = tokio::time::timeout(deadline, raft.client_write(Request(command))).await;
+        self.metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Err(_) => Err(ApiError::Deadline),
+            Ok(Ok(response)) => Ok((
+                response.data.outcome.unwrap_or(Outcome::Done),
+                response.log_id.index,
+            )),
+            Ok(Err(e)) => match e.forward_to_leader() {
+                Some(f) => Err(self.not_leader(shard, f.leader_id, f.leader_node.as_ref())),
+                None => Err(ApiError::Unavailable(format!("shard {shard}: {e}"))),
+            },
+        }
+    }
+
+    /// Waits until this replica may serve a linearizable read (ReadIndex through the leader).
+    pub async fn read_barrier(&self, shard: ShardId, deadline: Duration) -> Result<(), ApiError> {
+        let raft = self.group(shard).ok_or(ApiError::ShardNotFound { shard })?;
+        match tokio::time::timeout(deadline, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await
+        {
+            Err(_) => Err(ApiError::Deadline),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => match e.forward_to_leader() {
+                Some(f) => Err(self.not_leader(shard, f.leader_id, f.leader_node.as_ref())),
+                None => Err(ApiError::Unavailable(format!("shard {shard}: {e}"))),
+            },
+        }
+    }
+
+    /// The descriptor of the patient's shard from this node's map.
+    pub fn route(&self, patient_hash: u64) -> Result<ShardDescriptor, ApiError> {
+        let map = self
+            .map()
+            .ok_or_else(|| ApiError::ClusterState("the cluster is not initialised".into()))?;
+        meta::shard_for(&map, patient_hash)
+            .cloned()
+            .ok_or_else(|| ApiError::ClusterState("no shard covers this patient".into()))
+    }
+
+    /// Hands every leadership this node holds to another voter; returns (moved, still led here).
+    pub async fn drain(&self, wait: Duration) -> (Vec<u64>, Vec<u64>) {
+        let me = self.node_id();
+        let led: Vec<(ShardId, Raft)> = self
+            .groups()
+            .into_iter()
+            .filter(|(_, r)| r.metrics().borrow_watched().state == ServerState::Leader)
+            .collect();
+        let mut kept = Vec::new();
+        let mut moving = Vec::new();
+        for (shard, raft) in led {
+            // A group with no other voter (a single-node cluster) has nobody to hand over to.
+            let Some(target) = raft.voter_ids().find(|id| *id != me) else {
+                kept.push(shard);
+                continue;
+            };
+            if let Err(e) = raft.trigger().transfer_leader(target).await {
+                warn!(shard, error = %e, "leader transfer failed");
+            }
+            moving.push((shard, raft));
+        }
+        let led = moving;
+        let deadline = Instant::now() + wait;
+        loop {
+            let mut remaining: Vec<u64> = led
+                .iter()
+                .filter(|(_, r)| leader_of(r) == Some(me))
+                .map(|(s, _)| *s)
+                .collect();
+            if remaining.is_empty() || Instant::now() > deadline {
+                let moved = led
+                    .iter()
+                    .map(|(s, _)| *s)
+                    .filter(|s| !remaining.contains(s))
+                    .collect();
+                remaining.extend(&kept);
+                return (moved, remaining);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Stops every group, then flushes and closes the storage.
+    pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+        for (shard, raft) in self.groups() {
+            if let Err(e) = raft.shutdown().await {
+                warn!(shard, error = %e, "group did not stop cleanly");
+            }
+        }
+        if let Err(e) = self.ctx.store.flush() {
+            warn!(error = %e, "final state store flush failed");
+        }
+    }
+
+    /// Ready: the map is known and every local group knows a leader.
+    pub fn is_ready(&self) -> bool {
+        self.map().is_some() && self.groups().iter().all(|(_, r)| leader_of(r).is_some())
+    }
+}
+
+fn members(map: &ClusterMap, replicas: &[u64]) -> Result<BTreeMap<u64, BasicNode>> {
+    replicas
+        .iter()
+        .map(|id| {
+            let addr =
+                meta::address(map, *id).with_context(|| format!("node {id} is not in the map"))?;
+            Ok((*id, BasicNode::new(addr)))
+        })
+        .collect()
+}
+
+impl GroupRegistry for Node {
+    fn raft(&self, shard: ShardId) -> Option<Raft> {
+        self.group(shard)
+    }
+
+    fn incoming_snapshot_path(&self, shard: ShardId) -> Option<std::path::PathBuf> {
+        self.group(shard)?;
+        let seq = self.incoming_seq.fetch_add(1, Ordering::Relaxed);
+        Some(
+            self.ctx
+                .snapshot_dir(shard)
+                .join(format!("incoming-{seq}.partial")),
+        )
+    }
+
+    fn snapshot_bytes_max(&self) -> u64 {
+        64 << 30
+    }
+}

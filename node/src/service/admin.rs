@@ -1,0 +1,107 @@
+//! The public `dossier.v1.Admin` service: cluster map, init, per-node shard status, drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dossier_api::v1::admin_server::Admin;
+use dossier_api::v1::{
+    ClusterMap, ClusterMapRequest, DrainRequest, DrainResponse, InitClusterRequest,
+    InitClusterResponse, NodeStatusRequest, NodeStatusResponse, ShardStatus,
+};
+use dossier_raft::openraft::async_runtime::WatchReceiver;
+use tonic::{Request, Response, Status};
+
+use crate::errors::ApiError;
+use crate::node::Node;
+
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    node: Arc<Node>,
+}
+
+impl AdminService {
+    pub fn new(node: Arc<Node>) -> Self {
+        AdminService { node }
+    }
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn get_cluster_map(
+        &self,
+        _request: Request<ClusterMapRequest>,
+    ) -> Result<Response<ClusterMap>, Status> {
+        let map = self
+            .node
+            .map()
+            .ok_or_else(|| ApiError::ClusterState("the cluster is not initialised".into()))?;
+        Ok(Response::new(map))
+    }
+
+    async fn init_cluster(
+        &self,
+        request: Request<InitClusterRequest>,
+    ) -> Result<Response<InitClusterResponse>, Status> {
+        let r = request.into_inner();
+        let map = self
+            .node
+            .init_cluster(r.nodes, r.shards, r.replicas)
+            .await?;
+        Ok(Response::new(InitClusterResponse { map: Some(map) }))
+    }
+
+    async fn node_status(
+        &self,
+        _request: Request<NodeStatusRequest>,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
+        let node_id = self.node.node_id();
+        let mut shards = Vec::new();
+        for (shard, raft) in self.node.groups() {
+            let m = raft.metrics().borrow_watched().clone();
+            let keys = self.node.replica(shard).map_or(0, |r| r.len() as u64);
+            shards.push(ShardStatus {
+                shard_id: shard,
+                node_id,
+                leader_id: m.current_leader.unwrap_or(0),
+                term: m.current_term,
+                last_log_index: m.last_log_index.unwrap_or(0),
+                commit_index: m.local_committed.map_or(0, |l| l.index),
+                applied_index: m.last_applied.map_or(0, |l| l.index),
+                role: format!("{:?}", m.state).to_lowercase(),
+                keys,
+            });
+        }
+        let data = &self.node.config.node.data_dir;
+        Ok(Response::new(NodeStatusResponse {
+            node_id,
+            shards,
+            state_bytes_on_disk: dir_bytes(&data.join("state")),
+            log_bytes_on_disk: dir_bytes(&data.join("log")),
+        }))
+    }
+
+    async fn drain(
+        &self,
+        _request: Request<DrainRequest>,
+    ) -> Result<Response<DrainResponse>, Status> {
+        let (transferred, remaining) = self.node.drain(Duration::from_secs(5)).await;
+        Ok(Response::new(DrainResponse {
+            transferred,
+            remaining,
+        }))
+    }
+}

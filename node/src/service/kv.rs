@@ -1,0 +1,421 @@
+//! The public `dossier.v1.Kv` service: every request names a patient; keys live in the patient's
+//! shard under `patient_id 0x00 key`, so a scan never leaves one patient.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dossier_api::v1::kv_server::Kv;
+use dossier_api::v1::{
+    BatchRequest, CompareAndSetRequest, DeleteRequest, GetRequest, GetResponse, KeyValue,
+    PutRequest, ReadConsistency, RouteHeader, ScanRequest, ScanResponse, SessionHeader,
+    WriteResponse, condition, operation,
+};
+use dossier_storage::{Batch, Command, Condition, Expect, Op, Outcome, Session};
+use tonic::{Request, Response, Status};
+
+use crate::errors::ApiError;
+use crate::node::Node;
+
+#[derive(Debug, Clone)]
+pub struct KvService {
+    node: Arc<Node>,
+}
+
+impl KvService {
+    pub fn new(node: Arc<Node>) -> Self {
+        KvService { node }
+    }
+}
+
+/// A request's patient, checked, and its shard.
+struct Routed {
+    shard: u64,
+    prefix: Vec<u8>,
+}
+
+impl Routed {
+    fn key(&self, key: &[u8]) -> Bytes {
+        let mut k = Vec::with_capacity(self.prefix.len() + key.len());
+        k.extend_from_slice(&self.prefix);
+        k.extend_from_slice(key);
+        k.into()
+    }
+}
+
+fn deadline_of<T>(request: &Request<T>, max: Duration) -> Duration {
+    // gRPC's `grpc-timeout` header ("<n><unit>"); the node's limit caps it.
+    let parsed = request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+            let n: u64 = n.parse().ok()?;
+            Some(match unit {
+                "H" => Duration::from_secs(n * 3600),
+                "M" => Duration::from_secs(n * 60),
+                "S" => Duration::from_secs(n),
+                "m" => Duration::from_millis(n),
+                "u" => Duration::from_micros(n),
+                "n" => Duration::from_nanos(n),
+                _ => return None,
+            })
+        });
+    parsed.map_or(max, |d| d.min(max))
+}
+
+impl KvService {
+    fn route(&self, route: Option<&RouteHeader>) -> Result<Routed, ApiError> {
+        let route = route
+            .ok_or_else(|| ApiError::invalid("route", "is required (it names the patient)"))?;
+        let patient = &route.patient_id;
+        let max = self.node.config.node.limits.patient_id_bytes_max;
+        if patient.is_empty() {
+            return Err(ApiError::invalid("route.patient_id", "must not be empty"));
+        }
+        if patient.len() > max {
+            return Err(ApiError::too_large("route.patient_id", patient.len(), max));
+        }
+        if patient.chars().any(char::is_control) {
+            return Err(ApiError::invalid(
+                "route.patient_id",
+                "must not contain control characters",
+            ));
+        }
+        let descriptor = self.node.route(dossier_api::patient_hash(patient))?;
+        if route.shard_id != 0
+            && (route.shard_id != descriptor.shard_id || route.epoch != descriptor.epoch)
+        {
+            return Err(ApiError::StaleEpoch { descriptor });
+        }
+        if !descriptor.replicas.contains(&self.node.node_id()) {
+            // Not hosted here: the fresh descriptor tells the client where to go.
+            return Err(ApiError::StaleEpoch { descriptor });
+        }
+        let mut prefix = patient.as_bytes().to_vec();
+        prefix.push(0);
+        Ok(Routed {
+            shard: descriptor.shard_id,
+            prefix,
+        })
+    }
+
+    fn check_key(&self, field: &'static str, key: &[u8]) -> Result<(), ApiError> {
+        let max = self.node.config.state.key_bytes_max;
+        if key.is_empty() {
+            return Err(ApiError::invalid(field, "must not be empty"));
+        }
+        if key.len() > max {
+            return Err(ApiError::too_large(field, key.len(), max));
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, field: &'static str, value: &[u8]) -> Result<(), ApiError> {
+        let max = self.node.config.state.value_bytes_max;
+        if value.len() > max {
+            return Err(ApiError::too_large(field, value.len(), max));
+        }
+        Ok(())
+    }
+
+    fn session(header: Option<&SessionHeader>) -> Result<Option<Session>, ApiError> {
+        match header {
+            None => Ok(None),
+            Some(h) if h.client_session == 0 => {
+                Err(ApiError::invalid("session.client_session", "must not be 0"))
+            }
+            Some(h) if h.sequence == 0 => Err(ApiError::invalid("session.sequence", "starts at 1")),
+            Some(h) => Ok(Some(Session {
+                client: h.client_session,
+                seq: h.sequence,
+            })),
+        }
+    }
+
+    async fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        if self.node.is_stopping() {
+            return Err(ApiError::Unavailable("the node is shutting down".into()));
+        }
+        Arc::clone(&self.node.in_flight)
+            .try_acquire_owned()
+            .map_err(|_| ApiError::ResourceExhausted {
+                limit: self.node.config.node.limits.in_flight_max as u64,
+            })
+    }
+
+    async fn write(
+        &self,
+        routed: &Routed,
+        session: Option<Session>,
+        batch: Batch,
+        deadline: Duration,
+    ) -> Result<WriteResponse, ApiError> {
+        batch
+            .check_limits(&self.node.config.state)
+            .map_err(|e| ApiError::invalid("batch", e.to_string()))?;
+        let (outcome, index) = self
+            .node
+            .write(routed.shard, Command::Txn { session, batch }, deadline)
+            .await?;
+        match outcome {
+            Outcome::Applied | Outcome::Done => Ok(WriteResponse {
+                applied: true,
+                failed_condition: 0,
+                index,
+            }),
+            Outcome::ConditionFailed { index: failed } => Ok(WriteResponse {
+                applied: false,
+                failed_condition: failed,
+                index,
+            }),
+            Outcome::StaleSequence { last } => Err(ApiError::Session(format!(
+                "sequence number is older than the last one applied ({last})"
+            ))),
+            Outcome::SessionExpired => Err(ApiError::Session(
+                "the session expired; start a new one".into(),
+            )),
+        }
+    }
+
+    async fn read_ready(
+        &self,
+        routed: &Routed,
+        consistency: i32,
+        deadline: Duration,
+    ) -> Result<(), ApiError> {
+        match ReadConsistency::try_from(consistency) {
+            Ok(ReadConsistency::Linearizable) => {
+                self.node.read_barrier(routed.shard, deadline).await
+            }
+            Ok(ReadConsistency::Stale) => Ok(()),
+            Err(_) => Err(ApiError::invalid("consistency", "unknown value")),
+        }
+    }
+
+    fn observe<T>(
+        &self,
+        method: &'static str,
+        started: Instant,
+        result: Result<T, ApiError>,
+    ) -> Result<Response<T>, Status> {
+        let code = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.code_name(),
+        };
+        self.node
+            .metrics
+            .request_seconds
+            .with_label_values(&[method, code])
+            .observe(started.elapsed().as_secs_f64());
+        result.map(Response::new).map_err(Status::from)
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let started = Instant::now();
+        let deadline = deadline_of(&request, self.node.config.request_deadline());
+        let result = async {
+            let _permit = self.admit().await?;
+            let r = request.get_ref();
+            let routed = self.route(r.route.as_ref())?;
+            self.check_key("key", &r.key)?;
+            self.read_ready(&routed, r.consistency, deadline).await?;
+            let replica = self
+                .node
+                .replica(routed.shard)
+                .ok_or(ApiError::ShardNotFound {
+                    shard: routed.shard,
+                })?;
+            let value = replica
+                .get(&routed.key(&r.key))
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            let applied_index = replica.applied().ok().flatten().map_or(0, |a| a.index);
+            Ok(match value {
+                Some(v) => GetResponse {
+                    found: true,
+                    value: v.to_vec(),
+                    applied_index,
+                },
+                None => GetResponse {
+                    found: false,
+                    value: Vec::new(),
+                    applied_index,
+                },
+            })
+        }
+        .await;
+        self.observe("get", started, result)
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<WriteResponse>, Status> {
+        let started = Instant::now();
+        let deadline = deadline_of(&request, self.node.config.request_deadline());
+        let result = async {
+            let _permit = self.admit().await?;
+            let r = request.get_ref();
+            let routed = self.route(r.route.as_ref())?;
+            self.check_key("key", &r.key)?;
+            self.check_value("value", &r.value)?;
+            let session = Self::session(r.session.as_ref())?;
+            let batch = Batch::put(routed.key(&r.key), r.value.clone());
+            self.write(&routed, session, batch, deadline).await
+        }
+        .await;
+        self.observe("put", started, result)
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let started = Instant::now();
+        let deadline = deadline_of(&request, self.node.config.request_deadline());
+        let result = async {
+            let _permit = self.admit().await?;
+            let r = request.get_ref();
+            let routed = self.route(r.route.as_ref())?;
+            self.check_key("key", &r.key)?;
+            let session = Self::session(r.session.as_ref())?;
+            self.write(
+                &routed,
+                session,
+                Batch::delete(routed.key(&r.key)),
+                deadline,
+            )
+            .await
+        }
+        .await;
+        self.observe("delete", started, result)
+    }
+
+    async fn compare_and_set(
+        &self,
+        request: Request<CompareAndSetRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let started = Instant::now();
+        let deadline = deadline_of(&request, self.node.config.request_deadline());
+        let result = async {
+            let _permit = self.admit().await?;
+            let r = request.get_ref();
+            let routed = self.route(r.route.as_ref())?;
+            self.check_key("key", &r.key)?;
+            self.check_value("expected", &r.expected)?;
+            self.check_value("value", &r.value)?;
+            let session = Self::session(r.session.as_ref())?;
+            let expected = (!r.expect_absent).then(|| Bytes::from(r.expected.clone()));
+            let batch = Batch::compare_and_set(routed.key(&r.key), expected, r.value.clone());
+            self.write(&routed, session, batch, deadline).await
+        }
+        .await;
+        self.observe("compare_and_set", started, result)
+    }
+
+    async fn batch(
+        &self,
+        request: Request<BatchRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let started = Instant::now();
+        let deadline = deadline_of(&request, self.node.config.request_deadline());
+        let result = async {
+            let _permit = self.admit().await?;
+            let r = request.get_ref();
+            let routed = self.route(r.route.as_ref())?;
+            let session = Self::session(r.session.as_ref())?;
+            if r.operations.is_empty() {
+                return Err(ApiError::invalid(
+                    "operations",
+                    "at least one operation is needed",
+                ));
+            }
+            let mut batch = Batch::default();
+            for c in &r.conditions {
+                self.check_key("conditions.key", &c.key)?;
+                let expect = match condition::Expect::try_from(c.expect) {
+                    Ok(condition::Expect::Equals) => {
+                        self.check_value("conditions.value", &c.value)?;
+                        Expect::Equals(c.value.clone().into())
+                    }
+                    Ok(condition::Expect::Absent) => Expect::Absent,
+                    Ok(condition::Expect::Present) => Expect::Present,
+                    Err(_) => return Err(ApiError::invalid("conditions.expect", "unknown value")),
+                };
+                batch.conditions.push(Condition {
+                    key: routed.key(&c.key),
+                    expect,
+                });
+            }
+            for o in &r.operations {
+                match &o.op {
+                    Some(operation::Op::Put(p)) => {
+                        self.check_key("operations.put.key", &p.key)?;
+                        self.check_value("operations.put.value", &p.value)?;
+                        batch.ops.push(Op::Put {
+                            key: routed.key(&p.key),
+                            value: p.value.clone().into(),
+                        });
+                    }
+                    Some(operation::Op::Delete(d)) => {
+                        self.check_key("operations.delete.key", &d.key)?;
+                        batch.ops.push(Op::Delete {
+                            key: routed.key(&d.key),
+                        });
+                    }
+                    None => {
+                        return Err(ApiError::invalid("operations.op", "must be put or delete"));
+                    }
+                }
+            }
+            self.write(&routed, session, batch, deadline).await
+        }
+        .await;
+        self.observe("batch", started, result)
+    }
+
+    async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let started = Instant::now();
+        let deadline = deadline_of(&request, self.node.config.request_deadline());
+        let result = async {
+            let _permit = self.admit().await?;
+            let r = request.get_ref();
+            let routed = self.route(r.route.as_ref())?;
+            let page_max = self.node.config.node.limits.scan_page_max;
+            let limit = if r.limit == 0 { page_max } else { r.limit };
+            if limit > page_max {
+                return Err(ApiError::InvalidArgument {
+                    field: "limit",
+                    message: format!("is {limit}, above the page limit of {page_max}"),
+                    limit: Some(u64::from(page_max)),
+                });
+            }
+            self.read_ready(&routed, r.consistency, deadline).await?;
+            let replica = self
+                .node
+                .replica(routed.shard)
+                .ok_or(ApiError::ShardNotFound {
+                    shard: routed.shard,
+                })?;
+            let prefix = routed.key(&r.prefix);
+            let after = (!r.start_after.is_empty()).then(|| routed.key(&r.start_after));
+            let mut items = replica
+                .scan_prefix(&prefix, after.as_deref(), limit as usize + 1)
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            let more = items.len() > limit as usize;
+            items.truncate(limit as usize);
+            let strip = routed.prefix.len();
+            let items = items
+                .into_iter()
+                .map(|(k, v)| KeyValue {
+                    key: k[strip..].to_vec(),
+                    value: v.to_vec(),
+                })
+                .collect();
+            Ok(ScanResponse { items, more })
+        }
+        .await;
+        self.observe("scan", started, result)
+    }
+}

@@ -1,0 +1,4 @@
+//! The public gRPC services.
+
+pub mod admin;
+pub mod kv;
