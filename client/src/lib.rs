@@ -93,8 +93,9 @@ struct Inner {
     channels: Mutex<HashMap<String, Channel>>,
     /// The leader each shard last answered from (or hinted).
     leaders: Mutex<HashMap<u64, u64>>,
-    /// Idle exactly-once sessions: (id, last sequence number used).
-    sessions: Mutex<Vec<(u64, u64)>>,
+    /// Idle exactly-once sessions per shard: (id, last sequence number used). The server keeps
+    /// a session table per shard, so a session's sequence numbers are per shard too.
+    sessions: Mutex<HashMap<u64, Vec<(u64, u64)>>>,
     session_seed: AtomicU64,
 }
 
@@ -140,7 +141,7 @@ impl Client {
                 map: RwLock::new(None),
                 channels: Mutex::new(HashMap::new()),
                 leaders: Mutex::new(HashMap::new()),
-                sessions: Mutex::new(Vec::new()),
+                sessions: Mutex::new(HashMap::new()),
                 session_seed: AtomicU64::new(splitmix64(nanos ^ u64::from(std::process::id()))),
             }),
         };
@@ -220,13 +221,13 @@ impl Client {
         Ok((d, map))
     }
 
-    fn take_session(&self) -> (u64, u64) {
+    fn take_session(&self, shard: u64) -> (u64, u64) {
         let mut idle = self
             .inner
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        match idle.pop() {
+        match idle.entry(shard).or_default().pop() {
             Some((id, last)) => (id, last + 1),
             None => {
                 let id = splitmix64(self.inner.session_seed.fetch_add(1, Ordering::Relaxed)).max(1);
@@ -235,11 +236,13 @@ impl Client {
         }
     }
 
-    fn return_session(&self, id: u64, seq: u64) {
+    fn return_session(&self, shard: u64, id: u64, seq: u64) {
         self.inner
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .entry(shard)
+            .or_default()
             .push((id, seq));
     }
 
@@ -393,7 +396,8 @@ impl Client {
         F: FnMut(Channel, RouteHeader, SessionHeader, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<WriteResponse>, tonic::Status>>,
     {
-        let (id, seq) = self.take_session();
+        let shard = self.shard_of(patient_id)?.0.shard_id;
+        let (id, seq) = self.take_session(shard);
         let session = SessionHeader {
             client_session: id,
             sequence: seq,
@@ -406,7 +410,7 @@ impl Client {
         match &result {
             // A session error means the server's table is ahead of us: drop the session.
             Err(ClientError::Session(_)) => {}
-            _ => self.return_session(id, seq),
+            _ => self.return_session(shard, id, seq),
         }
         let w = result?.into_inner();
         Ok(WriteResult {

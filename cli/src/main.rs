@@ -1,0 +1,88 @@
+//! `dossier`: the Dossier admin command line. See `dossier --help`.
+
+mod cluster;
+mod kv;
+mod playground;
+mod procs;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use dossier_client::{Client, ClientConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dossier",
+    version,
+    about = "Administer a Dossier cluster: init, status, key-value access, a local playground."
+)]
+struct Cli {
+    /// Addresses (host:port) of one or more nodes, comma separated.
+    #[arg(
+        long,
+        global = true,
+        env = "DOSSIER_SEEDS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7000"
+    )]
+    seeds: Vec<String>,
+    /// Deadline of each request, in milliseconds (retries included).
+    #[arg(long, global = true, default_value_t = 10_000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Cluster-wide operations.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// Read and write a patient's keys.
+    #[command(subcommand)]
+    Kv(kv::KvCommand),
+    /// Start a local 3-node cluster, load demo patients, kill a leader under load, and show that
+    /// nothing acknowledged was lost; then serve until Ctrl-C.
+    Playground(playground::PlaygroundArgs),
+}
+
+impl Cli {
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new(self.seeds.clone());
+        config.deadline = Duration::from_millis(self.timeout_ms);
+        config
+    }
+
+    async fn client(&self) -> Result<Client> {
+        Ok(Client::connect(self.client_config()).await?)
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dossier: failed to start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Cluster(c) => cluster::run(&cli, c).await,
+            Command::Kv(c) => kv::run(&cli, c).await,
+            Command::Playground(args) => playground::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dossier: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

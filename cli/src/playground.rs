@@ -1,0 +1,369 @@
+//! `dossier playground`: a local 3-node cluster as child processes on loopback, demo patients, a
+//! leader SIGKILLed under steady writes, the measured client-observed gap, a check that every
+//! acknowledged write survived, the killed node restarted and caught up; then it serves until
+//! Ctrl-C (or `--exit-after`) and stops its children cleanly.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use dossier_api::v1::NodeInfo;
+use dossier_client::{Client, ClientConfig, ReadConsistency};
+
+use crate::cluster;
+use crate::procs::{NodeProc, node_binary};
+
+#[derive(Debug, Args)]
+pub struct PlaygroundArgs {
+    /// Where the nodes keep their data and logs (default: a temporary directory, removed at exit).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Nodes to start (at least 3).
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    #[arg(long, default_value_t = 8)]
+    shards: u32,
+    /// gRPC ports are base-port+1..; HTTP ports base-port+81..
+    #[arg(long, default_value_t = 7100)]
+    base_port: u16,
+    /// Demo patients to load.
+    #[arg(long, default_value_t = 200)]
+    patients: usize,
+    /// Concurrent writers during the leader kill.
+    #[arg(long, default_value_t = 8)]
+    writers: usize,
+    /// Stop by itself this many seconds after the demo (for scripts); default: run until Ctrl-C.
+    #[arg(long)]
+    exit_after: Option<u64>,
+    /// The dossier-node binary (default: next to this executable).
+    #[arg(long)]
+    node_bin: Option<PathBuf>,
+}
+
+const GIVEN: &[&str] = &[
+    "Anna", "Bram", "Chloé", "Daan", "Emma", "Finn", "Hanne", "Jens", "Lotte", "Mohamed", "Noor",
+    "Pieter",
+];
+const FAMILY: &[&str] = &[
+    "Peeters", "Janssens", "Maes", "Jacobs", "Mertens", "Willems", "Claes", "Goossens", "Wouters",
+    "De Smet",
+];
+const ALLERGIES: &[&str] = &[
+    "none known",
+    "penicillin",
+    "latex",
+    "peanuts",
+    "iodinated contrast",
+    "NSAIDs",
+];
+
+fn demo_record(n: usize) -> Vec<(String, String)> {
+    let name = format!(
+        "{} {}",
+        GIVEN[n % GIVEN.len()],
+        FAMILY[(n / GIVEN.len()) % FAMILY.len()]
+    );
+    let year = 1940 + (n * 7) % 80;
+    vec![
+        (
+            "demographics".into(),
+            format!(
+                r#"{{"name":"{name}","birth_date":"{year}-0{}-1{}"}}"#,
+                1 + n % 9,
+                n % 10
+            ),
+        ),
+        ("allergies".into(), ALLERGIES[n % ALLERGIES.len()].into()),
+        (
+            "observation/0001".into(),
+            format!(
+                r#"{{"loinc":"8867-4","heart_rate":{},"unit":"/min"}}"#,
+                55 + n % 40
+            ),
+        ),
+    ]
+}
+
+fn mark(step: &str) {
+    println!("\n== {step}");
+}
+
+pub async fn run(args: &PlaygroundArgs) -> Result<()> {
+    if args.nodes < 3 {
+        bail!("--nodes must be at least 3 (a shard keeps 3 replicas)");
+    }
+    let bin = node_binary(args.node_bin.as_deref())?;
+    let (_temp, root) = match &args.data_dir {
+        Some(dir) => (None, dir.clone()),
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("dossier-playground-")
+                .tempdir()
+                .context("create a temporary directory")?;
+            let p = t.path().to_path_buf();
+            (Some(t), p)
+        }
+    };
+    mark(&format!(
+        "starting {} nodes (data and logs in {})",
+        args.nodes,
+        root.display()
+    ));
+    let mut procs: Vec<NodeProc> = (1..=args.nodes)
+        .map(|id| {
+            let grpc = args.base_port + id as u16;
+            let http = args.base_port + 80 + id as u16;
+            NodeProc::new(id, grpc, http, root.join(format!("node-{id}")), bin.clone())
+        })
+        .collect();
+    for p in &mut procs {
+        p.spawn()?;
+    }
+    for p in &procs {
+        p.wait_http_ok("healthz", Duration::from_secs(20)).await?;
+        println!("node {} up: gRPC {} HTTP {}", p.id, p.grpc, p.http);
+    }
+
+    mark(&format!(
+        "cluster init: {} shards x 3 replicas",
+        args.shards
+    ));
+    let infos: Vec<NodeInfo> = procs
+        .iter()
+        .map(|p| NodeInfo {
+            node_id: p.id,
+            address: p.grpc.clone(),
+        })
+        .collect();
+    cluster::init(infos, args.shards, 3, Duration::from_secs(30)).await?;
+    for p in &procs {
+        p.wait_http_ok("readyz", Duration::from_secs(30)).await?;
+    }
+    let seeds: Vec<String> = procs.iter().map(|p| p.grpc.clone()).collect();
+    let mut config = ClientConfig::new(seeds.clone());
+    config.attempt_timeout = Duration::from_millis(500);
+    config.deadline = Duration::from_secs(10);
+    let client = Client::connect(config).await?;
+
+    mark(&format!("writing {} demo patients", args.patients));
+    let started = Instant::now();
+    for n in 0..args.patients {
+        let patient = format!("patient-{n:05}");
+        for (key, value) in demo_record(n) {
+            client
+                .put(&patient, key.as_bytes(), value.as_bytes())
+                .await?;
+        }
+    }
+    println!("{} keys in {:.2?}", args.patients * 3, started.elapsed());
+    let sample = client
+        .get("patient-00007", b"demographics")
+        .await?
+        .context("patient-00007 has demographics")?;
+    println!(
+        "patient-00007/demographics = {}",
+        String::from_utf8_lossy(&sample)
+    );
+    cluster::print_status(&cluster::status(&seeds).await?);
+
+    let outcome = kill_leader_under_load(&client, &seeds, &mut procs, args.writers).await?;
+
+    cluster::print_status(&cluster::status(&seeds).await?);
+    if outcome.lost > 0 {
+        bail!("{} acknowledged writes were lost", outcome.lost);
+    }
+    match args.exit_after {
+        Some(secs) => {
+            mark(&format!(
+                "serving for {secs} s (--exit-after), then stopping"
+            ));
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+        }
+        None => {
+            mark(
+                "serving until Ctrl-C; try: dossier --seeds 127.0.0.1:7101 kv get patient-00007 demographics",
+            );
+            tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;
+        }
+    }
+    mark("stopping the nodes (SIGTERM: leaderships are handed over first)");
+    for p in &mut procs {
+        p.terminate(Duration::from_secs(10));
+    }
+    println!("stopped");
+    Ok(())
+}
+
+struct KillOutcome {
+    lost: usize,
+}
+
+async fn kill_leader_under_load(
+    client: &Client,
+    seeds: &[String],
+    procs: &mut [NodeProc],
+    writers: usize,
+) -> Result<KillOutcome> {
+    let map = client.cluster_map().context("map")?;
+    let target = map.shards.first().context("a shard")?.clone();
+    let status = cluster::status(seeds).await?;
+    let leader = status
+        .replicas
+        .iter()
+        .find(|r| r.shard_id == target.shard_id && r.role == "leader")
+        .map(|r| r.node_id)
+        .context("shard 1 has a leader")?;
+    // Patients whose records live in the target shard.
+    let patients: Vec<String> = (0..)
+        .map(|n| format!("load-{n:06}"))
+        .filter(|p| {
+            let h = dossier_api::patient_hash(p);
+            h >= target.hash_lo && (target.hash_hi_max || h < target.hash_hi)
+        })
+        .take(writers)
+        .collect();
+    mark(&format!(
+        "SIGKILL of node {leader}, leader of shard {}, while {writers} clients write to it",
+        target.shard_id
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<HashMap<(String, String), String>>> = Arc::default();
+    let successes: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let tasks: Vec<_> = patients
+        .iter()
+        .enumerate()
+        .map(|(w, patient)| {
+            let (client, stop, acked, successes, patient) = (
+                client.clone(),
+                Arc::clone(&stop),
+                Arc::clone(&acked),
+                Arc::clone(&successes),
+                patient.clone(),
+            );
+            tokio::spawn(async move {
+                let mut seq = 0u64;
+                let mut failures = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let key = format!("load/{w}/{seq:06}");
+                    let value = format!("value-{w}-{seq}");
+                    match client
+                        .put_with(
+                            &patient,
+                            key.as_bytes(),
+                            value.as_bytes(),
+                            Duration::from_secs(5),
+                        )
+                        .await
+                    {
+                        Ok(_) => {
+                            successes
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(Instant::now());
+                            acked
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert((patient.clone(), key), value);
+                        }
+                        Err(_) => failures += 1,
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed_at = Instant::now();
+    let victim = procs
+        .iter_mut()
+        .find(|p| p.id == leader)
+        .context("the leader's process")?;
+    victim.kill9();
+    println!("killed node {leader}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = 0;
+    for t in tasks {
+        failures += t.await.unwrap_or(0);
+    }
+    let times = successes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let before = times.iter().filter(|t| **t < killed_at).max().copied();
+    let after = times.iter().filter(|t| **t >= killed_at).min().copied();
+    let acked = acked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match (before, after) {
+        (Some(b), Some(a)) => println!(
+            "client-observed gap: {:.0} ms (last success before the kill -> first success after); {} writes acknowledged, {} failed and were retried as new writes",
+            (a - b).as_secs_f64() * 1000.0,
+            acked.len(),
+            failures
+        ),
+        _ => println!(
+            "no success on one side of the kill ({} acknowledged)",
+            acked.len()
+        ),
+    }
+
+    mark("checking every acknowledged write (linearizable reads)");
+    let mut lost = 0;
+    for ((patient, key), value) in &acked {
+        let got = client
+            .get_with(
+                patient,
+                key.as_bytes(),
+                ReadConsistency::Linearizable,
+                Duration::from_secs(10),
+            )
+            .await?;
+        if got.as_deref() != Some(value.as_bytes()) {
+            lost += 1;
+            println!("LOST: {patient}/{key}");
+        }
+    }
+    println!("{} acknowledged writes checked, {lost} lost", acked.len());
+
+    mark(&format!("restarting node {leader}"));
+    let victim = procs
+        .iter_mut()
+        .find(|p| p.id == leader)
+        .context("the leader's process")?;
+    victim.spawn()?;
+    let restarted = Instant::now();
+    victim
+        .wait_http_ok("healthz", Duration::from_secs(20))
+        .await?;
+    loop {
+        let s = cluster::status(seeds).await?;
+        let mine = s
+            .replicas
+            .iter()
+            .find(|r| r.shard_id == target.shard_id && r.node_id == leader);
+        let best = s
+            .replicas
+            .iter()
+            .filter(|r| r.shard_id == target.shard_id)
+            .map(|r| r.applied_index)
+            .max()
+            .unwrap_or(0);
+        if let Some(m) = mine
+            && m.applied_index >= best
+        {
+            println!(
+                "node {leader} caught up on shard {} (applied index {}) in {:.2?}",
+                target.shard_id,
+                m.applied_index,
+                restarted.elapsed()
+            );
+            break;
+        }
+        if restarted.elapsed() > Duration::from_secs(30) {
+            bail!("node {leader} did not catch up within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(KillOutcome { lost })
+}

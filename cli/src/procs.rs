@@ -1,0 +1,155 @@
+//! Child `dossier-node` processes on loopback, for the playground (and tests of the binaries).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One node process: its ports, data directory, and the running child if any.
+#[derive(Debug)]
+pub struct NodeProc {
+    pub id: u64,
+    pub grpc: String,
+    pub http: String,
+    pub data: PathBuf,
+    bin: PathBuf,
+    child: Option<Child>,
+}
+
+/// The `dossier-node` binary next to this executable (as cargo builds them), or `explicit`.
+pub fn node_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let me = std::env::current_exe().context("locate the dossier executable")?;
+    let sibling = me.with_file_name("dossier-node");
+    if sibling.exists() {
+        return Ok(sibling);
+    }
+    bail!(
+        "dossier-node not found next to {} (build it: cargo build -p dossier-node, or pass --node-bin)",
+        me.display()
+    )
+}
+
+impl NodeProc {
+    pub fn new(id: u64, grpc_port: u16, http_port: u16, data: PathBuf, bin: PathBuf) -> Self {
+        NodeProc {
+            id,
+            grpc: format!("127.0.0.1:{grpc_port}"),
+            http: format!("127.0.0.1:{http_port}"),
+            data,
+            bin,
+            child: None,
+        }
+    }
+
+    /// Starts the node (logs go to `data/node.log`).
+    pub fn spawn(&mut self) -> Result<()> {
+        std::fs::create_dir_all(&self.data)
+            .with_context(|| format!("create {}", self.data.display()))?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.data.join("node.log"))
+            .context("open node log")?;
+        let child = Command::new(&self.bin)
+            .args([
+                "--node-id",
+                &self.id.to_string(),
+                "--listen",
+                &self.grpc,
+                "--http-listen",
+                &self.http,
+            ])
+            .arg("--data-dir")
+            .arg(&self.data)
+            .arg("--no-auto-init")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("clone log handle")?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", self.bin.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn signal(&self, signal: Signal) {
+        if let Some(child) = &self.child {
+            // The child may have exited already; nothing else to do then.
+            let _ = kill(Pid::from_raw(child.id() as i32), signal);
+        }
+    }
+
+    /// SIGKILL: the node stops at once, mid-write.
+    pub fn kill9(&mut self) {
+        self.signal(Signal::SIGKILL);
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if the node is still running after `grace`.
+    pub fn terminate(&mut self, grace: Duration) {
+        self.signal(Signal::SIGTERM);
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Polls `GET /{path}` on the HTTP endpoint until it answers 200, within `timeout`.
+    pub async fn wait_http_ok(&self, path: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if http_ok(&self.http, path).await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {} did not answer 200 on /{path} within {timeout:?}",
+                    self.id
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.terminate(Duration::from_secs(10));
+    }
+}
+
+/// A minimal HTTP/1.0 GET: true when the answer's status is 200.
+pub async fn http_ok(addr: &str, path: &str) -> bool {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(format!("GET /{path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(head.starts_with(b"HTTP/1.0 200") || head.starts_with(b"HTTP/1.1 200"))
+    };
+    tokio::time::timeout(Duration::from_millis(500), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
