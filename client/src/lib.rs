@@ -65,7 +65,7 @@ impl ClientConfig {
             attempt_timeout: Duration::from_secs(2),
             deadline: Duration::from_secs(10),
             backoff_min: Duration::from_millis(10),
-            backoff_max: Duration::from_millis(300),
+            backoff_max: Duration::from_millis(100),
         }
     }
 }
