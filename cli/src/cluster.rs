@@ -192,8 +192,8 @@ pub fn print_status(s: &Status) {
     }
     println!();
     println!(
-        "{:<6} {:<10} {:<8} {:>6} {:>10} {:>8} {:>8}  {}",
-        "SHARD", "REPLICAS", "LEADER", "TERM", "APPLIED", "LAG", "KEYS", "HASH RANGE"
+        "{:<6} {:<10} {:<8} {:>6} {:>10} {:>8} {:>8}  HASH RANGE",
+        "SHARD", "REPLICAS", "LEADER", "TERM", "APPLIED", "LAG", "KEYS"
     );
     let mut shard_ids: Vec<u64> = vec![0];
     shard_ids.extend(s.map.shards.iter().map(|d| d.shard_id));

@@ -286,7 +286,7 @@ mod tests {
     fn validate_names_fields() {
         assert!(NodeConfig::default().validate().is_ok());
         let mut c = NodeConfig::default();
-        c.raft.election_timeout_min_ms = 250;
+        c.raft.election_timeout_min_ms = 150;
         let e = c.validate().unwrap_err().to_string();
         assert!(
             e.contains("election-timeout-min-ms") && e.contains("heartbeat-interval-ms"),

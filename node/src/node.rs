@@ -348,7 +348,10 @@ impl Node {
     pub fn route(&self, patient_hash: u64) -> Result<ShardDescriptor, ApiError> {
         let map = self
             .map()
-            .ok_or_else(|| ApiError::ClusterState("the cluster is not initialised".into()))?;
+            // Retryable: another node may know the map already (this one is catching up).
+            .ok_or_else(|| {
+                ApiError::Unavailable("this node has not learnt the cluster map yet".into())
+            })?;
         meta::shard_for(&map, patient_hash)
             .cloned()
             .ok_or_else(|| ApiError::ClusterState("no shard covers this patient".into()))

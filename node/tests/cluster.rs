@@ -1,0 +1,356 @@
+//! In-process 3-node clusters on loopback (real tonic, real storage), each test stating its
+//! property.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestCluster, patient_in_shard};
+use dossier_api::v1::kv_client::KvClient;
+use dossier_api::v1::{
+    BatchRequest, Condition, ErrorDetail, ErrorReason, GetRequest, Operation, PutRequest,
+    ReadConsistency, RouteHeader, SessionHeader, condition, operation,
+};
+use dossier_client::ClientError;
+use prost::Message;
+
+fn reason(status: &tonic::Status) -> ErrorReason {
+    let detail = ErrorDetail::decode(status.details()).expect("every error carries an ErrorDetail");
+    ErrorReason::try_from(detail.reason).unwrap()
+}
+
+/// Writes are replicated to every replica and read back linearizably; a stale read on any
+/// replica eventually sees them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_and_linearizable_reads() {
+    let cluster = TestCluster::start(3, 4, 3, &|_| {}).await;
+    let client = cluster.client().await;
+    for i in 0..40 {
+        client
+            .put(
+                &format!("p-{i}"),
+                b"name",
+                format!("patient {i}").as_bytes(),
+            )
+            .await
+            .unwrap();
+    }
+    for i in 0..40 {
+        let got = client.get(&format!("p-{i}"), b"name").await.unwrap();
+        assert_eq!(got.as_deref(), Some(format!("patient {i}").as_bytes()));
+    }
+    // Every replica of every shard reaches the same applied index.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let replicas = cluster.replicas().await;
+        let lagging = (1..=4).any(|s| {
+            let applied: Vec<u64> = replicas
+                .iter()
+                .filter(|r| r.shard_id == s)
+                .map(|r| r.applied_index)
+                .collect();
+            applied.len() != 3 || applied.iter().min() != applied.iter().max()
+        });
+        if !lagging {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas did not converge: {replicas:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A stale read served by each node directly sees the data.
+    let patient = "p-7";
+    for node in &cluster.nodes {
+        let mut kv = KvClient::connect(format!("http://{}", node.grpc))
+            .await
+            .unwrap();
+        let route = RouteHeader {
+            patient_id: patient.into(),
+            ..RouteHeader::default()
+        };
+        let request = GetRequest {
+            route: Some(route),
+            key: b"name".to_vec(),
+            consistency: ReadConsistency::Stale as i32,
+        };
+        match kv.get(request).await {
+            Ok(r) => assert_eq!(r.into_inner().value, b"patient 7"),
+            // A node without a replica of this patient's shard says where it lives.
+            Err(s) => assert_eq!(reason(&s), ErrorReason::StaleEpoch),
+        }
+    }
+}
+
+/// When a shard's leader is dropped abruptly, another replica takes over and no acknowledged
+/// write is lost; writes resume within a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_loss_loses_no_acknowledged_write() {
+    let mut cluster = TestCluster::start(3, 2, 3, &|_| {}).await;
+    let client = cluster.client().await;
+    let patient = patient_in_shard(&client, 1, "kill");
+    let mut acked = Vec::new();
+    for i in 0..50 {
+        client
+            .put(&patient, format!("k{i}").as_bytes(), b"v")
+            .await
+            .unwrap();
+        acked.push(i);
+    }
+    let leader = cluster.leader_of(1).await.unwrap();
+    let index = cluster.node_index(leader);
+    cluster.nodes[index].kill();
+    let killed = Instant::now();
+    // Keep writing through the failover: every write either succeeds or is retried by the client.
+    for i in 50..80 {
+        client
+            .put(&patient, format!("k{i}").as_bytes(), b"v")
+            .await
+            .unwrap();
+        acked.push(i);
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(14),
+        "failover took {:?}",
+        killed.elapsed()
+    );
+    let new_leader = cluster.leader_of(1).await.unwrap();
+    assert_ne!(new_leader, leader);
+    for i in acked {
+        let got = client
+            .get(&patient, format!("k{i}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            got.as_deref(),
+            Some(&b"v"[..]),
+            "acknowledged write k{i} lost"
+        );
+    }
+}
+
+/// A node that is down while the shard snapshots and purges its log catches up by snapshot
+/// when it returns, and then holds every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_behind_the_purge_point_catches_up_by_snapshot() {
+    let tweak = |c: &mut dossier_node::NodeConfig| {
+        c.raft.snapshot_after_entries = 50;
+        c.raft.log_entries_kept_after_snapshot = 5;
+    };
+    let mut cluster = TestCluster::start(3, 1, 3, &tweak).await;
+    let client = cluster.client().await;
+    let patient = patient_in_shard(&client, 1, "snap");
+    client.put(&patient, b"before", b"1").await.unwrap();
+    let leader = cluster.leader_of(1).await.unwrap();
+    let down = cluster
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|id| *id != leader)
+        .unwrap();
+    let index = cluster.node_index(down);
+    cluster.nodes[index].stop().await;
+    for i in 0..300 {
+        client
+            .put(&patient, format!("k{i:03}").as_bytes(), b"x")
+            .await
+            .unwrap();
+    }
+    cluster.nodes[index].start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let replicas = cluster.replicas().await;
+        let mine = replicas
+            .iter()
+            .find(|r| r.shard_id == 1 && r.node_id == down)
+            .map(|r| r.applied_index);
+        let best = replicas
+            .iter()
+            .filter(|r| r.shard_id == 1)
+            .map(|r| r.applied_index)
+            .max();
+        if mine.is_some() && mine == best {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {down} did not catch up: {replicas:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The returning node's own replica holds the data (a stale read served by it).
+    let mut kv = KvClient::connect(format!("http://{}", cluster.nodes[index].grpc))
+        .await
+        .unwrap();
+    let route = RouteHeader {
+        patient_id: patient.clone(),
+        ..RouteHeader::default()
+    };
+    let got = kv
+        .get(GetRequest {
+            route: Some(route),
+            key: b"k299".to_vec(),
+            consistency: ReadConsistency::Stale as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.value, b"x");
+    let snapshots = std::fs::read_dir(
+        cluster.nodes[index]
+            .config
+            .data_dir
+            .join("snapshots/shard-1"),
+    )
+    .unwrap()
+    .count();
+    assert!(snapshots >= 1, "the returning node installed a snapshot");
+}
+
+/// A request routed with a stale epoch or to the wrong shard is answered with the fresh
+/// descriptor; the client library then routes correctly by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_routes_are_corrected() {
+    let cluster = TestCluster::start(3, 4, 3, &|_| {}).await;
+    let client = cluster.client().await;
+    let patient = patient_in_shard(&client, 2, "route");
+    let mut kv = KvClient::connect(format!("http://{}", cluster.nodes[0].grpc))
+        .await
+        .unwrap();
+    let stale = RouteHeader {
+        shard_id: 3,
+        epoch: 1,
+        patient_id: patient.clone(),
+    };
+    let request = PutRequest {
+        route: Some(stale),
+        session: None,
+        key: b"k".to_vec(),
+        value: b"v".to_vec(),
+    };
+    let status = kv.put(request).await.unwrap_err();
+    assert_eq!(reason(&status), ErrorReason::StaleEpoch);
+    let detail = ErrorDetail::decode(status.details()).unwrap();
+    assert_eq!(detail.shard.unwrap().shard_id, 2);
+    client.put(&patient, b"k", b"v").await.unwrap();
+    assert_eq!(
+        client.get(&patient, b"k").await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+}
+
+/// A request retried with the same session and sequence number is applied once: the retry gets
+/// the first outcome even though re-executing it would now fail its condition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_request_applies_once() {
+    let cluster = TestCluster::start(3, 1, 3, &|_| {}).await;
+    let client = cluster.client().await;
+    let patient = patient_in_shard(&client, 1, "dup");
+    let leader = cluster.leader_of(1).await.unwrap();
+    let mut kv = KvClient::connect(format!(
+        "http://{}",
+        cluster.nodes[cluster.node_index(leader)].grpc
+    ))
+    .await
+    .unwrap();
+    let request = || BatchRequest {
+        route: Some(RouteHeader {
+            patient_id: patient.clone(),
+            ..RouteHeader::default()
+        }),
+        session: Some(SessionHeader {
+            client_session: 77,
+            sequence: 1,
+        }),
+        conditions: vec![Condition {
+            key: b"order-1".to_vec(),
+            expect: condition::Expect::Absent as i32,
+            value: vec![],
+        }],
+        operations: vec![Operation {
+            op: Some(operation::Op::Put(operation::Put {
+                key: b"order-1".to_vec(),
+                value: b"amoxicillin 500mg".to_vec(),
+            })),
+        }],
+    };
+    let first = kv.batch(request()).await.unwrap().into_inner();
+    let retry = kv.batch(request()).await.unwrap().into_inner();
+    assert!(
+        first.applied && retry.applied,
+        "the retry returns the first outcome"
+    );
+    let stored = client.get(&patient, b"order-1").await.unwrap();
+    assert_eq!(stored.as_deref(), Some(&b"amoxicillin 500mg"[..]));
+    // A new sequence number is a new request: now the condition fails.
+    let mut again = request();
+    again.session = Some(SessionHeader {
+        client_session: 77,
+        sequence: 2,
+    });
+    assert!(!kv.batch(again).await.unwrap().into_inner().applied);
+    // An older sequence number is refused.
+    let status = kv.batch(request()).await.unwrap_err();
+    assert_eq!(reason(&status), ErrorReason::Session);
+}
+
+/// Bad input gets the right machine-readable reason, naming the field and limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_typed_errors() {
+    let cluster = TestCluster::start(3, 2, 3, &|c| c.state.value_bytes_max = 1024).await;
+    let client = cluster.client().await;
+    match client.put("p-1", b"k", &vec![0u8; 2048]).await {
+        Err(ClientError::InvalidArgument { field, limit, .. }) => {
+            assert_eq!(field, "value");
+            assert_eq!(limit, Some(1024));
+        }
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    match client.put("", b"k", b"v").await {
+        Err(ClientError::InvalidArgument { field, .. }) => assert_eq!(field, "route.patient_id"),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    match client.put(&"x".repeat(500), b"k", b"v").await {
+        Err(ClientError::InvalidArgument { field, limit, .. }) => {
+            assert_eq!((field.as_str(), limit), ("route.patient_id", Some(128)))
+        }
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    // An expired deadline: the client gives up with a timeout, never hangs.
+    let started = Instant::now();
+    let r = client
+        .put_with("p-2", b"k", b"v", Duration::from_nanos(1))
+        .await;
+    assert!(matches!(r, Err(ClientError::Timeout { .. })), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // A raw request for a shard id the node has no replica of names the shard it should use.
+    let mut kv = KvClient::connect(format!("http://{}", cluster.nodes[0].grpc))
+        .await
+        .unwrap();
+    let route = RouteHeader {
+        shard_id: 99,
+        epoch: 1,
+        patient_id: "p-3".into(),
+    };
+    let status = kv
+        .get(GetRequest {
+            route: Some(route),
+            key: b"k".to_vec(),
+            consistency: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), ErrorReason::StaleEpoch);
+    let status = kv
+        .get(GetRequest {
+            route: None,
+            key: b"k".to_vec(),
+            consistency: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), ErrorReason::InvalidArgument);
+}

@@ -1,0 +1,242 @@
+//! In-process clusters on loopback (real tonic), one tokio runtime per node so that a node can be
+//! stopped gracefully or dropped abruptly (its runtime shut down: the in-process equivalent of
+//! SIGKILL, minus the page cache).
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dossier_api::v1::NodeInfo;
+use dossier_api::v1::admin_client::AdminClient;
+use dossier_client::{Client, ClientConfig};
+use dossier_node::NodeConfig;
+use tokio::sync::watch;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct TestNode {
+    pub id: u64,
+    pub grpc: String,
+    pub config: NodeConfig,
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: Option<watch::Sender<bool>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestNode {
+    pub fn new(id: u64, data: PathBuf, tweak: &dyn Fn(&mut NodeConfig)) -> Self {
+        let grpc_port = free_port();
+        let mut config = NodeConfig {
+            node_id: id,
+            listen: format!("127.0.0.1:{grpc_port}").parse().unwrap(),
+            http_listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            data_dir: data,
+            auto_init: false,
+            ..NodeConfig::default()
+        };
+        tweak(&mut config);
+        TestNode {
+            id,
+            grpc: format!("127.0.0.1:{grpc_port}"),
+            config,
+            runtime: None,
+            stop: None,
+            task: None,
+        }
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.runtime.is_none(), "node {} already runs", self.id);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, rx) = watch::channel(false);
+        let config = self.config.clone().validate().unwrap();
+        self.task = Some(runtime.spawn(dossier_node::run(config, Some(rx))));
+        self.stop = Some(tx);
+        self.runtime = Some(runtime);
+    }
+
+    /// Drops the node abruptly: every task of its runtime is cancelled where it stands.
+    pub fn kill(&mut self) {
+        self.stop = None;
+        self.task = None;
+        if let Some(rt) = self.runtime.take() {
+            let shutdown = move || rt.shutdown_timeout(Duration::from_secs(10));
+            if tokio::runtime::Handle::try_current().is_ok() {
+                tokio::task::block_in_place(shutdown);
+            } else {
+                shutdown();
+            }
+        }
+    }
+
+    /// Stops the node as SIGTERM would (drain, stop, flush), then releases its runtime.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(true);
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+        }
+        self.kill();
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<TestNode>,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes and initialises `shards` shards of `replicas` replicas.
+    pub async fn start(
+        n: u64,
+        shards: u32,
+        replicas: u32,
+        tweak: &dyn Fn(&mut NodeConfig),
+    ) -> TestCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes: Vec<TestNode> = (1..=n)
+            .map(|id| TestNode::new(id, dir.path().join(format!("node-{id}")), tweak))
+            .collect();
+        for node in &mut nodes {
+            node.start();
+        }
+        let infos: Vec<NodeInfo> = nodes
+            .iter()
+            .map(|n| NodeInfo {
+                node_id: n.id,
+                address: n.grpc.clone(),
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut admin = AdminClient::connect(format!("http://{}", nodes[0].grpc)).await;
+            if let Ok(admin) = admin.as_mut() {
+                let request = dossier_api::v1::InitClusterRequest {
+                    nodes: infos.clone(),
+                    shards,
+                    replicas,
+                };
+                if admin.init_cluster(request).await.is_ok() {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "cluster init did not complete");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let cluster = TestCluster { dir, nodes };
+        cluster.wait_all_leaders(Duration::from_secs(30)).await;
+        cluster
+    }
+
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.grpc.clone()).collect()
+    }
+
+    pub async fn client(&self) -> Client {
+        let mut config = ClientConfig::new(self.seeds());
+        config.attempt_timeout = Duration::from_millis(700);
+        config.deadline = Duration::from_secs(15);
+        Client::connect(config).await.unwrap()
+    }
+
+    pub async fn admin(&self, node: usize) -> AdminClient<tonic::transport::Channel> {
+        AdminClient::connect(format!("http://{}", self.nodes[node].grpc))
+            .await
+            .unwrap()
+    }
+
+    /// Per (shard, node): (role, leader, applied index) from every running node.
+    pub async fn replicas(&self) -> Vec<dossier_api::v1::ShardStatus> {
+        let mut all = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.runtime.is_none() {
+                continue;
+            }
+            let connect = AdminClient::connect(format!("http://{}", self.nodes[i].grpc));
+            if let Ok(Ok(mut admin)) = tokio::time::timeout(Duration::from_secs(1), connect).await
+                && let Ok(s) = admin
+                    .node_status(dossier_api::v1::NodeStatusRequest {})
+                    .await
+            {
+                all.extend(s.into_inner().shards);
+            }
+        }
+        all
+    }
+
+    pub async fn leader_of(&self, shard: u64) -> Option<u64> {
+        self.replicas()
+            .await
+            .into_iter()
+            .find(|r| r.shard_id == shard && r.role == "leader")
+            .map(|r| r.node_id)
+    }
+
+    pub async fn wait_all_leaders(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let replicas = self.replicas().await;
+            let shards: std::collections::BTreeSet<u64> =
+                replicas.iter().map(|r| r.shard_id).collect();
+            if !shards.is_empty()
+                && shards.iter().all(|s| {
+                    replicas
+                        .iter()
+                        .any(|r| r.shard_id == *s && r.role == "leader")
+                })
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not every shard elected a leader: {replicas:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn node_index(&self, id: u64) -> usize {
+        self.nodes.iter().position(|n| n.id == id).unwrap()
+    }
+}
+
+/// A patient id whose shard is `shard` in `client`'s map.
+pub fn patient_in_shard(client: &Client, shard: u64, salt: &str) -> String {
+    let map = client.cluster_map().unwrap();
+    let d = map
+        .shards
+        .iter()
+        .find(|d| d.shard_id == shard)
+        .unwrap()
+        .clone();
+    (0..)
+        .map(|n| format!("{salt}-{n}"))
+        .find(|p| {
+            let h = dossier_api::patient_hash(p);
+            h >= d.hash_lo && (d.hash_hi_max || h < d.hash_hi)
+        })
+        .unwrap()
+}
+
+pub fn shared<T>(v: T) -> Arc<T> {
+    Arc::new(v)
+}
