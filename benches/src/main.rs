@@ -4,6 +4,7 @@
 //! Only the storage engine is measured so far; the cluster load generator (against etcd) and the
 //! failover benchmark come with the cluster.
 
+mod cluster;
 mod stats;
 mod storage;
 
@@ -77,6 +78,34 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_values_t = [0, 200])]
         linger_us: Vec<u64>,
     },
+    /// Closed-loop clients against a local 3-node cluster (dossier-node processes, 3 replicas):
+    /// durable writes, linearizable reads, stale reads.
+    ClusterLoad {
+        /// put, get (linearizable), get-stale; several comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = ["put".to_owned(), "get".to_owned(), "get-stale".to_owned()])]
+        workloads: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 64, 256])]
+        clients: Vec<usize>,
+        #[arg(long, default_value_t = 256)]
+        value_bytes: usize,
+        #[arg(long, default_value_t = 1000)]
+        patients: usize,
+        #[arg(long, default_value_t = 8)]
+        shards: u32,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 7300)]
+        base_port: u16,
+    },
+    /// SIGKILL of a shard leader under steady writes: client-observed gap, repeated.
+    Failover {
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        #[arg(long, default_value_t = 7400)]
+        base_port: u16,
+    },
     /// Recovery time of a log of a given size, and index memory per million entries.
     LogRecovery {
         /// Bytes of log to fill before reopening.
@@ -147,6 +176,52 @@ fn main() -> Result<()> {
                 warmup: Duration::from_secs(1),
             };
             storage::ratio(dir.path(), rounds.max(1), &load, &linger_us)?
+        }
+        Command::ClusterLoad {
+            workloads,
+            clients,
+            value_bytes,
+            patients,
+            shards,
+            seconds,
+            base_port,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let cluster = cluster::LocalCluster::start(&dir.path().join("cluster"), shards, base_port).await?;
+                for w in &workloads {
+                    let workload = match w.as_str() {
+                        "put" => cluster::Workload::Put,
+                        "get" => cluster::Workload::Get(dossier_client::ReadConsistency::Linearizable),
+                        "get-stale" => cluster::Workload::Get(dossier_client::ReadConsistency::Stale),
+                        other => anyhow::bail!("unknown workload {other:?} (put, get, get-stale)"),
+                    };
+                    for &n in &clients {
+                        eprintln!("cluster-load: {w} with {n} clients, {value_bytes} B values, {seconds} s");
+                        let line = cluster::load(&cluster, workload, n, value_bytes, patients, Duration::from_secs(seconds), Duration::from_secs(1)).await?;
+                        println!("{line}");
+                    }
+                }
+                Ok(())
+            })?;
+            return Ok(());
+        }
+        Command::Failover {
+            reps,
+            clients,
+            base_port,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let mut cluster =
+                    cluster::LocalCluster::start(&dir.path().join("cluster"), 8, base_port).await?;
+                eprintln!("failover: {reps} repetitions, {clients} writers");
+                cluster::failover(&mut cluster, reps, clients).await
+            })?
         }
         Command::LogRecovery {
             log_bytes,

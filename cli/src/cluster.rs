@@ -1,16 +1,11 @@
 //! `dossier cluster init | status`.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use dossier_api::v1::admin_client::AdminClient;
-use dossier_api::v1::{
-    ClusterMap, ClusterMapRequest, ErrorDetail, InitClusterRequest, NodeInfo, NodeStatusRequest,
-    ShardStatus,
-};
-use tonic::transport::Endpoint;
+use dossier_api::v1::NodeInfo;
+use dossier_cli::ops;
 
 use crate::Cli;
 
@@ -35,11 +30,6 @@ pub enum ClusterCommand {
     },
 }
 
-/// The ErrorDetail of a status, if it carries one.
-fn decode_detail(status: &tonic::Status) -> Option<ErrorDetail> {
-    prost::Message::decode(status.details()).ok()
-}
-
 fn parse_nodes(specs: &[String]) -> Result<Vec<NodeInfo>> {
     specs
         .iter()
@@ -61,222 +51,6 @@ fn parse_nodes(specs: &[String]) -> Result<Vec<NodeInfo>> {
         .collect()
 }
 
-async fn admin(addr: &str, timeout: Duration) -> Result<AdminClient<tonic::transport::Channel>> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("address {addr:?}"))?
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(timeout)
-        .connect_lazy();
-    Ok(AdminClient::new(channel))
-}
-
-/// Sends the init request to the first node, following a leader hint and retrying while the meta
-/// group elects, within `deadline`.
-pub async fn init(
-    nodes: Vec<NodeInfo>,
-    shards: u32,
-    replicas: u32,
-    deadline: Duration,
-) -> Result<ClusterMap> {
-    let started = Instant::now();
-    let mut target = nodes
-        .first()
-        .context("at least one node is needed")?
-        .address
-        .clone();
-    let mut last = String::new();
-    while started.elapsed() < deadline {
-        let mut client = admin(&target, Duration::from_secs(15)).await?;
-        let request = InitClusterRequest {
-            nodes: nodes.clone(),
-            shards,
-            replicas,
-        };
-        match client.init_cluster(request).await {
-            Ok(r) => {
-                return r
-                    .into_inner()
-                    .map
-                    .context("the node answered without a map");
-            }
-            Err(status) => {
-                let detail: Option<ErrorDetail> = decode_detail(&status);
-                match detail {
-                    Some(d) if !d.leader_hint_address.is_empty() => target = d.leader_hint_address,
-                    Some(d) if d.reason == dossier_api::v1::ErrorReason::InvalidArgument as i32 => {
-                        bail!("init refused: {}", d.message)
-                    }
-                    _ => {}
-                }
-                last = status.message().to_owned();
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    bail!("cluster init did not complete within {deadline:?}: {last}")
-}
-
-/// The map and every node's view of its replicas.
-pub struct Status {
-    pub map: ClusterMap,
-    pub replicas: Vec<ShardStatus>,
-    pub disk: BTreeMap<u64, (u64, u64)>,
-    pub unreachable: Vec<u64>,
-}
-
-pub async fn status(seeds: &[String]) -> Result<Status> {
-    let mut map = None;
-    let mut last = String::new();
-    for seed in seeds {
-        match admin(seed, Duration::from_secs(2))
-            .await?
-            .get_cluster_map(ClusterMapRequest {})
-            .await
-        {
-            Ok(m) => {
-                map = Some(m.into_inner());
-                break;
-            }
-            Err(e) => last = format!("{seed}: {}", e.message()),
-        }
-    }
-    let map = map.with_context(|| format!("no seed gave the cluster map ({last})"))?;
-    let mut replicas = Vec::new();
-    let mut disk = BTreeMap::new();
-    let mut unreachable = Vec::new();
-    for node in &map.nodes {
-        match admin(&node.address, Duration::from_secs(2))
-            .await?
-            .node_status(NodeStatusRequest {})
-            .await
-        {
-            Ok(s) => {
-                let s = s.into_inner();
-                disk.insert(node.node_id, (s.state_bytes_on_disk, s.log_bytes_on_disk));
-                replicas.extend(s.shards);
-            }
-            Err(_) => unreachable.push(node.node_id),
-        }
-    }
-    Ok(Status {
-        map,
-        replicas,
-        disk,
-        unreachable,
-    })
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
-}
-
-/// Prints the status as tables.
-pub fn print_status(s: &Status) {
-    println!(
-        "{:<6} {:<22} {:<10} {:>12} {:>12}",
-        "NODE", "ADDRESS", "STATE", "STATE DISK", "LOG DISK"
-    );
-    for n in &s.map.nodes {
-        let (state, (sd, ld)) = match s.disk.get(&n.node_id) {
-            Some(d) => ("up", *d),
-            None => ("DOWN", (0, 0)),
-        };
-        println!(
-            "{:<6} {:<22} {:<10} {:>12} {:>12}",
-            n.node_id,
-            n.address,
-            state,
-            mib(sd),
-            mib(ld)
-        );
-    }
-    println!();
-    println!(
-        "{:<6} {:<10} {:<8} {:>6} {:>10} {:>8} {:>8}  HASH RANGE",
-        "SHARD", "REPLICAS", "LEADER", "TERM", "APPLIED", "LAG", "KEYS"
-    );
-    let mut shard_ids: Vec<u64> = vec![0];
-    shard_ids.extend(s.map.shards.iter().map(|d| d.shard_id));
-    for shard in shard_ids {
-        let rows: Vec<&ShardStatus> = s.replicas.iter().filter(|r| r.shard_id == shard).collect();
-        let leader = rows.iter().find(|r| r.role == "leader");
-        let max_applied = rows.iter().map(|r| r.applied_index).max().unwrap_or(0);
-        let min_applied = rows.iter().map(|r| r.applied_index).min().unwrap_or(0);
-        let (replicas, range) = match s.map.shards.iter().find(|d| d.shard_id == shard) {
-            Some(d) => (
-                d.replicas
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(","),
-                format!(
-                    "{:016x}..{}",
-                    d.hash_lo,
-                    if d.hash_hi_max {
-                        "end".to_owned()
-                    } else {
-                        format!("{:016x}", d.hash_hi)
-                    }
-                ),
-            ),
-            None => (
-                s.map
-                    .nodes
-                    .iter()
-                    .map(|n| n.node_id.to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
-                "meta".to_owned(),
-            ),
-        };
-        println!(
-            "{:<6} {:<10} {:<8} {:>6} {:>10} {:>8} {:>8}  {}",
-            shard,
-            replicas,
-            leader.map_or("none".to_owned(), |l| l.node_id.to_string()),
-            leader.map_or(0, |l| l.term),
-            max_applied,
-            max_applied - min_applied,
-            leader.map_or(0, |l| l.keys),
-            range
-        );
-    }
-    if !s.unreachable.is_empty() {
-        println!("\nunreachable nodes: {:?}", s.unreachable);
-    }
-}
-
-fn status_json(s: &Status) -> serde_json::Value {
-    serde_json::json!({
-        "nodes": s.map.nodes.iter().map(|n| serde_json::json!({
-            "node_id": n.node_id,
-            "address": n.address,
-            "up": s.disk.contains_key(&n.node_id),
-            "state_bytes_on_disk": s.disk.get(&n.node_id).map(|d| d.0),
-            "log_bytes_on_disk": s.disk.get(&n.node_id).map(|d| d.1),
-        })).collect::<Vec<_>>(),
-        "shards": s.map.shards.iter().map(|d| serde_json::json!({
-            "shard_id": d.shard_id,
-            "epoch": d.epoch,
-            "hash_lo": d.hash_lo,
-            "hash_hi": if d.hash_hi_max { None } else { Some(d.hash_hi) },
-            "replicas": d.replicas,
-        })).collect::<Vec<_>>(),
-        "replicas": s.replicas.iter().map(|r| serde_json::json!({
-            "shard_id": r.shard_id,
-            "node_id": r.node_id,
-            "role": r.role,
-            "leader_id": r.leader_id,
-            "term": r.term,
-            "last_log_index": r.last_log_index,
-            "commit_index": r.commit_index,
-            "applied_index": r.applied_index,
-            "keys": r.keys,
-        })).collect::<Vec<_>>(),
-        "map_version": s.map.version,
-    })
-}
-
 pub async fn run(cli: &Cli, command: &ClusterCommand) -> Result<()> {
     match command {
         ClusterCommand::Init {
@@ -285,7 +59,7 @@ pub async fn run(cli: &Cli, command: &ClusterCommand) -> Result<()> {
             replicas,
         } => {
             let nodes = parse_nodes(nodes)?;
-            let map = init(
+            let map = ops::init(
                 nodes,
                 *shards,
                 *replicas,
@@ -299,11 +73,11 @@ pub async fn run(cli: &Cli, command: &ClusterCommand) -> Result<()> {
             );
         }
         ClusterCommand::Status { json } => {
-            let s = status(&cli.seeds).await?;
+            let s = ops::status(&cli.seeds).await?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
+                println!("{}", serde_json::to_string_pretty(&ops::status_json(&s))?);
             } else {
-                print_status(&s);
+                ops::print_status(&s);
             }
         }
     }

@@ -3,7 +3,6 @@
 mod cluster;
 mod kv;
 mod playground;
-mod procs;
 
 use std::time::Duration;
 

@@ -14,8 +14,8 @@ use clap::Args;
 use dossier_api::v1::NodeInfo;
 use dossier_client::{Client, ClientConfig, ReadConsistency};
 
-use crate::cluster;
-use crate::procs::{NodeProc, node_binary};
+use dossier_cli::ops as cluster;
+use dossier_cli::procs::{NodeProc, node_binary};
 
 #[derive(Debug, Args)]
 pub struct PlaygroundArgs {
@@ -211,10 +211,7 @@ async fn kill_leader_under_load(
     let map = client.cluster_map().context("map")?;
     let target = map.shards.first().context("a shard")?.clone();
     let status = cluster::status(seeds).await?;
-    let leader = status
-        .replicas
-        .iter()
-        .find(|r| r.shard_id == target.shard_id && r.role == "leader")
+    let leader = cluster::leader_of(&status.replicas, target.shard_id)
         .map(|r| r.node_id)
         .context("shard 1 has a leader")?;
     // Patients whose records live in the target shard.

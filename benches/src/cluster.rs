@@ -1,0 +1,293 @@
+//! Cluster measurements: closed-loop clients against a local 3-node cluster of `dossier-node`
+//! processes (3 replicas per shard), and the failover gap after SIGKILL of a shard leader.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use dossier_api::v1::NodeInfo;
+use dossier_cli::ops;
+use dossier_cli::procs::{NodeProc, node_binary};
+use dossier_client::{Client, ClientConfig, ReadConsistency};
+
+use crate::stats::{Json, Latency, per_second};
+
+/// A local cluster for one measurement; stopped (SIGTERM) when dropped.
+pub struct LocalCluster {
+    pub procs: Vec<NodeProc>,
+    pub client: Client,
+    pub seeds: Vec<String>,
+}
+
+impl LocalCluster {
+    pub async fn start(dir: &Path, shards: u32, base_port: u16) -> Result<LocalCluster> {
+        let bin = node_binary(None)?;
+        let mut procs: Vec<NodeProc> = (1..=3u64)
+            .map(|id| {
+                NodeProc::new(
+                    id,
+                    base_port + id as u16,
+                    base_port + 80 + id as u16,
+                    dir.join(format!("node-{id}")),
+                    bin.clone(),
+                )
+            })
+            .collect();
+        for p in &mut procs {
+            p.spawn()?;
+        }
+        for p in &procs {
+            p.wait_http_ok("healthz", Duration::from_secs(20)).await?;
+        }
+        let infos: Vec<NodeInfo> = procs
+            .iter()
+            .map(|p| NodeInfo {
+                node_id: p.id,
+                address: p.grpc.clone(),
+            })
+            .collect();
+        ops::init(infos, shards, 3, Duration::from_secs(30)).await?;
+        for p in &procs {
+            p.wait_http_ok("readyz", Duration::from_secs(30)).await?;
+        }
+        let seeds: Vec<String> = procs.iter().map(|p| p.grpc.clone()).collect();
+        let mut config = ClientConfig::new(seeds.clone());
+        config.attempt_timeout = Duration::from_millis(500);
+        config.deadline = Duration::from_secs(10);
+        let client = Client::connect(config).await?;
+        Ok(LocalCluster {
+            procs,
+            client,
+            seeds,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    Put,
+    Get(ReadConsistency),
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Put => "put",
+            Workload::Get(ReadConsistency::Linearizable) => "get",
+            Workload::Get(ReadConsistency::Stale) => "get-stale",
+        }
+    }
+}
+
+/// `clients` closed-loop clients for `duration` after `warmup`, over `patients` patients.
+pub async fn load(
+    cluster: &LocalCluster,
+    workload: Workload,
+    clients: usize,
+    value_bytes: usize,
+    patients: usize,
+    duration: Duration,
+    warmup: Duration,
+) -> Result<String> {
+    let value = Arc::new(vec![0x42u8; value_bytes]);
+    if let Workload::Get(_) = workload {
+        for p in 0..patients {
+            cluster
+                .client
+                .put(&format!("patient-{p:06}"), b"k", &value)
+                .await?;
+        }
+    }
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (client, value, measuring, stop) = (
+                cluster.client.clone(),
+                Arc::clone(&value),
+                Arc::clone(&measuring),
+                Arc::clone(&stop),
+            );
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0u64;
+                let mut n = c;
+                while !stop.load(Ordering::Relaxed) {
+                    let patient = format!("patient-{:06}", n % patients);
+                    n = n
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407)
+                        >> 1;
+                    let started = Instant::now();
+                    let ok = match workload {
+                        Workload::Put => client.put(&patient, b"k", &value).await.is_ok(),
+                        Workload::Get(consistency) => client
+                            .get_with(&patient, b"k", consistency, Duration::from_secs(10))
+                            .await
+                            .is_ok(),
+                    };
+                    if measuring.load(Ordering::Relaxed) {
+                        if ok {
+                            lat.push(started.elapsed().as_nanos() as u64);
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    tokio::time::sleep(warmup).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.context("client task")?;
+        lat.extend(l);
+        errors += e;
+    }
+    let ops = lat.len() as u64;
+    Ok(Json::new("cluster-load")
+        .str("workload", workload.name())
+        .num("clients", clients as f64)
+        .num("value_bytes", value_bytes as f64)
+        .num("replicas", 3.0)
+        .num("seconds", elapsed.as_secs_f64())
+        .num("ops", ops as f64)
+        .num("ops_per_s", per_second(ops, elapsed))
+        .num("errors", errors as f64)
+        .latency("latency", Latency::of(&mut lat))
+        .finish())
+}
+
+/// Steady writes from `clients` clients to one shard; SIGKILL its leader; measure the
+/// client-observed gap and the time to the first success after the kill; restart the node and
+/// wait until it has caught up. Repeated `reps` times.
+pub async fn failover(
+    cluster: &mut LocalCluster,
+    reps: usize,
+    clients: usize,
+) -> Result<Vec<String>> {
+    let map = cluster.client.cluster_map().context("map")?;
+    let target = map.shards.first().context("a shard")?.clone();
+    let patients: Vec<String> = (0..)
+        .map(|n| format!("failover-{n:06}"))
+        .filter(|p| {
+            let h = dossier_api::patient_hash(p);
+            h >= target.hash_lo && (target.hash_hi_max || h < target.hash_hi)
+        })
+        .take(clients)
+        .collect();
+    let mut out = Vec::new();
+    let mut gaps = Vec::new();
+    for rep in 1..=reps {
+        let stop = Arc::new(AtomicBool::new(false));
+        let successes: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
+        let tasks: Vec<_> = patients
+            .iter()
+            .map(|patient| {
+                let (client, stop, successes, patient) = (
+                    cluster.client.clone(),
+                    Arc::clone(&stop),
+                    Arc::clone(&successes),
+                    patient.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        if client
+                            .put_with(
+                                &patient,
+                                format!("k{n}").as_bytes(),
+                                b"v",
+                                Duration::from_secs(5),
+                            )
+                            .await
+                            .is_ok()
+                        {
+                            successes
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(Instant::now());
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The leader as of now, after the writers warmed up (leadership may have moved).
+        let status = ops::status(&cluster.seeds).await?;
+        let leader = ops::leader_of(&status.replicas, target.shard_id)
+            .map(|r| r.node_id)
+            .context("the shard has a leader")?;
+        let killed_at = Instant::now();
+        let victim = cluster
+            .procs
+            .iter_mut()
+            .find(|p| p.id == leader)
+            .context("leader process")?;
+        victim.kill9();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            let _ = t.await;
+        }
+        let times = successes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let before = times
+            .iter()
+            .filter(|t| **t < killed_at)
+            .max()
+            .copied()
+            .context("successes before the kill")?;
+        let after = times
+            .iter()
+            .filter(|t| **t >= killed_at)
+            .min()
+            .copied()
+            .context("successes after the kill")?;
+        let gap = (after - before).as_secs_f64();
+        let first = (after - killed_at).as_secs_f64();
+        gaps.push(gap);
+        eprintln!(
+            "  rep {rep}: killed node {leader}; gap {:.0} ms, first success after {:.0} ms",
+            gap * 1e3,
+            first * 1e3
+        );
+        out.push(
+            Json::new("failover")
+                .num("rep", rep as f64)
+                .num("clients", clients as f64)
+                .num("killed_node", leader as f64)
+                .num("gap_ms", gap * 1e3)
+                .num("first_success_after_kill_ms", first * 1e3)
+                .finish(),
+        );
+        let victim = cluster
+            .procs
+            .iter_mut()
+            .find(|p| p.id == leader)
+            .context("leader process")?;
+        victim.spawn()?;
+        victim
+            .wait_http_ok("readyz", Duration::from_secs(30))
+            .await?;
+    }
+    gaps.sort_by(f64::total_cmp);
+    out.push(
+        Json::new("failover-summary")
+            .num("reps", gaps.len() as f64)
+            .num("gap_median_ms", gaps[gaps.len() / 2] * 1e3)
+            .num("gap_max_ms", gaps[gaps.len() - 1] * 1e3)
+            .finish(),
+    );
+    Ok(out)
+}

@@ -1,0 +1,5 @@
+//! `dossier-cli` library: local cluster processes and cluster operations, shared by the `dossier`
+//! binary, the benchmarks and the fault harness.
+
+pub mod ops;
+pub mod procs;
