@@ -25,6 +25,10 @@ pub struct Limits {
     pub request_deadline_ms: u64,
     /// Most keys one scan page returns.
     pub scan_page_max: u32,
+    /// An exactly-once session unused for this many log entries of its shard is forgotten (a
+    /// retry after that is refused, never re-applied). Bounds each shard's session table; keep it
+    /// far above the entries a shard commits during a client's longest retry window.
+    pub session_idle_entries: u64,
 }
 
 impl Default for Limits {
@@ -297,6 +301,18 @@ mod tests {
             ..NodeConfig::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("node-id"));
+    }
+
+    /// `docs/config-template.toml` is exactly the embedded defaults: the template cannot drift.
+    #[test]
+    fn config_template_matches_defaults() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/config-template.toml"
+        ))
+        .unwrap();
+        let parsed: NodeConfig = toml::from_str(&text).unwrap();
+        assert_eq!(parsed, NodeConfig::default());
     }
 
     /// Flags override the file, which overrides the defaults.

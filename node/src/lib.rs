@@ -90,7 +90,12 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
+            let mut last_expiry = std::time::Instant::now();
             loop {
+                if last_expiry.elapsed() > Duration::from_secs(60) {
+                    node.expire_sessions().await;
+                    last_expiry = std::time::Instant::now();
+                }
                 if let Err(e) = node.reconcile().await {
                     warn!(error = %format!("{e:#}"), "reconcile failed");
                 }

@@ -399,6 +399,25 @@ impl Node {
         }
     }
 
+    /// On every shard this node leads, proposes forgetting sessions idle for more than
+    /// `limits.session-idle-entries` entries (deterministic: applied by every replica alike).
+    pub async fn expire_sessions(&self) {
+        let window = self.config.node.limits.session_idle_entries;
+        for (shard, raft) in self.groups() {
+            let metrics = raft.metrics().borrow_watched().clone();
+            let applied = metrics.last_applied.map_or(0, |l| l.index);
+            if shard == META_SHARD || metrics.state != ServerState::Leader || applied <= window {
+                continue;
+            }
+            let command = Command::ExpireSessions {
+                before_index: applied - window,
+            };
+            if let Err(e) = self.write(shard, command, Duration::from_secs(5)).await {
+                warn!(shard, error = %e, "session expiry not proposed");
+            }
+        }
+    }
+
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }

@@ -105,7 +105,8 @@ async fn kill_9_of_a_leader_loses_no_acknowledged_write() {
         acked.push(i);
     }
     // Find shard 1's leader and kill -9 it.
-    let mut leader = None;
+    // Of the replicas that say they lead, the highest term is the real leader.
+    let mut leader: Option<(u64, u64)> = None;
     for a in &addrs {
         let status = AdminClient::connect(format!("http://{a}"))
             .await
@@ -113,15 +114,18 @@ async fn kill_9_of_a_leader_loses_no_acknowledged_write() {
             .node_status(NodeStatusRequest {})
             .await
             .unwrap();
-        if let Some(s) = status
+        for s in status
             .into_inner()
             .shards
             .iter()
-            .find(|s| s.shard_id == 1 && s.role == "leader")
+            .filter(|s| s.shard_id == 1 && s.role == "leader")
         {
-            leader = Some(s.node_id);
+            if leader.is_none_or(|(_, term)| s.term > term) {
+                leader = Some((s.node_id, s.term));
+            }
         }
     }
+    let leader = leader.map(|(id, _)| id);
     let leader = leader.expect("shard 1 has a leader") as usize;
     let victim = procs[leader - 1].take().unwrap();
     kill(Pid::from_raw(victim.0.id() as i32), Signal::SIGKILL).unwrap();

@@ -118,25 +118,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.write_durable(batch).await
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        let mut batch = WriteBatch::new();
-        batch.save_committed(
-            self.group,
-            committed.map(|c| encode(&c)).transpose()?.map(Into::into),
-        );
-        // Durable in order with what follows; nobody waits for the committed id itself.
-        self.engine
-            .submit(batch, Box::new(|_| {}))
-            .map_err(io_error)
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        let state = self.engine.group_state(self.group);
-        state
-            .and_then(|s| s.hard_state.committed)
-            .map(|c| decode(&c))
-            .transpose()
-    }
+    // `save_committed` / `read_committed` are left to openraft's defaults (not stored): saving the
+    // committed id on every commit advance cost one more fdatasync round per write on every
+    // replica, and all it buys is re-applying committed entries at start-up before a leader is
+    // heard from (measured in docs/benchmarks.md).
 
     async fn append<I>(
         &mut self,

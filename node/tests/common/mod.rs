@@ -183,11 +183,14 @@ impl TestCluster {
         all
     }
 
+    /// The shard's leader: a restarted former leader may still believe it leads an old term, so
+    /// of the replicas that say they lead, the one with the highest term.
     pub async fn leader_of(&self, shard: u64) -> Option<u64> {
-        self.replicas()
-            .await
+        let replicas = self.replicas().await;
+        replicas
             .into_iter()
-            .find(|r| r.shard_id == shard && r.role == "leader")
+            .filter(|r| r.shard_id == shard && r.role == "leader")
+            .max_by_key(|r| r.term)
             .map(|r| r.node_id)
     }
 
