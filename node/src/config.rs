@@ -38,6 +38,7 @@ impl Default for Limits {
             in_flight_max: 4096,
             request_deadline_ms: 5_000,
             scan_page_max: 1_000,
+            session_idle_entries: 1_000_000,
         }
     }
 }
@@ -159,6 +160,10 @@ impl NodeConfig {
         ensure!(
             l.scan_page_max > 0,
             "limits.scan-page-max must be at least 1"
+        );
+        ensure!(
+            l.session_idle_entries >= 10_000,
+            "limits.session-idle-entries must be at least 10000"
         );
         let advertise = self
             .advertise
@@ -290,7 +295,7 @@ mod tests {
     fn validate_names_fields() {
         assert!(NodeConfig::default().validate().is_ok());
         let mut c = NodeConfig::default();
-        c.raft.election_timeout_min_ms = 150;
+        c.raft.election_timeout_min_ms = 100;
         let e = c.validate().unwrap_err().to_string();
         assert!(
             e.contains("election-timeout-min-ms") && e.contains("heartbeat-interval-ms"),
