@@ -7,58 +7,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use dossier_api::v1::NodeInfo;
 use dossier_cli::ops;
-use dossier_cli::procs::{NodeProc, node_binary};
-use dossier_client::{Client, ClientConfig, ReadConsistency};
+use dossier_cli::procs;
+use dossier_client::{Client, ReadConsistency};
 
 use crate::stats::{Json, Latency, per_second};
 
-/// A local cluster for one measurement; stopped (SIGTERM) when dropped.
+/// A local cluster for one measurement and its client; the nodes stop (SIGTERM) when dropped.
 pub struct LocalCluster {
-    pub procs: Vec<NodeProc>,
+    pub local: procs::LocalCluster,
     pub client: Client,
     pub seeds: Vec<String>,
 }
 
 impl LocalCluster {
     pub async fn start(dir: &Path, shards: u32, base_port: u16) -> Result<LocalCluster> {
-        let bin = node_binary(None)?;
-        let mut procs: Vec<NodeProc> = (1..=3u64)
-            .map(|id| {
-                NodeProc::new(
-                    id,
-                    base_port + id as u16,
-                    base_port + 80 + id as u16,
-                    dir.join(format!("node-{id}")),
-                    bin.clone(),
-                )
-            })
-            .collect();
-        for p in &mut procs {
-            p.spawn()?;
-        }
-        for p in &procs {
-            p.wait_http_ok("healthz", Duration::from_secs(20)).await?;
-        }
-        let infos: Vec<NodeInfo> = procs
-            .iter()
-            .map(|p| NodeInfo {
-                node_id: p.id,
-                address: p.grpc.clone(),
-            })
-            .collect();
-        ops::init(infos, shards, 3, Duration::from_secs(30)).await?;
-        for p in &procs {
-            p.wait_http_ok("readyz", Duration::from_secs(30)).await?;
-        }
-        let seeds: Vec<String> = procs.iter().map(|p| p.grpc.clone()).collect();
-        let mut config = ClientConfig::new(seeds.clone());
-        config.attempt_timeout = Duration::from_millis(500);
-        config.deadline = Duration::from_secs(10);
-        let client = Client::connect(config).await?;
+        let local =
+            procs::LocalCluster::spawn(dir, 3, base_port, &procs::node_binary(None)?).await?;
+        local.init(shards, 3).await?;
+        let client = local.client().await?;
+        let seeds = local.seeds.clone();
         Ok(LocalCluster {
-            procs,
+            local,
             client,
             seeds,
         })
@@ -231,6 +201,7 @@ pub async fn failover(
             .context("the shard has a leader")?;
         let killed_at = Instant::now();
         let victim = cluster
+            .local
             .procs
             .iter_mut()
             .find(|p| p.id == leader)
@@ -272,6 +243,7 @@ pub async fn failover(
                 .finish(),
         );
         let victim = cluster
+            .local
             .procs
             .iter_mut()
             .find(|p| p.id == leader)

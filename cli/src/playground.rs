@@ -11,11 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use dossier_api::v1::NodeInfo;
-use dossier_client::{Client, ClientConfig, ReadConsistency};
+use dossier_client::{Client, ReadConsistency};
 
 use dossier_cli::ops as cluster;
-use dossier_cli::procs::{NodeProc, node_binary};
+use dossier_cli::procs::{LocalCluster, NodeProc, node_binary};
 
 #[derive(Debug, Args)]
 pub struct PlaygroundArgs {
@@ -113,41 +112,17 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
         args.nodes,
         root.display()
     ));
-    let mut procs: Vec<NodeProc> = (1..=args.nodes)
-        .map(|id| {
-            let grpc = args.base_port + id as u16;
-            let http = args.base_port + 80 + id as u16;
-            NodeProc::new(id, grpc, http, root.join(format!("node-{id}")), bin.clone())
-        })
-        .collect();
-    for p in &mut procs {
-        p.spawn()?;
-    }
-    for p in &procs {
-        p.wait_http_ok("healthz", Duration::from_secs(20)).await?;
+    let mut local = LocalCluster::spawn(&root, args.nodes, args.base_port, &bin).await?;
+    for p in &local.procs {
         println!("node {} up: gRPC {} HTTP {}", p.id, p.grpc, p.http);
     }
-
     mark(&format!(
         "cluster init: {} shards x 3 replicas",
         args.shards
     ));
-    let infos: Vec<NodeInfo> = procs
-        .iter()
-        .map(|p| NodeInfo {
-            node_id: p.id,
-            address: p.grpc.clone(),
-        })
-        .collect();
-    cluster::init(infos, args.shards, 3, Duration::from_secs(30)).await?;
-    for p in &procs {
-        p.wait_http_ok("readyz", Duration::from_secs(30)).await?;
-    }
-    let seeds: Vec<String> = procs.iter().map(|p| p.grpc.clone()).collect();
-    let mut config = ClientConfig::new(seeds.clone());
-    config.attempt_timeout = Duration::from_millis(500);
-    config.deadline = Duration::from_secs(10);
-    let client = Client::connect(config).await?;
+    local.init(args.shards, 3).await?;
+    let seeds = local.seeds.clone();
+    let client = local.client().await?;
 
     mark(&format!("writing {} demo patients", args.patients));
     let started = Instant::now();
@@ -170,7 +145,7 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
     );
     cluster::print_status(&cluster::status(&seeds).await?);
 
-    let outcome = kill_leader_under_load(&client, &seeds, &mut procs, args.writers).await?;
+    let outcome = kill_leader_under_load(&client, &seeds, &mut local.procs, args.writers).await?;
 
     cluster::print_status(&cluster::status(&seeds).await?);
     if outcome.lost > 0 {
@@ -191,7 +166,7 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
         }
     }
     mark("stopping the nodes (SIGTERM: leaderships are handed over first)");
-    for p in &mut procs {
+    for p in &mut local.procs {
         p.terminate(Duration::from_secs(10));
     }
     println!("stopped");

@@ -153,3 +153,71 @@ pub async fn http_ok(addr: &str, path: &str) -> bool {
         .flatten()
         .unwrap_or(false)
 }
+
+/// A local cluster of `dossier-node` processes on loopback: node `i` (from 1) listens on gRPC port
+/// `base_port + i` and HTTP port `base_port + 80 + i`, with its data under `root/node-i`.
+#[derive(Debug)]
+pub struct LocalCluster {
+    pub procs: Vec<NodeProc>,
+    pub seeds: Vec<String>,
+}
+
+impl LocalCluster {
+    /// Starts the processes and waits until each answers `/healthz`.
+    pub async fn spawn(
+        root: &Path,
+        nodes: u64,
+        base_port: u16,
+        bin: &Path,
+    ) -> Result<LocalCluster> {
+        let mut procs: Vec<NodeProc> = (1..=nodes)
+            .map(|id| {
+                let (grpc, http) = (base_port + id as u16, base_port + 80 + id as u16);
+                NodeProc::new(
+                    id,
+                    grpc,
+                    http,
+                    root.join(format!("node-{id}")),
+                    bin.to_path_buf(),
+                )
+            })
+            .collect();
+        for p in &mut procs {
+            p.spawn()?;
+        }
+        for p in &procs {
+            p.wait_http_ok("healthz", Duration::from_secs(20)).await?;
+        }
+        let seeds = procs.iter().map(|p| p.grpc.clone()).collect();
+        Ok(LocalCluster { procs, seeds })
+    }
+
+    /// `cluster init` with every node, then waits until each is ready (map known, leaders elected).
+    pub async fn init(&self, shards: u32, replicas: u32) -> Result<()> {
+        let infos = self
+            .procs
+            .iter()
+            .map(|p| dossier_api::v1::NodeInfo {
+                node_id: p.id,
+                address: p.grpc.clone(),
+            })
+            .collect();
+        crate::ops::init(infos, shards, replicas, Duration::from_secs(30)).await?;
+        for p in &self.procs {
+            p.wait_http_ok("readyz", Duration::from_secs(30)).await?;
+        }
+        Ok(())
+    }
+
+    /// A client for this cluster with short attempts (fast failover) and a 10 s deadline.
+    pub async fn client(&self) -> Result<dossier_client::Client> {
+        let mut config = dossier_client::ClientConfig::new(self.seeds.clone());
+        config.attempt_timeout = Duration::from_millis(500);
+        config.deadline = Duration::from_secs(10);
+        Ok(dossier_client::Client::connect(config).await?)
+    }
+
+    pub fn node_mut(&mut self, id: u64) -> Option<&mut NodeProc> {
+        self.procs.iter_mut().find(|p| p.id == id)
+    }
+}
