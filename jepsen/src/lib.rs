@@ -1,3 +1,12 @@
-//! `dossier-jepsen`: the multi-process fault-injection harness and its linearizability checker.
+//! `dossier-jepsen`: a multi-process fault-injection harness for Dossier with its own checker.
 //!
-//! Not built yet: this crate is intentionally empty.
+//! - [`history`]: the JSONL history format any independent checker can read.
+//! - [`checker`]: linearizability per register key (Wing–Gong–Lowe with memoisation, `info`
+//!   operations optional, a time budget that answers `unknown`, never `valid`), set integrity
+//!   (lost, unexpected, duplicated elements), availability.
+//!
+//! Non-goals: no knowledge of Dossier's internals; it talks to the cluster only through
+//! `dossier-client` and the public gRPC API, and controls processes with signals.
+
+pub mod checker;
+pub mod history;
