@@ -18,6 +18,8 @@ pub struct NodeProc {
     pub http: String,
     pub data: PathBuf,
     bin: PathBuf,
+    /// Extra flags for `dossier-node` (e.g. test-only switches).
+    pub extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -45,6 +47,7 @@ impl NodeProc {
             http: format!("127.0.0.1:{http_port}"),
             data,
             bin,
+            extra_args: Vec::new(),
             child: None,
         }
     }
@@ -70,6 +73,7 @@ impl NodeProc {
             .arg("--data-dir")
             .arg(&self.data)
             .arg("--no-auto-init")
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("clone log handle")?)
             .stderr(log)
@@ -84,6 +88,15 @@ impl NodeProc {
             // The child may have exited already; nothing else to do then.
             let _ = kill(Pid::from_raw(child.id() as i32), signal);
         }
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`): the process freezes or resumes.
+    pub fn pause(&self, stop: bool) {
+        self.signal(if stop { Signal::SIGSTOP } else { Signal::SIGCONT });
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// SIGKILL: the node stops at once, mid-write.
@@ -164,22 +177,24 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     /// Starts the processes and waits until each answers `/healthz`.
-    pub async fn spawn(
+    pub async fn spawn(root: &Path, nodes: u64, base_port: u16, bin: &Path) -> Result<LocalCluster> {
+        Self::spawn_with(root, nodes, base_port, bin, &[]).await
+    }
+
+    /// As `spawn`, passing `extra_args` to every node.
+    pub async fn spawn_with(
         root: &Path,
         nodes: u64,
         base_port: u16,
         bin: &Path,
+        extra_args: &[String],
     ) -> Result<LocalCluster> {
         let mut procs: Vec<NodeProc> = (1..=nodes)
             .map(|id| {
                 let (grpc, http) = (base_port + id as u16, base_port + 80 + id as u16);
-                NodeProc::new(
-                    id,
-                    grpc,
-                    http,
-                    root.join(format!("node-{id}")),
-                    bin.to_path_buf(),
-                )
+                let mut p = NodeProc::new(id, grpc, http, root.join(format!("node-{id}")), bin.to_path_buf());
+                p.extra_args = extra_args.to_vec();
+                p
             })
             .collect();
         for p in &mut procs {

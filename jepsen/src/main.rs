@@ -1,1 +1,141 @@
-fn main() {}
+//! `dossier-jepsen`: runs a fault-injection test against local `dossier-node` processes, or checks
+//! an existing history. Exit status: 0 valid, 1 invalid or unknown, 2 the run itself failed.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use dossier_jepsen::runner::{self, Fault, RunConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "dossier-jepsen", version, about = "Fault injection and linearizability checking for Dossier")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a cluster, run the workloads under faults, check the history. Bounded by --time-limit.
+    Run {
+        /// Run folder: node data and logs, history.jsonl, nemesis.log, results.json, summary.txt.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The dossier-node binary (default: next to this executable).
+        #[arg(long)]
+        node_bin: Option<PathBuf>,
+        #[arg(long, default_value_t = 5)]
+        nodes: u64,
+        #[arg(long, default_value_t = 4)]
+        shards: u32,
+        /// Seconds of workload under faults (healing and final reads follow).
+        #[arg(long, default_value_t = 60)]
+        time_limit: u64,
+        /// Faults to inject, comma separated: kill, pause. Empty: none.
+        #[arg(long, value_delimiter = ',', default_value = "kill,pause")]
+        nemesis: Vec<String>,
+        /// Seconds between the start of two faults (each is healed half-way).
+        #[arg(long, default_value_t = 6)]
+        nemesis_interval: u64,
+        /// Register keys (read / write / compare-and-set), over several shards.
+        #[arg(long, default_value_t = 6)]
+        register_keys: usize,
+        /// Set keys (add, final read).
+        #[arg(long, default_value_t = 3)]
+        set_keys: usize,
+        /// Concurrent client processes.
+        #[arg(long, default_value_t = 10)]
+        clients: usize,
+        #[arg(long, default_value_t = 7700)]
+        base_port: u16,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Linearizability search budget per key, in seconds (exceeded: unknown).
+        #[arg(long, default_value_t = 30)]
+        check_budget: u64,
+        /// Start the nodes with the UNSAFE test switch that serves reads without a read barrier:
+        /// the run must then be reported invalid.
+        #[arg(long)]
+        unsafe_stale_reads: bool,
+    },
+    /// Check an existing history.jsonl.
+    Check {
+        history: PathBuf,
+        #[arg(long, default_value_t = 30)]
+        check_budget: u64,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dossier-jepsen: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let result: anyhow::Result<bool> = runtime.block_on(async {
+        match cli.command {
+            Command::Run {
+                out,
+                node_bin,
+                nodes,
+                shards,
+                time_limit,
+                nemesis,
+                nemesis_interval,
+                register_keys,
+                set_keys,
+                clients,
+                base_port,
+                seed,
+                check_budget,
+                unsafe_stale_reads,
+            } => {
+                let nemesis = nemesis
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.parse::<Fault>())
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let out = out.unwrap_or_else(|| {
+                    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                    PathBuf::from(format!("jepsen-runs/run-{secs}"))
+                });
+                let config = RunConfig {
+                    out,
+                    node_bin: dossier_cli::procs::node_binary(node_bin.as_deref())?,
+                    nodes,
+                    shards,
+                    time_limit: Duration::from_secs(time_limit),
+                    nemesis,
+                    nemesis_interval: Duration::from_secs(nemesis_interval.max(2)),
+                    register_keys,
+                    set_keys,
+                    clients,
+                    base_port,
+                    seed,
+                    unsafe_stale_reads,
+                    check_budget_per_key: Duration::from_secs(check_budget),
+                };
+                let outcome = runner::run(config).await?;
+                print!("{}", runner::summary(&outcome.report, outcome.faults));
+                println!("run folder: {}", outcome.out.display());
+                Ok(outcome.report.valid)
+            }
+            Command::Check { history, check_budget } => {
+                let report = runner::check_history(&history, Duration::from_secs(check_budget))?;
+                print!("{}", runner::summary(&report, 0));
+                Ok(report.valid)
+            }
+        }
+    });
+    match result {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("dossier-jepsen: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

@@ -64,6 +64,10 @@ pub struct NodeConfig {
     pub auto_init: bool,
     /// Shards of a self-initialised single-node cluster.
     pub auto_init_shards: u32,
+    /// UNSAFE, for testing the fault harness only: serve linearizable reads from whichever
+    /// replica receives them, without a read barrier. Breaks linearizability on purpose so that
+    /// `dossier-jepsen` can show it detects stale reads. Never enable it in production.
+    pub unsafe_stale_reads_for_testing: bool,
     pub raft: RaftConfig,
     pub limits: Limits,
     /// Log engine limits; its `dir` is ignored (always `data-dir/log`).
@@ -83,6 +87,7 @@ impl Default for NodeConfig {
             cluster_name: "dossier".to_owned(),
             auto_init: true,
             auto_init_shards: 4,
+            unsafe_stale_reads_for_testing: false,
             raft: RaftConfig::default(),
             limits: Limits::default(),
             log: LogConfig::default(),
@@ -229,6 +234,10 @@ pub struct Flags {
     /// Do not initialise a single-node cluster when none exists; wait for `dossier cluster init`.
     #[arg(long, env = "DOSSIER_NO_AUTO_INIT")]
     pub no_auto_init: bool,
+    /// UNSAFE, testing only: serve linearizable reads from any replica without a read barrier, so
+    /// that the fault harness can show it catches stale reads. Never in production.
+    #[arg(long, env = "DOSSIER_UNSAFE_STALE_READS_FOR_TESTING")]
+    pub unsafe_stale_reads_for_testing: bool,
     /// Raft heartbeat period in milliseconds.
     #[arg(long, env = "DOSSIER_HEARTBEAT_INTERVAL_MS")]
     pub heartbeat_interval_ms: Option<u64>,
@@ -272,6 +281,9 @@ impl Flags {
         }
         if self.no_auto_init {
             config.auto_init = false;
+        }
+        if self.unsafe_stale_reads_for_testing {
+            config.unsafe_stale_reads_for_testing = true;
         }
         if let Some(v) = self.heartbeat_interval_ms {
             config.raft.heartbeat_interval_ms = v;
