@@ -20,6 +20,8 @@ pub struct NodeProc {
     bin: PathBuf,
     /// Extra flags for `dossier-node` (e.g. test-only switches).
     pub extra_args: Vec<String>,
+    /// A command the node runs under (e.g. `ip netns exec NS` for a test host in a namespace).
+    pub prefix: Vec<String>,
     child: Option<Child>,
 }
 
@@ -40,14 +42,27 @@ pub fn node_binary(explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 impl NodeProc {
+    /// A node on loopback ports.
     pub fn new(id: u64, grpc_port: u16, http_port: u16, data: PathBuf, bin: PathBuf) -> Self {
+        Self::at(
+            id,
+            format!("127.0.0.1:{grpc_port}"),
+            format!("127.0.0.1:{http_port}"),
+            data,
+            bin,
+        )
+    }
+
+    /// A node listening on the given addresses (host:port).
+    pub fn at(id: u64, grpc: String, http: String, data: PathBuf, bin: PathBuf) -> Self {
         NodeProc {
             id,
-            grpc: format!("127.0.0.1:{grpc_port}"),
-            http: format!("127.0.0.1:{http_port}"),
+            grpc,
+            http,
             data,
             bin,
             extra_args: Vec::new(),
+            prefix: Vec::new(),
             child: None,
         }
     }
@@ -61,7 +76,15 @@ impl NodeProc {
             .append(true)
             .open(self.data.join("node.log"))
             .context("open node log")?;
-        let child = Command::new(&self.bin)
+        let mut command = match self.prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = command
             .args([
                 "--node-id",
                 &self.id.to_string(),
@@ -92,7 +115,11 @@ impl NodeProc {
 
     /// SIGSTOP (`true`) or SIGCONT (`false`): the process freezes or resumes.
     pub fn pause(&self, stop: bool) {
-        self.signal(if stop { Signal::SIGSTOP } else { Signal::SIGCONT });
+        self.signal(if stop {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        });
     }
 
     pub fn is_running(&self) -> bool {
@@ -177,8 +204,25 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     /// Starts the processes and waits until each answers `/healthz`.
-    pub async fn spawn(root: &Path, nodes: u64, base_port: u16, bin: &Path) -> Result<LocalCluster> {
+    pub async fn spawn(
+        root: &Path,
+        nodes: u64,
+        base_port: u16,
+        bin: &Path,
+    ) -> Result<LocalCluster> {
         Self::spawn_with(root, nodes, base_port, bin, &[]).await
+    }
+
+    /// Starts prepared node processes and waits until each answers `/healthz`.
+    pub async fn from_procs(mut procs: Vec<NodeProc>) -> Result<LocalCluster> {
+        for p in &mut procs {
+            p.spawn()?;
+        }
+        for p in &procs {
+            p.wait_http_ok("healthz", Duration::from_secs(20)).await?;
+        }
+        let seeds = procs.iter().map(|p| p.grpc.clone()).collect();
+        Ok(LocalCluster { procs, seeds })
     }
 
     /// As `spawn`, passing `extra_args` to every node.
@@ -192,7 +236,13 @@ impl LocalCluster {
         let mut procs: Vec<NodeProc> = (1..=nodes)
             .map(|id| {
                 let (grpc, http) = (base_port + id as u16, base_port + 80 + id as u16);
-                let mut p = NodeProc::new(id, grpc, http, root.join(format!("node-{id}")), bin.to_path_buf());
+                let mut p = NodeProc::new(
+                    id,
+                    grpc,
+                    http,
+                    root.join(format!("node-{id}")),
+                    bin.to_path_buf(),
+                );
                 p.extra_args = extra_args.to_vec();
                 p
             })

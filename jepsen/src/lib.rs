@@ -10,4 +10,5 @@
 
 pub mod checker;
 pub mod history;
+pub mod netns;
 pub mod runner;

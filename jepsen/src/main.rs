@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use dossier_jepsen::runner::{self, Fault, RunConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "dossier-jepsen", version, about = "Fault injection and linearizability checking for Dossier")]
+#[command(
+    name = "dossier-jepsen",
+    version,
+    about = "Fault injection and linearizability checking for Dossier"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,7 +35,8 @@ enum Command {
         /// Seconds of workload under faults (healing and final reads follow).
         #[arg(long, default_value_t = 60)]
         time_limit: u64,
-        /// Faults to inject, comma separated: kill, pause. Empty: none.
+        /// Faults to inject, comma separated: kill, pause, partition, transfer. Empty: none.
+        /// Partitions need root (network namespaces); without it they are skipped, and said so.
         #[arg(long, value_delimiter = ',', default_value = "kill,pause")]
         nemesis: Vec<String>,
         /// Seconds between the start of two faults (each is healed half-way).
@@ -68,7 +73,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("dossier-jepsen: {e}");
@@ -118,13 +126,17 @@ fn main() -> std::process::ExitCode {
                     unsafe_stale_reads,
                     check_budget_per_key: Duration::from_secs(check_budget),
                 };
-                let outcome = runner::run(config).await?;
+                // Ctrl-C drops the run: its processes are stopped and its namespaces removed.
+                let outcome = tokio::select! {
+                    outcome = runner::run(config) => outcome?,
+                    _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the cluster and test network were torn down"),
+                };
                 print!("{}", runner::summary(&outcome.report, outcome.faults));
                 println!("run folder: {}", outcome.out.display());
                 Ok(outcome.report.valid)
             }
             Command::Check { history, check_budget } => {
-                let report = runner::check_history(&history, Duration::from_secs(check_budget))?;
+                let report = runner::check_history(&history, Duration::from_secs(check_budget), None)?;
                 print!("{}", runner::summary(&report, 0));
                 Ok(report.valid)
             }

@@ -8,15 +8,30 @@ use std::process::Command;
 
 fn run(dir: &std::path::Path, unsafe_reads: bool, port: u16) -> (Option<i32>, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dossier-jepsen"));
-    cmd.args(["run", "--time-limit", "8", "--nemesis", "", "--nodes", "3", "--shards", "2", "--set-keys", "1"])
-        .args(["--base-port", &port.to_string()])
-        .arg("--out")
-        .arg(dir);
+    cmd.args([
+        "run",
+        "--time-limit",
+        "8",
+        "--nemesis",
+        "",
+        "--nodes",
+        "3",
+        "--shards",
+        "2",
+        "--set-keys",
+        "1",
+    ])
+    .args(["--base-port", &port.to_string()])
+    .arg("--out")
+    .arg(dir);
     if unsafe_reads {
         cmd.arg("--unsafe-stale-reads");
     }
     let out = cmd.output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 #[test]
@@ -27,5 +42,9 @@ fn unsafe_reads_are_reported_and_safe_reads_pass() {
     assert!(summary.starts_with("INVALID"), "{summary}");
     assert!(summary.contains("none can be linearized"), "{summary}");
     let (code, summary) = run(&dir.path().join("safe"), false, 7870);
-    assert_eq!(code, Some(0), "the same run without the switch must be valid:\n{summary}");
+    assert_eq!(
+        code,
+        Some(0),
+        "the same run without the switch must be valid:\n{summary}"
+    );
 }

@@ -38,7 +38,9 @@ const GRPC_MESSAGE_BYTES_MAX: usize = 64 << 20;
 pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Result<()> {
     let node = Node::start(Arc::clone(&config)).await?;
     if config.node.unsafe_stale_reads_for_testing {
-        tracing::warn!("UNSAFE: linearizable reads are served without a read barrier (testing only)");
+        tracing::warn!(
+            "UNSAFE: linearizable reads are served without a read barrier (testing only)"
+        );
     }
     info!(node_id = node.node_id(), listen = %config.node.listen, http = %config.node.http_listen, "node started");
 

@@ -176,7 +176,7 @@ pub fn check(ops: &[Op], budget: Duration) -> Verdict {
 
     while remaining_ok > 0 {
         iterations += 1;
-        if iterations % 4096 == 0 && started.elapsed() > budget {
+        if iterations.is_multiple_of(4096) && started.elapsed() > budget {
             return Verdict::Unknown {
                 reason: format!("search exceeded its {budget:?} budget ({n} operations)"),
             };

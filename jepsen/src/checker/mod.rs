@@ -29,8 +29,11 @@ pub struct Availability {
     pub fail: usize,
     pub info: usize,
     pub ok_fraction: f64,
+    /// The longest stretch without a successful write on one key, over the whole run.
     pub longest_write_gap_ms: f64,
     pub longest_write_gap_key: String,
+    /// The same, counting only stretches that start after the faults stopped (when known).
+    pub longest_write_gap_after_faults_ms: Option<f64>,
 }
 
 /// The whole verdict of a run.
@@ -44,8 +47,9 @@ pub struct Report {
     pub availability: Availability,
 }
 
-/// Register keys start with `r/`, set keys with `s/`.
-pub fn check(ops: &[Op], budget_per_key: Duration) -> Report {
+/// Register keys start with `r/`, set keys with `s/`. `faults_end` (ns, the history's clock) splits
+/// availability into during and after the faults.
+pub fn check(ops: &[Op], budget_per_key: Duration, faults_end: Option<u64>) -> Report {
     let mut by_key: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
     for op in ops {
         by_key.entry(op.key.as_str()).or_default().push(op);
@@ -70,7 +74,7 @@ pub fn check(ops: &[Op], budget_per_key: Duration) -> Report {
             });
         }
     }
-    let availability = availability(ops);
+    let availability = availability(ops, faults_end);
     let unknown = registers.iter().any(|r| r.verdict == "unknown");
     let valid =
         !unknown && registers.iter().all(|r| r.verdict == "valid") && sets.iter().all(|s| s.valid);
@@ -83,7 +87,7 @@ pub fn check(ops: &[Op], budget_per_key: Duration) -> Report {
     }
 }
 
-fn availability(ops: &[Op]) -> Availability {
+fn availability(ops: &[Op], faults_end: Option<u64>) -> Availability {
     let count = |t: Type| ops.iter().filter(|o| o.outcome == t).count();
     let (ok, fail, info) = (count(Type::Ok), count(Type::Fail), count(Type::Info));
     let mut writes: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
@@ -101,12 +105,17 @@ fn availability(ops: &[Op]) -> Availability {
         writes.entry(op.key.as_str()).or_default().push(op.ret);
     }
     let mut longest = (0u64, String::new());
+    let mut longest_after = 0u64;
     for (key, times) in &mut writes {
         times.sort_unstable();
         let mut prev = start;
         for &t in times.iter().chain(std::iter::once(&end)) {
-            if t.saturating_sub(prev) > longest.0 {
-                longest = (t - prev, (*key).to_owned());
+            let gap = t.saturating_sub(prev);
+            if gap > longest.0 {
+                longest = (gap, (*key).to_owned());
+            }
+            if faults_end.is_some_and(|f| prev >= f) {
+                longest_after = longest_after.max(gap);
             }
             prev = prev.max(t);
         }
@@ -123,5 +132,6 @@ fn availability(ops: &[Op]) -> Availability {
         },
         longest_write_gap_ms: longest.0 as f64 / 1e6,
         longest_write_gap_key: longest.1,
+        longest_write_gap_after_faults_ms: faults_end.map(|_| longest_after as f64 / 1e6),
     }
 }

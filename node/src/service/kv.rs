@@ -187,7 +187,11 @@ impl KvService {
     ) -> Result<(), ApiError> {
         match ReadConsistency::try_from(consistency) {
             // The deliberately broken mode the fault harness must catch: no read barrier.
-            Ok(ReadConsistency::Linearizable) if self.node.config.node.unsafe_stale_reads_for_testing => Ok(()),
+            Ok(ReadConsistency::Linearizable)
+                if self.node.config.node.unsafe_stale_reads_for_testing =>
+            {
+                Ok(())
+            }
             Ok(ReadConsistency::Linearizable) => {
                 self.node.read_barrier(routed.shard, deadline).await
             }
