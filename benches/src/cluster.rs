@@ -13,6 +13,68 @@ use dossier_client::{Client, ReadConsistency};
 
 use crate::stats::{Json, Latency, per_second};
 
+mod etcdpb {
+    #![allow(clippy::all, missing_debug_implementations)]
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// The system under load: the same workload code drives both.
+#[derive(Clone)]
+pub enum Backend {
+    Dossier(Client),
+    /// One channel per etcd member; clients are spread over them (etcd forwards writes).
+    Etcd(Vec<tonic::transport::Channel>),
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Dossier(_) => "dossier",
+            Backend::Etcd(_) => "etcd",
+        }
+    }
+
+    pub async fn etcd(endpoints: &[String]) -> Result<Backend> {
+        let mut channels = Vec::new();
+        for e in endpoints {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{e}"))?
+                .connect_timeout(Duration::from_millis(500))
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .with_context(|| format!("connect to etcd at {e}"))?;
+            channels.push(channel);
+        }
+        Ok(Backend::Etcd(channels))
+    }
+
+    async fn put(&self, client: usize, patient: &str, value: &[u8]) -> bool {
+        match self {
+            Backend::Dossier(c) => c.put(patient, b"k", value).await.is_ok(),
+            Backend::Etcd(channels) => {
+                let mut kv = etcdpb::kv_client::KvClient::new(channels[client % channels.len()].clone());
+                let request = etcdpb::PutRequest { key: format!("{patient}/k").into_bytes(), value: value.to_vec(), ..Default::default() };
+                kv.put(request).await.is_ok()
+            }
+        }
+    }
+
+    async fn get(&self, client: usize, patient: &str, consistency: ReadConsistency) -> bool {
+        match self {
+            Backend::Dossier(c) => c.get_with(patient, b"k", consistency, Duration::from_secs(10)).await.is_ok(),
+            Backend::Etcd(channels) => {
+                let mut kv = etcdpb::kv_client::KvClient::new(channels[client % channels.len()].clone());
+                let request = etcdpb::RangeRequest {
+                    key: format!("{patient}/k").into_bytes(),
+                    serializable: consistency == ReadConsistency::Stale,
+                    ..Default::default()
+                };
+                kv.range(request).await.is_ok()
+            }
+        }
+    }
+}
+
 /// A local cluster for one measurement and its client; the nodes stop (SIGTERM) when dropped.
 pub struct LocalCluster {
     pub local: procs::LocalCluster,
@@ -53,7 +115,7 @@ impl Workload {
 
 /// `clients` closed-loop clients for `duration` after `warmup`, over `patients` patients.
 pub async fn load(
-    cluster: &LocalCluster,
+    backend: &Backend,
     workload: Workload,
     clients: usize,
     value_bytes: usize,
@@ -64,18 +126,17 @@ pub async fn load(
     let value = Arc::new(vec![0x42u8; value_bytes]);
     if let Workload::Get(_) = workload {
         for p in 0..patients {
-            cluster
-                .client
-                .put(&format!("patient-{p:06}"), b"k", &value)
-                .await?;
+            if !backend.put(p, &format!("patient-{p:06}"), &value).await {
+                anyhow::bail!("preloading patient {p} failed");
+            }
         }
     }
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
-            let (client, value, measuring, stop) = (
-                cluster.client.clone(),
+            let (backend, value, measuring, stop) = (
+                backend.clone(),
                 Arc::clone(&value),
                 Arc::clone(&measuring),
                 Arc::clone(&stop),
@@ -92,11 +153,8 @@ pub async fn load(
                         >> 1;
                     let started = Instant::now();
                     let ok = match workload {
-                        Workload::Put => client.put(&patient, b"k", &value).await.is_ok(),
-                        Workload::Get(consistency) => client
-                            .get_with(&patient, b"k", consistency, Duration::from_secs(10))
-                            .await
-                            .is_ok(),
+                        Workload::Put => backend.put(c, &patient, &value).await,
+                        Workload::Get(consistency) => backend.get(c, &patient, consistency).await,
                     };
                     if measuring.load(Ordering::Relaxed) {
                         if ok {
@@ -126,6 +184,7 @@ pub async fn load(
     }
     let ops = lat.len() as u64;
     Ok(Json::new("cluster-load")
+        .str("backend", backend.name())
         .str("workload", workload.name())
         .num("clients", clients as f64)
         .num("value_bytes", value_bytes as f64)

@@ -96,6 +96,13 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value_t = 7300)]
         base_port: u16,
+        /// dossier (a local 3-node cluster is started) or etcd (an existing cluster, see
+        /// benches/scripts/etcd-cluster.sh).
+        #[arg(long, default_value = "dossier")]
+        backend: String,
+        /// etcd client endpoints, for --backend etcd.
+        #[arg(long, value_delimiter = ',', default_values_t = ["127.0.0.1:2379".to_owned(), "127.0.0.1:22379".to_owned(), "127.0.0.1:32379".to_owned()])]
+        etcd_endpoints: Vec<String>,
     },
     /// SIGKILL of a shard leader under steady writes: client-observed gap, repeated.
     Failover {
@@ -185,12 +192,23 @@ fn main() -> Result<()> {
             shards,
             seconds,
             base_port,
+            backend,
+            etcd_endpoints,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             runtime.block_on(async {
-                let cluster = cluster::LocalCluster::start(&dir.path().join("cluster"), shards, base_port).await?;
+                // The Dossier cluster lives as long as this block; etcd is started by its script.
+                let (_cluster, backend) = match backend.as_str() {
+                    "dossier" => {
+                        let c = cluster::LocalCluster::start(&dir.path().join("cluster"), shards, base_port).await?;
+                        let b = cluster::Backend::Dossier(c.client.clone());
+                        (Some(c), b)
+                    }
+                    "etcd" => (None, cluster::Backend::etcd(&etcd_endpoints).await?),
+                    other => anyhow::bail!("unknown backend {other:?} (dossier, etcd)"),
+                };
                 for w in &workloads {
                     let workload = match w.as_str() {
                         "put" => cluster::Workload::Put,
@@ -199,8 +217,8 @@ fn main() -> Result<()> {
                         other => anyhow::bail!("unknown workload {other:?} (put, get, get-stale)"),
                     };
                     for &n in &clients {
-                        eprintln!("cluster-load: {w} with {n} clients, {value_bytes} B values, {seconds} s");
-                        let line = cluster::load(&cluster, workload, n, value_bytes, patients, Duration::from_secs(seconds), Duration::from_secs(1)).await?;
+                        eprintln!("cluster-load: {} {w} with {n} clients, {value_bytes} B values, {seconds} s", backend.name());
+                        let line = cluster::load(&backend, workload, n, value_bytes, patients, Duration::from_secs(seconds), Duration::from_secs(1)).await?;
                         println!("{line}");
                     }
                 }
