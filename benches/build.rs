@@ -3,7 +3,9 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
-    tonic_prost_build::configure().build_server(false).compile_with_config(config, &["proto/etcd_kv.proto"], &["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_with_config(config, &["proto/etcd_kv.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -52,8 +52,13 @@ impl Backend {
         match self {
             Backend::Dossier(c) => c.put(patient, b"k", value).await.is_ok(),
             Backend::Etcd(channels) => {
-                let mut kv = etcdpb::kv_client::KvClient::new(channels[client % channels.len()].clone());
-                let request = etcdpb::PutRequest { key: format!("{patient}/k").into_bytes(), value: value.to_vec(), ..Default::default() };
+                let mut kv =
+                    etcdpb::kv_client::KvClient::new(channels[client % channels.len()].clone());
+                let request = etcdpb::PutRequest {
+                    key: format!("{patient}/k").into_bytes(),
+                    value: value.to_vec(),
+                    ..Default::default()
+                };
                 kv.put(request).await.is_ok()
             }
         }
@@ -61,9 +66,13 @@ impl Backend {
 
     async fn get(&self, client: usize, patient: &str, consistency: ReadConsistency) -> bool {
         match self {
-            Backend::Dossier(c) => c.get_with(patient, b"k", consistency, Duration::from_secs(10)).await.is_ok(),
+            Backend::Dossier(c) => c
+                .get_with(patient, b"k", consistency, Duration::from_secs(10))
+                .await
+                .is_ok(),
             Backend::Etcd(channels) => {
-                let mut kv = etcdpb::kv_client::KvClient::new(channels[client % channels.len()].clone());
+                let mut kv =
+                    etcdpb::kv_client::KvClient::new(channels[client % channels.len()].clone());
                 let request = etcdpb::RangeRequest {
                     key: format!("{patient}/k").into_bytes(),
                     serializable: consistency == ReadConsistency::Stale,

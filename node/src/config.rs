@@ -64,6 +64,8 @@ pub struct NodeConfig {
     pub auto_init: bool,
     /// Shards of a self-initialised single-node cluster.
     pub auto_init_shards: u32,
+    /// Threads of the async runtime (0: one per CPU core).
+    pub worker_threads: usize,
     /// UNSAFE, for testing the fault harness only: serve linearizable reads from whichever
     /// replica receives them, without a read barrier. Breaks linearizability on purpose so that
     /// `dossier-jepsen` can show it detects stale reads. Never enable it in production.
@@ -87,6 +89,7 @@ impl Default for NodeConfig {
             cluster_name: "dossier".to_owned(),
             auto_init: true,
             auto_init_shards: 4,
+            worker_threads: 0,
             unsafe_stale_reads_for_testing: false,
             raft: RaftConfig::default(),
             limits: Limits::default(),
@@ -247,6 +250,9 @@ pub struct Flags {
     /// Maximum election timeout in milliseconds.
     #[arg(long, env = "DOSSIER_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
+    /// Threads of the async runtime (0: one per CPU core).
+    #[arg(long, env = "DOSSIER_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `dossier_node=debug`.
     #[arg(long, env = "DOSSIER_LOG", default_value = "info,openraft=warn")]
     pub log: String,
@@ -284,6 +290,9 @@ impl Flags {
         }
         if self.unsafe_stale_reads_for_testing {
             config.unsafe_stale_reads_for_testing = true;
+        }
+        if let Some(v) = self.worker_threads {
+            config.worker_threads = v;
         }
         if let Some(v) = self.heartbeat_interval_ms {
             config.raft.heartbeat_interval_ms = v;

@@ -32,6 +32,9 @@ pub struct RaftConfig {
     pub log_entries_kept_after_snapshot: u64,
     /// Entries per append-entries message.
     pub entries_per_append_max: u64,
+    /// Send new entries to followers as soon as they are queued on the leader, instead of after
+    /// the leader's own fdatasync: the leader's and followers' fsyncs overlap.
+    pub replicate_before_local_flush: bool,
 }
 
 impl Default for RaftConfig {
@@ -48,6 +51,7 @@ impl Default for RaftConfig {
             snapshot_after_entries: 10_000,
             log_entries_kept_after_snapshot: 1_000,
             entries_per_append_max: 300,
+            replicate_before_local_flush: true,
         }
     }
 }
@@ -64,6 +68,7 @@ impl RaftConfig {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
             max_in_snapshot_log_to_keep: self.log_entries_kept_after_snapshot,
             max_payload_entries: self.entries_per_append_max,
+            broadcast_submitted_on_append: Some(self.replicate_before_local_flush),
             purge_batch_size: 256,
             // The network applies its own snapshot deadline (NetworkConfig::snapshot_timeout).
             install_snapshot_timeout: 60_000,
