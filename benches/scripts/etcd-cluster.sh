@@ -3,25 +3,33 @@
 # heartbeat 100 ms, election timeout 1000 ms), beside which Dossier is measured.
 #   benches/scripts/etcd-cluster.sh start [DIR]   # installs Debian's etcd-server if missing
 #   benches/scripts/etcd-cluster.sh stop [DIR]    # stops the members by PID
+#   benches/scripts/etcd-cluster.sh restart-member DIR N   # starts member N (1-3) again
 # Client endpoints: 127.0.0.1:2379, 127.0.0.1:22379, 127.0.0.1:32379.
 set -euo pipefail
 cmd=${1:?usage: etcd-cluster.sh start|stop [dir]}
 dir=${2:-target/etcd-bench}
+start_member() {
+    local i=$1 c p
+    case $i in 1) c=2379 p=2380 ;; 2) c=22379 p=22380 ;; 3) c=32379 p=32380 ;; *) echo "member 1-3" >&2; exit 2 ;; esac
+    etcd --name "e$i" --data-dir "$dir/e$i" \
+        --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c" \
+        --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p" \
+        --initial-cluster "e1=http://127.0.0.1:2380,e2=http://127.0.0.1:22380,e3=http://127.0.0.1:32380" \
+        --initial-cluster-state new --initial-cluster-token dossier-bench \
+        >>"$dir/e$i.log" 2>&1 &
+    echo $! >"$dir/e$i.pid"
+}
 case "$cmd" in
+restart-member)
+    start_member "${3:?member number}"
+    ;;
 start)
     if ! command -v etcd >/dev/null 2>&1; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
     fi
     rm -rf "$dir" && mkdir -p "$dir"
-    cluster="e1=http://127.0.0.1:2380,e2=http://127.0.0.1:22380,e3=http://127.0.0.1:32380"
     for i in 1 2 3; do
-        case $i in 1) c=2379 p=2380 ;; 2) c=22379 p=22380 ;; 3) c=32379 p=32380 ;; esac
-        etcd --name "e$i" --data-dir "$dir/e$i" \
-            --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c" \
-            --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p" \
-            --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token dossier-bench \
-            >"$dir/e$i.log" 2>&1 &
-        echo $! >"$dir/e$i.pid"
+        start_member "$i"
     done
     for _ in $(seq 1 100); do
         if curl -fs http://127.0.0.1:2379/health 2>/dev/null | grep -q '"health":"true"'; then

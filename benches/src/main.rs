@@ -112,6 +112,14 @@ enum Command {
         clients: usize,
         #[arg(long, default_value_t = 7400)]
         base_port: u16,
+        /// dossier (a local cluster is started) or etcd (a cluster started by
+        /// benches/scripts/etcd-cluster.sh in --etcd-dir).
+        #[arg(long, default_value = "dossier")]
+        backend: String,
+        #[arg(long, value_delimiter = ',', default_values_t = ["127.0.0.1:2379".to_owned(), "127.0.0.1:22379".to_owned(), "127.0.0.1:32379".to_owned()])]
+        etcd_endpoints: Vec<String>,
+        #[arg(long, default_value = "target/etcd-bench")]
+        etcd_dir: PathBuf,
     },
     /// Recovery time of a log of a given size, and index memory per million entries.
     LogRecovery {
@@ -230,15 +238,30 @@ fn main() -> Result<()> {
             reps,
             clients,
             base_port,
+            backend,
+            etcd_endpoints,
+            etcd_dir,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             runtime.block_on(async {
-                let mut cluster =
-                    cluster::LocalCluster::start(&dir.path().join("cluster"), 8, base_port).await?;
-                eprintln!("failover: {reps} repetitions, {clients} writers");
-                cluster::failover(&mut cluster, reps, clients).await
+                eprintln!("failover ({backend}): {reps} repetitions, {clients} writers");
+                match backend.as_str() {
+                    "dossier" => {
+                        let mut cluster =
+                            cluster::LocalCluster::start(&dir.path().join("cluster"), 8, base_port)
+                                .await?;
+                        cluster::failover(&mut cluster, reps, clients).await
+                    }
+                    "etcd" => {
+                        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                            .join("scripts/etcd-cluster.sh");
+                        cluster::failover_etcd(&etcd_endpoints, &etcd_dir, &script, reps, clients)
+                            .await
+                    }
+                    other => anyhow::bail!("unknown backend {other:?} (dossier, etcd)"),
+                }
             })?
         }
         Command::LogRecovery {
