@@ -41,9 +41,45 @@ enum Command {
     /// Read and write a patient's keys.
     #[command(subcommand)]
     Kv(kv::KvCommand),
+    /// Node maintenance.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Start a local 3-node cluster, load demo patients, kill a leader under load, and show that
     /// nothing acknowledged was lost; then serve until Ctrl-C.
     Playground(playground::PlaygroundArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Hand every leadership the node holds to other replicas (before stopping it for
+    /// maintenance); prints what moved and what stayed.
+    Drain {
+        /// The node's gRPC address (host:port).
+        address: String,
+    },
+}
+
+async fn drain(address: &str, timeout_ms: u64) -> Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(Duration::from_millis(500))
+        .connect()
+        .await?;
+    let mut request = tonic::Request::new(dossier_api::v1::DrainRequest {});
+    request.set_timeout(Duration::from_millis(timeout_ms));
+    let r = dossier_api::v1::admin_client::AdminClient::new(channel)
+        .drain(request)
+        .await?
+        .into_inner();
+    println!("handed over: {:?}", r.transferred);
+    if r.remaining.is_empty() {
+        println!("the node leads no shard now");
+    } else {
+        println!(
+            "still led by this node (no other replica took over in time): {:?}",
+            r.remaining
+        );
+    }
+    Ok(())
 }
 
 impl Cli {
@@ -74,6 +110,7 @@ fn main() -> std::process::ExitCode {
         match &cli.command {
             Command::Cluster(c) => cluster::run(&cli, c).await,
             Command::Kv(c) => kv::run(&cli, c).await,
+            Command::Node(NodeCommand::Drain { address }) => drain(address, cli.timeout_ms).await,
             Command::Playground(args) => playground::run(args).await,
         }
     });

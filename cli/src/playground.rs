@@ -135,14 +135,18 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
         }
     }
     println!("{} keys in {:.2?}", args.patients * 3, started.elapsed());
-    let sample = client
-        .get("patient-00007", b"demographics")
-        .await?
-        .context("patient-00007 has demographics")?;
-    println!(
-        "patient-00007/demographics = {}",
-        String::from_utf8_lossy(&sample)
-    );
+    // Read one demo patient back (a linearizable read through the shard's leader).
+    let sample_patient = format!("patient-{:05}", 7.min(args.patients.saturating_sub(1)));
+    if args.patients > 0 {
+        let sample = client
+            .get(&sample_patient, b"demographics")
+            .await?
+            .with_context(|| format!("{sample_patient} has no demographics after being written"))?;
+        println!(
+            "{sample_patient}/demographics = {}",
+            String::from_utf8_lossy(&sample)
+        );
+    }
     cluster::print_status(&cluster::status(&seeds).await?);
 
     let outcome = kill_leader_under_load(&client, &seeds, &mut local.procs, args.writers).await?;
@@ -159,9 +163,10 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
             tokio::time::sleep(Duration::from_secs(secs)).await;
         }
         None => {
-            mark(
-                "serving until Ctrl-C; try: dossier --seeds 127.0.0.1:7101 kv get patient-00007 demographics",
-            );
+            mark(&format!(
+                "serving until Ctrl-C; try: dossier --seeds {} kv get {sample_patient} demographics",
+                seeds[0]
+            ));
             tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;
         }
     }
