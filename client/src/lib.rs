@@ -89,7 +89,8 @@ pub struct ScanPage {
 #[derive(Debug)]
 struct Inner {
     config: ClientConfig,
-    map: RwLock<Option<ClusterMap>>,
+    /// Shared, so that routing a request costs a reference count, not a copy of the map.
+    map: RwLock<Option<Arc<ClusterMap>>>,
     channels: Mutex<HashMap<String, Channel>>,
     /// The leader each shard last answered from (or hinted).
     leaders: Mutex<HashMap<u64, u64>>,
@@ -155,7 +156,8 @@ impl Client {
             .map
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .as_deref()
+            .cloned()
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
@@ -198,7 +200,8 @@ impl Client {
                         last = format!("{addr}: the map has no shards");
                         continue;
                     }
-                    *self.inner.map.write().unwrap_or_else(|e| e.into_inner()) = Some(map.clone());
+                    *self.inner.map.write().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Arc::new(map.clone()));
                     return Ok(map);
                 }
                 Err(status) => last = format!("{addr}: {}", status.message()),
@@ -207,9 +210,16 @@ impl Client {
         Err(ClientError::NoSeed(last))
     }
 
-    fn shard_of(&self, patient_id: &str) -> Result<(ShardDescriptor, ClusterMap), ClientError> {
+    fn shard_of(
+        &self,
+        patient_id: &str,
+    ) -> Result<(ShardDescriptor, Arc<ClusterMap>), ClientError> {
         let map = self
-            .cluster_map()
+            .inner
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
             .ok_or_else(|| ClientError::Cluster("no map".into()))?;
         let hash = dossier_api::patient_hash(patient_id);
         let d = map

@@ -239,7 +239,7 @@ impl Kv for KvService {
             let value = replica
                 .get(&routed.key(&r.key))
                 .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-            let applied_index = replica.applied().ok().flatten().map_or(0, |a| a.index);
+            let applied_index = replica.applied_index().unwrap_or(0);
             Ok(match value {
                 Some(v) => GetResponse {
                     found: true,

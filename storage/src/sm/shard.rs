@@ -196,6 +196,11 @@ impl ShardStore {
             .transpose()
     }
 
+    /// The last applied index, from memory (no read of the store): cheap enough for every request.
+    pub fn applied_index(&self) -> Option<u64> {
+        self.applied.load(Ordering::Acquire).checked_sub(1)
+    }
+
     /// The applied index that is on disk: the log may be purged up to it, never past it.
     pub fn durable_applied_index(&self) -> Option<u64> {
         self.durable_applied.load(Ordering::Acquire).checked_sub(1)
