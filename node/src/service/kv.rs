@@ -28,6 +28,30 @@ impl KvService {
     }
 }
 
+/// Requests that name their patient in a route header.
+trait HasRoute {
+    fn route_header(&self) -> Option<&RouteHeader>;
+}
+
+macro_rules! has_route {
+    ($($request:ty),*) => {
+        $(impl HasRoute for $request {
+            fn route_header(&self) -> Option<&RouteHeader> {
+                self.route.as_ref()
+            }
+        })*
+    };
+}
+
+has_route!(
+    GetRequest,
+    PutRequest,
+    DeleteRequest,
+    CompareAndSetRequest,
+    BatchRequest,
+    ScanRequest
+);
+
 /// A request's patient, checked, and its shard.
 struct Routed {
     shard: u64,
@@ -200,6 +224,26 @@ impl KvService {
         }
     }
 
+    /// What every handler does around its own work: the deadline, admission under the in-flight
+    /// limit, routing by patient, and the latency metric.
+    async fn serve<Req: HasRoute, T>(
+        &self,
+        method: &'static str,
+        request: Request<Req>,
+        body: impl AsyncFnOnce(&Req, &Routed, Duration) -> Result<T, ApiError>,
+    ) -> Result<Response<T>, Status> {
+        let started = Instant::now();
+        let deadline = deadline_of(&request, self.node.config.request_deadline());
+        let result = async {
+            let _permit = self.admit().await?;
+            let r = request.get_ref();
+            let routed = self.route(r.route_header())?;
+            body(r, &routed, deadline).await
+        }
+        .await;
+        self.observe(method, started, result)
+    }
+
     fn observe<T>(
         &self,
         method: &'static str,
@@ -222,14 +266,9 @@ impl KvService {
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        let started = Instant::now();
-        let deadline = deadline_of(&request, self.node.config.request_deadline());
-        let result = async {
-            let _permit = self.admit().await?;
-            let r = request.get_ref();
-            let routed = self.route(r.route.as_ref())?;
+        self.serve("get", request, async |r, routed, deadline| {
             self.check_key("key", &r.key)?;
-            self.read_ready(&routed, r.consistency, deadline).await?;
+            self.read_ready(routed, r.consistency, deadline).await?;
             let replica = self
                 .node
                 .replica(routed.shard)
@@ -252,84 +291,55 @@ impl Kv for KvService {
                     applied_index,
                 },
             })
-        }
-        .await;
-        self.observe("get", started, result)
+        })
+        .await
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<WriteResponse>, Status> {
-        let started = Instant::now();
-        let deadline = deadline_of(&request, self.node.config.request_deadline());
-        let result = async {
-            let _permit = self.admit().await?;
-            let r = request.get_ref();
-            let routed = self.route(r.route.as_ref())?;
+        self.serve("put", request, async |r, routed, deadline| {
             self.check_key("key", &r.key)?;
             self.check_value("value", &r.value)?;
             let session = Self::session(r.session.as_ref())?;
             let batch = Batch::put(routed.key(&r.key), r.value.clone());
-            self.write(&routed, session, batch, deadline).await
-        }
-        .await;
-        self.observe("put", started, result)
+            self.write(routed, session, batch, deadline).await
+        })
+        .await
     }
 
     async fn delete(
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
-        let started = Instant::now();
-        let deadline = deadline_of(&request, self.node.config.request_deadline());
-        let result = async {
-            let _permit = self.admit().await?;
-            let r = request.get_ref();
-            let routed = self.route(r.route.as_ref())?;
+        self.serve("delete", request, async |r, routed, deadline| {
             self.check_key("key", &r.key)?;
             let session = Self::session(r.session.as_ref())?;
-            self.write(
-                &routed,
-                session,
-                Batch::delete(routed.key(&r.key)),
-                deadline,
-            )
-            .await
-        }
-        .await;
-        self.observe("delete", started, result)
+            self.write(routed, session, Batch::delete(routed.key(&r.key)), deadline)
+                .await
+        })
+        .await
     }
 
     async fn compare_and_set(
         &self,
         request: Request<CompareAndSetRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
-        let started = Instant::now();
-        let deadline = deadline_of(&request, self.node.config.request_deadline());
-        let result = async {
-            let _permit = self.admit().await?;
-            let r = request.get_ref();
-            let routed = self.route(r.route.as_ref())?;
+        self.serve("compare_and_set", request, async |r, routed, deadline| {
             self.check_key("key", &r.key)?;
             self.check_value("expected", &r.expected)?;
             self.check_value("value", &r.value)?;
             let session = Self::session(r.session.as_ref())?;
             let expected = (!r.expect_absent).then(|| Bytes::from(r.expected.clone()));
             let batch = Batch::compare_and_set(routed.key(&r.key), expected, r.value.clone());
-            self.write(&routed, session, batch, deadline).await
-        }
-        .await;
-        self.observe("compare_and_set", started, result)
+            self.write(routed, session, batch, deadline).await
+        })
+        .await
     }
 
     async fn batch(
         &self,
         request: Request<BatchRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
-        let started = Instant::now();
-        let deadline = deadline_of(&request, self.node.config.request_deadline());
-        let result = async {
-            let _permit = self.admit().await?;
-            let r = request.get_ref();
-            let routed = self.route(r.route.as_ref())?;
+        self.serve("batch", request, async |r, routed, deadline| {
             let session = Self::session(r.session.as_ref())?;
             if r.operations.is_empty() {
                 return Err(ApiError::invalid(
@@ -375,19 +385,13 @@ impl Kv for KvService {
                     }
                 }
             }
-            self.write(&routed, session, batch, deadline).await
-        }
-        .await;
-        self.observe("batch", started, result)
+            self.write(routed, session, batch, deadline).await
+        })
+        .await
     }
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
-        let started = Instant::now();
-        let deadline = deadline_of(&request, self.node.config.request_deadline());
-        let result = async {
-            let _permit = self.admit().await?;
-            let r = request.get_ref();
-            let routed = self.route(r.route.as_ref())?;
+        self.serve("scan", request, async |r, routed, deadline| {
             let page_max = self.node.config.node.limits.scan_page_max;
             let limit = if r.limit == 0 { page_max } else { r.limit };
             if limit > page_max {
@@ -397,7 +401,7 @@ impl Kv for KvService {
                     limit: Some(u64::from(page_max)),
                 });
             }
-            self.read_ready(&routed, r.consistency, deadline).await?;
+            self.read_ready(routed, r.consistency, deadline).await?;
             let replica = self
                 .node
                 .replica(routed.shard)
@@ -420,8 +424,7 @@ impl Kv for KvService {
                 })
                 .collect();
             Ok(ScanResponse { items, more })
-        }
-        .await;
-        self.observe("scan", started, result)
+        })
+        .await
     }
 }
