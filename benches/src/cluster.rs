@@ -225,7 +225,7 @@ pub async fn failover(
         .take(clients)
         .collect();
     let mut out = Vec::new();
-    let mut gaps = Vec::new();
+    let mut failovers = Failovers::new("failover", clients);
     for rep in 1..=reps {
         let stop = Arc::new(AtomicBool::new(false));
         let successes: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
@@ -268,12 +268,7 @@ pub async fn failover(
             .map(|r| r.node_id)
             .context("the shard has a leader")?;
         let killed_at = Instant::now();
-        let victim = cluster
-            .local
-            .procs
-            .iter_mut()
-            .find(|p| p.id == leader)
-            .context("leader process")?;
+        let victim = cluster.local.node_mut(leader).context("leader process")?;
         victim.kill9();
         tokio::time::sleep(Duration::from_secs(3)).await;
         stop.store(true, Ordering::Relaxed);
@@ -282,41 +277,64 @@ pub async fn failover(
         }
         let times = successes.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let (gap, first) = gap_around(&times, killed_at).context("successes around the kill")?;
-        gaps.push(gap);
-        eprintln!(
-            "  rep {rep}: killed node {leader}; gap {:.0} ms, writes flowing again {:.0} ms after the kill",
-            gap * 1e3,
-            first * 1e3
-        );
-        out.push(
-            Json::new("failover")
-                .num("rep", rep as f64)
-                .num("clients", clients as f64)
-                .num("killed_node", leader as f64)
-                .num("gap_ms", gap * 1e3)
-                .num("recovered_after_kill_ms", first * 1e3)
-                .finish(),
-        );
-        let victim = cluster
-            .local
-            .procs
-            .iter_mut()
-            .find(|p| p.id == leader)
-            .context("leader process")?;
+        out.push(failovers.record(rep, &format!("node {leader}"), gap, first));
+        let victim = cluster.local.node_mut(leader).context("leader process")?;
         victim.spawn()?;
         victim
             .wait_http_ok("readyz", Duration::from_secs(30))
             .await?;
     }
-    gaps.sort_by(f64::total_cmp);
-    out.push(
-        Json::new("failover-summary")
-            .num("reps", gaps.len() as f64)
-            .num("gap_median_ms", gaps[gaps.len() / 2] * 1e3)
-            .num("gap_max_ms", gaps[gaps.len() - 1] * 1e3)
-            .finish(),
-    );
+    out.push(failovers.summary());
     Ok(out)
+}
+
+/// The repetitions of one failover measurement: a JSON line each, then a summary.
+struct Failovers {
+    measurement: &'static str,
+    clients: usize,
+    gaps: Vec<f64>,
+}
+
+impl Failovers {
+    fn new(measurement: &'static str, clients: usize) -> Self {
+        Failovers {
+            measurement,
+            clients,
+            gaps: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, rep: usize, killed: &str, gap: f64, recovered: f64) -> String {
+        self.gaps.push(gap);
+        eprintln!(
+            "  rep {rep}: killed {killed}; gap {:.0} ms, writes flowing again {:.0} ms after the kill",
+            gap * 1e3,
+            recovered * 1e3
+        );
+        Json::new(self.measurement)
+            .num("rep", rep as f64)
+            .num("clients", self.clients as f64)
+            .str("killed", killed)
+            .num("gap_ms", gap * 1e3)
+            .num("recovered_after_kill_ms", recovered * 1e3)
+            .finish()
+    }
+
+    fn summary(&mut self) -> String {
+        self.gaps.sort_by(f64::total_cmp);
+        let n = self.gaps.len();
+        Json::new(&format!("{}-summary", self.measurement))
+            .num("reps", n as f64)
+            .num(
+                "gap_median_ms",
+                self.gaps.get(n / 2).copied().unwrap_or(f64::NAN) * 1e3,
+            )
+            .num(
+                "gap_max_ms",
+                self.gaps.last().copied().unwrap_or(f64::NAN) * 1e3,
+            )
+            .finish()
+    }
 }
 
 /// The client-observed gap of a fault at `killed_at`: the longest stretch between two consecutive
@@ -352,7 +370,7 @@ pub async fn failover_etcd(
         unreachable!("etcd backend")
     };
     let mut out = Vec::new();
-    let mut gaps = Vec::new();
+    let mut failovers = Failovers::new("failover-etcd", clients);
     for rep in 1..=reps {
         let stop = Arc::new(AtomicBool::new(false));
         let successes: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
@@ -418,21 +436,7 @@ pub async fn failover_etcd(
         }
         let times = successes.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let (gap, first) = gap_around(&times, killed_at).context("successes around the kill")?;
-        gaps.push(gap);
-        eprintln!(
-            "  rep {rep}: killed etcd member e{member}; gap {:.0} ms, writes flowing again {:.0} ms after the kill",
-            gap * 1e3,
-            first * 1e3
-        );
-        out.push(
-            Json::new("failover-etcd")
-                .num("rep", rep as f64)
-                .num("clients", clients as f64)
-                .num("killed_member", member as f64)
-                .num("gap_ms", gap * 1e3)
-                .num("recovered_after_kill_ms", first * 1e3)
-                .finish(),
-        );
+        out.push(failovers.record(rep, &format!("etcd member e{member}"), gap, first));
         let status = std::process::Command::new("bash")
             .arg(script)
             .arg("restart-member")
@@ -443,13 +447,6 @@ pub async fn failover_etcd(
         anyhow::ensure!(status.success(), "restarting etcd member {member} failed");
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    gaps.sort_by(f64::total_cmp);
-    out.push(
-        Json::new("failover-etcd-summary")
-            .num("reps", gaps.len() as f64)
-            .num("gap_median_ms", gaps[gaps.len() / 2] * 1e3)
-            .num("gap_max_ms", gaps[gaps.len() - 1] * 1e3)
-            .finish(),
-    );
+    out.push(failovers.summary());
     Ok(out)
 }
