@@ -126,27 +126,33 @@ impl StateMachine {
         if run.is_empty() {
             return Ok(());
         }
+        // The commands are moved into the apply batch, not copied; what the responders need
+        // (whether the entry was a command) is kept beside.
         let mut entries = Vec::with_capacity(run.len());
-        for (entry, _) in run.iter() {
-            let payload = match &entry.payload {
-                EntryPayload::Blank => SmPayload::Blank,
-                EntryPayload::Normal(request) => SmPayload::Command(request.0.clone()),
+        let mut responders = Vec::with_capacity(run.len());
+        for (entry, responder) in run.drain(..) {
+            let log_id = entry.log_id;
+            let (payload, is_command) = match entry.payload {
+                EntryPayload::Blank => (SmPayload::Blank, false),
+                EntryPayload::Normal(request) => (SmPayload::Command(request.0), true),
                 EntryPayload::Membership(membership) => {
-                    let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
-                    SmPayload::Membership(encode(&stored)?.into())
+                    let stored = StoredMembership::new(Some(log_id), membership);
+                    (SmPayload::Membership(encode(&stored)?.into()), false)
                 }
             };
             entries.push(ApplyEntry {
-                index: entry.log_id.index,
-                log_id: encode(&entry.log_id)?.into(),
+                index: log_id.index,
+                log_id: encode(&log_id)?.into(),
                 payload,
             });
+            responders.push((responder, is_command));
         }
         let outcomes = self.shard.apply(&entries).map_err(io_error)?;
-        for ((entry, responder), outcome) in run.drain(..).zip(outcomes) {
+        for ((responder, is_command), outcome) in responders.into_iter().zip(outcomes) {
             if let Some(responder) = responder {
-                let outcome = matches!(entry.payload, EntryPayload::Normal(_)).then_some(outcome);
-                responder.send(crate::types::Response { outcome });
+                responder.send(crate::types::Response {
+                    outcome: is_command.then_some(outcome),
+                });
             }
         }
         Ok(())
