@@ -122,6 +122,9 @@ pub struct StoreConfig {
     /// How often the store is flushed to disk, in milliseconds; the durable applied index of every
     /// shard advances at each flush. sled's own background flusher is turned off.
     pub flush_interval_ms: u64,
+    /// Applied writes a shard keeps in memory before handing them to sled as one batch, in bytes
+    /// (every flush hands them over too). Reads see them either way.
+    pub write_back_bytes: usize,
     /// Largest key, in bytes.
     pub key_bytes_max: usize,
     /// Largest value, in bytes.
@@ -136,6 +139,7 @@ impl Default for StoreConfig {
             dir: PathBuf::from("dossier-data/state"),
             cache_bytes: 256 * MIB,
             flush_interval_ms: 200,
+            write_back_bytes: MIB as usize,
             key_bytes_max: 4 * KIB as usize,
             value_bytes_max: MIB as usize,
             ops_per_batch_max: 1024,
@@ -150,6 +154,12 @@ impl StoreConfig {
             return invalid(
                 "flush-interval-ms",
                 format!("must be within 1..60000, is {}", self.flush_interval_ms),
+            );
+        }
+        if self.write_back_bytes > 256 * MIB as usize {
+            return invalid(
+                "write-back-bytes",
+                format!("must be at most 256 MiB, is {}", self.write_back_bytes),
             );
         }
         if self.key_bytes_max == 0 || self.key_bytes_max > 64 * KIB as usize {

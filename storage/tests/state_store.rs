@@ -126,11 +126,17 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
 
     /// Applying random batches (conditions, puts, deletes, sessions with retries, expiry, reopen)
-    /// gives the model's outcomes and leaves the model's data, sessions and applied index.
+    /// gives the model's outcomes and leaves the model's data, sessions and applied index. The
+    /// write-back buffer sizes make every apply reach sled (0), some of them (64 bytes: reads and
+    /// scans merge the buffer over the tree), or none before a flush or reopen (1 MiB).
     #[test]
-    fn state_store_matches_model(steps in proptest::collection::vec(step(), 1..40), group_size in 1usize..4) {
+    fn state_store_matches_model(
+        steps in proptest::collection::vec(step(), 1..40),
+        group_size in 1usize..4,
+        write_back_bytes in prop_oneof![Just(0usize), Just(64), Just(1 << 20)],
+    ) {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = config(dir.path());
+        let cfg = StoreConfig { write_back_bytes, ..(*config(dir.path())).clone() }.validate().unwrap();
         let mut store = StateStore::open(Arc::clone(&cfg)).unwrap();
         let mut shard = store.create_shard(9).unwrap();
         let mut model = Model::default();

@@ -7,9 +7,15 @@
 //! 0x01 client u64 BE session: last seq u64 BE | last index u64 BE | outcome (5 bytes)
 //! 0x02 user key      user value
 //! ```
-//! Applying a run of entries writes their data, the session records and the applied id in one
-//! `sled::Batch`, which sled applies atomically and recovers as a prefix: after a crash the store
-//! is exactly at some applied index, and the layer above re-applies the log from there.
+//! Applying a run of entries puts their data, the session records and the applied id into the
+//! shard's write-back buffer, an ordered map in memory that every read consults before the tree.
+//! The buffer goes to sled as one `sled::Batch` when it holds `write-back-bytes` or at the next
+//! flush. sled applies a batch atomically and recovers batches as a prefix: after a crash the
+//! store is exactly at some applied index, and the layer above re-applies the log from there.
+//!
+//! Why not one sled batch per apply run: every `sled::Batch` makes sled seal and write its own
+//! I/O buffer on a thread pool that wakes all its threads per job. At a few thousand small runs
+//! per second per node that was more than half of the node's context switches.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,10 +41,24 @@ pub struct Applied {
     pub log_id: Bytes,
 }
 
-/// One shard replica's state. Cheap to share: reads take no lock beyond sled's own.
+/// Applied writes that sled has not been handed yet (tree keys, `None` for a removal).
+#[derive(Debug, Default)]
+pub(crate) struct WriteBack {
+    writes: BTreeMap<Vec<u8>, Option<Bytes>>,
+    bytes: usize,
+}
+
+/// One shard replica's state. Cheap to share: reads take a read lock on the write-back buffer
+/// and sled's own.
 #[derive(Debug)]
 pub struct ShardStore {
     shard: ShardId,
+    /// Applied writes not yet in the tree; changed only under `apply_lock`.
+    pub(crate) write_back: RwLock<WriteBack>,
+    /// Size of the buffer that triggers a write to the tree.
+    write_back_bytes: usize,
+    /// Applied index + 1 as held by the tree (behind `applied` while the buffer holds writes).
+    pub(crate) stored_applied: AtomicU64,
     /// The live tree; swapped whole when a snapshot is installed.
     pub(crate) tree: RwLock<sled::Tree>,
     /// Serialises applies, snapshot builds and installs.
@@ -104,10 +124,12 @@ impl SessionRecord {
     }
 }
 
-/// Writes of one apply run, seen by later entries of the same run before they reach sled.
+/// Writes of one apply run, seen by later entries of the same run before they reach the
+/// write-back buffer.
 struct Overlay<'a> {
     shard: ShardId,
     tree: &'a sled::Tree,
+    write_back: &'a WriteBack,
     writes: BTreeMap<Vec<u8>, Option<Bytes>>,
 }
 
@@ -116,8 +138,7 @@ impl Overlay<'_> {
         if let Some(value) = self.writes.get(key) {
             return Ok(value.clone());
         }
-        let value = self.tree.get(key).map_err(|e| Error::sled("read key", e))?;
-        Ok(value.map(|v| Bytes::copy_from_slice(&v)))
+        read_through(self.write_back, self.tree, key)
     }
 
     fn put(&mut self, key: Vec<u8>, value: impl Into<Bytes>) {
@@ -136,8 +157,17 @@ impl Overlay<'_> {
     }
 }
 
+/// `key` as the buffer, then the tree, hold it.
+fn read_through(write_back: &WriteBack, tree: &sled::Tree, key: &[u8]) -> Result<Option<Bytes>> {
+    if let Some(value) = write_back.writes.get(key) {
+        return Ok(value.clone());
+    }
+    let value = tree.get(key).map_err(|e| Error::sled("read key", e))?;
+    Ok(value.map(|v| Bytes::copy_from_slice(&v)))
+}
+
 impl ShardStore {
-    pub(crate) fn new(shard: ShardId, tree: sled::Tree) -> Result<Self> {
+    pub(crate) fn new(shard: ShardId, tree: sled::Tree, write_back_bytes: usize) -> Result<Self> {
         let applied = tree
             .get(KEY_APPLIED)
             .map_err(|e| Error::sled("read applied id", e))?
@@ -151,6 +181,9 @@ impl ShardStore {
         let applied = applied.map_or(0, |a| a.index + 1);
         Ok(ShardStore {
             shard,
+            write_back: RwLock::new(WriteBack::default()),
+            write_back_bytes,
+            stored_applied: AtomicU64::new(applied),
             tree: RwLock::new(tree),
             apply_lock: Mutex::new(()),
             applied: AtomicU64::new(applied),
@@ -175,22 +208,65 @@ impl ShardStore {
         self.tree.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keys held (data, sessions and the few metadata keys). A full scan in sled: for status
-    /// reports, not for request paths.
-    pub fn len(&self) -> usize {
-        self.tree().len()
+    fn write_back_buffer(&self) -> std::sync::RwLockReadGuard<'_, WriteBack> {
+        self.write_back.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Reads a tree key through the write-back buffer.
+    fn read(&self, key: &[u8]) -> Result<Option<Bytes>> {
+        let tree = self.tree();
+        read_through(&self.write_back_buffer(), &tree, key)
+    }
+
+    /// Hands the write-back buffer to sled as one atomic batch. The caller holds `apply_lock`, so
+    /// the buffer cannot change meanwhile; readers keep finding the writes in the buffer until
+    /// the tree has them.
+    pub(crate) fn write_back_locked(&self) -> Result<()> {
+        let batch = {
+            let buffer = self.write_back_buffer();
+            if buffer.writes.is_empty() {
+                return Ok(());
+            }
+            let mut batch = sled::Batch::default();
+            for (key, value) in &buffer.writes {
+                match value {
+                    Some(value) => batch.insert(key.as_slice(), value.as_ref()),
+                    None => batch.remove(key.as_slice()),
+                }
+            }
+            batch
+        };
+        self.tree()
+            .apply_batch(batch)
+            .map_err(|e| Error::sled("write back applied entries", e))?;
+        let mut buffer = self.write_back.write().unwrap_or_else(|e| e.into_inner());
+        *buffer = WriteBack::default();
+        self.stored_applied
+            .store(self.applied.load(Ordering::Acquire), Ordering::Release);
+        Ok(())
+    }
+
+    /// Hands every applied write to sled (not yet durable: see `StateStore::flush`).
+    pub fn write_back(&self) -> Result<()> {
+        let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.write_back_locked()
+    }
+
+    /// Drops the write-back buffer; the caller holds `apply_lock` and is replacing the tree.
+    pub(crate) fn discard_write_back_locked(&self) {
+        *self.write_back.write().unwrap_or_else(|e| e.into_inner()) = WriteBack::default();
+    }
+
+    /// Keys held (data, sessions and the few metadata keys). A full scan in sled: for status
+    /// reports, not for request paths.
+    pub fn len(&self) -> Result<usize> {
+        self.write_back()?;
+        Ok(self.tree().len())
     }
 
     /// The last applied entry, read from the store.
     pub fn applied(&self) -> Result<Option<Applied>> {
-        let value = self
-            .tree()
-            .get(KEY_APPLIED)
-            .map_err(|e| Error::sled("read applied id", e))?;
+        let value = self.read(KEY_APPLIED)?;
         value
             .map(|v| decode_applied(&v).ok_or(self.corrupt("applied id")))
             .transpose()
@@ -208,19 +284,11 @@ impl ShardStore {
 
     /// The last membership applied (opaque bytes), if any.
     pub fn membership(&self) -> Result<Option<Bytes>> {
-        let value = self
-            .tree()
-            .get(KEY_MEMBERSHIP)
-            .map_err(|e| Error::sled("read membership", e))?;
-        Ok(value.map(|v| Bytes::copy_from_slice(&v)))
+        self.read(KEY_MEMBERSHIP)
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Bytes>> {
-        let value = self
-            .tree()
-            .get(data_key(key))
-            .map_err(|e| Error::sled("read key", e))?;
-        Ok(value.map(|v| Bytes::copy_from_slice(&v)))
+        self.read(&data_key(key))
     }
 
     /// Keys starting with `prefix`, in order, after `start_after` if given, at most `limit`.
@@ -233,27 +301,59 @@ impl ShardStore {
     ) -> Result<Vec<(Bytes, Bytes)>> {
         let tree = self.tree();
         let full_prefix = data_key(prefix);
-        let iter = match start_after {
+        let from = match start_after {
             Some(after) => {
                 let mut from = data_key(after);
                 from.push(0);
-                tree.range(from..)
+                from
             }
-            None => tree.range(full_prefix.clone()..),
+            None => full_prefix.clone(),
         };
+        // The buffer's part of the range (bounded by `write-back-bytes`), merged over the tree's:
+        // a buffered write replaces the tree's value, a buffered removal hides it.
+        let buffered: Vec<(Vec<u8>, Option<Bytes>)> = self
+            .write_back_buffer()
+            .writes
+            .range(from.clone()..)
+            .take_while(|(k, _)| k.starts_with(&full_prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut buffered = buffered.into_iter().peekable();
+        let mut stored = tree.range(from..).peekable();
         let mut out = Vec::new();
-        for item in iter {
-            if out.len() >= limit {
-                break;
+        while out.len() < limit {
+            let next_stored = match stored.peek() {
+                Some(Ok((key, _))) if key.starts_with(&full_prefix) => Some(key.clone()),
+                Some(Ok(_)) | None => None,
+                Some(Err(_)) => {
+                    let Some(Err(e)) = stored.next() else {
+                        unreachable!("peeked an error")
+                    };
+                    return Err(Error::sled("scan keys", e));
+                }
+            };
+            let take_buffered = match (buffered.peek(), &next_stored) {
+                (None, None) => break,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some((b, _)), Some(t)) => b.as_slice() <= t.as_ref(),
+            };
+            if take_buffered {
+                let Some((key, value)) = buffered.next() else {
+                    break;
+                };
+                if next_stored.as_deref() == Some(key.as_slice()) {
+                    stored.next();
+                }
+                if let Some(value) = value {
+                    out.push((Bytes::copy_from_slice(&key[1..]), value));
+                }
+            } else if let Some(Ok((key, value))) = stored.next() {
+                out.push((
+                    Bytes::copy_from_slice(&key[1..]),
+                    Bytes::copy_from_slice(&value),
+                ));
             }
-            let (key, value) = item.map_err(|e| Error::sled("scan keys", e))?;
-            if !key.starts_with(&full_prefix) {
-                break;
-            }
-            out.push((
-                Bytes::copy_from_slice(&key[1..]),
-                Bytes::copy_from_slice(&value),
-            ));
         }
         Ok(out)
     }
@@ -266,10 +366,22 @@ impl ShardStore {
             return Ok(Vec::new());
         };
         let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Expiry scans the session space of the tree: hand it everything first (rare: one
+        // expiry entry a minute).
+        if entries.iter().any(|e| {
+            matches!(
+                e.payload,
+                EntryPayload::Command(Command::ExpireSessions { .. })
+            )
+        }) {
+            self.write_back_locked()?;
+        }
         let tree = self.tree();
+        let buffer = self.write_back_buffer();
         let mut overlay = Overlay {
             shard: self.shard,
             tree: &tree,
+            write_back: &buffer,
             writes: BTreeMap::new(),
         };
         let mut expected = self.applied.load(Ordering::Acquire);
@@ -307,21 +419,28 @@ impl ShardStore {
                 log_id: last.log_id.clone(),
             }),
         );
-        let mut batch = sled::Batch::default();
-        for (key, value) in overlay.writes {
-            match value {
-                Some(value) => batch.insert(key, value.as_ref()),
-                None => batch.remove(key),
+        let writes = std::mem::take(&mut overlay.writes);
+        drop(overlay);
+        drop(buffer);
+        drop(tree);
+        let full = {
+            let mut buffer = self.write_back.write().unwrap_or_else(|e| e.into_inner());
+            for (key, value) in writes {
+                buffer.bytes += key.len() + value.as_ref().map_or(0, Bytes::len);
+                buffer.writes.insert(key, value);
             }
-        }
-        tree.apply_batch(batch)
-            .map_err(|e| Error::sled("apply batch", e))?;
+            buffer.bytes >= self.write_back_bytes
+        };
         self.applied.store(last.index + 1, Ordering::Release);
+        if full {
+            self.write_back_locked()?;
+        }
         Ok(outcomes)
     }
 
     /// Every session in the table, as `(client, last seq, last index)` (for tests and tools).
     pub fn sessions(&self) -> Result<Vec<(u64, u64, u64)>> {
+        self.write_back()?;
         let mut out = Vec::new();
         for item in self.tree().scan_prefix([SPACE_SESSION]) {
             let (key, value) = item.map_err(|e| Error::sled("scan sessions", e))?;

@@ -2,8 +2,9 @@
 //! tells the log how far it may be purged.
 //!
 //! Durability: sled's own background flush is turned off. A flusher thread calls `Db::flush` every
-//! `flush-interval-ms`; before each flush it notes every shard's applied index, and after the flush
-//! returns it publishes that index as the shard's durable applied index. A crash loses at most the
+//! `flush-interval-ms`; before each flush it hands every shard's write-back buffer to sled and notes
+//! the applied index the tree then holds, and after the flush returns it publishes that index as
+//! the shard's durable applied index. A crash loses at most the
 //! applies since the last flush, which the layer above re-applies from the log, so the log must
 //! never be purged past [`ShardStore::durable_applied_index`].
 //!
@@ -80,7 +81,10 @@ impl StateStore {
             let tree = db
                 .open_tree(&name)
                 .map_err(|e| Error::sled("open shard tree", e))?;
-            shards.insert(shard, Arc::new(ShardStore::new(shard, tree)?));
+            shards.insert(
+                shard,
+                Arc::new(ShardStore::new(shard, tree, config.write_back_bytes)?),
+            );
             named.push(name);
         }
         for name in db.tree_names() {
@@ -158,7 +162,11 @@ impl StateStore {
             .catalog
             .insert(shard.to_be_bytes(), &0u64.to_be_bytes())
             .map_err(|e| Error::sled("record shard in catalog", e))?;
-        let handle = Arc::new(ShardStore::new(shard, tree)?);
+        let handle = Arc::new(ShardStore::new(
+            shard,
+            tree,
+            self.inner.config.write_back_bytes,
+        )?);
         shards.insert(shard, Arc::clone(&handle));
         Ok(handle)
     }
@@ -203,10 +211,11 @@ pub(crate) fn flush(inner: &StoreInner) -> Result<()> {
         .values()
         .cloned()
         .collect();
-    let applied: Vec<u64> = shards
-        .iter()
-        .map(|s| s.applied.load(Ordering::Acquire))
-        .collect();
+    let mut applied = Vec::with_capacity(shards.len());
+    for shard in &shards {
+        shard.write_back()?;
+        applied.push(shard.stored_applied.load(Ordering::Acquire));
+    }
     inner
         .db
         .flush()

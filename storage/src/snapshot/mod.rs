@@ -168,6 +168,7 @@ impl ShardStore {
         out.write_all(MAGIC).map_err(io)?;
         let mut meta = {
             let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.write_back_locked()?;
             let mut meta = SnapshotMeta {
                 shard: self.shard(),
                 applied: self.applied()?,
@@ -331,7 +332,9 @@ impl StateStore {
             .map_err(|e| Error::sled("flush catalog switch", e))?;
         *handle.tree.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         let applied = meta.applied.as_ref().map_or(0, |a| a.index + 1);
+        handle.discard_write_back_locked();
         handle.applied.store(applied, Ordering::Release);
+        handle.stored_applied.store(applied, Ordering::Release);
         handle.durable_applied.store(applied, Ordering::Release);
         inner
             .db
