@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use dossier_api::v1::{ClusterMap, NodeInfo, ShardDescriptor};
 use dossier_raft::openraft::async_runtime::WatchReceiver;
-use dossier_raft::openraft::{BasicNode, ReadPolicy, ServerState};
+use dossier_raft::openraft::{BasicNode, ServerState};
 use dossier_raft::{GroupContext, GroupRegistry, NetworkConfig, PeerPool, Raft, Request};
 use dossier_storage::{
     Batch, Command, Condition, Expect, LogEngine, Op, Outcome, ShardHandle, ShardId, StateStore,
@@ -330,11 +330,12 @@ impl Node {
         }
     }
 
-    /// Waits until this replica may serve a linearizable read (ReadIndex through the leader).
+    /// Waits until this replica may serve a linearizable read (the leader's lease, or ReadIndex:
+    /// `raft.read-lease`).
     pub async fn read_barrier(&self, shard: ShardId, deadline: Duration) -> Result<(), ApiError> {
         let raft = self.group(shard).ok_or(ApiError::ShardNotFound { shard })?;
-        match tokio::time::timeout(deadline, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await
-        {
+        let option = self.config.node.raft.read_option();
+        match tokio::time::timeout(deadline, raft.ensure_linearizable(option)).await {
             Err(_) => Err(ApiError::Deadline),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => match e.forward_to_leader() {

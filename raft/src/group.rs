@@ -35,6 +35,12 @@ pub struct RaftConfig {
     /// Send new entries to followers as soon as they are queued on the leader, instead of after
     /// the leader's own fdatasync: the leader's and followers' fsyncs overlap.
     pub replicate_before_local_flush: bool,
+    /// Serve a linearizable read without a round of heartbeats while a quorum acknowledged this
+    /// leader within the leader lease (`election-timeout-max-ms`); otherwise, or when false, the
+    /// read waits for a fresh quorum acknowledgement (ReadIndex). Safe because a follower votes
+    /// for no one while its lease on the leader runs; it assumes clocks advance at about the same
+    /// rate on every node (monotonic clocks, no bound on their offset).
+    pub read_lease: bool,
 }
 
 impl Default for RaftConfig {
@@ -52,11 +58,23 @@ impl Default for RaftConfig {
             log_entries_kept_after_snapshot: 1_000,
             entries_per_append_max: 300,
             replicate_before_local_flush: true,
+            read_lease: true,
         }
     }
 }
 
 impl RaftConfig {
+    /// How a linearizable read is confirmed (see `read_lease`).
+    pub fn read_option(&self) -> openraft::LinearizerOption {
+        if self.read_lease {
+            // Any quorum acknowledgement within the lease will do; if none is that fresh, send
+            // heartbeats now rather than wait for the next tick.
+            openraft::LinearizerOption::new(None, true)
+        } else {
+            openraft::ReadPolicy::ReadIndex.into()
+        }
+    }
+
     /// openraft's configuration for a group (validated: openraft checks the timeout relations).
     pub fn openraft(&self, cluster: &str) -> Result<Arc<openraft::Config>, Error> {
         let config = openraft::Config {
