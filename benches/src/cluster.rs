@@ -3,13 +3,15 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dossier_cli::ops;
 use dossier_cli::procs;
 use dossier_client::{Client, ReadConsistency};
+use hdrhistogram::Histogram;
 
 use crate::stats::{Json, Latency, per_second};
 
@@ -47,41 +49,6 @@ impl Backend {
         }
         Ok(Backend::Etcd(channels))
     }
-
-    async fn put(&self, client: usize, patient: &str, value: &[u8]) -> bool {
-        match self {
-            Backend::Dossier(c) => c.put(patient, b"k", value).await.is_ok(),
-            Backend::Etcd(channels) => {
-                let mut kv =
-                    etcdpb::kv_client::KvClient::new(channels[client % channels.len()].clone());
-                let request = etcdpb::PutRequest {
-                    key: format!("{patient}/k").into_bytes(),
-                    value: value.to_vec(),
-                    ..Default::default()
-                };
-                kv.put(request).await.is_ok()
-            }
-        }
-    }
-
-    async fn get(&self, client: usize, patient: &str, consistency: ReadConsistency) -> bool {
-        match self {
-            Backend::Dossier(c) => c
-                .get_with(patient, b"k", consistency, Duration::from_secs(10))
-                .await
-                .is_ok(),
-            Backend::Etcd(channels) => {
-                let mut kv =
-                    etcdpb::kv_client::KvClient::new(channels[client % channels.len()].clone());
-                let request = etcdpb::RangeRequest {
-                    key: format!("{patient}/k").into_bytes(),
-                    serializable: consistency == ReadConsistency::Stale,
-                    ..Default::default()
-                };
-                kv.range(request).await.is_ok()
-            }
-        }
-    }
 }
 
 /// A local cluster for one measurement and its client; the nodes stop (SIGTERM) when dropped.
@@ -110,101 +77,385 @@ impl LocalCluster {
 pub enum Workload {
     Put,
     Get(ReadConsistency),
+    /// Linearizable gets and puts, `read_percent` of the operations being gets.
+    Mixed { read_percent: u8 },
 }
 
 impl Workload {
-    fn name(self) -> &'static str {
+    /// `put`, `get`, `get-stale`, or `mixed` (with `read_percent`).
+    pub fn parse(name: &str, read_percent: u8) -> Result<Workload> {
+        Ok(match name {
+            "put" => Workload::Put,
+            "get" => Workload::Get(ReadConsistency::Linearizable),
+            "get-stale" => Workload::Get(ReadConsistency::Stale),
+            "mixed" => {
+                anyhow::ensure!(
+                    read_percent <= 100,
+                    "--read-percent must be within 0..100, is {read_percent}"
+                );
+                Workload::Mixed { read_percent }
+            }
+            other => anyhow::bail!("unknown workload {other:?} (put, get, get-stale, mixed)"),
+        })
+    }
+
+    fn name(self) -> String {
         match self {
-            Workload::Put => "put",
-            Workload::Get(ReadConsistency::Linearizable) => "get",
-            Workload::Get(ReadConsistency::Stale) => "get-stale",
+            Workload::Put => "put".into(),
+            Workload::Get(ReadConsistency::Linearizable) => "get".into(),
+            Workload::Get(ReadConsistency::Stale) => "get-stale".into(),
+            Workload::Mixed { read_percent } => format!("mixed-{read_percent}r"),
+        }
+    }
+
+    fn reads(self) -> bool {
+        !matches!(self, Workload::Put)
+    }
+}
+
+/// How clients pick the patient of each operation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Distribution {
+    Uniform,
+    /// Zipf over patients with exponent `theta` (0.99 is YCSB's default): patient 0 hottest.
+    Zipf { theta: f64 },
+}
+
+impl Distribution {
+    pub fn parse(name: &str, theta: f64) -> Result<Distribution> {
+        match name {
+            "uniform" => Ok(Distribution::Uniform),
+            "zipf" | "zipfian" => {
+                anyhow::ensure!(
+                    theta > 0.0 && theta < 10.0,
+                    "--zipf-theta must be within (0, 10), is {theta}"
+                );
+                Ok(Distribution::Zipf { theta })
+            }
+            other => anyhow::bail!("unknown distribution {other:?} (uniform, zipf)"),
+        }
+    }
+
+    fn name(self) -> String {
+        match self {
+            Distribution::Uniform => "uniform".into(),
+            Distribution::Zipf { theta } => format!("zipf-{theta}"),
         }
     }
 }
 
-/// `clients` closed-loop clients for `duration` after `warmup`, over `patients` patients.
-pub async fn load(
-    backend: &Backend,
-    workload: Workload,
-    clients: usize,
-    value_bytes: usize,
-    patients: usize,
-    duration: Duration,
-    warmup: Duration,
-) -> Result<String> {
-    let value = Arc::new(vec![0x42u8; value_bytes]);
-    if let Workload::Get(_) = workload {
-        for p in 0..patients {
-            if !backend.put(p, &format!("patient-{p:06}"), &value).await {
-                anyhow::bail!("preloading patient {p} failed");
+/// Draws patient numbers in `0..patients`: uniform, or Zipf through a cumulative table.
+#[derive(Debug, Clone)]
+enum Chooser {
+    Uniform(u64),
+    Zipf(Arc<Vec<f64>>),
+}
+
+impl Chooser {
+    fn new(distribution: Distribution, patients: usize) -> Chooser {
+        match distribution {
+            Distribution::Uniform => Chooser::Uniform(patients as u64),
+            Distribution::Zipf { theta } => {
+                let weights: Vec<f64> = (1..=patients).map(|k| (k as f64).powf(-theta)).collect();
+                let total: f64 = weights.iter().sum();
+                let mut acc = 0.0;
+                let cdf = weights
+                    .iter()
+                    .map(|w| {
+                        acc += w / total;
+                        acc
+                    })
+                    .collect();
+                Chooser::Zipf(Arc::new(cdf))
             }
         }
     }
+
+    fn pick(&self, rng: &mut Rng) -> usize {
+        match self {
+            Chooser::Uniform(n) => (rng.next() % n) as usize,
+            Chooser::Zipf(cdf) => {
+                let u = rng.unit();
+                cdf.partition_point(|&c| c < u).min(cdf.len() - 1)
+            }
+        }
+    }
+}
+
+/// splitmix64: small, seedable, and the same on every run.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// One load point: what runs, how long, over which keys.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub workload: Workload,
+    pub clients: usize,
+    pub value_bytes: usize,
+    pub patients: usize,
+    pub distribution: Distribution,
+    /// Measured time; the run ends at this or at `ops`, whichever comes first.
+    pub duration: Duration,
+    /// Measured operations (successful or not) across all clients.
+    pub ops: Option<u64>,
+    pub warmup: Duration,
+}
+
+/// The outcome of one load point.
+#[derive(Debug)]
+pub struct LoadResult {
+    pub json: String,
+    pub row: String,
+}
+
+fn patient_name(n: usize) -> String {
+    format!("patient-{n:06}")
+}
+
+/// The kind of a failed operation, for the error counts.
+fn dossier_error_kind(e: &dossier_client::ClientError) -> &'static str {
+    use dossier_client::ClientError as E;
+    match e {
+        E::Timeout { .. } => "timeout",
+        E::InvalidArgument { .. } => "invalid-argument",
+        E::Session(_) => "session",
+        E::Cluster(_) => "cluster",
+        E::NoSeed(_) => "no-seed",
+        E::Server(_) => "server",
+    }
+}
+
+impl Backend {
+    async fn op(
+        &self,
+        client: usize,
+        read: Option<ReadConsistency>,
+        patient: &str,
+        value: &[u8],
+    ) -> Result<(), String> {
+        match read {
+            Some(consistency) => self.get_kind(client, patient, consistency).await,
+            None => self.put_kind(client, patient, value).await,
+        }
+    }
+
+    async fn put_kind(&self, client: usize, patient: &str, value: &[u8]) -> Result<(), String> {
+        match self {
+            Backend::Dossier(c) => c
+                .put(patient, b"k", value)
+                .await
+                .map(|_| ())
+                .map_err(|e| dossier_error_kind(&e).to_owned()),
+            Backend::Etcd(channels) => {
+                let mut kv =
+                    etcdpb::kv_client::KvClient::new(channels[client % channels.len()].clone());
+                let request = etcdpb::PutRequest {
+                    key: format!("{patient}/k").into_bytes(),
+                    value: value.to_vec(),
+                    ..Default::default()
+                };
+                kv.put(request)
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| format!("{:?}", s.code()).to_lowercase())
+            }
+        }
+    }
+
+    async fn get_kind(
+        &self,
+        client: usize,
+        patient: &str,
+        consistency: ReadConsistency,
+    ) -> Result<(), String> {
+        match self {
+            Backend::Dossier(c) => c
+                .get_with(patient, b"k", consistency, Duration::from_secs(10))
+                .await
+                .map(|_| ())
+                .map_err(|e| dossier_error_kind(&e).to_owned()),
+            Backend::Etcd(channels) => {
+                let mut kv =
+                    etcdpb::kv_client::KvClient::new(channels[client % channels.len()].clone());
+                let request = etcdpb::RangeRequest {
+                    key: format!("{patient}/k").into_bytes(),
+                    serializable: consistency == ReadConsistency::Stale,
+                    ..Default::default()
+                };
+                kv.range(request)
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| format!("{:?}", s.code()).to_lowercase())
+            }
+        }
+    }
+}
+
+/// Closed loop: `spec.clients` clients, each sending its next operation when the last returns,
+/// for `spec.warmup` unmeasured and then until `spec.duration` or `spec.ops`. Progress once a
+/// second on stderr.
+pub async fn load(backend: &Backend, spec: &LoadSpec) -> Result<LoadResult> {
+    anyhow::ensure!(spec.clients > 0, "--clients must be at least 1");
+    anyhow::ensure!(spec.patients > 0, "--patients must be at least 1");
+    let value = Arc::new(vec![0x42u8; spec.value_bytes]);
+    if spec.workload.reads() {
+        for p in 0..spec.patients {
+            backend
+                .put_kind(p, &patient_name(p), &value)
+                .await
+                .map_err(|kind| anyhow::anyhow!("preloading patient {p} failed: {kind}"))?;
+        }
+    }
+    let chooser = Chooser::new(spec.distribution, spec.patients);
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks: Vec<_> = (0..clients)
+    let measured = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let ops_limit = spec.ops.unwrap_or(u64::MAX);
+    let workload = spec.workload;
+    let tasks: Vec<_> = (0..spec.clients)
         .map(|c| {
-            let (backend, value, measuring, stop) = (
+            let (backend, value, measuring, stop, measured, failed, chooser) = (
                 backend.clone(),
                 Arc::clone(&value),
                 Arc::clone(&measuring),
                 Arc::clone(&stop),
+                Arc::clone(&measured),
+                Arc::clone(&failed),
+                chooser.clone(),
             );
             tokio::spawn(async move {
-                let mut lat = Vec::new();
-                let mut errors = 0u64;
-                let mut n = c;
+                // 1 µs to 60 s, 3 significant digits.
+                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                    .expect("valid histogram bounds");
+                let mut errors: HashMap<String, u64> = HashMap::new();
+                let mut rng = Rng(0x5eed ^ (c as u64).wrapping_mul(0x9e37_79b9));
                 while !stop.load(Ordering::Relaxed) {
-                    let patient = format!("patient-{:06}", n % patients);
-                    n = n
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407)
-                        >> 1;
-                    let started = Instant::now();
-                    let ok = match workload {
-                        Workload::Put => backend.put(c, &patient, &value).await,
-                        Workload::Get(consistency) => backend.get(c, &patient, consistency).await,
+                    let patient = patient_name(chooser.pick(&mut rng));
+                    let read = match workload {
+                        Workload::Put => None,
+                        Workload::Get(consistency) => Some(consistency),
+                        Workload::Mixed { read_percent } => (rng.next() % 100
+                            < u64::from(read_percent))
+                        .then_some(ReadConsistency::Linearizable),
                     };
-                    if measuring.load(Ordering::Relaxed) {
-                        if ok {
-                            lat.push(started.elapsed().as_nanos() as u64);
-                        } else {
-                            errors += 1;
+                    let started = Instant::now();
+                    let outcome = backend.op(c, read, &patient, &value).await;
+                    if !measuring.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    match outcome {
+                        Ok(()) => {
+                            let us = (started.elapsed().as_micros() as u64).clamp(1, 60_000_000);
+                            hist.record(us).expect("clamped into the histogram's bounds");
+                        }
+                        Err(kind) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            *errors.entry(kind).or_default() += 1;
                         }
                     }
+                    if measured.fetch_add(1, Ordering::Relaxed) + 1 >= ops_limit {
+                        stop.store(true, Ordering::Relaxed);
+                    }
                 }
-                (lat, errors)
+                (hist, errors)
             })
         })
         .collect();
-    tokio::time::sleep(warmup).await;
+    tokio::time::sleep(spec.warmup).await;
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
-    tokio::time::sleep(duration).await;
+    let mut last = (0u64, started);
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < spec.duration {
+        let left = spec.duration.saturating_sub(started.elapsed());
+        tokio::time::sleep(left.min(Duration::from_millis(100))).await;
+        if last.1.elapsed() >= Duration::from_secs(1) {
+            let done = measured.load(Ordering::Relaxed);
+            eprintln!(
+                "  {:>5.1} s: {done} ops, {:.0} ops/s in the last second, {} errors",
+                started.elapsed().as_secs_f64(),
+                per_second(done - last.0, last.1.elapsed()),
+                failed.load(Ordering::Relaxed)
+            );
+            last = (done, Instant::now());
+        }
+    }
     measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let mut lat = Vec::new();
-    let mut errors = 0;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for t in tasks {
-        let (l, e) = t.await.context("client task")?;
-        lat.extend(l);
-        errors += e;
+        let (h, e) = t.await.context("client task")?;
+        hist.add(&h)?;
+        for (kind, n) in e {
+            *errors.entry(kind).or_default() += n;
+        }
     }
-    let ops = lat.len() as u64;
-    Ok(Json::new("cluster-load")
-        .str("backend", backend.name())
-        .str("workload", workload.name())
-        .num("clients", clients as f64)
-        .num("value_bytes", value_bytes as f64)
+    let ops = hist.len();
+    let error_total: u64 = errors.values().sum();
+    let latency = Latency::of_histogram(&hist);
+    let mut json = Json::new("cluster-load");
+    json.str("backend", backend.name())
+        .str("workload", &workload.name())
+        .str("distribution", &spec.distribution.name())
+        .num("clients", spec.clients as f64)
+        .num("value_bytes", spec.value_bytes as f64)
+        .num("patients", spec.patients as f64)
         .num("replicas", 3.0)
         .num("seconds", elapsed.as_secs_f64())
         .num("ops", ops as f64)
         .num("ops_per_s", per_second(ops, elapsed))
-        .num("errors", errors as f64)
-        .latency("latency", Latency::of(&mut lat))
-        .finish())
+        .num("errors", error_total as f64);
+    for (kind, n) in &errors {
+        json.num(&format!("errors_{}", kind.replace('-', "_")), *n as f64);
+    }
+    json.latency("latency", latency);
+    let ms = |f: fn(&Latency) -> f64| latency.map_or("-".to_owned(), |l| format!("{:.2}", f(&l) / 1000.0));
+    let row = format!(
+        "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+        backend.name(),
+        workload.name(),
+        spec.distribution.name(),
+        spec.clients,
+        per_second(ops, elapsed),
+        ms(|l| l.p50),
+        ms(|l| l.p99),
+        ms(|l| l.p999),
+        ms(|l| l.max),
+        if errors.is_empty() {
+            "0".to_owned()
+        } else {
+            errors
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    );
+    Ok(LoadResult {
+        json: json.finish(),
+        row,
+    })
 }
+
+/// The header of the table `LoadResult::row` fills.
+pub const TABLE_HEADER: &str = "| backend | workload | keys | clients | ops/s | p50 ms | p99 ms | p99.9 ms | max ms | errors |\n|---|---|---|---|---|---|---|---|---|---|";
 
 /// Steady writes from `clients` clients to one shard; SIGKILL its leader; measure the
 /// client-observed gap and the time to the first success after the kill; restart the node and
@@ -449,4 +700,43 @@ pub async fn failover_etcd(
     }
     out.push(failovers.summary());
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zipf_is_skewed_and_uniform_is_flat() {
+        let draws = 200_000;
+        let count = |d: Distribution| {
+            let chooser = Chooser::new(d, 100);
+            let mut rng = Rng(7);
+            let mut hits = vec![0u32; 100];
+            for _ in 0..draws {
+                hits[chooser.pick(&mut rng)] += 1;
+            }
+            hits
+        };
+        let zipf = count(Distribution::Zipf { theta: 0.99 });
+        // With theta 0.99 over 100 keys, key 0 takes about 19 % and key 99 about 0.2 %.
+        assert!(zipf[0] > draws / 7, "hottest key drew {}", zipf[0]);
+        assert!(zipf[0] > zipf[1] && zipf[1] > zipf[9] && zipf[9] > zipf[99]);
+        assert!(zipf[99] > 0);
+        let uniform = count(Distribution::Uniform);
+        let (lo, hi) = (uniform.iter().min().unwrap(), uniform.iter().max().unwrap());
+        assert!(*lo > 1_700 && *hi < 2_300, "uniform counts within {lo}..{hi}");
+    }
+
+    #[test]
+    fn bad_workload_arguments_are_refused() {
+        assert!(Workload::parse("mixed", 101).is_err());
+        assert!(Workload::parse("scan", 0).is_err());
+        assert_eq!(
+            Workload::parse("mixed", 90).unwrap(),
+            Workload::Mixed { read_percent: 90 }
+        );
+        assert!(Distribution::parse("zipf", 0.0).is_err());
+        assert!(Distribution::parse("pareto", 1.0).is_err());
+    }
 }

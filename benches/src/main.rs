@@ -81,19 +81,37 @@ enum Command {
     /// Closed-loop clients against a local 3-node cluster (dossier-node processes, 3 replicas):
     /// durable writes, linearizable reads, stale reads.
     ClusterLoad {
-        /// put, get (linearizable), get-stale; several comma separated.
+        /// put (durable), get (linearizable), get-stale (any replica), mixed (linearizable gets
+        /// and puts, see --read-percent); several comma separated.
         #[arg(long, value_delimiter = ',', default_values_t = ["put".to_owned(), "get".to_owned(), "get-stale".to_owned()])]
         workloads: Vec<String>,
+        /// Share of gets in the mixed workload, in percent.
+        #[arg(long, default_value_t = 90)]
+        read_percent: u8,
+        /// Concurrent closed-loop clients; several comma separated, one run each.
         #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 64, 256])]
         clients: Vec<usize>,
         #[arg(long, default_value_t = 256)]
         value_bytes: usize,
+        /// Key space: one key per patient.
         #[arg(long, default_value_t = 1000)]
         patients: usize,
+        /// How patients are picked: uniform or zipf (see --zipf-theta).
+        #[arg(long, default_value = "uniform")]
+        distribution: String,
+        #[arg(long, default_value_t = 0.99)]
+        zipf_theta: f64,
         #[arg(long, default_value_t = 8)]
         shards: u32,
-        #[arg(long, default_value_t = 5)]
+        /// Measured seconds per run (after the warm-up); a run also ends at --ops.
+        #[arg(long, alias = "duration", default_value_t = 5)]
         seconds: u64,
+        /// Stop a run after this many measured operations.
+        #[arg(long)]
+        ops: Option<u64>,
+        /// Unmeasured seconds before each run.
+        #[arg(long, default_value_t = 1)]
+        warmup: u64,
         #[arg(long, default_value_t = 7300)]
         base_port: u16,
         /// dossier (a local 3-node cluster is started) or etcd (an existing cluster, see
@@ -194,15 +212,28 @@ fn main() -> Result<()> {
         }
         Command::ClusterLoad {
             workloads,
+            read_percent,
             clients,
             value_bytes,
             patients,
+            distribution,
+            zipf_theta,
             shards,
             seconds,
+            ops,
+            warmup,
             base_port,
             backend,
             etcd_endpoints,
         } => {
+            // Refuse bad arguments before starting anything.
+            let workloads = workloads
+                .iter()
+                .map(|w| cluster::Workload::parse(w, read_percent))
+                .collect::<Result<Vec<_>>>()?;
+            let distribution = cluster::Distribution::parse(&distribution, zipf_theta)?;
+            anyhow::ensure!(seconds > 0, "--seconds must be at least 1");
+            anyhow::ensure!(ops != Some(0), "--ops must be at least 1");
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -217,18 +248,28 @@ fn main() -> Result<()> {
                     "etcd" => (None, cluster::Backend::etcd(&etcd_endpoints).await?),
                     other => anyhow::bail!("unknown backend {other:?} (dossier, etcd)"),
                 };
-                for w in &workloads {
-                    let workload = match w.as_str() {
-                        "put" => cluster::Workload::Put,
-                        "get" => cluster::Workload::Get(dossier_client::ReadConsistency::Linearizable),
-                        "get-stale" => cluster::Workload::Get(dossier_client::ReadConsistency::Stale),
-                        other => anyhow::bail!("unknown workload {other:?} (put, get, get-stale)"),
-                    };
+                let mut rows = Vec::new();
+                for &workload in &workloads {
                     for &n in &clients {
-                        eprintln!("cluster-load: {} {w} with {n} clients, {value_bytes} B values, {seconds} s", backend.name());
-                        let line = cluster::load(&backend, workload, n, value_bytes, patients, Duration::from_secs(seconds), Duration::from_secs(1)).await?;
-                        println!("{line}");
+                        let spec = cluster::LoadSpec {
+                            workload,
+                            clients: n,
+                            value_bytes,
+                            patients,
+                            distribution,
+                            duration: Duration::from_secs(seconds),
+                            ops,
+                            warmup: Duration::from_secs(warmup),
+                        };
+                        eprintln!("cluster-load: {} {workload:?} with {n} clients, {value_bytes} B values, {seconds} s", backend.name());
+                        let result = cluster::load(&backend, &spec).await?;
+                        println!("{}", result.json);
+                        rows.push(result.row);
                     }
+                }
+                eprintln!("{}", cluster::TABLE_HEADER);
+                for row in rows {
+                    eprintln!("{row}");
                 }
                 Ok(())
             })?;

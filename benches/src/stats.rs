@@ -34,6 +34,23 @@ impl Latency {
     }
 }
 
+impl Latency {
+    /// Percentiles of an HDR histogram of microseconds. `None` when it is empty.
+    pub fn of_histogram(h: &hdrhistogram::Histogram<u64>) -> Option<Latency> {
+        if h.is_empty() {
+            return None;
+        }
+        let at = |q: f64| h.value_at_quantile(q) as f64;
+        Some(Latency {
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            p999: at(0.999),
+            max: h.max() as f64,
+        })
+    }
+}
+
 /// A flat JSON object built field by field (numbers and plain strings only).
 #[derive(Debug, Default)]
 pub struct Json(String);
