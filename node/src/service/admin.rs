@@ -72,7 +72,7 @@ impl Admin for AdminService {
         let mut shards = Vec::new();
         for (shard, raft) in self.node.groups() {
             let m = raft.metrics().borrow_watched().clone();
-            let keys = match self.node.replica(shard).map(|r| r.len()).transpose() {
+            let keys = match self.node.replica(shard).map(|r| r.key_count()).transpose() {
                 Ok(keys) => keys.unwrap_or(0) as u64,
                 Err(e) => return Err(Status::internal(format!("count keys of shard {shard}: {e}"))),
             };

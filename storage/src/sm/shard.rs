@@ -259,7 +259,7 @@ impl ShardStore {
 
     /// Keys held (data, sessions and the few metadata keys). A full scan in sled: for status
     /// reports, not for request paths.
-    pub fn len(&self) -> Result<usize> {
+    pub fn key_count(&self) -> Result<usize> {
         self.write_back()?;
         Ok(self.tree().len())
     }
