@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "proto/dossier/v1/kv.proto",
             "proto/dossier/v1/admin.proto",
             "proto/dossier/v1/errors.proto",
+            "proto/dossier/v1/records.proto",
             "proto/dossier/raft/v1/raft.proto",
         ],
         &["proto"],

@@ -20,3 +20,5 @@ pub mod raft {
 
 mod hash;
 pub use hash::{PATIENT_HASH_SEED, patient_hash};
+
+pub mod records;

@@ -15,7 +15,8 @@ pub enum ApiError {
     StaleEpoch { descriptor: ShardDescriptor },
     #[error("{field}: {message}")]
     InvalidArgument {
-        field: &'static str,
+        /// The path of the offending field in the request, e.g. `resource.patient.names[0]`.
+        field: String,
         message: String,
         limit: Option<u64>,
     },
@@ -34,17 +35,17 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         ApiError::InvalidArgument {
-            field,
+            field: field.into(),
             message: message.into(),
             limit: None,
         }
     }
 
-    pub fn too_large(field: &'static str, bytes: usize, limit: usize) -> Self {
+    pub fn too_large(field: impl Into<String>, bytes: usize, limit: usize) -> Self {
         ApiError::InvalidArgument {
-            field,
+            field: field.into(),
             message: format!("is {bytes} bytes, above the limit of {limit}"),
             limit: Some(limit as u64),
         }
@@ -102,7 +103,7 @@ impl From<ApiError> for Status {
             }
             ApiError::StaleEpoch { descriptor } => detail.shard = Some(descriptor.clone()),
             ApiError::InvalidArgument { field, limit, .. } => {
-                detail.field = (*field).to_owned();
+                detail.field = field.clone();
                 detail.limit = limit.unwrap_or(0);
             }
             _ => {}

@@ -188,7 +188,7 @@ impl Node {
         }
         if !(1..=1024).contains(&shards) {
             return Err(ApiError::InvalidArgument {
-                field: "shards",
+                field: "shards".into(),
                 message: "must be within 1..1024".into(),
                 limit: Some(1024),
             });

@@ -396,7 +396,7 @@ impl Kv for KvService {
             let limit = if r.limit == 0 { page_max } else { r.limit };
             if limit > page_max {
                 return Err(ApiError::InvalidArgument {
-                    field: "limit",
+                    field: "limit".into(),
                     message: format!("is {limit}, above the page limit of {page_max}"),
                     limit: Some(u64::from(page_max)),
                 });

@@ -1,0 +1,883 @@
+//! Validation of records as clients send them. The first violation, in field order and depth
+//! first, is reported with the path of the field in the request (`resource.observation.code`)
+//! and the rule it breaks. The rules are in docs/schema.md §1 and §3.
+
+use crate::records::{
+    SYSTEM_INSZ, SYSTEM_LOINC, SYSTEM_SNOMED, insz_is_valid, is_valid_id, kind_field, kind_type,
+    loinc_is_valid, snomed_is_valid,
+};
+use crate::v1::{
+    Annotation, CodeableConcept, Coding, Date, DateTime, DatePrecision, Identifier, Period,
+    Quantity, RecordRef, RecordStatus, Reference, Resource, ResourceType, observation,
+    observation_value, reference, resource,
+};
+
+/// A violation: the field path, the rule, and the bound when one was exceeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
+    pub limit: Option<u64>,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+/// Configurable bounds (the fixed ones are constants below).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Free text: notes, descriptions, dosage text, document text.
+    pub text_bytes_max: usize,
+    /// Inline document content (text or binary).
+    pub document_bytes_max: usize,
+    /// Items in any repeated field.
+    pub repeated_items_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            text_bytes_max: 64 * 1024,
+            document_bytes_max: 512 * 1024,
+            repeated_items_max: 256,
+        }
+    }
+}
+
+const SYSTEM_BYTES_MAX: usize = 255;
+const CODE_BYTES_MAX: usize = 128;
+const IDENTIFIER_VALUE_BYTES_MAX: usize = 64;
+const SHORT_TEXT_BYTES_MAX: usize = 1024;
+const CODINGS_MAX: usize = 16;
+const DECIMAL_BYTES_MAX: usize = 32;
+/// −14:00 … +14:00.
+const UTC_OFFSET_MINUTES_MAX: i32 = 14 * 60;
+
+type Check = Result<(), Invalid>;
+
+/// A path under construction: `resource.observation.codings[2].code`.
+struct Path<'a> {
+    limits: &'a Limits,
+    parts: Vec<String>,
+}
+
+impl Path<'_> {
+    fn at(&self, field: &str) -> String {
+        let mut s = self.parts.join(".");
+        if !field.is_empty() {
+            if !s.is_empty() && !field.starts_with('[') {
+                s.push('.');
+            }
+            s.push_str(field);
+        }
+        s
+    }
+
+    fn fail(&self, field: &str, message: impl Into<String>) -> Check {
+        Err(Invalid {
+            field: self.at(field),
+            message: message.into(),
+            limit: None,
+        })
+    }
+
+    fn too_long(&self, field: &str, len: usize, max: usize) -> Check {
+        Err(Invalid {
+            field: self.at(field),
+            message: format!("is {len} bytes, above the limit of {max}"),
+            limit: Some(max as u64),
+        })
+    }
+
+    /// Runs `f` one level down, at `field`.
+    fn with(&mut self, field: &str, f: impl FnOnce(&mut Self) -> Check) -> Check {
+        self.parts.push(field.to_owned());
+        let r = f(self);
+        self.parts.pop();
+        r
+    }
+
+    fn each<T>(
+        &mut self,
+        field: &str,
+        items: &[T],
+        mut f: impl FnMut(&mut Self, &T) -> Check,
+    ) -> Check {
+        if items.len() > self.limits.repeated_items_max {
+            return Err(Invalid {
+                field: self.at(field),
+                message: format!(
+                    "has {} items, above the limit of {}",
+                    items.len(),
+                    self.limits.repeated_items_max
+                ),
+                limit: Some(self.limits.repeated_items_max as u64),
+            });
+        }
+        for (i, item) in items.iter().enumerate() {
+            self.with(&format!("{field}[{i}]"), |p| f(p, item))?;
+        }
+        Ok(())
+    }
+
+    /// Text without control characters (free text may hold TAB, LF and CR), within `max`.
+    fn text(&self, field: &str, value: &str, max: usize, free: bool) -> Check {
+        if value.len() > max {
+            return self.too_long(field, value.len(), max);
+        }
+        let bad = value
+            .chars()
+            .any(|c| c.is_control() && !(free && matches!(c, '\t' | '\n' | '\r')));
+        if bad {
+            return self.fail(field, "must not contain control characters");
+        }
+        Ok(())
+    }
+
+    fn short(&self, field: &str, value: &str) -> Check {
+        self.text(field, value, SHORT_TEXT_BYTES_MAX, false)
+    }
+
+    fn free(&self, field: &str, value: &str) -> Check {
+        self.text(field, value, self.limits.text_bytes_max, true)
+    }
+
+    /// A token: non-empty, no white space or control characters, within `max`.
+    fn token(&self, field: &str, value: &str, max: usize) -> Check {
+        if value.is_empty() {
+            return self.fail(field, "is required");
+        }
+        if value.len() > max {
+            return self.too_long(field, value.len(), max);
+        }
+        if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return self.fail(field, "must not contain white space or control characters");
+        }
+        Ok(())
+    }
+
+    /// An enum field: a known value, and not UNSPECIFIED when `required`.
+    fn enumeration<E: TryFrom<i32>>(&self, field: &str, raw: i32, required: bool) -> Check {
+        if E::try_from(raw).is_err() {
+            return self.fail(field, format!("unknown value {raw}"));
+        }
+        if required && raw == 0 {
+            return self.fail(field, "is required");
+        }
+        Ok(())
+    }
+
+    fn coding(&mut self, c: &Coding) -> Check {
+        self.token("system", &c.system, SYSTEM_BYTES_MAX)?;
+        self.token("code", &c.code, CODE_BYTES_MAX)?;
+        match c.system.as_str() {
+            SYSTEM_LOINC if !loinc_is_valid(&c.code) => {
+                self.fail("code", "is not a LOINC code (NNNNN-C with its check digit)")?
+            }
+            SYSTEM_SNOMED if !snomed_is_valid(&c.code) => self.fail(
+                "code",
+                "is not a SNOMED CT concept id (Verhoeff check digit, partition 00 or 10)",
+            )?,
+            _ => {}
+        }
+        self.short("display", &c.display)
+    }
+
+    fn concept(&mut self, c: &CodeableConcept) -> Check {
+        if c.codings.len() > CODINGS_MAX {
+            return Err(Invalid {
+                field: self.at("codings"),
+                message: format!(
+                    "has {} codings, above the limit of {CODINGS_MAX}",
+                    c.codings.len()
+                ),
+                limit: Some(CODINGS_MAX as u64),
+            });
+        }
+        if c.codings.is_empty() && c.text.is_empty() {
+            return self.fail("", "needs a coding or a text");
+        }
+        self.each("codings", &c.codings, |p, c| p.coding(c))?;
+        self.short("text", &c.text)
+    }
+
+    fn concept_at(&mut self, field: &str, c: Option<&CodeableConcept>, required: bool) -> Check {
+        match c {
+            Some(c) => self.with(field, |p| p.concept(c)),
+            None if required => self.fail(field, "is required"),
+            None => Ok(()),
+        }
+    }
+
+    fn concepts(&mut self, field: &str, items: &[CodeableConcept]) -> Check {
+        self.each(field, items, |p, c| p.concept(c))
+    }
+
+    /// A concept that must carry a coding of one of `systems`.
+    fn coded_in(&mut self, field: &str, c: Option<&CodeableConcept>, systems: &[&str]) -> Check {
+        self.concept_at(field, c, true)?;
+        let has = c.is_some_and(|c| {
+            c.codings
+                .iter()
+                .any(|coding| systems.contains(&coding.system.as_str()))
+        });
+        if !has {
+            return self.fail(field, format!("needs a coding of {}", systems.join(" or ")));
+        }
+        Ok(())
+    }
+
+    fn date_time(&mut self, field: &str, t: Option<&DateTime>) -> Check {
+        let Some(t) = t else { return Ok(()) };
+        self.with(field, |p| {
+            p.enumeration::<DatePrecision>("precision", t.precision, true)?;
+            if t.utc_offset_minutes.abs() > UTC_OFFSET_MINUTES_MAX {
+                return p.fail("utc_offset_minutes", "must be within -840..840");
+            }
+            if t.precision != DatePrecision::Time as i32 && t.utc_offset_minutes != 0 {
+                return p.fail(
+                    "utc_offset_minutes",
+                    "must be 0 unless the precision is TIME",
+                );
+            }
+            Ok(())
+        })
+    }
+
+    fn period(&mut self, field: &str, period: Option<&Period>) -> Check {
+        let Some(period) = period else { return Ok(()) };
+        self.with(field, |p| {
+            p.date_time("start", period.start.as_ref())?;
+            p.date_time("end", period.end.as_ref())?;
+            if let (Some(s), Some(e)) = (&period.start, &period.end)
+                && s.unix_micros > e.unix_micros
+            {
+                return p.fail("end", "is before start");
+            }
+            Ok(())
+        })
+    }
+
+    fn date(&mut self, field: &str, d: Option<&Date>) -> Check {
+        let Some(d) = d else { return Ok(()) };
+        self.with(field, |p| {
+            if !(1..=9999).contains(&d.year) {
+                return p.fail("year", "must be within 1..9999");
+            }
+            if d.month > 12 {
+                return p.fail("month", "must be within 0..12");
+            }
+            let days = match d.month {
+                0 => 0,
+                2 if d.year % 4 == 0 && (d.year % 100 != 0 || d.year % 400 == 0) => 29,
+                2 => 28,
+                4 | 6 | 9 | 11 => 30,
+                _ => 31,
+            };
+            if d.day > days {
+                return p.fail("day", format!("must be within 0..{days} for that month"));
+            }
+            Ok(())
+        })
+    }
+
+    fn quantity(&mut self, q: &Quantity) -> Check {
+        if !is_decimal(&q.value) {
+            return self.fail("value", "is not a decimal (-?digits[.digits][e[+-]digits])");
+        }
+        self.enumeration::<crate::v1::QuantityComparator>("comparator", q.comparator, false)?;
+        self.short("unit", &q.unit)?;
+        if !q.code.is_empty() {
+            self.token("system", &q.system, SYSTEM_BYTES_MAX)?;
+            self.token("code", &q.code, CODE_BYTES_MAX)?;
+        }
+        Ok(())
+    }
+
+    fn identifier(&mut self, id: &Identifier) -> Check {
+        self.token("system", &id.system, SYSTEM_BYTES_MAX)?;
+        if id.system.contains('|') {
+            return self.fail("system", "must not contain '|'");
+        }
+        self.token("value", &id.value, IDENTIFIER_VALUE_BYTES_MAX)?;
+        if id.system == SYSTEM_INSZ && !insz_is_valid(&id.value) {
+            return self.fail(
+                "value",
+                "is not a valid INSZ/NISS number (11 digits, check digits mod 97)",
+            );
+        }
+        self.concept_at("type", id.r#type.as_ref(), false)
+    }
+
+    fn record_ref(&mut self, field: &str, r: Option<&RecordRef>) -> Check {
+        let Some(r) = r else { return Ok(()) };
+        self.with(field, |p| {
+            p.enumeration::<ResourceType>("type", r.r#type, true)?;
+            if r.r#type == ResourceType::Patient as i32 {
+                return p.fail("type", "must not be Patient (the record's patient is implied)");
+            }
+            if !is_valid_id(&r.id) {
+                return p.fail("id", "must match [A-Za-z0-9.-]{1,64}");
+            }
+            Ok(())
+        })
+    }
+
+    fn reference(&mut self, r: &Reference) -> Check {
+        self.short("display", &r.display)?;
+        self.enumeration::<crate::v1::EntityType>("entity_type", r.entity_type, false)?;
+        match &r.target {
+            Some(reference::Target::Record(rec)) => {
+                if r.entity_type != 0 {
+                    return self.fail("entity_type", "must be unset for a record reference");
+                }
+                self.record_ref("record", Some(rec))
+            }
+            Some(reference::Target::Identifier(id)) => {
+                if r.entity_type == 0 {
+                    return self.fail("entity_type", "is required with an identifier");
+                }
+                self.with("identifier", |p| p.identifier(id))
+            }
+            None if r.display.is_empty() => self.fail("", "needs a record, an identifier or a display"),
+            None => Ok(()),
+        }
+    }
+
+    fn reference_at(&mut self, field: &str, r: Option<&Reference>, required: bool) -> Check {
+        match r {
+            Some(r) => self.with(field, |p| p.reference(r)),
+            None if required => self.fail(field, "is required"),
+            None => Ok(()),
+        }
+    }
+
+    fn references(&mut self, field: &str, items: &[Reference]) -> Check {
+        self.each(field, items, |p, r| p.reference(r))
+    }
+
+    fn record_refs(&mut self, field: &str, items: &[RecordRef]) -> Check {
+        if items.len() > self.limits.repeated_items_max {
+            return self.fail(field, "has too many items");
+        }
+        for (i, r) in items.iter().enumerate() {
+            self.record_ref(&format!("{field}[{i}]"), Some(r))?;
+        }
+        Ok(())
+    }
+
+    fn notes(&mut self, items: &[Annotation]) -> Check {
+        self.each("notes", items, |p, n| {
+            if n.text.is_empty() {
+                return p.fail("text", "is required");
+            }
+            p.free("text", &n.text)?;
+            p.reference_at("author", n.author.as_ref(), false)?;
+            p.date_time("time", n.time.as_ref())
+        })
+    }
+
+    fn kind(&mut self, kind: &resource::Kind) -> Check {
+        use resource::Kind as K;
+        let field = kind_field(kind_type(kind));
+        self.with(field, |p| match kind {
+            K::Patient(x) => {
+                p.each("identifiers", &x.identifiers, |p, i| p.identifier(i))?;
+                p.each("names", &x.names, |p, n| {
+                    p.enumeration::<crate::v1::NameUse>("use", n.r#use, false)?;
+                    p.short("family", &n.family)?;
+                    for (i, g) in n.given.iter().enumerate() {
+                        p.short(&format!("given[{i}]"), g)?;
+                    }
+                    p.short("text", &n.text)?;
+                    if n.family.is_empty() && n.given.is_empty() && n.text.is_empty() {
+                        return p.fail("", "needs a family name, a given name or a text");
+                    }
+                    p.period("period", n.period.as_ref())
+                })?;
+                p.each("telecom", &x.telecom, |p, t| {
+                    p.enumeration::<crate::v1::ContactPointSystem>("system", t.system, true)?;
+                    p.enumeration::<crate::v1::ContactPointUse>("use", t.r#use, false)?;
+                    p.token("value", &t.value, SHORT_TEXT_BYTES_MAX)
+                        .or_else(|_| p.short("value", &t.value))
+                })?;
+                p.enumeration::<crate::v1::AdministrativeGender>("gender", x.gender, false)?;
+                p.date("birth_date", x.birth_date.as_ref())?;
+                if let Some(crate::v1::patient::Deceased::DeceasedTime(t)) = &x.deceased {
+                    p.date_time("deceased_time", Some(t))?;
+                }
+                p.each("addresses", &x.addresses, |p, a| {
+                    for (i, l) in a.lines.iter().enumerate() {
+                        p.short(&format!("lines[{i}]"), l)?;
+                    }
+                    p.short("city", &a.city)?;
+                    p.short("postal_code", &a.postal_code)?;
+                    p.short("country", &a.country)
+                })?;
+                p.each("contacts", &x.contacts, |p, c| p.concepts("relationships", &c.relationships))?;
+                p.references("general_practitioners", &x.general_practitioners)?;
+                for (i, l) in x.languages.iter().enumerate() {
+                    p.token(&format!("languages[{i}]"), l, 35)?;
+                }
+                Ok(())
+            }
+            K::Encounter(x) => {
+                p.enumeration::<crate::v1::EncounterStatus>("status", x.status, true)?;
+                match &x.encounter_class {
+                    Some(c) => p.with("encounter_class", |p| p.coding(c))?,
+                    None => p.fail("encounter_class", "is required")?,
+                }
+                p.concepts("types", &x.types)?;
+                p.period("period", x.period.as_ref())?;
+                p.reference_at("service_provider", x.service_provider.as_ref(), false)?;
+                p.each("participants", &x.participants, |p, part| {
+                    p.concepts("types", &part.types)?;
+                    p.reference_at("individual", part.individual.as_ref(), false)?;
+                    p.period("period", part.period.as_ref())
+                })?;
+                p.concepts("reason_codes", &x.reason_codes)?;
+                p.record_refs("reason_records", &x.reason_records)?;
+                p.concept_at("discharge_disposition", x.discharge_disposition.as_ref(), false)
+            }
+            K::Observation(x) => {
+                p.enumeration::<crate::v1::ObservationStatus>("status", x.status, true)?;
+                p.concepts("categories", &x.categories)?;
+                p.coded_in("code", x.code.as_ref(), &[SYSTEM_LOINC])?;
+                p.record_ref("encounter", x.encounter.as_ref())?;
+                match &x.effective {
+                    Some(observation::Effective::EffectiveTime(t)) => {
+                        p.date_time("effective_time", Some(t))?
+                    }
+                    Some(observation::Effective::EffectivePeriod(per)) => {
+                        p.period("effective_period", Some(per))?
+                    }
+                    None => {}
+                }
+                p.date_time("issued", x.issued.as_ref())?;
+                p.references("performers", &x.performers)?;
+                let has_value = x.value.as_ref().is_some_and(|v| v.kind.is_some());
+                if let Some(v) = &x.value {
+                    p.with("value", |p| observation_value_check(p, v))?;
+                }
+                p.concept_at("data_absent_reason", x.data_absent_reason.as_ref(), false)?;
+                if has_value && x.data_absent_reason.is_some() {
+                    return p.fail("data_absent_reason", "must be unset when a value is given");
+                }
+                p.concepts("interpretations", &x.interpretations)?;
+                p.each("components", &x.components, |p, c| {
+                    p.concept_at("code", c.code.as_ref(), true)?;
+                    if let Some(v) = &c.value {
+                        p.with("value", |p| observation_value_check(p, v))?;
+                    }
+                    p.concept_at("data_absent_reason", c.data_absent_reason.as_ref(), false)
+                })?;
+                if !has_value && x.data_absent_reason.is_none() && x.components.is_empty() {
+                    return p.fail(
+                        "value",
+                        "is required (or a data_absent_reason, or components)",
+                    );
+                }
+                p.each("reference_ranges", &x.reference_ranges, |p, r| {
+                    if let Some(q) = &r.low {
+                        p.with("low", |p| p.quantity(q))?;
+                    }
+                    if let Some(q) = &r.high {
+                        p.with("high", |p| p.quantity(q))?;
+                    }
+                    p.short("text", &r.text)
+                })?;
+                p.notes(&x.notes)
+            }
+            K::Condition(x) => {
+                p.enumeration::<crate::v1::ConditionClinicalStatus>(
+                    "clinical_status",
+                    x.clinical_status,
+                    false,
+                )?;
+                p.enumeration::<crate::v1::ConditionVerificationStatus>(
+                    "verification_status",
+                    x.verification_status,
+                    false,
+                )?;
+                p.concepts("categories", &x.categories)?;
+                p.concept_at("severity", x.severity.as_ref(), false)?;
+                p.coded_in(
+                    "code",
+                    x.code.as_ref(),
+                    &[
+                        SYSTEM_SNOMED,
+                        "http://hl7.org/fhir/sid/icd-10",
+                        "http://hl7.org/fhir/sid/icd-10-cm",
+                    ],
+                )?;
+                p.concepts("body_sites", &x.body_sites)?;
+                p.record_ref("encounter", x.encounter.as_ref())?;
+                p.date_time("onset", x.onset.as_ref())?;
+                p.date_time("abatement", x.abatement.as_ref())?;
+                p.date_time("recorded", x.recorded.as_ref())?;
+                p.reference_at("asserter", x.asserter.as_ref(), false)?;
+                p.notes(&x.notes)
+            }
+            K::AllergyIntolerance(x) => {
+                p.enumeration::<crate::v1::AllergyClinicalStatus>(
+                    "clinical_status",
+                    x.clinical_status,
+                    false,
+                )?;
+                p.enumeration::<crate::v1::AllergyVerificationStatus>(
+                    "verification_status",
+                    x.verification_status,
+                    false,
+                )?;
+                p.enumeration::<crate::v1::AllergyType>("type", x.r#type, false)?;
+                p.enumeration::<crate::v1::AllergyCriticality>("criticality", x.criticality, false)?;
+                p.concept_at("code", x.code.as_ref(), true)?;
+                p.record_ref("encounter", x.encounter.as_ref())?;
+                p.date_time("onset", x.onset.as_ref())?;
+                p.date_time("recorded", x.recorded.as_ref())?;
+                p.reference_at("recorder", x.recorder.as_ref(), false)?;
+                p.each("reactions", &x.reactions, |p, r| {
+                    p.concept_at("substance", r.substance.as_ref(), false)?;
+                    if r.manifestations.is_empty() {
+                        return p.fail("manifestations", "needs at least one");
+                    }
+                    p.concepts("manifestations", &r.manifestations)?;
+                    p.enumeration::<crate::v1::AllergySeverity>("severity", r.severity, false)?;
+                    p.free("description", &r.description)
+                })?;
+                p.notes(&x.notes)
+            }
+            K::MedicationRequest(x) => {
+                p.enumeration::<crate::v1::MedicationRequestStatus>("status", x.status, true)?;
+                p.enumeration::<crate::v1::MedicationRequestIntent>("intent", x.intent, true)?;
+                p.concept_at("medication", x.medication.as_ref(), true)?;
+                p.record_ref("encounter", x.encounter.as_ref())?;
+                p.date_time("authored_on", x.authored_on.as_ref())?;
+                p.reference_at("requester", x.requester.as_ref(), false)?;
+                p.concepts("reason_codes", &x.reason_codes)?;
+                p.record_refs("reason_records", &x.reason_records)?;
+                p.each("dosage_instructions", &x.dosage_instructions, |p, d| {
+                    p.free("text", &d.text)?;
+                    if !d.period.is_empty() && !is_decimal(&d.period) {
+                        return p.fail("period", "is not a decimal");
+                    }
+                    p.enumeration::<crate::v1::TimeUnit>("period_unit", d.period_unit, false)?;
+                    if d.frequency > 0 && (d.period.is_empty() || d.period_unit == 0) {
+                        return p.fail("period", "is required with a frequency (and its unit)");
+                    }
+                    p.concept_at("route", d.route.as_ref(), false)?;
+                    if let Some(q) = &d.dose {
+                        p.with("dose", |p| p.quantity(q))?;
+                    }
+                    Ok(())
+                })?;
+                p.notes(&x.notes)
+            }
+            K::Procedure(x) => {
+                p.enumeration::<crate::v1::ProcedureStatus>("status", x.status, true)?;
+                p.concept_at("code", x.code.as_ref(), true)?;
+                p.record_ref("encounter", x.encounter.as_ref())?;
+                p.references("performers", &x.performers)?;
+                p.concepts("reason_codes", &x.reason_codes)?;
+                p.record_refs("reason_records", &x.reason_records)?;
+                p.concepts("body_sites", &x.body_sites)?;
+                p.concept_at("outcome", x.outcome.as_ref(), false)?;
+                p.notes(&x.notes)
+            }
+            K::DocumentReference(x) => {
+                p.enumeration::<crate::v1::DocumentReferenceStatus>("status", x.status, true)?;
+                p.concept_at("type", x.r#type.as_ref(), true)?;
+                p.concepts("categories", &x.categories)?;
+                p.date_time("date", x.date.as_ref())?;
+                p.references("authors", &x.authors)?;
+                p.free("description", &x.description)?;
+                p.record_ref("encounter", x.encounter.as_ref())?;
+                p.period("period", x.period.as_ref())?;
+                let Some(content) = &x.content else {
+                    return p.fail("content", "is required");
+                };
+                p.with("content", |p| {
+                    p.token("content_type", &content.content_type, 255)?;
+                    p.short("title", &content.title)?;
+                    let max = p.limits.document_bytes_max;
+                    match &content.data {
+                        Some(crate::v1::document_content::Data::Text(t)) if t.len() > max => {
+                            p.too_long("text", t.len(), max)
+                        }
+                        Some(crate::v1::document_content::Data::Text(t)) => {
+                            p.text("text", t, max, true)
+                        }
+                        Some(crate::v1::document_content::Data::Binary(b)) if b.len() > max => {
+                            p.too_long("binary", b.len(), max)
+                        }
+                        Some(crate::v1::document_content::Data::Binary(_)) => Ok(()),
+                        None => p.fail("data", "is required (text or binary)"),
+                    }
+                })
+            }
+            K::CareRelationship(x) => {
+                p.enumeration::<crate::v1::CareRelationshipStatus>("status", x.status, true)?;
+                p.reference_at("participant", x.participant.as_ref(), true)?;
+                let kind = x.participant.as_ref().map(|r| r.entity_type);
+                if !matches!(kind, Some(k) if k == crate::v1::EntityType::Practitioner as i32
+                    || k == crate::v1::EntityType::Organization as i32)
+                {
+                    return p.fail(
+                        "participant",
+                        "must be a practitioner or an organisation, by identifier",
+                    );
+                }
+                p.concept_at("role", x.role.as_ref(), false)?;
+                match x.period.as_ref().and_then(|per| per.start.as_ref()) {
+                    Some(_) => p.period("period", x.period.as_ref())?,
+                    None => p.fail("period.start", "is required")?,
+                }
+                p.concepts("reason_codes", &x.reason_codes)?;
+                p.reference_at("managing_organization", x.managing_organization.as_ref(), false)
+            }
+            K::Consent(x) => {
+                p.enumeration::<crate::v1::ConsentStatus>("status", x.status, true)?;
+                p.concept_at("scope", x.scope.as_ref(), true)?;
+                if x.categories.is_empty() {
+                    return p.fail("categories", "needs at least one");
+                }
+                p.concepts("categories", &x.categories)?;
+                p.date_time("date_time", x.date_time.as_ref())?;
+                p.references("performers", &x.performers)?;
+                p.concept_at("policy_rule", x.policy_rule.as_ref(), false)?;
+                p.enumeration::<crate::v1::ConsentDecision>("decision", x.decision, false)?;
+                p.period("period", x.period.as_ref())?;
+                p.each("actors", &x.actors, |p, a| {
+                    p.concept_at("role", a.role.as_ref(), true)?;
+                    p.reference_at("reference", a.reference.as_ref(), true)
+                })?;
+                p.concepts("actions", &x.actions)?;
+                p.each("purposes", &x.purposes, |p, c| p.coding(c))?;
+                for (i, t) in x.resource_types.iter().enumerate() {
+                    p.enumeration::<ResourceType>(&format!("resource_types[{i}]"), *t, true)?;
+                }
+                p.record_ref("source", x.source.as_ref())
+            }
+        })
+    }
+}
+
+fn observation_value_check(p: &mut Path<'_>, v: &crate::v1::ObservationValue) -> Check {
+    match &v.kind {
+        Some(observation_value::Kind::Quantity(q)) => p.with("quantity", |p| p.quantity(q)),
+        Some(observation_value::Kind::Concept(c)) => p.with("concept", |p| p.concept(c)),
+        Some(observation_value::Kind::Text(t)) => p.free("text", t),
+        Some(observation_value::Kind::Boolean(_)) => Ok(()),
+        None => p.fail("kind", "is required when value is present"),
+    }
+}
+
+/// FHIR decimal: `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`, at most 32 bytes.
+fn is_decimal(s: &str) -> bool {
+    if s.is_empty() || s.len() > DECIMAL_BYTES_MAX {
+        return false;
+    }
+    let b = s.as_bytes();
+    let mut i = usize::from(b[0] == b'-');
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while *i < b.len() && b[*i].is_ascii_digit() {
+            *i += 1;
+        }
+        *i - start
+    };
+    let int_start = i;
+    let n = digits(&mut i);
+    if n == 0 || (n > 1 && b[int_start] == b'0') {
+        return false;
+    }
+    if i < b.len() && b[i] == b'.' {
+        i += 1;
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    if i < b.len() && (b[i] == b'e' || b[i] == b'E') {
+        i += 1;
+        if i < b.len() && (b[i] == b'+' || b[i] == b'-') {
+            i += 1;
+        }
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    i == b.len()
+}
+
+/// Checks a record's content (its kind), under `prefix` (e.g. `resource`), whatever its meta.
+pub fn validate_record_content(resource: &Resource, prefix: &str, limits: &Limits) -> Check {
+    let mut p = Path {
+        limits,
+        parts: vec![prefix.to_owned()],
+    };
+    match &resource.kind {
+        Some(kind) => p.kind(kind),
+        None => p.fail("kind", "is required (one resource kind)"),
+    }
+}
+
+/// Checks a record a client sends for a create or an update: its kind and content, its
+/// client-set meta (id, patient), and that the server-set meta fields are unset.
+pub fn validate_new_record(
+    resource: &Resource,
+    prefix: &str,
+    patient_id: &str,
+    limits: &Limits,
+) -> Check {
+    let p = Path {
+        limits,
+        parts: vec![prefix.to_owned()],
+    };
+    let Some(meta) = &resource.meta else {
+        return p.fail("meta", "is required (it carries the record id)");
+    };
+    if !is_valid_id(&meta.id) {
+        return p.fail("meta.id", "must match [A-Za-z0-9.-]{1,64}");
+    }
+    if !meta.patient_id.is_empty() && meta.patient_id != patient_id {
+        return p.fail("meta.patient_id", "must be empty or equal route.patient_id");
+    }
+    if meta.version != 0
+        || meta.last_updated_micros != 0
+        || meta.author.is_some()
+        || meta.status != RecordStatus::Unspecified as i32
+        || !meta.status_reason.is_empty()
+        || !meta.request_id.is_empty()
+    {
+        return p.fail(
+            "meta",
+            "version, last_updated_micros, author, status, status_reason and request_id are \
+             set by the server and must be unset",
+        );
+    }
+    p.short("meta.source", &meta.source)?;
+    validate_record_content(resource, prefix, limits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::{Meta, Observation, ObservationStatus, ObservationValue, Patient};
+
+    fn observation(code: &str, value: &str) -> Resource {
+        Resource {
+            meta: Some(Meta {
+                id: "obs-1".into(),
+                ..Meta::default()
+            }),
+            kind: Some(resource::Kind::Observation(Observation {
+                status: ObservationStatus::Final as i32,
+                code: Some(CodeableConcept {
+                    codings: vec![Coding {
+                        system: SYSTEM_LOINC.into(),
+                        code: code.into(),
+                        display: "Body height".into(),
+                    }],
+                    text: String::new(),
+                }),
+                value: Some(ObservationValue {
+                    kind: Some(observation_value::Kind::Quantity(Quantity {
+                        value: value.into(),
+                        unit: "cm".into(),
+                        system: crate::records::SYSTEM_UCUM.into(),
+                        code: "cm".into(),
+                        ..Quantity::default()
+                    })),
+                }),
+                ..Observation::default()
+            })),
+        }
+    }
+
+    fn check(r: &Resource) -> Result<(), Invalid> {
+        validate_new_record(r, "resource", "patient-1", &Limits::default())
+    }
+
+    #[test]
+    fn a_good_observation_passes_and_bad_fields_are_named() {
+        check(&observation("8302-2", "116.55007050417136")).unwrap();
+        let e = check(&observation("8302-3", "1")).unwrap_err();
+        assert_eq!(e.field, "resource.observation.code.codings[0].code");
+        assert!(e.message.contains("LOINC"), "{e}");
+        let e = check(&observation("8302-2", "1.")).unwrap_err();
+        assert_eq!(e.field, "resource.observation.value.quantity.value");
+        let mut r = observation("8302-2", "1");
+        r.meta.as_mut().unwrap().version = 3;
+        assert_eq!(check(&r).unwrap_err().field, "resource.meta");
+        r.meta = None;
+        assert_eq!(check(&r).unwrap_err().field, "resource.meta");
+        let mut r = observation("8302-2", "1");
+        r.kind = None;
+        assert_eq!(check(&r).unwrap_err().field, "resource.kind");
+    }
+
+    #[test]
+    fn patient_identifiers_are_checked() {
+        let patient = |value: &str| Resource {
+            meta: Some(Meta {
+                id: "patient-1".into(),
+                ..Meta::default()
+            }),
+            kind: Some(resource::Kind::Patient(Patient {
+                identifiers: vec![Identifier {
+                    system: SYSTEM_INSZ.into(),
+                    value: value.into(),
+                    r#type: None,
+                }],
+                ..Patient::default()
+            })),
+        };
+        check(&patient("85073003328")).unwrap();
+        let e = check(&patient("85073003329")).unwrap_err();
+        assert_eq!(e.field, "resource.patient.identifiers[0].value");
+        assert!(e.message.contains("INSZ"));
+    }
+
+    #[test]
+    fn oversized_documents_are_refused_with_the_limit() {
+        let r = Resource {
+            meta: Some(Meta {
+                id: "letter".into(),
+                ..Meta::default()
+            }),
+            kind: Some(resource::Kind::DocumentReference(crate::v1::DocumentReference {
+                status: crate::v1::DocumentReferenceStatus::Current as i32,
+                r#type: Some(CodeableConcept {
+                    codings: vec![],
+                    text: "Discharge letter".into(),
+                }),
+                content: Some(crate::v1::DocumentContent {
+                    content_type: "text/plain".into(),
+                    data: Some(crate::v1::document_content::Data::Text(
+                        "x".repeat(50 << 20),
+                    )),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+        };
+        let e = check(&r).unwrap_err();
+        assert_eq!(e.field, "resource.document_reference.content.text");
+        assert_eq!(e.limit, Some(512 * 1024));
+    }
+
+    #[test]
+    fn decimals() {
+        for ok in ["0", "-1", "1.50", "116.55007050417136", "1e10", "2.5E-3"] {
+            assert!(is_decimal(ok), "{ok}");
+        }
+        for bad in ["", "01", "1.", ".5", "1e", "+1", "1,5", "NaN", &"9".repeat(33)] {
+            assert!(!is_decimal(bad), "{bad}");
+        }
+    }
+}
