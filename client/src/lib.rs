@@ -22,6 +22,8 @@
 //! Non-goals: no server-side logic; depends only on `dossier-api`. Never blocks past a deadline.
 
 mod error;
+mod records;
+pub use records::{History, RecordWrite, WriteOptions, is_applied};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -384,6 +386,7 @@ impl Client {
             }),
             ErrorReason::Session => Attempt::Fail(ClientError::Session(detail.message)),
             ErrorReason::ClusterState => Attempt::Fail(ClientError::Cluster(detail.message)),
+            ErrorReason::Internal => Attempt::Fail(ClientError::Server(detail.message)),
             ErrorReason::ResourceExhausted | ErrorReason::Deadline => {
                 Attempt::Retry(detail.message)
             }

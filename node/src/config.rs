@@ -43,6 +43,40 @@ impl Default for Limits {
     }
 }
 
+/// Bounds of the clinical records layer (docs/schema.md §9).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RecordsConfig {
+    /// Free text of a record (notes, descriptions, dosage text), in bytes.
+    pub text_bytes_max: usize,
+    /// Inline document content of a DocumentReference, in bytes.
+    pub document_bytes_max: usize,
+    /// Items in any repeated field of a record.
+    pub repeated_items_max: usize,
+    /// Entries of one transaction.
+    pub transaction_entries_max: usize,
+    /// Versions in one History page.
+    pub history_page_max: u32,
+    /// Bytes of resources in one History page or Everything message.
+    pub message_bytes_max: usize,
+    /// Times a write is rebuilt when another write of the same patient committed in between.
+    pub write_attempts_max: u32,
+}
+
+impl Default for RecordsConfig {
+    fn default() -> Self {
+        RecordsConfig {
+            text_bytes_max: 64 * 1024,
+            document_bytes_max: 512 * 1024,
+            repeated_items_max: 256,
+            transaction_entries_max: 128,
+            history_page_max: 100,
+            message_bytes_max: 1024 * 1024,
+            write_attempts_max: 8,
+        }
+    }
+}
+
 /// The whole configuration of a node, as in `docs/config-template.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -72,6 +106,7 @@ pub struct NodeConfig {
     pub unsafe_stale_reads_for_testing: bool,
     pub raft: RaftConfig,
     pub limits: Limits,
+    pub records: RecordsConfig,
     /// Log engine limits; its `dir` is ignored (always `data-dir/log`).
     pub log: LogConfig,
     /// State store limits; its `dir` is ignored (always `data-dir/state`).
@@ -93,6 +128,7 @@ impl Default for NodeConfig {
             unsafe_stale_reads_for_testing: false,
             raft: RaftConfig::default(),
             limits: Limits::default(),
+            records: RecordsConfig::default(),
             log: LogConfig::default(),
             state: StoreConfig::default(),
         }
@@ -151,6 +187,28 @@ impl NodeConfig {
             (1..=1024).contains(&self.auto_init_shards),
             "auto-init-shards must be within 1..1024, is {}",
             self.auto_init_shards
+        );
+        let rc = &self.records;
+        for (name, value) in [
+            ("records.text-bytes-max", rc.text_bytes_max),
+            ("records.document-bytes-max", rc.document_bytes_max),
+            ("records.repeated-items-max", rc.repeated_items_max),
+            (
+                "records.transaction-entries-max",
+                rc.transaction_entries_max,
+            ),
+            ("records.history-page-max", rc.history_page_max as usize),
+            ("records.message-bytes-max", rc.message_bytes_max),
+            ("records.write-attempts-max", rc.write_attempts_max as usize),
+        ] {
+            ensure!(value > 0, "{name} must be at least 1");
+        }
+        ensure!(
+            rc.document_bytes_max < self.state.value_bytes_max,
+            "records.document-bytes-max ({}) must be below state.value-bytes-max ({}): a version \
+             holds its document",
+            rc.document_bytes_max,
+            self.state.value_bytes_max
         );
         let l = &self.limits;
         ensure!(

@@ -32,6 +32,8 @@ pub enum ApiError {
     Session(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -63,6 +65,7 @@ impl ApiError {
             ApiError::ClusterState(_) => "cluster_state",
             ApiError::Session(_) => "session",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
         }
     }
 
@@ -81,6 +84,7 @@ impl ApiError {
             ApiError::ClusterState(_) => (Code::FailedPrecondition, ErrorReason::ClusterState),
             ApiError::Session(_) => (Code::FailedPrecondition, ErrorReason::Session),
             ApiError::Unavailable(_) => (Code::Unavailable, ErrorReason::Unavailable),
+            ApiError::Internal(_) => (Code::Internal, ErrorReason::Internal),
         }
     }
 }

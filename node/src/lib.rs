@@ -23,6 +23,7 @@ use anyhow::{Context, Result};
 use dossier_api::raft::v1::raft_server::RaftServer as RaftGrpc;
 use dossier_api::v1::admin_server::AdminServer;
 use dossier_api::v1::kv_server::KvServer;
+use dossier_api::v1::records_server::RecordsServer;
 use dossier_raft::RaftServer;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -63,6 +64,10 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
                 )
                 .add_service(
                     KvServer::new(service::kv::KvService::new(Arc::clone(&node)))
+                        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+                )
+                .add_service(
+                    RecordsServer::new(service::records::RecordsService::new(Arc::clone(&node)))
                         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
                 )
                 .add_service(AdminServer::new(service::admin::AdminService::new(

@@ -7,7 +7,7 @@ use crate::records::{
     loinc_is_valid, snomed_is_valid,
 };
 use crate::v1::{
-    Annotation, CodeableConcept, Coding, Date, DateTime, DatePrecision, Identifier, Period,
+    Annotation, CodeableConcept, Coding, Date, DatePrecision, DateTime, Identifier, Period,
     Quantity, RecordRef, RecordStatus, Reference, Resource, ResourceType, observation,
     observation_value, reference, resource,
 };
@@ -319,7 +319,10 @@ impl Path<'_> {
         self.with(field, |p| {
             p.enumeration::<ResourceType>("type", r.r#type, true)?;
             if r.r#type == ResourceType::Patient as i32 {
-                return p.fail("type", "must not be Patient (the record's patient is implied)");
+                return p.fail(
+                    "type",
+                    "must not be Patient (the record's patient is implied)",
+                );
             }
             if !is_valid_id(&r.id) {
                 return p.fail("id", "must match [A-Za-z0-9.-]{1,64}");
@@ -344,7 +347,9 @@ impl Path<'_> {
                 }
                 self.with("identifier", |p| p.identifier(id))
             }
-            None if r.display.is_empty() => self.fail("", "needs a record, an identifier or a display"),
+            None if r.display.is_empty() => {
+                self.fail("", "needs a record, an identifier or a display")
+            }
             None => Ok(()),
         }
     }
@@ -419,7 +424,9 @@ impl Path<'_> {
                     p.short("postal_code", &a.postal_code)?;
                     p.short("country", &a.country)
                 })?;
-                p.each("contacts", &x.contacts, |p, c| p.concepts("relationships", &c.relationships))?;
+                p.each("contacts", &x.contacts, |p, c| {
+                    p.concepts("relationships", &c.relationships)
+                })?;
                 p.references("general_practitioners", &x.general_practitioners)?;
                 for (i, l) in x.languages.iter().enumerate() {
                     p.token(&format!("languages[{i}]"), l, 35)?;
@@ -442,7 +449,11 @@ impl Path<'_> {
                 })?;
                 p.concepts("reason_codes", &x.reason_codes)?;
                 p.record_refs("reason_records", &x.reason_records)?;
-                p.concept_at("discharge_disposition", x.discharge_disposition.as_ref(), false)
+                p.concept_at(
+                    "discharge_disposition",
+                    x.discharge_disposition.as_ref(),
+                    false,
+                )
             }
             K::Observation(x) => {
                 p.enumeration::<crate::v1::ObservationStatus>("status", x.status, true)?;
@@ -535,7 +546,11 @@ impl Path<'_> {
                     false,
                 )?;
                 p.enumeration::<crate::v1::AllergyType>("type", x.r#type, false)?;
-                p.enumeration::<crate::v1::AllergyCriticality>("criticality", x.criticality, false)?;
+                p.enumeration::<crate::v1::AllergyCriticality>(
+                    "criticality",
+                    x.criticality,
+                    false,
+                )?;
                 p.concept_at("code", x.code.as_ref(), true)?;
                 p.record_ref("encounter", x.encounter.as_ref())?;
                 p.date_time("onset", x.onset.as_ref())?;
@@ -638,7 +653,11 @@ impl Path<'_> {
                     None => p.fail("period.start", "is required")?,
                 }
                 p.concepts("reason_codes", &x.reason_codes)?;
-                p.reference_at("managing_organization", x.managing_organization.as_ref(), false)
+                p.reference_at(
+                    "managing_organization",
+                    x.managing_organization.as_ref(),
+                    false,
+                )
             }
             K::Consent(x) => {
                 p.enumeration::<crate::v1::ConsentStatus>("status", x.status, true)?;
@@ -850,21 +869,23 @@ mod tests {
                 id: "letter".into(),
                 ..Meta::default()
             }),
-            kind: Some(resource::Kind::DocumentReference(crate::v1::DocumentReference {
-                status: crate::v1::DocumentReferenceStatus::Current as i32,
-                r#type: Some(CodeableConcept {
-                    codings: vec![],
-                    text: "Discharge letter".into(),
-                }),
-                content: Some(crate::v1::DocumentContent {
-                    content_type: "text/plain".into(),
-                    data: Some(crate::v1::document_content::Data::Text(
-                        "x".repeat(50 << 20),
-                    )),
+            kind: Some(resource::Kind::DocumentReference(
+                crate::v1::DocumentReference {
+                    status: crate::v1::DocumentReferenceStatus::Current as i32,
+                    r#type: Some(CodeableConcept {
+                        codings: vec![],
+                        text: "Discharge letter".into(),
+                    }),
+                    content: Some(crate::v1::DocumentContent {
+                        content_type: "text/plain".into(),
+                        data: Some(crate::v1::document_content::Data::Text(
+                            "x".repeat(50 << 20),
+                        )),
+                        ..Default::default()
+                    }),
                     ..Default::default()
-                }),
-                ..Default::default()
-            })),
+                },
+            )),
         };
         let e = check(&r).unwrap_err();
         assert_eq!(e.field, "resource.document_reference.content.text");
@@ -876,7 +897,17 @@ mod tests {
         for ok in ["0", "-1", "1.50", "116.55007050417136", "1e10", "2.5E-3"] {
             assert!(is_decimal(ok), "{ok}");
         }
-        for bad in ["", "01", "1.", ".5", "1e", "+1", "1,5", "NaN", &"9".repeat(33)] {
+        for bad in [
+            "",
+            "01",
+            "1.",
+            ".5",
+            "1e",
+            "+1",
+            "1,5",
+            "NaN",
+            &"9".repeat(33),
+        ] {
             assert!(!is_decimal(bad), "{bad}");
         }
     }

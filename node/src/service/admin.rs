@@ -74,7 +74,11 @@ impl Admin for AdminService {
             let m = raft.metrics().borrow_watched().clone();
             let keys = match self.node.replica(shard).map(|r| r.key_count()).transpose() {
                 Ok(keys) => keys.unwrap_or(0) as u64,
-                Err(e) => return Err(Status::internal(format!("count keys of shard {shard}: {e}"))),
+                Err(e) => {
+                    return Err(Status::internal(format!(
+                        "count keys of shard {shard}: {e}"
+                    )));
+                }
             };
             shards.push(ShardStatus {
                 shard_id: shard,

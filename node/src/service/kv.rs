@@ -67,7 +67,7 @@ impl Routed {
     }
 }
 
-fn deadline_of<T>(request: &Request<T>, max: Duration) -> Duration {
+pub(crate) fn deadline_of<T>(request: &Request<T>, max: Duration) -> Duration {
     // gRPC's `grpc-timeout` header ("<n><unit>"); the node's limit caps it.
     let parsed = request
         .metadata()

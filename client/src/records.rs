@@ -1,0 +1,318 @@
+//! Typed clinical records (the `dossier.v1.Records` service) through the routing client.
+//!
+//! Every write carries a request id drawn once per call and resent on every retry, so a retried
+//! write is applied once and answers as the first attempt did (`RecordWrite::replayed`).
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use dossier_api::v1::records_client::RecordsClient;
+use dossier_api::v1::{
+    CreatePatientRequest, CreateRecordRequest, DeleteRecordRequest, EverythingRequest,
+    HistoryRequest, ReadConsistency, ReadRecordRequest, ReadVersionRequest, RecordWriteResponse,
+    Reference, Resource, ResourceType, TransactionEntry, TransactionRequest, UpdateRecordRequest,
+    WriteHeader, WriteOutcome,
+};
+
+use crate::{Client, ClientError, splitmix64};
+
+/// The answer of a records write. Nothing was written unless `outcome` is `Applied`.
+pub type RecordWrite = RecordWriteResponse;
+
+/// True when the write was applied (now, or by an earlier attempt with the same request id).
+pub fn is_applied(w: &RecordWrite) -> bool {
+    w.outcome == WriteOutcome::Applied as i32
+}
+
+/// Who writes (becomes `Meta.author`) and how long a call may take.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    pub author: Option<Reference>,
+    /// Overrides the client's default deadline.
+    pub deadline: Option<Duration>,
+    /// Reuse a request id (e.g. one derived from an import's source) instead of drawing one.
+    pub request_id: Option<[u8; 16]>,
+}
+
+/// One page of a record's versions, newest first.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub versions: Vec<Resource>,
+    /// Older versions follow: ask again with `before_version` = the last version returned.
+    pub more: bool,
+}
+
+impl Client {
+    /// A fresh request id: 16 bytes, never all zero.
+    pub fn new_request_id(&self) -> [u8; 16] {
+        let a = splitmix64(self.inner.session_seed.fetch_add(1, Ordering::Relaxed));
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(a);
+        let b = h.finish() | 1;
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&a.to_be_bytes());
+        id[8..].copy_from_slice(&b.to_be_bytes());
+        id
+    }
+
+    fn header(&self, options: &WriteOptions) -> WriteHeader {
+        WriteHeader {
+            request_id: options
+                .request_id
+                .unwrap_or_else(|| self.new_request_id())
+                .to_vec(),
+            author: options.author.clone(),
+        }
+    }
+
+    fn deadline_of(&self, options: &WriteOptions) -> Duration {
+        options.deadline.unwrap_or(self.inner.config.deadline)
+    }
+
+    /// Creates a patient; `patient.meta.id` is its id.
+    pub async fn create_patient(
+        &self,
+        patient: Resource,
+        options: &WriteOptions,
+    ) -> Result<RecordWrite, ClientError> {
+        let patient_id = patient
+            .meta
+            .as_ref()
+            .map(|m| m.id.clone())
+            .unwrap_or_default();
+        let header = self.header(options);
+        let response = self
+            .routed(&patient_id, self.deadline_of(options), |ch, route, t| {
+                let mut request = tonic::Request::new(CreatePatientRequest {
+                    route: Some(route),
+                    header: Some(header.clone()),
+                    resource: Some(patient.clone()),
+                });
+                request.set_timeout(t);
+                async move { RecordsClient::new(ch).create_patient(request).await }
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// Creates version 1 of a record of an existing patient.
+    pub async fn create_record(
+        &self,
+        patient_id: &str,
+        resource: Resource,
+        options: &WriteOptions,
+    ) -> Result<RecordWrite, ClientError> {
+        let header = self.header(options);
+        let response = self
+            .routed(patient_id, self.deadline_of(options), |ch, route, t| {
+                let mut request = tonic::Request::new(CreateRecordRequest {
+                    route: Some(route),
+                    header: Some(header.clone()),
+                    resource: Some(resource.clone()),
+                });
+                request.set_timeout(t);
+                async move { RecordsClient::new(ch).create(request).await }
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// Writes version `expected_version + 1` if the current version is `expected_version`.
+    pub async fn update_record(
+        &self,
+        patient_id: &str,
+        expected_version: u64,
+        resource: Resource,
+        options: &WriteOptions,
+    ) -> Result<RecordWrite, ClientError> {
+        let header = self.header(options);
+        let response = self
+            .routed(patient_id, self.deadline_of(options), |ch, route, t| {
+                let mut request = tonic::Request::new(UpdateRecordRequest {
+                    route: Some(route),
+                    header: Some(header.clone()),
+                    expected_version,
+                    resource: Some(resource.clone()),
+                });
+                request.set_timeout(t);
+                async move { RecordsClient::new(ch).update(request).await }
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// Marks a record entered-in-error (a new version; nothing is erased).
+    pub async fn delete_record(
+        &self,
+        patient_id: &str,
+        rtype: ResourceType,
+        id: &str,
+        expected_version: u64,
+        reason: &str,
+        options: &WriteOptions,
+    ) -> Result<RecordWrite, ClientError> {
+        let header = self.header(options);
+        let response = self
+            .routed(patient_id, self.deadline_of(options), |ch, route, t| {
+                let mut request = tonic::Request::new(DeleteRecordRequest {
+                    route: Some(route),
+                    header: Some(header.clone()),
+                    r#type: rtype as i32,
+                    id: id.to_owned(),
+                    expected_version,
+                    reason: reason.to_owned(),
+                });
+                request.set_timeout(t);
+                async move { RecordsClient::new(ch).delete(request).await }
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// Creates and updates records of one patient atomically.
+    pub async fn transaction(
+        &self,
+        patient_id: &str,
+        entries: Vec<TransactionEntry>,
+        options: &WriteOptions,
+    ) -> Result<RecordWrite, ClientError> {
+        let header = self.header(options);
+        let response = self
+            .routed(patient_id, self.deadline_of(options), |ch, route, t| {
+                let mut request = tonic::Request::new(TransactionRequest {
+                    route: Some(route),
+                    header: Some(header.clone()),
+                    entries: entries.clone(),
+                });
+                request.set_timeout(t);
+                async move { RecordsClient::new(ch).transaction(request).await }
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// The current version of a record (linearizable), or `None`.
+    pub async fn read_record(
+        &self,
+        patient_id: &str,
+        rtype: ResourceType,
+        id: &str,
+    ) -> Result<Option<Resource>, ClientError> {
+        let response = self
+            .routed(patient_id, self.inner.config.deadline, |ch, route, t| {
+                let mut request = tonic::Request::new(ReadRecordRequest {
+                    route: Some(route),
+                    r#type: rtype as i32,
+                    id: id.to_owned(),
+                    consistency: ReadConsistency::Linearizable as i32,
+                });
+                request.set_timeout(t);
+                async move { RecordsClient::new(ch).read(request).await }
+            })
+            .await?
+            .into_inner();
+        Ok(response.resource.filter(|_| response.found))
+    }
+
+    /// One version of a record, or `None`.
+    pub async fn read_version(
+        &self,
+        patient_id: &str,
+        rtype: ResourceType,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<Resource>, ClientError> {
+        let response = self
+            .routed(patient_id, self.inner.config.deadline, |ch, route, t| {
+                let mut request = tonic::Request::new(ReadVersionRequest {
+                    route: Some(route),
+                    r#type: rtype as i32,
+                    id: id.to_owned(),
+                    version,
+                    consistency: ReadConsistency::Linearizable as i32,
+                });
+                request.set_timeout(t);
+                async move { RecordsClient::new(ch).v_read(request).await }
+            })
+            .await?
+            .into_inner();
+        Ok(response.resource.filter(|_| response.found))
+    }
+
+    /// A page of a record's versions, newest first, below `before_version` (0: from the current).
+    pub async fn history(
+        &self,
+        patient_id: &str,
+        rtype: ResourceType,
+        id: &str,
+        before_version: u64,
+        limit: u32,
+    ) -> Result<Option<History>, ClientError> {
+        let response = self
+            .routed(patient_id, self.inner.config.deadline, |ch, route, t| {
+                let mut request = tonic::Request::new(HistoryRequest {
+                    route: Some(route),
+                    r#type: rtype as i32,
+                    id: id.to_owned(),
+                    before_version,
+                    limit,
+                    consistency: ReadConsistency::Linearizable as i32,
+                });
+                request.set_timeout(t);
+                async move { RecordsClient::new(ch).history(request).await }
+            })
+            .await?
+            .into_inner();
+        Ok(response.found.then_some(History {
+            versions: response.versions,
+            more: response.more,
+        }))
+    }
+
+    /// Every current record of a patient changed after `since_micros` (0: all), of `types`
+    /// (empty: all), passed to `each` message by message; returns the `as_of` stamp to pass as
+    /// `since_micros` next time. The stream is consumed as it arrives, never held whole.
+    pub async fn everything(
+        &self,
+        patient_id: &str,
+        since_micros: i64,
+        types: &[ResourceType],
+        include_entered_in_error: bool,
+        mut each: impl FnMut(Vec<Resource>) -> Result<(), ClientError>,
+    ) -> Result<i64, ClientError> {
+        // The stream is opened through the router (leader hints, map refreshes), then read
+        // to its end; a stream broken midway is an error the caller resumes with `since`.
+        let stream = self
+            .routed(patient_id, self.inner.config.deadline, |ch, route, t| {
+                let mut request = tonic::Request::new(EverythingRequest {
+                    route: Some(route),
+                    since_micros,
+                    types: types.iter().map(|t| *t as i32).collect(),
+                    include_entered_in_error,
+                    consistency: ReadConsistency::Linearizable as i32,
+                });
+                request.set_timeout(t);
+                async move { RecordsClient::new(ch).everything(request).await }
+            })
+            .await?;
+        let mut stream = stream.into_inner();
+        let mut as_of = since_micros;
+        loop {
+            match stream.message().await {
+                Ok(Some(message)) => {
+                    as_of = message.as_of_micros;
+                    each(message.resources)?;
+                }
+                Ok(None) => return Ok(as_of),
+                Err(status) => {
+                    return Err(ClientError::Server(format!(
+                        "everything stream broke: {:?}: {}",
+                        status.code(),
+                        status.message()
+                    )));
+                }
+            }
+        }
+    }
+}

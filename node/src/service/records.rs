@@ -1,0 +1,1252 @@
+//! The public `dossier.v1.Records` service: typed, versioned clinical records of one patient in
+//! the patient's shard. Key layout, write and read protocols: docs/schema.md §4–§6.
+//!
+//! A write is coordinated by the patient shard's leader: after a read barrier it reads what the
+//! write depends on (the request record, the patient's clock, the heads of the records written),
+//! answers definite refusals from those reads, and proposes ONE conditional batch that re-checks
+//! every one of them. A failed condition means another write of the patient committed in
+//! between: the write is rebuilt, at most `records.write-attempts-max` times.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use dossier_api::records::{
+    self as rec, Limits, is_valid_id, kind_type, type_name, validate_new_record,
+};
+use dossier_api::v1::records_server::Records;
+use dossier_api::v1::{
+    CreatePatientRequest, CreateRecordRequest, DeleteRecordRequest, EverythingRequest,
+    EverythingResponse, HistoryRequest, HistoryResponse, LookupIdentifierRequest,
+    LookupIdentifierResponse, Meta, ReadConsistency, ReadRecordRequest, ReadRecordResponse,
+    ReadVersionRequest, RecordRef, RecordStatus, RecordWriteResponse, Reference, Resource,
+    ResourceType, ResourceVersion, RouteHeader, TransactionRequest, UpdateRecordRequest,
+    WriteHeader, WriteOutcome, reference, resource, transaction_entry,
+};
+use dossier_storage::{Batch, Command, Condition, Expect, Op, Outcome, ShardHandle};
+use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::errors::ApiError;
+use crate::node::Node;
+
+/// The records keys of one patient: `patient_id ‖ 0x01 ‖ records key` (docs/schema.md §4).
+#[derive(Debug, Clone)]
+pub struct PatientKeys {
+    prefix: Vec<u8>,
+}
+
+impl PatientKeys {
+    pub fn new(patient_id: &str) -> Self {
+        let mut prefix = patient_id.as_bytes().to_vec();
+        prefix.push(0x01);
+        PatientKeys { prefix }
+    }
+
+    fn key(&self, parts: &[&[u8]]) -> Bytes {
+        let mut k = self.prefix.clone();
+        for p in parts {
+            k.extend_from_slice(p);
+        }
+        k.into()
+    }
+
+    /// `c`: the patient's clock, the last stamp given to a version (u64 BE).
+    pub fn clock(&self) -> Bytes {
+        self.key(&[b"c"])
+    }
+
+    /// `p`: present iff the Patient record exists and is not entered-in-error.
+    pub fn present(&self) -> Bytes {
+        self.key(&[b"p"])
+    }
+
+    /// `h/<Type>/<id>`: the current version (u64 BE).
+    pub fn head(&self, t: &str, id: &str) -> Bytes {
+        self.key(&[b"h/", t.as_bytes(), b"/", id.as_bytes()])
+    }
+
+    /// `v/<Type>/<id>/<version u64 BE>`: one immutable version (`Resource`, protobuf).
+    pub fn version(&self, t: &str, id: &str, version: u64) -> Bytes {
+        self.key(&[
+            b"v/",
+            t.as_bytes(),
+            b"/",
+            id.as_bytes(),
+            b"/",
+            &version.to_be_bytes(),
+        ])
+    }
+
+    /// `t/<Type>/`: the records of a kind by the stamp of their current version.
+    pub fn stamps(&self, t: &str) -> Bytes {
+        self.key(&[b"t/", t.as_bytes(), b"/"])
+    }
+
+    /// `t/<Type>/<stamp u64 BE>` → version u64 BE ‖ id.
+    pub fn stamp(&self, t: &str, stamp: u64) -> Bytes {
+        self.key(&[b"t/", t.as_bytes(), b"/", &stamp.to_be_bytes()])
+    }
+
+    /// `q/<request id>` → fingerprint (16 bytes) ‖ `RecordWriteResponse`.
+    pub fn request(&self, request_id: &[u8]) -> Bytes {
+        self.key(&[b"q/", request_id])
+    }
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+#[derive(Debug, Clone)]
+enum EntryOp {
+    Create,
+    Update { expected: u64 },
+    Delete { expected: u64, reason: String },
+}
+
+/// One record a write produces.
+#[derive(Debug, Clone)]
+struct WriteEntry {
+    op: EntryOp,
+    rtype: ResourceType,
+    id: String,
+    /// The new content (None for a delete: the current version's content is kept).
+    resource: Option<Resource>,
+    /// Where this entry sits in the request, for error paths (`resource`, `entries[2].create`).
+    field: String,
+}
+
+/// What a write decided before proposing, per entry.
+struct Planned {
+    version: u64,
+    old_stamp: Option<u64>,
+    resource: Resource,
+}
+
+#[derive(Debug, Clone)]
+pub struct RecordsService {
+    node: Arc<Node>,
+}
+
+impl RecordsService {
+    pub fn new(node: Arc<Node>) -> Self {
+        RecordsService { node }
+    }
+
+    fn limits(&self) -> Limits {
+        let r = &self.node.config.node.records;
+        Limits {
+            text_bytes_max: r.text_bytes_max,
+            document_bytes_max: r.document_bytes_max,
+            repeated_items_max: r.repeated_items_max,
+        }
+    }
+
+    /// Checks the route: a patient id of record-id syntax, hosted here, at the client's epoch.
+    fn route(&self, route: Option<&RouteHeader>) -> Result<(u64, String), ApiError> {
+        let route = route
+            .ok_or_else(|| ApiError::invalid("route", "is required (it names the patient)"))?;
+        if !is_valid_id(&route.patient_id) {
+            return Err(ApiError::invalid(
+                "route.patient_id",
+                "must match [A-Za-z0-9.-]{1,64}",
+            ));
+        }
+        let descriptor = self
+            .node
+            .route(dossier_api::patient_hash(&route.patient_id))?;
+        if route.shard_id != 0
+            && (route.shard_id != descriptor.shard_id || route.epoch != descriptor.epoch)
+        {
+            return Err(ApiError::StaleEpoch { descriptor });
+        }
+        if !descriptor.replicas.contains(&self.node.node_id()) {
+            return Err(ApiError::StaleEpoch { descriptor });
+        }
+        Ok((descriptor.shard_id, route.patient_id.clone()))
+    }
+
+    fn replica(&self, shard: u64) -> Result<ShardHandle, ApiError> {
+        self.node
+            .replica(shard)
+            .ok_or(ApiError::ShardNotFound { shard })
+    }
+
+    async fn read_ready(
+        &self,
+        shard: u64,
+        consistency: i32,
+        deadline: Duration,
+    ) -> Result<(), ApiError> {
+        match ReadConsistency::try_from(consistency) {
+            Ok(ReadConsistency::Linearizable) => self.node.read_barrier(shard, deadline).await,
+            Ok(ReadConsistency::Stale) => Ok(()),
+            Err(_) => Err(ApiError::invalid("consistency", "unknown value")),
+        }
+    }
+
+    async fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        if self.node.is_stopping() {
+            return Err(ApiError::Unavailable("the node is shutting down".into()));
+        }
+        Arc::clone(&self.node.in_flight)
+            .try_acquire_owned()
+            .map_err(|_| ApiError::ResourceExhausted {
+                limit: self.node.config.node.limits.in_flight_max as u64,
+            })
+    }
+
+    async fn serve<Req, T>(
+        &self,
+        method: &'static str,
+        request: Request<Req>,
+        route: impl FnOnce(&Req) -> Option<&RouteHeader>,
+        body: impl AsyncFnOnce(&Req, u64, String, Duration) -> Result<T, ApiError>,
+    ) -> Result<Response<T>, Status> {
+        let started = Instant::now();
+        let deadline = super::kv::deadline_of(&request, self.node.config.request_deadline());
+        let result = async {
+            let _permit = self.admit().await?;
+            let r = request.get_ref();
+            let (shard, patient) = self.route(route(r))?;
+            body(r, shard, patient, deadline).await
+        }
+        .await;
+        let code = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.code_name(),
+        };
+        self.node
+            .metrics
+            .request_seconds
+            .with_label_values(&[method, code])
+            .observe(started.elapsed().as_secs_f64());
+        result.map(Response::new).map_err(Status::from)
+    }
+
+    fn decode(bytes: &[u8], what: &str) -> Result<Resource, ApiError> {
+        Resource::decode(bytes)
+            .map_err(|e| ApiError::Internal(format!("stored {what} does not decode: {e}")))
+    }
+
+    fn get(replica: &ShardHandle, key: &[u8]) -> Result<Option<Bytes>, ApiError> {
+        replica
+            .get(key)
+            .map_err(|e| ApiError::Unavailable(format!("read the state store: {e}")))
+    }
+
+    fn head(
+        replica: &ShardHandle,
+        keys: &PatientKeys,
+        t: &str,
+        id: &str,
+    ) -> Result<Option<u64>, ApiError> {
+        match Self::get(replica, &keys.head(t, id))? {
+            None => Ok(None),
+            Some(v) => be_u64(&v)
+                .map(Some)
+                .ok_or_else(|| ApiError::Internal(format!("head of {t}/{id} is not a version"))),
+        }
+    }
+
+    /// The fingerprint that ties a request id to one request: XXH3-128 of the method name and
+    /// the request as this server encodes it, without its route.
+    fn fingerprint(method: &str, encoded_without_route: &[u8]) -> [u8; 16] {
+        let mut bytes = method.as_bytes().to_vec();
+        bytes.push(0);
+        bytes.extend_from_slice(encoded_without_route);
+        xxhash_rust::xxh3::xxh3_128(&bytes).to_be_bytes()
+    }
+
+    fn check_header(header: Option<&WriteHeader>) -> Result<&WriteHeader, ApiError> {
+        let header = header.ok_or_else(|| {
+            ApiError::invalid("header", "is required (it carries the request id)")
+        })?;
+        if header.request_id.len() != 16 || header.request_id.iter().all(|b| *b == 0) {
+            return Err(ApiError::invalid(
+                "header.request_id",
+                "must be 16 bytes, not all zero",
+            ));
+        }
+        Ok(header)
+    }
+
+    /// Runs a write of `entries` for `patient` (docs/schema.md §5).
+    async fn write(
+        &self,
+        shard: u64,
+        patient: &str,
+        header: &WriteHeader,
+        fingerprint: [u8; 16],
+        entries: Vec<WriteEntry>,
+        deadline: Duration,
+    ) -> Result<RecordWriteResponse, ApiError> {
+        let started = Instant::now();
+        let keys = PatientKeys::new(patient);
+        let creates_patient = entries
+            .iter()
+            .any(|e| e.rtype == ResourceType::Patient && matches!(e.op, EntryOp::Create));
+        let attempts = self.node.config.node.records.write_attempts_max;
+        for _ in 0..attempts {
+            let remaining = deadline.saturating_sub(started.elapsed());
+            if remaining.is_zero() {
+                return Err(ApiError::Deadline);
+            }
+            self.node.read_barrier(shard, remaining).await?;
+            let replica = self.replica(shard)?;
+            if let Some(stored) = Self::get(&replica, &keys.request(&header.request_id))? {
+                return Self::replay(&stored, &fingerprint);
+            }
+            let clock = match Self::get(&replica, &keys.clock())? {
+                None => None,
+                Some(v) => {
+                    Some(be_u64(&v).ok_or_else(|| ApiError::Internal("patient clock".into()))?)
+                }
+            };
+            if !creates_patient && Self::get(&replica, &keys.present())?.is_none() {
+                return Ok(refusal(WriteOutcome::NotFound, 0, "route.patient_id"));
+            }
+            // Plan every entry from barrier-fresh reads; answer definite refusals now.
+            let mut planned = Vec::with_capacity(entries.len());
+            for (i, e) in entries.iter().enumerate() {
+                let t = type_name(e.rtype).unwrap_or("?");
+                let head = Self::head(&replica, &keys, t, &e.id)?;
+                let entry_index = i as u32;
+                let plan = match (&e.op, head) {
+                    (EntryOp::Create, Some(_)) => {
+                        return Ok(refusal(
+                            WriteOutcome::AlreadyExists,
+                            entry_index,
+                            &format!("{}.meta.id", e.field),
+                        ));
+                    }
+                    (EntryOp::Create, None) => Planned {
+                        version: 1,
+                        old_stamp: None,
+                        resource: e.resource.clone().unwrap_or_default(),
+                    },
+                    (EntryOp::Update { .. } | EntryOp::Delete { .. }, None) => {
+                        return Ok(refusal(
+                            WriteOutcome::NotFound,
+                            entry_index,
+                            &format!("{}.meta.id", e.field),
+                        ));
+                    }
+                    (
+                        EntryOp::Update { expected } | EntryOp::Delete { expected, .. },
+                        Some(current),
+                    ) => {
+                        if current != *expected {
+                            let mut r = refusal(
+                                WriteOutcome::VersionConflict,
+                                entry_index,
+                                &format!("{}expected_version", e.field),
+                            );
+                            r.current_version = current;
+                            return Ok(r);
+                        }
+                        let old = Self::get(&replica, &keys.version(t, &e.id, current))?
+                            .ok_or_else(|| {
+                                ApiError::Internal(format!(
+                                    "version {current} of {t}/{} is missing",
+                                    e.id
+                                ))
+                            })?;
+                        let old = Self::decode(&old, "version")?;
+                        let old_meta = old.meta.clone().unwrap_or_default();
+                        if old_meta.status == RecordStatus::EnteredInError as i32 {
+                            return Ok(refusal(
+                                WriteOutcome::EnteredInError,
+                                entry_index,
+                                &format!("{}.meta.id", e.field),
+                            ));
+                        }
+                        let resource = match (&e.op, &e.resource) {
+                            (EntryOp::Delete { .. }, _) | (_, None) => old,
+                            (_, Some(new)) => new.clone(),
+                        };
+                        Planned {
+                            version: current + 1,
+                            old_stamp: Some(old_meta.last_updated_micros as u64),
+                            resource,
+                        }
+                    }
+                };
+                planned.push(plan);
+            }
+            // Stamps: strictly increasing over the patient's writes, in commit order.
+            let first = now_micros().max(clock.map_or(0, |c| c + 1));
+            let mut batch = Batch {
+                conditions: vec![
+                    Condition {
+                        key: keys.request(&header.request_id),
+                        expect: Expect::Absent,
+                    },
+                    Condition {
+                        key: keys.clock(),
+                        expect: match clock {
+                            Some(c) => Expect::Equals(Bytes::copy_from_slice(&c.to_be_bytes())),
+                            None => Expect::Absent,
+                        },
+                    },
+                    Condition {
+                        key: keys.present(),
+                        expect: if creates_patient {
+                            Expect::Absent
+                        } else {
+                            Expect::Present
+                        },
+                    },
+                ],
+                ops: Vec::new(),
+            };
+            let mut response = RecordWriteResponse {
+                outcome: WriteOutcome::Applied as i32,
+                ..RecordWriteResponse::default()
+            };
+            let written: BTreeSet<(i32, String)> = entries
+                .iter()
+                .map(|e| (e.rtype as i32, e.id.clone()))
+                .collect();
+            let mut references = Vec::new();
+            for (i, (e, plan)) in entries.iter().zip(planned).enumerate() {
+                let t = type_name(e.rtype).unwrap_or("?");
+                let stamp = first + i as u64;
+                batch.conditions.push(Condition {
+                    key: keys.head(t, &e.id),
+                    expect: match plan.version {
+                        1 => Expect::Absent,
+                        v => Expect::Equals(Bytes::copy_from_slice(&(v - 1).to_be_bytes())),
+                    },
+                });
+                let mut resource = plan.resource;
+                let old_meta = resource.meta.take().unwrap_or_default();
+                let (status, status_reason) = match &e.op {
+                    EntryOp::Delete { reason, .. } => {
+                        (RecordStatus::EnteredInError, reason.clone())
+                    }
+                    _ => (RecordStatus::Current, String::new()),
+                };
+                resource.meta = Some(Meta {
+                    id: e.id.clone(),
+                    patient_id: patient.to_owned(),
+                    version: plan.version,
+                    last_updated_micros: stamp as i64,
+                    author: header.author.clone(),
+                    status: status as i32,
+                    status_reason,
+                    request_id: header.request_id.clone(),
+                    source: old_meta.source,
+                });
+                collect_record_refs(&resource, &e.field, &mut references);
+                batch.ops.push(Op::Put {
+                    key: keys.version(t, &e.id, plan.version),
+                    value: resource.encode_to_vec().into(),
+                });
+                batch.ops.push(Op::Put {
+                    key: keys.head(t, &e.id),
+                    value: Bytes::copy_from_slice(&plan.version.to_be_bytes()),
+                });
+                if let Some(old) = plan.old_stamp {
+                    batch.ops.push(Op::Delete {
+                        key: keys.stamp(t, old),
+                    });
+                }
+                let mut pointer = plan.version.to_be_bytes().to_vec();
+                pointer.extend_from_slice(e.id.as_bytes());
+                batch.ops.push(Op::Put {
+                    key: keys.stamp(t, stamp),
+                    value: pointer.into(),
+                });
+                if e.rtype == ResourceType::Patient {
+                    match status {
+                        RecordStatus::EnteredInError => batch.ops.push(Op::Delete {
+                            key: keys.present(),
+                        }),
+                        _ => batch.ops.push(Op::Put {
+                            key: keys.present(),
+                            value: Bytes::new(),
+                        }),
+                    }
+                }
+                response.written.push(ResourceVersion {
+                    r#type: e.rtype as i32,
+                    id: e.id.clone(),
+                    version: plan.version,
+                    last_updated_micros: stamp as i64,
+                });
+            }
+            // References to records of this patient not written here must exist.
+            let heads_end = batch.conditions.len();
+            let mut reference_fields = Vec::new();
+            let mut seen = BTreeSet::new();
+            for (field, r) in references {
+                if written.contains(&(r.r#type, r.id.clone()))
+                    || !seen.insert((r.r#type, r.id.clone()))
+                {
+                    continue;
+                }
+                let Some(t) = ResourceType::try_from(r.r#type).ok().and_then(type_name) else {
+                    continue;
+                };
+                batch.conditions.push(Condition {
+                    key: keys.head(t, &r.id),
+                    expect: Expect::Present,
+                });
+                reference_fields.push(field);
+            }
+            let last = first + entries.len() as u64 - 1;
+            batch.ops.push(Op::Put {
+                key: keys.clock(),
+                value: Bytes::copy_from_slice(&last.to_be_bytes()),
+            });
+            let mut stored = fingerprint.to_vec();
+            stored.extend_from_slice(&response.encode_to_vec());
+            batch.ops.push(Op::Put {
+                key: keys.request(&header.request_id),
+                value: stored.into(),
+            });
+            batch.check_limits(&self.node.config.state).map_err(|e| {
+                ApiError::invalid(
+                    entries
+                        .first()
+                        .map_or("resource", |e| e.field.as_str())
+                        .to_owned(),
+                    format!("the write is too large: {e}"),
+                )
+            })?;
+            let remaining = deadline.saturating_sub(started.elapsed());
+            let (outcome, index) = self
+                .node
+                .write(
+                    shard,
+                    Command::Txn {
+                        session: None,
+                        batch,
+                    },
+                    remaining,
+                )
+                .await?;
+            match outcome {
+                Outcome::Applied | Outcome::Done => {
+                    response.index = index;
+                    return Ok(response);
+                }
+                Outcome::ConditionFailed { index: failed } => {
+                    let failed = failed as usize;
+                    if failed == 2 && !creates_patient {
+                        return Ok(refusal(WriteOutcome::NotFound, 0, "route.patient_id"));
+                    }
+                    if failed >= heads_end {
+                        let field = reference_fields
+                            .get(failed - heads_end)
+                            .cloned()
+                            .unwrap_or_default();
+                        return Ok(refusal(WriteOutcome::ReferenceNotFound, 0, &field));
+                    }
+                    // The request record, the clock or a head moved: another write of this
+                    // patient committed (or this one did). Plan again from fresh reads.
+                    continue;
+                }
+                Outcome::StaleSequence { .. } | Outcome::SessionExpired => {
+                    return Err(ApiError::Internal(
+                        "a sessionless write got a session outcome".into(),
+                    ));
+                }
+            }
+        }
+        Err(ApiError::Unavailable(format!(
+            "patient {patient}: {attempts} attempts lost to concurrent writes of the same patient; retry"
+        )))
+    }
+
+    /// The stored answer of an applied request id, or INVALID_ARGUMENT when the id was used by
+    /// another request.
+    fn replay(stored: &[u8], fingerprint: &[u8; 16]) -> Result<RecordWriteResponse, ApiError> {
+        if stored.len() < 16 {
+            return Err(ApiError::Internal("stored request record is short".into()));
+        }
+        if &stored[..16] != fingerprint {
+            return Err(ApiError::invalid(
+                "header.request_id",
+                "was already used by a different request",
+            ));
+        }
+        let mut response = RecordWriteResponse::decode(&stored[16..])
+            .map_err(|e| ApiError::Internal(format!("stored answer does not decode: {e}")))?;
+        response.replayed = true;
+        response.index = 0;
+        Ok(response)
+    }
+
+    fn read_current(
+        replica: &ShardHandle,
+        keys: &PatientKeys,
+        t: &str,
+        id: &str,
+    ) -> Result<Option<Resource>, ApiError> {
+        let Some(version) = Self::head(replica, keys, t, id)? else {
+            return Ok(None);
+        };
+        let bytes = Self::get(replica, &keys.version(t, id, version))?.ok_or_else(|| {
+            ApiError::Internal(format!("version {version} of {t}/{id} is missing"))
+        })?;
+        Self::decode(&bytes, "version").map(Some)
+    }
+
+    fn read_type(raw: i32, field: &str) -> Result<&'static str, ApiError> {
+        ResourceType::try_from(raw)
+            .ok()
+            .and_then(type_name)
+            .ok_or_else(|| ApiError::invalid(field.to_owned(), "must be a resource type"))
+    }
+
+    fn check_id(id: &str, field: &str) -> Result<(), ApiError> {
+        if !is_valid_id(id) {
+            return Err(ApiError::invalid(
+                field.to_owned(),
+                "must match [A-Za-z0-9.-]{1,64}",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Validates a create or update of one record and returns its entry.
+    fn entry(
+        &self,
+        patient: &str,
+        resource: Option<&Resource>,
+        field: &str,
+        op: EntryOp,
+        patient_allowed: bool,
+    ) -> Result<WriteEntry, ApiError> {
+        let resource =
+            resource.ok_or_else(|| ApiError::invalid(field.to_owned(), "is required"))?;
+        validate_new_record(resource, field, patient, &self.limits()).map_err(|e| {
+            ApiError::InvalidArgument {
+                field: e.field,
+                message: e.message,
+                limit: e.limit,
+            }
+        })?;
+        let Some(kind) = &resource.kind else {
+            return Err(ApiError::invalid(format!("{field}.kind"), "is required"));
+        };
+        let rtype = kind_type(kind);
+        let id = resource
+            .meta
+            .as_ref()
+            .map(|m| m.id.clone())
+            .unwrap_or_default();
+        if rtype == ResourceType::Patient {
+            if !patient_allowed {
+                return Err(ApiError::invalid(
+                    format!("{field}.patient"),
+                    "a Patient is written by CreatePatient or Update, not here",
+                ));
+            }
+            if id != patient {
+                return Err(ApiError::invalid(
+                    format!("{field}.meta.id"),
+                    "a Patient's id must equal route.patient_id",
+                ));
+            }
+        }
+        Ok(WriteEntry {
+            op,
+            rtype,
+            id,
+            resource: Some(resource.clone()),
+            field: field.to_owned(),
+        })
+    }
+}
+
+/// A definite refusal: nothing was written.
+fn refusal(outcome: WriteOutcome, entry_index: u32, field: &str) -> RecordWriteResponse {
+    RecordWriteResponse {
+        outcome: outcome as i32,
+        entry_index,
+        field: field.to_owned(),
+        ..RecordWriteResponse::default()
+    }
+}
+
+/// Every `RecordRef` a resource holds, with its path (for REFERENCE_NOT_FOUND).
+fn collect_record_refs(r: &Resource, prefix: &str, out: &mut Vec<(String, RecordRef)>) {
+    use resource::Kind as K;
+    let mut one = |path: String, x: &Option<RecordRef>| {
+        if let Some(x) = x {
+            out.push((path, x.clone()));
+        }
+    };
+    let Some(kind) = &r.kind else { return };
+    let base = format!("{prefix}.{}", rec::kind_field(kind_type(kind)));
+    let mut refs: Vec<(String, RecordRef)> = Vec::new();
+    let mut many = |name: &str, xs: &[RecordRef]| {
+        for (i, x) in xs.iter().enumerate() {
+            refs.push((format!("{base}.{name}[{i}]"), x.clone()));
+        }
+    };
+    let mut through = Vec::new();
+    let mut references = |name: &str, xs: &[Reference]| {
+        for (i, x) in xs.iter().enumerate() {
+            if let Some(reference::Target::Record(rr)) = &x.target {
+                through.push((format!("{base}.{name}[{i}].record"), rr.clone()));
+            }
+        }
+    };
+    match kind {
+        K::Patient(_) | K::CareRelationship(_) => {}
+        K::Encounter(x) => many("reason_records", &x.reason_records),
+        K::Observation(x) => {
+            one(format!("{base}.encounter"), &x.encounter);
+            references("performers", &x.performers);
+        }
+        K::Condition(x) => one(format!("{base}.encounter"), &x.encounter),
+        K::AllergyIntolerance(x) => one(format!("{base}.encounter"), &x.encounter),
+        K::MedicationRequest(x) => {
+            one(format!("{base}.encounter"), &x.encounter);
+            many("reason_records", &x.reason_records);
+        }
+        K::Procedure(x) => {
+            one(format!("{base}.encounter"), &x.encounter);
+            many("reason_records", &x.reason_records);
+        }
+        K::DocumentReference(x) => {
+            one(format!("{base}.encounter"), &x.encounter);
+            references("authors", &x.authors);
+        }
+        K::Consent(x) => {
+            one(format!("{base}.source"), &x.source);
+            references("performers", &x.performers);
+        }
+    }
+    out.extend(refs);
+    out.extend(through);
+}
+
+/// A request with its route cleared, encoded: the body of its fingerprint.
+fn without_route<M: Message + Clone>(m: &M, clear: impl FnOnce(&mut M)) -> Vec<u8> {
+    let mut m = m.clone();
+    clear(&mut m);
+    m.encode_to_vec()
+}
+
+#[tonic::async_trait]
+impl Records for RecordsService {
+    async fn create_patient(
+        &self,
+        request: Request<CreatePatientRequest>,
+    ) -> Result<Response<RecordWriteResponse>, Status> {
+        self.serve(
+            "records_create_patient",
+            request,
+            |r| r.route.as_ref(),
+            async |r, shard, patient, deadline| {
+                let header = Self::check_header(r.header.as_ref())?;
+                let entry = self.entry(
+                    &patient,
+                    r.resource.as_ref(),
+                    "resource",
+                    EntryOp::Create,
+                    true,
+                )?;
+                if entry.rtype != ResourceType::Patient {
+                    return Err(ApiError::invalid("resource.kind", "must be a patient"));
+                }
+                let fp = Self::fingerprint("CreatePatient", &without_route(r, |m| m.route = None));
+                self.write(shard, &patient, header, fp, vec![entry], deadline)
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn create(
+        &self,
+        request: Request<CreateRecordRequest>,
+    ) -> Result<Response<RecordWriteResponse>, Status> {
+        self.serve(
+            "records_create",
+            request,
+            |r| r.route.as_ref(),
+            async |r, shard, patient, deadline| {
+                let header = Self::check_header(r.header.as_ref())?;
+                let entry = self.entry(
+                    &patient,
+                    r.resource.as_ref(),
+                    "resource",
+                    EntryOp::Create,
+                    false,
+                )?;
+                let fp = Self::fingerprint("Create", &without_route(r, |m| m.route = None));
+                self.write(shard, &patient, header, fp, vec![entry], deadline)
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn read(
+        &self,
+        request: Request<ReadRecordRequest>,
+    ) -> Result<Response<ReadRecordResponse>, Status> {
+        self.serve(
+            "records_read",
+            request,
+            |r| r.route.as_ref(),
+            async |r, shard, patient, deadline| {
+                let t = Self::read_type(r.r#type, "type")?;
+                Self::check_id(&r.id, "id")?;
+                self.read_ready(shard, r.consistency, deadline).await?;
+                let replica = self.replica(shard)?;
+                let keys = PatientKeys::new(&patient);
+                let resource = Self::read_current(&replica, &keys, t, &r.id)?;
+                Ok(ReadRecordResponse {
+                    found: resource.is_some(),
+                    resource,
+                    applied_index: replica.applied_index().unwrap_or(0),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn v_read(
+        &self,
+        request: Request<ReadVersionRequest>,
+    ) -> Result<Response<ReadRecordResponse>, Status> {
+        self.serve(
+            "records_vread",
+            request,
+            |r| r.route.as_ref(),
+            async |r, shard, patient, deadline| {
+                let t = Self::read_type(r.r#type, "type")?;
+                Self::check_id(&r.id, "id")?;
+                if r.version == 0 {
+                    return Err(ApiError::invalid("version", "starts at 1"));
+                }
+                self.read_ready(shard, r.consistency, deadline).await?;
+                let replica = self.replica(shard)?;
+                let keys = PatientKeys::new(&patient);
+                let resource = Self::get(&replica, &keys.version(t, &r.id, r.version))?
+                    .map(|b| Self::decode(&b, "version"))
+                    .transpose()?;
+                Ok(ReadRecordResponse {
+                    found: resource.is_some(),
+                    resource,
+                    applied_index: replica.applied_index().unwrap_or(0),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn history(
+        &self,
+        request: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        self.serve(
+            "records_history",
+            request,
+            |r| r.route.as_ref(),
+            async |r, shard, patient, deadline| {
+                let t = Self::read_type(r.r#type, "type")?;
+                Self::check_id(&r.id, "id")?;
+                let page_max = self.node.config.node.records.history_page_max;
+                let limit = match r.limit {
+                    0 => page_max,
+                    n if n > page_max => {
+                        return Err(ApiError::InvalidArgument {
+                            field: "limit".into(),
+                            message: format!("is {n}, above the page limit of {page_max}"),
+                            limit: Some(u64::from(page_max)),
+                        });
+                    }
+                    n => n,
+                };
+                self.read_ready(shard, r.consistency, deadline).await?;
+                let replica = self.replica(shard)?;
+                let keys = PatientKeys::new(&patient);
+                let applied_index = replica.applied_index().unwrap_or(0);
+                let Some(current) = Self::head(&replica, &keys, t, &r.id)? else {
+                    return Ok(HistoryResponse {
+                        found: false,
+                        versions: Vec::new(),
+                        more: false,
+                        applied_index,
+                    });
+                };
+                let top = match r.before_version {
+                    0 => current,
+                    b => (b - 1).min(current),
+                };
+                let bytes_max = self.node.config.node.records.message_bytes_max;
+                let (mut versions, mut bytes) = (Vec::new(), 0usize);
+                let mut v = top;
+                while v >= 1 && versions.len() < limit as usize {
+                    let raw =
+                        Self::get(&replica, &keys.version(t, &r.id, v))?.ok_or_else(|| {
+                            ApiError::Internal(format!("version {v} of {t}/{} is missing", r.id))
+                        })?;
+                    if !versions.is_empty() && bytes + raw.len() > bytes_max {
+                        break;
+                    }
+                    bytes += raw.len();
+                    versions.push(Self::decode(&raw, "version")?);
+                    v -= 1;
+                }
+                Ok(HistoryResponse {
+                    found: true,
+                    more: v >= 1,
+                    versions,
+                    applied_index,
+                })
+            },
+        )
+        .await
+    }
+
+    async fn update(
+        &self,
+        request: Request<UpdateRecordRequest>,
+    ) -> Result<Response<RecordWriteResponse>, Status> {
+        self.serve(
+            "records_update",
+            request,
+            |r| r.route.as_ref(),
+            async |r, shard, patient, deadline| {
+                let header = Self::check_header(r.header.as_ref())?;
+                if r.expected_version == 0 {
+                    return Err(ApiError::invalid("expected_version", "starts at 1"));
+                }
+                let entry = self.entry(
+                    &patient,
+                    r.resource.as_ref(),
+                    "resource",
+                    EntryOp::Update {
+                        expected: r.expected_version,
+                    },
+                    true,
+                )?;
+                let fp = Self::fingerprint("Update", &without_route(r, |m| m.route = None));
+                self.write(shard, &patient, header, fp, vec![entry], deadline)
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRecordRequest>,
+    ) -> Result<Response<RecordWriteResponse>, Status> {
+        self.serve(
+            "records_delete",
+            request,
+            |r| r.route.as_ref(),
+            async |r, shard, patient, deadline| {
+                let header = Self::check_header(r.header.as_ref())?;
+                let t = Self::read_type(r.r#type, "type")?;
+                Self::check_id(&r.id, "id")?;
+                if r.expected_version == 0 {
+                    return Err(ApiError::invalid("expected_version", "starts at 1"));
+                }
+                if r.reason.trim().is_empty() {
+                    return Err(ApiError::invalid(
+                        "reason",
+                        "is required: why the record is in error",
+                    ));
+                }
+                if r.reason.len() > 1024 || r.reason.chars().any(char::is_control) {
+                    return Err(ApiError::invalid(
+                        "reason",
+                        "must be at most 1024 bytes of text",
+                    ));
+                }
+                let rtype = rec::type_from_name(t).unwrap_or(ResourceType::Unspecified);
+                if rtype == ResourceType::Patient && r.id != patient {
+                    return Err(ApiError::invalid(
+                        "id",
+                        "a Patient's id must equal route.patient_id",
+                    ));
+                }
+                let entry = WriteEntry {
+                    op: EntryOp::Delete {
+                        expected: r.expected_version,
+                        reason: r.reason.clone(),
+                    },
+                    rtype,
+                    id: r.id.clone(),
+                    resource: None,
+                    field: String::new(),
+                };
+                let fp = Self::fingerprint("Delete", &without_route(r, |m| m.route = None));
+                self.write(shard, &patient, header, fp, vec![entry], deadline)
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn transaction(
+        &self,
+        request: Request<TransactionRequest>,
+    ) -> Result<Response<RecordWriteResponse>, Status> {
+        self.serve(
+            "records_transaction",
+            request,
+            |r| r.route.as_ref(),
+            async |r, shard, patient, deadline| {
+                let header = Self::check_header(r.header.as_ref())?;
+                let max = self.node.config.node.records.transaction_entries_max;
+                if r.entries.is_empty() {
+                    return Err(ApiError::invalid("entries", "needs at least one entry"));
+                }
+                if r.entries.len() > max {
+                    return Err(ApiError::InvalidArgument {
+                        field: "entries".into(),
+                        message: format!(
+                            "has {} entries, above the limit of {max}",
+                            r.entries.len()
+                        ),
+                        limit: Some(max as u64),
+                    });
+                }
+                let mut entries = Vec::with_capacity(r.entries.len());
+                let mut seen = BTreeSet::new();
+                for (i, e) in r.entries.iter().enumerate() {
+                    let entry = match &e.op {
+                        Some(transaction_entry::Op::Create(res)) => self.entry(
+                            &patient,
+                            Some(res),
+                            &format!("entries[{i}].create"),
+                            EntryOp::Create,
+                            false,
+                        )?,
+                        Some(transaction_entry::Op::Update(u)) => {
+                            if u.expected_version == 0 {
+                                return Err(ApiError::invalid(
+                                    format!("entries[{i}].update.expected_version"),
+                                    "starts at 1",
+                                ));
+                            }
+                            self.entry(
+                                &patient,
+                                u.resource.as_ref(),
+                                &format!("entries[{i}].update.resource"),
+                                EntryOp::Update {
+                                    expected: u.expected_version,
+                                },
+                                false,
+                            )?
+                        }
+                        None => {
+                            return Err(ApiError::invalid(
+                                format!("entries[{i}].op"),
+                                "is required (create or update)",
+                            ));
+                        }
+                    };
+                    if !seen.insert((entry.rtype as i32, entry.id.clone())) {
+                        return Err(ApiError::invalid(
+                            format!("{}.meta.id", entry.field),
+                            "names a record an earlier entry already writes",
+                        ));
+                    }
+                    entries.push(entry);
+                }
+                let fp = Self::fingerprint("Transaction", &without_route(r, |m| m.route = None));
+                self.write(shard, &patient, header, fp, entries, deadline)
+                    .await
+            },
+        )
+        .await
+    }
+
+    type EverythingStream = ReceiverStream<Result<EverythingResponse, Status>>;
+
+    async fn everything(
+        &self,
+        request: Request<EverythingRequest>,
+    ) -> Result<Response<Self::EverythingStream>, Status> {
+        let deadline = super::kv::deadline_of(&request, self.node.config.request_deadline());
+        let permit = self.admit().await.map_err(Status::from)?;
+        let r = request.into_inner();
+        let (shard, patient) = self.route(r.route.as_ref()).map_err(Status::from)?;
+        let mut types = Vec::new();
+        for (i, t) in r.types.iter().enumerate() {
+            types.push(Self::read_type(*t, &format!("types[{i}]")).map_err(Status::from)?);
+        }
+        if types.is_empty() {
+            types = rec::RESOURCE_TYPES
+                .iter()
+                .filter_map(|t| type_name(*t))
+                .collect();
+        }
+        if r.since_micros < 0 {
+            return Err(ApiError::invalid("since_micros", "must not be negative").into());
+        }
+        self.read_ready(shard, r.consistency, deadline)
+            .await
+            .map_err(Status::from)?;
+        let replica = self.replica(shard).map_err(Status::from)?;
+        let bytes_max = self.node.config.node.records.message_bytes_max;
+        // Two messages in flight at most: a slow reader holds back the scan, not memory.
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let result = stream_everything(
+                &replica,
+                &PatientKeys::new(&patient),
+                &types,
+                r.since_micros as u64,
+                r.include_entered_in_error,
+                bytes_max,
+                &tx,
+            )
+            .await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(Status::from(e))).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn lookup_identifier(
+        &self,
+        _request: Request<LookupIdentifierRequest>,
+    ) -> Result<Response<LookupIdentifierResponse>, Status> {
+        Err(Status::unimplemented(
+            "the master patient index is not built yet (docs/schema.md §7)",
+        ))
+    }
+}
+
+/// One kind's cursor over `t/<Type>/`, a page at a time.
+struct StampCursor {
+    t: &'static str,
+    prefix: Bytes,
+    after: Bytes,
+    page: std::collections::VecDeque<(u64, u64, String)>,
+    done: bool,
+}
+
+const STAMP_PAGE: usize = 256;
+
+impl StampCursor {
+    fn peek(&mut self, replica: &ShardHandle) -> Result<Option<u64>, ApiError> {
+        if self.page.is_empty() && !self.done {
+            let page = replica
+                .scan_prefix(&self.prefix, Some(&self.after), STAMP_PAGE)
+                .map_err(|e| ApiError::Unavailable(format!("scan the state store: {e}")))?;
+            self.done = page.len() < STAMP_PAGE;
+            if let Some((k, _)) = page.last() {
+                self.after = k.clone();
+            }
+            for (k, v) in page {
+                let stamp = k
+                    .get(self.prefix.len()..)
+                    .and_then(be_u64)
+                    .ok_or_else(|| ApiError::Internal("stamp key".into()))?;
+                let version = v
+                    .get(..8)
+                    .and_then(be_u64)
+                    .ok_or_else(|| ApiError::Internal("stamp pointer".into()))?;
+                let id = String::from_utf8(v[8..].to_vec())
+                    .map_err(|_| ApiError::Internal("stamp pointer id".into()))?;
+                self.page.push_back((stamp, version, id));
+            }
+        }
+        Ok(self.page.front().map(|(s, _, _)| *s))
+    }
+}
+
+/// Sends the patient's current records with a stamp above `since`, in stamp order, in messages
+/// of at most `bytes_max` bytes (a larger record goes alone). Holds one page per kind.
+async fn stream_everything(
+    replica: &ShardHandle,
+    keys: &PatientKeys,
+    types: &[&'static str],
+    since: u64,
+    include_entered_in_error: bool,
+    bytes_max: usize,
+    tx: &tokio::sync::mpsc::Sender<Result<EverythingResponse, Status>>,
+) -> Result<(), ApiError> {
+    let as_of = match RecordsService::get(replica, &keys.clock())? {
+        Some(v) => be_u64(&v).ok_or_else(|| ApiError::Internal("patient clock".into()))? as i64,
+        None => 0,
+    };
+    let mut cursors: Vec<StampCursor> = types
+        .iter()
+        .map(|t| StampCursor {
+            t,
+            prefix: keys.stamps(t),
+            after: keys.stamp(t, since),
+            page: Default::default(),
+            done: false,
+        })
+        .collect();
+    let mut message = EverythingResponse {
+        resources: Vec::new(),
+        as_of_micros: as_of,
+    };
+    let mut bytes = 0usize;
+    let mut sent_any = false;
+    loop {
+        let mut best: Option<(usize, u64)> = None;
+        for (i, c) in cursors.iter_mut().enumerate() {
+            if let Some(s) = c.peek(replica)?
+                && best.is_none_or(|(_, b)| s < b)
+            {
+                best = Some((i, s));
+            }
+        }
+        let Some((i, _)) = best else { break };
+        let (_, version, id) = cursors[i].page.pop_front().expect("peeked");
+        let t = cursors[i].t;
+        let Some(raw) = RecordsService::get(replica, &keys.version(t, &id, version))? else {
+            // The record moved on since the page was read: its new stamp is above this one and
+            // the cursor reaches it later (or the next sync does).
+            continue;
+        };
+        let resource = RecordsService::decode(&raw, "version")?;
+        let in_error = resource
+            .meta
+            .as_ref()
+            .is_some_and(|m| m.status == RecordStatus::EnteredInError as i32);
+        if in_error && !include_entered_in_error {
+            continue;
+        }
+        if !message.resources.is_empty() && bytes + raw.len() > bytes_max {
+            let full = std::mem::replace(
+                &mut message,
+                EverythingResponse {
+                    resources: Vec::new(),
+                    as_of_micros: as_of,
+                },
+            );
+            if tx.send(Ok(full)).await.is_err() {
+                return Ok(());
+            }
+            sent_any = true;
+            bytes = 0;
+        }
+        bytes += raw.len();
+        message.resources.push(resource);
+    }
+    if !message.resources.is_empty() || !sent_any {
+        let _ = tx.send(Ok(message)).await;
+    }
+    Ok(())
+}
