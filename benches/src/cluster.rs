@@ -1,9 +1,9 @@
 //! Cluster measurements: closed-loop clients against a local 3-node cluster of `dossier-node`
 //! processes (3 replicas per shard), and the failover gap after SIGKILL of a shard leader.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
-use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -78,7 +78,9 @@ pub enum Workload {
     Put,
     Get(ReadConsistency),
     /// Linearizable gets and puts, `read_percent` of the operations being gets.
-    Mixed { read_percent: u8 },
+    Mixed {
+        read_percent: u8,
+    },
 }
 
 impl Workload {
@@ -118,7 +120,9 @@ impl Workload {
 pub enum Distribution {
     Uniform,
     /// Zipf over patients with exponent `theta` (0.99 is YCSB's default): patient 0 hottest.
-    Zipf { theta: f64 },
+    Zipf {
+        theta: f64,
+    },
 }
 
 impl Distribution {
@@ -362,7 +366,8 @@ pub async fn load(backend: &Backend, spec: &LoadSpec) -> Result<LoadResult> {
                     match outcome {
                         Ok(()) => {
                             let us = (started.elapsed().as_micros() as u64).clamp(1, 60_000_000);
-                            hist.record(us).expect("clamped into the histogram's bounds");
+                            hist.record(us)
+                                .expect("clamped into the histogram's bounds");
                         }
                         Err(kind) => {
                             failed.fetch_add(1, Ordering::Relaxed);
@@ -426,7 +431,9 @@ pub async fn load(backend: &Backend, spec: &LoadSpec) -> Result<LoadResult> {
         json.num(&format!("errors_{}", kind.replace('-', "_")), *n as f64);
     }
     json.latency("latency", latency);
-    let ms = |f: fn(&Latency) -> f64| latency.map_or("-".to_owned(), |l| format!("{:.2}", f(&l) / 1000.0));
+    let ms = |f: fn(&Latency) -> f64| {
+        latency.map_or("-".to_owned(), |l| format!("{:.2}", f(&l) / 1000.0))
+    };
     let row = format!(
         "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} |",
         backend.name(),
@@ -725,7 +732,10 @@ mod tests {
         assert!(zipf[99] > 0);
         let uniform = count(Distribution::Uniform);
         let (lo, hi) = (uniform.iter().min().unwrap(), uniform.iter().max().unwrap());
-        assert!(*lo > 1_700 && *hi < 2_300, "uniform counts within {lo}..{hi}");
+        assert!(
+            *lo > 1_700 && *hi < 2_300,
+            "uniform counts within {lo}..{hi}"
+        );
     }
 
     #[test]
