@@ -10,9 +10,9 @@ use std::time::Duration;
 use dossier_api::v1::records_client::RecordsClient;
 use dossier_api::v1::{
     CreatePatientRequest, CreateRecordRequest, DeleteRecordRequest, EverythingRequest,
-    HistoryRequest, ReadConsistency, ReadRecordRequest, ReadVersionRequest, RecordWriteResponse,
-    Reference, Resource, ResourceType, TransactionEntry, TransactionRequest, UpdateRecordRequest,
-    WriteHeader, WriteOutcome,
+    HistoryRequest, LookupIdentifierRequest, ReadConsistency, ReadRecordRequest,
+    ReadVersionRequest, RecordWriteResponse, Reference, Resource, ResourceType, TransactionEntry,
+    TransactionRequest, UpdateRecordRequest, WriteHeader, WriteOutcome,
 };
 
 use crate::{Client, ClientError, splitmix64};
@@ -314,5 +314,29 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// The patient holding an identifier of an indexed system (the master patient index), or
+    /// `None`. Linearizable.
+    pub async fn lookup_identifier(
+        &self,
+        system: &str,
+        value: &str,
+    ) -> Result<Option<String>, ClientError> {
+        let route_key = format!("mpi:{system}|{value}");
+        let response = self
+            .routed(&route_key, self.inner.config.deadline, |ch, route, t| {
+                let mut request = tonic::Request::new(LookupIdentifierRequest {
+                    route: Some(route),
+                    system: system.to_owned(),
+                    value: value.to_owned(),
+                    consistency: ReadConsistency::Linearizable as i32,
+                });
+                request.set_timeout(t);
+                async move { RecordsClient::new(ch).lookup_identifier(request).await }
+            })
+            .await?
+            .into_inner();
+        Ok(response.found.then_some(response.patient_id))
     }
 }

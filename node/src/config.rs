@@ -61,6 +61,12 @@ pub struct RecordsConfig {
     pub message_bytes_max: usize,
     /// Times a write is rebuilt when another write of the same patient committed in between.
     pub write_attempts_max: u32,
+    /// Identifier systems of the master patient index: no two patients hold the same
+    /// identifier of these systems, and LookupIdentifier finds the holder.
+    pub indexed_identifier_systems: Vec<String>,
+    /// How long a claim on an identifier whose patient write never came blocks other claimants,
+    /// in milliseconds (above the request deadline: a slow but live write is not revoked).
+    pub mpi_claim_grace_ms: u64,
 }
 
 impl Default for RecordsConfig {
@@ -73,6 +79,8 @@ impl Default for RecordsConfig {
             history_page_max: 100,
             message_bytes_max: 1024 * 1024,
             write_attempts_max: 8,
+            indexed_identifier_systems: vec![dossier_api::records::SYSTEM_INSZ.to_owned()],
+            mpi_claim_grace_ms: 30_000,
         }
     }
 }
@@ -203,6 +211,20 @@ impl NodeConfig {
         ] {
             ensure!(value > 0, "{name} must be at least 1");
         }
+        for system in &rc.indexed_identifier_systems {
+            ensure!(
+                !system.is_empty()
+                    && !system.contains('|')
+                    && !system.contains(char::is_whitespace),
+                "records.indexed-identifier-systems: {system:?} must be a URI without '|' or white space"
+            );
+        }
+        ensure!(
+            rc.mpi_claim_grace_ms > self.limits.request_deadline_ms,
+            "records.mpi-claim-grace-ms ({}) must be above limits.request-deadline-ms ({})",
+            rc.mpi_claim_grace_ms,
+            self.limits.request_deadline_ms
+        );
         ensure!(
             rc.document_bytes_max < self.state.value_bytes_max,
             "records.document-bytes-max ({}) must be below state.value-bytes-max ({}): a version \

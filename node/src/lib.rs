@@ -13,14 +13,17 @@ mod errors;
 mod http;
 mod meta;
 mod metrics;
+mod mpi;
 mod node;
 mod service;
+pub mod shards;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dossier_api::raft::v1::raft_server::RaftServer as RaftGrpc;
+use dossier_api::raft::v1::shard_access_server::ShardAccessServer;
 use dossier_api::v1::admin_server::AdminServer;
 use dossier_api::v1::kv_server::KvServer;
 use dossier_api::v1::records_server::RecordsServer;
@@ -66,6 +69,9 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
                     KvServer::new(service::kv::KvService::new(Arc::clone(&node)))
                         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
                 )
+                .add_service(ShardAccessServer::new(shards::ShardAccessService::new(
+                    Arc::clone(&node),
+                )))
                 .add_service(
                     RecordsServer::new(service::records::RecordsService::new(Arc::clone(&node)))
                         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),

@@ -76,6 +76,19 @@ impl Node {
         Ok(node)
     }
 
+    /// The shared channel to a peer node (internal services).
+    pub fn peer_channel(&self, addr: &str) -> Result<tonic::transport::Channel, ApiError> {
+        self.ctx
+            .pool
+            .channel(addr)
+            .map_err(|e| ApiError::Unavailable(format!("connect to {addr}: {e}")))
+    }
+
+    /// The leader of `shard` as the local replica knows it, if this node hosts one.
+    pub fn known_leader(&self, shard: ShardId) -> Option<u64> {
+        self.group(shard).and_then(|raft| leader_of(&raft))
+    }
+
     pub fn node_id(&self) -> u64 {
         self.config.node.node_id
     }

@@ -300,7 +300,11 @@ async fn duplicated_request_applies_once() {
 /// Bad input gets the right machine-readable reason, naming the field and limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_typed_errors() {
-    let cluster = TestCluster::start(3, 2, 3, &|c| c.state.value_bytes_max = 1024).await;
+    let cluster = TestCluster::start(3, 2, 3, &|c| {
+        c.state.value_bytes_max = 1024;
+        c.records.document_bytes_max = 512;
+    })
+    .await;
     let client = cluster.client().await;
     match client.put("p-1", b"k", &vec![0u8; 2048]).await {
         Err(ClientError::InvalidArgument { field, limit, .. }) => {

@@ -30,7 +30,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::errors::ApiError;
+use crate::mpi::{Claim, Ident, Mpi, fence_key, hold_key};
 use crate::node::Node;
+use crate::shards::ClusterShards;
 
 /// The records keys of one patient: `patient_id ‖ 0x01 ‖ records key` (docs/schema.md §4).
 #[derive(Debug, Clone)]
@@ -123,6 +125,11 @@ struct WriteEntry {
     resource: Option<Resource>,
     /// Where this entry sits in the request, for error paths (`resource`, `entries[2].create`).
     field: String,
+    /// Identifiers this write makes the patient hold (claimed in the index beforehand): the
+    /// batch puts `i/X` under the condition that no fence revoked the claim.
+    holds: Vec<Ident>,
+    /// Identifiers this write makes the patient give up: the batch deletes `i/X`.
+    releases: Vec<Ident>,
 }
 
 /// What a write decided before proposing, per entry.
@@ -135,11 +142,199 @@ struct Planned {
 #[derive(Debug, Clone)]
 pub struct RecordsService {
     node: Arc<Node>,
+    shards: ClusterShards,
 }
 
 impl RecordsService {
     pub fn new(node: Arc<Node>) -> Self {
-        RecordsService { node }
+        let shards = ClusterShards::new(Arc::clone(&node));
+        RecordsService { node, shards }
+    }
+
+    fn mpi(&self) -> Mpi<'_> {
+        let r = &self.node.config.node.records;
+        Mpi {
+            shards: &self.shards,
+            grace: Duration::from_millis(r.mpi_claim_grace_ms),
+            attempts: r.write_attempts_max,
+        }
+    }
+
+    /// The identifiers of indexed systems a Patient holds, sorted and without duplicates, with
+    /// the path of (the first of) each.
+    fn indexed(&self, resource: Option<&Resource>, field: &str) -> Vec<(Ident, String)> {
+        let systems = &self.node.config.node.records.indexed_identifier_systems;
+        let Some(resource::Kind::Patient(p)) = resource.and_then(|r| r.kind.as_ref()) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(Ident, String)> = Vec::new();
+        for (i, id) in p.identifiers.iter().enumerate() {
+            if !systems.contains(&id.system) {
+                continue;
+            }
+            let x = Ident {
+                system: id.system.clone(),
+                value: id.value.clone(),
+            };
+            if !out.iter().any(|(y, _)| *y == x) {
+                out.push((x, format!("{field}.patient.identifiers[{i}]")));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Claims `idents` for `patient` under the request's token; on a held identifier, gives back
+    /// what it claimed and answers IDENTIFIER_HELD.
+    async fn claim_all(
+        &self,
+        patient: &str,
+        token: &[u8; 16],
+        idents: &[(Ident, String)],
+        deadline: Duration,
+    ) -> Result<Option<RecordWriteResponse>, ApiError> {
+        let mpi = self.mpi();
+        for (n, (x, field)) in idents.iter().enumerate() {
+            match mpi.claim(x, patient, token, deadline).await? {
+                Claim::Claimed => {}
+                Claim::Held { holder } => {
+                    self.release_all(patient, token, idents[..n].iter().map(|(x, _)| x), deadline)
+                        .await;
+                    let mut r = refusal(WriteOutcome::IdentifierHeld, 0, field);
+                    r.holder_patient_id = holder;
+                    return Ok(Some(r));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Best-effort release of claims (a failure leaves a claim the next claimant revokes after
+    /// the grace period).
+    async fn release_all<'a>(
+        &self,
+        patient: &str,
+        token: &[u8],
+        idents: impl Iterator<Item = &'a Ident>,
+        deadline: Duration,
+    ) {
+        let mpi = self.mpi();
+        for x in idents {
+            if let Err(e) = mpi.release(x, patient, token, deadline).await {
+                tracing::warn!(identifier = %x.joined(), error = %e, "release of an identifier claim failed");
+            }
+        }
+    }
+
+    /// Version `version` of the patient's Patient record, read after a barrier.
+    async fn patient_version(
+        &self,
+        shard: u64,
+        patient: &str,
+        version: u64,
+        deadline: Duration,
+    ) -> Result<Option<Resource>, ApiError> {
+        self.node.read_barrier(shard, deadline).await?;
+        let replica = self.replica(shard)?;
+        let keys = PatientKeys::new(patient);
+        Self::get(&replica, &keys.version("Patient", patient, version))?
+            .map(|b| Self::decode(&b, "version"))
+            .transpose()
+    }
+
+    /// A write of the Patient record that changes the indexed identifiers it holds (docs/schema.md
+    /// §7): claims the added ones in the index first, then writes the patient batch (holding the
+    /// added ones under fences, dropping the removed ones), then releases the removed ones; if the
+    /// write is refused, gives back the claims it made. `old` is the version being replaced.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_patient(
+        &self,
+        shard: u64,
+        patient: &str,
+        header: &WriteHeader,
+        fingerprint: [u8; 16],
+        mut entry: WriteEntry,
+        old: Option<&Resource>,
+        new: Option<&Resource>,
+        deadline: Duration,
+    ) -> Result<RecordWriteResponse, ApiError> {
+        let started = Instant::now();
+        let left = || deadline.saturating_sub(started.elapsed());
+        // A replayed request claims nothing.
+        self.node.read_barrier(shard, left()).await?;
+        let replica = self.replica(shard)?;
+        let keys = PatientKeys::new(patient);
+        if let Some(stored) = Self::get(&replica, &keys.request(&header.request_id))? {
+            return Self::replay(&stored, &fingerprint);
+        }
+        if matches!(entry.op, EntryOp::Create)
+            && Self::get(&replica, &keys.head("Patient", patient))?.is_some()
+        {
+            return Ok(refusal(WriteOutcome::AlreadyExists, 0, "resource.meta.id"));
+        }
+        let token: [u8; 16] = header
+            .request_id
+            .as_slice()
+            .try_into()
+            .map_err(|_| ApiError::invalid("header.request_id", "must be 16 bytes"))?;
+        let before = self.indexed(old, "resource");
+        let after = self.indexed(new, "resource");
+        let added: Vec<(Ident, String)> = after
+            .iter()
+            .filter(|(x, _)| !before.iter().any(|(y, _)| y == x))
+            .cloned()
+            .collect();
+        let removed: Vec<Ident> = before
+            .iter()
+            .filter(|(x, _)| !after.iter().any(|(y, _)| y == x))
+            .map(|(x, _)| x.clone())
+            .collect();
+        if let Some(refused) = self.claim_all(patient, &token, &added, left()).await? {
+            return Ok(refused);
+        }
+        let mut removed_tokens = Vec::new();
+        for x in &removed {
+            if let Some(t) = self.hold_token(patient, x, left()).await? {
+                removed_tokens.push((x.clone(), t));
+            }
+        }
+        entry.holds = added.iter().map(|(x, _)| x.clone()).collect();
+        entry.releases = removed;
+        let result = self
+            .write(shard, patient, header, fingerprint, vec![entry], left())
+            .await;
+        match &result {
+            Ok(w) if w.outcome == WriteOutcome::Applied as i32 => {
+                for (x, t) in &removed_tokens {
+                    self.release_all(patient, t, std::iter::once(x), left())
+                        .await;
+                }
+            }
+            Ok(_) => {
+                self.release_all(patient, &token, added.iter().map(|(x, _)| x), left())
+                    .await;
+            }
+            // Undecided: a retry of the same request finds its claims; a claim left behind is
+            // revoked by the next claimant after the grace period.
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// The token `patient` holds `x` under, if it does.
+    async fn hold_token(
+        &self,
+        patient: &str,
+        x: &Ident,
+        deadline: Duration,
+    ) -> Result<Option<Bytes>, ApiError> {
+        use crate::shards::Shards as _;
+        Ok(self
+            .shards
+            .read(patient, vec![hold_key(patient, x)], deadline)
+            .await?
+            .pop()
+            .flatten())
     }
 
     fn limits(&self) -> Limits {
@@ -418,6 +613,7 @@ impl RecordsService {
                 .map(|e| (e.rtype as i32, e.id.clone()))
                 .collect();
             let mut references = Vec::new();
+            let mut fence_conditions = Vec::new();
             for (i, (e, plan)) in entries.iter().zip(planned).enumerate() {
                 let t = type_name(e.rtype).unwrap_or("?");
                 let stamp = first + i as u64;
@@ -467,6 +663,22 @@ impl RecordsService {
                     key: keys.stamp(t, stamp),
                     value: pointer.into(),
                 });
+                for x in &e.holds {
+                    fence_conditions.push(batch.conditions.len());
+                    batch.conditions.push(Condition {
+                        key: fence_key(patient, &header.request_id, x),
+                        expect: Expect::Absent,
+                    });
+                    batch.ops.push(Op::Put {
+                        key: hold_key(patient, x),
+                        value: Bytes::copy_from_slice(&header.request_id),
+                    });
+                }
+                for x in &e.releases {
+                    batch.ops.push(Op::Delete {
+                        key: hold_key(patient, x),
+                    });
+                }
                 if e.rtype == ResourceType::Patient {
                     match status {
                         RecordStatus::EnteredInError => batch.ops.push(Op::Delete {
@@ -545,6 +757,9 @@ impl RecordsService {
                     let failed = failed as usize;
                     if failed == 2 && !creates_patient {
                         return Ok(refusal(WriteOutcome::NotFound, 0, "route.patient_id"));
+                    }
+                    if fence_conditions.contains(&failed) {
+                        return Ok(refusal(WriteOutcome::ClaimRevoked, 0, "header.request_id"));
                     }
                     if failed >= heads_end {
                         let field = reference_fields
@@ -667,6 +882,8 @@ impl RecordsService {
             id,
             resource: Some(resource.clone()),
             field: field.to_owned(),
+            holds: Vec::new(),
+            releases: Vec::new(),
         })
     }
 }
@@ -765,8 +982,17 @@ impl Records for RecordsService {
                     return Err(ApiError::invalid("resource.kind", "must be a patient"));
                 }
                 let fp = Self::fingerprint("CreatePatient", &without_route(r, |m| m.route = None));
-                self.write(shard, &patient, header, fp, vec![entry], deadline)
-                    .await
+                self.write_patient(
+                    shard,
+                    &patient,
+                    header,
+                    fp,
+                    entry,
+                    None,
+                    r.resource.as_ref(),
+                    deadline,
+                )
+                .await
             },
         )
         .await
@@ -940,6 +1166,23 @@ impl Records for RecordsService {
                     true,
                 )?;
                 let fp = Self::fingerprint("Update", &without_route(r, |m| m.route = None));
+                if entry.rtype == ResourceType::Patient {
+                    let old = self
+                        .patient_version(shard, &patient, r.expected_version, deadline)
+                        .await?;
+                    return self
+                        .write_patient(
+                            shard,
+                            &patient,
+                            header,
+                            fp,
+                            entry,
+                            old.as_ref(),
+                            r.resource.as_ref(),
+                            deadline,
+                        )
+                        .await;
+                }
                 self.write(shard, &patient, header, fp, vec![entry], deadline)
                     .await
             },
@@ -990,8 +1233,27 @@ impl Records for RecordsService {
                     id: r.id.clone(),
                     resource: None,
                     field: String::new(),
+                    holds: Vec::new(),
+                    releases: Vec::new(),
                 };
                 let fp = Self::fingerprint("Delete", &without_route(r, |m| m.route = None));
+                if rtype == ResourceType::Patient {
+                    let old = self
+                        .patient_version(shard, &patient, r.expected_version, deadline)
+                        .await?;
+                    return self
+                        .write_patient(
+                            shard,
+                            &patient,
+                            header,
+                            fp,
+                            entry,
+                            old.as_ref(),
+                            None,
+                            deadline,
+                        )
+                        .await;
+                }
                 self.write(shard, &patient, header, fp, vec![entry], deadline)
                     .await
             },
@@ -1125,11 +1387,67 @@ impl Records for RecordsService {
 
     async fn lookup_identifier(
         &self,
-        _request: Request<LookupIdentifierRequest>,
+        request: Request<LookupIdentifierRequest>,
     ) -> Result<Response<LookupIdentifierResponse>, Status> {
-        Err(Status::unimplemented(
-            "the master patient index is not built yet (docs/schema.md §7)",
-        ))
+        let started = Instant::now();
+        let deadline = super::kv::deadline_of(&request, self.node.config.request_deadline());
+        let result = async {
+            let _permit = self.admit().await?;
+            let r = request.get_ref();
+            if !self
+                .node
+                .config
+                .node
+                .records
+                .indexed_identifier_systems
+                .contains(&r.system)
+            {
+                return Err(ApiError::invalid(
+                    "system",
+                    "is not an indexed identifier system (records.indexed-identifier-systems)",
+                ));
+            }
+            if r.value.is_empty()
+                || r.value.len() > 64
+                || r.value.chars().any(|c| c.is_control() || c.is_whitespace())
+            {
+                return Err(ApiError::invalid(
+                    "value",
+                    "must be 1..64 bytes without white space",
+                ));
+            }
+            let x = Ident {
+                system: r.system.clone(),
+                value: r.value.clone(),
+            };
+            // The client routes by the index key; the route is checked like a patient's.
+            let route = r
+                .route
+                .as_ref()
+                .ok_or_else(|| ApiError::invalid("route", "is required"))?;
+            if route.patient_id != x.route_key() {
+                return Err(ApiError::invalid(
+                    "route.patient_id",
+                    "must be the index key mpi:<system>|<value>",
+                ));
+            }
+            let holder = self.mpi().lookup(&x, deadline).await?;
+            Ok(LookupIdentifierResponse {
+                found: holder.is_some(),
+                patient_id: holder.unwrap_or_default(),
+            })
+        }
+        .await;
+        let code = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.code_name(),
+        };
+        self.node
+            .metrics
+            .request_seconds
+            .with_label_values(&["records_lookup_identifier", code])
+            .observe(started.elapsed().as_secs_f64());
+        result.map(Response::new).map_err(Status::from)
     }
 }
 
