@@ -119,3 +119,4 @@ mod tests {
         assert!(!is_valid_id("mpi:x"));
     }
 }
+pub mod fhir;

@@ -1,0 +1,378 @@
+use std::path::PathBuf;
+
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::*;
+use crate::records::{Limits, SYSTEM_LOINC, validate_new_record};
+use crate::v1::{
+    CodeableConcept, Coding, DatePrecision, DateTime, HumanName, Observation, ObservationValue,
+    Patient, Quantity, RecordStatus, observation, observation_value, resource,
+};
+
+fn sample_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fhir/synthea-r4")
+}
+
+fn samples() -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(sample_dir()) else {
+        return out;
+    };
+    for f in dir.flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".json") {
+            let text = std::fs::read_to_string(f.path()).unwrap();
+            out.push((name, serde_json::from_str(&text).unwrap()));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// As the store keeps it: meta filled by the server.
+fn stored(mut r: Resource, patient: &str, version: u64) -> Resource {
+    let meta = r.meta.get_or_insert_with(Meta::default);
+    meta.patient_id = patient.to_owned();
+    meta.version = version;
+    meta.last_updated_micros = 1_700_000_000_000_000;
+    meta.status = RecordStatus::Current as i32;
+    r
+}
+
+fn kinds(b: &ImportedBundle) -> Vec<Option<resource::Kind>> {
+    b.records.iter().map(|r| r.kind.clone()).collect()
+}
+
+#[test]
+fn every_sample_bundle_imports_validates_and_round_trips() {
+    let samples = samples();
+    assert!(
+        samples.len() >= 12,
+        "the Synthea sample is missing: {:?}",
+        sample_dir()
+    );
+    let options = ImportOptions {
+        skip_unmapped: true,
+        source: "synthea".into(),
+    };
+    let mut records = 0;
+    for (name, bundle) in &samples {
+        // Without the switch: refused, naming the unmodelled types.
+        let refused = import_bundle(bundle, &ImportOptions::default()).unwrap_err();
+        assert!(
+            refused.iter().any(|p| p.message.contains("Claim")),
+            "{name}: {refused:?}"
+        );
+        let imported = import_bundle(bundle, &options).unwrap_or_else(|p| panic!("{name}: {p:?}"));
+        let patient_id = imported.patient.meta.as_ref().unwrap().id.clone();
+        assert!(!imported.records.is_empty());
+        assert!(imported.skipped_types.contains_key("Claim"));
+        // Every record is valid as the Records service checks it.
+        validate_new_record(
+            &imported.patient,
+            "resource",
+            &patient_id,
+            &Limits::default(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: patient: {e}"));
+        for r in &imported.records {
+            validate_new_record(r, "resource", &patient_id, &Limits::default())
+                .unwrap_or_else(|e| panic!("{name}: {}: {e}", r.meta.as_ref().unwrap().id));
+        }
+        records += imported.records.len();
+        // Export as the store would, import again: the same records.
+        let mut all = vec![stored(imported.patient.clone(), &patient_id, 1)];
+        all.extend(
+            imported
+                .records
+                .iter()
+                .cloned()
+                .map(|r| stored(r, &patient_id, 1)),
+        );
+        let exported = export_bundle(&all, "collection");
+        let again = import_bundle(&exported, &ImportOptions::default())
+            .unwrap_or_else(|p| panic!("{name}: re-import: {p:?}"));
+        assert_eq!(again.patient.kind, imported.patient.kind, "{name}: patient");
+        assert_eq!(kinds(&again), kinds(&imported), "{name}: records");
+        let ids = |b: &ImportedBundle| -> Vec<String> {
+            b.records
+                .iter()
+                .map(|r| r.meta.as_ref().unwrap().id.clone())
+                .collect()
+        };
+        assert_eq!(ids(&again), ids(&imported));
+    }
+    // The sample's mapped entries, less its 12 patients (docs/schema.md §8: 1,911 with them).
+    assert_eq!(records, 1_911 - 12);
+}
+
+#[test]
+fn exported_resources_are_fhir_shaped() {
+    let (_, bundle) = samples().into_iter().next().expect("the Synthea sample");
+    let imported = import_bundle(
+        &bundle,
+        &ImportOptions {
+            skip_unmapped: true,
+            source: String::new(),
+        },
+    )
+    .unwrap();
+    let pid = imported.patient.meta.as_ref().unwrap().id.clone();
+    for r in &imported.records {
+        let v = to_fhir(&stored(r.clone(), &pid, 3));
+        let t = v["resourceType"].as_str().unwrap();
+        assert_eq!(v["meta"]["versionId"], json!("3"));
+        let subject = if matches!(t, "AllergyIntolerance" | "Consent") {
+            "patient"
+        } else {
+            "subject"
+        };
+        assert_eq!(
+            v[subject]["reference"],
+            json!(format!("Patient/{pid}")),
+            "{t}"
+        );
+        // Codings carry system and code; references are Type/id.
+        let text = v.to_string();
+        assert!(!text.contains("null"), "{t}: {text}");
+        if let Some(enc) = v.get("encounter") {
+            assert!(enc["reference"].as_str().unwrap().starts_with("Encounter/"));
+        }
+        for c in v["code"]["coding"].as_array().into_iter().flatten() {
+            assert!(c["system"].is_string() && c["code"].is_string(), "{t}: {c}");
+        }
+    }
+}
+
+#[test]
+fn bad_bundles_get_clear_problems() {
+    let patient = json!({"fullUrl": "urn:uuid:p1", "resource": {"resourceType": "Patient", "id": "p1", "name": [{"family": "Peeters"}]}});
+    let obs = |extra: Value| {
+        let mut r = json!({
+            "resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8302-2"}]},
+            "subject": {"reference": "urn:uuid:p1"},
+            "valueQuantity": {"value": 170, "unit": "cm"}
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        json!({"fullUrl": "urn:uuid:o1", "resource": r})
+    };
+    let bundle = |entries: Vec<Value>| json!({"resourceType": "Bundle", "type": "collection", "entry": entries});
+    let problems = |b: &Value| import_bundle(b, &ImportOptions::default()).unwrap_err();
+
+    // Wrong JSON types name the element.
+    let p = problems(&bundle(vec![patient.clone(), obs(json!({"status": 5}))]));
+    assert!(
+        p.iter()
+            .any(|p| p.entry == Some(1) && p.path == "status" && p.message.contains("string")),
+        "{p:?}"
+    );
+    // A dangling reference.
+    let p = problems(&bundle(vec![
+        patient.clone(),
+        obs(json!({"encounter": {"reference": "urn:uuid:nowhere"}})),
+    ]));
+    assert!(
+        p.iter()
+            .any(|p| p.path == "encounter.reference" && p.message.contains("names no entry")),
+        "{p:?}"
+    );
+    // An unknown resourceType is reported as unmodelled, with its count.
+    let p = problems(&bundle(vec![
+        patient.clone(),
+        json!({"resource": {"resourceType": "Spaceship"}}),
+    ]));
+    assert!(
+        p.iter().any(|p| p.message.contains("Spaceship (1)")),
+        "{p:?}"
+    );
+    // An element Dossier does not model.
+    let p = problems(&bundle(vec![
+        patient.clone(),
+        obs(json!({"bodySite": {"text": "arm"}})),
+    ]));
+    assert!(
+        p.iter()
+            .any(|p| p.path == "bodySite.text" && p.message.contains("not modelled")),
+        "{p:?}"
+    );
+    // No patient, two patients.
+    let p = problems(&bundle(vec![obs(json!({}))]));
+    assert!(p.iter().any(|p| p.message.contains("no Patient")), "{p:?}");
+    let second = json!({"fullUrl": "urn:uuid:p2", "resource": {"resourceType": "Patient"}});
+    let p = problems(&bundle(vec![patient.clone(), second]));
+    assert!(
+        p.iter().any(|p| p.message.contains("second Patient")),
+        "{p:?}"
+    );
+    // A bad time.
+    let p = problems(&bundle(vec![
+        patient.clone(),
+        obs(json!({"effectiveDateTime": "yesterday"})),
+    ]));
+    assert!(p.iter().any(|p| p.path == "effectiveDateTime"), "{p:?}");
+    // Not a bundle at all.
+    assert!(
+        import_bundle(
+            &json!({"resourceType": "Patient"}),
+            &ImportOptions::default()
+        )
+        .is_err()
+    );
+    // A 50 MB note maps, and is refused by validation with the limit.
+    let big = "x".repeat(50 << 20);
+    let b = bundle(vec![patient, obs(json!({"note": [{"text": big}]}))]);
+    let imported = import_bundle(&b, &ImportOptions::default()).unwrap();
+    let e = validate_new_record(&imported.records[0], "resource", "p1", &Limits::default())
+        .unwrap_err();
+    assert_eq!(e.field, "resource.observation.notes[0].text");
+    assert_eq!(e.limit, Some(64 * 1024));
+}
+
+#[test]
+fn decimals_keep_their_digits() {
+    let text = r#"{"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:p1", "resource": {"resourceType": "Patient"}},
+        {"fullUrl": "urn:uuid:o1", "resource": {"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8302-2"}]},
+            "subject": {"reference": "urn:uuid:p1"},
+            "valueQuantity": {"value": 1.50, "unit": "cm"}}}
+    ]}"#;
+    let b: Value = serde_json::from_str(text).unwrap();
+    let imported = import_bundle(&b, &ImportOptions::default()).unwrap();
+    let Some(resource::Kind::Observation(o)) = &imported.records[0].kind else {
+        panic!()
+    };
+    let Some(observation_value::Kind::Quantity(q)) = o.value.as_ref().and_then(|v| v.kind.as_ref())
+    else {
+        panic!()
+    };
+    assert_eq!(q.value, "1.50");
+    let out = to_fhir(&stored(imported.records[0].clone(), "p1", 1)).to_string();
+    assert!(out.contains("\"value\":1.50"), "{out}");
+}
+
+fn arb_time() -> impl Strategy<Value = DateTime> {
+    (
+        -1_000_000_000i64..3_000_000_000,
+        0i64..1_000_000,
+        -14i32..=14,
+        0u8..4,
+    )
+        .prop_map(|(s, us, h, p)| {
+            match p {
+                0 => DateTime {
+                    unix_micros: s * 1_000_000 + us,
+                    precision: DatePrecision::Time as i32,
+                    utc_offset_minutes: h * 60,
+                },
+                // Partial dates are the start of the period at 00:00 UTC.
+                _ => {
+                    let day = s.div_euclid(86_400) * 86_400_000_000;
+                    let t = DateTime {
+                        unix_micros: day,
+                        precision: DatePrecision::Day as i32,
+                        utc_offset_minutes: 0,
+                    };
+                    parse_date_time(&format_date_time(&t)).unwrap()
+                }
+            }
+        })
+}
+
+fn arb_text() -> impl Strategy<Value = String> {
+    "[A-Za-z0-9 éà.-]{0,12}"
+}
+
+fn arb_observation() -> impl Strategy<Value = Observation> {
+    (
+        0u32..100_000,
+        "-?(0|[1-9][0-9]{0,5})(\\.[0-9]{1,4})?",
+        arb_text(),
+        proptest::option::of(arb_time()),
+        proptest::option::of(arb_time()),
+        1i32..8,
+        proptest::collection::vec(arb_text(), 0..3),
+    )
+        .prop_map(
+            |(n, value, unit, effective, issued, status, notes)| Observation {
+                status,
+                code: Some(CodeableConcept {
+                    codings: vec![Coding {
+                        system: SYSTEM_LOINC.into(),
+                        code: format!("{n}-0"),
+                        display: unit.clone(),
+                    }],
+                    text: String::new(),
+                }),
+                effective: effective.map(observation::Effective::EffectiveTime),
+                issued,
+                value: Some(ObservationValue {
+                    kind: Some(observation_value::Kind::Quantity(Quantity {
+                        value,
+                        unit,
+                        ..Quantity::default()
+                    })),
+                }),
+                notes: notes
+                    .into_iter()
+                    .filter(|n| !n.is_empty())
+                    .map(|text| crate::v1::Annotation {
+                        text,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Observation::default()
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// proto → FHIR JSON (through its text) → proto gives the same records.
+    #[test]
+    fn records_round_trip_through_fhir_json(
+        observations in proptest::collection::vec(arb_observation(), 1..5),
+        family in "[A-Za-z]{1,10}",
+        given in proptest::collection::vec("[A-Za-z]{1,8}", 0..3),
+        gender in 0i32..5,
+    ) {
+        let patient = Resource {
+            meta: Some(Meta { id: "p-1".into(), ..Meta::default() }),
+            kind: Some(resource::Kind::Patient(Patient {
+                names: vec![HumanName { family, given, ..HumanName::default() }],
+                gender,
+                ..Patient::default()
+            })),
+        };
+        let mut all = vec![stored(patient.clone(), "p-1", 1)];
+        for (i, o) in observations.iter().enumerate() {
+            all.push(stored(
+                Resource {
+                    meta: Some(Meta { id: format!("o-{i}"), ..Meta::default() }),
+                    kind: Some(resource::Kind::Observation(o.clone())),
+                },
+                "p-1",
+                1,
+            ));
+        }
+        let text = export_bundle(&all, "searchset").to_string();
+        let parsed: Value = serde_json::from_str(&text).unwrap();
+        let back = import_bundle(&parsed, &ImportOptions::default()).map_err(|p| TestCaseError::fail(format!("{p:?}")))?;
+        prop_assert_eq!(back.patient.kind, patient.kind);
+        let got: Vec<Observation> = back.records.into_iter().filter_map(|r| match r.kind {
+            Some(resource::Kind::Observation(o)) => Some(o),
+            _ => None,
+        }).collect();
+        prop_assert_eq!(got, observations);
+    }
+
+    #[test]
+    fn base64_round_trips(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+        prop_assert_eq!(base64_decode(&base64_encode(&bytes)), Some(bytes));
+    }
+}
