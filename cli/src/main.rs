@@ -2,6 +2,7 @@
 
 mod cluster;
 mod kv;
+mod patient;
 mod playground;
 
 use std::time::Duration;
@@ -14,7 +15,7 @@ use dossier_client::{Client, ClientConfig};
 #[command(
     name = "dossier",
     version,
-    about = "Administer a Dossier cluster: init, status, key-value access, a local playground."
+    about = "Administer a Dossier cluster: init, status, key-value access, clinical records (FHIR R4 in and out), a local playground."
 )]
 struct Cli {
     /// Addresses (host:port) of one or more nodes, comma separated.
@@ -44,6 +45,9 @@ enum Command {
     /// Node maintenance.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Clinical records of patients: create, read, history, everything, FHIR import and export.
+    #[command(subcommand)]
+    Patient(patient::PatientCommand),
     /// Start a local 3-node cluster, load demo patients, kill a leader under load, and show that
     /// nothing acknowledged was lost; then serve until Ctrl-C.
     Playground(playground::PlaygroundArgs),
@@ -110,6 +114,7 @@ fn main() -> std::process::ExitCode {
         match &cli.command {
             Command::Cluster(c) => cluster::run(&cli, c).await,
             Command::Kv(c) => kv::run(&cli, c).await,
+            Command::Patient(c) => patient::run(&cli, c).await,
             Command::Node(NodeCommand::Drain { address }) => drain(address, cli.timeout_ms).await,
             Command::Playground(args) => playground::run(args).await,
         }

@@ -7,7 +7,7 @@ mod validate;
 pub use codes::{insz_is_valid, loinc_is_valid, snomed_is_valid};
 pub use validate::{Invalid, Limits, validate_new_record, validate_record_content};
 
-use crate::v1::{ResourceType, resource};
+use crate::v1::{RecordRef, Reference, Resource, ResourceType, reference, resource};
 
 /// Identifier system of the Belgian national number (INSZ/NISS) and BIS number.
 pub const SYSTEM_INSZ: &str = "https://www.ehealth.fgov.be/standards/fhir/core/NamingSystem/ssin";
@@ -84,6 +84,119 @@ pub fn kind_field(t: ResourceType) -> &'static str {
         ResourceType::CareRelationship => "care_relationship",
         ResourceType::Consent => "consent",
     }
+}
+
+/// Every reference to a record of the same patient a resource holds, with its path under
+/// `prefix` (e.g. `resource.observation.encounter`): direct `RecordRef`s and `Reference`s whose
+/// target is a record.
+pub fn record_refs(r: &Resource, prefix: &str) -> Vec<(String, RecordRef)> {
+    use resource::Kind as K;
+    let Some(kind) = &r.kind else {
+        return Vec::new();
+    };
+    let base = format!("{prefix}.{}", kind_field(kind_type(kind)));
+    let mut out: Vec<(String, RecordRef)> = Vec::new();
+    let mut direct = |path: &str, x: Option<&RecordRef>| {
+        if let Some(x) = x {
+            out.push((format!("{base}.{path}"), x.clone()));
+        }
+    };
+    let mut refs: Vec<(String, Reference)> = Vec::new();
+    let mut reference = |path: String, x: Option<&Reference>| {
+        if let Some(x) = x {
+            refs.push((path, x.clone()));
+        }
+    };
+    macro_rules! each {
+        ($name:literal, $xs:expr) => {
+            for (i, x) in $xs.iter().enumerate() {
+                reference(format!("{base}.{}[{i}]", $name), Some(x));
+            }
+        };
+    }
+    macro_rules! notes {
+        ($xs:expr) => {
+            for (i, n) in $xs.iter().enumerate() {
+                reference(format!("{base}.notes[{i}].author"), n.author.as_ref());
+            }
+        };
+    }
+    match kind {
+        K::Patient(x) => each!("general_practitioners", x.general_practitioners),
+        K::Encounter(x) => {
+            for (i, rr) in x.reason_records.iter().enumerate() {
+                direct(&format!("reason_records[{i}]"), Some(rr));
+            }
+            reference(
+                format!("{base}.service_provider"),
+                x.service_provider.as_ref(),
+            );
+            for (i, p) in x.participants.iter().enumerate() {
+                reference(
+                    format!("{base}.participants[{i}].individual"),
+                    p.individual.as_ref(),
+                );
+            }
+        }
+        K::Observation(x) => {
+            direct("encounter", x.encounter.as_ref());
+            each!("performers", x.performers);
+            notes!(x.notes);
+        }
+        K::Condition(x) => {
+            direct("encounter", x.encounter.as_ref());
+            reference(format!("{base}.asserter"), x.asserter.as_ref());
+            notes!(x.notes);
+        }
+        K::AllergyIntolerance(x) => {
+            direct("encounter", x.encounter.as_ref());
+            reference(format!("{base}.recorder"), x.recorder.as_ref());
+            notes!(x.notes);
+        }
+        K::MedicationRequest(x) => {
+            direct("encounter", x.encounter.as_ref());
+            for (i, rr) in x.reason_records.iter().enumerate() {
+                direct(&format!("reason_records[{i}]"), Some(rr));
+            }
+            reference(format!("{base}.requester"), x.requester.as_ref());
+            notes!(x.notes);
+        }
+        K::Procedure(x) => {
+            direct("encounter", x.encounter.as_ref());
+            for (i, rr) in x.reason_records.iter().enumerate() {
+                direct(&format!("reason_records[{i}]"), Some(rr));
+            }
+            each!("performers", x.performers);
+            notes!(x.notes);
+        }
+        K::DocumentReference(x) => {
+            direct("encounter", x.encounter.as_ref());
+            each!("authors", x.authors);
+        }
+        K::CareRelationship(x) => {
+            reference(format!("{base}.participant"), x.participant.as_ref());
+            reference(
+                format!("{base}.managing_organization"),
+                x.managing_organization.as_ref(),
+            );
+        }
+        K::Consent(x) => {
+            direct("source", x.source.as_ref());
+            each!("performers", x.performers);
+            for (i, a) in x.actors.iter().enumerate() {
+                reference(
+                    format!("{base}.actors[{i}].reference"),
+                    a.reference.as_ref(),
+                );
+            }
+        }
+    }
+    for (path, r) in refs {
+        if let Some(reference::Target::Record(rr)) = &r.target {
+            out.push((format!("{path}.record"), rr.clone()));
+        }
+    }
+    out
 }
 
 /// FHIR id syntax: `[A-Za-z0-9.-]{1,64}`. Record and patient ids use it.

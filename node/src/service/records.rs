@@ -20,9 +20,9 @@ use dossier_api::v1::{
     CreatePatientRequest, CreateRecordRequest, DeleteRecordRequest, EverythingRequest,
     EverythingResponse, HistoryRequest, HistoryResponse, LookupIdentifierRequest,
     LookupIdentifierResponse, Meta, ReadConsistency, ReadRecordRequest, ReadRecordResponse,
-    ReadVersionRequest, RecordRef, RecordStatus, RecordWriteResponse, Reference, Resource,
-    ResourceType, ResourceVersion, RouteHeader, TransactionRequest, UpdateRecordRequest,
-    WriteHeader, WriteOutcome, reference, resource, transaction_entry,
+    ReadVersionRequest, RecordRef, RecordStatus, RecordWriteResponse, Resource, ResourceType,
+    ResourceVersion, RouteHeader, TransactionRequest, UpdateRecordRequest, WriteHeader,
+    WriteOutcome, resource, transaction_entry,
 };
 use dossier_storage::{Batch, Command, Condition, Expect, Op, Outcome, ShardHandle};
 use prost::Message;
@@ -900,56 +900,7 @@ fn refusal(outcome: WriteOutcome, entry_index: u32, field: &str) -> RecordWriteR
 
 /// Every `RecordRef` a resource holds, with its path (for REFERENCE_NOT_FOUND).
 fn collect_record_refs(r: &Resource, prefix: &str, out: &mut Vec<(String, RecordRef)>) {
-    use resource::Kind as K;
-    let mut one = |path: String, x: &Option<RecordRef>| {
-        if let Some(x) = x {
-            out.push((path, x.clone()));
-        }
-    };
-    let Some(kind) = &r.kind else { return };
-    let base = format!("{prefix}.{}", rec::kind_field(kind_type(kind)));
-    let mut refs: Vec<(String, RecordRef)> = Vec::new();
-    let mut many = |name: &str, xs: &[RecordRef]| {
-        for (i, x) in xs.iter().enumerate() {
-            refs.push((format!("{base}.{name}[{i}]"), x.clone()));
-        }
-    };
-    let mut through = Vec::new();
-    let mut references = |name: &str, xs: &[Reference]| {
-        for (i, x) in xs.iter().enumerate() {
-            if let Some(reference::Target::Record(rr)) = &x.target {
-                through.push((format!("{base}.{name}[{i}].record"), rr.clone()));
-            }
-        }
-    };
-    match kind {
-        K::Patient(_) | K::CareRelationship(_) => {}
-        K::Encounter(x) => many("reason_records", &x.reason_records),
-        K::Observation(x) => {
-            one(format!("{base}.encounter"), &x.encounter);
-            references("performers", &x.performers);
-        }
-        K::Condition(x) => one(format!("{base}.encounter"), &x.encounter),
-        K::AllergyIntolerance(x) => one(format!("{base}.encounter"), &x.encounter),
-        K::MedicationRequest(x) => {
-            one(format!("{base}.encounter"), &x.encounter);
-            many("reason_records", &x.reason_records);
-        }
-        K::Procedure(x) => {
-            one(format!("{base}.encounter"), &x.encounter);
-            many("reason_records", &x.reason_records);
-        }
-        K::DocumentReference(x) => {
-            one(format!("{base}.encounter"), &x.encounter);
-            references("authors", &x.authors);
-        }
-        K::Consent(x) => {
-            one(format!("{base}.source"), &x.source);
-            references("performers", &x.performers);
-        }
-    }
-    out.extend(refs);
-    out.extend(through);
+    out.extend(rec::record_refs(r, prefix));
 }
 
 /// A request with its route cleared, encoded: the body of its fingerprint.

@@ -1,0 +1,398 @@
+//! `dossier patient`: clinical records of patients, in FHIR R4 JSON at the edges.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use dossier_api::records::fhir::{self, ImportOptions};
+use dossier_api::records::type_from_name;
+use dossier_api::v1::ResourceType;
+use dossier_cli::records::{refusal, write_bundle};
+use dossier_client::{WriteOptions, is_applied};
+
+use crate::Cli;
+
+/// Bundles larger than this are refused before they are read.
+const BUNDLE_BYTES_MAX: u64 = 256 << 20;
+
+#[derive(Debug, Subcommand)]
+pub enum PatientCommand {
+    /// Create a patient from a FHIR R4 Patient resource (JSON file, or - for stdin); its `id`
+    /// becomes the patient id.
+    Create { file: PathBuf },
+    /// Print a patient's current record, or one of its records, as FHIR R4 JSON.
+    Get {
+        patient: String,
+        /// FHIR type of the record (Observation, Encounter, …); default: the Patient.
+        #[arg(requires = "id")]
+        r#type: Option<String>,
+        id: Option<String>,
+        /// A version instead of the current one.
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// List the versions of a record, newest first.
+    History {
+        patient: String,
+        r#type: String,
+        id: String,
+    },
+    /// Print every current record of a patient as a FHIR R4 searchset Bundle, streamed.
+    Everything {
+        patient: String,
+        /// Only records changed after this stamp (unix microseconds, from a previous export).
+        #[arg(long, default_value_t = 0)]
+        since: i64,
+        /// Only these FHIR types, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        types: Vec<String>,
+        /// Include records marked entered-in-error.
+        #[arg(long)]
+        include_entered_in_error: bool,
+    },
+    /// Import FHIR R4 Bundles (one patient each): the patient, then its records in transactions;
+    /// re-running an import replays instead of duplicating.
+    Import {
+        files: Vec<PathBuf>,
+        /// Skip entries of types Dossier does not model and drop elements it does not model
+        /// (both are reported). Without it such a bundle is refused.
+        #[arg(long)]
+        skip_unmapped: bool,
+        /// Name of the source, kept in every record's meta.source.
+        #[arg(long, default_value = "import")]
+        source: String,
+    },
+    /// Bulk export: one NDJSON file per FHIR type in DIR, for the given patients.
+    Export {
+        /// Patient ids, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        patients: Vec<String>,
+        /// A file of patient ids, one per line.
+        #[arg(long)]
+        patients_file: Option<PathBuf>,
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Which patient holds an identifier of an indexed system (the master patient index).
+    Lookup { system: String, value: String },
+}
+
+fn record_type(name: &str) -> Result<ResourceType> {
+    match name {
+        "CareTeam" => Ok(ResourceType::CareRelationship),
+        n => type_from_name(n).with_context(|| {
+            format!("{n:?} is not a record type (Patient, Encounter, Observation, Condition, AllergyIntolerance, MedicationRequest, Procedure, DocumentReference, CareTeam, Consent)")
+        }),
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+        s
+    } else {
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("read {}", path.display()))?
+            .len();
+        if len > BUNDLE_BYTES_MAX {
+            bail!(
+                "{} is {len} bytes, above the limit of {BUNDLE_BYTES_MAX}",
+                path.display()
+            );
+        }
+        std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?
+    };
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
+    let client = cli.client().await?;
+    match command {
+        PatientCommand::Create { file } => {
+            let resource = read_json(file)?;
+            let bundle = serde_json::json!({
+                "resourceType": "Bundle", "type": "collection",
+                "entry": [{"fullUrl": format!("Patient/{}", resource.get("id").and_then(|v| v.as_str()).unwrap_or_default()), "resource": resource}]
+            });
+            let imported = fhir::import_bundle(&bundle, &ImportOptions::default())
+                .map_err(|p| anyhow::anyhow!(problems_text(&p)))?;
+            let w = client
+                .create_patient(imported.patient.clone(), &WriteOptions::default())
+                .await?;
+            if !is_applied(&w) {
+                bail!("{}", refusal(&w));
+            }
+            println!(
+                "created patient {}",
+                imported.patient.meta.map(|m| m.id).unwrap_or_default()
+            );
+        }
+        PatientCommand::Get {
+            patient,
+            r#type,
+            id,
+            version,
+        } => {
+            let t = match r#type {
+                Some(t) => record_type(t)?,
+                None => ResourceType::Patient,
+            };
+            let id = id.clone().unwrap_or_else(|| patient.clone());
+            let record = match version {
+                Some(v) => client.read_version(patient, t, &id, *v).await?,
+                None => client.read_record(patient, t, &id).await?,
+            };
+            match record {
+                Some(r) => println!("{}", serde_json::to_string_pretty(&fhir::to_fhir(&r))?),
+                None => bail!("{patient}: no {} {id}", fhir::fhir_type(t)),
+            }
+        }
+        PatientCommand::History {
+            patient,
+            r#type,
+            id,
+        } => {
+            let t = record_type(r#type)?;
+            let mut before = 0;
+            println!("version  last updated (UTC)              status            author");
+            loop {
+                let Some(page) = client.history(patient, t, id, before, 0).await? else {
+                    bail!("{patient}: no {} {id}", fhir::fhir_type(t));
+                };
+                for v in &page.versions {
+                    let m = v.meta.clone().unwrap_or_default();
+                    let status = dossier_api::v1::RecordStatus::try_from(m.status)
+                        .map(|s| format!("{s:?}"))
+                        .unwrap_or_default();
+                    let author = m
+                        .author
+                        .map(|a| a.display)
+                        .filter(|d| !d.is_empty())
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<8} {:<33} {status:<17} {author}{}",
+                        m.version,
+                        fhir::format_date_time(&dossier_api::v1::DateTime {
+                            unix_micros: m.last_updated_micros,
+                            precision: dossier_api::v1::DatePrecision::Time as i32,
+                            utc_offset_minutes: 0,
+                        }),
+                        if m.status_reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", m.status_reason)
+                        }
+                    );
+                    before = m.version;
+                }
+                if !page.more {
+                    break;
+                }
+            }
+        }
+        PatientCommand::Everything {
+            patient,
+            since,
+            types,
+            include_entered_in_error,
+        } => {
+            let types = types
+                .iter()
+                .map(|t| record_type(t))
+                .collect::<Result<Vec<_>>>()?;
+            // Streamed: the bundle is written entry by entry as messages arrive.
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            write!(
+                out,
+                "{{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"entry\":["
+            )?;
+            let mut first = true;
+            let mut count = 0usize;
+            let as_of = client
+                .everything(patient, *since, &types, *include_entered_in_error, |records| {
+                    for r in records {
+                        let resource = fhir::to_fhir(&r);
+                        let t = resource["resourceType"].as_str().unwrap_or_default().to_owned();
+                        let id = resource["id"].as_str().unwrap_or_default().to_owned();
+                        let entry = serde_json::json!({"fullUrl": format!("{t}/{id}"), "resource": resource, "search": {"mode": "match"}});
+                        let sep = if first { "" } else { "," };
+                        first = false;
+                        count += 1;
+                        write!(out, "{sep}{entry}").map_err(|e| dossier_client::ClientError::Server(e.to_string()))?;
+                    }
+                    Ok(())
+                })
+                .await?;
+            writeln!(out, "],\"total\":{count}}}")?;
+            out.flush()?;
+            eprintln!("{count} records; pass --since {as_of} to get only later changes");
+        }
+        PatientCommand::Import {
+            files,
+            skip_unmapped,
+            source,
+        } => {
+            if files.is_empty() {
+                bail!("name at least one bundle file");
+            }
+            let started = Instant::now();
+            let (mut patients, mut records, mut failed) = (0usize, 0usize, 0usize);
+            let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
+            for (n, file) in files.iter().enumerate() {
+                let result = async {
+                    let bundle = read_json(file)?;
+                    let imported = fhir::import_bundle(
+                        &bundle,
+                        &ImportOptions {
+                            skip_unmapped: *skip_unmapped,
+                            source: source.clone(),
+                        },
+                    )
+                    .map_err(|p| anyhow::anyhow!(problems_text(&p)))?;
+                    let written = write_bundle(&client, &imported, 128).await?;
+                    Ok::<_, anyhow::Error>((imported, written))
+                }
+                .await;
+                match result {
+                    Ok((imported, written)) => {
+                        patients += 1;
+                        records += written;
+                        for (t, c) in &imported.skipped_types {
+                            *skipped.entry(t.clone()).or_default() += c;
+                        }
+                        eprintln!(
+                            "[{}/{}] {}: patient {}, {written} records",
+                            n + 1,
+                            files.len(),
+                            file.display(),
+                            imported
+                                .patient
+                                .meta
+                                .as_ref()
+                                .map(|m| m.id.as_str())
+                                .unwrap_or_default()
+                        );
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!(
+                            "[{}/{}] {}: NOT imported: {e:#}",
+                            n + 1,
+                            files.len(),
+                            file.display()
+                        );
+                    }
+                }
+            }
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "imported {patients} patients and {records} records in {secs:.1} s ({:.1} patients/s, {:.0} records/s); {failed} bundles refused",
+                patients as f64 / secs.max(1e-9),
+                records as f64 / secs.max(1e-9)
+            );
+            if !skipped.is_empty() {
+                let list: Vec<String> = skipped.iter().map(|(t, c)| format!("{t} {c}")).collect();
+                eprintln!("skipped entries of unmodelled types: {}", list.join(", "));
+            }
+            if failed > 0 {
+                bail!("{failed} of {} bundles were not imported", files.len());
+            }
+        }
+        PatientCommand::Export {
+            patients,
+            patients_file,
+            out,
+        } => {
+            let mut ids = patients.clone();
+            if let Some(f) = patients_file {
+                let text =
+                    std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
+                ids.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_owned),
+                );
+            }
+            if ids.is_empty() {
+                bail!("name the patients: --patients or --patients-file");
+            }
+            std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+            let mut files: BTreeMap<String, std::io::BufWriter<std::fs::File>> = BTreeMap::new();
+            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+            let started = Instant::now();
+            for (n, patient) in ids.iter().enumerate() {
+                let mut write_err = None;
+                client
+                    .everything(patient, 0, &[], false, |records| {
+                        for r in records {
+                            let resource = fhir::to_fhir(&r);
+                            let t = resource["resourceType"]
+                                .as_str()
+                                .unwrap_or("Unknown")
+                                .to_owned();
+                            let file = match files.entry(t.clone()) {
+                                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                                std::collections::btree_map::Entry::Vacant(e) => {
+                                    let path = out.join(format!("{t}.ndjson"));
+                                    let f = std::fs::File::create(&path).map_err(|e| {
+                                        dossier_client::ClientError::Server(format!(
+                                            "create {}: {e}",
+                                            path.display()
+                                        ))
+                                    })?;
+                                    e.insert(std::io::BufWriter::new(f))
+                                }
+                            };
+                            if let Err(e) = writeln!(file, "{resource}") {
+                                write_err = Some(e);
+                            }
+                            *counts.entry(t).or_default() += 1;
+                        }
+                        Ok(())
+                    })
+                    .await
+                    .with_context(|| format!("export patient {patient}"))?;
+                if let Some(e) = write_err {
+                    bail!("write the export: {e}");
+                }
+                if (n + 1) % 100 == 0 || n + 1 == ids.len() {
+                    eprintln!("exported {}/{} patients", n + 1, ids.len());
+                }
+            }
+            for (_, mut f) in files {
+                f.flush()?;
+            }
+            let list: Vec<String> = counts.iter().map(|(t, c)| format!("{t} {c}")).collect();
+            eprintln!(
+                "wrote {} in {:.1} s: {}",
+                out.display(),
+                started.elapsed().as_secs_f64(),
+                list.join(", ")
+            );
+        }
+        PatientCommand::Lookup { system, value } => {
+            match client.lookup_identifier(system, value).await? {
+                Some(p) => println!("{p}"),
+                None => bail!("no patient holds {system}|{value}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn problems_text(problems: &[fhir::Problem]) -> String {
+    let mut s = format!("{} problem(s):", problems.len());
+    for p in problems.iter().take(20) {
+        s.push_str(&format!("\n  {p}"));
+    }
+    if problems.len() > 20 {
+        s.push_str(&format!("\n  … and {} more", problems.len() - 20));
+    }
+    s
+}

@@ -1,0 +1,169 @@
+//! Writing typed records through the client: a mapped FHIR bundle as a patient and its records
+//! in transactions (used by `dossier patient import`, the playground and the benchmarks).
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{Result, bail};
+use dossier_api::records::fhir::ImportedBundle;
+use dossier_api::records::record_refs;
+use dossier_api::v1::{
+    RecordWriteResponse, Resource, TransactionEntry, WriteOutcome, transaction_entry,
+};
+use dossier_client::{Client, WriteOptions, is_applied};
+
+/// Entries per import transaction (the server's default `records.transaction-entries-max`).
+pub const TRANSACTION_ENTRIES: usize = 128;
+
+pub fn refusal(w: &RecordWriteResponse) -> String {
+    let outcome = WriteOutcome::try_from(w.outcome).unwrap_or(WriteOutcome::Unspecified);
+    let mut s = format!("{outcome:?}");
+    if !w.field.is_empty() {
+        s.push_str(&format!(" at {}", w.field));
+    }
+    if outcome == WriteOutcome::IdentifierHeld {
+        s.push_str(&format!(" (held by patient {})", w.holder_patient_id));
+    }
+    if outcome == WriteOutcome::VersionConflict {
+        s.push_str(&format!(" (current version {})", w.current_version));
+    }
+    s
+}
+
+pub fn derived_request_id(parts: &[&str]) -> [u8; 16] {
+    xxhash_rust::xxh3::xxh3_128(parts.join("\0").as_bytes()).to_be_bytes()
+}
+
+/// Orders records so that each one's references point to earlier ones (a cycle stays in
+/// input order) and cuts them into transactions of at most `max` entries.
+pub fn chunks(records: &[Resource], max: usize) -> Vec<Vec<Resource>> {
+    let key = |r: &Resource| -> (i32, String) {
+        let t = r
+            .kind
+            .as_ref()
+            .map_or(0, |k| dossier_api::records::kind_type(k) as i32);
+        (t, r.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default())
+    };
+    let index: HashMap<(i32, String), usize> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (key(r), i))
+        .collect();
+    let mut placed = vec![false; records.len()];
+    let mut order = Vec::with_capacity(records.len());
+    // Depth-first: a record's targets first.
+    fn visit(
+        i: usize,
+        records: &[Resource],
+        index: &HashMap<(i32, String), usize>,
+        placed: &mut Vec<bool>,
+        visiting: &mut HashSet<usize>,
+        order: &mut Vec<usize>,
+    ) {
+        if placed[i] || !visiting.insert(i) {
+            return;
+        }
+        for (_, target) in record_refs(&records[i], "r") {
+            if let Some(&j) = index.get(&(target.r#type, target.id)) {
+                visit(j, records, index, placed, visiting, order);
+            }
+        }
+        visiting.remove(&i);
+        if !placed[i] {
+            placed[i] = true;
+            order.push(i);
+        }
+    }
+    let mut visiting = HashSet::new();
+    for i in 0..records.len() {
+        visit(i, records, &index, &mut placed, &mut visiting, &mut order);
+    }
+    order
+        .chunks(max.max(1))
+        .map(|c| c.iter().map(|&i| records[i].clone()).collect())
+        .collect()
+}
+
+/// Writes one mapped bundle; returns the number of records written.
+pub async fn write_bundle(
+    client: &Client,
+    imported: &ImportedBundle,
+    transaction_max: usize,
+) -> Result<usize> {
+    let patient_id = imported
+        .patient
+        .meta
+        .as_ref()
+        .map(|m| m.id.clone())
+        .unwrap_or_default();
+    let w = client
+        .create_patient(
+            imported.patient.clone(),
+            &WriteOptions {
+                request_id: Some(derived_request_id(&["dossier-import/patient", &patient_id])),
+                ..WriteOptions::default()
+            },
+        )
+        .await?;
+    if !is_applied(&w) {
+        bail!("patient {patient_id}: {}", refusal(&w));
+    }
+    let mut written = 0;
+    for chunk in chunks(&imported.records, transaction_max) {
+        let ids: Vec<String> = chunk
+            .iter()
+            .map(|r| r.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default())
+            .collect();
+        let mut parts = vec!["dossier-import/records", patient_id.as_str()];
+        parts.extend(ids.iter().map(String::as_str));
+        let entries: Vec<TransactionEntry> = chunk
+            .into_iter()
+            .map(|r| TransactionEntry {
+                op: Some(transaction_entry::Op::Create(r)),
+            })
+            .collect();
+        let n = entries.len();
+        let w = client
+            .transaction(
+                &patient_id,
+                entries,
+                &WriteOptions {
+                    request_id: Some(derived_request_id(&parts)),
+                    ..WriteOptions::default()
+                },
+            )
+            .await?;
+        if !is_applied(&w) {
+            bail!(
+                "patient {patient_id}: a transaction of {n} records was refused: {} (entry {})",
+                refusal(&w),
+                ids.get(w.entry_index as usize).cloned().unwrap_or_default()
+            );
+        }
+        written += n;
+    }
+    for (t, id) in &imported.entered_in_error {
+        let current = client.read_record(&patient_id, *t, id).await?;
+        let version = current.and_then(|r| r.meta).map_or(0, |m| m.version);
+        if version > 0 {
+            let w = client
+                .delete_record(
+                    &patient_id,
+                    *t,
+                    id,
+                    version,
+                    "entered-in-error at source",
+                    &WriteOptions::default(),
+                )
+                .await?;
+            if !is_applied(&w)
+                && WriteOutcome::try_from(w.outcome) != Ok(WriteOutcome::EnteredInError)
+            {
+                bail!(
+                    "patient {patient_id}: marking {id} entered-in-error: {}",
+                    refusal(&w)
+                );
+            }
+        }
+    }
+    Ok(written)
+}
