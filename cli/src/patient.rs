@@ -79,6 +79,17 @@ pub enum PatientCommand {
     },
     /// Which patient holds an identifier of an indexed system (the master patient index).
     Lookup { system: String, value: String },
+    /// Write synthetic patients as FHIR R4 collection Bundles (one file each) in DIR: the same
+    /// seed always gives the same patients. Import them with `dossier patient import`.
+    Generate {
+        #[arg(long, default_value_t = 100)]
+        count: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn record_type(name: &str) -> Result<ResourceType> {
@@ -111,8 +122,12 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 }
 
 pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
+    if let PatientCommand::Generate { count, seed, out } = command {
+        return generate(*count, *seed, out);
+    }
     let client = cli.client().await?;
     match command {
+        PatientCommand::Generate { .. } => unreachable!("handled above"),
         PatientCommand::Create { file } => {
             let resource = read_json(file)?;
             let bundle = serde_json::json!({
@@ -383,6 +398,37 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn generate(count: u64, seed: u64, out: &Path) -> Result<()> {
+    use dossier_api::records::synth;
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    let started = Instant::now();
+    let mut records = 0;
+    for i in 0..count {
+        let p = synth::patient(seed, i);
+        records += p.records.len();
+        let mut all = vec![p.patient.clone()];
+        all.extend(p.records.iter().cloned());
+        for r in &mut all {
+            if let Some(m) = r.meta.as_mut() {
+                m.patient_id = p.id().to_owned();
+            }
+        }
+        let bundle = fhir::export_bundle(&all, "collection");
+        let path = out.join(format!("{}.json", p.id()));
+        std::fs::write(&path, serde_json::to_vec(&bundle)?)
+            .with_context(|| format!("write {}", path.display()))?;
+        if (i + 1) % 100 == 0 || i + 1 == count {
+            eprintln!("generated {}/{count} patients", i + 1);
+        }
+    }
+    eprintln!(
+        "{count} patients, {records} records in {} ({:.1} s)",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -13,8 +13,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use dossier_client::{Client, ReadConsistency};
 
+use dossier_api::records::fhir::ImportedBundle;
+use dossier_api::records::synth;
 use dossier_cli::ops as cluster;
 use dossier_cli::procs::{LocalCluster, NodeProc, node_binary};
+use dossier_cli::records::TRANSACTION_ENTRIES;
 
 #[derive(Debug, Args)]
 pub struct PlaygroundArgs {
@@ -41,50 +44,6 @@ pub struct PlaygroundArgs {
     /// The dossier-node binary (default: next to this executable).
     #[arg(long)]
     node_bin: Option<PathBuf>,
-}
-
-const GIVEN: &[&str] = &[
-    "Anna", "Bram", "Chloé", "Daan", "Emma", "Finn", "Hanne", "Jens", "Lotte", "Mohamed", "Noor",
-    "Pieter",
-];
-const FAMILY: &[&str] = &[
-    "Peeters", "Janssens", "Maes", "Jacobs", "Mertens", "Willems", "Claes", "Goossens", "Wouters",
-    "De Smet",
-];
-const ALLERGIES: &[&str] = &[
-    "none known",
-    "penicillin",
-    "latex",
-    "peanuts",
-    "iodinated contrast",
-    "NSAIDs",
-];
-
-fn demo_record(n: usize) -> Vec<(String, String)> {
-    let name = format!(
-        "{} {}",
-        GIVEN[n % GIVEN.len()],
-        FAMILY[(n / GIVEN.len()) % FAMILY.len()]
-    );
-    let year = 1940 + (n * 7) % 80;
-    vec![
-        (
-            "demographics".into(),
-            format!(
-                r#"{{"name":"{name}","birth_date":"{year}-0{}-1{}"}}"#,
-                1 + n % 9,
-                n % 10
-            ),
-        ),
-        ("allergies".into(), ALLERGIES[n % ALLERGIES.len()].into()),
-        (
-            "observation/0001".into(),
-            format!(
-                r#"{{"loinc":"8867-4","heart_rate":{},"unit":"/min"}}"#,
-                55 + n % 40
-            ),
-        ),
-    ]
 }
 
 fn mark(step: &str) {
@@ -124,28 +83,57 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
     let seeds = local.seeds.clone();
     let client = local.client().await?;
 
-    mark(&format!("writing {} demo patients", args.patients));
+    mark(&format!(
+        "writing {} synthetic patients (typed clinical records, seed 1)",
+        args.patients
+    ));
     let started = Instant::now();
-    for n in 0..args.patients {
-        let patient = format!("patient-{n:05}");
-        for (key, value) in demo_record(n) {
-            client
-                .put(&patient, key.as_bytes(), value.as_bytes())
-                .await?;
+    let mut records = 0usize;
+    let mut next = 0usize;
+    while next < args.patients {
+        // Eight patients at a time, each its patient write then its transactions.
+        let batch: Vec<_> = (next..args.patients.min(next + 8))
+            .map(|n| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let p = synth::patient(1, n as u64);
+                    let bundle = ImportedBundle {
+                        patient: p.patient,
+                        records: p.records,
+                        ..ImportedBundle::default()
+                    };
+                    dossier_cli::records::write_bundle(&client, &bundle, TRANSACTION_ENTRIES).await
+                })
+            })
+            .collect();
+        next += batch.len();
+        for t in batch {
+            records += t.await.context("writer task")??;
         }
     }
-    println!("{} keys in {:.2?}", args.patients * 3, started.elapsed());
-    // Read one demo patient back (a linearizable read through the shard's leader).
-    let sample_patient = format!("patient-{:05}", 7.min(args.patients.saturating_sub(1)));
+    println!(
+        "{} patients, {records} records in {:.2?}",
+        args.patients,
+        started.elapsed()
+    );
+    // Read one patient back: its Patient record and the kinds of its records.
+    let sample_patient = synth::patient_id(1, 7.min(args.patients.saturating_sub(1)) as u64);
     if args.patients > 0 {
-        let sample = client
-            .get(&sample_patient, b"demographics")
-            .await?
-            .with_context(|| format!("{sample_patient} has no demographics after being written"))?;
-        println!(
-            "{sample_patient}/demographics = {}",
-            String::from_utf8_lossy(&sample)
-        );
+        let mut kinds = std::collections::BTreeMap::new();
+        client
+            .everything(&sample_patient, 0, &[], false, |rs| {
+                for r in rs {
+                    if let Some(k) = r.kind.as_ref() {
+                        let t = dossier_api::records::fhir::fhir_type(
+                            dossier_api::records::kind_type(k),
+                        );
+                        *kinds.entry(t).or_insert(0usize) += 1;
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        println!("{sample_patient}: {kinds:?}");
     }
     cluster::print_status(&cluster::status(&seeds).await?);
 
@@ -164,7 +152,7 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
         }
         None => {
             mark(&format!(
-                "serving until Ctrl-C; try: dossier --seeds {} kv get {sample_patient} demographics",
+                "serving until Ctrl-C; try: dossier --seeds {} patient everything {sample_patient}",
                 seeds[0]
             ));
             tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;

@@ -233,3 +233,4 @@ mod tests {
     }
 }
 pub mod fhir;
+pub mod synth;
