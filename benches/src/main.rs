@@ -4,6 +4,7 @@
 //! Only the storage engine is measured so far; the cluster load generator (against etcd) and the
 //! failover benchmark come with the cluster.
 
+mod clinical;
 mod cluster;
 mod stats;
 mod storage;
@@ -121,6 +122,27 @@ enum Command {
         /// etcd client endpoints, for --backend etcd.
         #[arg(long, value_delimiter = ',', default_values_t = ["127.0.0.1:2379".to_owned(), "127.0.0.1:22379".to_owned(), "127.0.0.1:32379".to_owned()])]
         etcd_endpoints: Vec<String>,
+    },
+    /// The clinical workload on a local 3-node cluster: import speed of synthetic patients, then
+    /// closed-loop summary reads, observation appends and admission transactions.
+    Clinical {
+        /// summary, append, admission; several comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = ["summary".to_owned(), "append".to_owned(), "admission".to_owned()])]
+        workloads: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_values_t = [64])]
+        clients: Vec<usize>,
+        /// Synthetic patients imported first (seed 1).
+        #[arg(long, default_value_t = 500)]
+        patients: u64,
+        /// Concurrent importers.
+        #[arg(long, default_value_t = 16)]
+        importers: usize,
+        #[arg(long, default_value_t = 8)]
+        shards: u32,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 7500)]
+        base_port: u16,
     },
     /// SIGKILL of a shard leader under steady writes: client-observed gap, repeated.
     Failover {
@@ -272,6 +294,44 @@ fn main() -> Result<()> {
                     eprintln!("{row}");
                 }
                 Ok(())
+            })?;
+            return Ok(());
+        }
+        Command::Clinical {
+            workloads,
+            clients,
+            patients,
+            importers,
+            shards,
+            seconds,
+            base_port,
+        } => {
+            let workloads = workloads
+                .iter()
+                .map(|w| clinical::ClinicalWorkload::parse(w))
+                .collect::<Result<Vec<_>>>()?;
+            anyhow::ensure!(patients > 0, "--patients must be at least 1");
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let c = cluster::LocalCluster::start(&dir.path().join("cluster"), shards, base_port).await?;
+                eprintln!("clinical: importing {patients} synthetic patients with {importers} importers");
+                println!("{}", clinical::import(&c.client, 1, patients, importers).await?);
+                let mut rows = Vec::new();
+                for &w in &workloads {
+                    for &n in &clients {
+                        eprintln!("clinical: {w:?} with {n} clients, {seconds} s");
+                        let (json, row) = clinical::load(&c.client, w, 1, patients, n, Duration::from_secs(seconds), Duration::from_secs(1)).await?;
+                        println!("{json}");
+                        rows.push(row);
+                    }
+                }
+                eprintln!("| workload | clients | ops/s | records/s | p50 ms | p99 ms | p99.9 ms | errors |\n|---|---|---|---|---|---|---|---|");
+                for r in rows {
+                    eprintln!("{r}");
+                }
+                Ok::<_, anyhow::Error>(())
             })?;
             return Ok(());
         }

@@ -1,0 +1,298 @@
+//! The clinical workload over the Records service: import speed of synthetic patients, then
+//! closed-loop clients reading patient summaries, appending observations, and writing
+//! admissions (an encounter, three observations and a discharge letter in one transaction).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use dossier_api::records::fhir::ImportedBundle;
+use dossier_api::records::synth;
+use dossier_api::v1::{ResourceType, TransactionEntry, WriteOutcome, transaction_entry};
+use dossier_client::{Client, WriteOptions};
+use hdrhistogram::Histogram;
+
+use crate::stats::{Json, Latency, per_second};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClinicalWorkload {
+    /// Everything of a patient restricted to its summary kinds (conditions, medications,
+    /// allergies, care relationships) and the Patient record.
+    Summary,
+    /// Create one observation.
+    Append,
+    /// One transaction: encounter, three observations, discharge letter.
+    Admission,
+}
+
+impl ClinicalWorkload {
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "summary" => Self::Summary,
+            "append" => Self::Append,
+            "admission" => Self::Admission,
+            other => {
+                anyhow::bail!("unknown clinical workload {other:?} (summary, append, admission)")
+            }
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Summary => "summary",
+            Self::Append => "append",
+            Self::Admission => "admission",
+        }
+    }
+}
+
+/// Writes synthetic patients 0..patients of `seed` with `concurrency` importers; returns a JSON
+/// line with patients/s and records/s.
+pub async fn import(
+    client: &Client,
+    seed: u64,
+    patients: u64,
+    concurrency: usize,
+) -> Result<String> {
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let records = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..concurrency.max(1))
+        .map(|_| {
+            let (client, next, records) = (client.clone(), Arc::clone(&next), Arc::clone(&records));
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= patients {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    let p = synth::patient(seed, i);
+                    let bundle = ImportedBundle {
+                        patient: p.patient,
+                        records: p.records,
+                        ..ImportedBundle::default()
+                    };
+                    let n = dossier_cli::records::write_bundle(
+                        &client,
+                        &bundle,
+                        dossier_cli::records::TRANSACTION_ENTRIES,
+                    )
+                    .await?;
+                    records.fetch_add(n as u64, Ordering::Relaxed);
+                    if (i + 1) % 200 == 0 {
+                        eprintln!("  imported {} patients", i + 1);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.context("import task")??;
+    }
+    let elapsed = started.elapsed();
+    let records = records.load(Ordering::Relaxed);
+    Ok(Json::new("clinical-import")
+        .num("patients", patients as f64)
+        .num("records", records as f64)
+        .num("concurrency", concurrency as f64)
+        .num("seconds", elapsed.as_secs_f64())
+        .num("patients_per_s", per_second(patients, elapsed))
+        .num("records_per_s", per_second(records, elapsed))
+        .finish())
+}
+
+/// Closed loop: `clients` clients running `workload` on patients of `seed` picked uniformly.
+pub async fn load(
+    client: &Client,
+    workload: ClinicalWorkload,
+    seed: u64,
+    patients: u64,
+    clients: usize,
+    duration: Duration,
+    warmup: Duration,
+) -> Result<(String, String)> {
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let run_tag = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros())
+    );
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (client, measuring, stop, run_tag) = (
+                client.clone(),
+                Arc::clone(&measuring),
+                Arc::clone(&stop),
+                run_tag.clone(),
+            );
+            tokio::spawn(async move {
+                let mut hist =
+                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+                let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+                let mut resources = 0u64;
+                let mut n = c as u64;
+                let mut k = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n = n
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    let pid = synth::patient_id(seed, (n >> 33) % patients);
+                    k += 1;
+                    let started = Instant::now();
+                    let outcome: Result<u64, String> = match workload {
+                        ClinicalWorkload::Summary => {
+                            let mut got = 0u64;
+                            client
+                                .everything(
+                                    &pid,
+                                    0,
+                                    &[
+                                        ResourceType::Patient,
+                                        ResourceType::Condition,
+                                        ResourceType::MedicationRequest,
+                                        ResourceType::AllergyIntolerance,
+                                        ResourceType::CareRelationship,
+                                    ],
+                                    false,
+                                    |rs| {
+                                        got += rs.len() as u64;
+                                        Ok(())
+                                    },
+                                )
+                                .await
+                                .map(|_| got)
+                                .map_err(|e| {
+                                    format!("{e:?}")
+                                        .split([' ', '{', '('])
+                                        .next()
+                                        .unwrap_or("error")
+                                        .to_lowercase()
+                                })
+                        }
+                        ClinicalWorkload::Append => client
+                            .create_record(
+                                &pid,
+                                synth::observation(format!("bench-{run_tag}-{c}-{k}"), k),
+                                &WriteOptions::default(),
+                            )
+                            .await
+                            .map_err(|e| {
+                                format!("{e:?}")
+                                    .split([' ', '{', '('])
+                                    .next()
+                                    .unwrap_or("error")
+                                    .to_lowercase()
+                            })
+                            .and_then(|w| {
+                                if w.outcome == WriteOutcome::Applied as i32 {
+                                    Ok(1)
+                                } else {
+                                    Err(format!(
+                                        "{:?}",
+                                        WriteOutcome::try_from(w.outcome)
+                                            .unwrap_or(WriteOutcome::Unspecified)
+                                    )
+                                    .to_lowercase())
+                                }
+                            }),
+                        ClinicalWorkload::Admission => {
+                            let entries: Vec<TransactionEntry> =
+                                synth::admission(&pid, &format!("{run_tag}-{c}-{k}"), k)
+                                    .into_iter()
+                                    .map(|r| TransactionEntry {
+                                        op: Some(transaction_entry::Op::Create(r)),
+                                    })
+                                    .collect();
+                            let n = entries.len() as u64;
+                            client
+                                .transaction(&pid, entries, &WriteOptions::default())
+                                .await
+                                .map_err(|e| {
+                                    format!("{e:?}")
+                                        .split([' ', '{', '('])
+                                        .next()
+                                        .unwrap_or("error")
+                                        .to_lowercase()
+                                })
+                                .and_then(|w| {
+                                    if w.outcome == WriteOutcome::Applied as i32 {
+                                        Ok(n)
+                                    } else {
+                                        Err(format!(
+                                            "{:?}",
+                                            WriteOutcome::try_from(w.outcome)
+                                                .unwrap_or(WriteOutcome::Unspecified)
+                                        )
+                                        .to_lowercase())
+                                    }
+                                })
+                        }
+                    };
+                    if !measuring.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    match outcome {
+                        Ok(r) => {
+                            resources += r;
+                            let us = (started.elapsed().as_micros() as u64).clamp(1, 60_000_000);
+                            hist.record(us).expect("clamped");
+                        }
+                        Err(kind) => *errors.entry(kind).or_default() += 1,
+                    }
+                }
+                (hist, errors, resources)
+            })
+        })
+        .collect();
+    tokio::time::sleep(warmup).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut resources = 0;
+    for t in tasks {
+        let (h, e, r) = t.await.context("client task")?;
+        hist.add(&h)?;
+        resources += r;
+        for (k, n) in e {
+            *errors.entry(k).or_default() += n;
+        }
+    }
+    let ops = hist.len();
+    let latency = Latency::of_histogram(&hist);
+    let mut json = Json::new("clinical-load");
+    json.str("workload", workload.name())
+        .num("clients", clients as f64)
+        .num("patients", patients as f64)
+        .num("seconds", elapsed.as_secs_f64())
+        .num("ops", ops as f64)
+        .num("ops_per_s", per_second(ops, elapsed))
+        .num("resources_per_s", per_second(resources, elapsed))
+        .num("errors", errors.values().sum::<u64>() as f64);
+    for (k, n) in &errors {
+        json.num(&format!("errors_{k}"), *n as f64);
+    }
+    json.latency("latency", latency);
+    let ms = |f: fn(&Latency) -> f64| {
+        latency.map_or("-".to_owned(), |l| format!("{:.2}", f(&l) / 1000.0))
+    };
+    let row = format!(
+        "| {} | {clients} | {:.0} | {:.0} | {} | {} | {} | {} |",
+        workload.name(),
+        per_second(ops, elapsed),
+        per_second(resources, elapsed),
+        ms(|l| l.p50),
+        ms(|l| l.p99),
+        ms(|l| l.p999),
+        errors.values().sum::<u64>()
+    );
+    Ok((json.finish(), row))
+}
