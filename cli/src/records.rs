@@ -95,6 +95,17 @@ pub async fn write_bundle(
         .as_ref()
         .map(|m| m.id.clone())
         .unwrap_or_default();
+    // Every record is checked as the server will check it before anything is written, so that
+    // bad content never leaves a bundle half-written (the server's limits may still be lower
+    // than the defaults used here).
+    let limits = dossier_api::records::Limits::default();
+    dossier_api::records::validate_new_record(&imported.patient, "patient", &patient_id, &limits)
+        .map_err(|e| anyhow::anyhow!("patient {patient_id}: {e}"))?;
+    for r in &imported.records {
+        let id = r.meta.as_ref().map_or("", |m| m.id.as_str());
+        dossier_api::records::validate_new_record(r, "record", &patient_id, &limits)
+            .map_err(|e| anyhow::anyhow!("patient {patient_id}, record {id}: {e}"))?;
+    }
     let w = client
         .create_patient(
             imported.patient.clone(),
