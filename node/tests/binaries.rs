@@ -290,11 +290,11 @@ async fn everything_of_a_10000_record_patient_stays_within_a_memory_bound() {
         growth < 24 << 20,
         "peak resident memory grew by {} MiB while streaming a patient of {} MiB",
         growth >> 20,
-        bytes / 2 >> 20
+        (bytes / 2) >> 20
     );
     eprintln!(
         "streamed {} MiB twice; the node's peak resident memory grew by {} MiB",
-        bytes / 2 >> 20,
+        (bytes / 2) >> 20,
         growth >> 20
     );
 }
