@@ -6,8 +6,8 @@ use serde_json::json;
 use super::*;
 use crate::records::{Limits, SYSTEM_LOINC, validate_new_record};
 use crate::v1::{
-    CodeableConcept, Coding, DatePrecision, DateTime, HumanName, Observation, ObservationValue,
-    Patient, Quantity, RecordStatus, observation, observation_value, resource,
+    CodeableConcept, Coding, DatePrecision, DateTime, HumanName, Observation, ObservationStatus,
+    ObservationValue, Patient, Quantity, RecordStatus, observation, observation_value, resource,
 };
 
 fn sample_dir() -> PathBuf {
@@ -375,4 +375,189 @@ proptest! {
     fn base64_round_trips(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
         prop_assert_eq!(base64_decode(&base64_encode(&bytes)), Some(bytes));
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Synthetic patients (every kind the generator makes: encounters with identifier
+    /// references, observations, conditions, medications with dosages and reason records,
+    /// allergies, letters as base64 text, care relationships) survive proto → FHIR JSON text →
+    /// proto unchanged.
+    #[test]
+    fn synthetic_patients_round_trip_through_fhir_json(seed in 0u64..1_000, index in 0u64..10_000) {
+        let p = crate::records::synth::patient(seed, index);
+        let mut all = vec![stored(p.patient.clone(), p.id(), 1)];
+        all.extend(p.records.iter().cloned().map(|r| stored(r, p.id(), 2)));
+        let text = export_bundle(&all, "collection").to_string();
+        let back = import_bundle(&serde_json::from_str(&text).unwrap(), &ImportOptions::default())
+            .map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+        prop_assert_eq!(back.patient.kind, p.patient.kind);
+        let mut want: Vec<_> = p.records.iter().map(|r| (r.meta.as_ref().unwrap().id.clone(), r.kind.clone())).collect();
+        let mut got: Vec<_> = back.records.iter().map(|r| (r.meta.as_ref().unwrap().id.clone(), r.kind.clone())).collect();
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        prop_assert_eq!(got, want);
+    }
+}
+
+/// The kinds the generator does not make: a procedure and a consent refusing sharing with an
+/// organisation, and a record in error.
+#[test]
+fn procedures_consents_and_retractions_round_trip() {
+    use crate::v1::{
+        Consent, ConsentActor, ConsentDecision, ConsentStatus, EntityType, Identifier, Period,
+        Procedure, ProcedureStatus, RecordRef, Reference, reference,
+    };
+    let patient = stored(
+        Resource {
+            meta: Some(Meta {
+                id: "p".into(),
+                ..Meta::default()
+            }),
+            kind: Some(resource::Kind::Patient(Patient::default())),
+        },
+        "p",
+        1,
+    );
+    let org = Reference {
+        target: Some(reference::Target::Identifier(Identifier {
+            system: "https://www.ehealth.fgov.be/standards/fhir/core/NamingSystem/cbe".into(),
+            value: "0256070171".into(),
+            r#type: None,
+        })),
+        entity_type: EntityType::Organization as i32,
+        display: "AZ Sint-Jan".into(),
+    };
+    let procedure = Procedure {
+        status: ProcedureStatus::Completed as i32,
+        code: Some(CodeableConcept {
+            codings: vec![Coding {
+                system: "http://snomed.info/sct".into(),
+                code: "73761001".into(),
+                display: "Colonoscopy".into(),
+            }],
+            text: "Colonoscopy".into(),
+        }),
+        performed: Some(crate::v1::procedure::Performed::PerformedPeriod(Period {
+            start: parse_date_time("2012-11-25T23:37:54+00:00"),
+            end: parse_date_time("2012-11-26T00:19:54+00:00"),
+        })),
+        performers: vec![org.clone()],
+        ..Procedure::default()
+    };
+    let consent = Consent {
+        status: ConsentStatus::Active as i32,
+        scope: Some(CodeableConcept {
+            codings: vec![Coding {
+                system: "http://terminology.hl7.org/CodeSystem/consentscope".into(),
+                code: "patient-privacy".into(),
+                display: String::new(),
+            }],
+            text: String::new(),
+        }),
+        categories: vec![CodeableConcept {
+            codings: vec![],
+            text: "Refusal to share".into(),
+        }],
+        date_time: parse_date_time("2024-03-01"),
+        decision: ConsentDecision::Deny as i32,
+        actors: vec![ConsentActor {
+            role: Some(CodeableConcept {
+                codings: vec![Coding {
+                    system: "http://terminology.hl7.org/CodeSystem/v3-ParticipationType".into(),
+                    code: "IRCP".into(),
+                    display: String::new(),
+                }],
+                text: String::new(),
+            }),
+            reference: Some(org),
+        }],
+        resource_types: vec![
+            ResourceType::DocumentReference as i32,
+            ResourceType::CareRelationship as i32,
+        ],
+        source: Some(RecordRef {
+            r#type: ResourceType::Procedure as i32,
+            id: "proc".into(),
+        }),
+        ..Consent::default()
+    };
+    let mut retracted = stored(
+        Resource {
+            meta: Some(Meta {
+                id: "obs".into(),
+                ..Meta::default()
+            }),
+            kind: Some(resource::Kind::Observation(Observation {
+                status: ObservationStatus::Unknown as i32,
+                code: Some(CodeableConcept {
+                    codings: vec![Coding {
+                        system: SYSTEM_LOINC.into(),
+                        code: "8867-4".into(),
+                        display: String::new(),
+                    }],
+                    text: String::new(),
+                }),
+                value: Some(ObservationValue {
+                    kind: Some(observation_value::Kind::Boolean(true)),
+                }),
+                ..Observation::default()
+            })),
+        },
+        "p",
+        2,
+    );
+    retracted.meta.as_mut().unwrap().status = RecordStatus::EnteredInError as i32;
+    let records = vec![
+        patient,
+        stored(
+            Resource {
+                meta: Some(Meta {
+                    id: "proc".into(),
+                    ..Meta::default()
+                }),
+                kind: Some(resource::Kind::Procedure(procedure.clone())),
+            },
+            "p",
+            1,
+        ),
+        stored(
+            Resource {
+                meta: Some(Meta {
+                    id: "consent".into(),
+                    ..Meta::default()
+                }),
+                kind: Some(resource::Kind::Consent(consent.clone())),
+            },
+            "p",
+            1,
+        ),
+        retracted.clone(),
+    ];
+    let bundle = export_bundle(&records, "collection");
+    assert_eq!(
+        bundle["entry"][3]["resource"]["status"],
+        json!("entered-in-error")
+    );
+    let back = import_bundle(
+        &serde_json::from_str(&bundle.to_string()).unwrap(),
+        &ImportOptions::default(),
+    )
+    .unwrap();
+    let kind_of = |id: &str| {
+        back.records
+            .iter()
+            .find(|r| r.meta.as_ref().unwrap().id == id)
+            .unwrap()
+            .kind
+            .clone()
+    };
+    assert_eq!(kind_of("proc"), Some(resource::Kind::Procedure(procedure)));
+    assert_eq!(kind_of("consent"), Some(resource::Kind::Consent(consent)));
+    assert_eq!(kind_of("obs"), retracted.kind);
+    assert_eq!(
+        back.entered_in_error,
+        vec![(ResourceType::Observation, "obs".to_owned())]
+    );
 }
