@@ -1413,6 +1413,9 @@ struct StampCursor {
 
 const STAMP_PAGE: usize = 256;
 
+/// How long Everything waits for a reader to take the next message before giving up.
+const STALLED_READER: Duration = Duration::from_secs(60);
+
 impl StampCursor {
     fn peek(&mut self, replica: &ShardHandle) -> Result<Option<u64>, ApiError> {
         if self.page.is_empty() && !self.done {
@@ -1505,7 +1508,9 @@ async fn stream_everything(
                     as_of_micros: as_of,
                 },
             );
-            if tx.send(Ok(full)).await.is_err() {
+            // A reader that stops reading (but keeps its connection) ends the stream after
+            // STALLED_READER instead of holding its admission permit for ever.
+            if !matches!(tokio::time::timeout(STALLED_READER, tx.send(Ok(full))).await, Ok(Ok(()))) {
                 return Ok(());
             }
             sent_any = true;
