@@ -1510,7 +1510,10 @@ async fn stream_everything(
             );
             // A reader that stops reading (but keeps its connection) ends the stream after
             // STALLED_READER instead of holding its admission permit for ever.
-            if !matches!(tokio::time::timeout(STALLED_READER, tx.send(Ok(full))).await, Ok(Ok(()))) {
+            if !matches!(
+                tokio::time::timeout(STALLED_READER, tx.send(Ok(full))).await,
+                Ok(Ok(()))
+            ) {
                 return Ok(());
             }
             sent_any = true;
