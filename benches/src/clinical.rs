@@ -48,6 +48,28 @@ impl ClinicalWorkload {
     }
 }
 
+/// The kind of a failed call, for the error counts: the client error's variant.
+fn error_kind(e: &dossier_client::ClientError) -> String {
+    format!("{e:?}")
+        .split([' ', '{', '('])
+        .next()
+        .unwrap_or("error")
+        .to_lowercase()
+}
+
+/// `records` when the write applied, else its outcome as an error kind.
+fn applied(w: &dossier_client::RecordWrite, records: u64) -> Result<u64, String> {
+    if w.outcome == WriteOutcome::Applied as i32 {
+        Ok(records)
+    } else {
+        Err(format!(
+            "{:?}",
+            WriteOutcome::try_from(w.outcome).unwrap_or(WriteOutcome::Unspecified)
+        )
+        .to_lowercase())
+    }
+}
+
 /// Writes synthetic patients 0..patients of `seed` with `concurrency` importers; returns a JSON
 /// line with patients/s and records/s.
 pub async fn import(
@@ -165,13 +187,7 @@ pub async fn load(
                                 )
                                 .await
                                 .map(|_| got)
-                                .map_err(|e| {
-                                    format!("{e:?}")
-                                        .split([' ', '{', '('])
-                                        .next()
-                                        .unwrap_or("error")
-                                        .to_lowercase()
-                                })
+                                .map_err(|e| error_kind(&e))
                         }
                         ClinicalWorkload::Append => client
                             .create_record(
@@ -180,25 +196,8 @@ pub async fn load(
                                 &WriteOptions::default(),
                             )
                             .await
-                            .map_err(|e| {
-                                format!("{e:?}")
-                                    .split([' ', '{', '('])
-                                    .next()
-                                    .unwrap_or("error")
-                                    .to_lowercase()
-                            })
-                            .and_then(|w| {
-                                if w.outcome == WriteOutcome::Applied as i32 {
-                                    Ok(1)
-                                } else {
-                                    Err(format!(
-                                        "{:?}",
-                                        WriteOutcome::try_from(w.outcome)
-                                            .unwrap_or(WriteOutcome::Unspecified)
-                                    )
-                                    .to_lowercase())
-                                }
-                            }),
+                            .map_err(|e| error_kind(&e))
+                            .and_then(|w| applied(&w, 1)),
                         ClinicalWorkload::Admission => {
                             let entries: Vec<TransactionEntry> =
                                 synth::admission(&pid, &format!("{run_tag}-{c}-{k}"), k)
@@ -211,25 +210,8 @@ pub async fn load(
                             client
                                 .transaction(&pid, entries, &WriteOptions::default())
                                 .await
-                                .map_err(|e| {
-                                    format!("{e:?}")
-                                        .split([' ', '{', '('])
-                                        .next()
-                                        .unwrap_or("error")
-                                        .to_lowercase()
-                                })
-                                .and_then(|w| {
-                                    if w.outcome == WriteOutcome::Applied as i32 {
-                                        Ok(n)
-                                    } else {
-                                        Err(format!(
-                                            "{:?}",
-                                            WriteOutcome::try_from(w.outcome)
-                                                .unwrap_or(WriteOutcome::Unspecified)
-                                        )
-                                        .to_lowercase())
-                                    }
-                                })
+                                .map_err(|e| error_kind(&e))
+                                .and_then(|w| applied(&w, n))
                         }
                     };
                     if !measuring.load(Ordering::Relaxed) {

@@ -158,7 +158,8 @@ impl Mpi<'_> {
         Ok((raw, record))
     }
 
-    async fn holds(
+    /// The token `patient` holds X under (H_P(X)), if it holds X.
+    pub async fn holds(
         &self,
         patient: &str,
         x: &Ident,

@@ -294,7 +294,7 @@ impl RecordsService {
         }
         let mut removed_tokens = Vec::new();
         for x in &removed {
-            if let Some(t) = self.hold_token(patient, x, left()).await? {
+            if let Some(t) = self.mpi().holds(patient, x, left()).await? {
                 removed_tokens.push((x.clone(), t));
             }
         }
@@ -319,22 +319,6 @@ impl RecordsService {
             Err(_) => {}
         }
         result
-    }
-
-    /// The token `patient` holds `x` under, if it does.
-    async fn hold_token(
-        &self,
-        patient: &str,
-        x: &Ident,
-        deadline: Duration,
-    ) -> Result<Option<Bytes>, ApiError> {
-        use crate::shards::Shards as _;
-        Ok(self
-            .shards
-            .read(patient, vec![hold_key(patient, x)], deadline)
-            .await?
-            .pop()
-            .flatten())
     }
 
     fn limits(&self) -> Limits {
