@@ -419,32 +419,7 @@ impl<'a> Reader<'a> {
     /// A reference to a record of this patient (RecordRef).
     fn record_ref(&mut self, o: &Map<String, Value>, path: &str, key: &str) -> Option<RecordRef> {
         let m = self.obj(o, path, key)?;
-        let p = join(path, key);
-        let reference = self.str(m, &p, "reference");
-        if m.contains_key("display") {
-            // The record holds its own display.
-            self.mark(join(&p, "display"));
-            *self
-                .dropped
-                .entry(normalise(&join(&p, "display")))
-                .or_default() += 1;
-        }
-        match self.target(&reference, &join(&p, "reference"))? {
-            Target::Record(t, id) => Some(RecordRef {
-                r#type: t as i32,
-                id,
-            }),
-            other => {
-                self.problem(
-                    &p,
-                    format!(
-                        "must name a record of the patient, names {}",
-                        other.describe()
-                    ),
-                );
-                None
-            }
-        }
+        self.record_ref_at(m, &join(path, key))
     }
 
     fn record_refs(&mut self, o: &Map<String, Value>, path: &str, key: &str) -> Vec<RecordRef> {
@@ -461,7 +436,12 @@ impl<'a> Reader<'a> {
     fn record_ref_at(&mut self, m: &Map<String, Value>, p: &str) -> Option<RecordRef> {
         let reference = self.str(m, p, "reference");
         if m.contains_key("display") {
+            // The record holds its own display.
             self.mark(join(p, "display"));
+            *self
+                .dropped
+                .entry(normalise(&join(p, "display")))
+                .or_default() += 1;
         }
         match self.target(&reference, &join(p, "reference"))? {
             Target::Record(t, id) => Some(RecordRef {
