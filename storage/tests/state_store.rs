@@ -608,3 +608,86 @@ fn reads_race_snapshot_installs() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(reader.join().unwrap() > 0);
 }
+
+/// Write-backs run beside applies and reads (as the flusher does): a reader never sees the
+/// counter go back or a key it counted missing, and the tree ends at the last applied index.
+#[test]
+fn write_backs_race_applies_and_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        dir: dir.path().to_path_buf(),
+        flush_interval_ms: 60_000,
+        write_back_bytes: 4096,
+        ..StoreConfig::default()
+    }
+    .validate()
+    .unwrap();
+    let store = StateStore::open(cfg).unwrap();
+    let shard = store.create_shard(1).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spawn = |f: Box<dyn Fn() + Send>| {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                f();
+            }
+        })
+    };
+    let flusher = {
+        let shard = Arc::clone(&shard);
+        spawn(Box::new(move || shard.write_back().unwrap()))
+    };
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reader = {
+        let (shard, seen) = (Arc::clone(&shard), Arc::clone(&seen));
+        spawn(Box::new(move || {
+            let count = shard
+                .get(b"count")
+                .unwrap()
+                .map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()));
+            let before = seen.fetch_max(count, std::sync::atomic::Ordering::SeqCst);
+            assert!(
+                count >= before,
+                "the counter went back from {before} to {count}"
+            );
+            if count > 0 {
+                assert!(
+                    shard
+                        .get(format!("k{count:08}").as_bytes())
+                        .unwrap()
+                        .is_some()
+                );
+            }
+        }))
+    };
+    let mut index = 0u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+    while std::time::Instant::now() < deadline {
+        let entries: Vec<ApplyEntry> = (0..8)
+            .map(|_| {
+                index += 1;
+                let mut batch = Batch::put(format!("k{index:08}"), vec![1u8; 100]);
+                batch.ops.push(Op::Put {
+                    key: Bytes::from_static(b"count"),
+                    value: Bytes::from(index.to_be_bytes().to_vec()),
+                });
+                ApplyEntry {
+                    index,
+                    log_id: Bytes::new(),
+                    payload: EntryPayload::Command(Command::Txn {
+                        session: None,
+                        batch,
+                    }),
+                }
+            })
+            .collect();
+        shard.apply(&entries).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flusher.join().unwrap();
+    reader.join().unwrap();
+    assert!(seen.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    store.flush().unwrap();
+    assert_eq!(shard.durable_applied_index(), Some(index));
+    assert_eq!(shard.key_count().unwrap(), index as usize + 2); // keys, count, applied id
+}
