@@ -10,5 +10,6 @@
 
 pub mod checker;
 pub mod history;
+pub mod identifiers;
 pub mod netns;
 pub mod runner;

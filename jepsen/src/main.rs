@@ -55,6 +55,13 @@ enum Command {
         base_port: u16,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Clients of the identifier workload: they create patients claiming national numbers
+        /// from a small pool; no number may end up held by two patients.
+        #[arg(long, default_value_t = 2)]
+        identifier_clients: usize,
+        /// National numbers the identifier workload competes for.
+        #[arg(long, default_value_t = 4)]
+        identifier_pool: usize,
         /// Linearizability search budget per key, in seconds (exceeded: unknown).
         #[arg(long, default_value_t = 30)]
         check_budget: u64,
@@ -100,6 +107,8 @@ fn main() -> std::process::ExitCode {
                 seed,
                 check_budget,
                 unsafe_stale_reads,
+                identifier_clients,
+                identifier_pool,
             } => {
                 let nemesis = nemesis
                     .iter()
@@ -125,6 +134,8 @@ fn main() -> std::process::ExitCode {
                     seed,
                     unsafe_stale_reads,
                     check_budget_per_key: Duration::from_secs(check_budget),
+                    identifier_clients,
+                    identifier_pool,
                 };
                 // Ctrl-C drops the run: its processes are stopped and its namespaces removed.
                 let outcome = tokio::select! {
@@ -132,8 +143,26 @@ fn main() -> std::process::ExitCode {
                     _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the cluster and test network were torn down"),
                 };
                 print!("{}", runner::summary(&outcome.report, outcome.faults));
+                let mut valid = outcome.report.valid;
+                if let Some(ids) = &outcome.identifiers {
+                    println!(
+                        "identifiers: {}: {} creates ({} acknowledged, {} told the number is held, {} indeterminate); {} numbers held; duplicates {:?}, overlapping holders {:?}, lost {:?}, index mismatches {:?}, unreadable {:?}",
+                        if ids.valid { "valid" } else { "INVALID" },
+                        ids.attempts,
+                        ids.acknowledged,
+                        ids.held_answers,
+                        ids.indeterminate,
+                        ids.holders.len(),
+                        ids.duplicates,
+                        ids.overlaps.iter().take(5).collect::<Vec<_>>(),
+                        ids.lost,
+                        ids.lookup_mismatches,
+                        ids.unreadable
+                    );
+                    valid &= ids.valid;
+                }
                 println!("run folder: {}", outcome.out.display());
-                Ok(outcome.report.valid)
+                Ok(valid)
             }
             Command::Check { history, check_budget } => {
                 let report = runner::check_history(&history, Duration::from_secs(check_budget), None)?;

@@ -63,6 +63,10 @@ pub struct RunConfig {
     /// Start the nodes with the unsafe test switch (reads without a barrier).
     pub unsafe_stale_reads: bool,
     pub check_budget_per_key: Duration,
+    /// Clients of the identifier workload (patients claiming national numbers); 0: none.
+    pub identifier_clients: usize,
+    /// National numbers they compete for.
+    pub identifier_pool: usize,
 }
 
 struct Recorder {
@@ -499,6 +503,8 @@ pub struct RunOutcome {
     pub report: checker::Report,
     pub faults: u64,
     pub out: PathBuf,
+    /// The identifier workload's check, when it ran.
+    pub identifiers: Option<crate::identifiers::Report>,
 }
 
 pub async fn run(config: RunConfig) -> Result<RunOutcome> {
@@ -584,6 +590,24 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
             ))
         })
         .collect();
+    let numbers = Arc::new(crate::identifiers::pool(
+        config.identifier_pool.max(1),
+        config.seed,
+    ));
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let identifier_clients: Vec<_> = (0..config.identifier_clients)
+        .map(|w| {
+            tokio::spawn(crate::identifiers::client_loop(
+                client.clone(),
+                w,
+                Arc::clone(&numbers),
+                Arc::clone(&stop_clients),
+                Arc::clone(&attempts),
+                config.seed,
+                recorder.started,
+            ))
+        })
+        .collect();
     let nemesis_log = Arc::new(Mutex::new(Vec::new()));
     let nemesis = tokio::spawn(nemesis_loop(
         Arc::clone(&cluster),
@@ -648,6 +672,23 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
             Err(e) => recorder.record(process, outcome_of(&e), F::Read, &key, Value::Null),
         }
     }
+    // The identifier check reads every attempted patient: after the final set reads, so that its
+    // time is not counted as a gap of the register and set workloads.
+    // Identifier clients may still wait out a create's deadline: after the final reads.
+    for c in identifier_clients {
+        let _ = c.await;
+    }
+    let identifiers = if config.identifier_clients > 0 {
+        let attempts = attempts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let report = crate::identifiers::check(&client, &numbers, &attempts).await;
+        std::fs::write(
+            config.out.join("identifiers.json"),
+            serde_json::to_string_pretty(&json!({"report": report, "attempts": attempts}))?,
+        )?;
+        Some(report)
+    } else {
+        None
+    };
     let events = recorder
         .events
         .lock()
@@ -681,6 +722,7 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
         report,
         faults,
         out: config.out.clone(),
+        identifiers,
     })
 }
 
