@@ -170,6 +170,7 @@ async fn versions_history_and_optimistic_concurrency() {
         .unwrap();
     assert_eq!(outcome(&w), WriteOutcome::VersionConflict);
     assert_eq!(w.current_version, 4);
+    assert_eq!(w.field, "expected_version");
 
     let current = client
         .read_record(&p, ResourceType::Observation, "h1")
@@ -334,6 +335,7 @@ async fn transactions_are_all_or_nothing() {
     let w = client.transaction(&p, admission(7), &opts).await.unwrap();
     assert_eq!(outcome(&w), WriteOutcome::VersionConflict);
     assert_eq!(w.entry_index, 4);
+    assert_eq!(w.field, "entries[4].update.expected_version");
     for (t, id) in [
         (ResourceType::Encounter, "adm-1"),
         (ResourceType::Observation, "obs-1"),
@@ -530,6 +532,20 @@ async fn everything_streams_current_records_and_syncs_since() {
         .map(|r| r.meta.as_ref().unwrap().id.as_str())
         .collect();
     assert_eq!(ids, ["late", "o5"]);
+    // A type named twice is refused.
+    let twice = client
+        .everything(
+            &p,
+            0,
+            &[ResourceType::Observation, ResourceType::Observation],
+            false,
+            |_| Ok(()),
+        )
+        .await;
+    assert!(
+        matches!(twice, Err(ClientError::InvalidArgument { ref field, .. }) if field == "types[1]"),
+        "{twice:?}"
+    );
 }
 
 /// Transactions under a leader kill: each one is found whole or not at all, and every one the

@@ -195,14 +195,28 @@ impl RecordsService {
     ) -> Result<Option<RecordWriteResponse>, ApiError> {
         let mpi = self.mpi();
         for (n, (x, field)) in idents.iter().enumerate() {
-            match mpi.claim(x, patient, token, deadline).await? {
-                Claim::Claimed => {}
-                Claim::Held { holder } => {
-                    self.release_all(patient, token, idents[..n].iter().map(|(x, _)| x), deadline)
-                        .await;
+            let claimed = idents[..n].iter().map(|(x, _)| x);
+            match mpi.claim(x, patient, token, deadline).await {
+                Ok(Claim::Claimed) => {}
+                Ok(Claim::Held { holder }) => {
+                    self.release_all(patient, token, claimed, deadline).await;
+                    // The patient itself holds it: a concurrent create of the same patient won.
+                    if holder == patient {
+                        return Ok(Some(refusal(
+                            WriteOutcome::AlreadyExists,
+                            0,
+                            "resource.meta.id",
+                        )));
+                    }
                     let mut r = refusal(WriteOutcome::IdentifierHeld, 0, field);
                     r.holder_patient_id = holder;
                     return Ok(Some(r));
+                }
+                Err(e) => {
+                    // The claims made so far are definite and nothing was written: give them
+                    // back rather than block other claimants for the grace period.
+                    self.release_all(patient, token, claimed, deadline).await;
+                    return Err(e);
                 }
             }
         }
@@ -267,10 +281,32 @@ impl RecordsService {
         if let Some(stored) = Self::get(&replica, &keys.request(&header.request_id))? {
             return Self::replay(&stored, &fingerprint);
         }
-        if matches!(entry.op, EntryOp::Create)
-            && Self::get(&replica, &keys.head("Patient", patient))?.is_some()
-        {
-            return Ok(refusal(WriteOutcome::AlreadyExists, 0, "resource.meta.id"));
+        let head = Self::head(&replica, &keys, "Patient", patient)?;
+        match (&entry.op, head) {
+            (EntryOp::Create, Some(_)) => {
+                return Ok(refusal(WriteOutcome::AlreadyExists, 0, "resource.meta.id"));
+            }
+            (EntryOp::Update { .. } | EntryOp::Delete { .. }, None) => {
+                return Ok(refusal(
+                    WriteOutcome::NotFound,
+                    0,
+                    &entry_path(&entry.field, "meta.id"),
+                ));
+            }
+            // Claim nothing for a write that names a version that is not current: the identifier
+            // diff below is computed from that version.
+            (EntryOp::Update { expected } | EntryOp::Delete { expected, .. }, Some(current))
+                if current != *expected =>
+            {
+                let mut r = refusal(
+                    WriteOutcome::VersionConflict,
+                    0,
+                    &entry_path(&entry.field, "expected_version"),
+                );
+                r.current_version = current;
+                return Ok(r);
+            }
+            _ => {}
         }
         let token: [u8; 16] = header
             .request_id
@@ -311,6 +347,11 @@ impl RecordsService {
                 }
             }
             Ok(_) => {
+                self.release_all(patient, &token, added.iter().map(|(x, _)| x), left())
+                    .await;
+            }
+            // Refused before anything was proposed: nothing was written.
+            Err(ApiError::InvalidArgument { .. } | ApiError::Internal(_)) => {
                 self.release_all(patient, &token, added.iter().map(|(x, _)| x), left())
                     .await;
             }
@@ -505,7 +546,7 @@ impl RecordsService {
                         return Ok(refusal(
                             WriteOutcome::AlreadyExists,
                             entry_index,
-                            &format!("{}.meta.id", e.field),
+                            &entry_path(&e.field, "meta.id"),
                         ));
                     }
                     (EntryOp::Create, None) => Planned {
@@ -517,7 +558,7 @@ impl RecordsService {
                         return Ok(refusal(
                             WriteOutcome::NotFound,
                             entry_index,
-                            &format!("{}.meta.id", e.field),
+                            &entry_path(&e.field, "meta.id"),
                         ));
                     }
                     (
@@ -528,7 +569,7 @@ impl RecordsService {
                             let mut r = refusal(
                                 WriteOutcome::VersionConflict,
                                 entry_index,
-                                &format!("{}expected_version", e.field),
+                                &entry_path(&e.field, "expected_version"),
                             );
                             r.current_version = current;
                             return Ok(r);
@@ -546,7 +587,7 @@ impl RecordsService {
                             return Ok(refusal(
                                 WriteOutcome::EnteredInError,
                                 entry_index,
-                                &format!("{}.meta.id", e.field),
+                                &entry_path(&e.field, "meta.id"),
                             ));
                         }
                         let resource = match (&e.op, &e.resource) {
@@ -869,6 +910,21 @@ impl RecordsService {
             holds: Vec::new(),
             releases: Vec::new(),
         })
+    }
+}
+
+/// The path of `leaf` of a write entry whose resource sits at `field` in the request:
+/// `resource` → `resource.meta.id` / `expected_version`; `entries[2].update.resource` →
+/// `entries[2].update.resource.meta.id` / `entries[2].update.expected_version`; a Delete (no
+/// resource) → `id` / `expected_version`.
+fn entry_path(field: &str, leaf: &str) -> String {
+    match (field, leaf) {
+        ("", "meta.id") => "id".to_owned(),
+        (_, "expected_version") => match field.strip_suffix("resource") {
+            Some(prefix) => format!("{prefix}expected_version"),
+            None => "expected_version".to_owned(),
+        },
+        _ => format!("{field}.{leaf}"),
     }
 }
 
@@ -1281,9 +1337,15 @@ impl Records for RecordsService {
         let permit = self.admit().await.map_err(Status::from)?;
         let r = request.into_inner();
         let (shard, patient) = self.route(r.route.as_ref()).map_err(Status::from)?;
-        let mut types = Vec::new();
+        let mut types: Vec<&'static str> = Vec::new();
         for (i, t) in r.types.iter().enumerate() {
-            types.push(Self::read_type(*t, &format!("types[{i}]")).map_err(Status::from)?);
+            let name = Self::read_type(*t, &format!("types[{i}]")).map_err(Status::from)?;
+            if types.contains(&name) {
+                return Err(
+                    ApiError::invalid(format!("types[{i}]"), "repeats an earlier type").into(),
+                );
+            }
+            types.push(name);
         }
         if types.is_empty() {
             types = rec::RESOURCE_TYPES
@@ -1314,7 +1376,7 @@ impl Records for RecordsService {
             )
             .await;
             if let Err(e) = result {
-                let _ = tx.send(Err(Status::from(e))).await;
+                let _ = tokio::time::timeout(STALLED_READER, tx.send(Err(Status::from(e)))).await;
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -1468,7 +1530,13 @@ async fn stream_everything(
                 best = Some((i, s));
             }
         }
-        let Some((i, _)) = best else { break };
+        // Only what was current when the stream began (stamps up to `as_of`): a record written
+        // meanwhile has a later stamp and goes to the next sync (`since = as_of`), so that a
+        // resumed stream (`since` = the last stamp received) misses nothing.
+        let Some((i, stamp)) = best else { break };
+        if stamp > as_of as u64 {
+            break;
+        }
         let (_, version, id) = cursors[i].page.pop_front().expect("peeked");
         let t = cursors[i].t;
         let Some(raw) = RecordsService::get(replica, &keys.version(t, &id, version))? else {
@@ -1507,7 +1575,7 @@ async fn stream_everything(
         message.resources.push(resource);
     }
     if !message.resources.is_empty() || !sent_any {
-        let _ = tx.send(Ok(message)).await;
+        let _ = tokio::time::timeout(STALLED_READER, tx.send(Ok(message))).await;
     }
     Ok(())
 }
