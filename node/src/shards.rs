@@ -316,7 +316,7 @@ impl ShardAccessService {
 }
 
 fn deadline_of<T>(request: &Request<T>, node: &Node) -> Duration {
-    crate::service::kv::deadline_of(request, node.config.request_deadline())
+    crate::service::deadline_of(request, node.config.request_deadline())
 }
 
 #[tonic::async_trait]

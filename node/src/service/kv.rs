@@ -67,28 +67,6 @@ impl Routed {
     }
 }
 
-pub(crate) fn deadline_of<T>(request: &Request<T>, max: Duration) -> Duration {
-    // gRPC's `grpc-timeout` header ("<n><unit>"); the node's limit caps it.
-    let parsed = request
-        .metadata()
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (n, unit) = v.split_at(v.len().checked_sub(1)?);
-            let n: u64 = n.parse().ok()?;
-            Some(match unit {
-                "H" => Duration::from_secs(n * 3600),
-                "M" => Duration::from_secs(n * 60),
-                "S" => Duration::from_secs(n),
-                "m" => Duration::from_millis(n),
-                "u" => Duration::from_micros(n),
-                "n" => Duration::from_nanos(n),
-                _ => return None,
-            })
-        });
-    parsed.map_or(max, |d| d.min(max))
-}
-
 impl KvService {
     fn route(&self, route: Option<&RouteHeader>) -> Result<Routed, ApiError> {
         let route = route
@@ -107,16 +85,7 @@ impl KvService {
                 "must not contain control characters",
             ));
         }
-        let descriptor = self.node.route(dossier_api::patient_hash(patient))?;
-        if route.shard_id != 0
-            && (route.shard_id != descriptor.shard_id || route.epoch != descriptor.epoch)
-        {
-            return Err(ApiError::StaleEpoch { descriptor });
-        }
-        if !descriptor.replicas.contains(&self.node.node_id()) {
-            // Not hosted here: the fresh descriptor tells the client where to go.
-            return Err(ApiError::StaleEpoch { descriptor });
-        }
+        let descriptor = super::hosted_shard(&self.node, route)?;
         let mut prefix = patient.as_bytes().to_vec();
         prefix.push(0);
         Ok(Routed {
@@ -156,17 +125,6 @@ impl KvService {
                 seq: h.sequence,
             })),
         }
-    }
-
-    async fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-        if self.node.is_stopping() {
-            return Err(ApiError::Unavailable("the node is shutting down".into()));
-        }
-        Arc::clone(&self.node.in_flight)
-            .try_acquire_owned()
-            .map_err(|_| ApiError::ResourceExhausted {
-                limit: self.node.config.node.limits.in_flight_max as u64,
-            })
     }
 
     async fn write(
@@ -209,19 +167,13 @@ impl KvService {
         consistency: i32,
         deadline: Duration,
     ) -> Result<(), ApiError> {
-        match ReadConsistency::try_from(consistency) {
-            // The deliberately broken mode the fault harness must catch: no read barrier.
-            Ok(ReadConsistency::Linearizable)
-                if self.node.config.node.unsafe_stale_reads_for_testing =>
-            {
-                Ok(())
-            }
-            Ok(ReadConsistency::Linearizable) => {
-                self.node.read_barrier(routed.shard, deadline).await
-            }
-            Ok(ReadConsistency::Stale) => Ok(()),
-            Err(_) => Err(ApiError::invalid("consistency", "unknown value")),
+        // The deliberately broken mode the fault harness must catch: no read barrier.
+        if self.node.config.node.unsafe_stale_reads_for_testing
+            && consistency == ReadConsistency::Linearizable as i32
+        {
+            return Ok(());
         }
+        super::read_ready(&self.node, routed.shard, consistency, deadline).await
     }
 
     /// What every handler does around its own work: the deadline, admission under the in-flight
@@ -233,33 +185,15 @@ impl KvService {
         body: impl AsyncFnOnce(&Req, &Routed, Duration) -> Result<T, ApiError>,
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
-        let deadline = deadline_of(&request, self.node.config.request_deadline());
+        let deadline = super::deadline_of(&request, self.node.config.request_deadline());
         let result = async {
-            let _permit = self.admit().await?;
+            let _permit = super::admit(&self.node)?;
             let r = request.get_ref();
             let routed = self.route(r.route_header())?;
             body(r, &routed, deadline).await
         }
         .await;
-        self.observe(method, started, result)
-    }
-
-    fn observe<T>(
-        &self,
-        method: &'static str,
-        started: Instant,
-        result: Result<T, ApiError>,
-    ) -> Result<Response<T>, Status> {
-        let code = match &result {
-            Ok(_) => "ok",
-            Err(e) => e.code_name(),
-        };
-        self.node
-            .metrics
-            .request_seconds
-            .with_label_values(&[method, code])
-            .observe(started.elapsed().as_secs_f64());
-        result.map(Response::new).map_err(Status::from)
+        super::observe(&self.node, method, started, result)
     }
 }
 

@@ -1,5 +1,94 @@
-//! The public gRPC services.
+//! The public gRPC services, and what every request handler does around its own work.
 
 pub mod admin;
 pub mod kv;
 pub mod records;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dossier_api::v1::{ReadConsistency, RouteHeader, ShardDescriptor};
+use tonic::{Request, Response, Status};
+
+use crate::errors::ApiError;
+use crate::node::Node;
+
+/// The request's deadline: gRPC's `grpc-timeout` header ("<n><unit>"), capped by the node's
+/// limit, or the limit when none is sent.
+pub(crate) fn deadline_of<T>(request: &Request<T>, max: Duration) -> Duration {
+    let parsed = request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+            let n: u64 = n.parse().ok()?;
+            Some(match unit {
+                "H" => Duration::from_secs(n * 3600),
+                "M" => Duration::from_secs(n * 60),
+                "S" => Duration::from_secs(n),
+                "m" => Duration::from_millis(n),
+                "u" => Duration::from_micros(n),
+                "n" => Duration::from_nanos(n),
+                _ => return None,
+            })
+        });
+    parsed.map_or(max, |d| d.min(max))
+}
+
+/// Admission under the node's in-flight limit; refused while the node stops.
+pub(crate) fn admit(node: &Node) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    if node.is_stopping() {
+        return Err(ApiError::Unavailable("the node is shutting down".into()));
+    }
+    Arc::clone(&node.in_flight)
+        .try_acquire_owned()
+        .map_err(|_| ApiError::ResourceExhausted {
+            limit: node.config.node.limits.in_flight_max as u64,
+        })
+}
+
+/// The shard of the route's patient, if this node hosts a replica of it at the epoch the client
+/// routed with; else STALE_EPOCH with the fresh descriptor, which tells the client where to go.
+pub(crate) fn hosted_shard(node: &Node, route: &RouteHeader) -> Result<ShardDescriptor, ApiError> {
+    let descriptor = node.route(dossier_api::patient_hash(&route.patient_id))?;
+    let stale_route = route.shard_id != 0
+        && (route.shard_id != descriptor.shard_id || route.epoch != descriptor.epoch);
+    if stale_route || !descriptor.replicas.contains(&node.node_id()) {
+        return Err(ApiError::StaleEpoch { descriptor });
+    }
+    Ok(descriptor)
+}
+
+/// Waits until the local replica of `shard` may serve a read of `consistency`.
+pub(crate) async fn read_ready(
+    node: &Node,
+    shard: u64,
+    consistency: i32,
+    deadline: Duration,
+) -> Result<(), ApiError> {
+    match ReadConsistency::try_from(consistency) {
+        Ok(ReadConsistency::Linearizable) => node.read_barrier(shard, deadline).await,
+        Ok(ReadConsistency::Stale) => Ok(()),
+        Err(_) => Err(ApiError::invalid("consistency", "unknown value")),
+    }
+}
+
+/// Records the request's latency under its method and outcome, and turns the result into the
+/// gRPC answer.
+pub(crate) fn observe<T>(
+    node: &Node,
+    method: &'static str,
+    started: Instant,
+    result: Result<T, ApiError>,
+) -> Result<Response<T>, Status> {
+    let code = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.code_name(),
+    };
+    node.metrics
+        .request_seconds
+        .with_label_values(&[method, code])
+        .observe(started.elapsed().as_secs_f64());
+    result.map(Response::new).map_err(Status::from)
+}

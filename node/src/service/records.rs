@@ -19,10 +19,10 @@ use dossier_api::v1::records_server::Records;
 use dossier_api::v1::{
     CreatePatientRequest, CreateRecordRequest, DeleteRecordRequest, EverythingRequest,
     EverythingResponse, HistoryRequest, HistoryResponse, LookupIdentifierRequest,
-    LookupIdentifierResponse, Meta, ReadConsistency, ReadRecordRequest, ReadRecordResponse,
-    ReadVersionRequest, RecordRef, RecordStatus, RecordWriteResponse, Resource, ResourceType,
-    ResourceVersion, RouteHeader, TransactionRequest, UpdateRecordRequest, WriteHeader,
-    WriteOutcome, resource, transaction_entry,
+    LookupIdentifierResponse, Meta, ReadRecordRequest, ReadRecordResponse, ReadVersionRequest,
+    RecordStatus, RecordWriteResponse, Resource, ResourceType, ResourceVersion, RouteHeader,
+    TransactionRequest, UpdateRecordRequest, WriteHeader, WriteOutcome, resource,
+    transaction_entry,
 };
 use dossier_storage::{Batch, Command, Condition, Expect, Op, Outcome, ShardHandle};
 use prost::Message;
@@ -281,32 +281,11 @@ impl RecordsService {
         if let Some(stored) = Self::get(&replica, &keys.request(&header.request_id))? {
             return Self::replay(&stored, &fingerprint);
         }
+        // Claim nothing for a write the head refuses (in particular one that names a version that
+        // is not current: the identifier diff below is computed from that version).
         let head = Self::head(&replica, &keys, "Patient", patient)?;
-        match (&entry.op, head) {
-            (EntryOp::Create, Some(_)) => {
-                return Ok(refusal(WriteOutcome::AlreadyExists, 0, "resource.meta.id"));
-            }
-            (EntryOp::Update { .. } | EntryOp::Delete { .. }, None) => {
-                return Ok(refusal(
-                    WriteOutcome::NotFound,
-                    0,
-                    &entry_path(&entry.field, "meta.id"),
-                ));
-            }
-            // Claim nothing for a write that names a version that is not current: the identifier
-            // diff below is computed from that version.
-            (EntryOp::Update { expected } | EntryOp::Delete { expected, .. }, Some(current))
-                if current != *expected =>
-            {
-                let mut r = refusal(
-                    WriteOutcome::VersionConflict,
-                    0,
-                    &entry_path(&entry.field, "expected_version"),
-                );
-                r.current_version = current;
-                return Ok(r);
-            }
-            _ => {}
+        if let Some(refused) = head_refusal(&entry, head, 0) {
+            return Ok(refused);
         }
         let token: [u8; 16] = header
             .request_id
@@ -381,17 +360,7 @@ impl RecordsService {
                 "must match [A-Za-z0-9.-]{1,64}",
             ));
         }
-        let descriptor = self
-            .node
-            .route(dossier_api::patient_hash(&route.patient_id))?;
-        if route.shard_id != 0
-            && (route.shard_id != descriptor.shard_id || route.epoch != descriptor.epoch)
-        {
-            return Err(ApiError::StaleEpoch { descriptor });
-        }
-        if !descriptor.replicas.contains(&self.node.node_id()) {
-            return Err(ApiError::StaleEpoch { descriptor });
-        }
+        let descriptor = super::hosted_shard(&self.node, route)?;
         Ok((descriptor.shard_id, route.patient_id.clone()))
     }
 
@@ -399,30 +368,6 @@ impl RecordsService {
         self.node
             .replica(shard)
             .ok_or(ApiError::ShardNotFound { shard })
-    }
-
-    async fn read_ready(
-        &self,
-        shard: u64,
-        consistency: i32,
-        deadline: Duration,
-    ) -> Result<(), ApiError> {
-        match ReadConsistency::try_from(consistency) {
-            Ok(ReadConsistency::Linearizable) => self.node.read_barrier(shard, deadline).await,
-            Ok(ReadConsistency::Stale) => Ok(()),
-            Err(_) => Err(ApiError::invalid("consistency", "unknown value")),
-        }
-    }
-
-    async fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-        if self.node.is_stopping() {
-            return Err(ApiError::Unavailable("the node is shutting down".into()));
-        }
-        Arc::clone(&self.node.in_flight)
-            .try_acquire_owned()
-            .map_err(|_| ApiError::ResourceExhausted {
-                limit: self.node.config.node.limits.in_flight_max as u64,
-            })
     }
 
     async fn serve<Req, T>(
@@ -433,24 +378,15 @@ impl RecordsService {
         body: impl AsyncFnOnce(&Req, u64, String, Duration) -> Result<T, ApiError>,
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
-        let deadline = super::kv::deadline_of(&request, self.node.config.request_deadline());
+        let deadline = super::deadline_of(&request, self.node.config.request_deadline());
         let result = async {
-            let _permit = self.admit().await?;
+            let _permit = super::admit(&self.node)?;
             let r = request.get_ref();
             let (shard, patient) = self.route(route(r))?;
             body(r, shard, patient, deadline).await
         }
         .await;
-        let code = match &result {
-            Ok(_) => "ok",
-            Err(e) => e.code_name(),
-        };
-        self.node
-            .metrics
-            .request_seconds
-            .with_label_values(&[method, code])
-            .observe(started.elapsed().as_secs_f64());
-        result.map(Response::new).map_err(Status::from)
+        super::observe(&self.node, method, started, result)
     }
 
     fn decode(bytes: &[u8], what: &str) -> Result<Resource, ApiError> {
@@ -479,12 +415,14 @@ impl RecordsService {
     }
 
     /// The fingerprint that ties a request id to one request: XXH3-128 of the method name and
-    /// the request as this server encodes it, without its route.
-    fn fingerprint(method: &str, encoded_without_route: &[u8]) -> [u8; 16] {
-        let mut bytes = method.as_bytes().to_vec();
-        bytes.push(0);
-        bytes.extend_from_slice(encoded_without_route);
-        xxhash_rust::xxh3::xxh3_128(&bytes).to_be_bytes()
+    /// the request as this server encodes it, without its route (which changes between retries).
+    fn fingerprint<M: Message>(method: &str, request: &M) -> [u8; 16] {
+        let encoded = request.encode_to_vec();
+        let mut hash = xxhash_rust::xxh3::Xxh3::new();
+        hash.update(method.as_bytes());
+        hash.update(&[0]);
+        hash.update(without_route(&encoded));
+        hash.digest128().to_be_bytes()
     }
 
     fn check_header(header: Option<&WriteHeader>) -> Result<&WriteHeader, ApiError> {
@@ -541,39 +479,16 @@ impl RecordsService {
                 let t = type_name(e.rtype).unwrap_or("?");
                 let head = Self::head(&replica, &keys, t, &e.id)?;
                 let entry_index = i as u32;
-                let plan = match (&e.op, head) {
-                    (EntryOp::Create, Some(_)) => {
-                        return Ok(refusal(
-                            WriteOutcome::AlreadyExists,
-                            entry_index,
-                            &entry_path(&e.field, "meta.id"),
-                        ));
-                    }
-                    (EntryOp::Create, None) => Planned {
+                if let Some(refused) = head_refusal(e, head, entry_index) {
+                    return Ok(refused);
+                }
+                let plan = match head {
+                    None => Planned {
                         version: 1,
                         old_stamp: None,
                         resource: e.resource.clone().unwrap_or_default(),
                     },
-                    (EntryOp::Update { .. } | EntryOp::Delete { .. }, None) => {
-                        return Ok(refusal(
-                            WriteOutcome::NotFound,
-                            entry_index,
-                            &entry_path(&e.field, "meta.id"),
-                        ));
-                    }
-                    (
-                        EntryOp::Update { expected } | EntryOp::Delete { expected, .. },
-                        Some(current),
-                    ) => {
-                        if current != *expected {
-                            let mut r = refusal(
-                                WriteOutcome::VersionConflict,
-                                entry_index,
-                                &entry_path(&e.field, "expected_version"),
-                            );
-                            r.current_version = current;
-                            return Ok(r);
-                        }
+                    Some(current) => {
                         let old = Self::get(&replica, &keys.version(t, &e.id, current))?
                             .ok_or_else(|| {
                                 ApiError::Internal(format!(
@@ -668,7 +583,7 @@ impl RecordsService {
                     request_id: header.request_id.clone(),
                     source: old_meta.source,
                 });
-                collect_record_refs(&resource, &e.field, &mut references);
+                references.extend(rec::record_refs(&resource, &e.field));
                 batch.ops.push(Op::Put {
                     key: keys.version(t, &e.id, plan.version),
                     value: resource.encode_to_vec().into(),
@@ -928,6 +843,39 @@ fn entry_path(field: &str, leaf: &str) -> String {
     }
 }
 
+/// The refusal an entry gets from the current head of its record (None: the head allows it):
+/// a create of an existing record, an update or delete of a missing one or of another version.
+fn head_refusal(
+    e: &WriteEntry,
+    head: Option<u64>,
+    entry_index: u32,
+) -> Option<RecordWriteResponse> {
+    match (&e.op, head) {
+        (EntryOp::Create, Some(_)) => Some(refusal(
+            WriteOutcome::AlreadyExists,
+            entry_index,
+            &entry_path(&e.field, "meta.id"),
+        )),
+        (EntryOp::Update { .. } | EntryOp::Delete { .. }, None) => Some(refusal(
+            WriteOutcome::NotFound,
+            entry_index,
+            &entry_path(&e.field, "meta.id"),
+        )),
+        (EntryOp::Update { expected } | EntryOp::Delete { expected, .. }, Some(current))
+            if current != *expected =>
+        {
+            let mut r = refusal(
+                WriteOutcome::VersionConflict,
+                entry_index,
+                &entry_path(&e.field, "expected_version"),
+            );
+            r.current_version = current;
+            Some(r)
+        }
+        _ => None,
+    }
+}
+
 /// A definite refusal: nothing was written.
 fn refusal(outcome: WriteOutcome, entry_index: u32, field: &str) -> RecordWriteResponse {
     RecordWriteResponse {
@@ -938,16 +886,17 @@ fn refusal(outcome: WriteOutcome, entry_index: u32, field: &str) -> RecordWriteR
     }
 }
 
-/// Every `RecordRef` a resource holds, with its path (for REFERENCE_NOT_FOUND).
-fn collect_record_refs(r: &Resource, prefix: &str, out: &mut Vec<(String, RecordRef)>) {
-    out.extend(rec::record_refs(r, prefix));
-}
-
-/// A request with its route cleared, encoded: the body of its fingerprint.
-fn without_route<M: Message + Clone>(m: &M, clear: impl FnOnce(&mut M)) -> Vec<u8> {
-    let mut m = m.clone();
-    clear(&mut m);
-    m.encode_to_vec()
+/// An encoded write request less its route: every write request has its `RouteHeader` as field
+/// 1, which prost encodes first (tag byte 0x0a, a length, the bytes).
+fn without_route(encoded: &[u8]) -> &[u8] {
+    if encoded.first() != Some(&0x0a) {
+        return encoded;
+    }
+    let mut rest = &encoded[1..];
+    match prost::encoding::decode_varint(&mut rest) {
+        Ok(len) if (len as usize) <= rest.len() => &rest[len as usize..],
+        _ => encoded,
+    }
 }
 
 #[tonic::async_trait]
@@ -972,7 +921,7 @@ impl Records for RecordsService {
                 if entry.rtype != ResourceType::Patient {
                     return Err(ApiError::invalid("resource.kind", "must be a patient"));
                 }
-                let fp = Self::fingerprint("CreatePatient", &without_route(r, |m| m.route = None));
+                let fp = Self::fingerprint("CreatePatient", r);
                 self.write_patient(
                     shard,
                     &patient,
@@ -1006,7 +955,7 @@ impl Records for RecordsService {
                     EntryOp::Create,
                     false,
                 )?;
-                let fp = Self::fingerprint("Create", &without_route(r, |m| m.route = None));
+                let fp = Self::fingerprint("Create", r);
                 self.write(shard, &patient, header, fp, vec![entry], deadline)
                     .await
             },
@@ -1025,7 +974,7 @@ impl Records for RecordsService {
             async |r, shard, patient, deadline| {
                 let t = Self::read_type(r.r#type, "type")?;
                 Self::check_id(&r.id, "id")?;
-                self.read_ready(shard, r.consistency, deadline).await?;
+                super::read_ready(&self.node, shard, r.consistency, deadline).await?;
                 let replica = self.replica(shard)?;
                 let keys = PatientKeys::new(&patient);
                 let resource = Self::read_current(&replica, &keys, t, &r.id)?;
@@ -1053,7 +1002,7 @@ impl Records for RecordsService {
                 if r.version == 0 {
                     return Err(ApiError::invalid("version", "starts at 1"));
                 }
-                self.read_ready(shard, r.consistency, deadline).await?;
+                super::read_ready(&self.node, shard, r.consistency, deadline).await?;
                 let replica = self.replica(shard)?;
                 let keys = PatientKeys::new(&patient);
                 let resource = Self::get(&replica, &keys.version(t, &r.id, r.version))?
@@ -1092,7 +1041,7 @@ impl Records for RecordsService {
                     }
                     n => n,
                 };
-                self.read_ready(shard, r.consistency, deadline).await?;
+                super::read_ready(&self.node, shard, r.consistency, deadline).await?;
                 let replica = self.replica(shard)?;
                 let keys = PatientKeys::new(&patient);
                 let applied_index = replica.applied_index().unwrap_or(0);
@@ -1156,7 +1105,7 @@ impl Records for RecordsService {
                     },
                     true,
                 )?;
-                let fp = Self::fingerprint("Update", &without_route(r, |m| m.route = None));
+                let fp = Self::fingerprint("Update", r);
                 if entry.rtype == ResourceType::Patient {
                     let old = self
                         .patient_version(shard, &patient, r.expected_version, deadline)
@@ -1227,7 +1176,7 @@ impl Records for RecordsService {
                     holds: Vec::new(),
                     releases: Vec::new(),
                 };
-                let fp = Self::fingerprint("Delete", &without_route(r, |m| m.route = None));
+                let fp = Self::fingerprint("Delete", r);
                 if rtype == ResourceType::Patient {
                     let old = self
                         .patient_version(shard, &patient, r.expected_version, deadline)
@@ -1319,7 +1268,7 @@ impl Records for RecordsService {
                     }
                     entries.push(entry);
                 }
-                let fp = Self::fingerprint("Transaction", &without_route(r, |m| m.route = None));
+                let fp = Self::fingerprint("Transaction", r);
                 self.write(shard, &patient, header, fp, entries, deadline)
                     .await
             },
@@ -1333,8 +1282,8 @@ impl Records for RecordsService {
         &self,
         request: Request<EverythingRequest>,
     ) -> Result<Response<Self::EverythingStream>, Status> {
-        let deadline = super::kv::deadline_of(&request, self.node.config.request_deadline());
-        let permit = self.admit().await.map_err(Status::from)?;
+        let deadline = super::deadline_of(&request, self.node.config.request_deadline());
+        let permit = super::admit(&self.node).map_err(Status::from)?;
         let r = request.into_inner();
         let (shard, patient) = self.route(r.route.as_ref()).map_err(Status::from)?;
         let mut types: Vec<&'static str> = Vec::new();
@@ -1356,7 +1305,7 @@ impl Records for RecordsService {
         if r.since_micros < 0 {
             return Err(ApiError::invalid("since_micros", "must not be negative").into());
         }
-        self.read_ready(shard, r.consistency, deadline)
+        super::read_ready(&self.node, shard, r.consistency, deadline)
             .await
             .map_err(Status::from)?;
         let replica = self.replica(shard).map_err(Status::from)?;
@@ -1387,9 +1336,9 @@ impl Records for RecordsService {
         request: Request<LookupIdentifierRequest>,
     ) -> Result<Response<LookupIdentifierResponse>, Status> {
         let started = Instant::now();
-        let deadline = super::kv::deadline_of(&request, self.node.config.request_deadline());
+        let deadline = super::deadline_of(&request, self.node.config.request_deadline());
         let result = async {
-            let _permit = self.admit().await?;
+            let _permit = super::admit(&self.node)?;
             let r = request.get_ref();
             if !self
                 .node
@@ -1435,16 +1384,7 @@ impl Records for RecordsService {
             })
         }
         .await;
-        let code = match &result {
-            Ok(_) => "ok",
-            Err(e) => e.code_name(),
-        };
-        self.node
-            .metrics
-            .request_seconds
-            .with_label_values(&["records_lookup_identifier", code])
-            .observe(started.elapsed().as_secs_f64());
-        result.map(Response::new).map_err(Status::from)
+        super::observe(&self.node, "records_lookup_identifier", started, result)
     }
 }
 
@@ -1578,4 +1518,52 @@ async fn stream_everything(
         let _ = tokio::time::timeout(STALLED_READER, tx.send(Ok(message))).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use dossier_api::v1::{CreateRecordRequest, Meta, Resource, RouteHeader, WriteHeader};
+
+    use super::RecordsService;
+
+    /// A retry routed with another epoch has the same fingerprint; another request has another.
+    #[test]
+    fn fingerprints_ignore_the_route_only() {
+        let request = |route: Option<RouteHeader>, id: &str| CreateRecordRequest {
+            route,
+            header: Some(WriteHeader {
+                request_id: vec![7; 16],
+                author: None,
+            }),
+            resource: Some(Resource {
+                meta: Some(Meta {
+                    id: id.into(),
+                    ..Meta::default()
+                }),
+                kind: None,
+            }),
+        };
+        let route = |epoch| RouteHeader {
+            shard_id: 3,
+            epoch,
+            patient_id: "p".into(),
+        };
+        let a = RecordsService::fingerprint("Create", &request(Some(route(1)), "x"));
+        assert_eq!(
+            a,
+            RecordsService::fingerprint("Create", &request(Some(route(9)), "x"))
+        );
+        assert_eq!(
+            a,
+            RecordsService::fingerprint("Create", &request(None, "x"))
+        );
+        assert_ne!(
+            a,
+            RecordsService::fingerprint("Create", &request(Some(route(1)), "y"))
+        );
+        assert_ne!(
+            a,
+            RecordsService::fingerprint("Update", &request(Some(route(1)), "x"))
+        );
+    }
 }
