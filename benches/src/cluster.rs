@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use dossier_api::records::synth::Rng;
 use dossier_cli::ops;
 use dossier_cli::procs;
 use dossier_client::{Client, ReadConsistency};
@@ -177,31 +178,12 @@ impl Chooser {
 
     fn pick(&self, rng: &mut Rng) -> usize {
         match self {
-            Chooser::Uniform(n) => (rng.next() % n) as usize,
+            Chooser::Uniform(n) => (rng.next_u64() % n) as usize,
             Chooser::Zipf(cdf) => {
                 let u = rng.unit();
                 cdf.partition_point(|&c| c < u).min(cdf.len() - 1)
             }
         }
-    }
-}
-
-/// splitmix64: small, seedable, and the same on every run.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
@@ -354,7 +336,7 @@ pub async fn load(backend: &Backend, spec: &LoadSpec) -> Result<LoadResult> {
                     let read = match workload {
                         Workload::Put => None,
                         Workload::Get(consistency) => Some(consistency),
-                        Workload::Mixed { read_percent } => (rng.next() % 100
+                        Workload::Mixed { read_percent } => (rng.next_u64() % 100
                             < u64::from(read_percent))
                         .then_some(ReadConsistency::Linearizable),
                     };

@@ -56,7 +56,7 @@ pub struct Report {
 
 /// A valid INSZ number from nine digits.
 fn insz(first9: u64) -> String {
-    format!("{first9:09}{:02}", 97 - first9 % 97)
+    dossier_api::records::insz_with_check(first9, false)
 }
 
 /// The pool of numbers a run competes for.

@@ -40,7 +40,7 @@ fn patient(id: &str, insz: &[&str]) -> Resource {
 
 /// A valid INSZ number from nine digits.
 fn insz(first9: u64) -> String {
-    format!("{first9:09}{:02}", 97 - first9 % 97)
+    dossier_api::records::insz_with_check(first9, false)
 }
 
 fn outcome(w: &dossier_client::RecordWrite) -> WriteOutcome {

@@ -22,6 +22,18 @@ pub fn insz_is_valid(value: &str) -> bool {
     check == 97 - first % 97 || check == 97 - (2_000_000_000 + first) % 97
 }
 
+/// The INSZ/NISS number of nine leading digits (birth date YYMMDD and serial), with its check
+/// digits by the rule of the century: `born_2000_or_later` prefixes a '2' before the mod 97.
+pub fn insz_with_check(first9: u64, born_2000_or_later: bool) -> String {
+    let n = first9 % 1_000_000_000;
+    let base = if born_2000_or_later {
+        2_000_000_000 + n
+    } else {
+        n
+    };
+    format!("{n:09}{:02}", 97 - base % 97)
+}
+
 /// LOINC code: `[0-9]{1,7}-[0-9]`, the last digit being the mod-10 check digit of the rest
 /// (LOINC's own algorithm: double every other digit from the right of the number part).
 pub fn loinc_is_valid(code: &str) -> bool {
@@ -101,6 +113,8 @@ mod tests {
         assert!(insz_is_valid("85073003328"));
         // Born 2000-01-01: the '2' prefix rule.
         assert!(insz_is_valid("00010100105"));
+        assert_eq!(insz_with_check(101_001, true), "00010100105");
+        assert_eq!(insz_with_check(850_730_033, false), "85073003328");
         assert!(!insz_is_valid("85073003329"));
         assert!(!insz_is_valid("8507300332"));
         assert!(!insz_is_valid("85.07.30-033.28"));
@@ -111,8 +125,7 @@ mod tests {
     }
 
     fn with_check(first9: &str) -> String {
-        let n: u64 = first9.parse().unwrap();
-        format!("{first9}{:02}", 97 - n % 97)
+        insz_with_check(first9.parse().unwrap(), false)
     }
 
     proptest! {

@@ -4,7 +4,7 @@
 mod codes;
 mod validate;
 
-pub use codes::{insz_is_valid, loinc_is_valid, snomed_is_valid};
+pub use codes::{insz_is_valid, insz_with_check, loinc_is_valid, snomed_is_valid};
 pub use validate::{Invalid, Limits, validate_new_record, validate_record_content};
 
 use crate::v1::{RecordRef, Reference, Resource, ResourceType, reference, resource};

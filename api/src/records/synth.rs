@@ -153,12 +153,12 @@ const ALLERGIES: &[(&str, &str, AllergyCategory)] = &[
     ("300913006", "Shellfish allergy", AllergyCategory::Food),
 ];
 
-/// splitmix64.
+/// splitmix64: small, seedable, and the same on every run (also the benchmarks' key chooser).
 #[derive(Debug, Clone)]
-struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -166,7 +166,7 @@ impl Rng {
         z ^ (z >> 31)
     }
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
     fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
         &xs[self.below(xs.len() as u64) as usize]
@@ -174,8 +174,12 @@ impl Rng {
     fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
     fn range(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * ((self.next() >> 11) as f64 / (1u64 << 53) as f64)
+        lo + (hi - lo) * self.unit()
     }
 }
 
@@ -233,14 +237,11 @@ fn by_identifier(entity: EntityType, system: &str, value: &str, display: &str) -
 
 /// A valid INSZ number for a birth date, a serial and a century.
 fn insz(year: u32, month: u32, day: u32, serial: u32) -> String {
-    let first9 = format!("{:02}{month:02}{day:02}{serial:03}", year % 100);
-    let n: u64 = first9.parse().unwrap_or(0);
-    let check = if year >= 2000 {
-        97 - (2_000_000_000 + n) % 97
-    } else {
-        97 - n % 97
-    };
-    format!("{first9}{check:02}")
+    let first9 = u64::from(year % 100) * 10_000_000
+        + u64::from(month) * 100_000
+        + u64::from(day) * 1_000
+        + u64::from(serial);
+    crate::records::insz_with_check(first9, year >= 2000)
 }
 
 /// A generated patient: its Patient record and its other records, in an order where every
