@@ -415,6 +415,30 @@ fn batch_limits_are_typed_errors() {
     ));
 }
 
+/// `n` entries after `index`, each writing its own key `k<index>` (`value_bytes` long) and the
+/// key `count` = its index (big-endian).
+fn counted_entries(index: &mut u64, n: usize, value_bytes: usize) -> Vec<ApplyEntry> {
+    (0..n)
+        .map(|_| {
+            *index += 1;
+            let i = *index;
+            let mut batch = Batch::put(format!("k{i:08}"), vec![7u8; value_bytes]);
+            batch.ops.push(Op::Put {
+                key: Bytes::from_static(b"count"),
+                value: Bytes::from(i.to_be_bytes().to_vec()),
+            });
+            ApplyEntry {
+                index: i,
+                log_id: Bytes::new(),
+                payload: EntryPayload::Command(Command::Txn {
+                    session: None,
+                    batch,
+                }),
+            }
+        })
+        .collect()
+}
+
 const CHILD_ENV: &str = "DOSSIER_STATE_CRASH_CHILD_DIR";
 
 /// Not a test on its own: the child of `sigkill_leaves_store_at_an_applied_prefix`. Applies runs
@@ -438,25 +462,7 @@ fn crash_child_applier() {
     let mut index = 0u64;
     let mut printed = None;
     while std::time::Instant::now() < deadline {
-        let entries: Vec<ApplyEntry> = (0..16)
-            .map(|_| {
-                index += 1;
-                let mut batch = Batch::put(format!("k{index:08}"), vec![7u8; 200]);
-                batch.ops.push(Op::Put {
-                    key: Bytes::from_static(b"count"),
-                    value: Bytes::from(index.to_be_bytes().to_vec()),
-                });
-                ApplyEntry {
-                    index,
-                    log_id: Bytes::new(),
-                    payload: EntryPayload::Command(Command::Txn {
-                        session: None,
-                        batch,
-                    }),
-                }
-            })
-            .collect();
-        shard.apply(&entries).unwrap();
+        shard.apply(&counted_entries(&mut index, 16, 200)).unwrap();
         let durable = shard.durable_applied_index();
         if durable != printed {
             println!("DURABLE {}", durable.unwrap_or(0));
@@ -663,25 +669,7 @@ fn write_backs_race_applies_and_reads() {
     let mut index = 0u64;
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
     while std::time::Instant::now() < deadline {
-        let entries: Vec<ApplyEntry> = (0..8)
-            .map(|_| {
-                index += 1;
-                let mut batch = Batch::put(format!("k{index:08}"), vec![1u8; 100]);
-                batch.ops.push(Op::Put {
-                    key: Bytes::from_static(b"count"),
-                    value: Bytes::from(index.to_be_bytes().to_vec()),
-                });
-                ApplyEntry {
-                    index,
-                    log_id: Bytes::new(),
-                    payload: EntryPayload::Command(Command::Txn {
-                        session: None,
-                        batch,
-                    }),
-                }
-            })
-            .collect();
-        shard.apply(&entries).unwrap();
+        shard.apply(&counted_entries(&mut index, 8, 100)).unwrap();
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     flusher.join().unwrap();
