@@ -11,9 +11,10 @@ use dossier_api::v1::records_client::RecordsClient;
 use dossier_api::v1::{
     CreatePatientRequest, CreateRecordRequest, DeleteRecordRequest, EverythingRequest,
     HistoryRequest, LookupIdentifierRequest, ReadConsistency, ReadRecordRequest,
-    ReadVersionRequest, RecordWriteResponse, Reference, Resource, ResourceType, TransactionEntry,
-    TransactionRequest, UpdateRecordRequest, WriteHeader, WriteOutcome,
+    ReadVersionRequest, RecordWriteResponse, Reference, Resource, ResourceType, RouteHeader,
+    TransactionEntry, TransactionRequest, UpdateRecordRequest, WriteHeader, WriteOutcome,
 };
+use tonic::transport::Channel;
 
 use crate::{Client, ClientError, splitmix64};
 
@@ -66,6 +67,28 @@ impl Client {
         }
     }
 
+    /// One Records call to the shard of `route_key` (a patient id, or an index key), retried as
+    /// `routed` retries: `build` makes the request for the route of each attempt, `rpc` sends it.
+    async fn records_call<Req, Resp, Fut>(
+        &self,
+        route_key: &str,
+        deadline: Duration,
+        build: impl Fn(RouteHeader) -> Req,
+        rpc: impl Fn(RecordsClient<Channel>, tonic::Request<Req>) -> Fut,
+    ) -> Result<Resp, ClientError>
+    where
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let response = self
+            .routed(route_key, deadline, |ch, route, t| {
+                let mut request = tonic::Request::new(build(route));
+                request.set_timeout(t);
+                rpc(RecordsClient::new(ch), request)
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
     fn deadline_of(&self, options: &WriteOptions) -> Duration {
         options.deadline.unwrap_or(self.inner.config.deadline)
     }
@@ -83,17 +106,18 @@ impl Client {
             .unwrap_or_default();
         let header = self.header(options);
         let response = self
-            .routed(&patient_id, self.deadline_of(options), |ch, route, t| {
-                let mut request = tonic::Request::new(CreatePatientRequest {
+            .records_call(
+                &patient_id,
+                self.deadline_of(options),
+                |route| CreatePatientRequest {
                     route: Some(route),
                     header: Some(header.clone()),
                     resource: Some(patient.clone()),
-                });
-                request.set_timeout(t);
-                async move { RecordsClient::new(ch).create_patient(request).await }
-            })
+                },
+                |mut c, r| async move { c.create_patient(r).await },
+            )
             .await?;
-        Ok(response.into_inner())
+        Ok(response)
     }
 
     /// Creates version 1 of a record of an existing patient.
@@ -105,17 +129,18 @@ impl Client {
     ) -> Result<RecordWrite, ClientError> {
         let header = self.header(options);
         let response = self
-            .routed(patient_id, self.deadline_of(options), |ch, route, t| {
-                let mut request = tonic::Request::new(CreateRecordRequest {
+            .records_call(
+                patient_id,
+                self.deadline_of(options),
+                |route| CreateRecordRequest {
                     route: Some(route),
                     header: Some(header.clone()),
                     resource: Some(resource.clone()),
-                });
-                request.set_timeout(t);
-                async move { RecordsClient::new(ch).create(request).await }
-            })
+                },
+                |mut c, r| async move { c.create(r).await },
+            )
             .await?;
-        Ok(response.into_inner())
+        Ok(response)
     }
 
     /// Writes version `expected_version + 1` if the current version is `expected_version`.
@@ -128,18 +153,19 @@ impl Client {
     ) -> Result<RecordWrite, ClientError> {
         let header = self.header(options);
         let response = self
-            .routed(patient_id, self.deadline_of(options), |ch, route, t| {
-                let mut request = tonic::Request::new(UpdateRecordRequest {
+            .records_call(
+                patient_id,
+                self.deadline_of(options),
+                |route| UpdateRecordRequest {
                     route: Some(route),
                     header: Some(header.clone()),
                     expected_version,
                     resource: Some(resource.clone()),
-                });
-                request.set_timeout(t);
-                async move { RecordsClient::new(ch).update(request).await }
-            })
+                },
+                |mut c, r| async move { c.update(r).await },
+            )
             .await?;
-        Ok(response.into_inner())
+        Ok(response)
     }
 
     /// Marks a record entered-in-error (a new version; nothing is erased).
@@ -154,20 +180,21 @@ impl Client {
     ) -> Result<RecordWrite, ClientError> {
         let header = self.header(options);
         let response = self
-            .routed(patient_id, self.deadline_of(options), |ch, route, t| {
-                let mut request = tonic::Request::new(DeleteRecordRequest {
+            .records_call(
+                patient_id,
+                self.deadline_of(options),
+                |route| DeleteRecordRequest {
                     route: Some(route),
                     header: Some(header.clone()),
                     r#type: rtype as i32,
                     id: id.to_owned(),
                     expected_version,
                     reason: reason.to_owned(),
-                });
-                request.set_timeout(t);
-                async move { RecordsClient::new(ch).delete(request).await }
-            })
+                },
+                |mut c, r| async move { c.delete(r).await },
+            )
             .await?;
-        Ok(response.into_inner())
+        Ok(response)
     }
 
     /// Creates and updates records of one patient atomically.
@@ -179,17 +206,18 @@ impl Client {
     ) -> Result<RecordWrite, ClientError> {
         let header = self.header(options);
         let response = self
-            .routed(patient_id, self.deadline_of(options), |ch, route, t| {
-                let mut request = tonic::Request::new(TransactionRequest {
+            .records_call(
+                patient_id,
+                self.deadline_of(options),
+                |route| TransactionRequest {
                     route: Some(route),
                     header: Some(header.clone()),
                     entries: entries.clone(),
-                });
-                request.set_timeout(t);
-                async move { RecordsClient::new(ch).transaction(request).await }
-            })
+                },
+                |mut c, r| async move { c.transaction(r).await },
+            )
             .await?;
-        Ok(response.into_inner())
+        Ok(response)
     }
 
     /// The current version of a record (linearizable), or `None`.
@@ -200,18 +228,18 @@ impl Client {
         id: &str,
     ) -> Result<Option<Resource>, ClientError> {
         let response = self
-            .routed(patient_id, self.inner.config.deadline, |ch, route, t| {
-                let mut request = tonic::Request::new(ReadRecordRequest {
+            .records_call(
+                patient_id,
+                self.inner.config.deadline,
+                |route| ReadRecordRequest {
                     route: Some(route),
                     r#type: rtype as i32,
                     id: id.to_owned(),
                     consistency: ReadConsistency::Linearizable as i32,
-                });
-                request.set_timeout(t);
-                async move { RecordsClient::new(ch).read(request).await }
-            })
-            .await?
-            .into_inner();
+                },
+                |mut c, r| async move { c.read(r).await },
+            )
+            .await?;
         Ok(response.resource.filter(|_| response.found))
     }
 
@@ -224,19 +252,19 @@ impl Client {
         version: u64,
     ) -> Result<Option<Resource>, ClientError> {
         let response = self
-            .routed(patient_id, self.inner.config.deadline, |ch, route, t| {
-                let mut request = tonic::Request::new(ReadVersionRequest {
+            .records_call(
+                patient_id,
+                self.inner.config.deadline,
+                |route| ReadVersionRequest {
                     route: Some(route),
                     r#type: rtype as i32,
                     id: id.to_owned(),
                     version,
                     consistency: ReadConsistency::Linearizable as i32,
-                });
-                request.set_timeout(t);
-                async move { RecordsClient::new(ch).v_read(request).await }
-            })
-            .await?
-            .into_inner();
+                },
+                |mut c, r| async move { c.v_read(r).await },
+            )
+            .await?;
         Ok(response.resource.filter(|_| response.found))
     }
 
@@ -250,20 +278,20 @@ impl Client {
         limit: u32,
     ) -> Result<Option<History>, ClientError> {
         let response = self
-            .routed(patient_id, self.inner.config.deadline, |ch, route, t| {
-                let mut request = tonic::Request::new(HistoryRequest {
+            .records_call(
+                patient_id,
+                self.inner.config.deadline,
+                |route| HistoryRequest {
                     route: Some(route),
                     r#type: rtype as i32,
                     id: id.to_owned(),
                     before_version,
                     limit,
                     consistency: ReadConsistency::Linearizable as i32,
-                });
-                request.set_timeout(t);
-                async move { RecordsClient::new(ch).history(request).await }
-            })
-            .await?
-            .into_inner();
+                },
+                |mut c, r| async move { c.history(r).await },
+            )
+            .await?;
         Ok(response.found.then_some(History {
             versions: response.versions,
             more: response.more,
@@ -283,20 +311,20 @@ impl Client {
     ) -> Result<i64, ClientError> {
         // The stream is opened through the router (leader hints, map refreshes), then read
         // to its end; a stream broken midway is an error the caller resumes with `since`.
-        let stream = self
-            .routed(patient_id, self.inner.config.deadline, |ch, route, t| {
-                let mut request = tonic::Request::new(EverythingRequest {
+        let mut stream = self
+            .records_call(
+                patient_id,
+                self.inner.config.deadline,
+                |route| EverythingRequest {
                     route: Some(route),
                     since_micros,
                     types: types.iter().map(|t| *t as i32).collect(),
                     include_entered_in_error,
                     consistency: ReadConsistency::Linearizable as i32,
-                });
-                request.set_timeout(t);
-                async move { RecordsClient::new(ch).everything(request).await }
-            })
+                },
+                |mut c, r| async move { c.everything(r).await },
+            )
             .await?;
-        let mut stream = stream.into_inner();
         let mut as_of = since_micros;
         loop {
             match stream.message().await {
@@ -325,18 +353,18 @@ impl Client {
     ) -> Result<Option<String>, ClientError> {
         let route_key = format!("mpi:{system}|{value}");
         let response = self
-            .routed(&route_key, self.inner.config.deadline, |ch, route, t| {
-                let mut request = tonic::Request::new(LookupIdentifierRequest {
+            .records_call(
+                &route_key,
+                self.inner.config.deadline,
+                |route| LookupIdentifierRequest {
                     route: Some(route),
                     system: system.to_owned(),
                     value: value.to_owned(),
                     consistency: ReadConsistency::Linearizable as i32,
-                });
-                request.set_timeout(t);
-                async move { RecordsClient::new(ch).lookup_identifier(request).await }
-            })
-            .await?
-            .into_inner();
+                },
+                |mut c, r| async move { c.lookup_identifier(r).await },
+            )
+            .await?;
         Ok(response.found.then_some(response.patient_id))
     }
 }
