@@ -2,9 +2,8 @@
 //! closed-loop clients reading patient summaries, appending observations, and writing
 //! admissions (an encounter, three observations and a discharge letter in one transaction).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -12,7 +11,6 @@ use dossier_api::records::fhir::ImportedBundle;
 use dossier_api::records::synth;
 use dossier_api::v1::{ResourceType, TransactionEntry, WriteOutcome, transaction_entry};
 use dossier_client::{Client, WriteOptions};
-use hdrhistogram::Histogram;
 
 use crate::stats::{Json, Latency, per_second};
 
@@ -125,6 +123,65 @@ pub async fn import(
         .finish())
 }
 
+/// One operation of `workload` on patient `pid`: the records it read or wrote, or the kind of
+/// failure. `tag` makes the ids of what it creates unique.
+async fn clinical_op(
+    client: &Client,
+    workload: ClinicalWorkload,
+    pid: &str,
+    tag: &str,
+    k: u64,
+) -> Result<u64, String> {
+    match workload {
+        ClinicalWorkload::Summary => {
+            let mut got = 0u64;
+            client
+                .everything(
+                    pid,
+                    0,
+                    &[
+                        ResourceType::Patient,
+                        ResourceType::Condition,
+                        ResourceType::MedicationRequest,
+                        ResourceType::AllergyIntolerance,
+                        ResourceType::CareRelationship,
+                    ],
+                    false,
+                    |rs| {
+                        got += rs.len() as u64;
+                        Ok(())
+                    },
+                )
+                .await
+                .map(|_| got)
+                .map_err(|e| error_kind(&e))
+        }
+        ClinicalWorkload::Append => client
+            .create_record(
+                pid,
+                synth::observation(format!("bench-{tag}"), k),
+                &WriteOptions::default(),
+            )
+            .await
+            .map_err(|e| error_kind(&e))
+            .and_then(|w| applied(&w, 1)),
+        ClinicalWorkload::Admission => {
+            let entries: Vec<TransactionEntry> = synth::admission(pid, tag, k)
+                .into_iter()
+                .map(|r| TransactionEntry {
+                    op: Some(transaction_entry::Op::Create(r)),
+                })
+                .collect();
+            let n = entries.len() as u64;
+            client
+                .transaction(pid, entries, &WriteOptions::default())
+                .await
+                .map_err(|e| error_kind(&e))
+                .and_then(|w| applied(&w, n))
+        }
+    }
+}
+
 /// Closed loop: `clients` clients running `workload` on patients of `seed` picked uniformly.
 pub async fn load(
     client: &Client,
@@ -135,119 +192,37 @@ pub async fn load(
     duration: Duration,
     warmup: Duration,
 ) -> Result<(String, String)> {
-    let measuring = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
     let run_tag = format!(
         "{:x}",
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros())
     );
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| {
-            let (client, measuring, stop, run_tag) = (
-                client.clone(),
-                Arc::clone(&measuring),
-                Arc::clone(&stop),
-                run_tag.clone(),
-            );
-            tokio::spawn(async move {
-                let mut hist =
-                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-                let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-                let mut resources = 0u64;
-                let mut n = c as u64;
-                let mut k = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    n = n
-                        .wrapping_mul(6_364_136_223_846_793_005)
-                        .wrapping_add(1_442_695_040_888_963_407);
-                    let pid = synth::patient_id(seed, (n >> 33) % patients);
-                    k += 1;
-                    let started = Instant::now();
-                    let outcome: Result<u64, String> = match workload {
-                        ClinicalWorkload::Summary => {
-                            let mut got = 0u64;
-                            client
-                                .everything(
-                                    &pid,
-                                    0,
-                                    &[
-                                        ResourceType::Patient,
-                                        ResourceType::Condition,
-                                        ResourceType::MedicationRequest,
-                                        ResourceType::AllergyIntolerance,
-                                        ResourceType::CareRelationship,
-                                    ],
-                                    false,
-                                    |rs| {
-                                        got += rs.len() as u64;
-                                        Ok(())
-                                    },
-                                )
-                                .await
-                                .map(|_| got)
-                                .map_err(|e| error_kind(&e))
-                        }
-                        ClinicalWorkload::Append => client
-                            .create_record(
-                                &pid,
-                                synth::observation(format!("bench-{run_tag}-{c}-{k}"), k),
-                                &WriteOptions::default(),
-                            )
-                            .await
-                            .map_err(|e| error_kind(&e))
-                            .and_then(|w| applied(&w, 1)),
-                        ClinicalWorkload::Admission => {
-                            let entries: Vec<TransactionEntry> =
-                                synth::admission(&pid, &format!("{run_tag}-{c}-{k}"), k)
-                                    .into_iter()
-                                    .map(|r| TransactionEntry {
-                                        op: Some(transaction_entry::Op::Create(r)),
-                                    })
-                                    .collect();
-                            let n = entries.len() as u64;
-                            client
-                                .transaction(&pid, entries, &WriteOptions::default())
-                                .await
-                                .map_err(|e| error_kind(&e))
-                                .and_then(|w| applied(&w, n))
-                        }
-                    };
-                    if !measuring.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    match outcome {
-                        Ok(r) => {
-                            resources += r;
-                            let us = (started.elapsed().as_micros() as u64).clamp(1, 60_000_000);
-                            hist.record(us).expect("clamped");
-                        }
-                        Err(kind) => *errors.entry(kind).or_default() += 1,
-                    }
-                }
-                (hist, errors, resources)
-            })
-        })
-        .collect();
-    tokio::time::sleep(warmup).await;
-    measuring.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(duration).await;
-    measuring.store(false, Ordering::Relaxed);
-    let elapsed = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    let mut resources = 0;
-    for t in tasks {
-        let (h, e, r) = t.await.context("client task")?;
-        hist.add(&h)?;
-        resources += r;
-        for (k, n) in e {
-            *errors.entry(k).or_default() += n;
+    let spec = crate::closed_loop::LoopSpec {
+        clients,
+        warmup,
+        duration,
+        ops: None,
+    };
+    let result = crate::closed_loop::run(spec, |c| {
+        let (client, run_tag) = (client.clone(), run_tag.clone());
+        let mut n = c as u64;
+        move |k| {
+            n = n
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let pid = synth::patient_id(seed, (n >> 33) % patients);
+            let (client, tag) = (client.clone(), format!("{run_tag}-{c}-{k}"));
+            async move { clinical_op(&client, workload, &pid, &tag, k).await }
         }
-    }
+    })
+    .await?;
+    let (hist, errors, resources, elapsed) = (
+        result.latencies,
+        result.errors,
+        result.units,
+        result.elapsed,
+    );
     let ops = hist.len();
     let latency = Latency::of_histogram(&hist);
     let mut json = Json::new("clinical-load");

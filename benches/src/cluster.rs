@@ -1,10 +1,9 @@
 //! Cluster measurements: closed-loop clients against a local 3-node cluster of `dossier-node`
 //! processes (3 replicas per shard), and the failover gap after SIGKILL of a shard leader.
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -12,7 +11,6 @@ use dossier_api::records::synth::Rng;
 use dossier_cli::ops;
 use dossier_cli::procs;
 use dossier_client::{Client, ReadConsistency};
-use hdrhistogram::Histogram;
 
 use crate::stats::{Json, Latency, per_second};
 
@@ -308,92 +306,37 @@ pub async fn load(backend: &Backend, spec: &LoadSpec) -> Result<LoadResult> {
         }
     }
     let chooser = Chooser::new(spec.distribution, spec.patients);
-    let measuring = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let measured = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let ops_limit = spec.ops.unwrap_or(u64::MAX);
     let workload = spec.workload;
-    let tasks: Vec<_> = (0..spec.clients)
-        .map(|c| {
-            let (backend, value, measuring, stop, measured, failed, chooser) = (
-                backend.clone(),
+    let result = crate::closed_loop::run(
+        crate::closed_loop::LoopSpec {
+            clients: spec.clients,
+            warmup: spec.warmup,
+            duration: spec.duration,
+            ops: spec.ops,
+        },
+        |c| {
+            let (backend, value, chooser) = (
+                Arc::new(backend.clone()),
                 Arc::clone(&value),
-                Arc::clone(&measuring),
-                Arc::clone(&stop),
-                Arc::clone(&measured),
-                Arc::clone(&failed),
                 chooser.clone(),
             );
-            tokio::spawn(async move {
-                // 1 µs to 60 s, 3 significant digits.
-                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                    .expect("valid histogram bounds");
-                let mut errors: HashMap<String, u64> = HashMap::new();
-                let mut rng = Rng(0x5eed ^ (c as u64).wrapping_mul(0x9e37_79b9));
-                while !stop.load(Ordering::Relaxed) {
-                    let patient = patient_name(chooser.pick(&mut rng));
-                    let read = match workload {
-                        Workload::Put => None,
-                        Workload::Get(consistency) => Some(consistency),
-                        Workload::Mixed { read_percent } => (rng.next_u64() % 100
-                            < u64::from(read_percent))
-                        .then_some(ReadConsistency::Linearizable),
-                    };
-                    let started = Instant::now();
-                    let outcome = backend.op(c, read, &patient, &value).await;
-                    if !measuring.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    match outcome {
-                        Ok(()) => {
-                            let us = (started.elapsed().as_micros() as u64).clamp(1, 60_000_000);
-                            hist.record(us)
-                                .expect("clamped into the histogram's bounds");
-                        }
-                        Err(kind) => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            *errors.entry(kind).or_default() += 1;
-                        }
-                    }
-                    if measured.fetch_add(1, Ordering::Relaxed) + 1 >= ops_limit {
-                        stop.store(true, Ordering::Relaxed);
-                    }
-                }
-                (hist, errors)
-            })
-        })
-        .collect();
-    tokio::time::sleep(spec.warmup).await;
-    measuring.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    let mut last = (0u64, started);
-    while !stop.load(Ordering::Relaxed) && started.elapsed() < spec.duration {
-        let left = spec.duration.saturating_sub(started.elapsed());
-        tokio::time::sleep(left.min(Duration::from_millis(100))).await;
-        if last.1.elapsed() >= Duration::from_secs(1) {
-            let done = measured.load(Ordering::Relaxed);
-            eprintln!(
-                "  {:>5.1} s: {done} ops, {:.0} ops/s in the last second, {} errors",
-                started.elapsed().as_secs_f64(),
-                per_second(done - last.0, last.1.elapsed()),
-                failed.load(Ordering::Relaxed)
-            );
-            last = (done, Instant::now());
-        }
-    }
-    measuring.store(false, Ordering::Relaxed);
-    let elapsed = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    for t in tasks {
-        let (h, e) = t.await.context("client task")?;
-        hist.add(&h)?;
-        for (kind, n) in e {
-            *errors.entry(kind).or_default() += n;
-        }
-    }
+            let mut rng = Rng(0x5eed ^ (c as u64).wrapping_mul(0x9e37_79b9));
+            move |_k| {
+                let patient = patient_name(chooser.pick(&mut rng));
+                let read = match workload {
+                    Workload::Put => None,
+                    Workload::Get(consistency) => Some(consistency),
+                    Workload::Mixed { read_percent } => (rng.next_u64() % 100
+                        < u64::from(read_percent))
+                    .then_some(ReadConsistency::Linearizable),
+                };
+                let (backend, value) = (Arc::clone(&backend), Arc::clone(&value));
+                async move { backend.op(c, read, &patient, &value).await.map(|()| 1) }
+            }
+        },
+    )
+    .await?;
+    let (hist, errors, elapsed) = (result.latencies, result.errors, result.elapsed);
     let ops = hist.len();
     let error_total: u64 = errors.values().sum();
     let latency = Latency::of_histogram(&hist);

@@ -5,6 +5,7 @@
 //! failover benchmark come with the cluster.
 
 mod clinical;
+mod closed_loop;
 mod cluster;
 mod stats;
 mod storage;
