@@ -7,6 +7,7 @@
 //! every one of them. A failed condition means another write of the patient committed in
 //! between: the write is rebuilt, at most `records.write-attempts-max` times.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -117,12 +118,13 @@ enum EntryOp {
 
 /// One record a write produces.
 #[derive(Debug, Clone)]
-struct WriteEntry {
+struct WriteEntry<'a> {
     op: EntryOp,
     rtype: ResourceType,
     id: String,
-    /// The new content (None for a delete: the current version's content is kept).
-    resource: Option<Resource>,
+    /// The new content, borrowed from the request (None for a delete: the current version's
+    /// content is kept).
+    resource: Option<&'a Resource>,
     /// Where this entry sits in the request, for error paths (`resource`, `entries[2].create`).
     field: String,
     /// Identifiers this write makes the patient hold (claimed in the index beforehand): the
@@ -133,10 +135,11 @@ struct WriteEntry {
 }
 
 /// What a write decided before proposing, per entry.
-struct Planned {
+struct Planned<'a> {
     version: u64,
     old_stamp: Option<u64>,
-    resource: Resource,
+    /// The content of the new version: the request's, or the current version's for a delete.
+    resource: Cow<'a, Resource>,
 }
 
 #[derive(Debug, Clone)]
@@ -267,7 +270,7 @@ impl RecordsService {
         patient: &str,
         header: &WriteHeader,
         fingerprint: [u8; 16],
-        mut entry: WriteEntry,
+        mut entry: WriteEntry<'_>,
         old: Option<&Resource>,
         new: Option<&Resource>,
         deadline: Duration,
@@ -445,7 +448,7 @@ impl RecordsService {
         patient: &str,
         header: &WriteHeader,
         fingerprint: [u8; 16],
-        entries: Vec<WriteEntry>,
+        entries: Vec<WriteEntry<'_>>,
         deadline: Duration,
     ) -> Result<RecordWriteResponse, ApiError> {
         let started = Instant::now();
@@ -486,7 +489,9 @@ impl RecordsService {
                     None => Planned {
                         version: 1,
                         old_stamp: None,
-                        resource: e.resource.clone().unwrap_or_default(),
+                        resource: e
+                            .resource
+                            .map_or_else(|| Cow::Owned(Resource::default()), Cow::Borrowed),
                     },
                     Some(current) => {
                         let old = Self::get(&replica, &keys.version(t, &e.id, current))?
@@ -505,9 +510,9 @@ impl RecordsService {
                                 &entry_path(&e.field, "meta.id"),
                             ));
                         }
-                        let resource = match (&e.op, &e.resource) {
-                            (EntryOp::Delete { .. }, _) | (_, None) => old,
-                            (_, Some(new)) => new.clone(),
+                        let resource = match (&e.op, e.resource) {
+                            (EntryOp::Delete { .. }, _) | (_, None) => Cow::Owned(old),
+                            (_, Some(new)) => Cow::Borrowed(new),
                         };
                         Planned {
                             version: current + 1,
@@ -564,15 +569,19 @@ impl RecordsService {
                         v => Expect::Equals(Bytes::copy_from_slice(&(v - 1).to_be_bytes())),
                     },
                 });
-                let mut resource = plan.resource;
-                let old_meta = resource.meta.take().unwrap_or_default();
+                let content: &Resource = &plan.resource;
+                let source = content
+                    .meta
+                    .as_ref()
+                    .map(|m| m.source.clone())
+                    .unwrap_or_default();
                 let (status, status_reason) = match &e.op {
                     EntryOp::Delete { reason, .. } => {
                         (RecordStatus::EnteredInError, reason.clone())
                     }
                     _ => (RecordStatus::Current, String::new()),
                 };
-                resource.meta = Some(Meta {
+                let meta = Meta {
                     id: e.id.clone(),
                     patient_id: patient.to_owned(),
                     version: plan.version,
@@ -581,12 +590,12 @@ impl RecordsService {
                     status: status as i32,
                     status_reason,
                     request_id: header.request_id.clone(),
-                    source: old_meta.source,
-                });
-                references.extend(rec::record_refs(&resource, &e.field));
+                    source,
+                };
+                references.extend(rec::record_refs(content, &e.field));
                 batch.ops.push(Op::Put {
                     key: keys.version(t, &e.id, plan.version),
-                    value: resource.encode_to_vec().into(),
+                    value: encode_version(content, &meta).into(),
                 });
                 batch.ops.push(Op::Put {
                     key: keys.head(t, &e.id),
@@ -776,14 +785,14 @@ impl RecordsService {
     }
 
     /// Validates a create or update of one record and returns its entry.
-    fn entry(
+    fn entry<'a>(
         &self,
         patient: &str,
-        resource: Option<&Resource>,
+        resource: Option<&'a Resource>,
         field: &str,
         op: EntryOp,
         patient_allowed: bool,
-    ) -> Result<WriteEntry, ApiError> {
+    ) -> Result<WriteEntry<'a>, ApiError> {
         let resource =
             resource.ok_or_else(|| ApiError::invalid(field.to_owned(), "is required"))?;
         validate_new_record(resource, field, patient, &self.limits()).map_err(|e| {
@@ -820,12 +829,25 @@ impl RecordsService {
             op,
             rtype,
             id,
-            resource: Some(resource.clone()),
+            resource: Some(resource),
             field: field.to_owned(),
             holds: Vec::new(),
             releases: Vec::new(),
         })
     }
+}
+
+/// The stored bytes of a version: `content`'s kind with `meta` as its envelope, encoded as the
+/// `Resource` they make (the kind's oneof fields come before `meta`, field 15), without copying
+/// the content.
+fn encode_version(content: &Resource, meta: &Meta) -> Vec<u8> {
+    let kind_len = content.kind.as_ref().map_or(0, |k| k.encoded_len());
+    let mut out = Vec::with_capacity(kind_len + meta.encoded_len() + 8);
+    if let Some(kind) = &content.kind {
+        kind.encode(&mut out);
+    }
+    prost::encoding::message::encode(15, meta, &mut out);
+    out
 }
 
 /// The path of `leaf` of a write entry whose resource sits at `field` in the request:
@@ -846,7 +868,7 @@ fn entry_path(field: &str, leaf: &str) -> String {
 /// The refusal an entry gets from the current head of its record (None: the head allows it):
 /// a create of an existing record, an update or delete of a missing one or of another version.
 fn head_refusal(
-    e: &WriteEntry,
+    e: &WriteEntry<'_>,
     head: Option<u64>,
     entry_index: u32,
 ) -> Option<RecordWriteResponse> {
@@ -1565,5 +1587,35 @@ mod tests {
             a,
             RecordsService::fingerprint("Update", &request(Some(route(1)), "x"))
         );
+    }
+
+    /// A version's bytes, built from borrowed content and a new envelope, are the encoding of
+    /// the Resource they make.
+    #[test]
+    fn versions_encode_as_their_resource() {
+        use dossier_api::v1::{Patient, resource};
+        use prost::Message;
+        let content = Resource {
+            meta: Some(Meta {
+                id: "request's meta".into(),
+                ..Meta::default()
+            }),
+            kind: Some(resource::Kind::Patient(Patient {
+                languages: vec!["nl-BE".into()],
+                ..Patient::default()
+            })),
+        };
+        let meta = Meta {
+            id: "p".into(),
+            version: 3,
+            ..Meta::default()
+        };
+        let bytes = super::encode_version(&content, &meta);
+        let want = Resource {
+            meta: Some(meta),
+            kind: content.kind.clone(),
+        };
+        assert_eq!(bytes, want.encode_to_vec());
+        assert_eq!(Resource::decode(bytes.as_slice()).unwrap(), want);
     }
 }
