@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the same cluster-load points against etcd and Dossier, alternating systems ROUNDS times in
+# Runs the same cluster-load points against etcd, Dossier and the gRPC floor (in-memory tonic
+# servers: the most any tonic server reaches on this machine), alternating them ROUNDS times in
 # one session, and prints one JSON line per point (stdout) and the tables (stderr).
 #   benches/scripts/compare-etcd.sh [ROUNDS] [cluster-load arguments...]
 # Needs: cargo build --release -p dossier-node -p dossier-bench; etcd (installed if missing).
@@ -19,4 +20,6 @@ for round in $(seq "$rounds"); do
     "$here/etcd-cluster.sh" stop "$etcd_dir" >/dev/null
     echo "round $round of $rounds: dossier" >&2
     "$bench" cluster-load --backend dossier "${args[@]}"
+    echo "round $round of $rounds: grpc-floor" >&2
+    "$bench" cluster-load --backend grpc-floor "${args[@]}"
 done

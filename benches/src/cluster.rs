@@ -14,6 +14,8 @@ use dossier_client::{Client, ReadConsistency};
 
 use crate::stats::{Json, Latency, per_second};
 
+pub mod floor;
+
 mod etcdpb {
     #![allow(clippy::all, missing_debug_implementations)]
     tonic::include_proto!("etcdserverpb");
@@ -25,6 +27,8 @@ pub enum Backend {
     Dossier(Client),
     /// One channel per etcd member; clients are spread over them (etcd forwards writes).
     Etcd(Vec<tonic::transport::Channel>),
+    /// The gRPC floor ([`floor`]): etcd's protocol answered from memory, one channel per server.
+    Floor(Vec<tonic::transport::Channel>),
 }
 
 impl Backend {
@@ -32,10 +36,19 @@ impl Backend {
         match self {
             Backend::Dossier(_) => "dossier",
             Backend::Etcd(_) => "etcd",
+            Backend::Floor(_) => "grpc-floor",
         }
     }
 
     pub async fn etcd(endpoints: &[String]) -> Result<Backend> {
+        Ok(Backend::Etcd(Self::channels(endpoints).await?))
+    }
+
+    pub async fn floor(endpoints: &[String]) -> Result<Backend> {
+        Ok(Backend::Floor(Self::channels(endpoints).await?))
+    }
+
+    async fn channels(endpoints: &[String]) -> Result<Vec<tonic::transport::Channel>> {
         let mut channels = Vec::new();
         for e in endpoints {
             let channel = tonic::transport::Endpoint::from_shared(format!("http://{e}"))?
@@ -43,10 +56,10 @@ impl Backend {
                 .tcp_nodelay(true)
                 .connect()
                 .await
-                .with_context(|| format!("connect to etcd at {e}"))?;
+                .with_context(|| format!("connect to {e}"))?;
             channels.push(channel);
         }
-        Ok(Backend::Etcd(channels))
+        Ok(channels)
     }
 }
 
@@ -245,7 +258,7 @@ impl Backend {
                 .await
                 .map(|_| ())
                 .map_err(|e| dossier_error_kind(&e).to_owned()),
-            Backend::Etcd(channels) => {
+            Backend::Etcd(channels) | Backend::Floor(channels) => {
                 let mut kv =
                     etcdpb::kv_client::KvClient::new(channels[client % channels.len()].clone());
                 let request = etcdpb::PutRequest {
@@ -273,7 +286,7 @@ impl Backend {
                 .await
                 .map(|_| ())
                 .map_err(|e| dossier_error_kind(&e).to_owned()),
-            Backend::Etcd(channels) => {
+            Backend::Etcd(channels) | Backend::Floor(channels) => {
                 let mut kv =
                     etcdpb::kv_client::KvClient::new(channels[client % channels.len()].clone());
                 let request = etcdpb::RangeRequest {

@@ -116,8 +116,10 @@ enum Command {
         warmup: u64,
         #[arg(long, default_value_t = 7300)]
         base_port: u16,
-        /// dossier (a local 3-node cluster is started) or etcd (an existing cluster, see
-        /// benches/scripts/etcd-cluster.sh).
+        /// dossier (a local 3-node cluster is started), etcd (an existing cluster, see
+        /// benches/scripts/etcd-cluster.sh) or grpc-floor (three in-memory tonic servers speaking
+        /// etcd's KV protocol: what one gRPC request costs here, an upper bound for any tonic
+        /// server on this machine).
         #[arg(long, default_value = "dossier")]
         backend: String,
         /// etcd client endpoints, for --backend etcd.
@@ -172,6 +174,19 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         entry_bytes: usize,
     },
+    /// One gRPC floor server (started by `cluster-load --backend grpc-floor`); runs until killed.
+    #[command(hide = true)]
+    FloorServe {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+}
+
+/// What a cluster-load run started and stops when dropped.
+#[allow(dead_code)] // held for its Drop
+enum Running {
+    Dossier(cluster::LocalCluster),
+    Floor(cluster::floor::FloorServers),
 }
 
 fn main() -> Result<()> {
@@ -179,6 +194,11 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&cli.dir).with_context(|| format!("create {}", cli.dir.display()))?;
     let dir = tempfile::tempdir_in(&cli.dir).context("create a scratch directory")?;
     let lines = match cli.command {
+        Command::FloorServe { listen } => {
+            // A child of a run, killed at its end: it needs no scratch directory.
+            drop(dir);
+            return cluster::floor::serve(listen);
+        }
         Command::FsyncRaw { seconds } => {
             eprintln!("fsync-raw: {seconds} s per mode");
             storage::fsync_raw(dir.path(), Duration::from_secs(seconds))?
@@ -266,10 +286,15 @@ fn main() -> Result<()> {
                     "dossier" => {
                         let c = cluster::LocalCluster::start(&dir.path().join("cluster"), shards, base_port).await?;
                         let b = cluster::Backend::Dossier(c.client.clone());
-                        (Some(c), b)
+                        (Some(Running::Dossier(c)), b)
                     }
                     "etcd" => (None, cluster::Backend::etcd(&etcd_endpoints).await?),
-                    other => anyhow::bail!("unknown backend {other:?} (dossier, etcd)"),
+                    "grpc-floor" => {
+                        let servers = cluster::floor::FloorServers::start(base_port).await?;
+                        let b = cluster::Backend::floor(&servers.endpoints).await?;
+                        (Some(Running::Floor(servers)), b)
+                    }
+                    other => anyhow::bail!("unknown backend {other:?} (dossier, etcd, grpc-floor)"),
                 };
                 let mut rows = Vec::new();
                 for &workload in &workloads {

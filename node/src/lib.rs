@@ -15,6 +15,7 @@ mod meta;
 mod metrics;
 mod mpi;
 mod node;
+mod propose;
 mod service;
 pub mod shards;
 

@@ -13,6 +13,8 @@ pub struct Metrics {
     registry: Registry,
     pub request_seconds: HistogramVec,
     pub commit_seconds: Histogram,
+    /// Writes handed to Raft together by a group's proposal task.
+    pub proposals_per_batch: Histogram,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -36,6 +38,17 @@ impl Metrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
+        let proposals_per_batch = Histogram::with_opts(
+            HistogramOpts::new(
+                "dossier_proposals_per_batch",
+                "Writes of one group proposed to Raft in one batch",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(proposals_per_batch.clone()))
+            .expect("registered once");
         registry
             .register(Box::new(request_seconds.clone()))
             .expect("registered once");
@@ -46,6 +59,7 @@ impl Metrics {
             registry,
             request_seconds,
             commit_seconds,
+            proposals_per_batch,
         }
     }
 }

@@ -21,13 +21,21 @@ use crate::config::Config;
 use crate::errors::ApiError;
 use crate::meta::{self, META_SHARD};
 use crate::metrics::Metrics;
+use crate::propose::Proposer;
+
+/// Writes waiting for one group's proposal task; a writer beyond it waits, within its deadline.
+const PROPOSALS_QUEUED_MAX: usize = 1024;
+/// Proposals handed to Raft at once (below `raft.entries-per-append-max`, so that one batch
+/// travels in one AppendEntries).
+const PROPOSALS_PER_BATCH_MAX: usize = 256;
 
 /// One Dossier server process.
 #[derive(Debug)]
 pub struct Node {
     pub config: Arc<Config>,
     ctx: GroupContext,
-    groups: RwLock<HashMap<ShardId, Raft>>,
+    /// Every group started here, with its proposal queue (groups are never removed).
+    groups: RwLock<HashMap<ShardId, (Raft, Proposer)>>,
     map: RwLock<Option<ClusterMap>>,
     pub in_flight: Arc<Semaphore>,
     pub metrics: Metrics,
@@ -106,7 +114,15 @@ impl Node {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&shard)
-            .cloned()
+            .map(|(raft, _)| raft.clone())
+    }
+
+    fn proposer(&self, shard: ShardId) -> Option<Proposer> {
+        self.groups
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&shard)
+            .map(|(_, proposer)| proposer.clone())
     }
 
     pub fn groups(&self) -> Vec<(ShardId, Raft)> {
@@ -115,7 +131,7 @@ impl Node {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(s, r)| (*s, r.clone()))
+            .map(|(s, (r, _))| (*s, r.clone()))
             .collect();
         all.sort_unstable_by_key(|(s, _)| *s);
         all
@@ -136,7 +152,16 @@ impl Node {
             .with_context(|| format!("start group {shard}"))?;
         let mut groups = self.groups.write().unwrap_or_else(|e| e.into_inner());
         // Another task may have started it meanwhile; keep the first.
-        Ok(groups.entry(shard).or_insert(raft).clone())
+        let (raft, _) = groups.entry(shard).or_insert_with(|| {
+            let proposer = Proposer::start(
+                raft.clone(),
+                PROPOSALS_QUEUED_MAX,
+                PROPOSALS_PER_BATCH_MAX,
+                self.metrics.proposals_per_batch.clone(),
+            );
+            (raft, proposer)
+        });
+        Ok(raft.clone())
     }
 
     /// The cluster map as this node last read it from its meta replica.
@@ -324,16 +349,18 @@ impl Node {
         command: Command,
         deadline: Duration,
     ) -> Result<(Outcome, u64), ApiError> {
-        let raft = self.group(shard).ok_or(ApiError::ShardNotFound { shard })?;
+        let proposer = self
+            .proposer(shard)
+            .ok_or(ApiError::ShardNotFound { shard })?;
         let started = Instant::now();
-        let result = tokio::time::timeout(deadline, raft.client_write(Request(command))).await;
+        let result = tokio::time::timeout(deadline, proposer.write(Request(command))).await;
         self.metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
         match result {
             Err(_) => Err(ApiError::Deadline),
             Ok(Ok(response)) => Ok((
-                response.data.outcome.unwrap_or(Outcome::Done),
+                response.response.outcome.unwrap_or(Outcome::Done),
                 response.log_id.index,
             )),
             Ok(Err(e)) => match e.forward_to_leader() {
