@@ -209,6 +209,83 @@ fn corrupt_middle_segment_error_names_file_and_offset() {
     ));
 }
 
+/// Segments are zero-filled ahead of need (`next-segment.prealloc`). The newest segment keeps its
+/// zero tail and the log goes on from where its frames end; every older segment is cut to its
+/// frames, and a zero tail found in one is corruption, not an end.
+#[test]
+fn prepared_segments_keep_a_zero_tail_only_while_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("next-segment.prealloc");
+    let wait_ready = || {
+        let started = Instant::now();
+        while !ready.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no prepared segment within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let append = |engine: &LogEngine, indexes: std::ops::RangeInclusive<u64>| {
+        for i in indexes {
+            // Each roll to a new segment then takes a prepared file.
+            wait_ready();
+            let mut batch = WriteBatch::new();
+            for group in [1, 2, 3] {
+                batch.append(group, i, payload(group, i));
+            }
+            engine.write(batch).unwrap();
+        }
+    };
+    let engine = LogEngine::open(config(dir.path())).unwrap();
+    append(&engine, 1..=120);
+    let paths: Vec<PathBuf> = engine
+        .segment_ids()
+        .into_iter()
+        .map(|id| engine.segment_path(id))
+        .collect();
+    engine.close().unwrap();
+    assert!(
+        paths.len() >= 3,
+        "the test needs several segments: {paths:?}"
+    );
+    let len = |p: &Path| std::fs::metadata(p).unwrap().len();
+    let newest = paths.last().unwrap();
+    assert_eq!(
+        len(newest),
+        64 * 1024,
+        "the newest segment is a prepared one"
+    );
+    for older in &paths[..paths.len() - 1] {
+        let bytes = std::fs::read(older).unwrap();
+        assert!(
+            bytes.len() < 64 * 1024 || bytes.last() != Some(&0),
+            "{older:?} was not cut"
+        );
+    }
+    // Reopened: every entry, and the log continues after the newest segment's frames.
+    let engine = LogEngine::open(config(dir.path())).unwrap();
+    assert_eq!(recovered_prefix(&engine), vec![120, 120, 120]);
+    append(&engine, 121..=200);
+    engine.close().unwrap();
+    let engine = LogEngine::open(config(dir.path())).unwrap();
+    assert_eq!(recovered_prefix(&engine), vec![200, 200, 200]);
+    let first = engine.segment_path(engine.segment_ids()[0]);
+    engine.close().unwrap();
+    // Zeros after an older segment's frames are not an end: the open fails, naming the file.
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&first)
+        .unwrap();
+    file.write_all(&[0u8; 4096]).unwrap();
+    drop(file);
+    let err = LogEngine::open(config(dir.path())).unwrap_err();
+    assert!(
+        matches!(&err, Error::Corrupt { path, .. } if *path == first),
+        "{err:?}"
+    );
+}
+
 const CHILD_ENV: &str = "DOSSIER_LOG_CRASH_CHILD_DIR";
 
 /// Not a test on its own: the body of the child process of `sigkill_loses_no_acknowledged_entry`.

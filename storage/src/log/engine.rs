@@ -25,6 +25,7 @@ use crate::config::LogConfig;
 use crate::error::{Error, Result};
 use crate::log::frame::{self, FRAME_HEADER_BYTES};
 use crate::log::group::{GroupLog, Loc, Span, SpanError};
+use crate::log::prealloc::Prealloc;
 use crate::log::record::{HardState, Record, RecordRef};
 use crate::log::recovery::recover;
 use crate::log::segment::{self, SegmentId};
@@ -216,7 +217,10 @@ impl LogEngine {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "log recovered"
         );
+        let prealloc = Prealloc::new(&dir, config.segment_bytes_max)
+            .map_err(|e| Error::io("remove the prepared log segment", &dir, e))?;
         let shared = Arc::new(Shared {
+            prealloc,
             config,
             state: Mutex::new(state),
             work: Condvar::new(),
@@ -238,9 +242,16 @@ impl LogEngine {
                 .spawn(move || writer_loop(&shared, &notify, &queued))
                 .map_err(|e| Error::io("spawn log writer thread", &dir, e))?
         };
+        let preparer = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("dossier-log-prealloc".into())
+                .spawn(move || shared.prealloc.run())
+                .map_err(|e| Error::io("spawn log preallocation thread", &dir, e))?
+        };
         let engine = LogEngine {
             shared,
-            threads: vec![writer, notifier],
+            threads: vec![writer, notifier, preparer],
         };
         // Segments left unreferenced by an earlier run are reclaimed from the start.
         let doomed = plan_reclaim(&mut engine.lock(), &engine.shared);
@@ -521,6 +532,7 @@ impl LogEngine {
 
     fn shutdown(&mut self) {
         self.lock().closing = true;
+        self.shared.prealloc.close();
         self.shared.work.notify_one();
         self.shared.room.notify_all();
         // The writer drains what is queued and exits, dropping its sender; the notifier then

@@ -6,6 +6,7 @@
 pub(crate) mod engine;
 pub(crate) mod frame;
 pub(crate) mod group;
+mod prealloc;
 pub(crate) mod record;
 mod recovery;
 pub(crate) mod segment;

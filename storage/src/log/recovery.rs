@@ -10,6 +10,7 @@ use tracing::warn;
 use crate::config::LogConfig;
 use crate::error::{Error, Result};
 use crate::log::engine::RECOVERY_PAYLOAD_MAX;
+use crate::log::frame::FrameFault;
 use crate::log::group::{Loc, SpanError};
 use crate::log::record::Record;
 use crate::log::segment::{self, Header, ScanEnd, SegmentId, Undecodable};
@@ -140,6 +141,12 @@ pub(super) fn recover(config: &LogConfig) -> Result<State> {
         })?;
         let size = match end {
             ScanEnd::Clean => bytes.len() as u64,
+            // The newest segment was prepared zero-filled (prealloc.rs): its frames end where
+            // the zeros begin, and the writer goes on from there.
+            ScanEnd::Damaged {
+                offset,
+                fault: FrameFault::Empty,
+            } if last && bytes[offset as usize..].iter().all(|&b| b == 0) => offset,
             ScanEnd::Damaged { offset, fault } if last => {
                 warn!(
                     segment = id,

@@ -11,6 +11,7 @@ use crate::config::LogConfig;
 use crate::log::engine::OnDurable;
 use crate::log::frame::{self, FRAME_HEADER_BYTES};
 use crate::log::group::{GroupLog, Loc};
+use crate::log::prealloc::Prealloc;
 use crate::log::record::RecordRef;
 use crate::log::segment::{self, SEGMENT_HEADER_BYTES, SegmentId};
 
@@ -171,6 +172,8 @@ pub(super) struct Shared {
     /// Submitters wait here for room under `pending-bytes-max`.
     pub(super) room: Condvar,
     pub(super) counters: Counters,
+    /// The next segment's file, zero-filled ahead of need.
+    pub(super) prealloc: Prealloc,
     /// Held for the engine's life so that two processes never write one log.
     pub(super) _lock: File,
 }

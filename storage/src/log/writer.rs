@@ -184,12 +184,20 @@ pub(super) fn write_round(
                 sync(shared, &file, &dir.join(segment::file_name(id)))?;
             }
             let file = if chunk.offset == 0 {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-                    .map_err(|e| Error::io("create segment", &path, e))?;
+                cut_previous_segment(shared, chunk.segment, &created)?;
+                let prepared = shared
+                    .prealloc
+                    .take(&path)
+                    .map_err(|e| Error::io("rename the prepared segment", &path, e))?;
+                let file = match prepared {
+                    Some(file) => file,
+                    None => OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
+                        .map_err(|e| Error::io("create segment", &path, e))?,
+                };
                 let file = Arc::new(file);
                 created.push((chunk.segment, Arc::clone(&file)));
                 debug!(segment = chunk.segment, "log segment created");
@@ -217,6 +225,45 @@ pub(super) fn write_round(
     }
     shared.counters.rounds.fetch_add(1, Ordering::Relaxed);
     Ok(created)
+}
+
+/// Cuts the segment before `segment` to the bytes it holds, durably, before `segment` exists: a
+/// zero-filled (prepared) tail is allowed only in the newest segment.
+/// `created`: the segments this round created so far (not yet in the state).
+fn cut_previous_segment(
+    shared: &Shared,
+    segment: SegmentId,
+    created: &[(SegmentId, Arc<File>)],
+) -> Result<()> {
+    let Some(previous) = segment.checked_sub(1) else {
+        return Ok(());
+    };
+    let used = {
+        let state = lock(shared);
+        state.tail.segments.get(&previous).and_then(|s| {
+            let file = created
+                .iter()
+                .find(|(id, _)| *id == previous)
+                .map(|(_, f)| Arc::clone(f))
+                .or_else(|| s.file.clone())?;
+            Some((s.size, file))
+        })
+    };
+    let Some((size, file)) = used else {
+        return Ok(());
+    };
+    let path = shared.config.dir.join(segment::file_name(previous));
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io("stat segment", &path, e))?
+        .len();
+    if len > size {
+        file.set_len(size)
+            .map_err(|e| Error::io("cut the segment's unused tail", &path, e))?;
+        file.sync_all()
+            .map_err(|e| Error::io("fsync the cut segment", &path, e))?;
+    }
+    Ok(())
 }
 
 pub(super) fn sync(shared: &Shared, file: &File, path: &Path) -> Result<()> {
