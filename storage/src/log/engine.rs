@@ -217,8 +217,9 @@ impl LogEngine {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "log recovered"
         );
-        let prealloc = Prealloc::new(&dir, config.segment_bytes_max)
-            .map_err(|e| Error::io("remove the prepared log segment", &dir, e))?;
+        let fresh = state.tail.segments.values().all(|s| s.file.is_none());
+        let prealloc = Prealloc::new(&dir, config.segment_bytes_max, fresh)
+            .map_err(|e| Error::io("prepare the next log segment", &dir, e))?;
         let shared = Arc::new(Shared {
             prealloc,
             config,

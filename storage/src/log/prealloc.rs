@@ -7,8 +7,12 @@
 //! rolls to a new segment. A zero-filled tail is therefore normal in the newest segment (see
 //! recovery); an older segment is cut to its used length when the next one is created.
 //!
-//! The prepared file is not part of the log: it is deleted at open and made again. If it cannot
-//! be made (no space), the writer creates growing segments as before.
+//! The prepared file is not part of the log: it is renamed ready only once complete and fsync'ed,
+//! kept across restarts if it has the configured size, and removed otherwise. A new log prepares
+//! its first file at open (a node's first start takes one segment's worth of zero writes longer);
+//! later files are made in the background while the current segment fills, and the writer never
+//! waits for one: if none is ready, or one cannot be made (no space), the segment grows as
+//! written, as before.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -18,12 +22,18 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 use tracing::warn;
 
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// The prepared segment, complete and fsync'ed.
 const READY: &str = "next-segment.prealloc";
 /// The prepared segment while it is being written.
 const PARTIAL: &str = "next-segment.prealloc.partial";
 const ZEROS_PER_WRITE: usize = 1 << 20;
-const FIRST_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 struct Flags {
@@ -31,8 +41,6 @@ struct Flags {
     closing: bool,
     /// Making a file failed once; segments grow from then on.
     gave_up: bool,
-    /// A segment was taken (or created) since open.
-    taken_once: bool,
 }
 
 #[derive(Debug)]
@@ -44,20 +52,42 @@ pub(super) struct Prealloc {
 }
 
 impl Prealloc {
-    /// Removes what an earlier run left (it is not part of the log).
-    pub(super) fn new(dir: &Path, bytes: u64) -> io::Result<Prealloc> {
-        for name in [READY, PARTIAL] {
-            match fs::remove_file(dir.join(name)) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
+    /// Keeps a prepared file an earlier run left if it has the configured size (it is renamed
+    /// ready only once complete and fsync'ed), and removes anything else. With `fresh` (a log
+    /// without segments, whose first segment is about to be created) and no file kept, prepares
+    /// one now, so that a new node writes its first segment prepared too.
+    pub(super) fn new(dir: &Path, bytes: u64, fresh: bool) -> io::Result<Prealloc> {
+        remove_if_present(&dir.join(PARTIAL))?;
+        let ready_path = dir.join(READY);
+        let kept = match fs::metadata(&ready_path) {
+            Ok(m) if m.len() == bytes => true,
+            Ok(_) => {
+                remove_if_present(&ready_path)?;
+                false
             }
-        }
-        Ok(Prealloc {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        let prealloc = Prealloc {
             dir: dir.to_owned(),
             bytes,
-            flags: Mutex::new(Flags::default()),
+            flags: Mutex::new(Flags {
+                ready: kept,
+                ..Flags::default()
+            }),
             changed: Condvar::new(),
-        })
+        };
+        if fresh && !kept {
+            match prealloc.make() {
+                Ok(made) => prealloc.flags().ready = made,
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %e,
+                        "cannot prepare the first log segment; it will grow as written");
+                    remove_if_present(&dir.join(PARTIAL))?;
+                }
+            }
+        }
+        Ok(prealloc)
     }
 
     fn flags(&self) -> MutexGuard<'_, Flags> {
@@ -121,26 +151,9 @@ impl Prealloc {
 
     /// Renames the ready file to `segment` and opens it; None if no file is ready (the caller
     /// creates a growing segment instead). The caller fsyncs the directory.
-    ///
-    /// The first segment after open waits for the first file (up to `FIRST_WAIT_MAX`): a fresh
-    /// or restarted node would otherwise write its first whole segment growing. Later segments
-    /// never wait; the next file is made while the current one fills.
+    /// Never waits: the next file is made while the current segment fills.
     pub(super) fn take(&self, segment: &Path) -> io::Result<Option<File>> {
         let mut flags = self.flags();
-        if !flags.taken_once {
-            flags.taken_once = true;
-            let deadline = std::time::Instant::now() + FIRST_WAIT_MAX;
-            while !flags.ready && !flags.gave_up && !flags.closing {
-                let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
-                    break;
-                };
-                flags = self
-                    .changed
-                    .wait_timeout(flags, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
-        }
         if !flags.ready || flags.gave_up {
             return Ok(None);
         }
