@@ -182,13 +182,6 @@ enum Command {
     },
 }
 
-/// What a cluster-load run started and stops when dropped.
-#[allow(dead_code)] // held for its Drop
-enum Running {
-    Dossier(cluster::LocalCluster),
-    Floor(cluster::floor::FloorServers),
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     std::fs::create_dir_all(&cli.dir).with_context(|| format!("create {}", cli.dir.display()))?;
@@ -281,18 +274,19 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?;
             runtime.block_on(async {
-                // The Dossier cluster lives as long as this block; etcd is started by its script.
+                // What this run started (the Dossier cluster or the floor servers) lives as long
+                // as this block and stops when dropped; etcd is started by its script.
                 let (_cluster, backend) = match backend.as_str() {
                     "dossier" => {
                         let c = cluster::LocalCluster::start(&dir.path().join("cluster"), shards, base_port).await?;
                         let b = cluster::Backend::Dossier(c.client.clone());
-                        (Some(Running::Dossier(c)), b)
+                        (Some(Box::new(c) as Box<dyn std::any::Any>), b)
                     }
                     "etcd" => (None, cluster::Backend::etcd(&etcd_endpoints).await?),
                     "grpc-floor" => {
                         let servers = cluster::floor::FloorServers::start(base_port).await?;
                         let b = cluster::Backend::floor(&servers.endpoints).await?;
-                        (Some(Running::Floor(servers)), b)
+                        (Some(Box::new(servers) as Box<dyn std::any::Any>), b)
                     }
                     other => anyhow::bail!("unknown backend {other:?} (dossier, etcd, grpc-floor)"),
                 };
