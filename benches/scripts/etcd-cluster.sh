@@ -42,9 +42,16 @@ start)
     exit 1
     ;;
 stop)
+    # Waits for the members to exit (SIGKILL after 10 s), so a start right after begins clean.
     for f in "$dir"/e*.pid; do
         [ -f "$f" ] || continue
-        kill "$(cat "$f")" 2>/dev/null || true
+        pid=$(cat "$f")
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -9 "$pid" 2>/dev/null || true
         rm -f "$f"
     done
     ;;

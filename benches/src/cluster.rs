@@ -25,9 +25,10 @@ mod etcdpb {
 #[derive(Clone)]
 pub enum Backend {
     Dossier(Client),
-    /// One channel per etcd member; clients are spread over them (etcd forwards writes).
+    /// `connections_per_node` channels per etcd member, interleaved; clients are spread over
+    /// them (etcd forwards writes).
     Etcd(Vec<tonic::transport::Channel>),
-    /// The gRPC floor ([`floor`]): etcd's protocol answered from memory, one channel per server.
+    /// The gRPC floor ([`floor`]): etcd's protocol answered from memory, channels as for etcd.
     Floor(Vec<tonic::transport::Channel>),
 }
 
@@ -40,17 +41,25 @@ impl Backend {
         }
     }
 
-    pub async fn etcd(endpoints: &[String]) -> Result<Backend> {
-        Ok(Backend::Etcd(Self::channels(endpoints).await?))
+    pub async fn etcd(endpoints: &[String], connections_per_node: usize) -> Result<Backend> {
+        Ok(Backend::Etcd(
+            Self::channels(endpoints, connections_per_node).await?,
+        ))
     }
 
-    pub async fn floor(endpoints: &[String]) -> Result<Backend> {
-        Ok(Backend::Floor(Self::channels(endpoints).await?))
+    pub async fn floor(endpoints: &[String], connections_per_node: usize) -> Result<Backend> {
+        Ok(Backend::Floor(
+            Self::channels(endpoints, connections_per_node).await?,
+        ))
     }
 
-    async fn channels(endpoints: &[String]) -> Result<Vec<tonic::transport::Channel>> {
+    /// `per_node` connections to each endpoint, in the order e0, e1, e2, e0, e1, e2, ...
+    async fn channels(
+        endpoints: &[String],
+        per_node: usize,
+    ) -> Result<Vec<tonic::transport::Channel>> {
         let mut channels = Vec::new();
-        for e in endpoints {
+        for e in std::iter::repeat_n(endpoints, per_node.max(1)).flatten() {
             let channel = tonic::transport::Endpoint::from_shared(format!("http://{e}"))?
                 .connect_timeout(Duration::from_millis(500))
                 .tcp_nodelay(true)
@@ -71,11 +80,23 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    pub async fn start(dir: &Path, shards: u32, base_port: u16) -> Result<LocalCluster> {
+    /// Starts the cluster with `shards` shards and connects a client opening
+    /// `connections_per_node` connections to each node (the client's default when `None`).
+    pub async fn start(
+        dir: &Path,
+        shards: u32,
+        base_port: u16,
+        connections_per_node: Option<usize>,
+    ) -> Result<LocalCluster> {
         let local =
             procs::LocalCluster::spawn(dir, 3, base_port, &procs::node_binary(None)?).await?;
         local.init(shards, 3).await?;
-        let client = local.client().await?;
+        let mut config = dossier_client::ClientConfig::new(local.seeds.clone());
+        config.attempt_timeout = Duration::from_millis(500);
+        if let Some(n) = connections_per_node {
+            config.connections_per_node = n;
+        }
+        let client = Client::connect(config).await?;
         let seeds = local.seeds.clone();
         Ok(LocalCluster {
             local,
@@ -211,6 +232,10 @@ pub struct LoadSpec {
     /// Measured operations (successful or not) across all clients.
     pub ops: Option<u64>,
     pub warmup: Duration,
+    /// The Dossier cluster's shard count (reported only; `None` for other backends).
+    pub shards: Option<u32>,
+    /// Connections per node, member or server (reported only).
+    pub connections_per_node: usize,
 }
 
 /// The outcome of one load point.
@@ -361,7 +386,11 @@ pub async fn load(backend: &Backend, spec: &LoadSpec) -> Result<LoadResult> {
         .num("value_bytes", spec.value_bytes as f64)
         .num("patients", spec.patients as f64)
         .num("replicas", 3.0)
-        .num("seconds", elapsed.as_secs_f64())
+        .num("connections_per_node", spec.connections_per_node as f64);
+    if let Some(shards) = spec.shards {
+        json.num("shards", f64::from(shards));
+    }
+    json.num("seconds", elapsed.as_secs_f64())
         .num("ops", ops as f64)
         .num("ops_per_s", per_second(ops, elapsed))
         .num("errors", error_total as f64);
@@ -373,8 +402,9 @@ pub async fn load(backend: &Backend, spec: &LoadSpec) -> Result<LoadResult> {
         latency.map_or("-".to_owned(), |l| format!("{:.2}", f(&l) / 1000.0))
     };
     let row = format!(
-        "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+        "| {}{} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} |",
         backend.name(),
+        spec.shards.map_or(String::new(), |n| format!(", {n} shards")),
         workload.name(),
         spec.distribution.name(),
         spec.clients,
@@ -562,7 +592,7 @@ pub async fn failover_etcd(
     reps: usize,
     clients: usize,
 ) -> Result<Vec<String>> {
-    let Backend::Etcd(channels) = Backend::etcd(endpoints).await? else {
+    let Backend::Etcd(channels) = Backend::etcd(endpoints, 1).await? else {
         unreachable!("etcd backend")
     };
     let mut out = Vec::new();

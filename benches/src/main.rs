@@ -1,8 +1,8 @@
 //! `dossier-bench`: measurements of Dossier, printed as a table on stderr and one JSON object per
 //! line on stdout. Bounded: every measurement stops after its `--seconds` (or its fill size).
 //!
-//! Only the storage engine is measured so far; the cluster load generator (against etcd) and the
-//! failover benchmark come with the cluster.
+//! Measures the storage engine, the cluster under closed-loop load (against etcd and a bare gRPC
+//! floor), failover, and the clinical workload.
 
 mod clinical;
 mod closed_loop;
@@ -15,6 +15,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+
+/// The same allocator as `dossier-node`; the load generator drives every backend through it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -125,6 +129,10 @@ enum Command {
         /// etcd client endpoints, for --backend etcd.
         #[arg(long, value_delimiter = ',', default_values_t = ["127.0.0.1:2379".to_owned(), "127.0.0.1:22379".to_owned(), "127.0.0.1:32379".to_owned()])]
         etcd_endpoints: Vec<String>,
+        /// HTTP/2 connections the load generator opens to each node, member or server (the
+        /// same for every backend); clients are spread over them.
+        #[arg(long, default_value_t = 2)]
+        connections_per_node: usize,
     },
     /// The clinical workload on a local 3-node cluster: import speed of synthetic patients, then
     /// closed-loop summary reads, observation appends and admission transactions.
@@ -261,6 +269,7 @@ fn main() -> Result<()> {
             base_port,
             backend,
             etcd_endpoints,
+            connections_per_node,
         } => {
             // Refuse bad arguments before starting anything.
             let workloads = workloads
@@ -270,6 +279,10 @@ fn main() -> Result<()> {
             let distribution = cluster::Distribution::parse(&distribution, zipf_theta)?;
             anyhow::ensure!(seconds > 0, "--seconds must be at least 1");
             anyhow::ensure!(ops != Some(0), "--ops must be at least 1");
+            anyhow::ensure!(
+                (1..=64).contains(&connections_per_node),
+                "--connections-per-node must be within 1..64, is {connections_per_node}"
+            );
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -278,14 +291,14 @@ fn main() -> Result<()> {
                 // as this block and stops when dropped; etcd is started by its script.
                 let (_cluster, backend) = match backend.as_str() {
                     "dossier" => {
-                        let c = cluster::LocalCluster::start(&dir.path().join("cluster"), shards, base_port).await?;
+                        let c = cluster::LocalCluster::start(&dir.path().join("cluster"), shards, base_port, Some(connections_per_node)).await?;
                         let b = cluster::Backend::Dossier(c.client.clone());
                         (Some(Box::new(c) as Box<dyn std::any::Any>), b)
                     }
-                    "etcd" => (None, cluster::Backend::etcd(&etcd_endpoints).await?),
+                    "etcd" => (None, cluster::Backend::etcd(&etcd_endpoints, connections_per_node).await?),
                     "grpc-floor" => {
                         let servers = cluster::floor::FloorServers::start(base_port).await?;
-                        let b = cluster::Backend::floor(&servers.endpoints).await?;
+                        let b = cluster::Backend::floor(&servers.endpoints, connections_per_node).await?;
                         (Some(Box::new(servers) as Box<dyn std::any::Any>), b)
                     }
                     other => anyhow::bail!("unknown backend {other:?} (dossier, etcd, grpc-floor)"),
@@ -302,6 +315,8 @@ fn main() -> Result<()> {
                             duration: Duration::from_secs(seconds),
                             ops,
                             warmup: Duration::from_secs(warmup),
+                            shards: (backend.name() == "dossier").then_some(shards),
+                            connections_per_node,
                         };
                         eprintln!("cluster-load: {} {workload:?} with {n} clients, {value_bytes} B values, {seconds} s", backend.name());
                         let result = cluster::load(&backend, &spec).await?;
@@ -335,7 +350,7 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?;
             runtime.block_on(async {
-                let c = cluster::LocalCluster::start(&dir.path().join("cluster"), shards, base_port).await?;
+                let c = cluster::LocalCluster::start(&dir.path().join("cluster"), shards, base_port, None).await?;
                 eprintln!("clinical: importing {patients} synthetic patients with {importers} importers");
                 println!("{}", clinical::import(&c.client, 1, patients, importers).await?);
                 let mut rows = Vec::new();
@@ -371,7 +386,7 @@ fn main() -> Result<()> {
                 match backend.as_str() {
                     "dossier" => {
                         let mut cluster =
-                            cluster::LocalCluster::start(&dir.path().join("cluster"), 8, base_port)
+                            cluster::LocalCluster::start(&dir.path().join("cluster"), 8, base_port, None)
                                 .await?;
                         cluster::failover(&mut cluster, reps, clients).await
                     }

@@ -26,7 +26,7 @@ mod records;
 pub use records::{History, RecordWrite, WriteOptions, is_applied};
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,10 @@ pub struct ClientConfig {
     /// First and largest wait between retries (doubling).
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// HTTP/2 connections opened to each node, used in turn. One connection's frames are read
+    /// and written by one task at each end, so a single connection caps a busy client at about
+    /// one core of the node (docs/benchmarks.md); at least 1.
+    pub connections_per_node: usize,
 }
 
 impl ClientConfig {
@@ -68,6 +72,7 @@ impl ClientConfig {
             deadline: Duration::from_secs(10),
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(100),
+            connections_per_node: 2,
         }
     }
 }
@@ -93,7 +98,9 @@ struct Inner {
     config: ClientConfig,
     /// Shared, so that routing a request costs a reference count, not a copy of the map.
     map: RwLock<Option<Arc<ClusterMap>>>,
-    channels: Mutex<HashMap<String, Channel>>,
+    /// `connections_per_node` channels per node address, and the counter that picks one.
+    channels: Mutex<HashMap<String, Arc<[Channel]>>>,
+    next_channel: AtomicUsize,
     /// The leader each shard last answered from (or hinted).
     leaders: Mutex<HashMap<u64, u64>>,
     /// Idle exactly-once sessions per shard: (id, last sequence number used). The server keeps
@@ -143,6 +150,7 @@ impl Client {
                 config,
                 map: RwLock::new(None),
                 channels: Mutex::new(HashMap::new()),
+                next_channel: AtomicUsize::new(0),
                 leaders: Mutex::new(HashMap::new()),
                 sessions: Mutex::new(HashMap::new()),
                 session_seed: AtomicU64::new(splitmix64(nanos ^ u64::from(std::process::id()))),
@@ -163,24 +171,28 @@ impl Client {
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+        let turn = self.inner.next_channel.fetch_add(1, Ordering::Relaxed);
         let mut channels = self
             .inner
             .channels
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = channels.get(addr) {
-            return Ok(c.clone());
+        if let Some(pool) = channels.get(addr) {
+            return Ok(pool[turn % pool.len()].clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| ClientError::InvalidArgument {
                 field: "address".into(),
                 message: e.to_string(),
                 limit: None,
             })?
             .connect_timeout(self.inner.config.connect_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
-        channels.insert(addr.to_owned(), channel.clone());
+            .tcp_nodelay(true);
+        let pool: Arc<[Channel]> = (0..self.inner.config.connections_per_node.max(1))
+            .map(|_| endpoint.connect_lazy())
+            .collect();
+        let channel = pool[turn % pool.len()].clone();
+        channels.insert(addr.to_owned(), pool);
         Ok(channel)
     }
 

@@ -3,6 +3,11 @@
 use clap::Parser;
 use dossier_node::Flags;
 
+/// mimalloc's per-thread free lists: allocation was about a tenth of a write's CPU with the
+/// system allocator (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let flags = Flags::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&flags.log)
