@@ -404,7 +404,8 @@ pub async fn load(backend: &Backend, spec: &LoadSpec) -> Result<LoadResult> {
     let row = format!(
         "| {}{} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} |",
         backend.name(),
-        spec.shards.map_or(String::new(), |n| format!(", {n} shards")),
+        spec.shards
+            .map_or(String::new(), |n| format!(", {n} shards")),
         workload.name(),
         spec.distribution.name(),
         spec.clients,

@@ -385,9 +385,13 @@ fn main() -> Result<()> {
                 eprintln!("failover ({backend}): {reps} repetitions, {clients} writers");
                 match backend.as_str() {
                     "dossier" => {
-                        let mut cluster =
-                            cluster::LocalCluster::start(&dir.path().join("cluster"), 8, base_port, None)
-                                .await?;
+                        let mut cluster = cluster::LocalCluster::start(
+                            &dir.path().join("cluster"),
+                            8,
+                            base_port,
+                            None,
+                        )
+                        .await?;
                         cluster::failover(&mut cluster, reps, clients).await
                     }
                     "etcd" => {

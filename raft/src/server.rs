@@ -76,8 +76,106 @@ macro_rules! dispatch {
     }};
 }
 
+/// The replies of an append stream.
+type AppendReplies =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<RaftReply, Status>> + Send>>;
+
+/// Feeds a stream's requests (from `first` on) to the replica in order and answers each. A
+/// message that does not decode, names another shard or breaks the transport ends the input,
+/// and with it the replies.
+///
+/// A task owns the replica's handle while it pumps the answers: openraft's answer stream
+/// borrows the handle, so it cannot be returned beside it.
+fn append_replies(
+    raft: Raft,
+    shard: ShardId,
+    first: RaftMessage,
+    messages: Streaming<RaftMessage>,
+) -> impl futures_util::Stream<Item = Result<RaftReply, Status>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel(APPEND_REPLIES_QUEUED);
+    let requests = futures_util::stream::unfold(
+        (Some(first), messages),
+        move |(pending, mut messages)| async move {
+            let message = match pending {
+                Some(m) => m,
+                None => messages.next().await?.ok()?,
+            };
+            if message.shard_id != shard {
+                tracing::warn!(
+                    shard,
+                    other = message.shard_id,
+                    "append stream changed shard"
+                );
+                return None;
+            }
+            match decode::<AppendEntriesRequest<TypeConfig>>(&message.payload) {
+                Ok(rpc) => Some((rpc, (None, messages))),
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "undecodable append request");
+                    None
+                }
+            }
+        },
+    );
+    tokio::spawn(async move {
+        let answers = raft.stream_append(requests);
+        futures_util::pin_mut!(answers);
+        while let Some(result) = answers.next().await {
+            let reply = match result {
+                Ok(appended) => encode(&appended)
+                    .map(|payload| RaftReply {
+                        payload,
+                        error: String::new(),
+                    })
+                    .map_err(|e| Status::internal(e.to_string())),
+                Err(fatal) => Ok(RaftReply {
+                    payload: Vec::new(),
+                    error: fatal.to_string(),
+                }),
+            };
+            if tx.send(reply).await.is_err() {
+                // The leader closed the stream.
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Answers of one append stream waiting for the transport.
+const APPEND_REPLIES_QUEUED: usize = 64;
+
 #[tonic::async_trait]
 impl<R: GroupRegistry> RaftService for RaftServer<R> {
+    type AppendStreamStream = AppendReplies;
+
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<RaftMessage>>,
+    ) -> Result<Response<AppendReplies>, Status> {
+        // Answered at once: the leader may have nothing to send until its group changes.
+        let registry = Arc::clone(&self.registry);
+        let mut messages = request.into_inner();
+        let replies = futures_util::stream::once(async move {
+            let first = match messages.next().await {
+                None => return Box::pin(tokio_stream::empty()) as AppendReplies,
+                Some(Err(status)) => return Box::pin(tokio_stream::once(Err(status))),
+                Some(Ok(first)) => first,
+            };
+            let shard = first.shard_id;
+            let Some(raft) = registry.raft(shard) else {
+                let refusal = RaftReply {
+                    payload: Vec::new(),
+                    error: format!("no replica of shard {shard} on this node"),
+                };
+                return Box::pin(tokio_stream::once(Ok(refusal)));
+            };
+            Box::pin(append_replies(raft, shard, first, messages)) as AppendReplies
+        });
+        let replies = futures_util::StreamExt::flatten(replies);
+        Ok(Response::new(Box::pin(replies)))
+    }
+
     async fn append_entries(
         &self,
         request: Request<RaftMessage>,
