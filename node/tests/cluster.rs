@@ -422,3 +422,75 @@ async fn batched_proposals_answer_each_writer() {
         "each put answered with its own log index"
     );
 }
+
+/// The sum over `cluster`'s nodes of a counter from their /metrics pages.
+async fn counter_sum(cluster: &TestCluster, name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sum = 0;
+    for node in &cluster.nodes {
+        let mut stream = tokio::net::TcpStream::connect(node.config.http_listen)
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut page = String::new();
+        stream.read_to_string(&mut page).await.unwrap();
+        let line = page
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} on the metrics page of node {}", node.id));
+        sum += line[name.len() + 1..].trim().parse::<u64>().unwrap();
+    }
+    sum
+}
+
+async fn put_many(client: &dossier_client::Client, patients: &[String], round: u32) {
+    let mut writers = Vec::new();
+    for (i, patient) in patients.iter().enumerate() {
+        let (client, patient) = (client.clone(), patient.clone());
+        writers.push(tokio::spawn(async move {
+            for n in 0..20 {
+                let key = format!("k-{round}-{i}-{n}").into_bytes();
+                client.put(&patient, &key, b"v").await.unwrap();
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+}
+
+/// Leaders replicate over append streams (openraft opens one per replication session, heartbeats
+/// included). An idle stream must not fail: one that counted a request it was still waiting for
+/// as unanswered timed out every 40 ms while idle, and the resets of the failed streams piled up
+/// on the follower's connection until it refused new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_streams_stay_open_while_groups_idle() {
+    let cluster = TestCluster::start(3, 3, 3, &|_| {}).await;
+    let client = cluster.client().await;
+    let patients: Vec<String> = (1..=3)
+        .flat_map(|shard| (0..4).map(move |salt| (shard, format!("stream-{salt}"))))
+        .map(|(shard, salt)| patient_in_shard(&client, shard, &salt))
+        .collect();
+    put_many(&client, &patients, 0).await;
+    // Commit indexes reach the followers, then every group is idle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let opened = counter_sum(&cluster, "dossier_raft_append_streams_opened_total").await;
+    let failed = counter_sum(&cluster, "dossier_raft_append_stream_failures_total").await;
+    assert!(
+        opened >= 8,
+        "4 groups x 2 followers opened streams ({opened})"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Idle for 2 s, 50 hard TTLs: with the counting bug, 380 failures here.
+    let idle_failed =
+        counter_sum(&cluster, "dossier_raft_append_stream_failures_total").await - failed;
+    assert!(
+        idle_failed < 3,
+        "{idle_failed} append streams failed while idle"
+    );
+    // Writes after the idle time are replicated as before.
+    put_many(&client, &patients, 1).await;
+}

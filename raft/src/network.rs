@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,6 +61,16 @@ impl Default for NetworkConfig {
 pub struct PeerPool {
     config: NetworkConfig,
     channels: Mutex<HashMap<String, Channel>>,
+    append_streams: AppendStreamCounts,
+}
+
+/// Append streams this node opened as a leader, and those that failed (transport error, refusal
+/// or an overdue reply). openraft opens a new stream after each failure, so failures that grow
+/// while the cluster is healthy mean the streams are churning.
+#[derive(Debug, Default)]
+pub struct AppendStreamCounts {
+    pub opened: AtomicU64,
+    pub failed: AtomicU64,
 }
 
 impl PeerPool {
@@ -67,11 +78,16 @@ impl PeerPool {
         Arc::new(PeerPool {
             config,
             channels: Mutex::new(HashMap::new()),
+            append_streams: AppendStreamCounts::default(),
         })
     }
 
     pub fn config(&self) -> &NetworkConfig {
         &self.config
+    }
+
+    pub fn append_streams(&self) -> &AppendStreamCounts {
+        &self.append_streams
     }
 
     /// The channel to `addr` (host:port), created lazily on first use.
@@ -212,9 +228,10 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
             let requests = futures_util::stream::unfold(
                 (input, Arc::clone(&window)),
                 move |(mut input, window)| async move {
-                    // A permit per unanswered request; a reply gives it back.
-                    window.acquire().await.ok()?.forget();
                     let request = input.next().await?;
+                    // A permit per unanswered request, taken once there is one (a permit held
+                    // while waiting would count as an unanswered request); a reply gives it back.
+                    window.acquire().await.ok()?.forget();
                     match encode(&request) {
                         Ok(payload) => Some((
                             RaftMessage {
@@ -230,20 +247,29 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
                     }
                 },
             );
-            let mut client = self.client()?;
+            let counts = Arc::clone(&self.pool);
+            counts.append_streams.opened.fetch_add(1, Ordering::Relaxed);
+            let count_failure = move || {
+                counts.append_streams.failed.fetch_add(1, Ordering::Relaxed);
+            };
             // As for a unary request: openraft's hard TTL, for the opening and for each reply.
             let ttl = option.hard_ttl();
-            // No grpc-timeout: it would bound the whole stream, not each reply.
-            let request = tonic::Request::new(requests);
-            let replies = tokio::time::timeout(ttl, client.append_stream(request))
-                .await
-                .map_err(|_| {
-                    RPCError::Unreachable(Unreachable::from_string(format!(
-                        "append stream not opened within {ttl:?}"
-                    )))
-                })?
-                .map_err(|s| status_error(&s))?
-                .into_inner();
+            let opened = async {
+                let mut client = self.client()?;
+                // No grpc-timeout: it would bound the whole stream, not each reply.
+                let request = tonic::Request::new(requests);
+                Ok(tokio::time::timeout(ttl, client.append_stream(request))
+                    .await
+                    .map_err(|_| {
+                        RPCError::Unreachable(Unreachable::from_string(format!(
+                            "append stream not opened within {ttl:?}"
+                        )))
+                    })?
+                    .map_err(|s| status_error(&s))?
+                    .into_inner())
+            };
+            let opened: Result<_, RPCError<TypeConfig>> = opened.await;
+            let replies = opened.inspect_err(|_| count_failure())?;
             let answers =
                 futures_util::stream::unfold(Some((replies, window)), move |state| async move {
                     let (mut replies, window) = state?;
@@ -271,6 +297,11 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
                         }
                     }
                 });
+            let answers = answers.inspect(move |answer| {
+                if answer.is_err() {
+                    count_failure();
+                }
+            });
             let answers: BoxStream<'s, _> = Box::pin(answers);
             Ok(answers)
         })
