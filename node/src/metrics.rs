@@ -2,7 +2,6 @@
 //! counters gathered at scrape time.
 
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
 
 use dossier_raft::openraft::async_runtime::WatchReceiver;
 use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, Registry, TextEncoder};
@@ -136,24 +135,6 @@ pub fn render(node: &Node) -> String {
             let v = [r.4, r.5, r.6][col - 4];
             let _ = writeln!(out, "{name}{{shard=\"{}\"}} {v}", r.0);
         }
-    }
-    let streams = node.append_streams();
-    for (name, help, value) in [
-        (
-            "dossier_raft_append_streams_opened_total",
-            "AppendEntries streams this node's leaders opened (one per group and follower, again after each failure).",
-            streams.opened.load(Ordering::Relaxed),
-        ),
-        (
-            "dossier_raft_append_stream_failures_total",
-            "AppendEntries streams that failed: transport error, refusal or a reply overdue.",
-            streams.failed.load(Ordering::Relaxed),
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-        );
     }
     let log = node.engine().stats();
     for (name, help, kind, value) in [

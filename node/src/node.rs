@@ -84,11 +84,6 @@ impl Node {
         Ok(node)
     }
 
-    /// Append streams opened and failed by this node's leaders.
-    pub fn append_streams(&self) -> &dossier_raft::AppendStreamCounts {
-        self.ctx.pool.append_streams()
-    }
-
     /// The shared channel to a peer node (internal services).
     pub fn peer_channel(&self, addr: &str) -> Result<tonic::transport::Channel, ApiError> {
         self.ctx

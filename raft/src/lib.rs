@@ -20,7 +20,7 @@ mod types;
 pub use error::Error;
 pub use group::{GroupContext, Raft, RaftConfig};
 pub use log_store::LogStore;
-pub use network::{AppendStreamCounts, GroupNetwork, NetworkConfig, PeerPool};
+pub use network::{GroupNetwork, NetworkConfig, PeerPool};
 pub use server::{GroupRegistry, RaftServer};
 pub use state_machine::{SnapshotFile, StateMachine};
 pub use types::{Entry, LogId, NodeId, Request, Response, StoredMembership, TypeConfig, Vote};

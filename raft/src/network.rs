@@ -4,19 +4,14 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use futures_util::StreamExt;
 
 use dossier_api::raft::v1::raft_client::RaftClient;
 use dossier_api::raft::v1::{RaftMessage, RaftReply, SnapshotChunk};
 use dossier_storage::ShardId;
-use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::RPCOption;
-use openraft::raft::StreamAppendResult;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
@@ -37,13 +32,7 @@ pub struct NetworkConfig {
     pub snapshot_timeout: Duration,
     /// Bytes per snapshot chunk.
     pub snapshot_chunk_bytes: usize,
-    /// AppendEntries requests a group's leader keeps in flight to one follower on its append
-    /// stream (at least 1).
-    pub append_pipeline_depth: usize,
 }
-
-/// Default of [`NetworkConfig::append_pipeline_depth`] (docs/benchmarks.md).
-pub const APPEND_PIPELINE_DEPTH: usize = 4;
 
 impl Default for NetworkConfig {
     fn default() -> Self {
@@ -51,7 +40,6 @@ impl Default for NetworkConfig {
             connect_timeout: Duration::from_millis(250),
             snapshot_timeout: Duration::from_secs(60),
             snapshot_chunk_bytes: 1 << 20,
-            append_pipeline_depth: APPEND_PIPELINE_DEPTH,
         }
     }
 }
@@ -61,16 +49,6 @@ impl Default for NetworkConfig {
 pub struct PeerPool {
     config: NetworkConfig,
     channels: Mutex<HashMap<String, Channel>>,
-    append_streams: AppendStreamCounts,
-}
-
-/// Append streams this node opened as a leader, and those that failed (transport error, refusal
-/// or an overdue reply). openraft opens a new stream after each failure, so failures that grow
-/// while the cluster is healthy mean the streams are churning.
-#[derive(Debug, Default)]
-pub struct AppendStreamCounts {
-    pub opened: AtomicU64,
-    pub failed: AtomicU64,
 }
 
 impl PeerPool {
@@ -78,16 +56,11 @@ impl PeerPool {
         Arc::new(PeerPool {
             config,
             channels: Mutex::new(HashMap::new()),
-            append_streams: AppendStreamCounts::default(),
         })
     }
 
     pub fn config(&self) -> &NetworkConfig {
         &self.config
-    }
-
-    pub fn append_streams(&self) -> &AppendStreamCounts {
-        &self.append_streams
     }
 
     /// The channel to `addr` (host:port), created lazily on first use.
@@ -199,113 +172,6 @@ impl PeerLink {
 
 impl RaftNetworkV2<TypeConfig> for PeerLink {
     type SnapshotData = SnapshotFile;
-
-    /// One gRPC stream per (group, follower) carries the requests, at most
-    /// `append_pipeline_depth` unanswered; the follower answers in order. A reply must come
-    /// within `option.hard_ttl()` while requests are unanswered, or the stream fails (openraft
-    /// then opens a new one).
-    fn stream_append<'s, S>(
-        &'s mut self,
-        input: S,
-        option: RPCOption,
-    ) -> BoxFuture<
-        's,
-        Result<
-            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
-            RPCError<TypeConfig>,
-        >,
-    >
-    where
-        S: futures_util::Stream<Item = AppendEntriesRequest<TypeConfig>>
-            + openraft::OptionalSend
-            + Unpin
-            + 'static,
-    {
-        Box::pin(async move {
-            let depth = self.pool.config().append_pipeline_depth.max(1);
-            let window = Arc::new(tokio::sync::Semaphore::new(depth));
-            let shard = self.shard;
-            let requests = futures_util::stream::unfold(
-                (input, Arc::clone(&window)),
-                move |(mut input, window)| async move {
-                    let request = input.next().await?;
-                    // A permit per unanswered request, taken once there is one (a permit held
-                    // while waiting would count as an unanswered request); a reply gives it back.
-                    window.acquire().await.ok()?.forget();
-                    match encode(&request) {
-                        Ok(payload) => Some((
-                            RaftMessage {
-                                shard_id: shard,
-                                payload,
-                            },
-                            (input, window),
-                        )),
-                        Err(e) => {
-                            tracing::error!(shard, error = %e, "append request does not encode");
-                            None
-                        }
-                    }
-                },
-            );
-            let counts = Arc::clone(&self.pool);
-            counts.append_streams.opened.fetch_add(1, Ordering::Relaxed);
-            let count_failure = move || {
-                counts.append_streams.failed.fetch_add(1, Ordering::Relaxed);
-            };
-            // As for a unary request: openraft's hard TTL, for the opening and for each reply.
-            let ttl = option.hard_ttl();
-            let opened = async {
-                let mut client = self.client()?;
-                // No grpc-timeout: it would bound the whole stream, not each reply.
-                let request = tonic::Request::new(requests);
-                Ok(tokio::time::timeout(ttl, client.append_stream(request))
-                    .await
-                    .map_err(|_| {
-                        RPCError::Unreachable(Unreachable::from_string(format!(
-                            "append stream not opened within {ttl:?}"
-                        )))
-                    })?
-                    .map_err(|s| status_error(&s))?
-                    .into_inner())
-            };
-            let opened: Result<_, RPCError<TypeConfig>> = opened.await;
-            let replies = opened.inspect_err(|_| count_failure())?;
-            let answers =
-                futures_util::stream::unfold(Some((replies, window)), move |state| async move {
-                    let (mut replies, window) = state?;
-                    loop {
-                        // Silence is fine while nothing is unanswered (an idle group).
-                        let unanswered = depth - window.available_permits();
-                        match tokio::time::timeout(ttl, replies.next()).await {
-                            Err(_) if unanswered == 0 => continue,
-                            Err(_) => {
-                                let e = RPCError::Network(NetworkError::from_string(format!(
-                                    "no append reply within {ttl:?}"
-                                )));
-                                return Some((Err(e), None));
-                            }
-                            Ok(None) => return None,
-                            Ok(Some(Err(status))) => {
-                                return Some((Err(status_error(&status)), None));
-                            }
-                            Ok(Some(Ok(message))) => {
-                                window.add_permits(1);
-                                let answer = reply::<StreamAppendResult<TypeConfig>>(message);
-                                let next = matches!(answer, Ok(Ok(_))).then_some((replies, window));
-                                return Some((answer, next));
-                            }
-                        }
-                    }
-                });
-            let answers = answers.inspect(move |answer| {
-                if answer.is_err() {
-                    count_failure();
-                }
-            });
-            let answers: BoxStream<'s, _> = Box::pin(answers);
-            Ok(answers)
-        })
-    }
 
     async fn append_entries(
         &mut self,
