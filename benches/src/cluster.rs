@@ -91,12 +91,13 @@ impl LocalCluster {
         let local =
             procs::LocalCluster::spawn(dir, 3, base_port, &procs::node_binary(None)?).await?;
         local.init(shards, 3).await?;
-        let mut config = dossier_client::ClientConfig::new(local.seeds.clone());
-        config.attempt_timeout = Duration::from_millis(500);
-        if let Some(n) = connections_per_node {
-            config.connections_per_node = n;
-        }
-        let client = Client::connect(config).await?;
+        let client = local
+            .client_with(|config| {
+                if let Some(n) = connections_per_node {
+                    config.connections_per_node = n;
+                }
+            })
+            .await?;
         let seeds = local.seeds.clone();
         Ok(LocalCluster {
             local,

@@ -315,7 +315,7 @@ fn main() -> Result<()> {
                             duration: Duration::from_secs(seconds),
                             ops,
                             warmup: Duration::from_secs(warmup),
-                            shards: (backend.name() == "dossier").then_some(shards),
+                            shards: matches!(backend, cluster::Backend::Dossier(_)).then_some(shards),
                             connections_per_node,
                         };
                         eprintln!("cluster-load: {} {workload:?} with {n} clients, {value_bytes} B values, {seconds} s", backend.name());

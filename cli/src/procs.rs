@@ -276,9 +276,18 @@ impl LocalCluster {
 
     /// A client for this cluster with short attempts (fast failover) and a 10 s deadline.
     pub async fn client(&self) -> Result<dossier_client::Client> {
+        self.client_with(|_| {}).await
+    }
+
+    /// As [`Self::client`], with `tweak` applied to the configuration before connecting.
+    pub async fn client_with(
+        &self,
+        tweak: impl FnOnce(&mut dossier_client::ClientConfig),
+    ) -> Result<dossier_client::Client> {
         let mut config = dossier_client::ClientConfig::new(self.seeds.clone());
         config.attempt_timeout = Duration::from_millis(500);
         config.deadline = Duration::from_secs(10);
+        tweak(&mut config);
         Ok(dossier_client::Client::connect(config).await?)
     }
 

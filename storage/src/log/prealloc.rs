@@ -39,8 +39,6 @@ const ZEROS_PER_WRITE: usize = 1 << 20;
 struct Flags {
     ready: bool,
     closing: bool,
-    /// Making a file failed once; segments grow from then on.
-    gave_up: bool,
 }
 
 #[derive(Debug)]
@@ -115,8 +113,8 @@ impl Prealloc {
                 Err(e) => {
                     warn!(dir = %self.dir.display(), error = %e,
                         "cannot prepare a zero-filled log segment; segments will grow as written");
+                    // The thread ends and `ready` stays false: segments grow from then on.
                     let _ = fs::remove_file(self.dir.join(PARTIAL));
-                    self.flags().gave_up = true;
                     return;
                 }
             }
@@ -154,7 +152,7 @@ impl Prealloc {
     /// Never waits: the next file is made while the current segment fills.
     pub(super) fn take(&self, segment: &Path) -> io::Result<Option<File>> {
         let mut flags = self.flags();
-        if !flags.ready || flags.gave_up {
+        if !flags.ready {
             return Ok(None);
         }
         fs::rename(self.dir.join(READY), segment)?;
