@@ -53,6 +53,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
     let grpc = {
         let node = Arc::clone(&node);
         let mut serving = serving_rx.clone();
+        let replication_stop = serving_rx.clone();
         let addr = config.node.listen;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -63,7 +64,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
                 .tcp_nodelay(true)
                 .timeout(node.config.request_deadline() + Duration::from_secs(1))
                 .add_service(
-                    RaftGrpc::new(RaftServer::new(Arc::clone(&node)))
+                    RaftGrpc::new(RaftServer::new(Arc::clone(&node), replication_stop))
                         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
                 )
                 .add_service(

@@ -2,6 +2,7 @@
 //! counters gathered at scrape time.
 
 use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
 
 use dossier_raft::openraft::async_runtime::WatchReceiver;
 use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, Registry, TextEncoder};
@@ -135,6 +136,29 @@ pub fn render(node: &Node) -> String {
             let v = [r.4, r.5, r.6][col - 4];
             let _ = writeln!(out, "{name}{{shard=\"{}\"}} {v}", r.0);
         }
+    }
+    let streams = node.append_counts();
+    for (name, help, value) in [
+        (
+            "dossier_raft_append_streams_opened_total",
+            "Replication streams this node opened to its peers (one per peer, again after a break).",
+            streams.streams_opened.load(Ordering::Relaxed),
+        ),
+        (
+            "dossier_raft_append_sessions_total",
+            "Replication sessions of this node's leaders (runs of AppendEntries, heartbeats).",
+            streams.sessions.load(Ordering::Relaxed),
+        ),
+        (
+            "dossier_raft_append_session_failures_total",
+            "Replication sessions that failed: stream broken, answer overdue, peer refused.",
+            streams.session_failures.load(Ordering::Relaxed),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
     }
     let log = node.engine().stats();
     for (name, help, kind, value) in [

@@ -84,6 +84,11 @@ impl Node {
         Ok(node)
     }
 
+    /// Replication streams and sessions of this node's leaders.
+    pub fn append_counts(&self) -> &dossier_raft::AppendStreamCounts {
+        self.ctx.pool.append_counts()
+    }
+
     /// The shared channel to a peer node (internal services).
     pub fn peer_channel(&self, addr: &str) -> Result<tonic::transport::Channel, ApiError> {
         self.ctx

@@ -422,3 +422,87 @@ async fn batched_proposals_answer_each_writer() {
         "each put answered with its own log index"
     );
 }
+
+/// The sum over `cluster`'s nodes of a counter from their /metrics pages.
+async fn counter_sum(cluster: &TestCluster, name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sum = 0;
+    for node in &cluster.nodes {
+        let mut stream = tokio::net::TcpStream::connect(node.config.http_listen)
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut page = String::new();
+        stream.read_to_string(&mut page).await.unwrap();
+        let line = page
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} on the metrics page of node {}", node.id));
+        sum += line[name.len() + 1..].trim().parse::<u64>().unwrap();
+    }
+    sum
+}
+
+async fn put_many(client: &dossier_client::Client, patients: &[String], round: u32) {
+    let mut writers = Vec::new();
+    for (i, patient) in patients.iter().enumerate() {
+        let (client, patient) = (client.clone(), patient.clone());
+        writers.push(tokio::spawn(async move {
+            for n in 0..20 {
+                let key = format!("k-{round}-{i}-{n}").into_bytes();
+                client.put(&patient, &key, b"v").await.unwrap();
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+}
+
+/// Leaders replicate over one stream per peer, every group's sessions (replication runs and
+/// heartbeats) multiplexed on it. Heartbeats are sessions too, about 25 a second per group and
+/// follower: they must neither open streams nor fail while the groups are idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_streams_carry_every_session_and_stay_open_while_idle() {
+    let cluster = TestCluster::start(3, 3, 3, &|_| {}).await;
+    let client = cluster.client().await;
+    let patients: Vec<String> = (1..=3)
+        .flat_map(|shard| (0..4).map(move |salt| (shard, format!("stream-{salt}"))))
+        .map(|(shard, salt)| patient_in_shard(&client, shard, &salt))
+        .collect();
+    put_many(&client, &patients, 0).await;
+    // Commit indexes reach the followers, then every group is idle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let opened = counter_sum(&cluster, "dossier_raft_append_streams_opened_total").await;
+    let sessions = counter_sum(&cluster, "dossier_raft_append_sessions_total").await;
+    let failed = counter_sum(&cluster, "dossier_raft_append_session_failures_total").await;
+    // 3 nodes, each with at most 2 peers; a stream broken while the cluster formed is reopened.
+    assert!(
+        (2..=12).contains(&opened),
+        "{opened} replication streams opened for 3 nodes"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_sessions =
+        counter_sum(&cluster, "dossier_raft_append_sessions_total").await - sessions;
+    let idle_failed =
+        counter_sum(&cluster, "dossier_raft_append_session_failures_total").await - failed;
+    let idle_opened =
+        counter_sum(&cluster, "dossier_raft_append_streams_opened_total").await - opened;
+    eprintln!("streams opened {opened}, idle: {idle_sessions} sessions, {idle_failed} failed, {idle_opened} streams opened");
+    // 4 groups (3 shards and the directory) x 2 followers x 2 s of heartbeats: hundreds of
+    // sessions on the streams already open.
+    assert!(
+        idle_sessions >= 100,
+        "{idle_sessions} sessions while idle: heartbeats go through the streams"
+    );
+    assert_eq!(idle_opened, 0, "no stream opened while idle");
+    assert!(
+        idle_failed < 3,
+        "{idle_failed} of {idle_sessions} sessions failed while idle"
+    );
+    // Writes after the idle time are replicated as before.
+    put_many(&client, &patients, 1).await;
+}

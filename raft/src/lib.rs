@@ -9,6 +9,7 @@
 //!
 //! Non-goals: this crate knows nothing of patients, routing or the public API.
 
+mod append;
 mod error;
 mod group;
 mod log_store;
@@ -20,7 +21,8 @@ mod types;
 pub use error::Error;
 pub use group::{GroupContext, Raft, RaftConfig};
 pub use log_store::LogStore;
-pub use network::{GroupNetwork, NetworkConfig, PeerPool};
+pub use append::AppendStreamCounts;
+pub use network::{APPEND_PIPELINE_DEPTH, GroupNetwork, NetworkConfig, PeerPool};
 pub use server::{GroupRegistry, RaftServer};
 pub use state_machine::{SnapshotFile, StateMachine};
 pub use types::{Entry, LogId, NodeId, Request, Response, StoredMembership, TypeConfig, Vote};

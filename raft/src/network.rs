@@ -7,6 +7,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use openraft::base::{BoxFuture, BoxStream};
+use openraft::raft::StreamAppendResult;
+
 use dossier_api::raft::v1::raft_client::RaftClient;
 use dossier_api::raft::v1::{RaftMessage, RaftReply, SnapshotChunk};
 use dossier_storage::ShardId;
@@ -21,6 +24,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::append::{AppendStreamCounts, Mux, Session};
 use crate::state_machine::SnapshotFile;
 use crate::types::{CommittedLeaderId, NodeId, TypeConfig, Vote, decode, encode};
 
@@ -32,7 +36,12 @@ pub struct NetworkConfig {
     pub snapshot_timeout: Duration,
     /// Bytes per snapshot chunk.
     pub snapshot_chunk_bytes: usize,
+    /// AppendEntries requests a replication session keeps unanswered (at least 1).
+    pub append_pipeline_depth: usize,
 }
+
+/// Default of [`NetworkConfig::append_pipeline_depth`] (docs/benchmarks.md).
+pub const APPEND_PIPELINE_DEPTH: usize = 4;
 
 impl Default for NetworkConfig {
     fn default() -> Self {
@@ -40,15 +49,19 @@ impl Default for NetworkConfig {
             connect_timeout: Duration::from_millis(250),
             snapshot_timeout: Duration::from_secs(60),
             snapshot_chunk_bytes: 1 << 20,
+            append_pipeline_depth: APPEND_PIPELINE_DEPTH,
         }
     }
 }
 
-/// The node's connections to its peers, by address: one HTTP/2 channel per peer.
+/// The node's connections to its peers, by address: one HTTP/2 channel per peer, and on it one
+/// replication stream carrying every group's AppendEntries (`crate::append`).
 #[derive(Debug)]
 pub struct PeerPool {
     config: NetworkConfig,
     channels: Mutex<HashMap<String, Channel>>,
+    streams: Mutex<HashMap<String, Arc<Mux>>>,
+    counts: Arc<AppendStreamCounts>,
 }
 
 impl PeerPool {
@@ -56,7 +69,28 @@ impl PeerPool {
         Arc::new(PeerPool {
             config,
             channels: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+            counts: Arc::default(),
         })
+    }
+
+    /// Replication streams and sessions of this node's leaders.
+    pub fn append_counts(&self) -> &AppendStreamCounts {
+        &self.counts
+    }
+
+    /// The open replication stream to `addr`, opened anew if there is none or it broke.
+    fn replication_stream(&self, addr: &str) -> Result<Arc<Mux>, tonic::transport::Error> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mux) = streams.get(addr).filter(|m| !m.is_closed()) {
+            return Ok(Arc::clone(mux));
+        }
+        let mux = Mux::open(addr, self.channel(addr)?);
+        self.counts
+            .streams_opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        streams.insert(addr.to_owned(), Arc::clone(&mux));
+        Ok(mux)
     }
 
     pub fn config(&self) -> &NetworkConfig {
@@ -172,6 +206,45 @@ impl PeerLink {
 
 impl RaftNetworkV2<TypeConfig> for PeerLink {
     type SnapshotData = SnapshotFile;
+
+    /// A session on the replication stream to the peer, shared by every group
+    /// (`crate::append`): up to `append_pipeline_depth` requests unanswered; an answer must come
+    /// within `option.hard_ttl()` while one is due, or the session fails (openraft then starts
+    /// another, probing from the follower's last match).
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: futures_util::Stream<Item = AppendEntriesRequest<TypeConfig>>
+            + openraft::OptionalSend
+            + Unpin
+            + 'static,
+    {
+        Box::pin(async move {
+            let mux = self
+                .pool
+                .replication_stream(&self.addr)
+                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+            let session = Session::start(
+                mux,
+                self.shard,
+                input,
+                self.pool.config().append_pipeline_depth,
+                option.hard_ttl(),
+                Arc::clone(&self.pool.counts),
+            )?;
+            let answers: BoxStream<'s, _> = Box::pin(session.into_stream());
+            Ok(answers)
+        })
+    }
 
     async fn append_entries(
         &mut self,

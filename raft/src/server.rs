@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use dossier_api::raft::v1::raft_server::Raft as RaftService;
-use dossier_api::raft::v1::{RaftMessage, RaftReply, SnapshotChunk};
+use dossier_api::raft::v1::{AppendAnswer, AppendFrame, RaftMessage, RaftReply, SnapshotChunk};
 use dossier_storage::{ShardId, SnapshotReceiver};
 use openraft::Snapshot;
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use serde::Serialize;
+use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -29,13 +30,20 @@ pub trait GroupRegistry: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct RaftServer<R> {
     registry: Arc<R>,
+    stopping: watch::Receiver<bool>,
 }
 
 impl<R> RaftServer<R> {
-    pub fn new(registry: Arc<R>) -> Self {
-        RaftServer { registry }
+    /// `stopping` turns true when the node stops serving: the long-lived replication streams
+    /// then end, so that the server's graceful shutdown does not wait on them.
+    pub fn new(registry: Arc<R>, stopping: watch::Receiver<bool>) -> Self {
+        RaftServer { registry, stopping }
     }
 }
+
+/// The answers of one replication stream.
+type AppendAnswers =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<AppendAnswer, Status>> + Send>>;
 
 fn ok<T: Serialize>(value: &T) -> Result<Response<RaftReply>, Status> {
     let payload = encode(value).map_err(|e| Status::internal(e.to_string()))?;
@@ -78,6 +86,20 @@ macro_rules! dispatch {
 
 #[tonic::async_trait]
 impl<R: GroupRegistry> RaftService for RaftServer<R> {
+    type ReplicateStream = AppendAnswers;
+
+    async fn replicate(
+        &self,
+        request: Request<Streaming<AppendFrame>>,
+    ) -> Result<Response<AppendAnswers>, Status> {
+        let answers = crate::append::serve(
+            Arc::clone(&self.registry),
+            request.into_inner(),
+            self.stopping.clone(),
+        );
+        Ok(Response::new(Box::pin(answers)))
+    }
+
     async fn append_entries(
         &self,
         request: Request<RaftMessage>,
