@@ -423,11 +423,11 @@ async fn batched_proposals_answer_each_writer() {
     );
 }
 
-/// The sum over `cluster`'s nodes of a counter from their /metrics pages.
+/// The sum over `cluster`'s running nodes of a counter from their /metrics pages.
 async fn counter_sum(cluster: &TestCluster, name: &str) -> u64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut sum = 0;
-    for node in &cluster.nodes {
+    for node in cluster.nodes.iter().filter(|n| n.is_running()) {
         let mut stream = tokio::net::TcpStream::connect(node.config.http_listen)
             .await
             .unwrap();
@@ -505,4 +505,62 @@ async fn replication_streams_carry_every_session_and_stay_open_while_idle() {
     );
     // Writes after the idle time are replicated as before.
     put_many(&client, &patients, 1).await;
+}
+
+/// A stopped peer: the graceful stop is not held up by the replication streams peers keep open
+/// to it; while it is down, the other nodes redial it at a bounded rate instead of failing
+/// sessions in a loop (each heartbeat is a session); once it is back it catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_peer_is_redialled_at_a_bounded_rate() {
+    let mut cluster = TestCluster::start(3, 3, 3, &|_| {}).await;
+    let client = cluster.client().await;
+    let patients: Vec<String> = (1..=3)
+        .map(|shard| patient_in_shard(&client, shard, "down"))
+        .collect();
+    put_many(&client, &patients, 0).await;
+    let stopping = Instant::now();
+    cluster.nodes[2].stop().await;
+    let stop_took = stopping.elapsed();
+    assert!(
+        stop_took < Duration::from_secs(8),
+        "graceful stop took {stop_took:?}"
+    );
+    let opened = counter_sum(&cluster, "dossier_raft_append_streams_opened_total").await;
+    let failed = counter_sum(&cluster, "dossier_raft_append_session_failures_total").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let down_opened =
+        counter_sum(&cluster, "dossier_raft_append_streams_opened_total").await - opened;
+    let down_failed =
+        counter_sum(&cluster, "dossier_raft_append_session_failures_total").await - failed;
+    eprintln!("stop took {stop_took:?}; peer down 2 s: {down_opened} streams opened, {down_failed} sessions failed");
+    // 2 nodes redial at most every 100 ms: 40 in 2 s. Heartbeats (4 groups, 25 a second each)
+    // fail at once in between: a few hundred. Failing sessions in a loop made hundreds of
+    // thousands.
+    assert!(down_opened <= 50, "{down_opened} streams opened to a stopped peer in 2 s");
+    assert!(down_failed < 2_000, "{down_failed} sessions failed in 2 s");
+    // The other two replicas still commit.
+    put_many(&client, &patients, 1).await;
+    cluster.nodes[2].start();
+    put_many(&client, &patients, 2).await;
+    // The restarted node catches up: every replica applies the last write.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let replicas = cluster.replicas().await;
+        let lagging: Vec<_> = replicas
+            .iter()
+            .filter(|s| s.node_id == 3)
+            .filter(|s| {
+                let leader = replicas
+                    .iter()
+                    .filter(|l| l.shard_id == s.shard_id && l.role == "leader")
+                    .max_by_key(|l| l.term);
+                leader.is_none_or(|l| s.applied_index < l.commit_index)
+            })
+            .collect();
+        if lagging.is_empty() && replicas.iter().any(|s| s.node_id == 3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 3 did not catch up: {lagging:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

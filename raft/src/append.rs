@@ -17,10 +17,12 @@
 //!   at once and answers in order). The reader never waits on a session: a session whose queue
 //!   is full (the sender broke its window) is refused.
 //!
-//! Bounds: a session has at most `depth` requests unanswered, so at most `depth` answers wait in
-//! its queue; the sender's frame queue holds [`FRAMES_QUEUED`] frames, and a stream whose queue
-//! is full is closed (its peer is not reading); the receiver keeps at most [`SESSIONS_MAX`]
-//! sessions per stream and [`SESSION_REQUESTS_QUEUED`] requests per session.
+//! Bounds: a session has at most `depth` requests unanswered (at most
+//! [`SESSION_REQUESTS_QUEUED`]), so at most `depth` answers wait in its queue. The sender's
+//! frame queue holds [`FRAMES_QUEUED`] frames: above three quarters no new session joins (a
+//! heartbeat fails at once), and a stream whose queue is full is closed (its peer is not
+//! reading). The receiver runs at most [`SESSIONS_MAX`] sessions per stream. Closing a stream
+//! ends the call: the receiver then drops every session of it.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -43,11 +45,15 @@ use crate::server::GroupRegistry;
 use crate::types::{TypeConfig, decode, encode};
 
 /// Frames waiting for the transport on one sender stream.
-pub const FRAMES_QUEUED: usize = 4096;
+pub const FRAMES_QUEUED: usize = 16_384;
 /// Sessions a receiver keeps open on one stream.
 pub const SESSIONS_MAX: usize = 4096;
 /// Requests of one session waiting for the replica on the receiver.
 pub const SESSION_REQUESTS_QUEUED: usize = 64;
+/// After a stream to a peer closed, how long sessions fail at once instead of opening another
+/// (every heartbeat is a session: without this, a dead peer is dialled about 25 times a second
+/// per group).
+pub const REOPEN_AFTER: Duration = Duration::from_millis(100);
 /// Answers waiting for the transport on one receiver stream.
 const ANSWERS_QUEUED: usize = 1024;
 
@@ -71,34 +77,37 @@ pub(crate) struct Mux {
     frames: mpsc::Sender<AppendFrame>,
     sessions: Mutex<Sessions>,
     next_session: AtomicU64,
+    /// Turns true when the mux closes: the call ends at once (queued frames dropped, the
+    /// receiver forgets the stream's sessions), whoever still holds the mux.
+    closing: watch::Sender<bool>,
 }
 
 #[derive(Debug, Default)]
 struct Sessions {
     open: HashMap<u64, AnswerTx>,
-    closed: bool,
+    /// When the stream closed.
+    closed: Option<tokio::time::Instant>,
 }
 
 impl Mux {
     /// Opens the stream on `channel` (lazily connected; a failure closes the mux).
     pub(crate) fn open(addr: &str, channel: Channel) -> Arc<Mux> {
         let (frames, outgoing) = mpsc::channel(FRAMES_QUEUED);
+        let (closing, closed) = watch::channel(false);
         let mux = Arc::new(Mux {
             addr: addr.to_owned(),
             frames,
             sessions: Mutex::new(Sessions::default()),
             next_session: AtomicU64::new(1),
+            closing,
         });
         let weak = Arc::downgrade(&mux);
-        tokio::spawn(read_answers(
-            weak,
-            channel,
-            tokio_stream::wrappers::ReceiverStream::new(outgoing),
-        ));
+        tokio::spawn(read_answers(weak, channel, outgoing, closed));
         mux
     }
 
-    pub(crate) fn is_closed(&self) -> bool {
+    /// When the stream closed, if it did.
+    pub(crate) fn closed_at(&self) -> Option<tokio::time::Instant> {
         self.lock().closed
     }
 
@@ -106,22 +115,28 @@ impl Mux {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Fails every session (their answer queues close) and refuses new ones.
+    /// Fails every session (their answer queues close), refuses new ones and ends the call.
     fn close(&self) {
         let mut sessions = self.lock();
-        sessions.closed = true;
-        sessions.open.clear();
+        Self::close_locked(&mut sessions, &self.closing);
     }
 
-    fn register(&self) -> Option<(u64, mpsc::UnboundedReceiver<AppendAnswer>)> {
+    fn close_locked(sessions: &mut Sessions, closing: &watch::Sender<bool>) {
+        sessions.closed.get_or_insert_with(tokio::time::Instant::now);
+        sessions.open.clear();
+        closing.send_replace(true);
+    }
+
+    /// A new session whose answers go to `answers`; `None` once the stream closed, or while
+    /// its frame queue is more than three quarters full (the sessions on it drain it first).
+    fn register(&self, answers: AnswerTx) -> Option<u64> {
         let mut sessions = self.lock();
-        if sessions.closed {
+        if sessions.closed.is_some() || self.frames.capacity() < FRAMES_QUEUED / 4 {
             return None;
         }
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
-        sessions.open.insert(id, tx);
-        Some((id, rx))
+        sessions.open.insert(id, answers);
+        Some(id)
     }
 
     fn route(&self, answer: AppendAnswer) {
@@ -149,8 +164,7 @@ impl Mux {
                 if matches!(e, mpsc::error::TrySendError::Full(_)) {
                     tracing::warn!(peer = %self.addr, "replication stream backed up; closing it");
                 }
-                sessions.closed = true;
-                sessions.open.clear();
+                Self::close_locked(sessions, &self.closing);
                 false
             }
         }
@@ -171,16 +185,28 @@ impl Mux {
     }
 }
 
-/// The stream's one reader: opens the call, then routes answers until the stream ends.
+/// The stream's one reader: opens the call, then routes answers until the stream ends or the
+/// mux closes.
 async fn read_answers(
     mux: Weak<Mux>,
     channel: Channel,
-    outgoing: tokio_stream::wrappers::ReceiverStream<AppendFrame>,
+    outgoing: mpsc::Receiver<AppendFrame>,
+    closed: watch::Receiver<bool>,
 ) {
+    let when_closed = |mut closed: watch::Receiver<bool>| async move {
+        let _ = closed.wait_for(|c| *c).await;
+    };
+    let outgoing = tokio_stream::wrappers::ReceiverStream::new(outgoing)
+        .take_until(when_closed(closed.clone()));
     let mut client = RaftClient::new(channel);
-    match client.replicate(tonic::Request::new(outgoing)).await {
+    let opened = tokio::select! {
+        opened = client.replicate(tonic::Request::new(outgoing)) => opened,
+        () = when_closed(closed.clone()) => return,
+    };
+    match opened {
         Ok(answers) => {
-            let mut answers = answers.into_inner();
+            let answers = answers.into_inner().take_until(when_closed(closed));
+            futures_util::pin_mut!(answers);
             loop {
                 match answers.next().await {
                     Some(Ok(answer)) => match mux.upgrade() {
@@ -202,16 +228,42 @@ async fn read_answers(
     }
 }
 
-/// One openraft replication session on a [`Mux`], as the stream of its answers.
+/// Where a session stands with its stream: the sending task joins a stream at its first
+/// request (after any backoff openraft applies in the request stream, so a dead peer is not
+/// redialled at once); the session's end leaves it.
+enum Link {
+    NotYet,
+    Joined(Arc<Mux>, u64),
+    Ended,
+}
+
+type Joining = Arc<Mutex<Link>>;
+
+fn lock_link(link: &Joining) -> std::sync::MutexGuard<'_, Link> {
+    link.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn closed(addr: &str) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::from_string(format!(
+        "replication stream to {addr} closed"
+    )))
+}
+
+/// How a session's sending task ended: the number of requests sent once the input ended, or
+/// the error that stopped it.
+type Sent = Result<u64, RPCError<TypeConfig>>;
+
+/// One openraft replication session, as the stream of its answers.
 pub(crate) struct Session {
-    mux: Arc<Mux>,
-    id: u64,
+    addr: String,
+    link: Joining,
     answers: mpsc::UnboundedReceiver<AppendAnswer>,
+    /// The stream closed; answers no longer come.
+    answers_closed: bool,
     window: Arc<Semaphore>,
     depth: usize,
     ttl: Duration,
-    /// Requests sent, once the input ended (or why sending stopped).
-    sent: Option<oneshot::Receiver<Result<u64, String>>>,
+    sent: Option<oneshot::Receiver<Sent>>,
     total: Option<u64>,
     received: u64,
     /// Signalled by the sending task after each request it queued.
@@ -223,44 +275,44 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Starts a session of `shard` on `mux`: a task sends `input`'s requests as they come, at
-    /// most `depth` unanswered. `ttl` bounds the wait for an answer while one is due.
-    pub(crate) fn start<S>(
-        mux: Arc<Mux>,
+    /// Starts a session of `shard` to the peer at `addr`: a task sends `input`'s requests as
+    /// they come, at most `depth` unanswered, on the stream `open` gives. `ttl` bounds the wait
+    /// for an answer while one is due.
+    pub(crate) fn start<S, O>(
+        addr: &str,
+        open: O,
         shard: ShardId,
         input: S,
         depth: usize,
         ttl: Duration,
         counts: Arc<AppendStreamCounts>,
-    ) -> Result<Session, RPCError<TypeConfig>>
+    ) -> Session
     where
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+        O: FnOnce() -> Result<Arc<Mux>, RPCError<TypeConfig>> + Send + 'static,
     {
-        let depth = depth.max(1);
-        let Some((id, answers)) = mux.register() else {
-            counts.session_failures.fetch_add(1, Ordering::Relaxed);
-            return Err(RPCError::Unreachable(Unreachable::from_string(format!(
-                "replication stream to {} closed",
-                mux.addr
-            ))));
-        };
-        counts.sessions.fetch_add(1, Ordering::Relaxed);
+        // The receiver queues at most SESSION_REQUESTS_QUEUED requests of a session.
+        let depth = depth.clamp(1, SESSION_REQUESTS_QUEUED);
         let window = Arc::new(Semaphore::new(depth));
         let (sent_tx, sent) = oneshot::channel();
+        let (answers_tx, answers) = mpsc::unbounded_channel();
         let queued = Arc::new(Notify::new());
-        let pump = tokio::spawn(send_requests(
-            input,
-            Arc::clone(&mux),
-            id,
+        let link = Arc::new(Mutex::new(Link::NotYet));
+        let sender = Sender {
+            open,
             shard,
-            Arc::clone(&window),
-            Arc::clone(&queued),
-            sent_tx,
-        ));
-        Ok(Session {
-            mux,
-            id,
+            window: Arc::clone(&window),
+            queued: Arc::clone(&queued),
+            answers: answers_tx,
+            link: Arc::clone(&link),
+            counts: Arc::clone(&counts),
+        };
+        let pump = tokio::spawn(sender.run(input, sent_tx));
+        Session {
+            addr: addr.to_owned(),
+            link,
             answers,
+            answers_closed: false,
             window,
             depth,
             ttl,
@@ -271,7 +323,7 @@ impl Session {
             deadline: None,
             pump: pump.abort_handle(),
             counts,
-        })
+        }
     }
 
     /// The next answer; `None` once every request sent was answered and the input ended.
@@ -283,6 +335,9 @@ impl Session {
                 return None;
             }
             let unanswered = self.depth - self.window.available_permits();
+            if self.answers_closed && (unanswered > 0 || self.total.is_some()) {
+                return Some(Err(closed(&self.addr)));
+            }
             if unanswered == 0 {
                 self.deadline = None;
             } else if self.deadline.is_none() {
@@ -292,15 +347,16 @@ impl Session {
             let awaiting_count = self.sent.is_some();
             let sent = &mut self.sent;
             tokio::select! {
-                // A request went out: the wait for its answer is timed from now on.
-                () = self.queued.notified() => {}
-                answer = self.answers.recv() => {
+                // An answer at hand wins over a deadline or the sender's report in the same poll.
+                biased;
+                answer = self.answers.recv(), if !self.answers_closed => {
                     // The next answer gets a full `ttl` again.
                     self.deadline = None;
                     let Some(answer) = answer else {
-                        return Some(Err(RPCError::Unreachable(Unreachable::from_string(
-                            format!("replication stream to {} closed", self.mux.addr),
-                        ))));
+                        // Nothing due: the next request finds the stream closed (after
+                        // openraft's backoff, if any), or the input ends.
+                        self.answers_closed = true;
+                        continue;
                     };
                     self.received += 1;
                     self.window.add_permits(1);
@@ -314,15 +370,15 @@ impl Session {
                             .map_err(|e| RPCError::Network(NetworkError::new(&e))),
                     );
                 }
+                // A request went out: the wait for its answer is timed from now on.
+                () = self.queued.notified() => {}
                 count = async { sent.as_mut().expect("polled only while pending").await },
                     if awaiting_count =>
                 {
                     self.sent = None;
                     match count {
                         Ok(Ok(total)) => self.total = Some(total),
-                        Ok(Err(why)) => {
-                            return Some(Err(RPCError::Network(NetworkError::from_string(why))));
-                        }
+                        Ok(Err(e)) => return Some(Err(e)),
                         Err(_) => {
                             return Some(Err(RPCError::Network(NetworkError::from_string(
                                 "append session's sender stopped".to_owned(),
@@ -335,7 +391,7 @@ impl Session {
                 {
                     return Some(Err(RPCError::Network(NetworkError::from_string(format!(
                         "no append answer from {} within {:?}",
-                        self.mux.addr, self.ttl
+                        self.addr, self.ttl
                     )))));
                 }
             }
@@ -352,14 +408,12 @@ impl Session {
             let mut session = session?;
             let answer = session.next_answer().await?;
             let go_on = matches!(answer, Ok(Ok(_)));
-            if !go_on {
-                if let Err(e) = &answer {
-                    tracing::info!(peer = %session.mux.addr, session = session.id, error = %e, "append session failed");
-                }
+            if let Err(e) = &answer {
+                tracing::debug!(peer = %session.addr, error = %e, "append session failed");
                 session
                     .counts
                     .session_failures
-                    .fetch_add(u64::from(answer.is_err()), Ordering::Relaxed);
+                    .fetch_add(1, Ordering::Relaxed);
             }
             Some((answer, go_on.then_some(session)))
         })
@@ -369,52 +423,93 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.pump.abort();
-        self.mux.end(self.id);
+        let link = std::mem::replace(&mut *lock_link(&self.link), Link::Ended);
+        if let Link::Joined(mux, id) = link {
+            mux.end(id);
+        }
     }
 }
 
-/// Sends a session's requests, each once a window permit is free; reports the count at the end.
-async fn send_requests<S>(
-    mut input: S,
-    mux: Arc<Mux>,
-    session: u64,
+/// The sending half of a session (a task of its own).
+struct Sender<O> {
+    open: O,
     shard: ShardId,
     window: Arc<Semaphore>,
     queued: Arc<Notify>,
-    sent: oneshot::Sender<Result<u64, String>>,
-) where
-    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Unpin,
+    answers: AnswerTx,
+    link: Joining,
+    counts: Arc<AppendStreamCounts>,
+}
+
+impl<O> Sender<O>
+where
+    O: FnOnce() -> Result<Arc<Mux>, RPCError<TypeConfig>>,
 {
-    let mut count = 0u64;
-    while let Some(request) = input.next().await {
-        // Taken once a request is at hand: a permit held while waiting for one would count as
-        // an unanswered request. An answer gives it back.
-        match window.acquire().await {
-            Ok(permit) => permit.forget(),
-            Err(_) => return,
-        }
-        let payload = match encode(&request) {
-            Ok(payload) => payload,
-            Err(e) => {
-                tracing::error!(shard, error = %e, "append request does not encode");
-                let _ = sent.send(Err(format!("append request does not encode: {e}")));
-                return;
+    /// Sends the requests, each once a window permit is free; reports how it ended.
+    async fn run<S>(self, mut input: S, sent: oneshot::Sender<Sent>)
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Unpin,
+    {
+        let Sender {
+            open,
+            shard,
+            window,
+            queued,
+            answers,
+            link,
+            counts,
+        } = self;
+        let mut open = Some((open, answers));
+        let mut joined: Option<(Arc<Mux>, u64)> = None;
+        let mut count = 0u64;
+        let outcome = loop {
+            let Some(request) = input.next().await else {
+                break Ok(count);
+            };
+            // Taken once a request is at hand: a permit held while waiting for one would count
+            // as an unanswered request. An answer gives it back.
+            match window.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => return,
             }
+            let payload = match encode(&request) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    tracing::error!(shard, error = %e, "append request does not encode");
+                    break Err(RPCError::Network(NetworkError::new(&e)));
+                }
+            };
+            if let Some((open, answers)) = open.take() {
+                let mux = match open() {
+                    Ok(mux) => mux,
+                    Err(e) => break Err(e),
+                };
+                let mut link = lock_link(&link);
+                if matches!(*link, Link::Ended) {
+                    return;
+                }
+                let Some(id) = mux.register(answers) else {
+                    break Err(closed(&mux.addr));
+                };
+                counts.sessions.fetch_add(1, Ordering::Relaxed);
+                *link = Link::Joined(Arc::clone(&mux), id);
+                joined = Some((mux, id));
+            }
+            let (mux, id) = joined.as_ref().expect("joined at the first request");
+            let frame = AppendFrame {
+                session: *id,
+                shard_id: shard,
+                payload,
+                end: false,
+            };
+            if !mux.send(frame) {
+                break Err(closed(&mux.addr));
+            }
+            queued.notify_one();
+            count += 1;
         };
-        let frame = AppendFrame {
-            session,
-            shard_id: shard,
-            payload,
-            end: false,
-        };
-        if !mux.send(frame) {
-            let _ = sent.send(Err(format!("replication stream to {} closed", mux.addr)));
-            return;
-        }
-        queued.notify_one();
-        count += 1;
+        let _ = sent.send(outcome);
     }
-    let _ = sent.send(Ok(count));
 }
 
 /// The receiving end of one `Replicate` stream: the answers, until the frames end or `stopping`
@@ -456,12 +551,19 @@ async fn dispatch<R: GroupRegistry>(
 ) {
     let mut sessions: HashMap<u64, Incoming> = HashMap::new();
     let refuse = |session: u64, error: String| {
-        // Best effort: if the answers are backed up, the sender's session times out instead.
-        let _ = answers.try_send(AppendAnswer {
+        let refusal = AppendAnswer {
             session,
             payload: Vec::new(),
             error,
-        });
+        };
+        // The reader does not wait: a refusal that finds the answers backed up waits in a task
+        // (one per refused session at most: a refused session's later frames are dropped).
+        if let Err(mpsc::error::TrySendError::Full(refusal)) = answers.try_send(refusal) {
+            let answers = answers.clone();
+            tokio::spawn(async move {
+                let _ = answers.send(refusal).await;
+            });
+        }
     };
     loop {
         let frame = tokio::select! {
@@ -482,11 +584,18 @@ async fn dispatch<R: GroupRegistry>(
             continue;
         }
         // The sender queues no frame of a session after its end: an unknown id is a new session.
-        let full = sessions.len() >= SESSIONS_MAX;
+        let full = sessions
+            .values()
+            .filter(|i| matches!(i, Incoming::Open { .. }))
+            .count()
+            >= SESSIONS_MAX;
         let incoming = match sessions.entry(id) {
             Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(_) if full => {
+            Entry::Vacant(entry) if full => {
                 refuse(id, format!("more than {SESSIONS_MAX} append sessions open"));
+                // Remembered until its end (a refused session's entry costs a few bytes; the
+                // sender has that many sessions open at most).
+                entry.insert(Incoming::Closed);
                 continue;
             }
             Entry::Vacant(entry) => match registry.raft(frame.shard_id) {

@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::append::{AppendStreamCounts, Mux, Session};
+use crate::append::{AppendStreamCounts, Mux, REOPEN_AFTER, Session};
 use crate::state_machine::SnapshotFile;
 use crate::types::{CommittedLeaderId, NodeId, TypeConfig, Vote, decode, encode};
 
@@ -38,6 +38,12 @@ pub struct NetworkConfig {
     pub snapshot_chunk_bytes: usize,
     /// AppendEntries requests a replication session keeps unanswered (at least 1).
     pub append_pipeline_depth: usize,
+    /// How long a replication session waits for an answer that is due before it fails
+    /// (openraft's own budget, the heartbeat interval, if that is longer). Under load a
+    /// follower's answer waits for its fsync and its turn on the CPU; a session failed early is
+    /// started again from a probe, which only adds work. A follower that died breaks the stream
+    /// at once; one that hangs costs this long.
+    pub append_answer_timeout: Duration,
 }
 
 /// Default of [`NetworkConfig::append_pipeline_depth`] (docs/benchmarks.md).
@@ -50,6 +56,7 @@ impl Default for NetworkConfig {
             snapshot_timeout: Duration::from_secs(60),
             snapshot_chunk_bytes: 1 << 20,
             append_pipeline_depth: APPEND_PIPELINE_DEPTH,
+            append_answer_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -79,13 +86,26 @@ impl PeerPool {
         &self.counts
     }
 
-    /// The open replication stream to `addr`, opened anew if there is none or it broke.
-    fn replication_stream(&self, addr: &str) -> Result<Arc<Mux>, tonic::transport::Error> {
+    /// The open replication stream to `addr`, opened anew if there is none or it broke (at
+    /// most once per [`REOPEN_AFTER`](crate::append::REOPEN_AFTER)).
+    pub(crate) fn replication_stream(&self, addr: &str) -> Result<Arc<Mux>, RPCError<TypeConfig>> {
         let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(mux) = streams.get(addr).filter(|m| !m.is_closed()) {
-            return Ok(Arc::clone(mux));
+        if let Some(mux) = streams.get(addr) {
+            match mux.closed_at() {
+                None => return Ok(Arc::clone(mux)),
+                Some(at) if at.elapsed() < REOPEN_AFTER => {
+                    return Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                        "replication stream to {addr} closed {:?} ago",
+                        at.elapsed()
+                    ))));
+                }
+                Some(_) => {}
+            }
         }
-        let mux = Mux::open(addr, self.channel(addr)?);
+        let channel = self
+            .channel(addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let mux = Mux::open(addr, channel);
         self.counts
             .streams_opened
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -209,8 +229,9 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
 
     /// A session on the replication stream to the peer, shared by every group
     /// (`crate::append`): up to `append_pipeline_depth` requests unanswered; an answer must come
-    /// within `option.hard_ttl()` while one is due, or the session fails (openraft then starts
-    /// another, probing from the follower's last match).
+    /// within `append_answer_timeout` while one is due, or the session fails (openraft then
+    /// starts another, probing from the follower's last match). The stream is joined at the
+    /// first request, after openraft's backoff.
     fn stream_append<'s, S>(
         &'s mut self,
         input: S,
@@ -228,19 +249,20 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
             + Unpin
             + 'static,
     {
+        let pool = Arc::clone(&self.pool);
+        let addr = self.addr.clone();
+        let open = move || pool.replication_stream(&addr);
+        let config = self.pool.config();
+        let session = Session::start(
+            &self.addr,
+            open,
+            self.shard,
+            input,
+            config.append_pipeline_depth,
+            option.hard_ttl().max(config.append_answer_timeout),
+            Arc::clone(&self.pool.counts),
+        );
         Box::pin(async move {
-            let mux = self
-                .pool
-                .replication_stream(&self.addr)
-                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-            let session = Session::start(
-                mux,
-                self.shard,
-                input,
-                self.pool.config().append_pipeline_depth,
-                option.hard_ttl(),
-                Arc::clone(&self.pool.counts),
-            )?;
             let answers: BoxStream<'s, _> = Box::pin(session.into_stream());
             Ok(answers)
         })

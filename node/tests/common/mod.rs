@@ -67,6 +67,10 @@ impl TestNode {
         self.runtime = Some(runtime);
     }
 
+    pub fn is_running(&self) -> bool {
+        self.runtime.is_some()
+    }
+
     /// Drops the node abruptly: every task of its runtime is cancelled where it stands.
     pub fn kill(&mut self) {
         self.stop = None;
