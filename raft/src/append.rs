@@ -7,11 +7,12 @@
 //! load, streams given up before the peer accepted them count against h2's reset limit. So the
 //! sessions of every group are multiplexed over one stream per peer:
 //!
-//! - **Sender** ([`Mux`], one per peer address): a session takes the next session id and sends
-//!   its requests as frames, at most `depth` unanswered; one reader task routes the answers to
-//!   the sessions by id. A session that ends (done, failed, or dropped by openraft at its
-//!   timeout) sends an `end` frame. If the stream breaks, every session on it fails as
-//!   unreachable and the next session opens a new stream.
+//! - **Sender** ([`Mux`], one per peer address): at its first request a session joins the
+//!   stream (a new session id) and sends its requests as frames, at most `depth` unanswered;
+//!   one reader task routes the answers to the sessions by id. A session that ends (done,
+//!   failed, or dropped by openraft at its timeout) sends an `end` frame. If the stream breaks,
+//!   every session on it fails as unreachable (an idle one at its next request), and a session
+//!   opens a new stream, at most once per [`REOPEN_AFTER`].
 //! - **Receiver** ([`serve`]): one task reads the frames and hands each session's requests, in
 //!   order, to a task running the replica's `Raft::stream_append` (which hands them to the core
 //!   at once and answers in order). The reader never waits on a session: a session whose queue
@@ -62,7 +63,7 @@ const ANSWERS_QUEUED: usize = 1024;
 pub struct AppendStreamCounts {
     /// `Replicate` streams opened (one per peer, again after each break).
     pub streams_opened: AtomicU64,
-    /// Sessions started (replication runs and heartbeats).
+    /// Sessions that joined a stream (replication runs and heartbeats).
     pub sessions: AtomicU64,
     /// Sessions that failed: the stream broke, an answer was overdue, the peer refused.
     pub session_failures: AtomicU64,
