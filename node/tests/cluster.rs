@@ -491,7 +491,9 @@ async fn replication_streams_carry_every_session_and_stay_open_while_idle() {
         counter_sum(&cluster, "dossier_raft_append_session_failures_total").await - failed;
     let idle_opened =
         counter_sum(&cluster, "dossier_raft_append_streams_opened_total").await - opened;
-    eprintln!("streams opened {opened}, idle: {idle_sessions} sessions, {idle_failed} failed, {idle_opened} streams opened");
+    eprintln!(
+        "streams opened {opened}, idle: {idle_sessions} sessions, {idle_failed} failed, {idle_opened} streams opened"
+    );
     // 4 groups (3 shards and the directory) x 2 followers x 2 s of heartbeats: hundreds of
     // sessions on the streams already open.
     assert!(
@@ -532,11 +534,16 @@ async fn a_stopped_peer_is_redialled_at_a_bounded_rate() {
         counter_sum(&cluster, "dossier_raft_append_streams_opened_total").await - opened;
     let down_failed =
         counter_sum(&cluster, "dossier_raft_append_session_failures_total").await - failed;
-    eprintln!("stop took {stop_took:?}; peer down 2 s: {down_opened} streams opened, {down_failed} sessions failed");
+    eprintln!(
+        "stop took {stop_took:?}; peer down 2 s: {down_opened} streams opened, {down_failed} sessions failed"
+    );
     // 2 nodes redial at most every 100 ms: 40 in 2 s. Heartbeats (4 groups, 25 a second each)
     // fail at once in between: a few hundred. Failing sessions in a loop made hundreds of
     // thousands.
-    assert!(down_opened <= 50, "{down_opened} streams opened to a stopped peer in 2 s");
+    assert!(
+        down_opened <= 50,
+        "{down_opened} streams opened to a stopped peer in 2 s"
+    );
     assert!(down_failed < 2_000, "{down_failed} sessions failed in 2 s");
     // The other two replicas still commit.
     put_many(&client, &patients, 1).await;
@@ -560,7 +567,10 @@ async fn a_stopped_peer_is_redialled_at_a_bounded_rate() {
         if lagging.is_empty() && replicas.iter().any(|s| s.node_id == 3) {
             break;
         }
-        assert!(Instant::now() < deadline, "node 3 did not catch up: {lagging:?}");
+        assert!(
+            Instant::now() < deadline,
+            "node 3 did not catch up: {lagging:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

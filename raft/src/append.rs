@@ -69,7 +69,7 @@ pub struct AppendStreamCounts {
     pub session_failures: AtomicU64,
 }
 
-type AnswerTx = mpsc::UnboundedSender<AppendAnswer>;
+type AnswerTx = mpsc::Sender<AppendAnswer>;
 
 /// The sending end of one `Replicate` stream.
 #[derive(Debug)]
@@ -123,7 +123,9 @@ impl Mux {
     }
 
     fn close_locked(sessions: &mut Sessions, closing: &watch::Sender<bool>) {
-        sessions.closed.get_or_insert_with(tokio::time::Instant::now);
+        sessions
+            .closed
+            .get_or_insert_with(tokio::time::Instant::now);
         sessions.open.clear();
         closing.send_replace(true);
     }
@@ -142,8 +144,11 @@ impl Mux {
 
     fn route(&self, answer: AppendAnswer) {
         if let Some(session) = self.lock().open.get(&answer.session) {
-            // A session gone since (dropped at its timeout) no longer reads: nothing to do.
-            let _ = session.send(answer);
+            // A session gone since (dropped at its timeout) no longer reads: nothing to do. A
+            // full queue means the peer answered a request twice; the session then times out.
+            if let Err(mpsc::error::TrySendError::Full(answer)) = session.try_send(answer) {
+                tracing::error!(peer = %self.addr, session = answer.session, "more append answers than requests");
+            }
         }
     }
 
@@ -258,7 +263,7 @@ type Sent = Result<u64, RPCError<TypeConfig>>;
 pub(crate) struct Session {
     addr: String,
     link: Joining,
-    answers: mpsc::UnboundedReceiver<AppendAnswer>,
+    answers: mpsc::Receiver<AppendAnswer>,
     /// The stream closed; answers no longer come.
     answers_closed: bool,
     window: Arc<Semaphore>,
@@ -296,7 +301,8 @@ impl Session {
         let depth = depth.clamp(1, SESSION_REQUESTS_QUEUED);
         let window = Arc::new(Semaphore::new(depth));
         let (sent_tx, sent) = oneshot::channel();
-        let (answers_tx, answers) = mpsc::unbounded_channel();
+        // A session has at most `depth` requests unanswered, and the peer answers each once.
+        let (answers_tx, answers) = mpsc::channel(depth);
         let queued = Arc::new(Notify::new());
         let link = Arc::new(Mutex::new(Link::NotYet));
         let sender = Sender {
@@ -402,9 +408,8 @@ impl Session {
     /// The answers as openraft wants them: in order, ending after the first error or refusal.
     pub(crate) fn into_stream(
         self,
-    ) -> impl Stream<Item = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>
-    + Send
-    + 'static {
+    ) -> impl Stream<Item = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>> + Send + 'static
+    {
         futures_util::stream::unfold(Some(self), |session| async move {
             let mut session = session?;
             let answer = session.next_answer().await?;

@@ -18,10 +18,10 @@ mod server;
 mod state_machine;
 mod types;
 
+pub use append::AppendStreamCounts;
 pub use error::Error;
 pub use group::{GroupContext, Raft, RaftConfig};
 pub use log_store::LogStore;
-pub use append::AppendStreamCounts;
 pub use network::{APPEND_PIPELINE_DEPTH, GroupNetwork, NetworkConfig, PeerPool};
 pub use server::{GroupRegistry, RaftServer};
 pub use state_machine::{SnapshotFile, StateMachine};
