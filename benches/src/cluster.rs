@@ -495,6 +495,24 @@ pub async fn failover(
         let leader = ops::leader_of(&status.replicas, target.shard_id)
             .map(|r| r.node_id)
             .context("the shard has a leader")?;
+        // What the kill was decided on, for the report of an anomalous repetition.
+        let seen: Vec<String> = status
+            .replicas
+            .iter()
+            .filter(|r| r.shard_id == target.shard_id)
+            .map(|r| {
+                format!(
+                    "node {} {} of term {} (leader {}, commit {})",
+                    r.node_id, r.role, r.term, r.leader_id, r.commit_index
+                )
+            })
+            .chain(
+                status
+                    .unreachable
+                    .iter()
+                    .map(|n| format!("node {n} unreachable")),
+            )
+            .collect();
         let killed_at = Instant::now();
         let victim = cluster.local.node_mut(leader).context("leader process")?;
         victim.kill9();
@@ -504,7 +522,25 @@ pub async fn failover(
             let _ = t.await;
         }
         let times = successes.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let (gap, first) = gap_around(&times, killed_at).context("successes around the kill")?;
+        let anomaly = |what: &str| {
+            anyhow::anyhow!(
+                "repetition {rep}: {what} after SIGKILL of node {leader}, the leader of shard {} by \
+                 the status read just before: {}; {} writes succeeded in the whole repetition",
+                target.shard_id,
+                seen.join(", "),
+                times.len()
+            )
+        };
+        let (gap, first) =
+            gap_around(&times, killed_at).ok_or_else(|| anomaly("no write succeeded"))?;
+        // Writes that never paused mean the node killed was not the one serving them.
+        anyhow::ensure!(
+            gap >= MIN_FAILOVER_GAP.as_secs_f64(),
+            anomaly(&format!(
+                "writes never paused (longest gap {:.0} ms)",
+                gap * 1e3
+            ))
+        );
         out.push(failovers.record(rep, &format!("node {leader}"), gap, first));
         let victim = cluster.local.node_mut(leader).context("leader process")?;
         victim.spawn()?;
@@ -515,6 +551,10 @@ pub async fn failover(
     out.push(failovers.summary());
     Ok(out)
 }
+
+/// Below this, a failover "gap" is only the writers' own pace: a leader's death cannot be that
+/// short (the followers wait out their election timeouts first).
+const MIN_FAILOVER_GAP: Duration = Duration::from_millis(50);
 
 /// The repetitions of one failover measurement: a JSON line each, then a summary.
 struct Failovers {

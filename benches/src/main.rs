@@ -392,7 +392,18 @@ fn main() -> Result<()> {
                             None,
                         )
                         .await?;
-                        cluster::failover(&mut cluster, reps, clients).await
+                        let measured = cluster::failover(&mut cluster, reps, clients).await;
+                        if measured.is_err() {
+                            // The nodes' logs and data are the evidence: keep them.
+                            drop(cluster);
+                            let kept = dir.keep();
+                            eprintln!(
+                                "failover: kept the cluster's logs and data in {}",
+                                kept.display()
+                            );
+                            return measured;
+                        }
+                        measured
                     }
                     "etcd" => {
                         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
