@@ -268,6 +268,9 @@ async fn everything_of_a_10000_record_patient_stays_within_a_memory_bound() {
             .unwrap()
             * 1024
     };
+    // The writes reach sled at the state store's next flushes (every 200 ms): let them, so that
+    // the flushes' growth is not counted as the stream's.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let before = peak();
     let (mut records, mut bytes) = (0usize, 0usize);
     for _ in 0..2 {
@@ -286,8 +289,11 @@ async fn everything_of_a_10000_record_patient_stays_within_a_memory_bound() {
     let growth = peak().saturating_sub(before);
     assert_eq!(records, 10_001);
     assert!(bytes > 2 * 40_000_000, "{bytes} bytes streamed");
+    // The peak also moves with sled's page cache and the allocator's retained pages: 0 to 26
+    // MiB over 18 runs here (up to 36 MiB before the writes were left to flush first). Holding
+    // the patient would add its 39 MiB on top.
     assert!(
-        growth < 24 << 20,
+        growth < 32 << 20,
         "peak resident memory grew by {} MiB while streaming a patient of {} MiB",
         growth >> 20,
         (bytes / 2) >> 20
