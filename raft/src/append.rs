@@ -22,8 +22,9 @@
 //! [`SESSION_REQUESTS_QUEUED`]), so at most `depth` answers wait in its queue. The sender's
 //! frame queue holds [`FRAMES_QUEUED`] frames: above three quarters no new session joins (a
 //! heartbeat fails at once), and a stream whose queue is full is closed (its peer is not
-//! reading). The receiver runs at most [`SESSIONS_MAX`] sessions per stream. Closing a stream
-//! ends the call: the receiver then drops every session of it.
+//! reading). The receiver knows at most [`SESSIONS_MAX`] sessions per stream (open, or closed
+//! and awaiting their `end`) before it refuses new ones. Closing a stream ends the call: the
+//! receiver then drops every session of it.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -590,11 +591,8 @@ async fn dispatch<R: GroupRegistry>(
             continue;
         }
         // The sender queues no frame of a session after its end: an unknown id is a new session.
-        let full = sessions
-            .values()
-            .filter(|i| matches!(i, Incoming::Open { .. }))
-            .count()
-            >= SESSIONS_MAX;
+        // Sessions refused or closed here count until their end too (the sender ends each).
+        let full = sessions.len() >= SESSIONS_MAX;
         let incoming = match sessions.entry(id) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) if full => {
