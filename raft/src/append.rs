@@ -368,15 +368,7 @@ impl Session {
                     };
                     self.received += 1;
                     self.window.add_permits(1);
-                    if !answer.error.is_empty() {
-                        return Some(Err(RPCError::Unreachable(Unreachable::from_string(
-                            answer.error,
-                        ))));
-                    }
-                    return Some(
-                        decode(&answer.payload)
-                            .map_err(|e| RPCError::Network(NetworkError::new(&e))),
-                    );
+                    return Some(crate::network::answer(&answer.payload, answer.error));
                 }
                 // A request went out: the wait for its answer is timed from now on.
                 () = self.queued.notified() => {}
@@ -558,11 +550,7 @@ async fn dispatch<R: GroupRegistry>(
 ) {
     let mut sessions: HashMap<u64, Incoming> = HashMap::new();
     let refuse = |session: u64, error: String| {
-        let refusal = AppendAnswer {
-            session,
-            payload: Vec::new(),
-            error,
-        };
+        let refusal = refusal(session, error);
         // The reader does not wait: a refusal that finds the answers backed up waits in a task
         // (one per refused session at most: a refused session's later frames are dropped).
         if let Err(mpsc::error::TrySendError::Full(refusal)) = answers.try_send(refusal) {
@@ -648,6 +636,15 @@ async fn dispatch<R: GroupRegistry>(
     }
 }
 
+/// The receiver's answer that ends a session it cannot serve.
+fn refusal(session: u64, error: String) -> AppendAnswer {
+    AppendAnswer {
+        session,
+        payload: Vec::new(),
+        error,
+    }
+}
+
 /// Runs one session through the replica and queues its answers, in order.
 async fn answer_session(
     raft: Raft,
@@ -664,16 +661,8 @@ async fn answer_session(
                 payload,
                 error: String::new(),
             },
-            Ok(Err(e)) => AppendAnswer {
-                session,
-                payload: Vec::new(),
-                error: format!("append result does not encode: {e}"),
-            },
-            Err(fatal) => AppendAnswer {
-                session,
-                payload: Vec::new(),
-                error: fatal.to_string(),
-            },
+            Ok(Err(e)) => refusal(session, format!("append result does not encode: {e}")),
+            Err(fatal) => refusal(session, fatal.to_string()),
         };
         if answers.send(answer).await.is_err() {
             // The stream ended.

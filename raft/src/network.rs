@@ -7,14 +7,13 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::base::{BoxFuture, BoxStream};
-use openraft::raft::StreamAppendResult;
-
 use dossier_api::raft::v1::raft_client::RaftClient;
 use dossier_api::raft::v1::{RaftMessage, RaftReply, SnapshotChunk};
 use dossier_storage::ShardId;
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::RPCOption;
+use openraft::raft::StreamAppendResult;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
@@ -185,11 +184,20 @@ fn status_error(status: &tonic::Status) -> RPCError<TypeConfig> {
 }
 
 fn reply<Resp: DeserializeOwned>(reply: RaftReply) -> Result<Resp, RPCError<TypeConfig>> {
-    if !reply.error.is_empty() {
+    answer(&reply.payload, reply.error)
+}
+
+/// A peer's answer (a unary reply or an append stream's answer): the response, or the peer's
+/// refusal.
+pub(crate) fn answer<Resp: DeserializeOwned>(
+    payload: &[u8],
+    error: String,
+) -> Result<Resp, RPCError<TypeConfig>> {
+    if !error.is_empty() {
         // The peer is up but cannot serve this group (yet): back off like for an unreachable peer.
-        return Err(RPCError::Unreachable(Unreachable::from_string(reply.error)));
+        return Err(RPCError::Unreachable(Unreachable::from_string(error)));
     }
-    decode(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    decode(payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
 }
 
 impl PeerLink {
