@@ -423,27 +423,57 @@ async fn batched_proposals_answer_each_writer() {
     );
 }
 
-/// The sum over `cluster`'s running nodes of a counter from their /metrics pages.
-async fn counter_sum(cluster: &TestCluster, name: &str) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut sum = 0;
-    for node in cluster.nodes.iter().filter(|n| n.is_running()) {
-        let mut stream = tokio::net::TcpStream::connect(node.config.http_listen)
-            .await
-            .unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await
-            .unwrap();
-        let mut page = String::new();
-        stream.read_to_string(&mut page).await.unwrap();
-        let line = page
-            .lines()
-            .find(|l| l.starts_with(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("{name} on the metrics page of node {}", node.id));
-        sum += line[name.len() + 1..].trim().parse::<u64>().unwrap();
+/// The replication-stream counters, summed over `cluster`'s running nodes (one /metrics page
+/// read per node).
+#[derive(Debug, Clone, Copy)]
+struct StreamCounts {
+    opened: u64,
+    sessions: u64,
+    failed: u64,
+}
+
+impl StreamCounts {
+    async fn of(cluster: &TestCluster) -> StreamCounts {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut sum = [0u64; 3];
+        for node in cluster.nodes.iter().filter(|n| n.is_running()) {
+            let mut stream = tokio::net::TcpStream::connect(node.config.http_listen)
+                .await
+                .unwrap();
+            stream
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .await
+                .unwrap();
+            let mut page = String::new();
+            stream.read_to_string(&mut page).await.unwrap();
+            for (total, name) in sum.iter_mut().zip([
+                "dossier_raft_append_streams_opened_total",
+                "dossier_raft_append_sessions_total",
+                "dossier_raft_append_session_failures_total",
+            ]) {
+                let line = page
+                    .lines()
+                    .find(|l| l.starts_with(&format!("{name} ")))
+                    .unwrap_or_else(|| panic!("{name} on the metrics page of node {}", node.id));
+                *total += line[name.len() + 1..].trim().parse::<u64>().unwrap();
+            }
+        }
+        let [opened, sessions, failed] = sum;
+        StreamCounts {
+            opened,
+            sessions,
+            failed,
+        }
     }
-    sum
+
+    /// What grew since `before`.
+    fn since(self, before: StreamCounts) -> StreamCounts {
+        StreamCounts {
+            opened: self.opened - before.opened,
+            sessions: self.sessions - before.sessions,
+            failed: self.failed - before.failed,
+        }
+    }
 }
 
 async fn put_many(client: &dossier_client::Client, patients: &[String], round: u32) {
@@ -476,21 +506,19 @@ async fn replication_streams_carry_every_session_and_stay_open_while_idle() {
     put_many(&client, &patients, 0).await;
     // Commit indexes reach the followers, then every group is idle.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let opened = counter_sum(&cluster, "dossier_raft_append_streams_opened_total").await;
-    let sessions = counter_sum(&cluster, "dossier_raft_append_sessions_total").await;
-    let failed = counter_sum(&cluster, "dossier_raft_append_session_failures_total").await;
+    let before = StreamCounts::of(&cluster).await;
+    let opened = before.opened;
     // 3 nodes, each with at most 2 peers; a stream broken while the cluster formed is reopened.
     assert!(
         (2..=12).contains(&opened),
         "{opened} replication streams opened for 3 nodes"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle_sessions =
-        counter_sum(&cluster, "dossier_raft_append_sessions_total").await - sessions;
-    let idle_failed =
-        counter_sum(&cluster, "dossier_raft_append_session_failures_total").await - failed;
-    let idle_opened =
-        counter_sum(&cluster, "dossier_raft_append_streams_opened_total").await - opened;
+    let StreamCounts {
+        opened: idle_opened,
+        sessions: idle_sessions,
+        failed: idle_failed,
+    } = StreamCounts::of(&cluster).await.since(before);
     eprintln!(
         "streams opened {opened}, idle: {idle_sessions} sessions, {idle_failed} failed, {idle_opened} streams opened"
     );
@@ -527,13 +555,13 @@ async fn a_stopped_peer_is_redialled_at_a_bounded_rate() {
         stop_took < Duration::from_secs(8),
         "graceful stop took {stop_took:?}"
     );
-    let opened = counter_sum(&cluster, "dossier_raft_append_streams_opened_total").await;
-    let failed = counter_sum(&cluster, "dossier_raft_append_session_failures_total").await;
+    let before = StreamCounts::of(&cluster).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let down_opened =
-        counter_sum(&cluster, "dossier_raft_append_streams_opened_total").await - opened;
-    let down_failed =
-        counter_sum(&cluster, "dossier_raft_append_session_failures_total").await - failed;
+    let StreamCounts {
+        opened: down_opened,
+        failed: down_failed,
+        ..
+    } = StreamCounts::of(&cluster).await.since(before);
     eprintln!(
         "stop took {stop_took:?}; peer down 2 s: {down_opened} streams opened, {down_failed} sessions failed"
     );
