@@ -466,13 +466,17 @@ impl StreamCounts {
         }
     }
 
-    /// What grew since `before`.
-    fn since(self, before: StreamCounts) -> StreamCounts {
-        StreamCounts {
-            opened: self.opened - before.opened,
-            sessions: self.sessions - before.sessions,
-            failed: self.failed - before.failed,
-        }
+    /// The counts now, and what they grow by over the next `span`.
+    async fn over(cluster: &TestCluster, span: Duration) -> (StreamCounts, StreamCounts) {
+        let before = StreamCounts::of(cluster).await;
+        tokio::time::sleep(span).await;
+        let after = StreamCounts::of(cluster).await;
+        let grown = StreamCounts {
+            opened: after.opened - before.opened,
+            sessions: after.sessions - before.sessions,
+            failed: after.failed - before.failed,
+        };
+        (before, grown)
     }
 }
 
@@ -506,19 +510,14 @@ async fn replication_streams_carry_every_session_and_stay_open_while_idle() {
     put_many(&client, &patients, 0).await;
     // Commit indexes reach the followers, then every group is idle.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = StreamCounts::of(&cluster).await;
-    let opened = before.opened;
+    let (before, idle) = StreamCounts::over(&cluster, Duration::from_secs(2)).await;
+    let (opened, idle_opened, idle_sessions, idle_failed) =
+        (before.opened, idle.opened, idle.sessions, idle.failed);
     // 3 nodes, each with at most 2 peers; a stream broken while the cluster formed is reopened.
     assert!(
         (2..=12).contains(&opened),
         "{opened} replication streams opened for 3 nodes"
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let StreamCounts {
-        opened: idle_opened,
-        sessions: idle_sessions,
-        failed: idle_failed,
-    } = StreamCounts::of(&cluster).await.since(before);
     eprintln!(
         "streams opened {opened}, idle: {idle_sessions} sessions, {idle_failed} failed, {idle_opened} streams opened"
     );
@@ -555,13 +554,8 @@ async fn a_stopped_peer_is_redialled_at_a_bounded_rate() {
         stop_took < Duration::from_secs(8),
         "graceful stop took {stop_took:?}"
     );
-    let before = StreamCounts::of(&cluster).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let StreamCounts {
-        opened: down_opened,
-        failed: down_failed,
-        ..
-    } = StreamCounts::of(&cluster).await.since(before);
+    let (_, down) = StreamCounts::over(&cluster, Duration::from_secs(2)).await;
+    let (down_opened, down_failed) = (down.opened, down.failed);
     eprintln!(
         "stop took {stop_took:?}; peer down 2 s: {down_opened} streams opened, {down_failed} sessions failed"
     );
