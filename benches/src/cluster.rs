@@ -25,6 +25,8 @@ mod etcdpb {
 #[derive(Clone)]
 pub enum Backend {
     Dossier(Client),
+    /// Dossier with the client's coalescing off: every request its own unary call.
+    DossierUnary(Client),
     /// `connections_per_node` channels per etcd member, interleaved; clients are spread over
     /// them (etcd forwards writes).
     Etcd(Vec<tonic::transport::Channel>),
@@ -36,6 +38,7 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Dossier(_) => "dossier",
+            Backend::DossierUnary(_) => "dossier-unary",
             Backend::Etcd(_) => "etcd",
             Backend::Floor(_) => "grpc-floor",
         }
@@ -81,12 +84,14 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     /// Starts the cluster with `shards` shards and connects a client opening
-    /// `connections_per_node` connections to each node (the client's default when `None`).
+    /// `connections_per_node` connections to each node (the client's default when `None`),
+    /// coalescing requests into bundles or not.
     pub async fn start(
         dir: &Path,
         shards: u32,
         base_port: u16,
         connections_per_node: Option<usize>,
+        coalesce: bool,
     ) -> Result<LocalCluster> {
         let local =
             procs::LocalCluster::spawn(dir, 3, base_port, &procs::node_binary(None)?).await?;
@@ -96,6 +101,7 @@ impl LocalCluster {
                 if let Some(n) = connections_per_node {
                     config.connections_per_node = n;
                 }
+                config.coalesce = coalesce;
             })
             .await?;
         let seeds = local.seeds.clone();
@@ -279,7 +285,7 @@ impl Backend {
 
     async fn put_kind(&self, client: usize, patient: &str, value: &[u8]) -> Result<(), String> {
         match self {
-            Backend::Dossier(c) => c
+            Backend::Dossier(c) | Backend::DossierUnary(c) => c
                 .put(patient, b"k", value)
                 .await
                 .map(|_| ())
@@ -307,7 +313,7 @@ impl Backend {
         consistency: ReadConsistency,
     ) -> Result<(), String> {
         match self {
-            Backend::Dossier(c) => c
+            Backend::Dossier(c) | Backend::DossierUnary(c) => c
                 .get_with(patient, b"k", consistency, Duration::from_secs(10))
                 .await
                 .map(|_| ())

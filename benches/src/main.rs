@@ -133,6 +133,11 @@ enum Command {
         /// same for every backend); clients are spread over them.
         #[arg(long, default_value_t = 2)]
         connections_per_node: usize,
+        /// Dossier only: send every request as its own unary call, instead of letting the client
+        /// coalesce the requests waiting for one connection into one bundle (its default).
+        /// Reported as backend "dossier-unary".
+        #[arg(long)]
+        unary: bool,
     },
     /// The clinical workload on a local 3-node cluster: import speed of synthetic patients, then
     /// closed-loop summary reads, observation appends and admission transactions.
@@ -270,6 +275,7 @@ fn main() -> Result<()> {
             backend,
             etcd_endpoints,
             connections_per_node,
+            unary,
         } => {
             // Refuse bad arguments before starting anything.
             let workloads = workloads
@@ -291,8 +297,12 @@ fn main() -> Result<()> {
                 // as this block and stops when dropped; etcd is started by its script.
                 let (_cluster, backend) = match backend.as_str() {
                     "dossier" => {
-                        let c = cluster::LocalCluster::start(&dir.path().join("cluster"), shards, base_port, Some(connections_per_node)).await?;
-                        let b = cluster::Backend::Dossier(c.client.clone());
+                        let c = cluster::LocalCluster::start(&dir.path().join("cluster"), shards, base_port, Some(connections_per_node), !unary).await?;
+                        let b = if unary {
+                            cluster::Backend::DossierUnary(c.client.clone())
+                        } else {
+                            cluster::Backend::Dossier(c.client.clone())
+                        };
                         (Some(Box::new(c) as Box<dyn std::any::Any>), b)
                     }
                     "etcd" => (None, cluster::Backend::etcd(&etcd_endpoints, connections_per_node).await?),
@@ -315,7 +325,7 @@ fn main() -> Result<()> {
                             duration: Duration::from_secs(seconds),
                             ops,
                             warmup: Duration::from_secs(warmup),
-                            shards: matches!(backend, cluster::Backend::Dossier(_)).then_some(shards),
+                            shards: matches!(backend, cluster::Backend::Dossier(_) | cluster::Backend::DossierUnary(_)).then_some(shards),
                             connections_per_node,
                         };
                         eprintln!("cluster-load: {} {workload:?} with {n} clients, {value_bytes} B values, {seconds} s", backend.name());
@@ -350,7 +360,7 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?;
             runtime.block_on(async {
-                let c = cluster::LocalCluster::start(&dir.path().join("cluster"), shards, base_port, None).await?;
+                let c = cluster::LocalCluster::start(&dir.path().join("cluster"), shards, base_port, None, true).await?;
                 eprintln!("clinical: importing {patients} synthetic patients with {importers} importers");
                 println!("{}", clinical::import(&c.client, 1, patients, importers).await?);
                 let mut rows = Vec::new();
@@ -390,6 +400,7 @@ fn main() -> Result<()> {
                             8,
                             base_port,
                             None,
+                            true,
                         )
                         .await?;
                         let measured = cluster::failover(&mut cluster, reps, clients).await;

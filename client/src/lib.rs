@@ -21,6 +21,7 @@
 //!
 //! Non-goals: no server-side logic; depends only on `dossier-api`. Never blocks past a deadline.
 
+mod bundle;
 mod error;
 mod records;
 pub use records::{History, RecordWrite, WriteOptions, is_applied};
@@ -37,12 +38,14 @@ use dossier_api::v1::kv_client::KvClient;
 use dossier_api::v1::{
     BatchRequest, ClusterMap, ClusterMapRequest, CompareAndSetRequest, DeleteRequest, ErrorDetail,
     ErrorReason, GetRequest, KeyValue, PutRequest, RouteHeader, ScanRequest, SessionHeader,
-    ShardDescriptor, WriteResponse,
+    ShardDescriptor,
 };
 pub use dossier_api::v1::{Condition, Operation, condition, operation};
 pub use error::ClientError;
 use prost::Message;
 use tonic::transport::{Channel, Endpoint};
+
+use bundle::{Answer, Item, Lane};
 
 /// How the client reaches the cluster and how long it keeps trying.
 #[derive(Debug, Clone)]
@@ -61,6 +64,10 @@ pub struct ClientConfig {
     /// and written by one task at each end, so a single connection caps a busy client at about
     /// one core of the node (docs/benchmarks.md); at least 1.
     pub connections_per_node: usize,
+    /// Coalesce the gets and writes waiting to go to one connection into one `Kv.Bundle` (each
+    /// still answered on its own). Saves most of the per-call cost on a busy client; a lone
+    /// request goes at once either way.
+    pub coalesce: bool,
 }
 
 impl ClientConfig {
@@ -73,6 +80,7 @@ impl ClientConfig {
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(100),
             connections_per_node: 2,
+            coalesce: true,
         }
     }
 }
@@ -98,8 +106,8 @@ struct Inner {
     config: ClientConfig,
     /// Shared, so that routing a request costs a reference count, not a copy of the map.
     map: RwLock<Option<Arc<ClusterMap>>>,
-    /// `connections_per_node` channels per node address, and the counter that picks one.
-    channels: Mutex<HashMap<String, Arc<[Channel]>>>,
+    /// `connections_per_node` lanes per node address, and the counter that picks one.
+    lanes: Mutex<HashMap<String, Arc<[Lane]>>>,
     next_channel: AtomicUsize,
     /// The leader each shard last answered from (or hinted).
     leaders: Mutex<HashMap<u64, u64>>,
@@ -149,7 +157,7 @@ impl Client {
             inner: Arc::new(Inner {
                 config,
                 map: RwLock::new(None),
-                channels: Mutex::new(HashMap::new()),
+                lanes: Mutex::new(HashMap::new()),
                 next_channel: AtomicUsize::new(0),
                 leaders: Mutex::new(HashMap::new()),
                 sessions: Mutex::new(HashMap::new()),
@@ -170,14 +178,10 @@ impl Client {
             .cloned()
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+    fn lane(&self, addr: &str) -> Result<Lane, ClientError> {
         let turn = self.inner.next_channel.fetch_add(1, Ordering::Relaxed);
-        let mut channels = self
-            .inner
-            .channels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(pool) = channels.get(addr) {
+        let mut lanes = self.inner.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pool) = lanes.get(addr) {
             return Ok(pool[turn % pool.len()].clone());
         }
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
@@ -188,12 +192,16 @@ impl Client {
             })?
             .connect_timeout(self.inner.config.connect_timeout)
             .tcp_nodelay(true);
-        let pool: Arc<[Channel]> = (0..self.inner.config.connections_per_node.max(1))
-            .map(|_| endpoint.connect_lazy())
+        let pool: Arc<[Lane]> = (0..self.inner.config.connections_per_node.max(1))
+            .map(|_| Lane::new(endpoint.connect_lazy(), self.inner.config.coalesce))
             .collect();
-        let channel = pool[turn % pool.len()].clone();
-        channels.insert(addr.to_owned(), pool);
-        Ok(channel)
+        let lane = pool[turn % pool.len()].clone();
+        lanes.insert(addr.to_owned(), pool);
+        Ok(lane)
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+        Ok(self.lane(addr)?.channel)
     }
 
     /// Fetches the map from any node that answers (seeds first, then known nodes).
@@ -280,7 +288,7 @@ impl Client {
         mut call: F,
     ) -> Result<T, ClientError>
     where
-        F: FnMut(Channel, RouteHeader, Duration) -> Fut,
+        F: FnMut(Lane, RouteHeader, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let started = Instant::now();
@@ -328,7 +336,7 @@ impl Client {
             let attempt_timeout = remaining.min(self.inner.config.attempt_timeout);
             let outcome = match tokio::time::timeout(
                 attempt_timeout,
-                call(self.channel(&addr)?, route, attempt_timeout),
+                call(self.lane(&addr)?, route, attempt_timeout),
             )
             .await
             {
@@ -410,17 +418,13 @@ impl Client {
     }
 
     /// Runs a write with an exactly-once session: every retry carries the same session and
-    /// sequence number.
-    async fn write<F, Fut>(
+    /// sequence number. `request` builds the write for an attempt's route.
+    async fn write(
         &self,
         patient_id: &str,
         deadline: Duration,
-        mut call: F,
-    ) -> Result<WriteResult, ClientError>
-    where
-        F: FnMut(Channel, RouteHeader, SessionHeader, Duration) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<WriteResponse>, tonic::Status>>,
-    {
+        request: impl Fn(RouteHeader, SessionHeader) -> Item,
+    ) -> Result<WriteResult, ClientError> {
         let shard = self.shard_of(patient_id)?.0.shard_id;
         let (id, seq) = self.take_session(shard);
         let session = SessionHeader {
@@ -428,8 +432,14 @@ impl Client {
             sequence: seq,
         };
         let result = self
-            .routed(patient_id, deadline, |ch, route, t| {
-                call(ch, route, session, t)
+            .routed(patient_id, deadline, |lane, route, t| {
+                let item = request(route, session);
+                async move {
+                    match lane.call(item, t).await? {
+                        Answer::Write(w) => Ok(w),
+                        _ => Err(tonic::Status::internal("a write was answered as a read")),
+                    }
+                }
             })
             .await;
         match &result {
@@ -437,7 +447,7 @@ impl Client {
             Err(ClientError::Session(_)) => {}
             _ => self.return_session(shard, id, seq),
         }
-        let w = result?.into_inner();
+        let w = result?;
         Ok(WriteResult {
             applied: w.applied,
             failed_condition: (!w.applied).then_some(w.failed_condition),
@@ -465,17 +475,20 @@ impl Client {
         deadline: Duration,
     ) -> Result<Option<Bytes>, ClientError> {
         let response = self
-            .routed(patient_id, deadline, |ch, route, t| {
-                let mut request = tonic::Request::new(GetRequest {
+            .routed(patient_id, deadline, |lane, route, t| {
+                let item = Item::Get(GetRequest {
                     route: Some(route),
                     key: key.to_vec(),
                     consistency: consistency as i32,
                 });
-                request.set_timeout(t);
-                async move { KvClient::new(ch).get(request).await }
+                async move {
+                    match lane.call(item, t).await? {
+                        Answer::Get(r) => Ok(r),
+                        _ => Err(tonic::Status::internal("a read was answered as a write")),
+                    }
+                }
             })
-            .await?
-            .into_inner();
+            .await?;
         Ok(response.found.then(|| Bytes::from(response.value)))
     }
 
@@ -496,33 +509,25 @@ impl Client {
         value: &[u8],
         deadline: Duration,
     ) -> Result<WriteResult, ClientError> {
-        self.write(patient_id, deadline, |ch, route, session, t| {
-            let mut request = tonic::Request::new(PutRequest {
+        self.write(patient_id, deadline, |route, session| {
+            Item::Put(PutRequest {
                 route: Some(route),
                 session: Some(session),
                 key: key.to_vec(),
                 value: value.to_vec(),
-            });
-            request.set_timeout(t);
-            async move { KvClient::new(ch).put(request).await }
+            })
         })
         .await
     }
 
     pub async fn delete(&self, patient_id: &str, key: &[u8]) -> Result<WriteResult, ClientError> {
-        self.write(
-            patient_id,
-            self.inner.config.deadline,
-            |ch, route, session, t| {
-                let mut request = tonic::Request::new(DeleteRequest {
-                    route: Some(route),
-                    session: Some(session),
-                    key: key.to_vec(),
-                });
-                request.set_timeout(t);
-                async move { KvClient::new(ch).delete(request).await }
-            },
-        )
+        self.write(patient_id, self.inner.config.deadline, |route, session| {
+            Item::Delete(DeleteRequest {
+                route: Some(route),
+                session: Some(session),
+                key: key.to_vec(),
+            })
+        })
         .await
     }
 
@@ -536,17 +541,15 @@ impl Client {
         new: &[u8],
         deadline: Duration,
     ) -> Result<WriteResult, ClientError> {
-        self.write(patient_id, deadline, |ch, route, session, t| {
-            let mut request = tonic::Request::new(CompareAndSetRequest {
+        self.write(patient_id, deadline, |route, session| {
+            Item::CompareAndSet(CompareAndSetRequest {
                 route: Some(route),
                 session: Some(session),
                 key: key.to_vec(),
                 expected: expected.unwrap_or_default().to_vec(),
                 expect_absent: expected.is_none(),
                 value: new.to_vec(),
-            });
-            request.set_timeout(t);
-            async move { KvClient::new(ch).compare_and_set(request).await }
+            })
         })
         .await
     }
@@ -559,15 +562,13 @@ impl Client {
         operations: Vec<Operation>,
         deadline: Duration,
     ) -> Result<WriteResult, ClientError> {
-        self.write(patient_id, deadline, |ch, route, session, t| {
-            let mut request = tonic::Request::new(BatchRequest {
+        self.write(patient_id, deadline, |route, session| {
+            Item::Batch(BatchRequest {
                 route: Some(route),
                 session: Some(session),
                 conditions: conditions.clone(),
                 operations: operations.clone(),
-            });
-            request.set_timeout(t);
-            async move { KvClient::new(ch).batch(request).await }
+            })
         })
         .await
     }
@@ -582,7 +583,7 @@ impl Client {
         consistency: ReadConsistency,
     ) -> Result<ScanPage, ClientError> {
         let response = self
-            .routed(patient_id, self.inner.config.deadline, |ch, route, t| {
+            .routed(patient_id, self.inner.config.deadline, |lane, route, t| {
                 let mut request = tonic::Request::new(ScanRequest {
                     route: Some(route),
                     prefix: prefix.to_vec(),
@@ -591,10 +592,9 @@ impl Client {
                     consistency: consistency as i32,
                 });
                 request.set_timeout(t);
-                async move { KvClient::new(ch).scan(request).await }
+                async move { Ok(KvClient::new(lane.channel).scan(request).await?.into_inner()) }
             })
-            .await?
-            .into_inner();
+            .await?;
         let items = response
             .items
             .into_iter()

@@ -80,10 +80,10 @@ impl Client {
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let response = self
-            .routed(route_key, deadline, |ch, route, t| {
+            .routed(route_key, deadline, |lane, route, t| {
                 let mut request = tonic::Request::new(build(route));
                 request.set_timeout(t);
-                rpc(RecordsClient::new(ch), request)
+                rpc(RecordsClient::new(lane.channel), request)
             })
             .await?;
         Ok(response.into_inner())

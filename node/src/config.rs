@@ -25,6 +25,8 @@ pub struct Limits {
     pub request_deadline_ms: u64,
     /// Most keys one scan page returns.
     pub scan_page_max: u32,
+    /// Most items in one `Kv.Bundle`; each item also takes its own in-flight slot.
+    pub bundle_items_max: usize,
     /// An exactly-once session unused for this many log entries of its shard is forgotten (a
     /// retry after that is refused, never re-applied). Bounds each shard's session table; keep it
     /// far above the entries a shard commits during a client's longest retry window.
@@ -38,6 +40,7 @@ impl Default for Limits {
             in_flight_max: 4096,
             request_deadline_ms: 5_000,
             scan_page_max: 1_000,
+            bundle_items_max: 1_024,
             session_idle_entries: 1_000_000,
         }
     }
@@ -248,6 +251,11 @@ impl NodeConfig {
         ensure!(
             l.scan_page_max > 0,
             "limits.scan-page-max must be at least 1"
+        );
+        ensure!(
+            (32..=65_536).contains(&l.bundle_items_max),
+            "limits.bundle-items-max must be within 32..65536 (the client library sends bundles of \
+             up to 32 items)"
         );
         ensure!(
             l.session_idle_entries >= 10_000,

@@ -89,15 +89,16 @@ impl ApiError {
     }
 }
 
-impl From<ApiError> for Status {
-    fn from(e: ApiError) -> Status {
-        let (code, reason) = e.parts();
+impl ApiError {
+    /// The gRPC code and the machine-readable detail every error answer carries.
+    pub fn detail(&self) -> (Code, ErrorDetail) {
+        let (code, reason) = self.parts();
         let mut detail = ErrorDetail {
             reason: reason as i32,
-            message: e.to_string(),
+            message: self.to_string(),
             ..ErrorDetail::default()
         };
-        match &e {
+        match self {
             ApiError::NotLeader {
                 leader: Some((id, addr)),
                 ..
@@ -112,6 +113,13 @@ impl From<ApiError> for Status {
             }
             _ => {}
         }
+        (code, detail)
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let (code, detail) = e.detail();
         Status::with_details(code, e.to_string(), detail.encode_to_vec().into())
     }
 }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use common::{TestCluster, patient_in_shard};
 use dossier_api::v1::kv_client::KvClient;
 use dossier_api::v1::{
-    BatchRequest, Condition, ErrorDetail, ErrorReason, GetRequest, Operation, PutRequest,
-    ReadConsistency, RouteHeader, SessionHeader, condition, operation,
+    BatchRequest, BundleItem, BundleRequest, Condition, ErrorDetail, ErrorReason, GetRequest, Operation, PutRequest,
+    ReadConsistency, RouteHeader, SessionHeader, bundle_answer, bundle_item, condition, operation,
 };
 use dossier_client::ClientError;
 use prost::Message;
@@ -421,6 +421,156 @@ async fn batched_proposals_answer_each_writer() {
         48,
         "each put answered with its own log index"
     );
+}
+
+/// A bundle's items are served as if each were sent alone: every answer lands on its own item,
+/// in order, with its own result or typed error; one bad item spoils nothing else; a bundle above
+/// `limits.bundle-items-max` is refused whole. Through the client, which coalesces by default,
+/// concurrent reads of distinct keys each get their own value back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_answer_each_item_as_if_sent_alone() {
+    let cluster = TestCluster::start(3, 1, 3, &|c| c.limits.bundle_items_max = 64).await;
+    let client = cluster.client().await;
+    let patient = patient_in_shard(&client, 1, "bundle");
+    client.put(&patient, b"warm", b"up").await.unwrap();
+    let route = || {
+        Some(RouteHeader {
+            shard_id: 0,
+            epoch: 0,
+            patient_id: patient.clone(),
+        })
+    };
+    let put = |i: u64| {
+        bundle_item::Request::Put(PutRequest {
+            route: route(),
+            session: Some(SessionHeader {
+                client_session: 0xb0_0000 + i,
+                sequence: 1,
+            }),
+            key: format!("key-{i}").into_bytes(),
+            value: format!("value-{i}").into_bytes(),
+        })
+    };
+    let get = |key: Vec<u8>| {
+        bundle_item::Request::Get(GetRequest {
+            route: route(),
+            key,
+            consistency: ReadConsistency::Linearizable as i32,
+        })
+    };
+    let bundle = |items: Vec<bundle_item::Request>| BundleRequest {
+        items: items
+            .into_iter()
+            .map(|r| BundleItem { request: Some(r) })
+            .collect(),
+    };
+    let field = |answer: &Option<bundle_answer::Answer>| match answer {
+        Some(bundle_answer::Answer::Error(e)) => {
+            let d = e.detail.as_ref().unwrap();
+            assert_eq!(d.reason, ErrorReason::InvalidArgument as i32, "{e:?}");
+            assert_eq!(e.code, tonic::Code::InvalidArgument as i32);
+            d.field.clone()
+        }
+        other => panic!("expected an error answer, got {other:?}"),
+    };
+
+    // 40 puts with three bad items among them, sent to the leader (again if it moved).
+    let mut items: Vec<bundle_item::Request> = (0..40).map(put).collect();
+    let mut empty_key = put(100);
+    if let bundle_item::Request::Put(p) = &mut empty_key {
+        p.key.clear();
+    }
+    items.insert(7, empty_key);
+    items.insert(20, get(b"k".to_vec()));
+    if let bundle_item::Request::Get(g) = &mut items[20] {
+        g.route = None;
+    }
+    let mut request = bundle(items);
+    request.items.insert(30, BundleItem { request: None });
+    let answers = loop {
+        let leader = cluster.leader_of(1).await.unwrap();
+        let node = &cluster.nodes[cluster.node_index(leader)];
+        let mut kv = KvClient::connect(format!("http://{}", node.grpc))
+            .await
+            .unwrap();
+        let answers = kv.bundle(request.clone()).await.unwrap().into_inner().answers;
+        let moved = answers.iter().any(|a| {
+            matches!(&a.answer, Some(bundle_answer::Answer::Error(e))
+                if e.detail.as_ref().unwrap().reason == ErrorReason::NotLeader as i32)
+        });
+        if !moved {
+            break answers;
+        }
+    };
+    assert_eq!(answers.len(), 43, "one answer per item");
+    assert_eq!(field(&answers[7].answer), "key");
+    assert_eq!(field(&answers[20].answer), "route");
+    assert_eq!(field(&answers[30].answer), "items.request");
+    let mut indexes = Vec::new();
+    for (i, answer) in answers.iter().enumerate() {
+        if [7, 20, 30].contains(&i) {
+            continue;
+        }
+        match &answer.answer {
+            Some(bundle_answer::Answer::Write(w)) => {
+                assert!(w.applied, "item {i}: {w:?}");
+                indexes.push(w.index);
+            }
+            other => panic!("item {i}: expected a write answer, got {other:?}"),
+        }
+    }
+    indexes.sort_unstable();
+    indexes.dedup();
+    assert_eq!(indexes.len(), 40, "each put committed as its own entry");
+
+    // Reads back: answer i is the value of key i, wherever the bundle went.
+    let leader = cluster.leader_of(1).await.unwrap();
+    let mut kv = KvClient::connect(format!(
+        "http://{}",
+        cluster.nodes[cluster.node_index(leader)].grpc
+    ))
+    .await
+    .unwrap();
+    let reads = bundle(
+        (0..40)
+            .rev()
+            .map(|i| get(format!("key-{i}").into_bytes()))
+            .collect(),
+    );
+    let answers = kv.bundle(reads).await.unwrap().into_inner().answers;
+    for (answer, i) in answers.iter().zip((0..40).rev()) {
+        match &answer.answer {
+            Some(bundle_answer::Answer::Get(g)) => {
+                assert!(g.found, "key-{i}");
+                assert_eq!(g.value, format!("value-{i}").into_bytes());
+            }
+            other => panic!("key-{i}: expected a read answer, got {other:?}"),
+        }
+    }
+
+    // Above the limit: refused whole, naming the field and the limit.
+    let status = kv
+        .bundle(bundle((0..65).map(|_| get(b"k".to_vec())).collect()))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), ErrorReason::InvalidArgument);
+    let detail = ErrorDetail::decode(status.details()).unwrap();
+    assert_eq!((detail.field.as_str(), detail.limit), ("items", 64));
+
+    // Through the client: 64 concurrent readers, each expecting its own key's value.
+    let mut readers = Vec::new();
+    for i in 0..64u64 {
+        let (client, patient) = (client.clone(), patient.clone());
+        readers.push(tokio::spawn(async move {
+            let key = format!("key-{}", i % 40);
+            let value = client.get(&patient, key.as_bytes()).await.unwrap();
+            (i % 40, value)
+        }));
+    }
+    for reader in readers {
+        let (i, value) = reader.await.unwrap();
+        assert_eq!(value.as_deref(), Some(format!("value-{i}").as_bytes()));
+    }
 }
 
 /// The replication-stream counters, summed over `cluster`'s running nodes (one /metrics page

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dossier_api::v1::kv_server::Kv;
 use dossier_api::v1::{
-    BatchRequest, CompareAndSetRequest, DeleteRequest, GetRequest, GetResponse, KeyValue,
+    BatchRequest, BundleAnswer, BundleItem, BundleRequest, BundleResponse, ItemError, bundle_answer,
+    bundle_item, CompareAndSetRequest, DeleteRequest, GetRequest, GetResponse, KeyValue,
     PutRequest, ReadConsistency, RouteHeader, ScanRequest, ScanResponse, SessionHeader,
     WriteResponse, condition, operation,
 };
@@ -186,14 +187,209 @@ impl KvService {
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
-        let result = async {
-            let _permit = super::admit(&self.node)?;
-            let r = request.get_ref();
-            let routed = self.route(r.route_header())?;
-            body(r, &routed, deadline).await
-        }
-        .await;
+        let result = self.admitted(request.get_ref(), deadline, body).await;
         super::observe(&self.node, method, started, result)
+    }
+
+    /// Admission under the in-flight limit, routing by patient, then `body`.
+    async fn admitted<Req: HasRoute, T>(
+        &self,
+        request: &Req,
+        deadline: Duration,
+        body: impl AsyncFnOnce(&Req, &Routed, Duration) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let _permit = super::admit(&self.node)?;
+        let routed = self.route(request.route_header())?;
+        body(request, &routed, deadline).await
+    }
+
+    /// One item of a bundle, served as the unary method of its kind would serve it.
+    async fn bundle_item(&self, item: &BundleItem, deadline: Duration) -> bundle_answer::Answer {
+        let started = Instant::now();
+        let (method, result) = match &item.request {
+            Some(bundle_item::Request::Get(r)) => (
+                "get",
+                self.admitted(r, deadline, async |r, routed, d| self.do_get(r, routed, d).await)
+                    .await
+                    .map(bundle_answer::Answer::Get),
+            ),
+            Some(bundle_item::Request::Put(r)) => (
+                "put",
+                self.admitted(r, deadline, async |r, routed, d| self.do_put(r, routed, d).await)
+                    .await
+                    .map(bundle_answer::Answer::Write),
+            ),
+            Some(bundle_item::Request::Delete(r)) => (
+                "delete",
+                self.admitted(r, deadline, async |r, routed, d| {
+                    self.do_delete(r, routed, d).await
+                })
+                .await
+                .map(bundle_answer::Answer::Write),
+            ),
+            Some(bundle_item::Request::CompareAndSet(r)) => (
+                "compare_and_set",
+                self.admitted(r, deadline, async |r, routed, d| {
+                    self.do_compare_and_set(r, routed, d).await
+                })
+                .await
+                .map(bundle_answer::Answer::Write),
+            ),
+            Some(bundle_item::Request::Batch(r)) => (
+                "batch",
+                self.admitted(r, deadline, async |r, routed, d| {
+                    self.do_batch(r, routed, d).await
+                })
+                .await
+                .map(bundle_answer::Answer::Write),
+            ),
+            None => (
+                "bundle_item",
+                Err(ApiError::invalid(
+                    "items.request",
+                    "must be one of get, put, delete, compare_and_set, batch",
+                )),
+            ),
+        };
+        super::record(&self.node, method, started, &result);
+        result.unwrap_or_else(|e| {
+            let (code, detail) = e.detail();
+            bundle_answer::Answer::Error(ItemError {
+                code: code as i32,
+                message: e.to_string(),
+                detail: Some(detail),
+            })
+        })
+    }
+}
+
+impl KvService {
+    // The bodies of the Kv methods, shared by the unary methods and the bundle.
+
+    async fn do_get(
+        &self,
+        r: &GetRequest,
+        routed: &Routed,
+        deadline: Duration,
+    ) -> Result<GetResponse, ApiError> {
+        self.check_key("key", &r.key)?;
+        self.read_ready(routed, r.consistency, deadline).await?;
+        let replica = self
+            .node
+            .replica(routed.shard)
+            .ok_or(ApiError::ShardNotFound {
+                shard: routed.shard,
+            })?;
+        let value = replica
+            .get(&routed.key(&r.key))
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        let applied_index = replica.applied_index().unwrap_or(0);
+        Ok(match value {
+            Some(v) => GetResponse {
+                found: true,
+                value: v.to_vec(),
+                applied_index,
+            },
+            None => GetResponse {
+                found: false,
+                value: Vec::new(),
+                applied_index,
+            },
+        })
+    }
+
+    async fn do_put(
+        &self,
+        r: &PutRequest,
+        routed: &Routed,
+        deadline: Duration,
+    ) -> Result<WriteResponse, ApiError> {
+        self.check_key("key", &r.key)?;
+        self.check_value("value", &r.value)?;
+        let session = Self::session(r.session.as_ref())?;
+        let batch = Batch::put(routed.key(&r.key), r.value.clone());
+        self.write(routed, session, batch, deadline).await
+    }
+
+    async fn do_delete(
+        &self,
+        r: &DeleteRequest,
+        routed: &Routed,
+        deadline: Duration,
+    ) -> Result<WriteResponse, ApiError> {
+        self.check_key("key", &r.key)?;
+        let session = Self::session(r.session.as_ref())?;
+        self.write(routed, session, Batch::delete(routed.key(&r.key)), deadline)
+            .await
+    }
+
+    async fn do_compare_and_set(
+        &self,
+        r: &CompareAndSetRequest,
+        routed: &Routed,
+        deadline: Duration,
+    ) -> Result<WriteResponse, ApiError> {
+        self.check_key("key", &r.key)?;
+        self.check_value("expected", &r.expected)?;
+        self.check_value("value", &r.value)?;
+        let session = Self::session(r.session.as_ref())?;
+        let expected = (!r.expect_absent).then(|| Bytes::from(r.expected.clone()));
+        let batch = Batch::compare_and_set(routed.key(&r.key), expected, r.value.clone());
+        self.write(routed, session, batch, deadline).await
+    }
+
+    async fn do_batch(
+        &self,
+        r: &BatchRequest,
+        routed: &Routed,
+        deadline: Duration,
+    ) -> Result<WriteResponse, ApiError> {
+        let session = Self::session(r.session.as_ref())?;
+        if r.operations.is_empty() {
+            return Err(ApiError::invalid(
+                "operations",
+                "at least one operation is needed",
+            ));
+        }
+        let mut batch = Batch::default();
+        for c in &r.conditions {
+            self.check_key("conditions.key", &c.key)?;
+            let expect = match condition::Expect::try_from(c.expect) {
+                Ok(condition::Expect::Equals) => {
+                    self.check_value("conditions.value", &c.value)?;
+                    Expect::Equals(c.value.clone().into())
+                }
+                Ok(condition::Expect::Absent) => Expect::Absent,
+                Ok(condition::Expect::Present) => Expect::Present,
+                Err(_) => return Err(ApiError::invalid("conditions.expect", "unknown value")),
+            };
+            batch.conditions.push(Condition {
+                key: routed.key(&c.key),
+                expect,
+            });
+        }
+        for o in &r.operations {
+            match &o.op {
+                Some(operation::Op::Put(p)) => {
+                    self.check_key("operations.put.key", &p.key)?;
+                    self.check_value("operations.put.value", &p.value)?;
+                    batch.ops.push(Op::Put {
+                        key: routed.key(&p.key),
+                        value: p.value.clone().into(),
+                    });
+                }
+                Some(operation::Op::Delete(d)) => {
+                    self.check_key("operations.delete.key", &d.key)?;
+                    batch.ops.push(Op::Delete {
+                        key: routed.key(&d.key),
+                    });
+                }
+                None => {
+                    return Err(ApiError::invalid("operations.op", "must be put or delete"));
+                }
+            }
+        }
+        self.write(routed, session, batch, deadline).await
     }
 }
 
@@ -201,41 +397,14 @@ impl KvService {
 impl Kv for KvService {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         self.serve("get", request, async |r, routed, deadline| {
-            self.check_key("key", &r.key)?;
-            self.read_ready(routed, r.consistency, deadline).await?;
-            let replica = self
-                .node
-                .replica(routed.shard)
-                .ok_or(ApiError::ShardNotFound {
-                    shard: routed.shard,
-                })?;
-            let value = replica
-                .get(&routed.key(&r.key))
-                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-            let applied_index = replica.applied_index().unwrap_or(0);
-            Ok(match value {
-                Some(v) => GetResponse {
-                    found: true,
-                    value: v.to_vec(),
-                    applied_index,
-                },
-                None => GetResponse {
-                    found: false,
-                    value: Vec::new(),
-                    applied_index,
-                },
-            })
+            self.do_get(r, routed, deadline).await
         })
         .await
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<WriteResponse>, Status> {
         self.serve("put", request, async |r, routed, deadline| {
-            self.check_key("key", &r.key)?;
-            self.check_value("value", &r.value)?;
-            let session = Self::session(r.session.as_ref())?;
-            let batch = Batch::put(routed.key(&r.key), r.value.clone());
-            self.write(routed, session, batch, deadline).await
+            self.do_put(r, routed, deadline).await
         })
         .await
     }
@@ -245,10 +414,7 @@ impl Kv for KvService {
         request: Request<DeleteRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
         self.serve("delete", request, async |r, routed, deadline| {
-            self.check_key("key", &r.key)?;
-            let session = Self::session(r.session.as_ref())?;
-            self.write(routed, session, Batch::delete(routed.key(&r.key)), deadline)
-                .await
+            self.do_delete(r, routed, deadline).await
         })
         .await
     }
@@ -258,13 +424,7 @@ impl Kv for KvService {
         request: Request<CompareAndSetRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
         self.serve("compare_and_set", request, async |r, routed, deadline| {
-            self.check_key("key", &r.key)?;
-            self.check_value("expected", &r.expected)?;
-            self.check_value("value", &r.value)?;
-            let session = Self::session(r.session.as_ref())?;
-            let expected = (!r.expect_absent).then(|| Bytes::from(r.expected.clone()));
-            let batch = Batch::compare_and_set(routed.key(&r.key), expected, r.value.clone());
-            self.write(routed, session, batch, deadline).await
+            self.do_compare_and_set(r, routed, deadline).await
         })
         .await
     }
@@ -274,52 +434,7 @@ impl Kv for KvService {
         request: Request<BatchRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
         self.serve("batch", request, async |r, routed, deadline| {
-            let session = Self::session(r.session.as_ref())?;
-            if r.operations.is_empty() {
-                return Err(ApiError::invalid(
-                    "operations",
-                    "at least one operation is needed",
-                ));
-            }
-            let mut batch = Batch::default();
-            for c in &r.conditions {
-                self.check_key("conditions.key", &c.key)?;
-                let expect = match condition::Expect::try_from(c.expect) {
-                    Ok(condition::Expect::Equals) => {
-                        self.check_value("conditions.value", &c.value)?;
-                        Expect::Equals(c.value.clone().into())
-                    }
-                    Ok(condition::Expect::Absent) => Expect::Absent,
-                    Ok(condition::Expect::Present) => Expect::Present,
-                    Err(_) => return Err(ApiError::invalid("conditions.expect", "unknown value")),
-                };
-                batch.conditions.push(Condition {
-                    key: routed.key(&c.key),
-                    expect,
-                });
-            }
-            for o in &r.operations {
-                match &o.op {
-                    Some(operation::Op::Put(p)) => {
-                        self.check_key("operations.put.key", &p.key)?;
-                        self.check_value("operations.put.value", &p.value)?;
-                        batch.ops.push(Op::Put {
-                            key: routed.key(&p.key),
-                            value: p.value.clone().into(),
-                        });
-                    }
-                    Some(operation::Op::Delete(d)) => {
-                        self.check_key("operations.delete.key", &d.key)?;
-                        batch.ops.push(Op::Delete {
-                            key: routed.key(&d.key),
-                        });
-                    }
-                    None => {
-                        return Err(ApiError::invalid("operations.op", "must be put or delete"));
-                    }
-                }
-            }
-            self.write(routed, session, batch, deadline).await
+            self.do_batch(r, routed, deadline).await
         })
         .await
     }
@@ -360,5 +475,35 @@ impl Kv for KvService {
             Ok(ScanResponse { items, more })
         })
         .await
+    }
+
+    async fn bundle(
+        &self,
+        request: Request<BundleRequest>,
+    ) -> Result<Response<BundleResponse>, Status> {
+        let started = Instant::now();
+        let deadline = super::deadline_of(&request, self.node.config.request_deadline());
+        let items = &request.get_ref().items;
+        let max = self.node.config.node.limits.bundle_items_max;
+        let result = if items.len() > max {
+            Err(ApiError::InvalidArgument {
+                field: "items".into(),
+                message: format!("has {} items, above the limit of {max}", items.len()),
+                limit: Some(max as u64),
+            })
+        } else {
+            // Every item runs at once, as separate requests would; answers keep the items' order.
+            let answers = futures_util::future::join_all(
+                items.iter().map(|item| self.bundle_item(item, deadline)),
+            )
+            .await;
+            Ok(BundleResponse {
+                answers: answers
+                    .into_iter()
+                    .map(|a| BundleAnswer { answer: Some(a) })
+                    .collect(),
+            })
+        };
+        super::observe(&self.node, "bundle", started, result)
     }
 }

@@ -82,7 +82,18 @@ pub(crate) fn observe<T>(
     started: Instant,
     result: Result<T, ApiError>,
 ) -> Result<Response<T>, Status> {
-    let code = match &result {
+    record(node, method, started, &result);
+    result.map(Response::new).map_err(Status::from)
+}
+
+/// Records the request's latency under its method and outcome.
+pub(crate) fn record<T>(
+    node: &Node,
+    method: &'static str,
+    started: Instant,
+    result: &Result<T, ApiError>,
+) {
+    let code = match result {
         Ok(_) => "ok",
         Err(e) => e.code_name(),
     };
@@ -90,5 +101,4 @@ pub(crate) fn observe<T>(
         .request_seconds
         .with_label_values(&[method, code])
         .observe(started.elapsed().as_secs_f64());
-    result.map(Response::new).map_err(Status::from)
 }

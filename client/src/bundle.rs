@@ -1,0 +1,237 @@
+//! Lanes: one HTTP/2 connection to a node, and the requests waiting to go to it.
+//!
+//! A unary gRPC call costs both ends an HTTP/2 stream (headers, trailers, a task on the server)
+//! and at least one write and one wake-up each way; on a busy client that overhead, not the
+//! database, is most of the work. So the client coalesces: a request for a node joins its lane's
+//! queue, and the lane's task sends everything queued at that moment as one `Kv.Bundle`, without
+//! waiting for the bundles already in flight. No timer holds a request back: a lone request goes
+//! alone at once (as a plain unary call, from the caller's task, when nothing else is outstanding
+//! on the lane), and bundles grow only when requests arrive while others are under way, which is
+//! exactly when the overhead matters: before a bundle leaves, the lane's task yields once to let
+//! the callers already woken queue their next requests.
+//!
+//! Every item is answered on its own, with the status it would have had alone, so the retry logic
+//! above does not know whether a request went bundled. A node that does not serve `Bundle` (an
+//! older version during a rolling upgrade) answers UNIMPLEMENTED: the lane then sends unary calls
+//! from then on, and the request that learnt it is retried.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use dossier_api::v1::kv_client::KvClient;
+use dossier_api::v1::{BundleItem, BundleRequest, bundle_answer, bundle_item};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+pub(crate) use bundle_answer::Answer;
+pub(crate) use bundle_item::Request as Item;
+
+/// Most items in one bundle. Bounds the answer a bundle of reads can bring back (items times the
+/// largest value) below the decoding limit, and stays under the server's smallest allowed
+/// `limits.bundle-items-max`.
+const BUNDLE_ITEMS_MAX: usize = 32;
+/// A bundle's encoded requests stop growing past this; a larger single request goes alone.
+const BUNDLE_BYTES_MAX: usize = 4 << 20;
+/// Largest bundle answer accepted (the server's own decoding limit for requests).
+const ANSWER_BYTES_MAX: usize = 64 << 20;
+/// Requests queued on one lane before callers wait for room.
+const QUEUE_MAX: usize = 1024;
+
+struct Pending {
+    item: Item,
+    timeout: Duration,
+    answer: oneshot::Sender<Result<Answer, Status>>,
+}
+
+/// One connection to a node and, when coalescing, the queue of its next bundle.
+#[derive(Debug, Clone)]
+pub(crate) struct Lane {
+    pub(crate) channel: Channel,
+    queue: Option<mpsc::Sender<Pending>>,
+    /// False once the node answered a bundle with UNIMPLEMENTED.
+    bundles: Arc<AtomicBool>,
+    /// Requests of this lane awaiting their answers.
+    outstanding: Arc<AtomicUsize>,
+}
+
+/// Counts a request as outstanding on its lane while it lives.
+struct Outstanding(Arc<AtomicUsize>);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending").finish_non_exhaustive()
+    }
+}
+
+impl Lane {
+    /// A lane over `channel`; with `coalesce`, a task (on the current runtime) sends its bundles.
+    pub(crate) fn new(channel: Channel, coalesce: bool) -> Lane {
+        let queue = coalesce.then(|| {
+            let (tx, rx) = mpsc::channel(QUEUE_MAX);
+            tokio::spawn(send_bundles(channel.clone(), rx));
+            tx
+        });
+        Lane {
+            channel,
+            queue,
+            bundles: Arc::new(AtomicBool::new(true)),
+            outstanding: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Sends one request, in the lane's next bundle or alone, and returns its answer. A request
+    /// that finds nothing outstanding on the lane goes alone from the caller's own task: it has
+    /// nothing to share a bundle with, and skips the hand-over to the lane's task.
+    pub(crate) async fn call(&self, item: Item, timeout: Duration) -> Result<Answer, Status> {
+        let alone = self.outstanding.fetch_add(1, Ordering::Relaxed) == 0;
+        let _outstanding = Outstanding(Arc::clone(&self.outstanding));
+        let Some(queue) = self
+            .queue
+            .as_ref()
+            .filter(|_| !alone && self.bundles.load(Ordering::Relaxed))
+        else {
+            return unary(self.channel.clone(), item, timeout).await;
+        };
+        let (tx, rx) = oneshot::channel();
+        let pending = Pending {
+            item,
+            timeout,
+            answer: tx,
+        };
+        if queue.send(pending).await.is_err() {
+            return Err(Status::unavailable("the client's bundle task has stopped"));
+        }
+        match rx.await {
+            Ok(Err(status)) if status.code() == Code::Unimplemented => {
+                self.bundles.store(false, Ordering::Relaxed);
+                Err(Status::unavailable(
+                    "the node does not serve bundles; sending requests alone from now on",
+                ))
+            }
+            Ok(answer) => answer,
+            Err(_) => Err(Status::unavailable("the bundle was dropped unanswered")),
+        }
+    }
+}
+
+/// The lane's task: takes whatever is queued, sends it as bundles, and goes back for more
+/// without waiting for their answers. Ends when the client (every sender) is gone.
+async fn send_bundles(channel: Channel, mut queue: mpsc::Receiver<Pending>) {
+    let mut taken = Vec::with_capacity(BUNDLE_ITEMS_MAX);
+    while queue.recv_many(&mut taken, BUNDLE_ITEMS_MAX).await > 0 {
+        // Let the tasks that are already runnable (typically the callers woken by the last
+        // answers) queue their next requests before this bundle leaves; on an idle client this
+        // costs one trip through the scheduler.
+        while taken.len() < BUNDLE_ITEMS_MAX {
+            tokio::task::yield_now().await;
+            let before = taken.len();
+            while taken.len() < BUNDLE_ITEMS_MAX
+                && let Ok(pending) = queue.try_recv()
+            {
+                taken.push(pending);
+            }
+            if taken.len() == before {
+                break;
+            }
+        }
+        let mut bundle = Vec::with_capacity(taken.len());
+        let mut bytes = 0;
+        for pending in taken.drain(..) {
+            let size = pending.item.encoded_len();
+            if !bundle.is_empty() && bytes + size > BUNDLE_BYTES_MAX {
+                tokio::spawn(send(channel.clone(), std::mem::take(&mut bundle)));
+                bytes = 0;
+            }
+            bytes += size;
+            bundle.push(pending);
+        }
+        tokio::spawn(send(channel.clone(), bundle));
+    }
+}
+
+async fn send(channel: Channel, bundle: Vec<Pending>) {
+    let timeout = bundle.iter().map(|p| p.timeout).max().unwrap_or_default();
+    let mut answers = Vec::with_capacity(bundle.len());
+    let items = bundle
+        .into_iter()
+        .map(|p| {
+            answers.push(p.answer);
+            BundleItem {
+                request: Some(p.item),
+            }
+        })
+        .collect();
+    let mut request = tonic::Request::new(BundleRequest { items });
+    request.set_timeout(timeout);
+    let result = KvClient::new(channel)
+        .max_decoding_message_size(ANSWER_BYTES_MAX)
+        .bundle(request)
+        .await;
+    match result {
+        Ok(response) => {
+            let got = response.into_inner().answers;
+            if got.len() != answers.len() {
+                let status = Status::internal(format!(
+                    "the node answered {} items of a bundle of {}",
+                    got.len(),
+                    answers.len()
+                ));
+                for tx in answers {
+                    let _ = tx.send(Err(status.clone()));
+                }
+                return;
+            }
+            for (answer, tx) in got.into_iter().zip(answers) {
+                let _ = tx.send(item_result(answer.answer));
+            }
+        }
+        Err(status) => {
+            for tx in answers {
+                let _ = tx.send(Err(status.clone()));
+            }
+        }
+    }
+}
+
+/// An item's answer as the unary call would have given it.
+fn item_result(answer: Option<Answer>) -> Result<Answer, Status> {
+    match answer {
+        Some(Answer::Error(e)) => Err(Status::with_details(
+            Code::from_i32(e.code),
+            e.message,
+            e.detail.map(|d| d.encode_to_vec()).unwrap_or_default().into(),
+        )),
+        Some(answer) => Ok(answer),
+        None => Err(Status::internal("the node sent an empty bundle answer")),
+    }
+}
+
+/// The request sent alone, as its own unary call.
+async fn unary(channel: Channel, item: Item, timeout: Duration) -> Result<Answer, Status> {
+    fn timed<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(timeout);
+        request
+    }
+    let mut kv = KvClient::new(channel);
+    let write = |r: tonic::Response<_>| Answer::Write(r.into_inner());
+    match item {
+        Item::Get(r) => kv
+            .get(timed(r, timeout))
+            .await
+            .map(|r| Answer::Get(r.into_inner())),
+        Item::Put(r) => kv.put(timed(r, timeout)).await.map(write),
+        Item::Delete(r) => kv.delete(timed(r, timeout)).await.map(write),
+        Item::CompareAndSet(r) => kv.compare_and_set(timed(r, timeout)).await.map(write),
+        Item::Batch(r) => kv.batch(timed(r, timeout)).await.map(write),
+    }
+}
