@@ -5,6 +5,8 @@
 #   - etcd with 1 and with 2 connections per member (its better figure of the two is compared);
 #   - Dossier with 1 shard (one Raft group over 3 replicas, etcd's layout) and with SHARDS shards
 #     (default 8: several Raft groups, leaders spread over the nodes);
+#   - Dossier with 1 shard and the client's coalescing off (--unary: one unary call per request,
+#     as etcd's clients send them);
 #   - the floor.
 # Prints one JSON line per point (stdout), then median tables with ratios to etcd (stderr).
 #   benches/scripts/compare-etcd.sh [ROUNDS] [cluster-load arguments...]
@@ -31,6 +33,8 @@ for round in $(seq "$rounds"); do
         echo "round $round of $rounds: dossier, $n shards" >&2
         "$bench" cluster-load --backend dossier --shards "$n" "${args[@]}" | tee -a "$results"
     done
+    echo "round $round of $rounds: dossier, 1 shard, unary calls" >&2
+    "$bench" cluster-load --backend dossier --shards 1 --unary "${args[@]}" | tee -a "$results"
     echo "round $round of $rounds: grpc-floor" >&2
     "$bench" cluster-load --backend grpc-floor "${args[@]}" | tee -a "$results"
 done
@@ -40,7 +44,7 @@ from collections import defaultdict
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 runs = defaultdict(list)  # (system, workload, clients) -> [row per run]
 for r in rows:
-    system = r["backend"] if "shards" not in r else f'dossier-{int(r["shards"])}'
+    system = r["backend"] if "shards" not in r else f'{r["backend"]}-{int(r["shards"])}'
     runs[(system, r["workload"], int(r["clients"]))].append(r)
 def etcd_best(workload, clients):
     """etcd's better connection setting, per round: pairs of runs in round order."""

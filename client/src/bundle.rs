@@ -73,11 +73,13 @@ impl std::fmt::Debug for Pending {
 }
 
 impl Lane {
-    /// A lane over `channel`; with `coalesce`, a task (on the current runtime) sends its bundles.
+    /// A lane over `channel`; with `coalesce`, a task on the current runtime (if any) sends its
+    /// bundles.
     pub(crate) fn new(channel: Channel, coalesce: bool) -> Lane {
-        let queue = coalesce.then(|| {
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let queue = runtime.filter(|_| coalesce).map(|runtime| {
             let (tx, rx) = mpsc::channel(QUEUE_MAX);
-            tokio::spawn(send_bundles(channel.clone(), rx));
+            runtime.spawn(send_bundles(channel.clone(), rx));
             tx
         });
         Lane {
@@ -107,8 +109,10 @@ impl Lane {
             timeout,
             answer: tx,
         };
-        if queue.send(pending).await.is_err() {
-            return Err(Status::unavailable("the client's bundle task has stopped"));
+        if let Err(mpsc::error::SendError(pending)) = queue.send(pending).await {
+            // The lane's task is gone (its runtime shut down): the request goes alone.
+            self.bundles.store(false, Ordering::Relaxed);
+            return unary(self.channel.clone(), pending.item, timeout).await;
         }
         match rx.await {
             Ok(Err(status)) if status.code() == Code::Unimplemented => {
@@ -233,5 +237,96 @@ async fn unary(channel: Channel, item: Item, timeout: Duration) -> Result<Answer
         Item::Delete(r) => kv.delete(timed(r, timeout)).await.map(write),
         Item::CompareAndSet(r) => kv.compare_and_set(timed(r, timeout)).await.map(write),
         Item::Batch(r) => kv.batch(timed(r, timeout)).await.map(write),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use dossier_api::v1::kv_server::{Kv, KvServer};
+    use dossier_api::v1::{
+        BatchRequest, BundleResponse, CompareAndSetRequest, DeleteRequest, GetRequest,
+        GetResponse, PutRequest, ScanRequest, ScanResponse, WriteResponse,
+    };
+    use tonic::{Request, Response};
+
+    use super::*;
+
+    /// A node of an older version: unary calls only.
+    struct UnaryOnly;
+
+    #[tonic::async_trait]
+    impl Kv for UnaryOnly {
+        async fn get(&self, _: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+            Ok(Response::new(GetResponse {
+                found: true,
+                value: b"v".to_vec(),
+                applied_index: 1,
+            }))
+        }
+        async fn put(&self, _: Request<PutRequest>) -> Result<Response<WriteResponse>, Status> {
+            Err(Status::unimplemented("put"))
+        }
+        async fn delete(
+            &self,
+            _: Request<DeleteRequest>,
+        ) -> Result<Response<WriteResponse>, Status> {
+            Err(Status::unimplemented("delete"))
+        }
+        async fn compare_and_set(
+            &self,
+            _: Request<CompareAndSetRequest>,
+        ) -> Result<Response<WriteResponse>, Status> {
+            Err(Status::unimplemented("compare_and_set"))
+        }
+        async fn batch(&self, _: Request<BatchRequest>) -> Result<Response<WriteResponse>, Status> {
+            Err(Status::unimplemented("batch"))
+        }
+        async fn scan(&self, _: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+            Err(Status::unimplemented("scan"))
+        }
+        async fn bundle(
+            &self,
+            _: Request<BundleRequest>,
+        ) -> Result<Response<BundleResponse>, Status> {
+            Err(Status::unimplemented("bundle"))
+        }
+    }
+
+    /// Against a node that does not serve bundles, the requests that went bundled are refused as
+    /// retryable (never answered wrongly), the lane stops bundling, and every later request is
+    /// answered through unary calls.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_without_bundles_gets_unary_calls() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(KvServer::new(UnaryOnly))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let lane = Lane::new(channel, true);
+        let timeout = Duration::from_secs(5);
+        let get = || Item::Get(GetRequest::default());
+        let answered = |r: &Result<Answer, Status>| matches!(r, Ok(Answer::Get(g)) if g.value == b"v");
+
+        // The first of eight is alone on the lane and goes unary; the seven others queue behind
+        // it and go as a bundle, which the node refuses.
+        let first = futures_util::future::join_all((0..8).map(|_| lane.call(get(), timeout))).await;
+        assert!(answered(&first[0]), "{:?}", first[0]);
+        for r in &first[1..] {
+            match r {
+                Err(s) => assert_eq!(s.code(), Code::Unavailable, "{s:?}"),
+                Ok(a) => panic!("a bundled request was answered by a node without bundles: {a:?}"),
+            }
+        }
+        assert!(!lane.bundles.load(Ordering::Relaxed), "the lane stopped bundling");
+
+        let then = futures_util::future::join_all((0..8).map(|_| lane.call(get(), timeout))).await;
+        assert!(then.iter().all(answered), "{then:?}");
     }
 }
