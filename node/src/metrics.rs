@@ -16,6 +16,8 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// Writes handed to Raft together by a group's proposal task.
     pub proposals_per_batch: Histogram,
+    /// Items of one `Kv.Bundle` (the requests a client coalesced).
+    pub bundle_items: Histogram,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -47,8 +49,19 @@ impl Metrics {
             .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
         )
         .expect("valid metric");
+        let bundle_items = Histogram::with_opts(
+            HistogramOpts::new(
+                "dossier_bundle_items",
+                "Requests carried by one Kv.Bundle call",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0]),
+        )
+        .expect("valid metric");
         registry
             .register(Box::new(proposals_per_batch.clone()))
+            .expect("registered once");
+        registry
+            .register(Box::new(bundle_items.clone()))
             .expect("registered once");
         registry
             .register(Box::new(request_seconds.clone()))
@@ -61,6 +74,7 @@ impl Metrics {
             request_seconds,
             commit_seconds,
             proposals_per_batch,
+            bundle_items,
         }
     }
 }

@@ -484,6 +484,7 @@ impl Kv for KvService {
         let started = Instant::now();
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
         let items = &request.get_ref().items;
+        self.node.metrics.bundle_items.observe(items.len() as f64);
         let max = self.node.config.node.limits.bundle_items_max;
         let result = if items.len() > max {
             Err(ApiError::InvalidArgument {
