@@ -10,14 +10,18 @@
 //! exactly when the overhead matters: before a bundle leaves, the lane's task yields once to let
 //! the callers already woken queue their next requests.
 //!
-//! Every item is answered on its own, with the status it would have had alone, so the retry logic
+//! Every item is answered on its own, as soon as it completes on the node (a read bundled with a
+//! slow write does not wait for it), with the status it would have had alone, so the retry logic
 //! above does not know whether a request went bundled. A node that does not serve `Bundle` (an
 //! older version during a rolling upgrade) answers UNIMPLEMENTED: the lane then sends unary calls
-//! from then on, and the request that learnt it is retried.
+//! for 30 s before it tries again, and the requests that learnt it are retried. A caller that
+//! gives up while its request is queued sends nothing; each item carries its caller's remaining
+//! time as its own deadline, and a bundle nobody waits for any more is dropped, which cancels it
+//! on the node.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use dossier_api::v1::kv_client::KvClient;
 use dossier_api::v1::{BundleItem, BundleRequest, bundle_answer, bundle_item};
@@ -29,20 +33,23 @@ use tonic::{Code, Status};
 pub(crate) use bundle_answer::Answer;
 pub(crate) use bundle_item::Request as Item;
 
-/// Most items in one bundle. Bounds the answer a bundle of reads can bring back (items times the
-/// largest value) below the decoding limit, and stays under the server's smallest allowed
-/// `limits.bundle-items-max`.
+/// Most items in one bundle; the server's smallest allowed `limits.bundle-items-max`.
 const BUNDLE_ITEMS_MAX: usize = 32;
 /// A bundle's encoded requests stop growing past this; a larger single request goes alone.
 const BUNDLE_BYTES_MAX: usize = 4 << 20;
-/// Largest bundle answer accepted (the server's own decoding limit for requests).
-const ANSWER_BYTES_MAX: usize = 64 << 20;
+/// Largest answer message accepted, unary or bundled: the node stops adding answers to a message
+/// past 4 MiB, and one answer holds at most one value (`state.value-bytes-max`, up to 64 MiB).
+pub(crate) const ANSWER_BYTES_MAX: usize = 80 << 20;
+/// How long a lane whose node answered a bundle UNIMPLEMENTED sends unary calls before trying
+/// bundles again (the node may have been upgraded meanwhile).
+const UNARY_FOR: Duration = Duration::from_secs(30);
 /// Requests queued on one lane before callers wait for room.
 const QUEUE_MAX: usize = 1024;
 
 struct Pending {
     item: Item,
-    timeout: Duration,
+    /// The caller's deadline for this attempt.
+    due: Instant,
     answer: oneshot::Sender<Result<Answer, Status>>,
 }
 
@@ -51,8 +58,10 @@ struct Pending {
 pub(crate) struct Lane {
     pub(crate) channel: Channel,
     queue: Option<mpsc::Sender<Pending>>,
-    /// False once the node answered a bundle with UNIMPLEMENTED.
-    bundles: Arc<AtomicBool>,
+    /// Until when (in milliseconds after `born`) the lane sends unary calls only: set when the
+    /// node answers a bundle UNIMPLEMENTED, or for good when the lane's task is gone.
+    unary_until: Arc<AtomicU64>,
+    born: Instant,
     /// Requests of this lane awaiting their answers.
     outstanding: Arc<AtomicUsize>,
 }
@@ -73,6 +82,10 @@ impl std::fmt::Debug for Pending {
 }
 
 impl Lane {
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
     /// A lane over `channel`; with `coalesce`, a task on the current runtime (if any) sends its
     /// bundles.
     pub(crate) fn new(channel: Channel, coalesce: bool) -> Lane {
@@ -85,7 +98,8 @@ impl Lane {
         Lane {
             channel,
             queue,
-            bundles: Arc::new(AtomicBool::new(true)),
+            unary_until: Arc::new(AtomicU64::new(0)),
+            born: Instant::now(),
             outstanding: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -99,26 +113,32 @@ impl Lane {
         let Some(queue) = self
             .queue
             .as_ref()
-            .filter(|_| !alone && self.bundles.load(Ordering::Relaxed))
+            .filter(|_| !alone && self.now_ms() >= self.unary_until.load(Ordering::Relaxed))
         else {
             return unary(self.channel.clone(), item, timeout).await;
         };
         let (tx, rx) = oneshot::channel();
         let pending = Pending {
             item,
-            timeout,
+            due: Instant::now() + timeout,
             answer: tx,
         };
         if let Err(mpsc::error::SendError(pending)) = queue.send(pending).await {
-            // The lane's task is gone (its runtime shut down): the request goes alone.
-            self.bundles.store(false, Ordering::Relaxed);
+            // The lane's task is gone (its runtime shut down): requests go alone from now on.
+            self.unary_until.store(u64::MAX, Ordering::Relaxed);
             return unary(self.channel.clone(), pending.item, timeout).await;
         }
         match rx.await {
             Ok(Err(status)) if status.code() == Code::Unimplemented => {
-                self.bundles.store(false, Ordering::Relaxed);
+                let until = self.now_ms().saturating_add(UNARY_FOR.as_millis() as u64);
+                if self.unary_until.swap(until, Ordering::Relaxed) < self.now_ms() {
+                    tracing::info!(
+                        "a node does not serve Kv.Bundle (an older version?): unary calls to it \
+                         for {UNARY_FOR:?}"
+                    );
+                }
                 Err(Status::unavailable(
-                    "the node does not serve bundles; sending requests alone from now on",
+                    "the node does not serve bundles; sending requests alone for a while",
                 ))
             }
             Ok(answer) => answer,
@@ -149,7 +169,9 @@ async fn send_bundles(channel: Channel, mut queue: mpsc::Receiver<Pending>) {
         }
         let mut bundle = Vec::with_capacity(taken.len());
         let mut bytes = 0;
-        for pending in taken.drain(..) {
+        // A caller that gave up while queued (its attempt timed out, or it was dropped) sends
+        // nothing.
+        for pending in taken.drain(..).filter(|p| !p.answer.is_closed()) {
             let size = pending.item.encoded_len();
             if !bundle.is_empty() && bytes + size > BUNDLE_BYTES_MAX {
                 tokio::spawn(send(channel.clone(), std::mem::take(&mut bundle)));
@@ -158,19 +180,25 @@ async fn send_bundles(channel: Channel, mut queue: mpsc::Receiver<Pending>) {
             bytes += size;
             bundle.push(pending);
         }
-        tokio::spawn(send(channel.clone(), bundle));
+        if !bundle.is_empty() {
+            tokio::spawn(send(channel.clone(), bundle));
+        }
     }
 }
 
 async fn send(channel: Channel, bundle: Vec<Pending>) {
-    let timeout = bundle.iter().map(|p| p.timeout).max().unwrap_or_default();
-    let mut answers = Vec::with_capacity(bundle.len());
+    let now = Instant::now();
+    let left = |p: &Pending| p.due.saturating_duration_since(now).max(Duration::from_micros(1));
+    let timeout = bundle.iter().map(left).max().unwrap_or_default();
+    let mut waiting = Vec::with_capacity(bundle.len());
     let items = bundle
         .into_iter()
         .map(|p| {
-            answers.push(p.answer);
+            let own = left(&p);
+            waiting.push(Some(p.answer));
             BundleItem {
                 request: Some(p.item),
+                timeout_micros: own.as_micros() as u64,
             }
         })
         .collect();
@@ -180,29 +208,39 @@ async fn send(channel: Channel, bundle: Vec<Pending>) {
         .max_decoding_message_size(ANSWER_BYTES_MAX)
         .bundle(request)
         .await;
-    match result {
+    // Each answer goes to its caller as it arrives; whatever is left when the stream ends or
+    // breaks gets the reason.
+    let unanswered = match result {
+        Err(status) => status,
         Ok(response) => {
-            let got = response.into_inner().answers;
-            if got.len() != answers.len() {
-                let status = Status::internal(format!(
-                    "the node answered {} items of a bundle of {}",
-                    got.len(),
-                    answers.len()
-                ));
-                for tx in answers {
-                    let _ = tx.send(Err(status.clone()));
+            let mut answers = response.into_inner();
+            loop {
+                match answers.message().await {
+                    Ok(Some(batch)) => {
+                        for answer in batch.answers {
+                            let caller = usize::try_from(answer.item)
+                                .ok()
+                                .and_then(|i| waiting.get_mut(i))
+                                .and_then(Option::take);
+                            if let Some(caller) = caller {
+                                let _ = caller.send(item_result(answer.answer));
+                            }
+                        }
+                        // Nobody left to answer: dropping the stream cancels the rest on the node.
+                        if waiting.iter().flatten().all(oneshot::Sender::is_closed) {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        break Status::internal("the node ended the bundle without answering");
+                    }
+                    Err(status) => break status,
                 }
-                return;
-            }
-            for (answer, tx) in got.into_iter().zip(answers) {
-                let _ = tx.send(item_result(answer.answer));
             }
         }
-        Err(status) => {
-            for tx in answers {
-                let _ = tx.send(Err(status.clone()));
-            }
-        }
+    };
+    for caller in waiting.into_iter().flatten() {
+        let _ = caller.send(Err(unanswered.clone()));
     }
 }
 
@@ -226,7 +264,7 @@ async fn unary(channel: Channel, item: Item, timeout: Duration) -> Result<Answer
         request.set_timeout(timeout);
         request
     }
-    let mut kv = KvClient::new(channel);
+    let mut kv = KvClient::new(channel).max_decoding_message_size(ANSWER_BYTES_MAX);
     let write = |r: tonic::Response<_>| Answer::Write(r.into_inner());
     match item {
         Item::Get(r) => kv
@@ -286,10 +324,12 @@ mod tests {
         async fn scan(&self, _: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
             Err(Status::unimplemented("scan"))
         }
+        type BundleStream = tokio_stream::Empty<Result<BundleResponse, Status>>;
+
         async fn bundle(
             &self,
             _: Request<BundleRequest>,
-        ) -> Result<Response<BundleResponse>, Status> {
+        ) -> Result<Response<Self::BundleStream>, Status> {
             Err(Status::unimplemented("bundle"))
         }
     }
@@ -324,7 +364,10 @@ mod tests {
                 Ok(a) => panic!("a bundled request was answered by a node without bundles: {a:?}"),
             }
         }
-        assert!(!lane.bundles.load(Ordering::Relaxed), "the lane stopped bundling");
+        assert!(
+            lane.unary_until.load(Ordering::Relaxed) > lane.now_ms(),
+            "the lane stopped bundling for a while"
+        );
 
         let then = futures_util::future::join_all((0..8).map(|_| lane.call(get(), timeout))).await;
         assert!(then.iter().all(answered), "{then:?}");

@@ -592,7 +592,11 @@ impl Client {
                     consistency: consistency as i32,
                 });
                 request.set_timeout(t);
-                async move { Ok(KvClient::new(lane.channel).scan(request).await?.into_inner()) }
+                async move {
+                    let mut kv = KvClient::new(lane.channel)
+                        .max_decoding_message_size(bundle::ANSWER_BYTES_MAX);
+                    Ok(kv.scan(request).await?.into_inner())
+                }
             })
             .await?;
         let items = response

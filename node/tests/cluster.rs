@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::{TestCluster, patient_in_shard};
 use dossier_api::v1::kv_client::KvClient;
 use dossier_api::v1::{
-    BatchRequest, BundleItem, BundleRequest, Condition, ErrorDetail, ErrorReason, GetRequest, Operation, PutRequest,
+    BatchRequest, BundleAnswer, BundleItem, BundleRequest, Condition, ErrorDetail, ErrorReason, GetRequest, Operation, PutRequest,
     ReadConsistency, RouteHeader, SessionHeader, bundle_answer, bundle_item, condition, operation,
 };
 use dossier_client::ClientError;
@@ -423,8 +423,31 @@ async fn batched_proposals_answer_each_writer() {
     );
 }
 
-/// A bundle's items are served as if each were sent alone: every answer lands on its own item,
-/// in order, with its own result or typed error; one bad item spoils nothing else; a bundle above
+/// Every answer of a bundle, in item order; each item answered exactly once.
+async fn answers_of(
+    kv: &mut KvClient<tonic::transport::Channel>,
+    request: BundleRequest,
+) -> Vec<BundleAnswer> {
+    let items = request.items.len();
+    let mut stream = kv.bundle(request).await.unwrap().into_inner();
+    let mut answers: Vec<Option<BundleAnswer>> = vec![None; items];
+    while let Some(batch) = stream.message().await.unwrap() {
+        assert!(!batch.answers.is_empty(), "no empty answer message");
+        for answer in batch.answers {
+            let slot = &mut answers[answer.item as usize];
+            assert!(slot.is_none(), "item {} answered twice", answer.item);
+            *slot = Some(answer);
+        }
+    }
+    answers
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| a.unwrap_or_else(|| panic!("item {i} never answered")))
+        .collect()
+}
+
+/// A bundle's items are served as if each were sent alone: every item gets exactly one answer,
+/// marked with its index, with its own result or typed error; one bad item spoils nothing else; a bundle above
 /// `limits.bundle-items-max` is refused whole. Through the client, which coalesces by default,
 /// concurrent reads of distinct keys each get their own value back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,7 +484,10 @@ async fn bundles_answer_each_item_as_if_sent_alone() {
     let bundle = |items: Vec<bundle_item::Request>| BundleRequest {
         items: items
             .into_iter()
-            .map(|r| BundleItem { request: Some(r) })
+            .map(|r| BundleItem {
+                request: Some(r),
+                timeout_micros: 0,
+            })
             .collect(),
     };
     let field = |answer: &Option<bundle_answer::Answer>| match answer {
@@ -486,14 +512,20 @@ async fn bundles_answer_each_item_as_if_sent_alone() {
         g.route = None;
     }
     let mut request = bundle(items);
-    request.items.insert(30, BundleItem { request: None });
+    request.items.insert(
+        30,
+        BundleItem {
+            request: None,
+            timeout_micros: 0,
+        },
+    );
     let answers = loop {
         let leader = cluster.leader_of(1).await.unwrap();
         let node = &cluster.nodes[cluster.node_index(leader)];
         let mut kv = KvClient::connect(format!("http://{}", node.grpc))
             .await
             .unwrap();
-        let answers = kv.bundle(request.clone()).await.unwrap().into_inner().answers;
+        let answers = answers_of(&mut kv, request.clone()).await;
         let moved = answers.iter().any(|a| {
             matches!(&a.answer, Some(bundle_answer::Answer::Error(e))
                 if e.detail.as_ref().unwrap().reason == ErrorReason::NotLeader as i32)
@@ -537,7 +569,7 @@ async fn bundles_answer_each_item_as_if_sent_alone() {
             .map(|i| get(format!("key-{i}").into_bytes()))
             .collect(),
     );
-    let answers = kv.bundle(reads).await.unwrap().into_inner().answers;
+    let answers = answers_of(&mut kv, reads).await;
     for (answer, i) in answers.iter().zip((0..40).rev()) {
         match &answer.answer {
             Some(bundle_answer::Answer::Get(g)) => {
@@ -571,6 +603,87 @@ async fn bundles_answer_each_item_as_if_sent_alone() {
         let (i, value) = reader.await.unwrap();
         assert_eq!(value.as_deref(), Some(format!("value-{i}").as_bytes()));
     }
+}
+
+/// A bundle answers each item as it completes: a stale read bundled behind a write that cannot
+/// commit (its leader has lost both followers) is answered at once, not when the write gives up;
+/// the write ends at its own deadline, not the bundle's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundled_read_does_not_wait_for_a_stuck_write() {
+    let mut cluster = TestCluster::start(3, 1, 3, &|_| {}).await;
+    let client = cluster.client().await;
+    let patient = patient_in_shard(&client, 1, "stuck");
+    client.put(&patient, b"k", b"v").await.unwrap();
+    let leader = cluster.leader_of(1).await.unwrap();
+    let leader_index = cluster.node_index(leader);
+    for (i, node) in cluster.nodes.iter_mut().enumerate() {
+        if i != leader_index {
+            node.kill();
+        }
+    }
+    let route = Some(RouteHeader {
+        shard_id: 0,
+        epoch: 0,
+        patient_id: patient.clone(),
+    });
+    let items = vec![
+        bundle_item::Request::Put(PutRequest {
+            route: route.clone(),
+            session: Some(SessionHeader {
+                client_session: 0x57_0c4,
+                sequence: 1,
+            }),
+            key: b"k".to_vec(),
+            value: b"never".to_vec(),
+        }),
+        bundle_item::Request::Get(GetRequest {
+            route,
+            key: b"k".to_vec(),
+            consistency: ReadConsistency::Stale as i32,
+        }),
+    ];
+    // The write has 1 s of its own; the bundle, 3 s.
+    let mut request = tonic::Request::new(BundleRequest {
+        items: items
+            .into_iter()
+            .zip([1_000_000, 0])
+            .map(|(r, timeout_micros)| BundleItem {
+                request: Some(r),
+                timeout_micros,
+            })
+            .collect(),
+    });
+    request.set_timeout(Duration::from_secs(3));
+    let mut kv = KvClient::connect(format!("http://{}", cluster.nodes[leader_index].grpc))
+        .await
+        .unwrap();
+    let sent = Instant::now();
+    let mut stream = kv.bundle(request).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let items: Vec<u32> = first.answers.iter().map(|a| a.item).collect();
+    assert_eq!(items, vec![1], "the read comes first, alone");
+    match &first.answers[0].answer {
+        Some(bundle_answer::Answer::Get(g)) => assert_eq!(g.value, b"v"),
+        other => panic!("expected the read's value, got {other:?}"),
+    }
+    let second = stream.message().await.unwrap().unwrap();
+    assert_eq!(second.answers.len(), 1);
+    assert_eq!(second.answers[0].item, 0);
+    match &second.answers[0].answer {
+        Some(bundle_answer::Answer::Error(e)) => assert_eq!(
+            e.detail.as_ref().unwrap().reason,
+            ErrorReason::Deadline as i32,
+            "the write cannot commit and ends at its own deadline: {e:?}"
+        ),
+        other => panic!("expected the write's error, got {other:?}"),
+    }
+    // Its own 1 s, not the bundle's 3 s (wide margin for a loaded machine).
+    assert!(
+        sent.elapsed() < Duration::from_millis(2_500),
+        "the write's answer came after {:?}",
+        sent.elapsed()
+    );
+    assert!(stream.message().await.unwrap().is_none(), "then the bundle ends");
 }
 
 /// The replication-stream counters, summed over `cluster`'s running nodes (one /metrics page

@@ -5,6 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use prost::Message as _;
 use dossier_api::v1::kv_server::Kv;
 use dossier_api::v1::{
     BatchRequest, BundleAnswer, BundleItem, BundleRequest, BundleResponse, ItemError, bundle_answer,
@@ -477,34 +481,72 @@ impl Kv for KvService {
         .await
     }
 
+    type BundleStream = BundleAnswers;
+
     async fn bundle(
         &self,
         request: Request<BundleRequest>,
-    ) -> Result<Response<BundleResponse>, Status> {
+    ) -> Result<Response<BundleAnswers>, Status> {
         let started = Instant::now();
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
-        let items = &request.get_ref().items;
+        let items = request.into_inner().items;
         self.node.metrics.bundle_items.observe(items.len() as f64);
         let max = self.node.config.node.limits.bundle_items_max;
-        let result = if items.len() > max {
-            Err(ApiError::InvalidArgument {
+        if items.len() > max {
+            let refused: Result<(), _> = Err(ApiError::InvalidArgument {
                 field: "items".into(),
                 message: format!("has {} items, above the limit of {max}", items.len()),
                 limit: Some(max as u64),
+            });
+            super::observe(&self.node, "bundle", started, refused)?;
+        }
+        // Every item runs at once, as separate requests would; each answer leaves as soon as its
+        // item completes, with whatever else completed by then.
+        let running: FuturesUnordered<BoxFuture<'static, BundleAnswer>> = items
+            .into_iter()
+            .enumerate()
+            .map(|(index, item)| {
+                let service = self.clone();
+                let deadline = match item.timeout_micros {
+                    0 => deadline,
+                    own => deadline.min(Duration::from_micros(own)),
+                };
+                async move {
+                    BundleAnswer {
+                        item: index as u32,
+                        answer: Some(service.bundle_item(&item, deadline).await),
+                    }
+                }
+                .boxed()
             })
-        } else {
-            // Every item runs at once, as separate requests would; answers keep the items' order.
-            let answers = futures_util::future::join_all(
-                items.iter().map(|item| self.bundle_item(item, deadline)),
-            )
-            .await;
-            Ok(BundleResponse {
-                answers: answers
-                    .into_iter()
-                    .map(|a| BundleAnswer { answer: Some(a) })
-                    .collect(),
-            })
-        };
-        super::observe(&self.node, "bundle", started, result)
+            .collect();
+        let node = Arc::clone(&self.node);
+        let answers = futures_util::stream::unfold(running, move |mut running| {
+            let node = Arc::clone(&node);
+            async move {
+                let Some(first) = running.next().await else {
+                    super::record(&node, "bundle", started, &Ok::<(), ApiError>(()));
+                    return None;
+                };
+                let mut bytes = first.encoded_len();
+                let mut answers = vec![first];
+                while bytes < BUNDLE_MESSAGE_BYTES
+                    && let Some(Some(answer)) = running.next().now_or_never()
+                {
+                    bytes += answer.encoded_len();
+                    answers.push(answer);
+                }
+                Some((Ok(BundleResponse { answers }), running))
+            }
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 }
+
+/// A message of bundle answers stops taking more answers past this size (one answer may be
+/// larger: a value may be up to `state.value-bytes-max`).
+const BUNDLE_MESSAGE_BYTES: usize = 4 << 20;
+
+/// The answers of a bundle, as its items complete.
+pub type BundleAnswers =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<BundleResponse, Status>> + Send>>;
