@@ -249,13 +249,7 @@ async fn duplicated_request_applies_once() {
     let cluster = TestCluster::start(3, 1, 3, &|_| {}).await;
     let client = cluster.client().await;
     let patient = patient_in_shard(&client, 1, "dup");
-    let leader = cluster.leader_of(1).await.unwrap();
-    let mut kv = KvClient::connect(format!(
-        "http://{}",
-        cluster.nodes[cluster.node_index(leader)].grpc
-    ))
-    .await
-    .unwrap();
+    let mut kv = kv_of_leader(&cluster, 1).await;
     let request = || BatchRequest {
         route: Some(RouteHeader {
             patient_id: patient.clone(),
@@ -423,6 +417,18 @@ async fn batched_proposals_answer_each_writer() {
     );
 }
 
+/// A Kv client connected to the current leader of `shard`.
+async fn kv_of_leader(
+    cluster: &TestCluster,
+    shard: u64,
+) -> KvClient<tonic::transport::Channel> {
+    let leader = cluster.leader_of(shard).await.unwrap();
+    let node = &cluster.nodes[cluster.node_index(leader)];
+    KvClient::connect(format!("http://{}", node.grpc))
+        .await
+        .unwrap()
+}
+
 /// Every answer of a bundle, in item order; each item answered exactly once.
 async fn answers_of(
     kv: &mut KvClient<tonic::transport::Channel>,
@@ -520,11 +526,7 @@ async fn bundles_answer_each_item_as_if_sent_alone() {
         },
     );
     let answers = loop {
-        let leader = cluster.leader_of(1).await.unwrap();
-        let node = &cluster.nodes[cluster.node_index(leader)];
-        let mut kv = KvClient::connect(format!("http://{}", node.grpc))
-            .await
-            .unwrap();
+        let mut kv = kv_of_leader(&cluster, 1).await;
         let answers = answers_of(&mut kv, request.clone()).await;
         let moved = answers.iter().any(|a| {
             matches!(&a.answer, Some(bundle_answer::Answer::Error(e))
@@ -556,13 +558,7 @@ async fn bundles_answer_each_item_as_if_sent_alone() {
     assert_eq!(indexes.len(), 40, "each put committed as its own entry");
 
     // Reads back: answer i is the value of key i, wherever the bundle went.
-    let leader = cluster.leader_of(1).await.unwrap();
-    let mut kv = KvClient::connect(format!(
-        "http://{}",
-        cluster.nodes[cluster.node_index(leader)].grpc
-    ))
-    .await
-    .unwrap();
+    let mut kv = kv_of_leader(&cluster, 1).await;
     let reads = bundle(
         (0..40)
             .rev()

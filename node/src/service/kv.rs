@@ -210,43 +210,29 @@ impl KvService {
     /// One item of a bundle, served as the unary method of its kind would serve it.
     async fn bundle_item(&self, item: &BundleItem, deadline: Duration) -> bundle_answer::Answer {
         let started = Instant::now();
+        // The unary method's name, and its body run as that method runs it.
+        macro_rules! as_unary {
+            ($method:literal, $request:expr, $body:ident, $answer:path) => {
+                (
+                    $method,
+                    self.admitted($request, deadline, async |r, routed, d| {
+                        self.$body(r, routed, d).await
+                    })
+                    .await
+                    .map($answer),
+                )
+            };
+        }
+        use bundle_answer::Answer;
+        use bundle_item::Request as Item;
         let (method, result) = match &item.request {
-            Some(bundle_item::Request::Get(r)) => (
-                "get",
-                self.admitted(r, deadline, async |r, routed, d| self.do_get(r, routed, d).await)
-                    .await
-                    .map(bundle_answer::Answer::Get),
-            ),
-            Some(bundle_item::Request::Put(r)) => (
-                "put",
-                self.admitted(r, deadline, async |r, routed, d| self.do_put(r, routed, d).await)
-                    .await
-                    .map(bundle_answer::Answer::Write),
-            ),
-            Some(bundle_item::Request::Delete(r)) => (
-                "delete",
-                self.admitted(r, deadline, async |r, routed, d| {
-                    self.do_delete(r, routed, d).await
-                })
-                .await
-                .map(bundle_answer::Answer::Write),
-            ),
-            Some(bundle_item::Request::CompareAndSet(r)) => (
-                "compare_and_set",
-                self.admitted(r, deadline, async |r, routed, d| {
-                    self.do_compare_and_set(r, routed, d).await
-                })
-                .await
-                .map(bundle_answer::Answer::Write),
-            ),
-            Some(bundle_item::Request::Batch(r)) => (
-                "batch",
-                self.admitted(r, deadline, async |r, routed, d| {
-                    self.do_batch(r, routed, d).await
-                })
-                .await
-                .map(bundle_answer::Answer::Write),
-            ),
+            Some(Item::Get(r)) => as_unary!("get", r, do_get, Answer::Get),
+            Some(Item::Put(r)) => as_unary!("put", r, do_put, Answer::Write),
+            Some(Item::Delete(r)) => as_unary!("delete", r, do_delete, Answer::Write),
+            Some(Item::CompareAndSet(r)) => {
+                as_unary!("compare_and_set", r, do_compare_and_set, Answer::Write)
+            }
+            Some(Item::Batch(r)) => as_unary!("batch", r, do_batch, Answer::Write),
             None => (
                 "bundle_item",
                 Err(ApiError::invalid(
