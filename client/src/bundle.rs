@@ -188,7 +188,11 @@ async fn send_bundles(channel: Channel, mut queue: mpsc::Receiver<Pending>) {
 
 async fn send(channel: Channel, bundle: Vec<Pending>) {
     let now = Instant::now();
-    let left = |p: &Pending| p.due.saturating_duration_since(now).max(Duration::from_micros(1));
+    let left = |p: &Pending| {
+        p.due
+            .saturating_duration_since(now)
+            .max(Duration::from_micros(1))
+    };
     let timeout = bundle.iter().map(left).max().unwrap_or_default();
     let mut waiting = Vec::with_capacity(bundle.len());
     let items = bundle
@@ -250,7 +254,10 @@ fn item_result(answer: Option<Answer>) -> Result<Answer, Status> {
         Some(Answer::Error(e)) => Err(Status::with_details(
             Code::from_i32(e.code),
             e.message,
-            e.detail.map(|d| d.encode_to_vec()).unwrap_or_default().into(),
+            e.detail
+                .map(|d| d.encode_to_vec())
+                .unwrap_or_default()
+                .into(),
         )),
         Some(answer) => Ok(answer),
         None => Err(Status::internal("the node sent an empty bundle answer")),
@@ -284,8 +291,8 @@ mod tests {
 
     use dossier_api::v1::kv_server::{Kv, KvServer};
     use dossier_api::v1::{
-        BatchRequest, BundleResponse, CompareAndSetRequest, DeleteRequest, GetRequest,
-        GetResponse, PutRequest, ScanRequest, ScanResponse, WriteResponse,
+        BatchRequest, BundleResponse, CompareAndSetRequest, DeleteRequest, GetRequest, GetResponse,
+        PutRequest, ScanRequest, ScanResponse, WriteResponse,
     };
     use tonic::{Request, Response};
 
@@ -352,7 +359,8 @@ mod tests {
         let lane = Lane::new(channel, true);
         let timeout = Duration::from_secs(5);
         let get = || Item::Get(GetRequest::default());
-        let answered = |r: &Result<Answer, Status>| matches!(r, Ok(Answer::Get(g)) if g.value == b"v");
+        let answered =
+            |r: &Result<Answer, Status>| matches!(r, Ok(Answer::Get(g)) if g.value == b"v");
 
         // The first of eight is alone on the lane and goes unary; the seven others queue behind
         // it and go as a bundle, which the node refuses.

@@ -102,7 +102,8 @@ pub struct NodeConfig {
     pub http_listen: SocketAddr,
     /// Directory of everything this node stores (log, state, snapshots).
     pub data_dir: PathBuf,
-    /// Name of the cluster, shared by its nodes.
+    /// Name of the cluster, the same on all its nodes: every Raft message names the cluster and
+    /// the node it is meant for, and a node refuses one meant for another.
     pub cluster_name: String,
     /// Initialise a single-node cluster by itself when none exists (the embedded default for
     /// trying Dossier). Turn off for nodes of a multi-node cluster, then run `dossier cluster init`.

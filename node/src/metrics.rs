@@ -54,7 +54,9 @@ impl Metrics {
                 "dossier_bundle_items",
                 "Requests carried by one Kv.Bundle call",
             )
-            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0]),
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0,
+            ]),
         )
         .expect("valid metric");
         registry

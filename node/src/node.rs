@@ -55,7 +55,7 @@ impl Node {
         let engine = Arc::new(LogEngine::open(Arc::clone(&config.log)).context("open the log")?);
         let store =
             Arc::new(StateStore::open(Arc::clone(&config.state)).context("open the state store")?);
-        let pool = PeerPool::new(NetworkConfig::default());
+        let pool = PeerPool::new(NetworkConfig::default(), config.node.cluster_name.clone());
         let ctx = GroupContext {
             node_id: config.node.node_id,
             config: Arc::clone(&config.raft),
@@ -501,6 +501,10 @@ fn members(map: &ClusterMap, replicas: &[u64]) -> Result<BTreeMap<u64, BasicNode
 impl GroupRegistry for Node {
     fn raft(&self, shard: ShardId) -> Option<Raft> {
         self.group(shard)
+    }
+
+    fn identity(&self) -> (&str, u64) {
+        (&self.config.node.cluster_name, self.config.node.node_id)
     }
 
     fn incoming_snapshot_path(&self, shard: ShardId) -> Option<std::path::PathBuf> {

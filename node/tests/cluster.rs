@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use common::{TestCluster, patient_in_shard};
 use dossier_api::v1::kv_client::KvClient;
 use dossier_api::v1::{
-    BatchRequest, BundleAnswer, BundleItem, BundleRequest, Condition, ErrorDetail, ErrorReason, GetRequest, Operation, PutRequest,
-    ReadConsistency, RouteHeader, SessionHeader, bundle_answer, bundle_item, condition, operation,
+    BatchRequest, BundleAnswer, BundleItem, BundleRequest, Condition, ErrorDetail, ErrorReason,
+    GetRequest, Operation, PutRequest, ReadConsistency, RouteHeader, SessionHeader, bundle_answer,
+    bundle_item, condition, operation,
 };
 use dossier_client::ClientError;
 use prost::Message;
@@ -418,10 +419,7 @@ async fn batched_proposals_answer_each_writer() {
 }
 
 /// A Kv client connected to the current leader of `shard`.
-async fn kv_of_leader(
-    cluster: &TestCluster,
-    shard: u64,
-) -> KvClient<tonic::transport::Channel> {
+async fn kv_of_leader(cluster: &TestCluster, shard: u64) -> KvClient<tonic::transport::Channel> {
     let leader = cluster.leader_of(shard).await.unwrap();
     let node = &cluster.nodes[cluster.node_index(leader)];
     KvClient::connect(format!("http://{}", node.grpc))
@@ -679,7 +677,55 @@ async fn a_bundled_read_does_not_wait_for_a_stuck_write() {
         "the write's answer came after {:?}",
         sent.elapsed()
     );
-    assert!(stream.message().await.unwrap().is_none(), "then the bundle ends");
+    assert!(
+        stream.message().await.unwrap().is_none(),
+        "then the bundle ends"
+    );
+}
+
+/// A Raft message addressed to another cluster or another node is refused before it reaches a
+/// replica (an address reused by another node must not take its predecessor's traffic); one
+/// that names neither is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misaddressed_raft_messages_are_refused() {
+    use dossier_api::raft::v1::RaftMessage;
+    use dossier_api::raft::v1::raft_client::RaftClient;
+    let cluster = TestCluster::start(3, 1, 3, &|_| {}).await;
+    let node = &cluster.nodes[0];
+    let mut raft = RaftClient::connect(format!("http://{}", node.grpc))
+        .await
+        .unwrap();
+    let message = |cluster: Option<&str>, to: Option<&str>| {
+        let mut request = tonic::Request::new(RaftMessage {
+            shard_id: 1,
+            payload: b"not a vote".to_vec(),
+        });
+        if let Some(c) = cluster {
+            request
+                .metadata_mut()
+                .insert("x-dossier-cluster", c.parse().unwrap());
+        }
+        if let Some(t) = to {
+            request
+                .metadata_mut()
+                .insert("x-dossier-to", t.parse().unwrap());
+        }
+        request
+    };
+    let own = node.config.cluster_name.clone();
+    let own_id = node.id.to_string();
+    for (cluster_name, to) in [
+        (Some("another"), Some(own_id.as_str())),
+        (Some(own.as_str()), Some("99")),
+    ] {
+        let status = raft.vote(message(cluster_name, to)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    }
+    // Rightly addressed, or not addressed: it reaches the replica, which finds no vote in it.
+    for (cluster_name, to) in [(Some(own.as_str()), Some(own_id.as_str())), (None, None)] {
+        let status = raft.vote(message(cluster_name, to)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    }
 }
 
 /// The replication-stream counters, summed over `cluster`'s running nodes (one /metrics page

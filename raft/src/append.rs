@@ -44,7 +44,7 @@ use tonic::transport::Channel;
 
 use crate::group::Raft;
 use crate::server::GroupRegistry;
-use crate::types::{TypeConfig, decode, encode};
+use crate::types::{NodeId, TypeConfig, decode, encode};
 
 /// Frames waiting for the transport on one sender stream.
 pub const FRAMES_QUEUED: usize = 16_384;
@@ -92,8 +92,9 @@ struct Sessions {
 }
 
 impl Mux {
-    /// Opens the stream on `channel` (lazily connected; a failure closes the mux).
-    pub(crate) fn open(addr: &str, channel: Channel) -> Arc<Mux> {
+    /// Opens the stream on `channel` (lazily connected; a failure closes the mux), addressed to
+    /// node `to` of `cluster`.
+    pub(crate) fn open(addr: &str, channel: Channel, cluster: &str, to: NodeId) -> Arc<Mux> {
         let (frames, outgoing) = mpsc::channel(FRAMES_QUEUED);
         let (closing, closed) = watch::channel(false);
         let mux = Arc::new(Mux {
@@ -104,7 +105,9 @@ impl Mux {
             closing,
         });
         let weak = Arc::downgrade(&mux);
-        tokio::spawn(read_answers(weak, channel, outgoing, closed));
+        let mut call = tonic::Request::new(outgoing);
+        crate::network::address(&mut call, cluster, to);
+        tokio::spawn(read_answers(weak, channel, call, closed));
         mux
     }
 
@@ -197,17 +200,18 @@ impl Mux {
 async fn read_answers(
     mux: Weak<Mux>,
     channel: Channel,
-    outgoing: mpsc::Receiver<AppendFrame>,
+    call: tonic::Request<mpsc::Receiver<AppendFrame>>,
     closed: watch::Receiver<bool>,
 ) {
     let when_closed = |mut closed: watch::Receiver<bool>| async move {
         let _ = closed.wait_for(|c| *c).await;
     };
-    let outgoing = tokio_stream::wrappers::ReceiverStream::new(outgoing)
-        .take_until(when_closed(closed.clone()));
+    let closing = when_closed(closed.clone());
+    let call = call
+        .map(|outgoing| tokio_stream::wrappers::ReceiverStream::new(outgoing).take_until(closing));
     let mut client = RaftClient::new(channel);
     let opened = tokio::select! {
-        opened = client.replicate(tonic::Request::new(outgoing)) => opened,
+        opened = client.replicate(call) => opened,
         () = when_closed(closed.clone()) => return,
     };
     match opened {

@@ -60,20 +60,65 @@ impl Default for NetworkConfig {
     }
 }
 
+/// The header naming the cluster a Raft message is meant for (`node.cluster-name`).
+pub const CLUSTER_HEADER: &str = "x-dossier-cluster";
+/// The header naming the node id a Raft message is meant for.
+pub const TO_HEADER: &str = "x-dossier-to";
+
+/// Addresses a Raft request: the cluster and the node it is meant for. The receiver refuses it
+/// if it is not that node (`misaddressed`): an address reused by another node or another cluster
+/// (a replaced pod, a restarted test cluster) must not take a message meant for its predecessor.
+pub(crate) fn address<T>(request: &mut tonic::Request<T>, cluster: &str, to: NodeId) {
+    let metadata = request.metadata_mut();
+    if let Ok(value) = cluster.parse() {
+        metadata.insert(CLUSTER_HEADER, value);
+    }
+    metadata.insert(TO_HEADER, to.into());
+}
+
+/// Why a Raft request that names another cluster or node than (`cluster`, `me`) is refused; a
+/// request that names none (an older sender) is taken.
+pub(crate) fn misaddressed<T>(
+    request: &tonic::Request<T>,
+    cluster: &str,
+    me: NodeId,
+) -> Option<tonic::Status> {
+    let metadata = request.metadata();
+    let header = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok());
+    if let Some(theirs) = header(CLUSTER_HEADER)
+        && theirs != cluster
+    {
+        return Some(tonic::Status::failed_precondition(format!(
+            "a Raft message for cluster {theirs:?} reached a node of cluster {cluster:?}"
+        )));
+    }
+    if let Some(to) = header(TO_HEADER)
+        && to != me.to_string()
+    {
+        return Some(tonic::Status::failed_precondition(format!(
+            "a Raft message for node {to} reached node {me}"
+        )));
+    }
+    None
+}
+
 /// The node's connections to its peers, by address: one HTTP/2 channel per peer, and on it one
 /// replication stream carrying every group's AppendEntries (`crate::append`).
 #[derive(Debug)]
 pub struct PeerPool {
     config: NetworkConfig,
+    /// This node's cluster, named in every message it sends.
+    cluster: String,
     channels: Mutex<HashMap<String, Channel>>,
     streams: Mutex<HashMap<String, Arc<Mux>>>,
     counts: Arc<AppendStreamCounts>,
 }
 
 impl PeerPool {
-    pub fn new(config: NetworkConfig) -> Arc<Self> {
+    pub fn new(config: NetworkConfig, cluster: impl Into<String>) -> Arc<Self> {
         Arc::new(PeerPool {
             config,
+            cluster: cluster.into(),
             channels: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             counts: Arc::default(),
@@ -87,7 +132,11 @@ impl PeerPool {
 
     /// The open replication stream to `addr`, opened anew if there is none or it broke (at
     /// most once per [`REOPEN_AFTER`](crate::append::REOPEN_AFTER)).
-    pub(crate) fn replication_stream(&self, addr: &str) -> Result<Arc<Mux>, RPCError<TypeConfig>> {
+    pub(crate) fn replication_stream(
+        &self,
+        addr: &str,
+        to: NodeId,
+    ) -> Result<Arc<Mux>, RPCError<TypeConfig>> {
         let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(mux) = streams.get(addr) {
             match mux.closed_at() {
@@ -104,7 +153,7 @@ impl PeerPool {
         let channel = self
             .channel(addr)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let mux = Mux::open(addr, channel);
+        let mux = Mux::open(addr, channel, &self.cluster, to);
         self.counts
             .streams_opened
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -149,9 +198,10 @@ impl GroupNetwork {
 impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
     type Network = PeerLink;
 
-    async fn new_client(&mut self, _target: NodeId, node: &BasicNode) -> Self::Network {
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
         PeerLink {
             shard: self.shard,
+            target,
             addr: node.addr.clone(),
             pool: Arc::clone(&self.pool),
         }
@@ -162,6 +212,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
 #[derive(Debug)]
 pub struct PeerLink {
     shard: ShardId,
+    target: NodeId,
     addr: String,
     pool: Arc<PeerPool>,
 }
@@ -221,6 +272,7 @@ impl PeerLink {
             payload,
         });
         request.set_timeout(option.hard_ttl());
+        address(&mut request, &self.pool.cluster, self.target);
         let mut client = self.client()?;
         let result = match rpc {
             Rpc::AppendEntries => client.append_entries(request).await,
@@ -259,7 +311,8 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
     {
         let pool = Arc::clone(&self.pool);
         let addr = self.addr.clone();
-        let open = move || pool.replication_stream(&addr);
+        let target = self.target;
+        let open = move || pool.replication_stream(&addr, target);
         let config = self.pool.config();
         let session = Session::start(
             &self.addr,
@@ -352,6 +405,7 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         let mut client = self.client().map_err(|e| network(&e))?;
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         request.set_timeout(self.pool.config().snapshot_timeout);
+        address(&mut request, &self.pool.cluster, self.target);
         let sent = tokio::select! {
             sent = client.install_snapshot(request) => sent,
             closed = cancel => {

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::group::Raft;
 use crate::state_machine::SnapshotFile;
-use crate::types::{SnapshotMeta, TypeConfig, Vote, decode, encode};
+use crate::types::{NodeId, SnapshotMeta, TypeConfig, Vote, decode, encode};
 
 /// Finds the local replica of a shard.
 pub trait GroupRegistry: Send + Sync + 'static {
@@ -24,6 +24,8 @@ pub trait GroupRegistry: Send + Sync + 'static {
     fn incoming_snapshot_path(&self, shard: ShardId) -> Option<std::path::PathBuf>;
     /// The largest snapshot accepted, in bytes.
     fn snapshot_bytes_max(&self) -> u64;
+    /// This node's cluster name and id: messages addressed to another are refused.
+    fn identity(&self) -> (&str, NodeId);
 }
 
 /// The internal Raft service of a node.
@@ -61,6 +63,15 @@ fn refused(error: impl ToString) -> Result<Response<RaftReply>, Status> {
 }
 
 impl<R: GroupRegistry> RaftServer<R> {
+    /// Refuses a request meant for another cluster or node (`network::address`).
+    fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let (cluster, me) = self.registry.identity();
+        match crate::network::misaddressed(request, cluster, me) {
+            Some(refusal) => Err(refusal),
+            None => Ok(()),
+        }
+    }
+
     fn group(&self, shard: ShardId) -> Result<Raft, String> {
         self.registry
             .raft(shard)
@@ -70,6 +81,7 @@ impl<R: GroupRegistry> RaftServer<R> {
 
 macro_rules! dispatch {
     ($self:ident, $request:ident, $ty:ty, $method:ident) => {{
+        $self.check(&$request)?;
         let message: RaftMessage = $request.into_inner();
         let raft = match $self.group(message.shard_id) {
             Ok(raft) => raft,
@@ -92,6 +104,7 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
         &self,
         request: Request<Streaming<AppendFrame>>,
     ) -> Result<Response<AppendAnswers>, Status> {
+        self.check(&request)?;
         let answers = crate::append::serve(
             Arc::clone(&self.registry),
             request.into_inner(),
@@ -136,6 +149,7 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftReply>, Status> {
+        self.check(&request)?;
         let mut chunks = request.into_inner();
         let first = chunks
             .next()

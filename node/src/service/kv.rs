@@ -5,18 +5,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use dossier_api::v1::kv_server::Kv;
+use dossier_api::v1::{
+    BatchRequest, BundleAnswer, BundleItem, BundleRequest, BundleResponse, CompareAndSetRequest,
+    DeleteRequest, GetRequest, GetResponse, ItemError, KeyValue, PutRequest, ReadConsistency,
+    RouteHeader, ScanRequest, ScanResponse, SessionHeader, WriteResponse, bundle_answer,
+    bundle_item, condition, operation,
+};
+use dossier_storage::{Batch, Command, Condition, Expect, Op, Outcome, Session};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use prost::Message as _;
-use dossier_api::v1::kv_server::Kv;
-use dossier_api::v1::{
-    BatchRequest, BundleAnswer, BundleItem, BundleRequest, BundleResponse, ItemError, bundle_answer,
-    bundle_item, CompareAndSetRequest, DeleteRequest, GetRequest, GetResponse, KeyValue,
-    PutRequest, ReadConsistency, RouteHeader, ScanRequest, ScanResponse, SessionHeader,
-    WriteResponse, condition, operation,
-};
-use dossier_storage::{Batch, Command, Condition, Expect, Op, Outcome, Session};
 use tonic::{Request, Response, Status};
 
 use crate::errors::ApiError;

@@ -116,11 +116,20 @@ impl TestCluster {
         replicas: u32,
         tweak: &dyn Fn(&mut NodeConfig),
     ) -> TestCluster {
+        // Clusters of one test binary run side by side on loopback with the same node ids: a
+        // name of its own keeps a cluster from taking Raft traffic meant for another's node that
+        // had the same port before.
+        static CLUSTERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let name = format!(
+            "test-{}",
+            CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let dir = tempfile::tempdir().unwrap();
         let mut nodes: Vec<TestNode> = (1..=n)
             .map(|id| TestNode::new(id, dir.path().join(format!("node-{id}")), tweak))
             .collect();
         for node in &mut nodes {
+            node.config.cluster_name = name.clone();
             node.start();
         }
         let infos: Vec<NodeInfo> = nodes
