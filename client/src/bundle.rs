@@ -67,17 +67,11 @@ pub(crate) struct Lane {
 }
 
 /// Counts a request as outstanding on its lane while it lives.
-struct Outstanding(Arc<AtomicUsize>);
+struct Outstanding<'a>(&'a AtomicUsize);
 
-impl Drop for Outstanding {
+impl Drop for Outstanding<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl std::fmt::Debug for Pending {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending").finish_non_exhaustive()
     }
 }
 
@@ -109,7 +103,7 @@ impl Lane {
     /// nothing to share a bundle with, and skips the hand-over to the lane's task.
     pub(crate) async fn call(&self, item: Item, timeout: Duration) -> Result<Answer, Status> {
         let alone = self.outstanding.fetch_add(1, Ordering::Relaxed) == 0;
-        let _outstanding = Outstanding(Arc::clone(&self.outstanding));
+        let _outstanding = Outstanding(&self.outstanding);
         let Some(queue) = self
             .queue
             .as_ref()

@@ -172,8 +172,11 @@ impl NodeConfig {
     pub fn validate(self) -> Result<Arc<Config>> {
         ensure!(self.node_id != 0, "node-id must not be 0");
         ensure!(
-            !self.cluster_name.is_empty(),
-            "cluster-name must not be empty"
+            !self.cluster_name.is_empty()
+                && self.cluster_name.bytes().all(|b| b.is_ascii_graphic()),
+            "cluster-name must be non-empty printable ASCII without spaces (it travels in a \
+             header of every Raft message), is {:?}",
+            self.cluster_name
         );
         ensure!(
             self.listen != self.http_listen,
@@ -416,6 +419,16 @@ mod tests {
             ..NodeConfig::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("node-id"));
+        let c = NodeConfig {
+            cluster_name: "ward 7".into(),
+            ..NodeConfig::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("cluster-name")
+        );
     }
 
     /// `docs/config-template.toml` is exactly the embedded defaults: the template cannot drift.

@@ -55,7 +55,8 @@ impl Node {
         let engine = Arc::new(LogEngine::open(Arc::clone(&config.log)).context("open the log")?);
         let store =
             Arc::new(StateStore::open(Arc::clone(&config.state)).context("open the state store")?);
-        let pool = PeerPool::new(NetworkConfig::default(), config.node.cluster_name.clone());
+        let pool = PeerPool::new(NetworkConfig::default(), &config.node.cluster_name)
+            .context("node.cluster-name")?;
         let ctx = GroupContext {
             node_id: config.node.node_id,
             config: Arc::clone(&config.raft),

@@ -94,7 +94,12 @@ struct Sessions {
 impl Mux {
     /// Opens the stream on `channel` (lazily connected; a failure closes the mux), addressed to
     /// node `to` of `cluster`.
-    pub(crate) fn open(addr: &str, channel: Channel, cluster: &str, to: NodeId) -> Arc<Mux> {
+    pub(crate) fn open(
+        addr: &str,
+        channel: Channel,
+        cluster: &crate::network::ClusterName,
+        to: NodeId,
+    ) -> Arc<Mux> {
         let (frames, outgoing) = mpsc::channel(FRAMES_QUEUED);
         let (closing, closed) = watch::channel(false);
         let mux = Arc::new(Mux {

@@ -68,13 +68,14 @@ pub const TO_HEADER: &str = "x-dossier-to";
 /// Addresses a Raft request: the cluster and the node it is meant for. The receiver refuses it
 /// if it is not that node (`misaddressed`): an address reused by another node or another cluster
 /// (a replaced pod, a restarted test cluster) must not take a message meant for its predecessor.
-pub(crate) fn address<T>(request: &mut tonic::Request<T>, cluster: &str, to: NodeId) {
+pub(crate) fn address<T>(request: &mut tonic::Request<T>, cluster: &ClusterName, to: NodeId) {
     let metadata = request.metadata_mut();
-    if let Ok(value) = cluster.parse() {
-        metadata.insert(CLUSTER_HEADER, value);
-    }
+    metadata.insert(CLUSTER_HEADER, cluster.clone());
     metadata.insert(TO_HEADER, to.into());
 }
+
+/// A cluster name as the header value every message carries (checked once).
+pub(crate) type ClusterName = tonic::metadata::MetadataValue<tonic::metadata::Ascii>;
 
 /// Why a Raft request that names another cluster or node than (`cluster`, `me`) is refused; a
 /// request that names none (an older sender) is taken.
@@ -93,7 +94,7 @@ pub(crate) fn misaddressed<T>(
         )));
     }
     if let Some(to) = header(TO_HEADER)
-        && to != me.to_string()
+        && to.parse::<NodeId>() != Ok(me)
     {
         return Some(tonic::Status::failed_precondition(format!(
             "a Raft message for node {to} reached node {me}"
@@ -108,21 +109,25 @@ pub(crate) fn misaddressed<T>(
 pub struct PeerPool {
     config: NetworkConfig,
     /// This node's cluster, named in every message it sends.
-    cluster: String,
+    cluster: ClusterName,
     channels: Mutex<HashMap<String, Channel>>,
     streams: Mutex<HashMap<String, Arc<Mux>>>,
     counts: Arc<AppendStreamCounts>,
 }
 
 impl PeerPool {
-    pub fn new(config: NetworkConfig, cluster: impl Into<String>) -> Arc<Self> {
-        Arc::new(PeerPool {
+    /// Refuses a cluster name that cannot travel as a header value (printable ASCII).
+    pub fn new(
+        config: NetworkConfig,
+        cluster: &str,
+    ) -> Result<Arc<Self>, tonic::metadata::errors::InvalidMetadataValue> {
+        Ok(Arc::new(PeerPool {
             config,
-            cluster: cluster.into(),
+            cluster: cluster.parse()?,
             channels: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             counts: Arc::default(),
-        })
+        }))
     }
 
     /// Replication streams and sessions of this node's leaders.

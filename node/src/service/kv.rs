@@ -12,7 +12,7 @@ use dossier_api::v1::{
     RouteHeader, ScanRequest, ScanResponse, SessionHeader, WriteResponse, bundle_answer,
     bundle_item, condition, operation,
 };
-use dossier_storage::{Batch, Command, Condition, Expect, Op, Outcome, Session};
+use dossier_storage::{Batch, Command, Condition, Expect, Op, Outcome, Session, ShardHandle};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
@@ -181,6 +181,21 @@ impl KvService {
         super::read_ready(&self.node, routed.shard, consistency, deadline).await
     }
 
+    /// The local replica of the routed shard, once it may serve a read of `consistency`.
+    async fn readable(
+        &self,
+        routed: &Routed,
+        consistency: i32,
+        deadline: Duration,
+    ) -> Result<ShardHandle, ApiError> {
+        self.read_ready(routed, consistency, deadline).await?;
+        self.node
+            .replica(routed.shard)
+            .ok_or(ApiError::ShardNotFound {
+                shard: routed.shard,
+            })
+    }
+
     /// What every handler does around its own work: the deadline, admission under the in-flight
     /// limit, routing by patient, and the latency metric.
     async fn serve<Req: HasRoute, T>(
@@ -241,7 +256,7 @@ impl KvService {
                 )),
             ),
         };
-        super::record(&self.node, method, started, &result);
+        super::record(&self.node, method, started, result.as_ref().map(|_| ()));
         result.unwrap_or_else(|e| {
             let (code, detail) = e.detail();
             bundle_answer::Answer::Error(ItemError {
@@ -263,13 +278,7 @@ impl KvService {
         deadline: Duration,
     ) -> Result<GetResponse, ApiError> {
         self.check_key("key", &r.key)?;
-        self.read_ready(routed, r.consistency, deadline).await?;
-        let replica = self
-            .node
-            .replica(routed.shard)
-            .ok_or(ApiError::ShardNotFound {
-                shard: routed.shard,
-            })?;
+        let replica = self.readable(routed, r.consistency, deadline).await?;
         let value = replica
             .get(&routed.key(&r.key))
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
@@ -440,13 +449,7 @@ impl Kv for KvService {
                     limit: Some(u64::from(page_max)),
                 });
             }
-            self.read_ready(routed, r.consistency, deadline).await?;
-            let replica = self
-                .node
-                .replica(routed.shard)
-                .ok_or(ApiError::ShardNotFound {
-                    shard: routed.shard,
-                })?;
+            let replica = self.readable(routed, r.consistency, deadline).await?;
             let prefix = routed.key(&r.prefix);
             let after = (!r.start_after.is_empty()).then(|| routed.key(&r.start_after));
             let mut items = replica
@@ -479,12 +482,13 @@ impl Kv for KvService {
         self.node.metrics.bundle_items.observe(items.len() as f64);
         let max = self.node.config.node.limits.bundle_items_max;
         if items.len() > max {
-            let refused: Result<(), _> = Err(ApiError::InvalidArgument {
+            let refused = ApiError::InvalidArgument {
                 field: "items".into(),
                 message: format!("has {} items, above the limit of {max}", items.len()),
                 limit: Some(max as u64),
-            });
-            super::observe(&self.node, "bundle", started, refused)?;
+            };
+            super::record(&self.node, "bundle", started, Err(&refused));
+            return Err(refused.into());
         }
         // Every item runs at once, as separate requests would; each answer leaves as soon as its
         // item completes, with whatever else completed by then.
@@ -506,24 +510,21 @@ impl Kv for KvService {
                 .boxed()
             })
             .collect();
-        let node = Arc::clone(&self.node);
-        let answers = futures_util::stream::unfold(running, move |mut running| {
-            let node = Arc::clone(&node);
-            async move {
-                let Some(first) = running.next().await else {
-                    super::record(&node, "bundle", started, &Ok::<(), ApiError>(()));
-                    return None;
-                };
-                let mut bytes = first.encoded_len();
-                let mut answers = vec![first];
-                while bytes < BUNDLE_MESSAGE_BYTES
-                    && let Some(Some(answer)) = running.next().now_or_never()
-                {
-                    bytes += answer.encoded_len();
-                    answers.push(answer);
-                }
-                Some((Ok(BundleResponse { answers }), running))
+        let state = (running, Arc::clone(&self.node));
+        let answers = futures_util::stream::unfold(state, move |(mut running, node)| async move {
+            let Some(first) = running.next().await else {
+                super::record(&node, "bundle", started, Ok(()));
+                return None;
+            };
+            let mut bytes = first.encoded_len();
+            let mut answers = vec![first];
+            while bytes < BUNDLE_MESSAGE_BYTES
+                && let Some(Some(answer)) = running.next().now_or_never()
+            {
+                bytes += answer.encoded_len();
+                answers.push(answer);
             }
+            Some((Ok(BundleResponse { answers }), (running, node)))
         });
         Ok(Response::new(Box::pin(answers)))
     }

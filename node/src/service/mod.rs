@@ -82,18 +82,18 @@ pub(crate) fn observe<T>(
     started: Instant,
     result: Result<T, ApiError>,
 ) -> Result<Response<T>, Status> {
-    record(node, method, started, &result);
+    record(node, method, started, result.as_ref().map(|_| ()));
     result.map(Response::new).map_err(Status::from)
 }
 
 /// Records the request's latency under its method and outcome.
-pub(crate) fn record<T>(
+pub(crate) fn record(
     node: &Node,
     method: &'static str,
     started: Instant,
-    result: &Result<T, ApiError>,
+    outcome: Result<(), &ApiError>,
 ) {
-    let code = match result {
+    let code = match outcome {
         Ok(_) => "ok",
         Err(e) => e.code_name(),
     };
