@@ -32,16 +32,27 @@ enum Command {
         nodes: u64,
         #[arg(long, default_value_t = 4)]
         shards: u32,
-        /// Seconds of workload under faults (healing and final reads follow).
-        #[arg(long, default_value_t = 60)]
-        time_limit: u64,
+        /// Preset of length and faults: `smoke` (60 s; kill, pause; a fault every 6 s) or `long`
+        /// (600 s; kill, pause, partition, transfer; a fault every 5 s: run it before every
+        /// release and after any change to replication or reads). --time-limit, --nemesis and
+        /// --nemesis-interval override the preset.
+        #[arg(long, value_enum, default_value_t = Profile::Smoke)]
+        profile: Profile,
+        /// Seconds of workload under faults (healing and final reads follow) [smoke: 60, long: 600].
+        #[arg(long)]
+        time_limit: Option<u64>,
         /// Faults to inject, comma separated: kill, pause, partition, transfer. Empty: none.
         /// Partitions need root (network namespaces); without it they are skipped, and said so.
-        #[arg(long, value_delimiter = ',', default_value = "kill,pause")]
-        nemesis: Vec<String>,
-        /// Seconds between the start of two faults (each is healed half-way).
-        #[arg(long, default_value_t = 6)]
-        nemesis_interval: u64,
+        /// [smoke: kill,pause; long: all four]
+        #[arg(long, value_delimiter = ',')]
+        nemesis: Option<Vec<String>>,
+        /// Seconds between the start of two faults (each is healed half-way) [smoke: 6, long: 5].
+        #[arg(long)]
+        nemesis_interval: Option<u64>,
+        /// `raft.read-lease` of the nodes: `true` serves linearizable reads under the leader
+        /// lease, `false` confirms each with a quorum round (ReadIndex).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        read_lease: bool,
         /// Register keys (read / write / compare-and-set), over several shards.
         #[arg(long, default_value_t = 6)]
         register_keys: usize,
@@ -78,6 +89,23 @@ enum Command {
     },
 }
 
+/// Presets of `run`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Profile {
+    Smoke,
+    Long,
+}
+
+impl Profile {
+    /// Seconds of workload, faults, seconds between faults.
+    fn defaults(self) -> (u64, &'static [&'static str], u64) {
+        match self {
+            Profile::Smoke => (60, &["kill", "pause"], 6),
+            Profile::Long => (600, &["kill", "pause", "partition", "transfer"], 5),
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -97,9 +125,11 @@ fn main() -> std::process::ExitCode {
                 node_bin,
                 nodes,
                 shards,
+                profile,
                 time_limit,
                 nemesis,
                 nemesis_interval,
+                read_lease,
                 register_keys,
                 set_keys,
                 clients,
@@ -110,6 +140,11 @@ fn main() -> std::process::ExitCode {
                 identifier_clients,
                 identifier_pool,
             } => {
+                let (default_time, default_nemesis, default_interval) = profile.defaults();
+                let time_limit = time_limit.unwrap_or(default_time);
+                let nemesis_interval = nemesis_interval.unwrap_or(default_interval);
+                let nemesis = nemesis
+                    .unwrap_or_else(|| default_nemesis.iter().map(|s| (*s).to_owned()).collect());
                 let nemesis = nemesis
                     .iter()
                     .filter(|s| !s.is_empty())
@@ -133,6 +168,7 @@ fn main() -> std::process::ExitCode {
                     base_port,
                     seed,
                     unsafe_stale_reads,
+                    read_lease,
                     check_budget_per_key: Duration::from_secs(check_budget),
                     identifier_clients,
                     identifier_pool,

@@ -62,6 +62,8 @@ pub struct RunConfig {
     pub seed: u64,
     /// Start the nodes with the unsafe test switch (reads without a barrier).
     pub unsafe_stale_reads: bool,
+    /// `raft.read-lease` of the nodes: lease reads (true, the default) or ReadIndex.
+    pub read_lease: bool,
     pub check_budget_per_key: Duration,
     /// Clients of the identifier workload (patients claiming national numbers); 0: none.
     pub identifier_clients: usize,
@@ -511,11 +513,17 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     std::fs::create_dir_all(&config.out)
         .with_context(|| format!("create {}", config.out.display()))?;
     let config = Arc::new(config);
-    let extra: Vec<String> = if config.unsafe_stale_reads {
-        vec!["--unsafe-stale-reads-for-testing".into()]
-    } else {
-        Vec::new()
-    };
+    let mut extra: Vec<String> = Vec::new();
+    if config.unsafe_stale_reads {
+        extra.push("--unsafe-stale-reads-for-testing".into());
+    }
+    if !config.read_lease {
+        let path = config.out.join("node.toml");
+        std::fs::write(&path, "[raft]\nread-lease = false\n")
+            .with_context(|| format!("write {}", path.display()))?;
+        extra.push("--config".into());
+        extra.push(path.display().to_string());
+    }
     // Declared before the cluster so that it is dropped after the nodes are stopped.
     let net = match netns::available() {
         Ok(()) => {

@@ -170,6 +170,11 @@ pub fn render(node: &Node) -> String {
             "Replication sessions that failed: stream broken, answer overdue, peer refused.",
             streams.session_failures.load(Ordering::Relaxed),
         ),
+        (
+            "dossier_raft_append_answers_withheld_total",
+            "Append answers held back because they would have renewed the lease with a later request's time.",
+            streams.answers_withheld.load(Ordering::Relaxed),
+        ),
     ] {
         let _ = writeln!(
             out,

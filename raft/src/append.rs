@@ -26,8 +26,8 @@
 //! and awaiting their `end`) before it refuses new ones. Closing a stream ends the call: the
 //! receiver then drops every session of it.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -38,13 +38,13 @@ use dossier_storage::ShardId;
 use futures_util::{Stream, StreamExt};
 use openraft::errors::{NetworkError, RPCError, Unreachable};
 use openraft::raft::{AppendEntriesRequest, StreamAppendResult};
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::group::Raft;
 use crate::server::GroupRegistry;
-use crate::types::{NodeId, TypeConfig, decode, encode};
+use crate::types::{LogId, NodeId, TypeConfig, decode, encode};
 
 /// Frames waiting for the transport on one sender stream.
 pub const FRAMES_QUEUED: usize = 16_384;
@@ -68,9 +68,23 @@ pub struct AppendStreamCounts {
     pub sessions: AtomicU64,
     /// Sessions that failed: the stream broke, an answer was overdue, the peer refused.
     pub session_failures: AtomicU64,
+    /// Answers withheld from openraft because it would have matched them against a later
+    /// request (see [`Session`]).
+    pub answers_withheld: AtomicU64,
 }
 
 type AnswerTx = mpsc::Sender<AppendAnswer>;
+
+/// What a session's frames travel on: a `Replicate` stream ([`Mux`]); tests script others.
+pub(crate) trait Carrier: Send + Sync + 'static {
+    /// A new session whose answers go to `answers`; `None` if no session can join now.
+    fn register(&self, answers: AnswerTx) -> Option<u64>;
+    /// Queues a request frame of an open session; false once the session ended or the carrier
+    /// closed.
+    fn send(&self, frame: AppendFrame) -> bool;
+    /// Ends a session.
+    fn end(&self, session: u64);
+}
 
 /// The sending end of one `Replicate` stream.
 #[derive(Debug)]
@@ -139,18 +153,6 @@ impl Mux {
         closing.send_replace(true);
     }
 
-    /// A new session whose answers go to `answers`; `None` once the stream closed, or while
-    /// its frame queue is more than three quarters full (the sessions on it drain it first).
-    fn register(&self, answers: AnswerTx) -> Option<u64> {
-        let mut sessions = self.lock();
-        if sessions.closed.is_some() || self.frames.capacity() < FRAMES_QUEUED / 4 {
-            return None;
-        }
-        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        sessions.open.insert(id, answers);
-        Some(id)
-    }
-
     fn route(&self, answer: AppendAnswer) {
         if let Some(session) = self.lock().open.get(&answer.session) {
             // A session gone since (dropped at its timeout) no longer reads: nothing to do. A
@@ -159,16 +161,6 @@ impl Mux {
                 tracing::error!(peer = %self.addr, session = answer.session, "more append answers than requests");
             }
         }
-    }
-
-    /// Queues a request frame of an open session; false once the session ended or the stream
-    /// closed. Queued under the sessions' lock, so no frame of a session follows its `end`.
-    fn send(&self, frame: AppendFrame) -> bool {
-        let mut sessions = self.lock();
-        if !sessions.open.contains_key(&frame.session) {
-            return false;
-        }
-        self.queue(&mut sessions, frame)
     }
 
     /// A full queue means the peer stopped reading: the stream is closed.
@@ -183,6 +175,30 @@ impl Mux {
                 false
             }
         }
+    }
+}
+
+impl Carrier for Mux {
+    /// A new session whose answers go to `answers`; `None` once the stream closed, or while
+    /// its frame queue is more than three quarters full (the sessions on it drain it first).
+    fn register(&self, answers: AnswerTx) -> Option<u64> {
+        let mut sessions = self.lock();
+        if sessions.closed.is_some() || self.frames.capacity() < FRAMES_QUEUED / 4 {
+            return None;
+        }
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        sessions.open.insert(id, answers);
+        Some(id)
+    }
+
+    /// Queues a request frame of an open session; false once the session ended or the stream
+    /// closed. Queued under the sessions' lock, so no frame of a session follows its `end`.
+    fn send(&self, frame: AppendFrame) -> bool {
+        let mut sessions = self.lock();
+        if !sessions.open.contains_key(&frame.session) {
+            return false;
+        }
+        self.queue(&mut sessions, frame)
     }
 
     /// Ends a session: forgets it here and tells the receiver.
@@ -244,19 +260,16 @@ async fn read_answers(
     }
 }
 
-/// Where a session stands with its stream: the sending task joins a stream at its first
-/// request (after any backoff openraft applies in the request stream, so a dead peer is not
-/// redialled at once); the session's end leaves it.
-enum Link {
-    NotYet,
-    Joined(Arc<Mux>, u64),
-    Ended,
-}
-
-type Joining = Arc<Mutex<Link>>;
-
-fn lock_link(link: &Joining) -> std::sync::MutexGuard<'_, Link> {
-    link.lock().unwrap_or_else(|e| e.into_inner())
+/// Where a session stands with its stream: it joins at its first request (after any backoff
+/// openraft applies in the request stream, so a dead peer is not redialled at once).
+enum Link<O> {
+    NotYet {
+        open: O,
+        answers: AnswerTx,
+    },
+    Joined(Arc<dyn Carrier>, u64),
+    /// Joining failed; the session has reported it.
+    Failed,
 }
 
 fn closed(addr: &str) -> RPCError<TypeConfig> {
@@ -265,36 +278,79 @@ fn closed(addr: &str) -> RPCError<TypeConfig> {
     )))
 }
 
-/// How a session's sending task ended: the number of requests sent once the input ended, or
-/// the error that stopped it.
-type Sent = Result<u64, RPCError<TypeConfig>>;
+/// A request sent and not answered yet, as openraft's in-flight queue knows it: the log ids
+/// `(prev, last]` it covers (`last == prev` for a request without entries).
+#[derive(Debug, Clone, PartialEq)]
+struct Unanswered {
+    prev: Option<LogId>,
+    last: Option<LogId>,
+}
+
+impl Unanswered {
+    fn of(request: &AppendEntriesRequest<TypeConfig>) -> Self {
+        let prev = request.prev_log_id;
+        let last = request.entries.last().map(|e| e.log_id).or(prev);
+        Unanswered { prev, last }
+    }
+
+    /// Whether openraft, handed an answer that matched up to `matching`, takes this request as
+    /// acknowledged, wholly or in part, and credits the quorum clock with the time it created
+    /// it (openraft 0.10's `InflightAppendQueue::drain_acked`: every request with
+    /// `last <= matching`, and one with `prev < matching`).
+    fn acknowledged_by(&self, matching: &Option<LogId>) -> bool {
+        *matching >= self.last || *matching > self.prev
+    }
+}
 
 /// One openraft replication session, as the stream of its answers.
-pub(crate) struct Session {
+///
+/// Requests are pulled from openraft's request stream and sent, and answers received, all
+/// while openraft waits for the next answer: never while openraft handles the previous one.
+/// That, and the rule on withheld answers below, keep the leader's lease honest.
+///
+/// **Why (the lease).** openraft stamps each AppendEntries request with the instant it
+/// *creates* it, and matches an answer to its requests by log id only: an answer that matched
+/// up to `m` acknowledges every in-flight request whose last log id is at or below `m`, and the
+/// leader's quorum clock takes the *newest* of their stamps. A request without entries (it
+/// carries only a new commit index) covers `(m, m]`: if it was created after the follower
+/// answered an older request ending at `m`, that older answer would be credited with the empty
+/// request's later stamp. After a pause (SIGSTOP, a VM stall) the stale answers sitting in the
+/// socket would then renew the lease of a leader that was deposed meanwhile, and it would serve
+/// linearizable reads from its stale state (docs/invariants.md, "Lease reads"). So:
+/// - a request is pulled only while openraft awaits this stream, so no request is created
+///   between handing openraft an answer and openraft matching it;
+/// - an answer that openraft would match against a later request of this session (the next
+///   one unanswered is acknowledged by it, in `Unanswered::acknowledged_by`'s sense) is
+///   withheld: the later request's own answer acknowledges both, with a stamp taken before that
+///   answer was made. Only requests without entries are ever in that position, and withholding
+///   costs at most the round trip of the request behind.
+pub(crate) struct Session<S, O> {
     addr: String,
-    link: Joining,
+    shard: ShardId,
+    link: Link<O>,
+    input: S,
+    input_ended: bool,
     answers: mpsc::Receiver<AppendAnswer>,
     /// The stream closed; answers no longer come.
     answers_closed: bool,
-    window: Arc<Semaphore>,
+    /// Sent and not answered, oldest first; at most `depth`.
+    unanswered: VecDeque<Unanswered>,
     depth: usize,
     ttl: Duration,
-    sent: Option<oneshot::Receiver<Sent>>,
-    total: Option<u64>,
-    received: u64,
-    /// Signalled by the sending task after each request it queued.
-    queued: Arc<Notify>,
     /// When the oldest unanswered request (or the last answer, if later) is overdue.
     deadline: Option<tokio::time::Instant>,
-    pump: tokio::task::AbortHandle,
     counts: Arc<AppendStreamCounts>,
 }
 
-impl Session {
-    /// Starts a session of `shard` to the peer at `addr`: a task sends `input`'s requests as
-    /// they come, at most `depth` unanswered, on the stream `open` gives. `ttl` bounds the wait
-    /// for an answer while one is due.
-    pub(crate) fn start<S, O>(
+impl<S, O> Session<S, O>
+where
+    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    O: FnOnce() -> Result<Arc<dyn Carrier>, RPCError<TypeConfig>> + Send + 'static,
+{
+    /// A session of `shard` to the peer at `addr`: it sends `input`'s requests as they come,
+    /// at most `depth` unanswered, on the stream `open` gives. `ttl` bounds the wait for an
+    /// answer while one is due.
+    pub(crate) fn start(
         addr: &str,
         open: O,
         shard: ShardId,
@@ -302,43 +358,26 @@ impl Session {
         depth: usize,
         ttl: Duration,
         counts: Arc<AppendStreamCounts>,
-    ) -> Session
-    where
-        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
-        O: FnOnce() -> Result<Arc<Mux>, RPCError<TypeConfig>> + Send + 'static,
-    {
+    ) -> Self {
         // The receiver queues at most SESSION_REQUESTS_QUEUED requests of a session.
         let depth = depth.clamp(1, SESSION_REQUESTS_QUEUED);
-        let window = Arc::new(Semaphore::new(depth));
-        let (sent_tx, sent) = oneshot::channel();
         // A session has at most `depth` requests unanswered, and the peer answers each once.
         let (answers_tx, answers) = mpsc::channel(depth);
-        let queued = Arc::new(Notify::new());
-        let link = Arc::new(Mutex::new(Link::NotYet));
-        let sender = Sender {
-            open,
-            shard,
-            window: Arc::clone(&window),
-            queued: Arc::clone(&queued),
-            answers: answers_tx,
-            link: Arc::clone(&link),
-            counts: Arc::clone(&counts),
-        };
-        let pump = tokio::spawn(sender.run(input, sent_tx));
         Session {
             addr: addr.to_owned(),
-            link,
+            shard,
+            link: Link::NotYet {
+                open,
+                answers: answers_tx,
+            },
+            input,
+            input_ended: false,
             answers,
             answers_closed: false,
-            window,
+            unanswered: VecDeque::with_capacity(depth),
             depth,
             ttl,
-            sent: Some(sent),
-            total: None,
-            received: 0,
-            queued,
             deadline: None,
-            pump: pump.abort_handle(),
             counts,
         }
     }
@@ -348,53 +387,50 @@ impl Session {
         &mut self,
     ) -> Option<Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>> {
         loop {
-            if self.total == Some(self.received) {
+            if self.input_ended && self.unanswered.is_empty() {
                 return None;
             }
-            let unanswered = self.depth - self.window.available_permits();
-            if self.answers_closed && (unanswered > 0 || self.total.is_some()) {
+            if self.answers_closed && (!self.unanswered.is_empty() || self.input_ended) {
                 return Some(Err(closed(&self.addr)));
             }
-            if unanswered == 0 {
+            if self.unanswered.is_empty() {
                 self.deadline = None;
             } else if self.deadline.is_none() {
                 self.deadline = Some(tokio::time::Instant::now() + self.ttl);
             }
             let deadline = self.deadline;
-            let awaiting_count = self.sent.is_some();
-            let sent = &mut self.sent;
+            let awaiting_answer = !self.unanswered.is_empty() && !self.answers_closed;
+            let may_send = !self.input_ended && self.unanswered.len() < self.depth;
             tokio::select! {
-                // An answer at hand wins over a deadline or the sender's report in the same poll.
+                // An answer at hand wins over a new request or a deadline in the same poll.
                 biased;
-                answer = self.answers.recv(), if !self.answers_closed => {
+                answer = self.answers.recv(), if awaiting_answer => {
                     // The next answer gets a full `ttl` again.
                     self.deadline = None;
                     let Some(answer) = answer else {
-                        // Nothing due: the next request finds the stream closed (after
-                        // openraft's backoff, if any), or the input ends.
+                        // The stream closed: what is unanswered fails above.
                         self.answers_closed = true;
                         continue;
                     };
-                    self.received += 1;
-                    self.window.add_permits(1);
-                    return Some(crate::network::answer(&answer.payload, answer.error));
+                    self.unanswered.pop_front();
+                    let answer = crate::network::answer(&answer.payload, answer.error);
+                    if let Ok(Ok(matching)) = &answer
+                        && self.unanswered.front().is_some_and(|next| next.acknowledged_by(matching))
+                    {
+                        self.counts.answers_withheld.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    return Some(answer);
                 }
-                // A request went out: the wait for its answer is timed from now on.
-                () = self.queued.notified() => {}
-                count = async { sent.as_mut().expect("polled only while pending").await },
-                    if awaiting_count =>
-                {
-                    self.sent = None;
-                    match count {
-                        Ok(Ok(total)) => self.total = Some(total),
-                        Ok(Err(e)) => return Some(Err(e)),
-                        Err(_) => {
-                            return Some(Err(RPCError::Network(NetworkError::from_string(
-                                "append session's sender stopped".to_owned(),
-                            ))));
+                // Cancel-safe: a request openraft is still building stays in its stream.
+                request = self.input.next(), if may_send => match request {
+                    None => self.input_ended = true,
+                    Some(request) => {
+                        if let Err(e) = self.send(&request) {
+                            return Some(Err(e));
                         }
                     }
-                }
+                },
                 () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)),
                     if deadline.is_some() =>
                 {
@@ -403,6 +439,49 @@ impl Session {
                         self.addr, self.ttl
                     )))));
                 }
+            }
+        }
+    }
+
+    /// Sends one request, joining the stream at the first.
+    fn send(
+        &mut self,
+        request: &AppendEntriesRequest<TypeConfig>,
+    ) -> Result<(), RPCError<TypeConfig>> {
+        let payload = encode(request).map_err(|e| {
+            tracing::error!(shard = self.shard, error = %e, "append request does not encode");
+            RPCError::Network(NetworkError::new(&e))
+        })?;
+        let (mux, id) = self.join()?;
+        let frame = AppendFrame {
+            session: id,
+            shard_id: self.shard,
+            payload,
+            end: false,
+        };
+        if !mux.send(frame) {
+            return Err(closed(&self.addr));
+        }
+        self.unanswered.push_back(Unanswered::of(request));
+        Ok(())
+    }
+
+    /// The stream and this session's id on it, joining at the first call.
+    fn join(&mut self) -> Result<(Arc<dyn Carrier>, u64), RPCError<TypeConfig>> {
+        match std::mem::replace(&mut self.link, Link::Failed) {
+            Link::Joined(mux, id) => {
+                self.link = Link::Joined(Arc::clone(&mux), id);
+                Ok((mux, id))
+            }
+            Link::Failed => Err(closed(&self.addr)),
+            Link::NotYet { open, answers } => {
+                let mux = open()?;
+                let Some(id) = mux.register(answers) else {
+                    return Err(closed(&self.addr));
+                };
+                self.counts.sessions.fetch_add(1, Ordering::Relaxed);
+                self.link = Link::Joined(Arc::clone(&mux), id);
+                Ok((mux, id))
             }
         }
     }
@@ -428,95 +507,11 @@ impl Session {
     }
 }
 
-impl Drop for Session {
+impl<S, O> Drop for Session<S, O> {
     fn drop(&mut self) {
-        self.pump.abort();
-        let link = std::mem::replace(&mut *lock_link(&self.link), Link::Ended);
-        if let Link::Joined(mux, id) = link {
-            mux.end(id);
+        if let Link::Joined(mux, id) = &self.link {
+            mux.end(*id);
         }
-    }
-}
-
-/// The sending half of a session (a task of its own).
-struct Sender<O> {
-    open: O,
-    shard: ShardId,
-    window: Arc<Semaphore>,
-    queued: Arc<Notify>,
-    answers: AnswerTx,
-    link: Joining,
-    counts: Arc<AppendStreamCounts>,
-}
-
-impl<O> Sender<O>
-where
-    O: FnOnce() -> Result<Arc<Mux>, RPCError<TypeConfig>>,
-{
-    /// Sends the requests, each once a window permit is free; reports how it ended.
-    async fn run<S>(self, mut input: S, sent: oneshot::Sender<Sent>)
-    where
-        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Unpin,
-    {
-        let Sender {
-            open,
-            shard,
-            window,
-            queued,
-            answers,
-            link,
-            counts,
-        } = self;
-        let mut open = Some((open, answers));
-        let mut joined: Option<(Arc<Mux>, u64)> = None;
-        let mut count = 0u64;
-        let outcome = loop {
-            let Some(request) = input.next().await else {
-                break Ok(count);
-            };
-            // Taken once a request is at hand: a permit held while waiting for one would count
-            // as an unanswered request. An answer gives it back.
-            match window.acquire().await {
-                Ok(permit) => permit.forget(),
-                Err(_) => return,
-            }
-            let payload = match encode(&request) {
-                Ok(payload) => payload,
-                Err(e) => {
-                    tracing::error!(shard, error = %e, "append request does not encode");
-                    break Err(RPCError::Network(NetworkError::new(&e)));
-                }
-            };
-            if let Some((open, answers)) = open.take() {
-                let mux = match open() {
-                    Ok(mux) => mux,
-                    Err(e) => break Err(e),
-                };
-                let mut link = lock_link(&link);
-                if matches!(*link, Link::Ended) {
-                    return;
-                }
-                let Some(id) = mux.register(answers) else {
-                    break Err(closed(&mux.addr));
-                };
-                counts.sessions.fetch_add(1, Ordering::Relaxed);
-                *link = Link::Joined(Arc::clone(&mux), id);
-                joined = Some((mux, id));
-            }
-            let (mux, id) = joined.as_ref().expect("joined at the first request");
-            let frame = AppendFrame {
-                session: *id,
-                shard_id: shard,
-                payload,
-                end: false,
-            };
-            if !mux.send(frame) {
-                break Err(closed(&mux.addr));
-            }
-            queued.notify_one();
-            count += 1;
-        };
-        let _ = sent.send(outcome);
     }
 }
 

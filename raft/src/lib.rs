@@ -12,6 +12,8 @@
 mod append;
 mod error;
 mod group;
+#[cfg(test)]
+mod lease_credit_tests;
 mod log_store;
 mod network;
 mod server;

@@ -23,7 +23,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::append::{AppendStreamCounts, Mux, REOPEN_AFTER, Session};
+use crate::append::{AppendStreamCounts, Carrier, Mux, REOPEN_AFTER, Session};
 use crate::state_machine::SnapshotFile;
 use crate::types::{CommittedLeaderId, NodeId, TypeConfig, Vote, decode, encode};
 
@@ -317,7 +317,10 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         let pool = Arc::clone(&self.pool);
         let addr = self.addr.clone();
         let target = self.target;
-        let open = move || pool.replication_stream(&addr, target);
+        let open = move || {
+            pool.replication_stream(&addr, target)
+                .map(|mux| mux as Arc<dyn Carrier>)
+        };
         let config = self.pool.config();
         let session = Session::start(
             &self.addr,
