@@ -199,6 +199,13 @@ impl NodeConfig {
             r.election_timeout_min_ms
         );
         ensure!(
+            r.read_lease_margin_ms < r.election_timeout_max_ms,
+            "raft.read-lease-margin-ms ({}) must be below raft.election-timeout-max-ms ({}), the \
+             leader lease it shortens",
+            r.read_lease_margin_ms,
+            r.election_timeout_max_ms
+        );
+        ensure!(
             (1..=1024).contains(&self.auto_init_shards),
             "auto-init-shards must be within 1..1024, is {}",
             self.auto_init_shards
@@ -419,6 +426,14 @@ mod tests {
             ..NodeConfig::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("node-id"));
+        let mut c = NodeConfig::default();
+        c.raft.read_lease_margin_ms = c.raft.election_timeout_max_ms;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("read-lease-margin-ms")
+        );
         let c = NodeConfig {
             cluster_name: "ward 7".into(),
             ..NodeConfig::default()

@@ -39,8 +39,12 @@ pub struct RaftConfig {
     /// leader within the leader lease (`election-timeout-max-ms`); otherwise, or when false, the
     /// read waits for a fresh quorum acknowledgement (ReadIndex). Safe because a follower votes
     /// for no one while its lease on the leader runs; it assumes clocks advance at about the same
-    /// rate on every node (monotonic clocks, no bound on their offset).
+    /// rate on every node (monotonic clocks, no bound on their offset; docs/invariants.md,
+    /// "Lease reads").
     pub read_lease: bool,
+    /// Lease reads accept a quorum acknowledgement younger than `election-timeout-max-ms` minus
+    /// this margin: room for a leader's clock that runs slower than its followers'.
+    pub read_lease_margin_ms: u64,
 }
 
 impl Default for RaftConfig {
@@ -59,6 +63,7 @@ impl Default for RaftConfig {
             entries_per_append_max: 300,
             replicate_before_local_flush: true,
             read_lease: true,
+            read_lease_margin_ms: 60,
         }
     }
 }
@@ -67,9 +72,12 @@ impl RaftConfig {
     /// How a linearizable read is confirmed (see `read_lease`).
     pub fn read_option(&self) -> openraft::LinearizerOption {
         if self.read_lease {
-            // Any quorum acknowledgement within the lease will do; if none is that fresh, send
-            // heartbeats now rather than wait for the next tick.
-            openraft::LinearizerOption::new(None, true)
+            // A quorum acknowledgement within the lease, less the margin, will do; if none is
+            // that fresh, send heartbeats now rather than wait for the next tick.
+            let age = self
+                .election_timeout_max_ms
+                .saturating_sub(self.read_lease_margin_ms);
+            openraft::LinearizerOption::new(Some(std::time::Duration::from_millis(age)), true)
         } else {
             openraft::ReadPolicy::ReadIndex.into()
         }
