@@ -314,7 +314,7 @@ impl Unanswered {
 /// leader's quorum clock takes the *newest* of their stamps. A request without entries (it
 /// carries only a new commit index) covers `(m, m]`: if it was created after the follower
 /// answered an older request ending at `m`, that older answer would be credited with the empty
-/// request's later stamp. After a pause (SIGSTOP, a VM stall) the stale answers sitting in the
+/// request's later stamp. After a pause (SIGSTOP, a long stall) the stale answers sitting in the
 /// socket would then renew the lease of a leader that was deposed meanwhile, and it would serve
 /// linearizable reads from its stale state (docs/invariants.md, "Lease reads"). So:
 /// - a request is pulled only while openraft awaits this stream, so no request is created
@@ -671,6 +671,51 @@ async fn answer_session(
         if answers.send(answer).await.is_err() {
             // The stream ended.
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Unanswered;
+    use crate::types::LogId;
+
+    fn id(index: u64) -> Option<LogId> {
+        Some(LogId::new(crate::types::CommittedLeaderId::new(1), index))
+    }
+
+    /// The rule follows openraft's `drain_acked`: a request is acknowledged by an answer that
+    /// matched its last entry or beyond, or partly, by one past its first entry.
+    #[test]
+    fn acknowledged_by_follows_openraft_matching() {
+        let entries = Unanswered {
+            prev: id(5),
+            last: id(8),
+        };
+        let empty = Unanswered {
+            prev: id(8),
+            last: id(8),
+        };
+        let first = Unanswered {
+            prev: None,
+            last: None,
+        };
+        for (request, matching, acknowledged) in [
+            (&entries, id(8), true),
+            (&entries, id(9), true),
+            (&entries, id(6), true),
+            (&entries, id(5), false),
+            (&entries, None, false),
+            // An entry-less request is covered by any answer that matched up to its position.
+            (&empty, id(8), true),
+            (&empty, id(7), false),
+            (&first, None, true),
+        ] {
+            assert_eq!(
+                request.acknowledged_by(&matching),
+                acknowledged,
+                "{request:?} by {matching:?}"
+            );
         }
     }
 }
