@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use dossier_api::v1::{ClusterMap, NodeInfo, ShardDescriptor};
 use dossier_raft::openraft::async_runtime::WatchReceiver;
 use dossier_raft::openraft::{BasicNode, ServerState};
-use dossier_raft::{GroupContext, GroupRegistry, NetworkConfig, PeerPool, Raft, Request};
+use dossier_raft::{GroupContext, GroupRegistry, NetworkConfig, PeerPool, Raft, Request, VoteHold};
 use dossier_storage::{
     Batch, Command, Condition, Expect, LogEngine, Op, Outcome, ShardHandle, ShardId, StateStore,
 };
@@ -57,6 +57,13 @@ impl Node {
             Arc::new(StateStore::open(Arc::clone(&config.state)).context("open the state store")?);
         let pool = PeerPool::new(NetworkConfig::default(), &config.node.cluster_name)
             .context("node.cluster-name")?;
+        let vote_hold = VoteHold::at_start(&config.raft, &engine);
+        if let Some(hold) = vote_hold.remaining() {
+            info!(
+                hold_ms = hold.as_millis() as u64,
+                "restarted: votes held for one leader lease"
+            );
+        }
         let ctx = GroupContext {
             node_id: config.node.node_id,
             config: Arc::clone(&config.raft),
@@ -64,6 +71,7 @@ impl Node {
             store,
             pool,
             snapshot_root: config.snapshot_root(),
+            vote_hold,
         };
         let node = Arc::new(Node {
             in_flight: Arc::new(Semaphore::new(config.node.limits.in_flight_max)),
@@ -506,6 +514,10 @@ impl GroupRegistry for Node {
 
     fn identity(&self) -> (&str, u64) {
         (&self.config.node.cluster_name, self.config.node.node_id)
+    }
+
+    fn vote_hold(&self) -> VoteHold {
+        self.ctx.vote_hold
     }
 
     fn incoming_snapshot_path(&self, shard: ShardId) -> Option<std::path::PathBuf> {

@@ -11,6 +11,7 @@ use crate::log_store::LogStore;
 use crate::network::{GroupNetwork, PeerPool};
 use crate::state_machine::StateMachine;
 use crate::types::{NodeId, TypeConfig};
+use crate::vote_hold::VoteHold;
 
 /// A running replica: openraft's handle, typed with our state machine.
 pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
@@ -114,6 +115,8 @@ pub struct GroupContext {
     pub pool: Arc<PeerPool>,
     /// Each group keeps its snapshots in `snapshot_root/shard-{id}`.
     pub snapshot_root: PathBuf,
+    /// Set when the process started: replicas started within it do not stand for election.
+    pub vote_hold: VoteHold,
 }
 
 impl GroupContext {
@@ -131,11 +134,13 @@ impl GroupContext {
             })?;
         let log = LogStore::new(Arc::clone(&self.engine), shard);
         let network = GroupNetwork::new(shard, Arc::clone(&self.pool));
-        Raft::new(self.node_id, Arc::clone(&self.config), network, log, sm)
+        let raft = Raft::new(self.node_id, Arc::clone(&self.config), network, log, sm)
             .await
             .map_err(|e| Error::Fatal {
                 shard,
                 reason: e.to_string(),
-            })
+            })?;
+        self.vote_hold.hold_elections(&raft);
+        Ok(raft)
     }
 }

@@ -19,6 +19,7 @@ mod network;
 mod server;
 mod state_machine;
 mod types;
+mod vote_hold;
 
 pub use append::AppendStreamCounts;
 pub use error::Error;
@@ -28,6 +29,7 @@ pub use network::{APPEND_PIPELINE_DEPTH, GroupNetwork, NetworkConfig, PeerPool};
 pub use server::{GroupRegistry, RaftServer};
 pub use state_machine::{SnapshotFile, StateMachine};
 pub use types::{Entry, LogId, NodeId, Request, Response, StoredMembership, TypeConfig, Vote};
+pub use vote_hold::VoteHold;
 
 /// openraft itself, for the types the node needs (metrics, errors, membership).
 pub use openraft;

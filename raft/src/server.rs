@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::group::Raft;
 use crate::state_machine::SnapshotFile;
 use crate::types::{NodeId, SnapshotMeta, TypeConfig, Vote, decode, encode};
+use crate::vote_hold::VoteHold;
 
 /// Finds the local replica of a shard.
 pub trait GroupRegistry: Send + Sync + 'static {
@@ -26,6 +27,8 @@ pub trait GroupRegistry: Send + Sync + 'static {
     fn snapshot_bytes_max(&self) -> u64;
     /// This node's cluster name and id: messages addressed to another are refused.
     fn identity(&self) -> (&str, NodeId);
+    /// Set when the process started: Vote and PreVote are refused while it lasts.
+    fn vote_hold(&self) -> VoteHold;
 }
 
 /// The internal Raft service of a node.
@@ -70,6 +73,16 @@ impl<R: GroupRegistry> RaftServer<R> {
             Some(refusal) => Err(refusal),
             None => Ok(()),
         }
+    }
+
+    /// The refusal of a vote while this process's vote hold lasts (`crate::vote_hold`); the
+    /// candidate counts it as no vote.
+    fn vote_held(&self) -> Option<Result<Response<RaftReply>, Status>> {
+        let left = self.registry.vote_hold().remaining()?;
+        Some(refused(format!(
+            "vote held for {left:?} more: this node started less than a leader lease ago and may \
+             have acknowledged a leader whose lease still runs"
+        )))
     }
 
     fn group(&self, shard: ShardId) -> Result<Raft, String> {
@@ -126,10 +139,16 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
+        if let Some(refusal) = self.vote_held() {
+            return refusal;
+        }
         dispatch!(self, request, VoteRequest<TypeConfig>, vote)
     }
 
     async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
+        if let Some(refusal) = self.vote_held() {
+            return refusal;
+        }
         dispatch!(self, request, VoteRequest<TypeConfig>, pre_vote)
     }
 
