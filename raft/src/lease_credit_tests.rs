@@ -127,6 +127,16 @@ impl Follower {
         }
     }
 
+    /// The oldest answer in flight arrives.
+    fn deliver_first(&self) {
+        let mut in_flight = self.in_flight.lock().unwrap();
+        if !in_flight.is_empty() {
+            let delivery = in_flight.remove(0);
+            drop(in_flight);
+            delivery();
+        }
+    }
+
     /// The answers in flight arrive.
     fn deliver(&self) {
         let in_flight = std::mem::take(&mut *self.in_flight.lock().unwrap());
@@ -495,4 +505,63 @@ async fn the_append_session_never_credits_an_old_answer_late() {
     // Follower 3's old answer was held back: openraft would have matched it against the
     // entry-less request built after it.
     assert!(counts.answers_withheld.load(Ordering::Relaxed) >= 1);
+}
+
+/// An answer withheld because an entry-less request follows it is never handed over; when that
+/// request goes unanswered the session fails at its deadline instead of waiting for ever, and
+/// openraft starts again from a probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withheld_answer_whose_successor_is_lost_ends_the_session() {
+    use openraft::entry::RaftEntry;
+
+    let log_id = |index| LogId::new(crate::types::CommittedLeaderId::new(1), index);
+    let with_entry = AppendEntriesRequest::<TypeConfig> {
+        vote: Vote::new_committed(1, 1),
+        prev_log_id: Some(log_id(4)),
+        entries: vec![crate::types::Entry::new_blank(log_id(5))],
+        leader_commit: Some(log_id(4)),
+    };
+    let commit_only = AppendEntriesRequest::<TypeConfig> {
+        vote: Vote::new_committed(1, 1),
+        prev_log_id: Some(log_id(5)),
+        entries: Vec::new(),
+        leader_commit: Some(log_id(5)),
+    };
+    let follower = Follower::new();
+    follower.set(Mode::InFlight);
+    let carrier: Arc<dyn Carrier> = Arc::new(ScriptedCarrier {
+        follower: Arc::clone(&follower),
+        sessions: Mutex::new(HashMap::new()),
+        next: AtomicU64::new(1),
+    });
+    let counts = Arc::new(AppendStreamCounts::default());
+    let ttl = Duration::from_millis(200);
+    let session = Session::start(
+        "scripted",
+        move || Ok(carrier),
+        1,
+        futures_util::stream::iter([with_entry, commit_only]),
+        crate::APPEND_PIPELINE_DEPTH,
+        ttl,
+        Arc::clone(&counts),
+    );
+    let answers = tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
+        let answers: Vec<Answer> = session.into_stream().collect().await;
+        (answers, started.elapsed())
+    });
+    wait_for("both requests sent", || {
+        follower.empty_taken.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The answer to the first request arrives; the second's never does.
+    follower.deliver_first();
+    let (answers, took) = answers.await.unwrap();
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert!(
+        matches!(&answers[0], Err(RPCError::Network(_))),
+        "the session fails at its deadline: {answers:?}"
+    );
+    assert!(took >= ttl, "{took:?}");
+    assert_eq!(counts.answers_withheld.load(Ordering::Relaxed), 1);
 }
