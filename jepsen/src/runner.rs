@@ -119,6 +119,22 @@ impl Rng {
     }
 }
 
+/// Elements a set key takes, about, before its adds move on to its next part. A set is one value
+/// that every add rewrites whole, so one that grew for the whole run would make the log grow with
+/// the square of the run's length (a 600 s run wrote 35 GB that way); parts keep it linear.
+const SET_PART_ELEMENTS: u64 = 2_000;
+
+/// The part of every set key that takes `element` (elements are numbered over the whole run, and
+/// shared with the register writes).
+fn set_part(element: u64, set_keys: usize) -> u64 {
+    element / (SET_PART_ELEMENTS * set_keys as u64)
+}
+
+/// Set key `k`, part `part`: `s/{k}.{part}`.
+fn set_key(k: usize, part: u64) -> String {
+    format!("s/{k}.{part}")
+}
+
 fn register_patient(key: &str) -> String {
     format!("jepsen-{key}")
 }
@@ -275,9 +291,13 @@ async fn client_loop(
                 }
             }
         } else {
-            let key = format!("s/{}", rng.below(config.set_keys));
+            let element = unique.fetch_add(1, Ordering::Relaxed);
+            let key = set_key(
+                rng.below(config.set_keys),
+                set_part(element, config.set_keys),
+            );
             let patient = register_patient(&key);
-            let element = unique.fetch_add(1, Ordering::Relaxed) as i64;
+            let element = element as i64;
             recorder.record(process, Type::Invoke, F::Add, &key, json!(element));
             let t = add_element(&client, &patient, element).await;
             recorder.record(process, t, F::Add, &key, json!(element));
@@ -656,9 +676,12 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     for c in clients {
         let _ = c.await;
     }
-    // Final reads of every set key, after the cluster healed.
-    for k in 0..config.set_keys {
-        let key = format!("s/{k}");
+    // Final reads of every set key (every part of each), after the cluster healed.
+    let last_part = set_part(unique.load(Ordering::Relaxed), config.set_keys.max(1));
+    let set_keys = (0..config.set_keys)
+        .flat_map(|k| (0..=last_part).map(move |part| set_key(k, part)))
+        .collect::<Vec<_>>();
+    for key in set_keys {
         let process = recorder.fresh_process();
         recorder.record(process, Type::Invoke, F::Read, &key, Value::Null);
         match client

@@ -11,8 +11,8 @@
 //! the leader of some shards while 24 writers keep its replication streams busy, so answers are
 //! in flight when it stops. Whether the resumed node handles the old answers and the queued reads
 //! before the new leader's messages is up to its scheduler: against the binaries before the fix
-//! (`DOSSIER_TEST_NODE_BIN=…`) about one cycle in fifteen served a stale read, so 30 cycles
-//! caught it in most runs (docs/testing.md); with the fix no cycle may.
+//! (`DOSSIER_TEST_NODE_BIN=…`) one cycle in ten to twenty served a stale read, so 30 cycles
+//! caught it in most runs on a quiet machine (docs/testing.md); with the fix no cycle may.
 
 #![allow(clippy::unwrap_used)]
 

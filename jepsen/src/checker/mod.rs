@@ -102,7 +102,12 @@ fn availability(ops: &[Op], faults_end: Option<u64>) -> Availability {
         .iter()
         .filter(|o| o.outcome == Type::Ok && matches!(o.f, F::Write | F::Cas | F::Add))
     {
-        writes.entry(op.key.as_str()).or_default().push(op.ret);
+        // The parts of a set key (`s/0.0`, `s/0.1`, ...) take its adds in turn: one timeline.
+        let key = match op.key.split_once('.') {
+            Some((base, _)) if op.key.starts_with("s/") => base,
+            _ => op.key.as_str(),
+        };
+        writes.entry(key).or_default().push(op.ret);
     }
     let mut longest = (0u64, String::new());
     let mut longest_after = 0u64;
