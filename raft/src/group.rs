@@ -97,6 +97,13 @@ impl RaftConfig {
             max_payload_entries: self.entries_per_append_max,
             broadcast_submitted_on_append: Some(self.replicate_before_local_flush),
             purge_batch_size: 256,
+            // A leader that restarts must win an election again before it serves: restored at
+            // once (openraft's default), it would serve reads at a read index computed from the
+            // commit index it persisted, which can lag what it acknowledged, over a state
+            // machine that flushes after apply; a write acknowledged just before a kill was then
+            // missing from a linearizable read (a 600 s fault run, seed 7; docs/invariants.md,
+            // "Lease reads").
+            enable_leader_restore: Some(false),
             // The network applies its own snapshot deadline (NetworkConfig::snapshot_timeout).
             install_snapshot_timeout: 60_000,
             ..Default::default()
