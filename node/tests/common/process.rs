@@ -47,7 +47,12 @@ pub fn node_binary() -> std::ffi::OsString {
 }
 
 fn spawn(id: u64, grpc: &str, dir: &Path, config: Option<&Path>) -> Proc {
-    let log = std::fs::File::create(dir.join(format!("node-{id}.log"))).unwrap();
+    // Appended to: a restarted node's log follows its first life's.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("node-{id}.log")))
+        .unwrap();
     let mut command = Command::new(node_binary());
     command
         .args([
@@ -75,6 +80,7 @@ fn spawn(id: u64, grpc: &str, dir: &Path, config: Option<&Path>) -> Proc {
 /// `n` node processes (ids 1..=n), initialised with `shards` shards of `n` replicas.
 pub struct ProcCluster {
     dir: Option<tempfile::TempDir>,
+    config: Option<std::path::PathBuf>,
     pub addrs: Vec<String>,
     procs: Vec<Option<Proc>>,
 }
@@ -123,6 +129,7 @@ impl ProcCluster {
         }
         ProcCluster {
             dir: Some(dir),
+            config: config_path,
             addrs,
             procs,
         }
@@ -144,6 +151,21 @@ impl ProcCluster {
     pub fn kill(&mut self, id: u64) {
         let victim = self.procs[id as usize - 1].take().expect("node running");
         victim.signal(Signal::SIGKILL);
+    }
+
+    /// SIGKILLs node `id` if it runs, and starts it again on its data.
+    pub fn restart(&mut self, id: u64) {
+        if let Some(victim) = self.procs[id as usize - 1].take() {
+            victim.signal(Signal::SIGKILL);
+        }
+        let dir = self.dir.as_ref().expect("cluster folder").path();
+        let node = spawn(
+            id,
+            &self.addrs[id as usize - 1],
+            dir,
+            self.config.as_deref(),
+        );
+        self.procs[id as usize - 1] = Some(node);
     }
 
     /// The node leading `shard`: of the replicas that say they lead, the one with the highest
