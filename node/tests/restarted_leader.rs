@@ -75,10 +75,11 @@ async fn a_restarted_leader_serves_no_read_missing_its_acknowledged_writes() {
             match kv.get(request).await {
                 Ok(answer) => {
                     let answer = answer.into_inner();
-                    let got = answer
-                        .found
-                        .then(|| u64::from_be_bytes(answer.value[..].try_into().unwrap()))
-                        .unwrap_or(0);
+                    let got = if answer.found {
+                        u64::from_be_bytes(answer.value[..].try_into().unwrap())
+                    } else {
+                        0
+                    };
                     assert!(
                         got >= last,
                         "cycle {cycle}: node {leader}, killed and restarted, answered a \
