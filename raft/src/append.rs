@@ -280,7 +280,7 @@ fn closed(addr: &str) -> RPCError<TypeConfig> {
 
 /// A request sent and not answered yet, as openraft's in-flight queue knows it: the log ids
 /// `(prev, last]` it covers (`last == prev` for a request without entries).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 struct Unanswered {
     prev: Option<LogId>,
     last: Option<LogId>,
@@ -452,14 +452,15 @@ where
             tracing::error!(shard = self.shard, error = %e, "append request does not encode");
             RPCError::Network(NetworkError::new(&e))
         })?;
-        let (mux, id) = self.join()?;
-        let frame = AppendFrame {
-            session: id,
-            shard_id: self.shard,
+        let shard = self.shard;
+        let (carrier, session) = self.join()?;
+        let sent = carrier.send(AppendFrame {
+            session,
+            shard_id: shard,
             payload,
             end: false,
-        };
-        if !mux.send(frame) {
+        });
+        if !sent {
             return Err(closed(&self.addr));
         }
         self.unanswered.push_back(Unanswered::of(request));
@@ -467,22 +468,22 @@ where
     }
 
     /// The stream and this session's id on it, joining at the first call.
-    fn join(&mut self) -> Result<(Arc<dyn Carrier>, u64), RPCError<TypeConfig>> {
-        match std::mem::replace(&mut self.link, Link::Failed) {
-            Link::Joined(mux, id) => {
-                self.link = Link::Joined(Arc::clone(&mux), id);
-                Ok((mux, id))
-            }
-            Link::Failed => Err(closed(&self.addr)),
-            Link::NotYet { open, answers } => {
-                let mux = open()?;
-                let Some(id) = mux.register(answers) else {
-                    return Err(closed(&self.addr));
-                };
-                self.counts.sessions.fetch_add(1, Ordering::Relaxed);
-                self.link = Link::Joined(Arc::clone(&mux), id);
-                Ok((mux, id))
-            }
+    fn join(&mut self) -> Result<(&dyn Carrier, u64), RPCError<TypeConfig>> {
+        if matches!(self.link, Link::NotYet { .. }) {
+            let Link::NotYet { open, answers } = std::mem::replace(&mut self.link, Link::Failed)
+            else {
+                unreachable!("matched above");
+            };
+            let carrier = open()?;
+            let id = carrier
+                .register(answers)
+                .ok_or_else(|| closed(&self.addr))?;
+            self.counts.sessions.fetch_add(1, Ordering::Relaxed);
+            self.link = Link::Joined(carrier, id);
+        }
+        match &self.link {
+            Link::Joined(carrier, id) => Ok((carrier.as_ref(), *id)),
+            _ => Err(closed(&self.addr)),
         }
     }
 

@@ -322,6 +322,20 @@ async fn lease_read_passes(raft: &Raft) -> bool {
     raft.ensure_linearizable(option).await.is_ok()
 }
 
+/// Whether a lease read passes at some point within `within`, asking every millisecond.
+async fn lease_read_passes_within(raft: &Raft, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if lease_read_passes(raft).await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     for _ in 0..500 {
         if done() {
@@ -388,15 +402,10 @@ async fn old_answers_after_a_stall(transport: Transport) -> (Verdict, Arc<Append
         .unwrap();
 
     // 1. Everybody answers. (openraft takes writes only while the leader's lease is valid.)
-    let mut valid = false;
-    for _ in 0..500 {
-        valid = lease_read_passes(&raft).await;
-        if valid {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(valid, "the followers acknowledge the new leader");
+    assert!(
+        lease_read_passes_within(&raft, Duration::from_secs(5)).await,
+        "the followers acknowledge the new leader"
+    );
     raft.client_write(write()).await.unwrap();
     assert!(
         lease_read_passes(&raft).await,
@@ -457,14 +466,7 @@ async fn old_answers_after_a_stall(transport: Transport) -> (Verdict, Arc<Append
 
     // 5. Follower 3's old answer arrives.
     f3.deliver();
-    let mut lease_read = false;
-    for _ in 0..50 {
-        if lease_read_passes(&raft).await {
-            lease_read = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let lease_read = lease_read_passes_within(&raft, Duration::from_millis(50)).await;
     let read_index = read_index.await.unwrap().is_ok();
     raft.shutdown().await.unwrap();
     (
