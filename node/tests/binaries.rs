@@ -17,10 +17,7 @@ use dossier_client::{Client, ClientConfig};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_leader_loses_no_acknowledged_write() {
     let mut cluster = ProcCluster::start(3, 2, "").await;
-    let mut config = ClientConfig::new(cluster.addrs.clone());
-    config.attempt_timeout = Duration::from_millis(700);
-    config.deadline = Duration::from_secs(20);
-    let client = Client::connect(config).await.unwrap();
+    let client = cluster.client(Duration::from_millis(700)).await;
     let mut acked = Vec::new();
     for i in 0..100u32 {
         client

@@ -23,10 +23,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::patient_in_shard;
-use common::process::ProcCluster;
+use common::process::{ProcCluster, linearizable_get, register_value, shard_epoch};
 use dossier_api::v1::kv_client::KvClient;
-use dossier_api::v1::{GetRequest, ReadConsistency, RouteHeader};
-use dossier_client::{Client, ClientConfig};
 use nix::sys::signal::Signal;
 
 /// Shards of the cluster (the deployed shape: several leaders per node).
@@ -47,10 +45,6 @@ const TIMING: &str = "[raft]\nheartbeat-interval-ms = 20\nelection-timeout-min-m
 const PAUSE: Duration = Duration::from_millis(420);
 const KEY: &[u8] = b"register";
 
-fn value_of(bytes: &[u8]) -> u64 {
-    u64::from_be_bytes(bytes.try_into().expect("8-byte register value"))
-}
-
 /// What the reads of a run came to.
 #[derive(Debug, Default)]
 struct Outcome {
@@ -62,10 +56,7 @@ struct Outcome {
 
 async fn paused_leader_serves_no_stale_read(config: &str) -> Outcome {
     let cluster = ProcCluster::start(3, SHARDS as u32, &format!("{TIMING}{config}")).await;
-    let mut client_config = ClientConfig::new(cluster.addrs.clone());
-    client_config.attempt_timeout = Duration::from_millis(300);
-    client_config.deadline = Duration::from_secs(20);
-    let client = Arc::new(Client::connect(client_config).await.unwrap());
+    let client = Arc::new(cluster.client(Duration::from_millis(300)).await);
     // Key k is in shard `shard_of(k)`.
     let shard_of = |k: usize| (k / KEYS_PER_SHARD) as u64 + 1;
     let patients: Arc<Vec<String>> = Arc::new(
@@ -73,14 +64,8 @@ async fn paused_leader_serves_no_stale_read(config: &str) -> Outcome {
             .map(|k| patient_in_shard(&client, shard_of(k), &format!("register-{k}")))
             .collect(),
     );
-    let map = client.cluster_map().unwrap();
-    let epoch = |shard: u64| {
-        map.shards
-            .iter()
-            .find(|d| d.shard_id == shard)
-            .unwrap()
-            .epoch
-    };
+    let epochs: Vec<u64> = (1..=SHARDS).map(|s| shard_epoch(&client, s)).collect();
+    let epoch = |shard: u64| epochs[shard as usize - 1];
 
     // Each writer puts 1, 2, 3, ... to its key, one at a time; `acked[k]` is the highest value
     // whose put completed.
@@ -163,16 +148,13 @@ async fn paused_leader_serves_no_stale_read(config: &str) -> Outcome {
             }
             for _ in 0..READS_PER_KEY {
                 let mut direct = direct.clone();
-                let mut request = tonic::Request::new(GetRequest {
-                    route: Some(RouteHeader {
-                        shard_id: shard_of(k),
-                        epoch: epoch(shard_of(k)),
-                        patient_id: patient.clone(),
-                    }),
-                    key: KEY.to_vec(),
-                    consistency: ReadConsistency::Linearizable as i32,
-                });
-                request.set_timeout(Duration::from_secs(10));
+                let request = linearizable_get(
+                    shard_of(k),
+                    epoch(shard_of(k)),
+                    patient,
+                    KEY,
+                    Duration::from_secs(10),
+                );
                 reads.push((k, tokio::spawn(async move { direct.get(request).await })));
             }
         }
@@ -187,12 +169,7 @@ async fn paused_leader_serves_no_stale_read(config: &str) -> Outcome {
         for (k, read) in reads {
             match read.await.unwrap() {
                 Ok(answer) => {
-                    let answer = answer.into_inner();
-                    let got = if answer.found {
-                        value_of(&answer.value)
-                    } else {
-                        0
-                    };
+                    let got = register_value(&answer.into_inner());
                     assert!(
                         got >= floor[k],
                         "cycle {cycle}: node {leader}, stopped {:?} and resumed, answered a \

@@ -14,10 +14,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::patient_in_shard;
-use common::process::ProcCluster;
+use common::process::{ProcCluster, linearizable_get, register_value, shard_epoch};
 use dossier_api::v1::kv_client::KvClient;
-use dossier_api::v1::{GetRequest, ReadConsistency, RouteHeader};
-use dossier_client::{Client, ClientConfig};
 
 /// Kills and restarts per run.
 const CYCLES: u64 = 8;
@@ -28,19 +26,9 @@ const KEY: &[u8] = b"register";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_leader_serves_no_read_missing_its_acknowledged_writes() {
     let mut cluster = ProcCluster::start(3, 1, "").await;
-    let mut config = ClientConfig::new(cluster.addrs.clone());
-    config.attempt_timeout = Duration::from_millis(300);
-    config.deadline = Duration::from_secs(20);
-    let client = Client::connect(config).await.unwrap();
+    let client = cluster.client(Duration::from_millis(300)).await;
     let patient = patient_in_shard(&client, 1, "restarted-leader");
-    let epoch = client
-        .cluster_map()
-        .unwrap()
-        .shards
-        .iter()
-        .find(|d| d.shard_id == 1)
-        .unwrap()
-        .epoch;
+    let epoch = shard_epoch(&client, 1);
     let (mut served, mut refused) = (0u64, 0u64);
     for cycle in 0..CYCLES {
         let leader = cluster.leader_of(1).await;
@@ -62,24 +50,10 @@ async fn a_restarted_leader_serves_no_read_missing_its_acknowledged_writes() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
-            let mut request = tonic::Request::new(GetRequest {
-                route: Some(RouteHeader {
-                    shard_id: 1,
-                    epoch,
-                    patient_id: patient.clone(),
-                }),
-                key: KEY.to_vec(),
-                consistency: ReadConsistency::Linearizable as i32,
-            });
-            request.set_timeout(Duration::from_secs(2));
+            let request = linearizable_get(1, epoch, &patient, KEY, Duration::from_secs(2));
             match kv.get(request).await {
                 Ok(answer) => {
-                    let answer = answer.into_inner();
-                    let got = if answer.found {
-                        u64::from_be_bytes(answer.value[..].try_into().unwrap())
-                    } else {
-                        0
-                    };
+                    let got = register_value(&answer.into_inner());
                     assert!(
                         got >= last,
                         "cycle {cycle}: node {leader}, killed and restarted, answered a \
@@ -97,7 +71,10 @@ async fn a_restarted_leader_serves_no_read_missing_its_acknowledged_writes() {
         }
         // Every acknowledged write is there, whoever leads now.
         let got = client.get(&patient, KEY).await.unwrap().unwrap();
-        assert!(u64::from_be_bytes(got[..].try_into().unwrap()) >= last);
+        assert!(
+            u64::from_be_bytes(got[..].try_into().unwrap()) >= last,
+            "acknowledged write lost"
+        );
     }
     eprintln!("reads served by a restarted leader: {served}, refusals: {refused}");
 }

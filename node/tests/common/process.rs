@@ -8,7 +8,11 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use dossier_api::v1::admin_client::AdminClient;
-use dossier_api::v1::{InitClusterRequest, NodeInfo, NodeStatusRequest};
+use dossier_api::v1::{
+    GetRequest, GetResponse, InitClusterRequest, NodeInfo, NodeStatusRequest, ReadConsistency,
+    RouteHeader,
+};
+use dossier_client::{Client, ClientConfig};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -135,6 +139,15 @@ impl ProcCluster {
         }
     }
 
+    /// A client of the whole cluster whose attempts give up after `attempt_timeout` (then it
+    /// tries elsewhere), within a 20 s deadline.
+    pub async fn client(&self, attempt_timeout: Duration) -> Client {
+        let mut config = ClientConfig::new(self.addrs.clone());
+        config.attempt_timeout = attempt_timeout;
+        config.deadline = Duration::from_secs(20);
+        Client::connect(config).await.unwrap()
+    }
+
     pub fn addr(&self, id: u64) -> &str {
         &self.addrs[id as usize - 1]
     }
@@ -214,4 +227,47 @@ impl Drop for ProcCluster {
             eprintln!("node logs and data kept in {}", dir.keep().display());
         }
     }
+}
+
+/// A linearizable `Kv.Get` of `key` of `patient`, routed to `shard` at `epoch`, for sending to
+/// one node directly (not through the client's routing).
+pub fn linearizable_get(
+    shard: u64,
+    epoch: u64,
+    patient: &str,
+    key: &[u8],
+    timeout: Duration,
+) -> tonic::Request<GetRequest> {
+    let mut request = tonic::Request::new(GetRequest {
+        route: Some(RouteHeader {
+            shard_id: shard,
+            epoch,
+            patient_id: patient.to_owned(),
+        }),
+        key: key.to_vec(),
+        consistency: ReadConsistency::Linearizable as i32,
+    });
+    request.set_timeout(timeout);
+    request
+}
+
+/// The register a test wrote as a big-endian u64; 0 when absent.
+pub fn register_value(answer: &GetResponse) -> u64 {
+    if answer.found {
+        u64::from_be_bytes(answer.value[..].try_into().expect("8-byte register value"))
+    } else {
+        0
+    }
+}
+
+/// The epoch of `shard` in `client`'s map.
+pub fn shard_epoch(client: &Client, shard: u64) -> u64 {
+    client
+        .cluster_map()
+        .unwrap()
+        .shards
+        .iter()
+        .find(|d| d.shard_id == shard)
+        .unwrap()
+        .epoch
 }
