@@ -445,6 +445,9 @@ impl Client {
         match &result {
             // A session error means the server's table is ahead of us: drop the session.
             Err(ClientError::Session(_)) => {}
+            // Refused before it was proposed (every attempt carries the same request, so every
+            // attempt was refused): the sequence number was never used and is used next.
+            Err(ClientError::InvalidArgument { .. }) => self.return_session(shard, id, seq - 1),
             _ => self.return_session(shard, id, seq),
         }
         let w = result?;

@@ -25,6 +25,11 @@ pub struct Limits {
     pub request_deadline_ms: u64,
     /// Most keys one scan page returns.
     pub scan_page_max: u32,
+    /// Most bytes of keys and values one scan page returns (a page holds at least one item).
+    pub scan_page_bytes_max: usize,
+    /// Largest request message a public service decodes, in bytes; a larger one is refused
+    /// before it is read whole.
+    pub request_bytes_max: usize,
     /// Most items in one `Kv.Bundle`; each item also takes its own in-flight slot.
     pub bundle_items_max: usize,
     /// An exactly-once session unused for this many log entries of its shard is forgotten (a
@@ -40,6 +45,8 @@ impl Default for Limits {
             in_flight_max: 4096,
             request_deadline_ms: 5_000,
             scan_page_max: 1_000,
+            scan_page_bytes_max: 4 << 20,
+            request_bytes_max: 16 << 20,
             bundle_items_max: 1_024,
             session_idle_entries: 1_000_000,
         }
@@ -206,6 +213,16 @@ impl NodeConfig {
             r.election_timeout_max_ms
         );
         ensure!(
+            (64 << 10..=32 << 20).contains(&r.append_bytes_max),
+            "raft.append-bytes-max must be within 64 KiB..32 MiB (one append-entries message), is {}",
+            r.append_bytes_max
+        );
+        ensure!(
+            self.log.entry_bytes_max <= 32 << 20,
+            "log.entry-bytes-max must be at most 32 MiB (one entry must fit one Raft message), is {}",
+            self.log.entry_bytes_max
+        );
+        ensure!(
             (1..=1024).contains(&self.auto_init_shards),
             "auto-init-shards must be within 1..1024, is {}",
             self.auto_init_shards
@@ -262,6 +279,16 @@ impl NodeConfig {
         ensure!(
             l.scan_page_max > 0,
             "limits.scan-page-max must be at least 1"
+        );
+        ensure!(
+            (64 << 10..=64 << 20).contains(&l.scan_page_bytes_max),
+            "limits.scan-page-bytes-max must be within 64 KiB..64 MiB, is {}",
+            l.scan_page_bytes_max
+        );
+        ensure!(
+            (1 << 20..=256 << 20).contains(&l.request_bytes_max),
+            "limits.request-bytes-max must be within 1 MiB..256 MiB, is {}",
+            l.request_bytes_max
         );
         ensure!(
             (32..=65_536).contains(&l.bundle_items_max),

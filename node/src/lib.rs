@@ -35,8 +35,8 @@ use tracing::{error, info, warn};
 pub use config::{Config, Flags, NodeConfig};
 pub use node::Node;
 
-/// Largest gRPC message accepted (a batch at its limits, a snapshot chunk).
-const GRPC_MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// Room for a Raft message's own fields beside its entries or snapshot chunk.
+const RAFT_MESSAGE_SLACK_BYTES: usize = 1 << 20;
 
 /// Runs a node until `stop` fires (or SIGTERM / Ctrl-C when `stop` is `None`): serve, then on
 /// stop hand leaderships to other replicas, stop accepting, stop the groups and flush.
@@ -50,6 +50,12 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
     info!(node_id = node.node_id(), listen = %config.node.listen, http = %config.node.http_listen, "node started");
 
     let (serving_tx, serving_rx) = watch::channel(false);
+    // Decode limits: a message is refused before it is read whole. Raft messages carry at most
+    // `raft.append-bytes-max` of entries, or one entry, or one snapshot chunk.
+    let raft_message_max = (config.node.raft.append_bytes_max as usize)
+        .max(config.log.entry_bytes_max as usize)
+        + RAFT_MESSAGE_SLACK_BYTES;
+    let request_max = config.node.limits.request_bytes_max;
     let grpc = {
         let node = Arc::clone(&node);
         let mut serving = serving_rx.clone();
@@ -65,18 +71,18 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
                 .timeout(node.config.request_deadline() + Duration::from_secs(1))
                 .add_service(
                     RaftGrpc::new(RaftServer::new(Arc::clone(&node), replication_stop))
-                        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+                        .max_decoding_message_size(raft_message_max),
                 )
                 .add_service(
                     KvServer::new(service::kv::KvService::new(Arc::clone(&node)))
-                        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+                        .max_decoding_message_size(request_max),
                 )
                 .add_service(ShardAccessServer::new(shards::ShardAccessService::new(
                     Arc::clone(&node),
                 )))
                 .add_service(
                     RecordsServer::new(service::records::RecordsService::new(Arc::clone(&node)))
-                        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+                        .max_decoding_message_size(request_max),
                 )
                 .add_service(AdminServer::new(service::admin::AdminService::new(
                     Arc::clone(&node),

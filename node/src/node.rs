@@ -28,6 +28,8 @@ const PROPOSALS_QUEUED_MAX: usize = 1024;
 /// Proposals handed to Raft at once (below `raft.entries-per-append-max`, so that one batch
 /// travels in one AppendEntries).
 const PROPOSALS_PER_BATCH_MAX: usize = 256;
+/// Bytes of proposals handed to a group's Raft at once (a larger single proposal goes alone).
+const PROPOSAL_BATCH_BYTES_MAX: usize = 8 << 20;
 
 /// One Dossier server process.
 #[derive(Debug)]
@@ -72,6 +74,7 @@ impl Node {
             pool,
             snapshot_root: config.snapshot_root(),
             vote_hold,
+            append_bytes_max: config.node.raft.append_bytes_max as usize,
         };
         let node = Arc::new(Node {
             in_flight: Arc::new(Semaphore::new(config.node.limits.in_flight_max)),
@@ -171,6 +174,7 @@ impl Node {
                 raft.clone(),
                 PROPOSALS_QUEUED_MAX,
                 PROPOSALS_PER_BATCH_MAX,
+                PROPOSAL_BATCH_BYTES_MAX,
                 self.metrics.proposals_per_batch.clone(),
             );
             (raft, proposer)
@@ -366,8 +370,23 @@ impl Node {
         let proposer = self
             .proposer(shard)
             .ok_or(ApiError::ShardNotFound { shard })?;
+        // Admission by bytes: a command the log would refuse as one entry is the client's error,
+        // found here, before Raft sees it.
+        let bytes = command.encoded_bytes_bound();
+        let bytes_max = self.entry_command_bytes_max();
+        if bytes > bytes_max {
+            return Err(ApiError::InvalidArgument {
+                field: "request".to_owned(),
+                message: format!(
+                    "encodes to up to {bytes} bytes, above the {bytes_max} one log entry holds \
+                     (log.entry-bytes-max {} less the entry's framing); split it",
+                    self.config.log.entry_bytes_max
+                ),
+                limit: Some(bytes_max as u64),
+            });
+        }
         let started = Instant::now();
-        let result = tokio::time::timeout(deadline, proposer.write(Request(command))).await;
+        let result = tokio::time::timeout(deadline, proposer.write(Request(command), bytes)).await;
         self.metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -382,6 +401,12 @@ impl Node {
                 None => Err(ApiError::Unavailable(format!("shard {shard}: {e}"))),
             },
         }
+    }
+
+    /// The largest command (by `Command::encoded_bytes_bound`) one log entry holds.
+    pub fn entry_command_bytes_max(&self) -> usize {
+        (self.config.log.entry_bytes_max as usize)
+            .saturating_sub(dossier_raft::ENTRY_FRAMING_BYTES_MAX)
     }
 
     /// Waits until this replica may serve a linearizable read (the leader's lease, or ReadIndex:

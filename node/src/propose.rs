@@ -6,7 +6,8 @@
 //! `client_write_many`: still one entry, one log index and one answer per command (nothing about
 //! the state machine changes), but one core message, one log submit and one round of
 //! AppendEntries for the lot. A lone write waits for nothing: the task takes whatever is queued
-//! as soon as it runs.
+//! as soon as it runs. A batch is cut by count and by bytes, so a burst of large records goes to
+//! Raft in several hand-overs (each one log append of bounded size) rather than one.
 
 use dossier_raft::openraft::error::{ClientWriteError, Fatal, RaftError};
 use dossier_raft::openraft::raft::WriteResponse;
@@ -22,6 +23,8 @@ pub type Answer =
 
 struct Proposal {
     request: Request,
+    /// An upper bound of the request's encoded size.
+    bytes: usize,
     reply: oneshot::Sender<Answer>,
 }
 
@@ -44,12 +47,14 @@ impl std::fmt::Debug for Proposer {
 
 impl Proposer {
     /// Starts the group's proposal task. `queue_max` bounds the proposals waiting (a writer
-    /// beyond it waits for room, within its deadline); `batch_max` bounds one hand-over.
-    /// Each batch's size is observed in `batch_sizes`.
+    /// beyond it waits for room, within its deadline); `batch_max` proposals and `batch_bytes_max`
+    /// bytes bound one hand-over (a single larger proposal goes alone). Each batch's size is
+    /// observed in `batch_sizes`.
     pub fn start(
         raft: Raft,
         queue_max: usize,
         batch_max: usize,
+        batch_bytes_max: usize,
         batch_sizes: Histogram,
     ) -> Proposer {
         assert!(
@@ -57,15 +62,29 @@ impl Proposer {
             "proposal queue and batch must hold one"
         );
         let (queue, rx) = mpsc::channel(queue_max);
-        tokio::spawn(run(raft, rx, batch_max, batch_sizes));
+        tokio::spawn(run(
+            raft,
+            rx,
+            Cut {
+                count: batch_max,
+                bytes: batch_bytes_max,
+            },
+            batch_sizes,
+        ));
         Proposer { queue }
     }
 
-    /// Proposes `request` and waits until it is applied here, refused, or Raft stopped.
-    /// Dropping the future leaves the proposal in flight (its outcome is then unknown).
-    pub async fn write(&self, request: Request) -> Answer {
+    /// Proposes `request` (of at most `bytes` encoded) and waits until it is applied here,
+    /// refused, or Raft stopped. Dropping the future leaves the proposal in flight (its outcome
+    /// is then unknown).
+    pub async fn write(&self, request: Request, bytes: usize) -> Answer {
         let (reply, answer) = oneshot::channel();
-        if self.queue.send(Proposal { request, reply }).await.is_err() {
+        let proposal = Proposal {
+            request,
+            bytes,
+            reply,
+        };
+        if self.queue.send(proposal).await.is_err() {
             return Err(RaftError::Fatal(Fatal::Stopped));
         }
         answer
@@ -74,20 +93,40 @@ impl Proposer {
     }
 }
 
-async fn run(
-    raft: Raft,
-    mut rx: mpsc::Receiver<Proposal>,
-    batch_max: usize,
-    batch_sizes: Histogram,
-) {
-    let mut batch = Vec::with_capacity(batch_max);
-    while rx.recv_many(&mut batch, batch_max).await > 0 {
+/// Where a batch of proposals is cut.
+#[derive(Debug, Clone, Copy)]
+struct Cut {
+    count: usize,
+    bytes: usize,
+}
+
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>, cut: Cut, batch_sizes: Histogram) {
+    let mut batch = Vec::with_capacity(cut.count);
+    // The proposal that did not fit the previous batch opens the next one.
+    let mut carried: Option<Proposal> = None;
+    loop {
+        let first = match carried.take() {
+            Some(proposal) => proposal,
+            None => match rx.recv().await {
+                Some(proposal) => proposal,
+                None => return,
+            },
+        };
+        let mut bytes = first.bytes;
+        batch.push(first);
         // Let the request handlers that are ready to run queue their writes first: one turn of
         // the scheduler, no timer, so a lone write waits for nothing.
         tokio::task::yield_now().await;
-        while batch.len() < batch_max {
+        while batch.len() < cut.count {
             match rx.try_recv() {
-                Ok(proposal) => batch.push(proposal),
+                Ok(proposal) if bytes + proposal.bytes > cut.bytes => {
+                    carried = Some(proposal);
+                    break;
+                }
+                Ok(proposal) => {
+                    bytes += proposal.bytes;
+                    batch.push(proposal);
+                }
                 Err(_) => break,
             }
         }

@@ -33,6 +33,9 @@ pub struct RaftConfig {
     pub log_entries_kept_after_snapshot: u64,
     /// Entries per append-entries message.
     pub entries_per_append_max: u64,
+    /// Payload bytes per append-entries message: a message carries at least one entry, and is
+    /// cut before the entry that would take it past this (large records replicate in several).
+    pub append_bytes_max: u64,
     /// Send new entries to followers as soon as they are queued on the leader, instead of after
     /// the leader's own fdatasync: the leader's and followers' fsyncs overlap.
     pub replicate_before_local_flush: bool,
@@ -62,6 +65,7 @@ impl Default for RaftConfig {
             snapshot_after_entries: 10_000,
             log_entries_kept_after_snapshot: 1_000,
             entries_per_append_max: 300,
+            append_bytes_max: 8 << 20,
             replicate_before_local_flush: true,
             read_lease: true,
             read_lease_margin_ms: 60,
@@ -124,6 +128,8 @@ pub struct GroupContext {
     pub snapshot_root: PathBuf,
     /// Set when the process started: replicas started within it do not stand for election.
     pub vote_hold: VoteHold,
+    /// `RaftConfig::append_bytes_max`.
+    pub append_bytes_max: usize,
 }
 
 impl GroupContext {
@@ -139,7 +145,7 @@ impl GroupContext {
                 op: "open state machine",
                 source,
             })?;
-        let log = LogStore::new(Arc::clone(&self.engine), shard);
+        let log = LogStore::new(Arc::clone(&self.engine), shard, self.append_bytes_max);
         let network = GroupNetwork::new(shard, Arc::clone(&self.pool));
         let raft = Raft::new(self.node_id, Arc::clone(&self.config), network, log, sm)
             .await

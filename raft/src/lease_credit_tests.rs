@@ -389,7 +389,7 @@ async fn old_answers_after_a_stall(transport: Transport) -> (Verdict, Arc<Append
         1,
         Arc::new(config.validate().unwrap()),
         network,
-        LogStore::new(engine, 1),
+        LogStore::new(engine, 1, 8 << 20),
         sm,
     )
     .await

@@ -28,7 +28,10 @@ pub use log_store::LogStore;
 pub use network::{APPEND_PIPELINE_DEPTH, GroupNetwork, NetworkConfig, PeerPool};
 pub use server::{GroupRegistry, RaftServer};
 pub use state_machine::{SnapshotFile, StateMachine};
-pub use types::{Entry, LogId, NodeId, Request, Response, StoredMembership, TypeConfig, Vote};
+pub use types::{
+    ENTRY_FRAMING_BYTES_MAX, Entry, LogId, NodeId, Request, Response, StoredMembership, TypeConfig,
+    Vote,
+};
 pub use vote_hold::VoteHold;
 
 /// openraft itself, for the types the node needs (metrics, errors, membership).

@@ -9,7 +9,7 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
-use dossier_storage::{GroupId, LogEngine, WriteBatch};
+use dossier_storage::{APPEND_FRAME_BYTES_MAX, GroupId, LogEngine, WriteBatch};
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 
@@ -20,11 +20,20 @@ use crate::types::{Entry, LogId, TypeConfig, Vote, decode, encode, io_error};
 pub struct LogStore {
     engine: Arc<LogEngine>,
     group: GroupId,
+    /// Payload bytes of entries handed to replication at once (at least one entry is).
+    send_bytes_max: usize,
 }
 
+/// Entries read from the engine per step while filling a replication batch.
+const READ_STEP_ENTRIES: u64 = 16;
+
 impl LogStore {
-    pub fn new(engine: Arc<LogEngine>, group: GroupId) -> Self {
-        LogStore { engine, group }
+    pub fn new(engine: Arc<LogEngine>, group: GroupId, send_bytes_max: usize) -> Self {
+        LogStore {
+            engine,
+            group,
+            send_bytes_max: send_bytes_max.max(1),
+        }
     }
 
     /// Submits `batch` and waits until it is durable, without blocking the async runtime.
@@ -76,6 +85,38 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .entries(self.group, start..end)
             .map_err(io_error)?;
         raw.iter().map(|(_, bytes)| decode(bytes)).collect()
+    }
+
+    /// Entries `[start, end)` up to `send_bytes_max` bytes of payload, at least one: this is what
+    /// one AppendEntries carries, so a run of large entries is sent in several messages, each
+    /// within the receiver's message and log batch limits.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = start;
+        while next < end {
+            let step_end = end.min(next.saturating_add(READ_STEP_ENTRIES));
+            let raw = self
+                .engine
+                .entries(self.group, next..step_end)
+                .map_err(io_error)?;
+            if raw.is_empty() {
+                break;
+            }
+            for (index, data) in &raw {
+                if !out.is_empty() && bytes + data.len() > self.send_bytes_max {
+                    return Ok(out);
+                }
+                bytes += data.len();
+                out.push(decode(data)?);
+                next = index + 1;
+            }
+        }
+        Ok(out)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -132,9 +173,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // openraft merges queued appends (client writes, AppendEntries) into one call of any
+        // size; the engine refuses a batch above `batch-bytes-max`, and openraft would take that
+        // refusal for a storage failure and stop the group. So the entries go in batches cut by
+        // bytes. Batches complete in submission order and a failure fails every later one, so
+        // only the last carries openraft's callback: it fires once everything is durable.
+        let (_, batch_max) = self.engine.limits();
         let mut batch = WriteBatch::new();
+        let mut bytes = 0usize;
         for entry in entries {
-            batch.append(self.group, entry.log_id.index, encode(&entry)?);
+            let data = encode(&entry)?;
+            let size = APPEND_FRAME_BYTES_MAX + data.len();
+            if !batch.is_empty() && bytes + size > batch_max {
+                let full = std::mem::take(&mut batch);
+                self.engine
+                    .submit(full, Box::new(|_| {}))
+                    .map_err(io_error)?;
+                bytes = 0;
+            }
+            bytes += size;
+            batch.append(self.group, entry.log_id.index, data);
         }
         self.engine
             .submit(

@@ -30,6 +30,10 @@ impl fmt::Display for Request {
     }
 }
 
+/// The most bytes an entry's encoding adds to its command's (log id and payload tag, every
+/// integer at its longest varint).
+pub const ENTRY_FRAMING_BYTES_MAX: usize = 64;
+
 /// What applying an entry produced, returned to the proposer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Response {

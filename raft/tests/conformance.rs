@@ -36,7 +36,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
         );
         let sm =
             StateMachine::open(store, 7, dir.path().join("snapshots")).map_err(storage_error)?;
-        Ok((dir, LogStore::new(engine, 7), sm))
+        Ok((dir, LogStore::new(engine, 7, 8 << 20), sm))
     }
 }
 

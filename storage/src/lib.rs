@@ -27,14 +27,16 @@ pub type ShardId = u64;
 
 pub use config::{LogConfig, StoreConfig};
 pub use error::{Error, Result};
-pub use log::engine::{GroupState, LogEngine, LogStats, OnDurable, Pin, WriteBatch};
+pub use log::engine::{
+    APPEND_FRAME_BYTES_MAX, GroupState, LogEngine, LogStats, OnDurable, Pin, WriteBatch,
+};
 pub use log::frame::FRAME_HEADER_BYTES;
 pub use log::record::HardState;
 pub use log::segment::SegmentId;
 pub use sm::command::{
     ApplyEntry, Batch, Command, Condition, EntryPayload, Expect, Op, Outcome, Session,
 };
-pub use sm::shard::{Applied, ShardHandle, ShardStore};
+pub use sm::shard::{Applied, ScanPage, ShardHandle, ShardStore};
 pub use sm::store::StateStore;
 pub use snapshot::{
     SnapshotHeader, SnapshotMeta, SnapshotReceiver, read_snapshot_chunk, read_snapshot_header,

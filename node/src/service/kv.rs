@@ -452,11 +452,15 @@ impl Kv for KvService {
             let replica = self.readable(routed, r.consistency, deadline).await?;
             let prefix = routed.key(&r.prefix);
             let after = (!r.start_after.is_empty()).then(|| routed.key(&r.start_after));
-            let mut items = replica
-                .scan_prefix(&prefix, after.as_deref(), limit as usize + 1)
+            let page = replica
+                .scan_page(
+                    &prefix,
+                    after.as_deref(),
+                    limit as usize,
+                    self.node.config.node.limits.scan_page_bytes_max,
+                )
                 .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-            let more = items.len() > limit as usize;
-            items.truncate(limit as usize);
+            let (items, more) = (page.items, page.more);
             let strip = routed.prefix.len();
             let items = items
                 .into_iter()

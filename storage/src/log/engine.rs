@@ -73,6 +73,11 @@ enum Op {
     },
 }
 
+/// The most bytes one appended entry adds to a batch beyond its payload (frame header and record
+/// fields).
+pub const APPEND_FRAME_BYTES_MAX: usize =
+    FRAME_HEADER_BYTES + crate::log::record::RECORD_OVERHEAD_MAX;
+
 /// Writes to the log, for any number of groups, submitted together and made durable together.
 ///
 /// A batch is validated as a whole before anything is queued: either every operation is queued or
@@ -333,6 +338,13 @@ impl LogEngine {
             .entries
             .fetch_add(appended, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The largest entry payload and the largest batch `submit` accepts, in bytes. A batch's size
+    /// is at most the sum of [`APPEND_FRAME_BYTES_MAX`] plus payload over its appends.
+    pub fn limits(&self) -> (usize, usize) {
+        let config = &self.shared.config;
+        (config.entry_bytes_max as usize, config.batch_bytes_max)
     }
 
     /// Submits `batch` and waits until it is durable.

@@ -143,6 +143,45 @@ pub enum Command {
     ExpireSessions { before_index: u64 },
 }
 
+impl Command {
+    /// An upper bound of the command's postcard encoding, in bytes, computed without encoding it:
+    /// every length and integer is counted at its longest varint. Proposers compare it with the
+    /// log's entry limit before anything reaches Raft, so an oversized command is refused as the
+    /// client's error and never as a log failure.
+    pub fn encoded_bytes_bound(&self) -> usize {
+        const VARINT_MAX: usize = 10;
+        const TAG_MAX: usize = 5;
+        match self {
+            Command::Txn { batch, .. } => {
+                let conditions: usize = batch
+                    .conditions
+                    .iter()
+                    .map(|c| {
+                        let value = match &c.expect {
+                            Expect::Equals(v) => VARINT_MAX + v.len(),
+                            Expect::Absent | Expect::Present => 0,
+                        };
+                        VARINT_MAX + c.key.len() + TAG_MAX + value
+                    })
+                    .sum();
+                let ops: usize = batch
+                    .ops
+                    .iter()
+                    .map(|op| match op {
+                        Op::Put { key, value } => {
+                            TAG_MAX + 2 * VARINT_MAX + key.len() + value.len()
+                        }
+                        Op::Delete { key } => TAG_MAX + VARINT_MAX + key.len(),
+                    })
+                    .sum();
+                // variant, session option and its two integers, two vector lengths
+                TAG_MAX + 1 + 2 * VARINT_MAX + 2 * VARINT_MAX + conditions + ops
+            }
+            Command::ExpireSessions { .. } => TAG_MAX + VARINT_MAX,
+        }
+    }
+}
+
 /// What an entry carries, as the state machine sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryPayload {

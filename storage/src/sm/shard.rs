@@ -48,6 +48,14 @@ pub(crate) struct WriteBack {
     bytes: usize,
 }
 
+/// One page of a scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanPage {
+    pub items: Vec<(Bytes, Bytes)>,
+    /// Another item follows the page.
+    pub more: bool,
+}
+
 /// One shard replica's state. Cheap to share: reads take a read lock on the write-back buffer
 /// and sled's own.
 #[derive(Debug)]
@@ -299,6 +307,21 @@ impl ShardStore {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Bytes, Bytes)>> {
+        Ok(self
+            .scan_page(prefix, start_after, limit, usize::MAX)?
+            .items)
+    }
+
+    /// Like [`ShardStore::scan_prefix`], and the page also ends before the item that would take
+    /// its keys plus values past `bytes_max` (a page holds at least one item). `more` tells
+    /// whether another item follows.
+    pub fn scan_page(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<ScanPage> {
         let tree = self.tree();
         let full_prefix = data_key(prefix);
         let from = match start_after {
@@ -321,7 +344,18 @@ impl ShardStore {
         let mut buffered = buffered.into_iter().peekable();
         let mut stored = tree.range(from..).peekable();
         let mut out = Vec::new();
-        while out.len() < limit {
+        let mut bytes = 0usize;
+        let mut push = |key: Bytes, value: Bytes| {
+            let size = key.len() + value.len();
+            if out.len() >= limit || (!out.is_empty() && bytes.saturating_add(size) > bytes_max) {
+                return false;
+            }
+            bytes += size;
+            out.push((key, value));
+            true
+        };
+        let mut more = false;
+        loop {
             let next_stored = match stored.peek() {
                 Some(Ok((key, _))) if key.starts_with(&full_prefix) => Some(key.clone()),
                 Some(Ok(_)) | None => None,
@@ -345,17 +379,23 @@ impl ShardStore {
                 if next_stored.as_deref() == Some(key.as_slice()) {
                     stored.next();
                 }
-                if let Some(value) = value {
-                    out.push((Bytes::copy_from_slice(&key[1..]), value));
+                if let Some(value) = value
+                    && !push(Bytes::copy_from_slice(&key[1..]), value)
+                {
+                    more = true;
+                    break;
                 }
-            } else if let Some(Ok((key, value))) = stored.next() {
-                out.push((
+            } else if let Some(Ok((key, value))) = stored.next()
+                && !push(
                     Bytes::copy_from_slice(&key[1..]),
                     Bytes::copy_from_slice(&value),
-                ));
+                )
+            {
+                more = true;
+                break;
             }
         }
-        Ok(out)
+        Ok(ScanPage { items: out, more })
     }
 
     /// Applies committed entries in order, in one atomic sled batch with the applied id, and
