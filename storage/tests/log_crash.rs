@@ -85,9 +85,9 @@ fn recovered_prefix(engine: &LogEngine) -> Vec<u64> {
 }
 
 /// The log both property tests damage, written once: its directory, segment paths, and how many
-/// entries per group lie in segments older than the newest.
-fn original() -> &'static (tempfile::TempDir, Vec<PathBuf>, u64) {
-    static ORIGINAL: std::sync::OnceLock<(tempfile::TempDir, Vec<PathBuf>, u64)> =
+/// entries of each group lie in segments older than the newest.
+fn original() -> &'static (tempfile::TempDir, Vec<PathBuf>, Vec<u64>) {
+    static ORIGINAL: std::sync::OnceLock<(tempfile::TempDir, Vec<PathBuf>, Vec<u64>)> =
         std::sync::OnceLock::new();
     ORIGINAL.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
@@ -105,8 +105,8 @@ fn original() -> &'static (tempfile::TempDir, Vec<PathBuf>, u64) {
         )
         .unwrap();
         let kept = recovered_prefix(&LogEngine::open(config(older.path())).unwrap());
-        assert!(kept[0] > 0 && kept[0] < 120, "{kept:?}");
-        (dir, paths, kept[0])
+        assert!(kept.iter().all(|&k| k > 0 && k < 120), "{kept:?}");
+        (dir, paths, kept)
     })
 }
 
@@ -143,7 +143,7 @@ proptest! {
             prop_assert_eq!(&kept, &vec![120, 120, 120]);
         }
         // Entries in older segments are never touched by a tail cut.
-        prop_assert!(kept.iter().all(|k| k >= older), "{:?} < {}", kept, older);
+        prop_assert!(kept.iter().zip(older).all(|(k, o)| k >= o), "{:?} < {:?}", kept, older);
         let vote = engine.group_state(7).unwrap().hard_state.vote;
         prop_assert_eq!(vote.as_deref(), Some(&b"v"[..]));
         // The recovered log keeps working: appends follow the surviving prefix.
@@ -151,8 +151,9 @@ proptest! {
         engine.write(std::mem::take(WriteBatch::new().append(1, next, payload(1, next)))).unwrap();
     }
 
-    /// A bit flipped in an older segment fails the open with that file and an offset at or before
-    /// the flip; in the newest segment it cuts the log at the damaged frame.
+    /// A bit flipped in an older segment, or in the newest segment before its last write round,
+    /// fails the open with that file and an offset at or before the flip; in the last round (or
+    /// the zero tail after it) it cuts the log at the damaged frame, losing at most that round.
     #[test]
     fn bit_flip_is_corruption_or_a_cut_tail(segment_pick in any::<prop::sample::Index>(), at in any::<prop::sample::Index>(), bit in 0u8..8) {
         let (original, paths, _) = original();
@@ -165,21 +166,84 @@ proptest! {
         bytes[offset] ^= 1 << bit;
         std::fs::write(&path, &bytes).unwrap();
 
+        let last_round = last_round_start(&std::fs::read(&paths[paths.len() - 1]).unwrap());
+        let in_last_round = n + 1 == paths.len() && offset as u64 >= last_round;
         match LogEngine::open(config(dir.path())) {
             Err(Error::Corrupt { path: bad, offset: reported, .. }) => {
-                let newest_body = n + 1 == paths.len() && offset >= 16;
-                prop_assert!(!newest_body, "a flip in the newest segment's frames is a torn tail");
+                prop_assert!(!in_last_round, "a flip in the last write round is a torn tail");
                 prop_assert_eq!(bad, path);
                 prop_assert!(reported <= offset as u64);
             }
             Err(e) => prop_assert!(false, "unexpected error {e:?}"),
             Ok(engine) => {
-                prop_assert!(n + 1 == paths.len() && offset >= 16, "flip in segment {n} at {offset} went unnoticed");
-                recovered_prefix(&engine);
+                prop_assert!(in_last_round, "flip in segment {n} at {offset} went unnoticed");
+                let kept = recovered_prefix(&engine);
+                prop_assert!(kept.iter().all(|&k| k >= 119), "more than the last round lost: {:?}", kept);
                 prop_assert!(std::fs::metadata(&path).unwrap().len() <= offset as u64);
             }
         }
     }
+}
+
+/// Where the last write round of a segment begins: the `start` of its last `RoundEnd` record
+/// (frames are `len u32 | crc u32 | payload`, a `RoundEnd` payload is kind 5, group 0, start).
+fn last_round_start(segment: &[u8]) -> u64 {
+    let mut at = 16;
+    let mut start = None;
+    while at + 8 <= segment.len() {
+        let len = u32::from_le_bytes(segment[at..at + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        let payload = &segment[at + 8..at + 8 + len];
+        if payload[0] == 5 {
+            start = Some(u64::from_le_bytes(payload[9..17].try_into().unwrap()));
+        }
+        at += 8 + len;
+    }
+    start.expect("every write round ends with a RoundEnd record")
+}
+
+/// A bit flip in the middle of the newest segment, with acknowledged rounds after it, refuses
+/// the open and names the file and offset: cutting there would drop acknowledged records (a
+/// vote among them). A torn last round (a page of it never reached the disk) is cut and opens.
+#[test]
+fn newest_segment_damage_refuses_unless_in_the_last_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = write_log(dir.path(), 120);
+    let newest = paths.last().unwrap();
+    let pristine = std::fs::read(newest).unwrap();
+    let last_round = last_round_start(&pristine) as usize;
+    assert!(last_round > 1024, "the newest segment holds several rounds");
+
+    // A flip halfway into the rounds before the last.
+    let mut bytes = pristine.clone();
+    let middle = 16 + (last_round - 16) / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(newest, &bytes).unwrap();
+    let err = LogEngine::open(config(dir.path())).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains(&newest.display().to_string()), "{text}");
+    assert!(
+        matches!(err, Error::Corrupt { offset, .. } if offset as usize <= middle),
+        "{err:?}"
+    );
+    // Refused again on a second try: nothing was cut by the first.
+    assert_eq!(std::fs::read(newest).unwrap(), bytes);
+    assert!(LogEngine::open(config(dir.path())).is_err());
+
+    // A torn last round: its first bytes never reached the disk (zeros), its end did.
+    let mut bytes = pristine.clone();
+    for b in &mut bytes[last_round..last_round + 64] {
+        *b = 0;
+    }
+    std::fs::write(newest, &bytes).unwrap();
+    let engine = LogEngine::open(config(dir.path())).unwrap();
+    assert_eq!(recovered_prefix(&engine), vec![119, 119, 119]);
+    assert_eq!(
+        engine.group_state(7).unwrap().hard_state.vote.as_deref(),
+        Some(&b"v"[..])
+    );
 }
 
 /// A corrupt older segment is refused even when it is the only damage, and the error names it.

@@ -6,7 +6,11 @@
 //!   2 HardState    flags u8 (bit0 vote, bit1 committed) | vote_len u32 | vote | committed_len u32 | committed
 //!   3 TruncateFrom index u64                 entries >= index are gone
 //!   4 PurgeTo      index u64 | marker (rest) entries <= index are gone; marker is the caller's
+//!   5 RoundEnd     start u64                 closes a write round (group is 0): the round's
+//!                                            frames in this segment began at offset `start`
 //! ```
+//! A `RoundEnd` lets recovery tell a torn last round (which may be cut) from damage followed by
+//! later, acknowledged rounds (which must not be): see `recovery.rs`.
 //! Entry data, votes, committed ids and purge markers are opaque bytes: the layer above (openraft's
 //! adaptor) encodes them. The engine knows only indexes.
 
@@ -18,6 +22,9 @@ const KIND_ENTRY: u8 = 1;
 const KIND_HARD_STATE: u8 = 2;
 const KIND_TRUNCATE_FROM: u8 = 3;
 const KIND_PURGE_TO: u8 = 4;
+const KIND_ROUND_END: u8 = 5;
+/// Payload bytes of a `RoundEnd` record (kind, group, start).
+pub const ROUND_END_PAYLOAD_BYTES: usize = 1 + 8 + 8;
 
 /// Bytes a record adds around its opaque parts, at most (kind, group, index or flags and lengths).
 pub const RECORD_OVERHEAD_MAX: usize = 1 + 8 + 1 + 4 + 4;
@@ -57,6 +64,9 @@ pub enum Record {
         index: u64,
         marker: Bytes,
     },
+    RoundEnd {
+        start: u64,
+    },
 }
 
 /// A record to encode, borrowing its opaque parts.
@@ -80,6 +90,9 @@ pub enum RecordRef<'a> {
         index: u64,
         marker: &'a [u8],
     },
+    RoundEnd {
+        start: u64,
+    },
 }
 
 impl RecordRef<'_> {
@@ -91,6 +104,7 @@ impl RecordRef<'_> {
                 RecordRef::HardState { state, .. } => 1 + 4 + 4 + state.bytes(),
                 RecordRef::TruncateFrom { .. } => 8,
                 RecordRef::PurgeTo { marker, .. } => 8 + marker.len(),
+                RecordRef::RoundEnd { .. } => 8,
             }
     }
 
@@ -126,6 +140,10 @@ impl RecordRef<'_> {
                 put_head(out, KIND_PURGE_TO, group);
                 out.extend_from_slice(&index.to_le_bytes());
                 out.extend_from_slice(marker);
+            }
+            RecordRef::RoundEnd { start } => {
+                put_head(out, KIND_ROUND_END, 0);
+                out.extend_from_slice(&start.to_le_bytes());
             }
         }
         debug_assert_eq!(out.len() - start, self.encoded_len());
@@ -228,6 +246,8 @@ impl Record {
                     marker: Bytes::copy_from_slice(r.rest()),
                 }
             }
+            KIND_ROUND_END if group == 0 => Record::RoundEnd { start: r.u64()? },
+            KIND_ROUND_END => return Err("round end names a group"),
             _ => return Err("record has an unknown kind"),
         };
         r.finish()?;
@@ -259,6 +279,7 @@ impl Record {
                 index: *index,
                 marker,
             },
+            Record::RoundEnd { start } => RecordRef::RoundEnd { start: *start },
         }
     }
 }
@@ -298,6 +319,7 @@ mod tests {
                     marker,
                 }
             }),
+            any::<u64>().prop_map(|start| Record::RoundEnd { start }),
         ]
     }
 

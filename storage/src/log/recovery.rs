@@ -10,10 +10,10 @@ use tracing::warn;
 use crate::config::LogConfig;
 use crate::error::{Error, Result};
 use crate::log::engine::RECOVERY_PAYLOAD_MAX;
-use crate::log::frame::FrameFault;
+use crate::log::frame::{self, FRAME_HEADER_BYTES, FrameFault};
 use crate::log::group::{Loc, SpanError};
-use crate::log::record::Record;
-use crate::log::segment::{self, Header, ScanEnd, SegmentId, Undecodable};
+use crate::log::record::{ROUND_END_PAYLOAD_BYTES, Record};
+use crate::log::segment::{self, Header, SEGMENT_HEADER_BYTES, ScanEnd, SegmentId, Undecodable};
 use crate::log::state::{Pending, Segment, State, Tail, release};
 use crate::log::writer::sync_dir;
 
@@ -148,6 +148,17 @@ pub(super) fn recover(config: &LogConfig) -> Result<State> {
                 fault: FrameFault::Empty,
             } if last && bytes[offset as usize..].iter().all(|&b| b == 0) => offset,
             ScanEnd::Damaged { offset, fault } if last => {
+                // Only the last write round may be torn: every earlier round was fdatasync'ed
+                // before the next was written. A round closed after the damage proves the damage
+                // is not in the last round: it is corruption of acknowledged records, and cutting
+                // there could drop a vote.
+                if round_closed_after(&bytes, offset) {
+                    return Err(Error::Corrupt {
+                        path,
+                        offset,
+                        reason: "damaged frame followed by later acknowledged write rounds",
+                    });
+                }
                 warn!(
                     segment = id,
                     offset,
@@ -184,6 +195,32 @@ pub(super) fn recover(config: &LogConfig) -> Result<State> {
         g.check_invariants();
     }
     Ok(state)
+}
+
+/// Looks past the damaged frame at `damaged` for an intact `RoundEnd` record of a round that
+/// began after it. A torn last round has none: the only round end that can follow its damage is
+/// its own, which begins at or before the damage. Frames after damage are found by trying every
+/// offset (frames are not aligned); only records of the `RoundEnd` length are candidates.
+fn round_closed_after(bytes: &[u8], damaged: u64) -> bool {
+    let frame_len = FRAME_HEADER_BYTES + ROUND_END_PAYLOAD_BYTES;
+    let want = (ROUND_END_PAYLOAD_BYTES as u32).to_le_bytes();
+    let mut at = usize::try_from(damaged).map_or(usize::MAX, |d| d.saturating_add(1));
+    while at
+        .checked_add(frame_len)
+        .is_some_and(|end| end <= bytes.len())
+    {
+        if bytes[at..at + 4] == want
+            && let Ok((payload, _)) =
+                frame::decode_frame(&bytes[at..], ROUND_END_PAYLOAD_BYTES as u32)
+            && let Ok(Record::RoundEnd { start }) = Record::decode(payload)
+            && start > damaged
+            && start <= at as u64
+        {
+            return true;
+        }
+        at += 1;
+    }
+    false
 }
 
 pub(super) enum ScanError {
@@ -250,6 +287,11 @@ pub(super) fn replay(
                 .map_err(|_| "truncation below the purge point")?;
             let segments = &mut tail.segments;
             g.truncate(index, |loc| release(segments, loc));
+        }
+        Record::RoundEnd { start } => {
+            if start > offset || start < SEGMENT_HEADER_BYTES as u64 {
+                return Err("round end names a start outside its segment's frames");
+            }
         }
         Record::PurgeTo {
             group,

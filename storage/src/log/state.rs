@@ -12,7 +12,7 @@ use crate::log::engine::OnDurable;
 use crate::log::frame::{self, FRAME_HEADER_BYTES};
 use crate::log::group::{GroupLog, Loc};
 use crate::log::prealloc::Prealloc;
-use crate::log::record::RecordRef;
+use crate::log::record::{ROUND_END_PAYLOAD_BYTES, RecordRef};
 use crate::log::segment::{self, SEGMENT_HEADER_BYTES, SegmentId};
 
 #[derive(Debug)]
@@ -65,6 +65,30 @@ pub(super) struct Tail {
 impl Tail {
     pub(super) fn end(&self) -> Pos {
         (self.active, self.segments[&self.active].size)
+    }
+
+    /// Closes the pending round with a `RoundEnd` record naming where the round's frames begin in
+    /// the segment that receives the record. Nothing to close when no frame is pending.
+    pub(super) fn seal_round(&mut self) {
+        let Some(last) = self.pending.chunks.last() else {
+            return;
+        };
+        let frame_len = (FRAME_HEADER_BYTES + ROUND_END_PAYLOAD_BYTES) as u64;
+        let size = self.segments[&self.active].size;
+        let rolls = size > SEGMENT_HEADER_BYTES as u64 && size + frame_len > self.segment_bytes_max;
+        let start = if rolls {
+            SEGMENT_HEADER_BYTES as u64
+        } else {
+            let segment = last.segment;
+            let first = self
+                .pending
+                .chunks
+                .iter()
+                .find(|c| c.segment == segment)
+                .expect("the last chunk is in its own segment");
+            first.offset.max(SEGMENT_HEADER_BYTES as u64)
+        };
+        self.encode(RecordRef::RoundEnd { start });
     }
 
     /// Assigns the record its place at the end of the log and queues its frame.

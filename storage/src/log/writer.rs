@@ -80,6 +80,7 @@ pub(super) fn writer_loop(
                 state.writer_idle = false;
             }
             last_round = state.tail.pending.callbacks.len();
+            state.tail.seal_round();
             let pending = std::mem::take(&mut state.tail.pending);
             let room_waiters = state.room_waiters;
             let files: HashMap<SegmentId, Arc<File>> = pending
