@@ -8,7 +8,9 @@
 //! Non-goals: no routing logic beyond "which shard holds this patient" (clients cache the map);
 //! no authorisation yet.
 
+mod compactor;
 pub mod config;
+mod deadline;
 mod errors;
 mod http;
 mod meta;
@@ -34,6 +36,10 @@ use tracing::{error, info, warn};
 
 pub use config::{Config, Flags, NodeConfig};
 pub use node::Node;
+
+/// The snapshot stream bounds itself (a sender quiet for too long is given up on): a shard of
+/// gigabytes streams for longer than any request deadline.
+const INSTALL_SNAPSHOT_PATH: &str = "/dossier.raft.v1.Raft/InstallSnapshot";
 
 /// Room for a Raft message's own fields beside its entries or snapshot chunk.
 const RAFT_MESSAGE_SLACK_BYTES: usize = 1 << 20;
@@ -68,7 +74,10 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
-                .timeout(node.config.request_deadline() + Duration::from_secs(1))
+                .layer(deadline::DeadlineLayer {
+                    default: node.config.request_deadline() + Duration::from_secs(1),
+                    exempt: &[INSTALL_SNAPSHOT_PATH],
+                })
                 .add_service(
                     RaftGrpc::new(RaftServer::new(Arc::clone(&node), replication_stop))
                         .max_decoding_message_size(raft_message_max),
@@ -131,6 +140,8 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
         })
     };
 
+    let compactor = tokio::spawn(compactor::run(Arc::clone(&node), serving_rx.clone()));
+
     wait_for_stop(stop).await;
     info!("stopping: handing leaderships over");
     let (moved, kept) = node.drain(Duration::from_secs(3)).await;
@@ -141,6 +152,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
     );
     let _ = serving_tx.send(true);
     reconcile.abort();
+    compactor.abort();
     match grpc.await {
         Ok(Err(e)) => error!(error = %e, "gRPC server failed"),
         Err(e) => error!(error = %e, "gRPC server task failed"),

@@ -182,6 +182,11 @@ pub fn render(node: &Node) -> String {
         );
     }
     let log = node.engine().stats();
+    let pinning = node
+        .engine()
+        .pins(1)
+        .first()
+        .map_or(-1.0, |p| p.group as f64);
     for (name, help, kind, value) in [
         (
             "dossier_log_fsyncs_total",
@@ -230,6 +235,38 @@ pub fn render(node: &Node) -> String {
             "Entry bytes held by the log's read cache.",
             "gauge",
             log.cache_bytes as f64,
+        ),
+        (
+            "dossier_log_segment_bytes",
+            "Bytes of frames in the shared log's segments (compaction keeps it below half of \
+             log.disk-bytes-target).",
+            "gauge",
+            log.segment_bytes as f64,
+        ),
+        (
+            "dossier_log_reclaimed_bytes_total",
+            "Bytes of log segment files deleted because no live entry needed them.",
+            "counter",
+            log.reclaimed_bytes as f64,
+        ),
+        (
+            "dossier_log_pinning_group",
+            "The group whose oldest live entry keeps the oldest log segment (0 is the meta group; \
+             -1: none).",
+            "gauge",
+            pinning,
+        ),
+        (
+            "dossier_log_compaction_snapshots_total",
+            "Checkpoints the log compactor triggered.",
+            "counter",
+            node.compactions.snapshots.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "dossier_log_compaction_purges_total",
+            "Log purges the log compactor triggered.",
+            "counter",
+            node.compactions.purges.load(Ordering::Relaxed) as f64,
         ),
     ] {
         let _ = writeln!(

@@ -43,6 +43,8 @@ pub struct Node {
     pub metrics: Metrics,
     stopping: AtomicBool,
     incoming_seq: AtomicU64,
+    /// What the log compactor did (`compactor.rs`).
+    pub compactions: crate::compactor::CompactionCounts,
 }
 
 fn leader_of(raft: &Raft) -> Option<u64> {
@@ -85,6 +87,7 @@ impl Node {
             map: RwLock::new(None),
             stopping: AtomicBool::new(false),
             incoming_seq: AtomicU64::new(0),
+            compactions: crate::compactor::CompactionCounts::default(),
         });
         // The meta group first, then every replica this node held before a restart: they resume
         // at once, before the map is read.

@@ -146,7 +146,7 @@ impl GroupContext {
                 source,
             })?;
         let log = LogStore::new(Arc::clone(&self.engine), shard, self.append_bytes_max);
-        let network = GroupNetwork::new(shard, Arc::clone(&self.pool));
+        let network = GroupNetwork::new(shard, Arc::clone(&self.pool), self.snapshot_dir(shard));
         let raft = Raft::new(self.node_id, Arc::clone(&self.config), network, log, sm)
             .await
             .map_err(|e| Error::Fatal {

@@ -54,7 +54,7 @@ use tokio::sync::mpsc;
 
 use crate::append::{AppendStreamCounts, Carrier, Session};
 use crate::types::{LogId, NodeId, Request, TypeConfig, Vote, decode, encode};
-use crate::{LogStore, Raft, SnapshotFile, StateMachine};
+use crate::{LogStore, Raft, SnapshotData, StateMachine};
 
 type Answer = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
 
@@ -223,7 +223,7 @@ fn unsupported() -> NetworkError<TypeConfig> {
 }
 
 impl RaftNetworkV2<TypeConfig> for Link {
-    type SnapshotData = SnapshotFile;
+    type SnapshotData = SnapshotData;
 
     async fn append_entries(
         &mut self,
@@ -292,7 +292,7 @@ impl RaftNetworkV2<TypeConfig> for Link {
     async fn full_snapshot(
         &mut self,
         _vote: Vote,
-        _snapshot: SnapshotOf<TypeConfig, SnapshotFile>,
+        _snapshot: SnapshotOf<TypeConfig, SnapshotData>,
         _cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {

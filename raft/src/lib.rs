@@ -17,6 +17,7 @@ mod lease_credit_tests;
 mod log_store;
 mod network;
 mod server;
+mod snapshot_send;
 mod state_machine;
 mod types;
 mod vote_hold;
@@ -27,7 +28,7 @@ pub use group::{GroupContext, Raft, RaftConfig};
 pub use log_store::LogStore;
 pub use network::{APPEND_PIPELINE_DEPTH, GroupNetwork, NetworkConfig, PeerPool};
 pub use server::{GroupRegistry, RaftServer};
-pub use state_machine::{SnapshotFile, StateMachine};
+pub use state_machine::{SnapshotData, StateMachine};
 pub use types::{
     ENTRY_FRAMING_BYTES_MAX, Entry, LogId, NodeId, Request, Response, StoredMembership, TypeConfig,
     Vote,

@@ -4,11 +4,12 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dossier_api::raft::v1::raft_client::RaftClient;
-use dossier_api::raft::v1::{RaftMessage, RaftReply, SnapshotChunk};
+use dossier_api::raft::v1::{RaftMessage, RaftReply};
 use dossier_storage::ShardId;
 use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -24,15 +25,19 @@ use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::append::{AppendStreamCounts, Carrier, Mux, REOPEN_AFTER, Session};
-use crate::state_machine::SnapshotFile;
+use crate::snapshot_send::{self, Outgoing, SendError};
+use crate::state_machine::SnapshotData;
 use crate::types::{CommittedLeaderId, NodeId, TypeConfig, Vote, decode, encode};
 
 /// How a peer is reached and how long the network may wait on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NetworkConfig {
     pub connect_timeout: Duration,
-    /// Deadline of a whole snapshot transfer.
-    pub snapshot_timeout: Duration,
+    /// A snapshot transfer fails when the peer takes no chunk for this long (no deadline bounds
+    /// the whole transfer: a large shard takes as long as the link needs).
+    pub snapshot_idle_timeout: Duration,
+    /// How long the peer may take, after the last chunk, to load the snapshot and answer.
+    pub snapshot_install_timeout: Duration,
     /// Bytes per snapshot chunk.
     pub snapshot_chunk_bytes: usize,
     /// AppendEntries requests a replication session keeps unanswered (at least 1).
@@ -52,7 +57,8 @@ impl Default for NetworkConfig {
     fn default() -> Self {
         NetworkConfig {
             connect_timeout: Duration::from_millis(250),
-            snapshot_timeout: Duration::from_secs(60),
+            snapshot_idle_timeout: Duration::from_secs(30),
+            snapshot_install_timeout: Duration::from_secs(900),
             snapshot_chunk_bytes: 1 << 20,
             append_pipeline_depth: APPEND_PIPELINE_DEPTH,
             append_answer_timeout: Duration::from_millis(500),
@@ -192,11 +198,17 @@ impl PeerPool {
 pub struct GroupNetwork {
     shard: ShardId,
     pool: Arc<PeerPool>,
+    /// Where snapshots on their way to a peer are spooled.
+    snapshot_dir: PathBuf,
 }
 
 impl GroupNetwork {
-    pub fn new(shard: ShardId, pool: Arc<PeerPool>) -> Self {
-        GroupNetwork { shard, pool }
+    pub fn new(shard: ShardId, pool: Arc<PeerPool>, snapshot_dir: PathBuf) -> Self {
+        GroupNetwork {
+            shard,
+            pool,
+            snapshot_dir,
+        }
     }
 }
 
@@ -209,6 +221,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
             target,
             addr: node.addr.clone(),
             pool: Arc::clone(&self.pool),
+            snapshot_dir: self.snapshot_dir.clone(),
         }
     }
 }
@@ -220,6 +233,7 @@ pub struct PeerLink {
     target: NodeId,
     addr: String,
     pool: Arc<PeerPool>,
+    snapshot_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -290,7 +304,7 @@ impl PeerLink {
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerLink {
-    type SnapshotData = SnapshotFile;
+    type SnapshotData = SnapshotData;
 
     /// A session on the replication stream to the peer, shared by every group
     /// (`crate::append`): up to `append_pipeline_depth` requests unanswered; an answer must come
@@ -372,65 +386,45 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
     async fn full_snapshot(
         &mut self,
         vote: Vote,
-        snapshot: Snapshot<CommittedLeaderId, NodeId, BasicNode, SnapshotFile>,
+        snapshot: Snapshot<CommittedLeaderId, NodeId, BasicNode, SnapshotData>,
         cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let network = |e: &dyn std::error::Error| {
             StreamingError::Network(NetworkError::from_string(e.to_string()))
         };
-        let header = encode(&(vote, snapshot.meta.clone())).map_err(|e| network(&e))?;
-        let path = snapshot.snapshot.path.clone();
-        let chunk_bytes = self.pool.config().snapshot_chunk_bytes;
-        let shard = self.shard;
-        // A bounded channel feeds the request stream: at most a few chunks are in memory.
-        let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(4);
-        let reader = tokio::task::spawn_blocking(move || -> dossier_storage::Result<()> {
-            let mut offset = 0u64;
-            let mut header = Some(header);
-            loop {
-                let data = dossier_storage::read_snapshot_chunk(&path, offset, chunk_bytes)?;
-                // The first chunk always goes (it carries the header); an empty read ends it.
-                if data.is_empty() && header.is_none() {
-                    return Ok(());
-                }
-                offset += data.len() as u64;
-                let header = header.take().unwrap_or_default();
-                let end = data.is_empty();
-                if tx
-                    .blocking_send(SnapshotChunk {
-                        shard_id: shard,
-                        header,
-                        data: data.to_vec(),
-                    })
-                    .is_err()
-                    || end
-                {
-                    return Ok(());
-                }
-            }
-        });
-        let mut client = self.client().map_err(|e| network(&e))?;
-        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        request.set_timeout(self.pool.config().snapshot_timeout);
-        address(&mut request, &self.pool.cluster, self.target);
-        let sent = tokio::select! {
-            sent = client.install_snapshot(request) => sent,
-            closed = cancel => {
-                reader.abort();
-                return Err(StreamingError::Closed(closed));
-            }
+        let SnapshotData::View(view) = snapshot.snapshot else {
+            return Err(StreamingError::Network(NetworkError::from_string(
+                "only a view of the replica can be sent as a snapshot".to_owned(),
+            )));
         };
-        match reader.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(network(&e)),
-            Err(e) => return Err(network(&e)),
-        }
-        let sent = sent.map_err(|s| match status_error(&s) {
-            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
-            other => StreamingError::Network(NetworkError::new(&other)),
+        let header = encode(&(vote, snapshot.meta.clone())).map_err(|e| network(&e))?;
+        let config = self.pool.config();
+        let outgoing = Outgoing {
+            shard: self.shard,
+            header,
+            view,
+            spool: self
+                .snapshot_dir
+                .join(format!("outgoing-to-{}.partial", self.target)),
+            chunk_bytes: config.snapshot_chunk_bytes,
+            idle_timeout: config.snapshot_idle_timeout,
+            install_timeout: config.snapshot_install_timeout,
+        };
+        let client = self.client().map_err(|e| network(&e))?;
+        let (cluster, target) = (self.pool.cluster.clone(), self.target);
+        let sent = tokio::select! {
+            sent = snapshot_send::send(outgoing, client, |request| address(request, &cluster, target)) => sent,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        let sent = sent.map_err(|e| match e {
+            SendError::Peer(status) => match status_error(&status) {
+                RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                other => StreamingError::Network(NetworkError::new(&other)),
+            },
+            other => network(&other),
         })?;
-        reply::<SnapshotResponse<TypeConfig>>(sent.into_inner()).map_err(|e| match e {
+        reply::<SnapshotResponse<TypeConfig>>(sent).map_err(|e| match e {
             RPCError::Unreachable(u) => StreamingError::Unreachable(u),
             other => StreamingError::Network(NetworkError::new(&other)),
         })

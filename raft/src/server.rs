@@ -14,9 +14,12 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::group::Raft;
-use crate::state_machine::SnapshotFile;
+use crate::state_machine::SnapshotData;
 use crate::types::{NodeId, SnapshotMeta, TypeConfig, Vote, decode, encode};
 use crate::vote_hold::VoteHold;
+
+/// A snapshot stream that brings no chunk for this long is given up (its partial file removed).
+const SNAPSHOT_CHUNK_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Finds the local replica of a shard.
 pub trait GroupRegistry: Send + Sync + 'static {
@@ -188,6 +191,7 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
         };
         let bytes_max = self.registry.snapshot_bytes_max();
         let internal = |e: dossier_storage::Error| Status::internal(e.to_string());
+        // Dropped on any early return: the partial file goes with it.
         let mut receiver = SnapshotReceiver::create(&path, bytes_max).map_err(internal)?;
         let shard = first.shard_id;
         let mut offset = 0u64;
@@ -200,19 +204,35 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
             }
             receiver.write_chunk(offset, &c.data).map_err(internal)?;
             offset += c.data.len() as u64;
-            chunk = chunks.next().await.transpose()?;
+            // No deadline bounds the whole stream; a sender that goes quiet is given up on.
+            chunk = match tokio::time::timeout(SNAPSHOT_CHUNK_IDLE, chunks.next()).await {
+                Ok(next) => next.transpose()?,
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "no snapshot chunk for {SNAPSHOT_CHUNK_IDLE:?} after {} bytes",
+                        receiver.received()
+                    )));
+                }
+            };
         }
         let path = receiver.finish().map_err(internal)?;
-        match raft
+        let installed = raft
             .install_full_snapshot(
                 vote,
                 Snapshot {
                     meta,
-                    snapshot: SnapshotFile { path },
+                    snapshot: SnapshotData::Received(path.clone()),
                 },
             )
-            .await
+            .await;
+        // Installed files are removed by the state machine; one refused before it got there
+        // (a stale vote, a stopping group) is removed here.
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
         {
+            tracing::warn!(path = %path.display(), error = %e, "failed to remove a received snapshot");
+        }
+        match installed {
             Ok(response) => ok(&response),
             Err(e) => refused(e),
         }

@@ -1,32 +1,46 @@
-//! openraft's `RaftStateMachine` over one shard replica of the sled state store, and snapshots
-//! as files.
+//! openraft's `RaftStateMachine` over one shard replica of the sled state store.
 //!
 //! The applied log id and the membership are stored (postcard-encoded) in the replica's tree with
-//! the data, in the same atomic batch. A snapshot is a `dossier-storage` snapshot file in the
-//! group's snapshot directory; the newest one is kept, older ones are deleted.
+//! the data, in the same atomic batch.
+//!
+//! **Snapshots cost no copy of the shard** (`docs/architecture.md`, "Snapshots"):
+//! - For compaction, openraft asks for a snapshot so that it may purge the log. The state store
+//!   already holds the shard durably, so `build_snapshot` returns the replica's durable
+//!   checkpoint (the applied id and membership its last flush made durable) and no data: the log
+//!   may be purged up to it because a restart finds the state store at or past it.
+//! - For a peer (a follower behind the purge point, a new or rebuilt replica),
+//!   `get_current_snapshot` takes a [`SnapshotView`] of the replica (its state at one applied id,
+//!   held while applies go on) and the network writes it out and streams it. Only then is the
+//!   shard read whole.
+//! - A received file is installed into a fresh tree and then deleted.
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use dossier_storage::{ApplyEntry, EntryPayload as SmPayload, ShardHandle, ShardId, StateStore};
+use dossier_storage::{
+    ApplyEntry, EntryPayload as SmPayload, ShardHandle, ShardId, SnapshotView, StateStore,
+};
 use futures_util::StreamExt;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig, decode, encode, io_error};
 
 /// Entries applied per sled batch: bounds memory when a long run is re-applied after a restart.
 const APPLY_RUN_MAX: usize = 512;
 
-/// The data of a snapshot: its file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotFile {
-    pub path: PathBuf,
+/// The data of a snapshot, by where it comes from.
+#[derive(Debug)]
+pub enum SnapshotData {
+    /// A compaction point: the state store holds this state durably; there is nothing to send.
+    Checkpoint,
+    /// The replica's state at one applied id, to write out and send to a peer.
+    View(SnapshotView),
+    /// A snapshot file received from a peer, to install.
+    Received(PathBuf),
 }
-
-type CurrentSnapshot = Arc<Mutex<Option<(SnapshotMeta, PathBuf)>>>;
 
 /// One shard replica's state machine.
 #[derive(Debug, Clone)]
@@ -34,15 +48,9 @@ pub struct StateMachine {
     store: Arc<StateStore>,
     shard: ShardHandle,
     snapshot_dir: PathBuf,
-    current: CurrentSnapshot,
 }
 
-fn snapshot_name(meta: &SnapshotMeta) -> String {
-    let index = meta.last_log_id.as_ref().map_or(0, |l| l.index + 1);
-    format!("snapshot-{index:020}.snap")
-}
-
-/// Decodes a storage snapshot header into openraft's snapshot meta.
+/// Decodes a storage applied id and membership into openraft's snapshot meta.
 fn meta_of(
     applied: Option<&dossier_storage::Applied>,
     membership: Option<&[u8]>,
@@ -56,40 +64,25 @@ fn meta_of(
 }
 
 impl StateMachine {
-    /// Opens the replica of `shard` (creating it if missing) with its snapshots under
-    /// `snapshot_dir`, and finds the newest snapshot left there by an earlier run.
+    /// Opens the replica of `shard` (creating it if missing); `snapshot_dir` holds snapshots being
+    /// sent or received, and whatever an earlier run left there is removed.
     pub fn open(store: Arc<StateStore>, shard: ShardId, snapshot_dir: PathBuf) -> io::Result<Self> {
         let handle = match store.shard(shard) {
             Some(handle) => handle,
             None => store.create_shard(shard).map_err(io_error)?,
         };
         std::fs::create_dir_all(&snapshot_dir)?;
-        let mut newest: Option<(SnapshotMeta, PathBuf)> = None;
         for dirent in std::fs::read_dir(&snapshot_dir)? {
+            // Transfers cut short by a crash, and snapshot files of earlier versions.
             let path = dirent?.path();
-            if path.extension().is_none_or(|e| e != "snap") {
-                // Partial transfers and builds from an earlier run.
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
-            let header = dossier_storage::read_snapshot_header(&path).map_err(io_error)?;
-            let meta = meta_of(header.applied.as_ref(), header.membership.as_deref())?;
-            if newest
-                .as_ref()
-                .is_none_or(|(m, _)| m.last_log_id < meta.last_log_id)
-            {
-                if let Some((_, older)) = newest.replace((meta, path)) {
-                    let _ = std::fs::remove_file(older);
-                }
-            } else {
-                let _ = std::fs::remove_file(&path);
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "failed to remove a leftover snapshot file");
             }
         }
         Ok(StateMachine {
             store,
             shard: handle,
             snapshot_dir,
-            current: Arc::new(Mutex::new(newest)),
         })
     }
 
@@ -99,27 +92,6 @@ impl StateMachine {
 
     pub fn snapshot_dir(&self) -> &Path {
         &self.snapshot_dir
-    }
-
-    /// Makes `path` the current snapshot under its canonical name, deleting the previous one.
-    fn set_current(
-        current: &CurrentSnapshot,
-        dir: &Path,
-        meta: SnapshotMeta,
-        path: &Path,
-    ) -> io::Result<PathBuf> {
-        let target = dir.join(snapshot_name(&meta));
-        if path != target {
-            std::fs::rename(path, &target)?;
-        }
-        let mut current = current.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, old)) = current.replace((meta, target.clone()))
-            && old != target
-            && let Err(e) = std::fs::remove_file(&old)
-        {
-            warn!(path = %old.display(), error = %e, "failed to delete a replaced snapshot");
-        }
-        Ok(target)
     }
 
     fn apply_run(&self, run: &mut Vec<EntryResponder<TypeConfig>>) -> io::Result<()> {
@@ -160,7 +132,7 @@ impl StateMachine {
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = SnapshotFile;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
@@ -193,12 +165,36 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: SnapshotFile,
+        snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        let installed = self
-            .store
-            .install_snapshot(self.shard.shard(), &snapshot.path)
-            .map_err(io_error)?;
+        // Loading a shard of gigabytes is long blocking I/O: off the async runtime.
+        let store = Arc::clone(&self.store);
+        let shard = self.shard.shard();
+        let (path, view) = match snapshot {
+            SnapshotData::Received(path) => (path, None),
+            // Another replica's view handed over in-process (openraft's storage tests do this):
+            // written out here first.
+            SnapshotData::View(view) => (self.snapshot_dir.join("local.partial"), Some(view)),
+            SnapshotData::Checkpoint => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a compaction checkpoint holds no data to install",
+                ));
+            }
+        };
+        let file = path.clone();
+        let installed = tokio::task::spawn_blocking(move || {
+            if let Some(view) = view {
+                view.write_to(&file)?;
+            }
+            store.install_snapshot(shard, &file)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "failed to remove an installed snapshot file");
+        }
+        let installed = installed.map_err(io_error)?;
         let got = meta_of(installed.applied.as_ref(), installed.membership.as_deref())?;
         if got.last_log_id != meta.last_log_id {
             return Err(io::Error::new(
@@ -206,55 +202,63 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 "snapshot file does not match its meta",
             ));
         }
-        Self::set_current(
-            &self.current,
-            &self.snapshot_dir,
-            meta.clone(),
-            &snapshot.path,
-        )?;
-        debug!(shard = self.shard.shard(), "snapshot installed");
+        debug!(shard, "snapshot installed");
         Ok(())
     }
 
+    /// A view of the replica at the applied id its tree holds (at or past the durable checkpoint
+    /// any purge was based on): the network writes it out only if it sends it.
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<
-        Option<Snapshot<crate::types::CommittedLeaderId, u64, openraft::BasicNode, SnapshotFile>>,
+        Option<Snapshot<crate::types::CommittedLeaderId, u64, openraft::BasicNode, SnapshotData>>,
         io::Error,
     > {
-        let current = self
-            .current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        Ok(current.map(|(meta, path)| Snapshot {
+        let view = self.shard.view().map_err(io_error)?;
+        let held = view.meta();
+        if held.applied.is_none() {
+            return Ok(None);
+        }
+        let meta = meta_of(held.applied.as_ref(), held.membership.as_deref())?;
+        Ok(Some(Snapshot {
             meta,
-            snapshot: SnapshotFile { path },
+            snapshot: SnapshotData::View(view),
         }))
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    type SnapshotData = SnapshotFile;
+    type SnapshotData = SnapshotData;
 
+    /// The durable checkpoint, after a flush of the state store if this replica applied more
+    /// since the last one (off the async runtime): no copy of the shard. The log may be purged
+    /// up to it.
     async fn build_snapshot(
         &mut self,
     ) -> Result<
-        Snapshot<crate::types::CommittedLeaderId, u64, openraft::BasicNode, SnapshotFile>,
+        Snapshot<crate::types::CommittedLeaderId, u64, openraft::BasicNode, SnapshotData>,
         io::Error,
     > {
-        let building = self.snapshot_dir.join("building.partial");
-        let built = self.shard.build_snapshot(&building).map_err(io_error)?;
-        let meta = meta_of(built.applied.as_ref(), built.membership.as_deref())?;
-        let path = Self::set_current(&self.current, &self.snapshot_dir, meta.clone(), &building)?;
+        if self.shard.applied_index() > self.shard.durable_applied_index() {
+            let store = Arc::clone(&self.store);
+            tokio::task::spawn_blocking(move || store.flush())
+                .await
+                .map_err(io::Error::other)?
+                .map_err(io_error)?;
+        }
+        let checkpoint = self.shard.durable_checkpoint();
+        let meta = meta_of(
+            checkpoint.as_ref().map(|c| &c.applied),
+            checkpoint.as_ref().and_then(|c| c.membership.as_deref()),
+        )?;
         debug!(
             shard = self.shard.shard(),
-            records = built.records,
-            "snapshot built"
+            applied = ?meta.last_log_id,
+            "compaction checkpoint"
         );
         Ok(Snapshot {
             meta,
-            snapshot: SnapshotFile { path },
+            snapshot: SnapshotData::Checkpoint,
         })
     }
 }

@@ -29,6 +29,11 @@ pub struct LogConfig {
     pub pending_bytes_max: usize,
     /// Bytes of entry payloads kept in memory for reads; unflushed entries are held beyond it.
     pub cache_bytes_max: usize,
+    /// The node keeps the log's segment files below this many bytes: once the segments hold more
+    /// than half of it, the groups whose entries pin the oldest segment are compacted (a
+    /// checkpoint of their state, then a purge) until it can be reclaimed. Not enforced by the
+    /// engine itself.
+    pub disk_bytes_target: u64,
     /// After a round that completed many waiters, how long the writer may wait for them to submit
     /// again before its next fdatasync, in microseconds (0: never wait). Trades a little latency
     /// under high concurrency for far fewer fsyncs.
@@ -44,6 +49,7 @@ impl Default for LogConfig {
             batch_bytes_max: 32 * MIB as usize,
             pending_bytes_max: 64 * MIB as usize,
             cache_bytes_max: 128 * MIB as usize,
+            disk_bytes_target: 512 * MIB,
             group_commit_linger_us: 200,
         }
     }
@@ -92,6 +98,16 @@ impl LogConfig {
                 ),
             );
         }
+        if self.disk_bytes_target < 4 * self.segment_bytes_max {
+            return invalid(
+                "disk-bytes-target",
+                format!(
+                    "{} is below 4 x segment-bytes-max {} (the newest segment, the prepared one \
+                     and room to reclaim)",
+                    self.disk_bytes_target, self.segment_bytes_max
+                ),
+            );
+        }
         if self.group_commit_linger_us > 10_000 {
             return invalid(
                 "group-commit-linger-us",
@@ -131,6 +147,9 @@ pub struct StoreConfig {
     pub value_bytes_max: usize,
     /// Most conditions plus operations in one atomic batch.
     pub ops_per_batch_max: usize,
+    /// While a snapshot for a peer is read from a shard, the shard's applied writes wait in memory
+    /// (so that the read sees one state); past this many bytes the read is abandoned and retried.
+    pub snapshot_hold_bytes_max: usize,
 }
 
 impl Default for StoreConfig {
@@ -143,6 +162,7 @@ impl Default for StoreConfig {
             key_bytes_max: 4 * KIB as usize,
             value_bytes_max: MIB as usize,
             ops_per_batch_max: 1024,
+            snapshot_hold_bytes_max: 256 * MIB as usize,
         }
     }
 }
@@ -172,6 +192,15 @@ impl StoreConfig {
             return invalid(
                 "value-bytes-max",
                 format!("must be within 1..64 MiB, is {}", self.value_bytes_max),
+            );
+        }
+        if self.snapshot_hold_bytes_max < self.write_back_bytes {
+            return invalid(
+                "snapshot-hold-bytes-max",
+                format!(
+                    "{} is below write-back-bytes {}",
+                    self.snapshot_hold_bytes_max, self.write_back_bytes
+                ),
             );
         }
         if self.ops_per_batch_max == 0 {

@@ -101,6 +101,12 @@ pub enum Error {
 
     #[error("snapshot is for shard {found}, not shard {expected}")]
     SnapshotShardMismatch { expected: ShardId, found: ShardId },
+
+    #[error(
+        "the snapshot view of shard {shard} was released before it was read (writes outgrew \
+         state.snapshot-hold-bytes-max, or a snapshot was installed); take a new one"
+    )]
+    SnapshotViewLost { shard: ShardId },
 }
 
 impl Error {

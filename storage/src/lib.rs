@@ -36,8 +36,9 @@ pub use log::segment::SegmentId;
 pub use sm::command::{
     ApplyEntry, Batch, Command, Condition, EntryPayload, Expect, Op, Outcome, Session,
 };
-pub use sm::shard::{Applied, ScanPage, ShardHandle, ShardStore};
+pub use sm::shard::{Applied, Checkpoint, ScanPage, ShardHandle, ShardStore};
 pub use sm::store::StateStore;
 pub use snapshot::{
-    SnapshotHeader, SnapshotMeta, SnapshotReceiver, read_snapshot_chunk, read_snapshot_header,
+    SnapshotHeader, SnapshotMeta, SnapshotReceiver, SnapshotView, read_snapshot_chunk,
+    read_snapshot_header,
 };

@@ -679,3 +679,113 @@ fn write_backs_race_applies_and_reads() {
     assert_eq!(shard.durable_applied_index(), Some(index));
     assert_eq!(shard.key_count().unwrap(), index as usize + 2); // keys, count, applied id
 }
+
+/// `n` puts without a session from `first_index` on, of `value_bytes` each, over keys that
+/// overwrite the first `fill`'s.
+fn overwrite(shard: &dossier_storage::ShardHandle, first_index: u64, n: u64, value_bytes: usize) {
+    let entries: Vec<ApplyEntry> = (0..n)
+        .map(|i| ApplyEntry {
+            index: first_index + i,
+            log_id: Bytes::from(format!("w-{i}")),
+            payload: EntryPayload::Command(Command::Txn {
+                session: None,
+                batch: Batch::put(format!("patient-{}/a-{i}", i % 7), vec![0xEE; value_bytes]),
+            }),
+        })
+        .collect();
+    for chunk in entries.chunks(64) {
+        shard.apply(chunk).unwrap();
+    }
+}
+
+/// A view holds the state it was taken at while applies go on: reads see the newer writes, the
+/// snapshot written from the view afterwards holds exactly the older state, and once the view is
+/// dropped the newer writes reach the tree and survive a reopen.
+#[test]
+fn view_holds_one_state_while_applies_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let file = dir.path().join("snap");
+    let before;
+    {
+        let store = StateStore::open(Arc::clone(&cfg)).unwrap();
+        let a = store.create_shard(3).unwrap();
+        fill(&a, 1, 1000, "a");
+        before = dump(&a);
+        let view = a.view().unwrap();
+        assert_eq!(view.meta().applied.as_ref().unwrap().index, 1000);
+        overwrite(&a, 1001, 500, 200);
+        store.flush().unwrap();
+        assert_eq!(
+            a.get(b"patient-0/a-0").unwrap().as_deref(),
+            Some(&[0xEE; 200][..]),
+            "reads see writes made while the view holds the tree"
+        );
+        assert_eq!(
+            a.durable_applied_index(),
+            Some(1000),
+            "held writes are not durable yet"
+        );
+        let meta = view.write_to(&file).unwrap();
+        assert_eq!(meta.applied.as_ref().unwrap().index, 1000);
+        drop(view);
+        store.flush().unwrap();
+        assert_eq!(a.durable_applied_index(), Some(1500));
+        assert_eq!(
+            a.durable_checkpoint().unwrap().applied.index,
+            1500,
+            "the durable checkpoint follows the flush"
+        );
+    }
+    let other = tempfile::tempdir().unwrap();
+    let copy = StateStore::open(config(other.path())).unwrap();
+    let b = copy.create_shard(3).unwrap();
+    copy.install_snapshot(3, &file).unwrap();
+    assert_eq!(
+        dump(&b),
+        before,
+        "the snapshot is the state the view was taken at"
+    );
+    let store = reopen(&cfg);
+    let a = store.shard(3).unwrap();
+    assert_eq!(a.applied_index(), Some(1500));
+    assert_eq!(
+        a.get(b"patient-0/a-0").unwrap().as_deref(),
+        Some(&[0xEE; 200][..])
+    );
+}
+
+/// Writes that outgrow `snapshot-hold-bytes-max` while a view holds the tree break the hold: the
+/// view's snapshot fails (never a mixed state), memory stays bounded, and the writes go on.
+#[test]
+fn view_fails_when_held_writes_outgrow_their_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        dir: dir.path().to_path_buf(),
+        flush_interval_ms: 50,
+        snapshot_hold_bytes_max: 2 << 20,
+        ..StoreConfig::default()
+    }
+    .validate()
+    .unwrap();
+    let store = StateStore::open(cfg).unwrap();
+    let a = store.create_shard(5).unwrap();
+    fill(&a, 1, 100, "a");
+    let view = a.view().unwrap();
+    overwrite(&a, 101, 64, 64 * 1024);
+    let err = view.write_to(&dir.path().join("snap")).unwrap_err();
+    assert!(matches!(err, Error::SnapshotViewLost { shard: 5 }), "{err}");
+    assert!(!dir.path().join("snap").exists());
+    assert!(
+        !dir.path().join("snap.tmp").exists(),
+        "no partial file is left"
+    );
+    drop(view);
+    store.flush().unwrap();
+    assert_eq!(a.durable_applied_index(), Some(164));
+    // A new view works.
+    a.view()
+        .unwrap()
+        .write_to(&dir.path().join("snap"))
+        .unwrap();
+}

@@ -88,6 +88,8 @@ impl Admin for AdminService {
                 last_log_index: m.last_log_index.unwrap_or(0),
                 commit_index: m.local_committed.map_or(0, |l| l.index),
                 applied_index: m.last_applied.map_or(0, |l| l.index),
+                snapshot_index: m.snapshot.map_or(0, |l| l.index),
+                purged_index: m.purged.map_or(0, |l| l.index),
                 role: format!("{:?}", m.state).to_lowercase(),
                 keys,
             });

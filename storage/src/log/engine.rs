@@ -174,6 +174,11 @@ pub struct LogStats {
     pub entries_appended: u64,
     pub segments: usize,
     pub segments_reclaimed: u64,
+    /// Bytes of the segment files deleted by reclaim since open.
+    pub reclaimed_bytes: u64,
+    /// Bytes of frames in the segments on disk (the newest segment's prepared zeros and the
+    /// prepared next segment excluded: add up to 2 x `segment-bytes-max` for the files' size).
+    pub segment_bytes: u64,
     /// Bytes of entry payloads held by the read cache.
     pub cache_bytes: usize,
     /// Estimated heap bytes of the per-group index (locations, spans, hard states).
@@ -513,6 +518,8 @@ impl LogEngine {
             entries_appended: c.entries.load(Ordering::Relaxed),
             segments: state.tail.segments.len(),
             segments_reclaimed: c.reclaimed.load(Ordering::Relaxed),
+            reclaimed_bytes: c.reclaimed_bytes.load(Ordering::Relaxed),
+            segment_bytes: state.tail.segments.values().map(|s| s.size).sum(),
             cache_bytes: state.cache_bytes,
             index_bytes,
         }

@@ -185,6 +185,7 @@ pub(super) struct Counters {
     pub(super) batches: AtomicU64,
     pub(super) entries: AtomicU64,
     pub(super) reclaimed: AtomicU64,
+    pub(super) reclaimed_bytes: AtomicU64,
 }
 
 #[derive(Debug)]

@@ -377,11 +377,16 @@ pub(super) fn delete_segments(shared: &Shared, ids: Vec<SegmentId>) {
     let mut deleted = 0;
     for id in &ids {
         let path = dir.join(segment::file_name(*id));
+        let bytes = fs::metadata(&path).map_or(0, |m| m.len());
         if let Err(e) = fs::remove_file(&path).and_then(|()| File::open(dir)?.sync_all()) {
             warn!(segment = id, error = %e, "failed to delete a reclaimed log segment; retried after restart");
             break;
         }
         deleted += 1;
+        shared
+            .counters
+            .reclaimed_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
     }
     shared
         .counters

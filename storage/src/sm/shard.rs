@@ -75,6 +75,28 @@ pub struct ShardStore {
     pub(crate) applied: AtomicU64,
     /// Applied index + 1 as of the last completed flush of the whole database.
     pub(crate) durable_applied: AtomicU64,
+    /// The applied id and membership the tree held at the last completed flush.
+    pub(crate) durable_checkpoint: Mutex<Option<Checkpoint>>,
+    /// Snapshot views holding the tree still (see `snapshot/view.rs`).
+    pub(crate) hold: Mutex<Hold>,
+    /// Bytes the write-back buffer may grow to while a view holds the tree.
+    hold_bytes_max: usize,
+}
+
+/// A durable state of a shard replica: its applied id and the membership applied by then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub applied: Applied,
+    pub membership: Option<Bytes>,
+}
+
+/// Views holding the tree. While any does, applied writes stay in the write-back buffer, so the
+/// tree keeps the state the views read. Breaking the hold (the buffer outgrew its bound, or a
+/// snapshot was installed) starts a new epoch: views of older epochs find out and fail.
+#[derive(Debug, Default)]
+pub(crate) struct Hold {
+    pub(crate) epoch: u64,
+    pub(crate) views: u64,
 }
 
 pub(crate) fn data_key(key: &[u8]) -> Vec<u8> {
@@ -175,18 +197,14 @@ fn read_through(write_back: &WriteBack, tree: &sled::Tree, key: &[u8]) -> Result
 }
 
 impl ShardStore {
-    pub(crate) fn new(shard: ShardId, tree: sled::Tree, write_back_bytes: usize) -> Result<Self> {
-        let applied = tree
-            .get(KEY_APPLIED)
-            .map_err(|e| Error::sled("read applied id", e))?
-            .map(|v| {
-                decode_applied(&v).ok_or(Error::StoreCorrupt {
-                    shard,
-                    what: "applied id",
-                })
-            })
-            .transpose()?;
-        let applied = applied.map_or(0, |a| a.index + 1);
+    pub(crate) fn new(
+        shard: ShardId,
+        tree: sled::Tree,
+        write_back_bytes: usize,
+        hold_bytes_max: usize,
+    ) -> Result<Self> {
+        let checkpoint = tree_checkpoint(shard, &tree)?;
+        let applied = checkpoint.as_ref().map_or(0, |c| c.applied.index + 1);
         Ok(ShardStore {
             shard,
             write_back: RwLock::new(WriteBack::default()),
@@ -196,7 +214,59 @@ impl ShardStore {
             apply_lock: Mutex::new(()),
             applied: AtomicU64::new(applied),
             durable_applied: AtomicU64::new(applied),
+            durable_checkpoint: Mutex::new(checkpoint),
+            hold: Mutex::new(Hold::default()),
+            hold_bytes_max,
         })
+    }
+
+    /// The applied id and membership the tree holds (not the write-back buffer); the caller
+    /// holds `apply_lock` so that the two agree.
+    pub(crate) fn tree_checkpoint_locked(&self) -> Result<Option<Checkpoint>> {
+        tree_checkpoint(self.shard, &self.tree())
+    }
+
+    /// The newest state of this replica known to be on disk: the log may be purged up to its
+    /// applied index, and a snapshot taken for compaction names it.
+    pub fn durable_checkpoint(&self) -> Option<Checkpoint> {
+        self.durable_checkpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn publish_durable(&self, checkpoint: Option<Checkpoint>) {
+        let Some(checkpoint) = checkpoint else {
+            return;
+        };
+        let mut durable = self
+            .durable_checkpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if durable
+            .as_ref()
+            .is_none_or(|d| d.applied.index < checkpoint.applied.index)
+        {
+            *durable = Some(checkpoint);
+        }
+    }
+
+    pub(crate) fn hold_state(&self) -> std::sync::MutexGuard<'_, Hold> {
+        self.hold.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn held(&self) -> bool {
+        self.hold_state().views > 0
+    }
+
+    /// Ends every view's hold on the tree (they fail when they next check); the caller holds
+    /// `apply_lock`.
+    pub(crate) fn break_hold_locked(&self) {
+        let mut hold = self.hold_state();
+        if hold.views > 0 {
+            hold.epoch += 1;
+            hold.views = 0;
+        }
     }
 
     pub fn shard(&self) -> ShardId {
@@ -230,6 +300,9 @@ impl ShardStore {
     /// the buffer cannot change meanwhile; readers keep finding the writes in the buffer until
     /// the tree has them.
     pub(crate) fn write_back_locked(&self) -> Result<()> {
+        if self.held() {
+            return Ok(());
+        }
         let batch = {
             let buffer = self.write_back_buffer();
             if buffer.writes.is_empty() {
@@ -406,16 +479,6 @@ impl ShardStore {
             return Ok(Vec::new());
         };
         let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-        // Expiry scans the session space of the tree: hand it everything first (rare: one
-        // expiry entry a minute).
-        if entries.iter().any(|e| {
-            matches!(
-                e.payload,
-                EntryPayload::Command(Command::ExpireSessions { .. })
-            )
-        }) {
-            self.write_back_locked()?;
-        }
         let tree = self.tree();
         let buffer = self.write_back_buffer();
         let mut overlay = Overlay {
@@ -473,6 +536,16 @@ impl ShardStore {
         };
         self.applied.store(last.index + 1, Ordering::Release);
         if full {
+            let held_bytes = self.write_back_buffer().bytes;
+            if held_bytes > self.hold_bytes_max && self.held() {
+                tracing::warn!(
+                    shard = self.shard,
+                    held_bytes,
+                    "writes outgrew the buffer while a snapshot view held the tree; the view fails \
+                     and is taken again"
+                );
+                self.break_hold_locked();
+            }
             self.write_back_locked()?;
         }
         Ok(outcomes)
@@ -558,36 +631,52 @@ fn apply_txn(
 }
 
 fn expire_sessions(overlay: &mut Overlay<'_>, before_index: u64) -> Result<()> {
-    let mut doomed = Vec::new();
+    // The session table as this entry sees it: the tree, then the write-back buffer, then the
+    // entries earlier in this run. The tree alone may be behind (a snapshot view can hold it).
+    let mut sessions: BTreeMap<Vec<u8>, Option<Bytes>> = BTreeMap::new();
     for item in overlay.tree.scan_prefix([SPACE_SESSION]) {
         let (key, value) = item.map_err(|e| Error::sled("scan sessions", e))?;
+        sessions.insert(key.to_vec(), Some(Bytes::copy_from_slice(&value)));
+    }
+    let session_space = vec![SPACE_SESSION]..vec![SPACE_DATA];
+    for writes in [&overlay.write_back.writes, &overlay.writes] {
+        for (key, value) in writes.range(session_space.clone()) {
+            sessions.insert(key.clone(), value.clone());
+        }
+    }
+    for (key, value) in sessions {
+        let Some(value) = value else { continue };
         let record = SessionRecord::decode(&value).ok_or(overlay.corrupt("session record"))?;
         if record.index < before_index {
-            doomed.push(key.to_vec());
+            overlay.delete(key);
         }
-    }
-    // Sessions touched earlier in this run are newer than anything being expired here unless
-    // their own index is below the bound too.
-    let touched: Vec<(Vec<u8>, Option<Bytes>)> = overlay
-        .writes
-        .range(vec![SPACE_SESSION]..vec![SPACE_DATA])
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    for (key, value) in touched {
-        let stale = value
-            .as_deref()
-            .and_then(SessionRecord::decode)
-            .is_some_and(|r| r.index < before_index);
-        if stale {
-            doomed.push(key);
-        } else {
-            doomed.retain(|d| *d != key);
-        }
-    }
-    for key in doomed {
-        overlay.delete(key);
     }
     Ok(())
+}
+
+/// The applied id and membership stored in `tree`.
+fn tree_checkpoint(shard: ShardId, tree: &sled::Tree) -> Result<Option<Checkpoint>> {
+    let applied = tree
+        .get(KEY_APPLIED)
+        .map_err(|e| Error::sled("read applied id", e))?
+        .map(|v| {
+            decode_applied(&v).ok_or(Error::StoreCorrupt {
+                shard,
+                what: "applied id",
+            })
+        })
+        .transpose()?;
+    let Some(applied) = applied else {
+        return Ok(None);
+    };
+    let membership = tree
+        .get(KEY_MEMBERSHIP)
+        .map_err(|e| Error::sled("read membership", e))?
+        .map(|v| Bytes::copy_from_slice(&v));
+    Ok(Some(Checkpoint {
+        applied,
+        membership,
+    }))
 }
 
 /// Shared handle to a shard replica's store.

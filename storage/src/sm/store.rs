@@ -83,7 +83,12 @@ impl StateStore {
                 .map_err(|e| Error::sled("open shard tree", e))?;
             shards.insert(
                 shard,
-                Arc::new(ShardStore::new(shard, tree, config.write_back_bytes)?),
+                Arc::new(ShardStore::new(
+                    shard,
+                    tree,
+                    config.write_back_bytes,
+                    config.snapshot_hold_bytes_max,
+                )?),
             );
             named.push(name);
         }
@@ -166,6 +171,7 @@ impl StateStore {
             shard,
             tree,
             self.inner.config.write_back_bytes,
+            self.inner.config.snapshot_hold_bytes_max,
         )?);
         shards.insert(shard, Arc::clone(&handle));
         Ok(handle)
@@ -211,17 +217,24 @@ pub(crate) fn flush(inner: &StoreInner) -> Result<()> {
         .values()
         .cloned()
         .collect();
-    let mut applied = Vec::with_capacity(shards.len());
+    let mut stored = Vec::with_capacity(shards.len());
     for shard in &shards {
-        shard.write_back()?;
-        applied.push(shard.stored_applied.load(Ordering::Acquire));
+        // Under the apply lock the tree's applied id, membership and data agree; a shard whose
+        // tree a snapshot view holds keeps its writes in memory and its durable state where it is.
+        let _applying = shard.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        shard.write_back_locked()?;
+        stored.push((
+            shard.stored_applied.load(Ordering::Acquire),
+            shard.tree_checkpoint_locked()?,
+        ));
     }
     inner
         .db
         .flush()
         .map_err(|e| Error::sled("flush state store", e))?;
-    for (shard, applied) in shards.iter().zip(applied) {
+    for (shard, (applied, checkpoint)) in shards.iter().zip(stored) {
         shard.durable_applied.fetch_max(applied, Ordering::AcqRel);
+        shard.publish_durable(checkpoint);
     }
     Ok(())
 }

@@ -10,13 +10,11 @@
 //! Frames are the log's (`len | crc32 | payload`). A file is valid only whole: a torn or cut file
 //! lacks its trailer, a damaged one fails a crc32, and either is refused before anything changes.
 //!
-//! Point in time: building holds the shard's apply lock while it iterates the tree, so applies
-//! pause for the duration of the scan (shards are kept small by splitting, which bounds the pause);
-//! the file is fsync'ed after the lock is released. sled offers no consistent iterator across
-//! concurrent writes, and a paused scan is simpler to trust than a copy-on-write scheme.
+//! Point in time without pausing applies: a file is written from a [`SnapshotView`]
+//! (`view.rs`), which holds the shard's tree at one applied id while applies go on in memory.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,8 +26,12 @@ use tracing::info;
 use crate::ShardId;
 use crate::error::{Error, Result};
 use crate::log::frame::{self, FRAME_HEADER_BYTES};
-use crate::sm::shard::{self, Applied, KEY_APPLIED, KEY_MEMBERSHIP, ShardStore};
+use crate::sm::shard::{self, Applied, Checkpoint, KEY_APPLIED, KEY_MEMBERSHIP};
 use crate::sm::store::{self, StateStore};
+
+mod view;
+
+pub use view::SnapshotView;
 
 const MAGIC: &[u8; 8] = b"DSSNAP01";
 const KIND_HEADER: u8 = 1;
@@ -155,59 +157,6 @@ fn sync_dir(path: &Path) -> Result<()> {
         .map_err(|e| Error::io("fsync snapshot directory", dir, e))
 }
 
-impl ShardStore {
-    /// Writes a point-in-time snapshot of this replica to `path` (atomically: a temporary file is
-    /// fsync'ed and renamed). Applies pause while the tree is scanned.
-    pub fn build_snapshot(&self, path: &Path) -> Result<SnapshotMeta> {
-        let tmp = path.with_extension("tmp");
-        let file = File::create(&tmp).map_err(|e| Error::io("create snapshot", &tmp, e))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        let io = |e| Error::io("write snapshot", &tmp, e);
-        let mut scratch = Vec::new();
-        let mut bytes = MAGIC.len() as u64;
-        out.write_all(MAGIC).map_err(io)?;
-        let mut meta = {
-            let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.write_back_locked()?;
-            let mut meta = SnapshotMeta {
-                shard: self.shard(),
-                applied: self.applied()?,
-                membership: self.membership()?,
-                records: 0,
-                bytes: 0,
-            };
-            bytes += write_frame(&mut out, &encode_header(&meta), &mut scratch).map_err(io)? as u64;
-            let mut payload = Vec::new();
-            for item in self.tree().range([shard::SPACE_SESSION]..) {
-                let (key, value) = item.map_err(|e| Error::sled("scan shard for snapshot", e))?;
-                payload.clear();
-                payload.push(KIND_RECORD);
-                put_bytes(&mut payload, &key);
-                payload.extend_from_slice(&value);
-                bytes += write_frame(&mut out, &payload, &mut scratch).map_err(io)? as u64;
-                meta.records += 1;
-            }
-            meta
-        };
-        let mut trailer = vec![KIND_TRAILER];
-        trailer.extend_from_slice(&meta.records.to_le_bytes());
-        bytes += write_frame(&mut out, &trailer, &mut scratch).map_err(io)? as u64;
-        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all()
-            .map_err(|e| Error::io("fsync snapshot", &tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| Error::io("rename snapshot into place", path, e))?;
-        sync_dir(path)?;
-        meta.bytes = bytes;
-        info!(
-            shard = meta.shard,
-            records = meta.records,
-            bytes,
-            "snapshot built"
-        );
-        Ok(meta)
-    }
-}
-
 /// Reads the frames of a snapshot file in order, checking each.
 struct FrameReader {
     path: PathBuf,
@@ -287,6 +236,8 @@ impl StateStore {
         let handle = self.shard(shard).ok_or(Error::ShardMissing { shard })?;
         let inner = Arc::clone(self.inner());
         let _applying = handle.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Views of the replaced state fail when they next look.
+        handle.break_hold_locked();
         let old = handle.tree().clone();
         let generation = inner
             .catalog
@@ -336,6 +287,13 @@ impl StateStore {
         handle.applied.store(applied, Ordering::Release);
         handle.stored_applied.store(applied, Ordering::Release);
         handle.durable_applied.store(applied, Ordering::Release);
+        *handle
+            .durable_checkpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = meta.applied.clone().map(|applied| Checkpoint {
+            applied,
+            membership: meta.membership.clone(),
+        });
         inner
             .db
             .drop_tree(old.name())
@@ -458,7 +416,8 @@ pub fn read_snapshot_chunk(path: &Path, offset: u64, max_bytes: usize) -> Result
     Ok(Bytes::from(buf))
 }
 
-/// Receives a snapshot stream chunk by chunk into a temporary file, then puts it in place.
+/// Receives a snapshot stream chunk by chunk into a temporary file, then puts it in place. A
+/// receiver dropped before `finish` removes its temporary file.
 #[derive(Debug)]
 pub struct SnapshotReceiver {
     path: PathBuf,
@@ -466,6 +425,18 @@ pub struct SnapshotReceiver {
     file: File,
     written: u64,
     bytes_max: u64,
+    finished: bool,
+}
+
+impl Drop for SnapshotReceiver {
+    fn drop(&mut self) {
+        if !self.finished
+            && let Err(e) = fs::remove_file(&self.tmp)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.tmp.display(), error = %e, "failed to remove a partial snapshot");
+        }
+    }
 }
 
 impl SnapshotReceiver {
@@ -484,6 +455,7 @@ impl SnapshotReceiver {
             file,
             written: 0,
             bytes_max,
+            finished: false,
         })
     }
 
@@ -515,13 +487,19 @@ impl SnapshotReceiver {
     }
 
     /// Makes the received file durable and moves it to its path; the caller then installs it.
-    pub fn finish(self) -> Result<PathBuf> {
+    pub fn finish(mut self) -> Result<PathBuf> {
         self.file
             .sync_all()
             .map_err(|e| Error::io("fsync received snapshot", &self.tmp, e))?;
         fs::rename(&self.tmp, &self.path)
             .map_err(|e| Error::io("rename received snapshot", &self.path, e))?;
+        self.finished = true;
         sync_dir(&self.path)?;
-        Ok(self.path)
+        Ok(self.path.clone())
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.written
     }
 }
