@@ -3,15 +3,18 @@
 //! Every group of the node appends to one log, and a segment can be reclaimed only when none of
 //! its entries is live. A quiet group (the meta group, a shard nobody writes to) keeps its few
 //! old entries, and with them every segment from theirs on, forever; a busy group keeps the
-//! entries since its last purge. So whenever the segments hold more than half of
-//! `log.disk-bytes-target`, the groups with live entries in the oldest segment are compacted:
+//! entries since its last purge. So whenever the segments' frames reach the mark (half of
+//! `log.disk-bytes-target`, less two segments of preallocated zeros), the groups with live
+//! entries in the oldest segment are compacted:
 //!
-//! 1. a snapshot is triggered; it costs nothing (`dossier_raft::StateMachine::build_snapshot`
-//!    returns the replica's durable checkpoint, the state the state store has on disk);
+//! 1. a snapshot is triggered; it costs a flush of the state store at most
+//!    (`dossier_raft::StateMachine::build_snapshot` returns the replica's durable checkpoint,
+//!    the state the state store has on disk, and copies nothing);
 //! 2. once openraft has it, the log is purged up to it;
 //! 3. the engine then deletes the segments no live entry needs.
 //!
-//! One step per group per tick, so the work is spread out and never blocks anything. The other
+//! Steps follow each other at once while they reclaim segments, every 50 ms while the log is
+//! above its mark and every 500 ms below it; nothing waits on the compactor. The other
 //! half of the target is room for the segment being written, the prepared one, and the entries
 //! written while a compaction is under way.
 
@@ -25,10 +28,17 @@ use tracing::debug;
 
 use crate::node::Node;
 
-/// How often the log's size is looked at.
+/// How often the log's size is looked at while it is below its mark.
 const TICK: Duration = Duration::from_millis(500);
-/// Groups looked at per tick (those pinning the oldest segment, up to this many).
+/// ... and while it is above (waiting for the state store's next flush to move the groups'
+/// durable checkpoints).
+const TICK_ABOVE: Duration = Duration::from_millis(50);
+/// Groups looked at per step (those pinning the oldest segment, up to this many).
 const PINS_PER_TICK: usize = 16;
+/// How long a step waits for a triggered checkpoint.
+const CHECKPOINT_WAIT: Duration = Duration::from_secs(1);
+/// How long a step gives the log's writer to record purges and reclaim segments.
+const RECLAIM_WAIT: Duration = Duration::from_millis(20);
 
 /// What the compactor did, for metrics.
 #[derive(Debug, Default)]
@@ -39,54 +49,93 @@ pub struct CompactionCounts {
     pub purges: AtomicU64,
 }
 
-/// Compacts until `stop` turns true.
+/// Frames in the segments above which compaction runs: half the target, less the two segment
+/// files that are zeros ahead of the frames (the newest one's rest and the prepared next one).
+pub fn mark(log: &dossier_storage::LogConfig) -> u64 {
+    (log.disk_bytes_target / 2).saturating_sub(2 * log.segment_bytes_max)
+}
+
+/// What a step found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The log is below its mark.
+    Below,
+    /// Above, and the oldest segment is still pinned (its groups' durable state has not moved).
+    Stuck,
+    /// Above, and the oldest segment was released.
+    Reclaimed,
+}
+
+/// Compacts until `stop` turns true: at once again after a step that released the oldest
+/// segment, every `TICK_ABOVE` while above the mark, every `TICK` below it.
 pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     loop {
-        step(&node).await;
+        let pause = match step(&node).await {
+            Step::Below => TICK,
+            Step::Stuck => TICK_ABOVE,
+            Step::Reclaimed => Duration::ZERO,
+        };
         tokio::select! {
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = stop.wait_for(|stop| *stop) => return,
         }
     }
 }
 
-/// One look at the log, and one step for each group pinning its oldest segment.
-pub async fn step(node: &Node) {
+/// One look at the log: when it is above half its target, each group pinning the oldest segment
+/// is checkpointed (if its durable state moved past its last snapshot) and purged up to its
+/// snapshot.
+pub async fn step(node: &Node) -> Step {
     let engine = node.engine();
-    let target = node.config.log.disk_bytes_target;
-    if engine.stats().segment_bytes <= target / 2 {
-        return;
+    if engine.stats().segment_bytes <= mark(&node.config.log) {
+        return Step::Below;
     }
     let pins = engine.pins(PINS_PER_TICK);
     let Some(oldest) = pins.first().map(|p| p.segment) else {
-        return;
+        return Step::Stuck;
     };
+    // All checkpoints first, then the waits: each costs one flush of the state store at most,
+    // and flushes of several groups overlap.
+    let mut pinned = Vec::new();
     for pin in pins.iter().filter(|p| p.segment == oldest) {
         let (Some(raft), Some(replica)) = (node.group(pin.group), node.replica(pin.group)) else {
             continue;
         };
-        let metrics = raft.metrics().borrow_watched().clone();
-        let snapshot = metrics.snapshot.map(|l| l.index);
-        let purged = metrics.purged.map(|l| l.index);
-        let durable = replica.durable_applied_index();
-        let counts = &node.compactions;
-        if durable > snapshot {
-            debug!(
-                group = pin.group,
-                ?durable,
-                ?snapshot,
-                "checkpoint for compaction"
-            );
+        let snapshot = raft.metrics().borrow_watched().snapshot.map(|l| l.index);
+        let applied = replica.applied_index();
+        if applied > snapshot {
+            debug!(group = pin.group, ?applied, "checkpoint for compaction");
             if raft.trigger().snapshot().await.is_ok() {
-                counts.snapshots.fetch_add(1, Ordering::Relaxed);
-            }
-        } else if let Some(upto) = snapshot
-            && snapshot > purged
-        {
-            debug!(group = pin.group, upto, "purge for compaction");
-            if raft.trigger().purge_log(upto).await.is_ok() {
-                counts.purges.fetch_add(1, Ordering::Relaxed);
+                node.compactions.snapshots.fetch_add(1, Ordering::Relaxed);
             }
         }
+        pinned.push((pin.group, raft, applied));
+    }
+    for (group, raft, applied) in pinned {
+        // A checkpoint costs a flush at most; wait for it briefly, or come back next step.
+        let _ = raft
+            .wait(Some(CHECKPOINT_WAIT))
+            .metrics(
+                |m| m.snapshot.map(|l| l.index) >= applied,
+                "compaction checkpoint",
+            )
+            .await;
+        let metrics = raft.metrics().borrow_watched().clone();
+        let snapshot = metrics.snapshot.map(|l| l.index);
+        if let Some(upto) = snapshot
+            && snapshot > metrics.purged.map(|l| l.index)
+        {
+            debug!(group, upto, "purge for compaction");
+            if raft.trigger().purge_log(upto).await.is_ok() {
+                node.compactions.purges.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    // Purges are written, and segments reclaimed, by the log's writer: give it a moment.
+    tokio::time::sleep(RECLAIM_WAIT).await;
+    if engine.pins(1).first().map(|p| p.segment) == Some(oldest) {
+        Step::Stuck
+    } else {
+        Step::Reclaimed
     }
 }

@@ -29,10 +29,10 @@ pub struct LogConfig {
     pub pending_bytes_max: usize,
     /// Bytes of entry payloads kept in memory for reads; unflushed entries are held beyond it.
     pub cache_bytes_max: usize,
-    /// The node keeps the log's segment files below this many bytes: once the segments hold more
-    /// than half of it, the groups whose entries pin the oldest segment are compacted (a
-    /// checkpoint of their state, then a purge) until it can be reclaimed. Not enforced by the
-    /// engine itself.
+    /// The node keeps the log's segment files below this many bytes: once the segments' frames
+    /// reach half of it less two segments, the groups whose entries pin the oldest segment are
+    /// compacted (a checkpoint of their state, then a purge) until it can be reclaimed. The other
+    /// half is room for the writes made while that runs. Not enforced by the engine itself.
     pub disk_bytes_target: u64,
     /// After a round that completed many waiters, how long the writer may wait for them to submit
     /// again before its next fdatasync, in microseconds (0: never wait). Trades a little latency
@@ -98,12 +98,12 @@ impl LogConfig {
                 ),
             );
         }
-        if self.disk_bytes_target < 4 * self.segment_bytes_max {
+        if self.disk_bytes_target < 8 * self.segment_bytes_max {
             return invalid(
                 "disk-bytes-target",
                 format!(
-                    "{} is below 4 x segment-bytes-max {} (the newest segment, the prepared one \
-                     and room to reclaim)",
+                    "{} is below 8 x segment-bytes-max {} (room for the live segments, the \
+                     prepared one and the writes made while compaction runs)",
                     self.disk_bytes_target, self.segment_bytes_max
                 ),
             );
