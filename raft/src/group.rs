@@ -108,6 +108,12 @@ impl RaftConfig {
             // missing from a linearizable read (a 600 s fault run, seed 7; docs/invariants.md,
             // "Lease reads").
             enable_leader_restore: Some(false),
+            // A follower whose log went back to empty is a replaced disk (the disk-replacement
+            // runbook in docs/operations.md): its leader starts its replication over (by
+            // snapshot when the log is purged) instead of sending from where it was, forever.
+            // The replica votes for no one until it is up to date again (`server.rs`,
+            // `stateless_refusal`), so the entries it lost cannot be outvoted.
+            allow_log_reversion: Some(true),
             // The network applies its own snapshot deadline (NetworkConfig::snapshot_timeout).
             install_snapshot_timeout: 60_000,
             ..Default::default()

@@ -88,11 +88,57 @@ impl<R: GroupRegistry> RaftServer<R> {
         )))
     }
 
+    /// A Vote or PreVote request for the local replica, or the refusal to answer it: during the
+    /// process's vote hold, or while the replica has no state at all and the candidate's group
+    /// has had a leader (`stateless_refusal`).
+    #[allow(clippy::type_complexity)]
+    fn vote_request(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Result<(Raft, VoteRequest<TypeConfig>), Result<Response<RaftReply>, Status>>, Status>
+    {
+        self.check(&request)?;
+        if let Some(refusal) = self.vote_held() {
+            return Ok(Err(refusal));
+        }
+        let message = request.into_inner();
+        let raft = match self.group(message.shard_id) {
+            Ok(raft) => raft,
+            Err(e) => return Ok(Err(refused(e))),
+        };
+        let rpc: VoteRequest<TypeConfig> =
+            decode(&message.payload).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(refusal) = stateless_refusal(&raft, &rpc) {
+            return Ok(Err(refused(refusal)));
+        }
+        Ok(Ok((raft, rpc)))
+    }
+
     fn group(&self, shard: ShardId) -> Result<Raft, String> {
         self.registry
             .raft(shard)
             .ok_or_else(|| format!("no replica of shard {shard} on this node"))
     }
+}
+
+/// Why a replica with no state at all (no entry, no purge point, no snapshot) does not vote for
+/// a candidate whose group has had a leader (its last log index is above the initial membership
+/// entry's 0). Such a replica is a new one or one whose disk was replaced: in the second case it
+/// may have voted in a term still running, or been part of the majority that committed entries
+/// it no longer holds, and a vote now could elect a second leader in a term or one missing those
+/// entries. It votes again once a leader has brought it up to date. A group that never had a
+/// leader has committed nothing, so its first elections go ahead (cluster initialisation).
+fn stateless_refusal(raft: &Raft, rpc: &VoteRequest<TypeConfig>) -> Option<String> {
+    use openraft::async_runtime::WatchReceiver;
+    let metrics = raft.metrics().borrow_watched().clone();
+    let stateless =
+        metrics.last_log_index.is_none() && metrics.purged.is_none() && metrics.snapshot.is_none();
+    let led_before = rpc.last_log_id.as_ref().is_some_and(|l| l.index > 0);
+    (stateless && led_before).then(|| {
+        "this replica holds no state (a new replica, or a replaced disk): it votes once a leader \
+         has brought it up to date"
+            .to_owned()
+    })
 }
 
 macro_rules! dispatch {
@@ -142,17 +188,25 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
-        if let Some(refusal) = self.vote_held() {
-            return refusal;
+        let (raft, rpc) = match self.vote_request(request)? {
+            Ok(ready) => ready,
+            Err(refusal) => return refusal,
+        };
+        match raft.vote(rpc).await {
+            Ok(response) => ok(&response),
+            Err(e) => refused(e),
         }
-        dispatch!(self, request, VoteRequest<TypeConfig>, vote)
     }
 
     async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
-        if let Some(refusal) = self.vote_held() {
-            return refusal;
+        let (raft, rpc) = match self.vote_request(request)? {
+            Ok(ready) => ready,
+            Err(refusal) => return refusal,
+        };
+        match raft.pre_vote(rpc).await {
+            Ok(response) => ok(&response),
+            Err(e) => refused(e),
         }
-        dispatch!(self, request, VoteRequest<TypeConfig>, pre_vote)
     }
 
     async fn transfer_leader(
@@ -236,5 +290,121 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
             Ok(response) => ok(&response),
             Err(e) => refused(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use dossier_api::raft::v1::RaftMessage;
+    use dossier_api::raft::v1::raft_server::Raft as RaftService;
+    use dossier_storage::{LogConfig, LogEngine, StateStore, StoreConfig};
+    use openraft::raft::VoteRequest;
+
+    use super::{GroupRegistry, RaftServer};
+    use crate::types::{LogId, TypeConfig, Vote, encode};
+    use crate::vote_hold::VoteHold;
+    use crate::{GroupNetwork, LogStore, NetworkConfig, NodeId, PeerPool, Raft, StateMachine};
+
+    /// One replica of shard 7 with no state at all, on node 2.
+    struct Registry {
+        raft: Raft,
+    }
+
+    impl GroupRegistry for Registry {
+        fn raft(&self, shard: u64) -> Option<Raft> {
+            (shard == 7).then(|| self.raft.clone())
+        }
+        fn incoming_snapshot_path(&self, _shard: u64) -> Option<std::path::PathBuf> {
+            None
+        }
+        fn snapshot_bytes_max(&self) -> u64 {
+            0
+        }
+        fn identity(&self) -> (&str, NodeId) {
+            ("test", 2)
+        }
+        fn vote_hold(&self) -> VoteHold {
+            VoteHold::none()
+        }
+    }
+
+    /// A replica with no state refuses a candidate whose group has had a leader (a replaced disk
+    /// may have voted in that term, or lost entries it helped commit), and answers the first
+    /// elections of a group that never had one (cluster initialisation).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stateless_replica_votes_only_in_a_group_that_never_had_a_leader() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(
+            LogEngine::open(
+                LogConfig {
+                    dir: dir.path().join("log"),
+                    ..LogConfig::default()
+                }
+                .validate()
+                .unwrap(),
+            )
+            .unwrap(),
+        );
+        let store = Arc::new(
+            StateStore::open(
+                StoreConfig {
+                    dir: dir.path().join("state"),
+                    ..StoreConfig::default()
+                }
+                .validate()
+                .unwrap(),
+            )
+            .unwrap(),
+        );
+        let sm = StateMachine::open(store, 7, dir.path().join("snapshots")).unwrap();
+        let pool = PeerPool::new(NetworkConfig::default(), "test").unwrap();
+        let config = openraft::Config {
+            enable_elect: false,
+            ..Default::default()
+        };
+        let raft = Raft::new(
+            2,
+            Arc::new(config.validate().unwrap()),
+            GroupNetwork::new(7, pool, dir.path().join("snapshots")),
+            LogStore::new(engine, 7, 8 << 20),
+            sm,
+        )
+        .await
+        .unwrap();
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        let server = RaftServer::new(Arc::new(Registry { raft }), stopping);
+        let ask = |last_index: u64| {
+            let vote = VoteRequest::<TypeConfig>::new(
+                Vote::new(5, 1),
+                Some(LogId::new(
+                    crate::types::CommittedLeaderId::new(4),
+                    last_index,
+                )),
+            );
+            let mut request = tonic::Request::new(RaftMessage {
+                shard_id: 7,
+                payload: encode(&vote).unwrap(),
+            });
+            crate::network::address(&mut request, &"test".parse().unwrap(), 2);
+            request
+        };
+        for pre in [false, true] {
+            let answer = if pre {
+                server.pre_vote(ask(400)).await
+            } else {
+                server.vote(ask(400)).await
+            };
+            let error = answer.unwrap().into_inner().error;
+            assert!(error.contains("holds no state"), "{error}");
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(5), server.vote(ask(0)))
+            .await
+            .unwrap()
+            .unwrap()
+            .into_inner();
+        assert!(answer.error.is_empty(), "{}", answer.error);
     }
 }

@@ -36,6 +36,14 @@ impl VoteHold {
         }
     }
 
+    /// No hold (tests of what follows the hold).
+    #[cfg(test)]
+    pub(crate) fn none() -> Self {
+        VoteHold {
+            until: Instant::now(),
+        }
+    }
+
     /// The time left, if the hold is still on.
     pub fn remaining(&self) -> Option<Duration> {
         let left = self.until.saturating_duration_since(Instant::now());
