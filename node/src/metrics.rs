@@ -182,6 +182,7 @@ pub fn render(node: &Node) -> String {
         );
     }
     let log = node.engine().stats();
+    let snapshots = node.snapshot_counts();
     let pinning = node
         .engine()
         .pins(1)
@@ -261,6 +262,42 @@ pub fn render(node: &Node) -> String {
             "Checkpoints the log compactor triggered.",
             "counter",
             node.compactions.snapshots.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "dossier_snapshots_sent_total",
+            "Snapshots this node sent to peers (replicas behind the purge point, new or rebuilt).",
+            "counter",
+            snapshots.sent.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "dossier_snapshot_sent_bytes_total",
+            "Bytes of the snapshots this node sent.",
+            "counter",
+            snapshots.sent_bytes.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "dossier_snapshot_send_seconds_total",
+            "Time spent sending snapshots (view to the peer's answer).",
+            "counter",
+            snapshots.sent_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        ),
+        (
+            "dossier_snapshots_received_total",
+            "Snapshots this node received and installed.",
+            "counter",
+            snapshots.received.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "dossier_snapshot_received_bytes_total",
+            "Bytes of the snapshots this node received and installed.",
+            "counter",
+            snapshots.received_bytes.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "dossier_snapshot_receive_seconds_total",
+            "Time spent receiving and installing snapshots (first chunk to installed state).",
+            "counter",
+            snapshots.received_micros.load(Ordering::Relaxed) as f64 / 1e6,
         ),
         (
             "dossier_log_compaction_purges_total",

@@ -129,6 +129,11 @@ impl Node {
         &self.ctx.engine
     }
 
+    /// Snapshots sent and received by this node.
+    pub fn snapshot_counts(&self) -> &dossier_raft::SnapshotCounts {
+        self.ctx.pool.snapshot_counts()
+    }
+
     pub fn group(&self, shard: ShardId) -> Option<Raft> {
         self.groups
             .read()
@@ -560,5 +565,9 @@ impl GroupRegistry for Node {
 
     fn snapshot_bytes_max(&self) -> u64 {
         64 << 30
+    }
+
+    fn snapshot_counts(&self) -> Option<&dossier_raft::SnapshotCounts> {
+        Some(self.ctx.pool.snapshot_counts())
     }
 }

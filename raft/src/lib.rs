@@ -28,6 +28,7 @@ pub use group::{GroupContext, Raft, RaftConfig};
 pub use log_store::LogStore;
 pub use network::{APPEND_PIPELINE_DEPTH, GroupNetwork, NetworkConfig, PeerPool};
 pub use server::{GroupRegistry, RaftServer};
+pub use snapshot_send::SnapshotCounts;
 pub use state_machine::{SnapshotData, StateMachine};
 pub use types::{
     ENTRY_FRAMING_BYTES_MAX, Entry, LogId, NodeId, Request, Response, StoredMembership, TypeConfig,

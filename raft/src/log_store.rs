@@ -9,7 +9,7 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
-use dossier_storage::{APPEND_FRAME_BYTES_MAX, GroupId, LogEngine, WriteBatch};
+use dossier_storage::{APPEND_FRAME_BYTES_MAX, GroupId, LogEngine, OnDurable, Submit, WriteBatch};
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 
@@ -36,18 +36,34 @@ impl LogStore {
         }
     }
 
+    /// Queues `batch` without blocking the async runtime: when the engine's back-pressure
+    /// (`pending-bytes-max`) says wait, the wait happens on a blocking thread. Returns once the
+    /// batch is queued (and readable), in submission order: the caller awaits each submit.
+    async fn submit(&self, batch: WriteBatch, on_durable: OnDurable) -> io::Result<()> {
+        match self.engine.try_submit(batch, on_durable) {
+            Ok(()) => Ok(()),
+            Err(Submit::Refused(e)) => Err(io_error(e)),
+            Err(Submit::Full(batch, on_durable)) => {
+                let engine = Arc::clone(&self.engine);
+                tokio::task::spawn_blocking(move || engine.submit(batch, on_durable))
+                    .await
+                    .map_err(io::Error::other)?
+                    .map_err(io_error)
+            }
+        }
+    }
+
     /// Submits `batch` and waits until it is durable, without blocking the async runtime.
     async fn write_durable(&self, batch: WriteBatch) -> io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.engine
-            .submit(
-                batch,
-                Box::new(move |result| {
-                    // The waiter may have been cancelled; the write is durable regardless.
-                    let _ = tx.send(result);
-                }),
-            )
-            .map_err(io_error)?;
+        self.submit(
+            batch,
+            Box::new(move |result| {
+                // The waiter may have been cancelled; the write is durable regardless.
+                let _ = tx.send(result);
+            }),
+        )
+        .await?;
         rx.await
             .map_err(|_| io::Error::other("the log engine stopped"))?
             .map_err(io_error)
@@ -186,20 +202,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let size = APPEND_FRAME_BYTES_MAX + data.len();
             if !batch.is_empty() && bytes + size > batch_max {
                 let full = std::mem::take(&mut batch);
-                self.engine
-                    .submit(full, Box::new(|_| {}))
-                    .map_err(io_error)?;
+                self.submit(full, Box::new(|_| {})).await?;
                 bytes = 0;
             }
             bytes += size;
             batch.append(self.group, entry.log_id.index, data);
         }
-        self.engine
-            .submit(
-                batch,
-                Box::new(move |result| callback.io_completed(result.map_err(io_error))),
-            )
-            .map_err(io_error)
+        self.submit(
+            batch,
+            Box::new(move |result| callback.io_completed(result.map_err(io_error))),
+        )
+        .await
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {

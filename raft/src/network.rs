@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::append::{AppendStreamCounts, Carrier, Mux, REOPEN_AFTER, Session};
-use crate::snapshot_send::{self, Outgoing, SendError};
+use crate::snapshot_send::{self, Outgoing, SendError, SnapshotCounts};
 use crate::state_machine::SnapshotData;
 use crate::types::{CommittedLeaderId, NodeId, TypeConfig, Vote, decode, encode};
 
@@ -119,6 +119,7 @@ pub struct PeerPool {
     channels: Mutex<HashMap<String, Channel>>,
     streams: Mutex<HashMap<String, Arc<Mux>>>,
     counts: Arc<AppendStreamCounts>,
+    snapshots: SnapshotCounts,
 }
 
 impl PeerPool {
@@ -133,7 +134,13 @@ impl PeerPool {
             channels: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             counts: Arc::default(),
+            snapshots: SnapshotCounts::default(),
         }))
+    }
+
+    /// Snapshots sent and received by this node.
+    pub fn snapshot_counts(&self) -> &SnapshotCounts {
+        &self.snapshots
     }
 
     /// Replication streams and sessions of this node's leaders.
@@ -414,7 +421,12 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         let client = self.client().map_err(|e| network(&e))?;
         let (cluster, target) = (self.pool.cluster.clone(), self.target);
         let sent = tokio::select! {
-            sent = snapshot_send::send(outgoing, client, |request| address(request, &cluster, target)) => sent,
+            sent = snapshot_send::send(
+                outgoing,
+                client,
+                |request| address(request, &cluster, target),
+                &self.pool.snapshots,
+            ) => sent,
             closed = cancel => return Err(StreamingError::Closed(closed)),
         };
         let sent = sent.map_err(|e| match e {

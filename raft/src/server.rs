@@ -32,6 +32,10 @@ pub trait GroupRegistry: Send + Sync + 'static {
     fn identity(&self) -> (&str, NodeId);
     /// Set when the process started: Vote and PreVote are refused while it lasts.
     fn vote_hold(&self) -> VoteHold;
+    /// Where received snapshots are counted, if anywhere.
+    fn snapshot_counts(&self) -> Option<&crate::SnapshotCounts> {
+        None
+    }
 }
 
 /// The internal Raft service of a node.
@@ -248,6 +252,7 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
         // Dropped on any early return: the partial file goes with it.
         let mut receiver = SnapshotReceiver::create(&path, bytes_max).map_err(internal)?;
         let shard = first.shard_id;
+        let started = std::time::Instant::now();
         let mut offset = 0u64;
         let mut chunk = Some(first);
         while let Some(c) = chunk {
@@ -285,6 +290,11 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(path = %path.display(), error = %e, "failed to remove a received snapshot");
+        }
+        if installed.is_ok()
+            && let Some(counts) = self.registry.snapshot_counts()
+        {
+            counts.record_received(offset, started.elapsed());
         }
         match installed {
             Ok(response) => ok(&response),

@@ -28,6 +28,35 @@ const CHUNKS_QUEUED: usize = 4;
 /// How often progress is checked.
 const PROGRESS_TICK: Duration = Duration::from_millis(250);
 
+/// Snapshot transfers of this node, for the metrics page.
+#[derive(Debug, Default)]
+pub struct SnapshotCounts {
+    pub sent: AtomicU64,
+    pub sent_bytes: AtomicU64,
+    /// Time from taking the view to the peer's answer, summed.
+    pub sent_micros: AtomicU64,
+    pub received: AtomicU64,
+    pub received_bytes: AtomicU64,
+    /// Time from the first chunk to the installed state, summed.
+    pub received_micros: AtomicU64,
+}
+
+impl SnapshotCounts {
+    pub(crate) fn record_sent(&self, bytes: u64, took: Duration) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        self.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.sent_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_received(&self, bytes: u64, took: Duration) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        self.received_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.received_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
 /// One transfer to make.
 pub(crate) struct Outgoing {
     pub shard: ShardId,
@@ -73,6 +102,7 @@ pub(crate) async fn send(
     out: Outgoing,
     mut client: RaftClient<Channel>,
     address: impl FnOnce(&mut tonic::Request<ReceiverStream<SnapshotChunk>>),
+    counts: &SnapshotCounts,
 ) -> Result<RaftReply, SendError> {
     let started = Instant::now();
     let Outgoing {
@@ -178,6 +208,7 @@ pub(crate) async fn send(
         mb_per_s = written.bytes as f64 / 1e6 / secs.max(1e-9),
         "snapshot sent"
     );
+    counts.record_sent(written.bytes, started.elapsed());
     drop(guard);
     Ok(reply)
 }

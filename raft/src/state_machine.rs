@@ -150,7 +150,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut run = Vec::new();
         while let Some(item) = entries.next().await {
-            run.push(item?);
+            let item = item?;
+            if matches!(
+                &item.0.payload,
+                EntryPayload::Normal(crate::types::Request(
+                    dossier_storage::Command::ExpireSessions { .. }
+                ))
+            ) {
+                // Expiry reads the shard's whole session table: off the async runtime, after
+                // the entries before it.
+                self.apply_run(&mut run)?;
+                let sm = self.clone();
+                let mut expiry = vec![item];
+                tokio::task::spawn_blocking(move || sm.apply_run(&mut expiry))
+                    .await
+                    .map_err(io::Error::other)??;
+                continue;
+            }
+            run.push(item);
             if run.len() == APPLY_RUN_MAX {
                 self.apply_run(&mut run)?;
             }

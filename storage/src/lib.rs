@@ -28,7 +28,7 @@ pub type ShardId = u64;
 pub use config::{LogConfig, StoreConfig};
 pub use error::{Error, Result};
 pub use log::engine::{
-    APPEND_FRAME_BYTES_MAX, GroupState, LogEngine, LogStats, OnDurable, Pin, WriteBatch,
+    APPEND_FRAME_BYTES_MAX, GroupState, LogEngine, LogStats, OnDurable, Pin, Submit, WriteBatch,
 };
 pub use log::frame::FRAME_HEADER_BYTES;
 pub use log::record::HardState;

@@ -72,7 +72,15 @@ impl Admin for AdminService {
         let mut shards = Vec::new();
         for (shard, raft) in self.node.groups() {
             let m = raft.metrics().borrow_watched().clone();
-            let keys = match self.node.replica(shard).map(|r| r.key_count()).transpose() {
+            // Counting is a scan of the shard's tree: off the async runtime.
+            let counted = match self.node.replica(shard) {
+                Some(replica) => tokio::task::spawn_blocking(move || replica.key_count())
+                    .await
+                    .map_err(|e| Status::internal(format!("count keys of shard {shard}: {e}")))?
+                    .map(Some),
+                None => Ok(None),
+            };
+            let keys = match counted {
                 Ok(keys) => keys.unwrap_or(0) as u64,
                 Err(e) => {
                     return Err(Status::internal(format!(

@@ -258,3 +258,24 @@ pub fn patient_in_shard(client: &Client, shard: u64, salt: &str) -> String {
 pub fn shared<T>(v: T) -> Arc<T> {
     Arc::new(v)
 }
+
+/// The value of an unlabelled metric on a node's /metrics page (0 when absent, or while the
+/// node does not listen yet).
+pub async fn metric(node: &TestNode, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(node.config.http_listen).await else {
+        return 0.0;
+    };
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut page = String::new();
+    stream.read_to_string(&mut page).await.unwrap();
+    page.lines()
+        .find_map(|line| {
+            let (metric, value) = line.split_once(' ')?;
+            (metric == name).then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0.0)
+}

@@ -73,6 +73,23 @@ enum Op {
     },
 }
 
+/// Why [`LogEngine::try_submit`] did not queue a batch.
+pub enum Submit {
+    /// The batch breaks a rule or a limit, or the log failed or closed.
+    Refused(Error),
+    /// Too many bytes wait for the disk: the batch and its callback, handed back unqueued.
+    Full(WriteBatch, OnDurable),
+}
+
+impl std::fmt::Debug for Submit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Submit::Refused(e) => f.debug_tuple("Refused").field(e).finish(),
+            Submit::Full(batch, _) => f.debug_tuple("Full").field(&batch.len()).finish(),
+        }
+    }
+}
+
 /// The most bytes one appended entry adds to a batch beyond its payload (frame header and record
 /// fields).
 pub const APPEND_FRAME_BYTES_MAX: usize =
@@ -280,6 +297,30 @@ impl LogEngine {
     /// rule or a limit. Blocks while more than `pending-bytes-max` bytes wait for the disk. The
     /// batch is visible to readers as soon as this returns.
     pub fn submit(&self, batch: WriteBatch, on_durable: OnDurable) -> Result<()> {
+        match self.submit_or_return(batch, on_durable, true) {
+            Ok(()) => Ok(()),
+            Err(Submit::Refused(e)) => Err(e),
+            Err(Submit::Full(..)) => unreachable!("a blocking submit waits for room"),
+        }
+    }
+
+    /// Like [`LogEngine::submit`], but never blocks: when `pending-bytes-max` bytes already wait
+    /// for the disk, the batch and its callback are handed back (`Submit::Full`), unqueued, for
+    /// the caller to submit again from a thread that may wait (async callers).
+    pub fn try_submit(
+        &self,
+        batch: WriteBatch,
+        on_durable: OnDurable,
+    ) -> std::result::Result<(), Submit> {
+        self.submit_or_return(batch, on_durable, false)
+    }
+
+    fn submit_or_return(
+        &self,
+        batch: WriteBatch,
+        on_durable: OnDurable,
+        block: bool,
+    ) -> std::result::Result<(), Submit> {
         let config = &self.shared.config;
         for op in &batch.ops {
             let (group, index, bytes) = match op {
@@ -292,32 +333,35 @@ impl LogEngine {
                 _ => continue,
             };
             if bytes > config.entry_bytes_max as usize {
-                return Err(Error::EntryTooLarge {
+                return Err(Submit::Refused(Error::EntryTooLarge {
                     group,
                     index,
                     bytes,
                     max: config.entry_bytes_max,
-                });
+                }));
             }
         }
         let mut state = self.lock();
         loop {
             if state.failed {
-                return Err(Error::Failed);
+                return Err(Submit::Refused(Error::Failed));
             }
             if state.closing {
-                return Err(Error::Closed);
+                return Err(Submit::Refused(Error::Closed));
             }
-            let bytes = validate(&state, &batch, config)?;
+            let bytes = validate(&state, &batch, config).map_err(Submit::Refused)?;
             if bytes > config.batch_bytes_max {
-                return Err(Error::BatchTooLarge {
+                return Err(Submit::Refused(Error::BatchTooLarge {
                     bytes,
                     max: config.batch_bytes_max,
-                });
+                }));
             }
             let queued = state.tail.pending.bytes;
             if queued == 0 || queued + bytes <= config.pending_bytes_max {
                 break;
+            }
+            if !block {
+                return Err(Submit::Full(batch, on_durable));
             }
             state.room_waiters += 1;
             state = self
