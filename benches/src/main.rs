@@ -7,6 +7,7 @@
 mod clinical;
 mod closed_loop;
 mod cluster;
+mod soak;
 mod stats;
 mod storage;
 
@@ -158,6 +159,26 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
         #[arg(long, default_value_t = 7500)]
+        base_port: u16,
+    },
+    /// Soak and data scale on a local 3-node cluster: import synthetic patients (30,000 make
+    /// several GB of records), append observations for --seconds, then report throughput in the
+    /// first and last tenth of each phase, disk bytes per logical byte and peak RSS per node,
+    /// restart-to-ready time, and the time to rebuild a wiped node from its peers.
+    Soak {
+        #[arg(long, default_value_t = 30_000)]
+        patients: u64,
+        #[arg(long, default_value_t = 16)]
+        importers: usize,
+        /// Closed-loop clients of the append phase.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Seconds of the append phase.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        #[arg(long, default_value_t = 8)]
+        shards: u32,
+        #[arg(long, default_value_t = 7600)]
         base_port: u16,
     },
     /// SIGKILL of a shard leader under steady writes: client-observed gap, repeated.
@@ -378,6 +399,36 @@ fn main() -> Result<()> {
                 }
                 Ok::<_, anyhow::Error>(())
             })?;
+            return Ok(());
+        }
+        Command::Soak {
+            patients,
+            importers,
+            clients,
+            seconds,
+            shards,
+            base_port,
+        } => {
+            anyhow::ensure!(patients > 0, "--patients must be at least 1");
+            anyhow::ensure!(
+                seconds >= 10,
+                "--seconds must be at least 10 (tenths are compared)"
+            );
+            let spec = soak::SoakSpec {
+                patients,
+                importers,
+                clients,
+                seconds,
+                shards,
+                base_port,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let lines = runtime.block_on(soak::run(&dir.path().join("cluster"), &spec))?;
+            for line in lines {
+                println!("{line}");
+            }
             return Ok(());
         }
         Command::Failover {

@@ -126,6 +126,11 @@ impl NodeProc {
         self.child.is_some()
     }
 
+    /// The process id of the running child.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: the node stops at once, mid-write.
     pub fn kill9(&mut self) {
         self.signal(Signal::SIGKILL);
