@@ -497,7 +497,7 @@ pub async fn failover(
             .collect();
         tokio::time::sleep(Duration::from_secs(2)).await;
         // The leader as of now, after the writers warmed up (leadership may have moved).
-        let status = ops::status(&cluster.seeds).await?;
+        let status = ops::status(&cluster.seeds, false).await?;
         let leader = ops::leader_of(&status.replicas, target.shard_id)
             .map(|r| r.node_id)
             .context("the shard has a leader")?;

@@ -51,17 +51,28 @@ struct Phase {
     logical_bytes: AtomicU64,
 }
 
-/// Operations per second in the first and in the last tenth of `[start, end)`.
-fn tenths(times: &[Instant], start: Instant, end: Instant) -> (f64, f64) {
+/// Operations per second in each tenth of `[start, end)`.
+fn tenths(times: &[Instant], start: Instant, end: Instant) -> Vec<f64> {
     let tenth = (end - start) / 10;
-    let rate = |from: Instant| {
-        let n = times
-            .iter()
-            .filter(|t| **t >= from && **t < from + tenth)
-            .count();
-        n as f64 / tenth.as_secs_f64().max(1e-9)
-    };
-    (rate(start), rate(end - tenth))
+    (0..10)
+        .map(|k| {
+            let from = start + tenth * k;
+            let n = times
+                .iter()
+                .filter(|t| **t >= from && **t < from + tenth)
+                .count();
+            n as f64 / tenth.as_secs_f64().max(1e-9)
+        })
+        .collect()
+}
+
+/// The rates of every tenth, for the record: `120,118,...`.
+fn rates(tenths: &[f64]) -> String {
+    tenths
+        .iter()
+        .map(|r| format!("{r:.0}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn decline_percent(first: f64, last: f64) -> f64 {
@@ -76,7 +87,10 @@ async fn status(addr: &str) -> Result<NodeStatusResponse> {
     let mut admin = AdminClient::connect(format!("http://{addr}"))
         .await
         .with_context(|| format!("connect to {addr}"))?;
-    Ok(admin.node_status(NodeStatusRequest {}).await?.into_inner())
+    Ok(admin
+        .node_status(NodeStatusRequest::default())
+        .await?
+        .into_inner())
 }
 
 /// True when `node` holds a replica of every shard some node holds and each is at the highest
@@ -112,27 +126,9 @@ fn peak_rss(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// A counter from a node's /metrics page.
+/// A counter from a node's /metrics page (0 when absent).
 async fn metric(http: &str, name: &str) -> f64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(http).await else {
-        return 0.0;
-    };
-    if stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await
-        .is_err()
-    {
-        return 0.0;
-    }
-    let mut page = String::new();
-    let _ = stream.read_to_string(&mut page).await;
-    page.lines()
-        .find_map(|l| {
-            let (metric, value) = l.split_once(' ')?;
-            (metric == name).then(|| value.trim().parse().ok())?
-        })
-        .unwrap_or(0.0)
+    dossier_cli::procs::metric(http, name).await.unwrap_or(0.0)
 }
 
 async fn import(client: &Client, spec: &SoakSpec, phase: &Arc<Phase>) -> Result<()> {
@@ -259,9 +255,11 @@ pub async fn run(dir: &Path, spec: &SoakSpec) -> Result<Vec<String>> {
     let start = Instant::now();
     import(&client, spec, &imported).await?;
     let end = Instant::now();
-    let (first, last) = tenths(&imported.done.lock().await, start, end);
+    let all = tenths(&imported.done.lock().await, start, end);
+    let (first, last) = (all[0], all[9]);
     lines.push(
         Json::new("soak-import")
+            .str("tenths_per_s", &rates(&all))
             .num("patients", spec.patients as f64)
             .num("seconds", (end - start).as_secs_f64())
             .num(
@@ -288,9 +286,11 @@ pub async fn run(dir: &Path, spec: &SoakSpec) -> Result<Vec<String>> {
     let errors = soak(&client, spec, &appended).await?;
     let end = Instant::now();
     let done = appended.done.lock().await.len();
-    let (first, last) = tenths(&appended.done.lock().await, start, end);
+    let all = tenths(&appended.done.lock().await, start, end);
+    let (first, last) = (all[0], all[9]);
     lines.push(
         Json::new("soak-append")
+            .str("tenths_per_s", &rates(&all))
             .num("clients", spec.clients as f64)
             .num("seconds", (end - start).as_secs_f64())
             .num("ops", done as f64)
@@ -308,6 +308,9 @@ pub async fn run(dir: &Path, spec: &SoakSpec) -> Result<Vec<String>> {
     for p in &cluster.local.procs {
         let s = status(&p.grpc).await?;
         let rss = p.pid().and_then(peak_rss).unwrap_or(0);
+        // Copies of shards made so far: only for peers that needed one (none on a healthy run).
+        let sent = metric(&p.http, "dossier_snapshot_sent_bytes_total").await;
+        let reclaimed = metric(&p.http, "dossier_log_reclaimed_bytes_total").await;
         lines.push(
             Json::new("soak-footprint")
                 .num("node", p.id as f64)
@@ -319,6 +322,8 @@ pub async fn run(dir: &Path, spec: &SoakSpec) -> Result<Vec<String>> {
                     (s.state_bytes_on_disk + s.log_bytes_on_disk) as f64 / logical,
                 )
                 .num("peak_rss_bytes", rss as f64)
+                .num("snapshot_bytes_sent", sent)
+                .num("log_reclaimed_bytes", reclaimed)
                 .finish(),
         );
         eprintln!("{}", lines.last().expect("pushed"));

@@ -22,11 +22,14 @@ pub enum ClusterCommand {
         #[arg(long, default_value_t = 3)]
         replicas: u32,
     },
-    /// Show nodes and shards: leader, term, applied index and lag per shard, keys, disk use.
+    /// Show nodes and shards: leader, term, applied index and lag per shard, disk use.
     Status {
         /// Print one JSON object instead of tables.
         #[arg(long)]
         json: bool,
+        /// Also count each shard's keys: a scan of every replica, slow on large shards.
+        #[arg(long)]
+        keys: bool,
     },
 }
 
@@ -72,8 +75,8 @@ pub async fn run(cli: &Cli, command: &ClusterCommand) -> Result<()> {
                 map.shards.len()
             );
         }
-        ClusterCommand::Status { json } => {
-            let s = ops::status(&cli.seeds).await?;
+        ClusterCommand::Status { json, keys } => {
+            let s = ops::status(&cli.seeds, *keys).await?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&ops::status_json(&s))?);
             } else {

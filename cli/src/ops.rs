@@ -88,9 +88,11 @@ pub struct Status {
     pub replicas: Vec<ShardStatus>,
     pub disk: BTreeMap<u64, (u64, u64)>,
     pub unreachable: Vec<u64>,
+    /// Whether the nodes were asked to count keys (a scan of every replica).
+    pub keys_counted: bool,
 }
 
-pub async fn status(seeds: &[String]) -> Result<Status> {
+pub async fn status(seeds: &[String], count_keys: bool) -> Result<Status> {
     let mut map = None;
     let mut last = String::new();
     for seed in seeds {
@@ -113,7 +115,7 @@ pub async fn status(seeds: &[String]) -> Result<Status> {
     for node in &map.nodes {
         match admin(&node.address, Duration::from_secs(2))
             .await?
-            .node_status(NodeStatusRequest {})
+            .node_status(NodeStatusRequest { count_keys })
             .await
         {
             Ok(s) => {
@@ -125,6 +127,7 @@ pub async fn status(seeds: &[String]) -> Result<Status> {
         }
     }
     Ok(Status {
+        keys_counted: count_keys,
         map,
         replicas,
         disk,
@@ -203,7 +206,10 @@ pub fn print_status(s: &Status) {
             leader.map_or(0, |l| l.term),
             max_applied,
             max_applied - min_applied,
-            leader.map_or(0, |l| l.keys),
+            match leader {
+                Some(l) if s.keys_counted => l.keys.to_string(),
+                _ => "-".to_owned(),
+            },
             range
         );
     }
@@ -237,7 +243,9 @@ pub fn status_json(s: &Status) -> serde_json::Value {
             "last_log_index": r.last_log_index,
             "commit_index": r.commit_index,
             "applied_index": r.applied_index,
-            "keys": r.keys,
+            "keys": s.keys_counted.then_some(r.keys),
+            "snapshot_index": r.snapshot_index,
+            "purged_index": r.purged_index,
         })).collect::<Vec<_>>(),
         "map_version": s.map.version,
     })

@@ -135,11 +135,11 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
             .await?;
         println!("{sample_patient}: {kinds:?}");
     }
-    cluster::print_status(&cluster::status(&seeds).await?);
+    cluster::print_status(&cluster::status(&seeds, true).await?);
 
     let outcome = kill_leader_under_load(&client, &seeds, &mut local.procs, args.writers).await?;
 
-    cluster::print_status(&cluster::status(&seeds).await?);
+    cluster::print_status(&cluster::status(&seeds, true).await?);
     if outcome.lost > 0 {
         bail!("{} acknowledged writes were lost", outcome.lost);
     }
@@ -178,7 +178,7 @@ async fn kill_leader_under_load(
 ) -> Result<KillOutcome> {
     let map = client.cluster_map().context("map")?;
     let target = map.shards.first().context("a shard")?.clone();
-    let status = cluster::status(seeds).await?;
+    let status = cluster::status(seeds, false).await?;
     let leader = cluster::leader_of(&status.replicas, target.shard_id)
         .map(|r| r.node_id)
         .context("shard 1 has a leader")?;
@@ -306,7 +306,7 @@ async fn kill_leader_under_load(
         .wait_http_ok("healthz", Duration::from_secs(20))
         .await?;
     loop {
-        let s = cluster::status(seeds).await?;
+        let s = cluster::status(seeds, false).await?;
         let mine = s
             .replicas
             .iter()

@@ -180,6 +180,28 @@ impl Drop for NodeProc {
     }
 }
 
+/// An unlabelled metric from a node's `/metrics` page at `addr` (host:port); `None` when the node
+/// does not answer or has no such metric.
+pub async fn metric(addr: &str, name: &str) -> Option<f64> {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut page = String::new();
+        stream.read_to_string(&mut page).await.ok()?;
+        page.lines().find_map(|line| {
+            let (metric, value) = line.split_once(' ')?;
+            (metric == name).then(|| value.trim().parse().ok())?
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// A minimal HTTP/1.0 GET: true when the answer's status is 200.
 pub async fn http_ok(addr: &str, path: &str) -> bool {
     let attempt = async {

@@ -372,7 +372,7 @@ async fn nemesis_loop(
         let seeds = cluster.lock().await.seeds.clone();
         let target = if rng.below(2) == 0 {
             let shard = 1 + rng.below(config.shards as usize) as u64;
-            match ops::status(&seeds).await {
+            match ops::status(&seeds, false).await {
                 Ok(s) => ops::leader_of(&s.replicas, shard).map(|r| r.node_id),
                 Err(_) => None,
             }

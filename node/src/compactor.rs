@@ -10,7 +10,8 @@
 //! 1. a snapshot is triggered; it costs a flush of the state store at most
 //!    (`dossier_raft::StateMachine::build_snapshot` returns the replica's durable checkpoint,
 //!    the state the state store has on disk, and copies nothing);
-//! 2. once openraft has it, the log is purged up to it;
+//! 2. once openraft has it, the log is purged up to it (on a leader, not past what a follower
+//!    slightly behind still needs, unless the log nears its target);
 //! 3. the engine then deletes the segments no live entry needs.
 //!
 //! Steps follow each other at once while they reclaim segments, every 50 ms while the log is
@@ -55,6 +56,29 @@ pub fn mark(log: &dossier_storage::LogConfig) -> u64 {
     (log.disk_bytes_target / 2).saturating_sub(2 * log.segment_bytes_max)
 }
 
+/// How far a group's log may be purged: up to its snapshot, except that a leader keeps the
+/// entries a follower a little behind still needs (one within `kept` entries of the snapshot),
+/// so that a follower slowed by load is not sent the whole shard for want of a few entries. A
+/// follower further behind, or any follower once the log is `urgent`, is not waited for: it
+/// gets a snapshot.
+fn spare_followers(
+    metrics: &dossier_raft::openraft::RaftMetrics<dossier_raft::TypeConfig>,
+    snapshot: u64,
+    kept: u64,
+    urgent: bool,
+) -> u64 {
+    let Some(replication) = metrics.replication.as_ref().filter(|_| !urgent) else {
+        return snapshot;
+    };
+    let floor = snapshot.saturating_sub(kept);
+    replication
+        .values()
+        .map(|matching| matching.map_or(0, |l| l.index))
+        .filter(|&matching| matching >= floor)
+        .min()
+        .map_or(snapshot, |slowest| slowest.min(snapshot))
+}
+
 /// What a step found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -87,9 +111,14 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
 /// snapshot.
 pub async fn step(node: &Node) -> Step {
     let engine = node.engine();
-    if engine.stats().segment_bytes <= mark(&node.config.log) {
+    let frames = engine.stats().segment_bytes;
+    let mark = mark(&node.config.log);
+    if frames <= mark {
         return Step::Below;
     }
+    // Past half-way to the target's edge, followers that are behind are no longer spared.
+    let urgent = frames > mark + (node.config.log.disk_bytes_target / 2 - mark) / 2;
+    let kept = node.config.node.raft.log_entries_kept_after_snapshot;
     let pins = engine.pins(PINS_PER_TICK);
     let Some(oldest) = pins.first().map(|p| p.segment) else {
         return Step::Stuck;
@@ -122,8 +151,9 @@ pub async fn step(node: &Node) -> Step {
             .await;
         let metrics = raft.metrics().borrow_watched().clone();
         let snapshot = metrics.snapshot.map(|l| l.index);
-        if let Some(upto) = snapshot
-            && snapshot > metrics.purged.map(|l| l.index)
+        let upto = snapshot.map(|s| spare_followers(&metrics, s, kept, urgent));
+        if let Some(upto) = upto
+            && Some(upto) > metrics.purged.map(|l| l.index)
         {
             debug!(group, upto, "purge for compaction");
             if raft.trigger().purge_log(upto).await.is_ok() {

@@ -750,28 +750,14 @@ struct StreamCounts {
 
 impl StreamCounts {
     async fn of(cluster: &TestCluster) -> StreamCounts {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut sum = [0u64; 3];
         for node in cluster.nodes.iter().filter(|n| n.is_running()) {
-            let mut stream = tokio::net::TcpStream::connect(node.config.http_listen)
-                .await
-                .unwrap();
-            stream
-                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                .await
-                .unwrap();
-            let mut page = String::new();
-            stream.read_to_string(&mut page).await.unwrap();
             for (total, name) in sum.iter_mut().zip([
                 "dossier_raft_append_streams_opened_total",
                 "dossier_raft_append_sessions_total",
                 "dossier_raft_append_session_failures_total",
             ]) {
-                let line = page
-                    .lines()
-                    .find(|l| l.starts_with(&format!("{name} ")))
-                    .unwrap_or_else(|| panic!("{name} on the metrics page of node {}", node.id));
-                *total += line[name.len() + 1..].trim().parse::<u64>().unwrap();
+                *total += common::metric(node, name).await as u64;
             }
         }
         let [opened, sessions, failed] = sum;

@@ -37,7 +37,7 @@ async fn log_folder_stays_below_its_target() {
                 for node in 0..3 {
                     let mut admin = cluster.admin(node).await;
                     let status = admin
-                        .node_status(dossier_api::v1::NodeStatusRequest {})
+                        .node_status(dossier_api::v1::NodeStatusRequest::default())
                         .await
                         .unwrap()
                         .into_inner();

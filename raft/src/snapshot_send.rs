@@ -84,7 +84,9 @@ pub(crate) enum SendError {
     Stalled(String),
 }
 
-/// Removes the spool file when the transfer ends, however it ends.
+/// Removes the spool file when the transfer ends, however it ends: shared by the transfer and
+/// the blocking task writing the file, so that a transfer dropped while the file is still being
+/// written removes it once the writer is done.
 struct Spool(PathBuf);
 
 impl Drop for Spool {
@@ -114,12 +116,17 @@ pub(crate) async fn send(
         idle_timeout,
         install_timeout,
     } = out;
-    let guard = Spool(spool.clone());
-    let path = spool.clone();
-    let written = tokio::task::spawn_blocking(move || view.write_to(&path))
-        .await
-        .map_err(|e| SendError::Stalled(format!("snapshot writer task failed: {e}")))?
-        .map_err(|source| SendError::Local { shard, source })?;
+    let guard = Arc::new(Spool(spool.clone()));
+    let writer_guard = Arc::clone(&guard);
+    let written = tokio::task::spawn_blocking(move || {
+        let written = view.write_to(&writer_guard.0);
+        drop(view);
+        drop(writer_guard);
+        written
+    })
+    .await
+    .map_err(|e| SendError::Stalled(format!("snapshot writer task failed: {e}")))?
+    .map_err(|source| SendError::Local { shard, source })?;
     let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(CHUNKS_QUEUED);
     let sent = Arc::new(AtomicU64::new(0));
     let finished = Arc::new(AtomicBool::new(false));

@@ -66,14 +66,15 @@ impl Admin for AdminService {
 
     async fn node_status(
         &self,
-        _request: Request<NodeStatusRequest>,
+        request: Request<NodeStatusRequest>,
     ) -> Result<Response<NodeStatusResponse>, Status> {
+        let count_keys = request.into_inner().count_keys;
         let node_id = self.node.node_id();
         let mut shards = Vec::new();
         for (shard, raft) in self.node.groups() {
             let m = raft.metrics().borrow_watched().clone();
-            // Counting is a scan of the shard's tree: off the async runtime.
-            let counted = match self.node.replica(shard) {
+            // Counting is a scan of the shard's tree: only when asked, off the async runtime.
+            let counted = match self.node.replica(shard).filter(|_| count_keys) {
                 Some(replica) => tokio::task::spawn_blocking(move || replica.key_count())
                     .await
                     .map_err(|e| Status::internal(format!("count keys of shard {shard}: {e}")))?

@@ -189,7 +189,7 @@ impl TestCluster {
             let connect = AdminClient::connect(format!("http://{}", self.nodes[i].grpc));
             if let Ok(Ok(mut admin)) = tokio::time::timeout(Duration::from_secs(1), connect).await
                 && let Ok(s) = admin
-                    .node_status(dossier_api::v1::NodeStatusRequest {})
+                    .node_status(dossier_api::v1::NodeStatusRequest::default())
                     .await
             {
                 all.extend(s.into_inner().shards);

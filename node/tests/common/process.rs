@@ -194,7 +194,7 @@ impl ProcCluster {
                 let Ok(mut admin) = AdminClient::connect(format!("http://{a}")).await else {
                     continue;
                 };
-                let Ok(status) = admin.node_status(NodeStatusRequest {}).await else {
+                let Ok(status) = admin.node_status(NodeStatusRequest::default()).await else {
                     continue;
                 };
                 for s in status
