@@ -129,7 +129,7 @@ impl SnapshotView {
             payload.extend_from_slice(&value);
             bytes += write_frame(&mut out, &payload, &mut scratch).map_err(io)? as u64;
             meta.records += 1;
-            if meta.records % HOLD_CHECK_RECORDS == 0 {
+            if meta.records.is_multiple_of(HOLD_CHECK_RECORDS) {
                 self.intact()?;
             }
         }
