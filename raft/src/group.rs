@@ -111,8 +111,9 @@ impl RaftConfig {
             // A follower whose log went back to empty is a replaced disk (the disk-replacement
             // runbook in docs/operations.md): its leader starts its replication over (by
             // snapshot when the log is purged) instead of sending from where it was, forever.
-            // The replica votes for no one until it is up to date again (`server.rs`,
-            // `stateless_refusal`), so the entries it lost cannot be outvoted.
+            // While it holds no state the replica refuses candidates of groups that had a
+            // leader (`server.rs`, `stateless_refusal`, within its window), so the entries it
+            // lost are not outvoted while its leader brings it back.
             allow_log_reversion: Some(true),
             // The network applies its own snapshot deadline (NetworkConfig::snapshot_timeout).
             install_snapshot_timeout: 60_000,

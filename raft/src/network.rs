@@ -50,6 +50,10 @@ pub struct NetworkConfig {
     pub append_answer_timeout: Duration,
 }
 
+/// Numbers spool files, so that a transfer started while an abandoned one still writes its file
+/// never shares it.
+static SPOOL_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Default of [`NetworkConfig::append_pipeline_depth`] (docs/benchmarks.md).
 pub const APPEND_PIPELINE_DEPTH: usize = 4;
 
@@ -411,9 +415,11 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
             shard: self.shard,
             header,
             view,
-            spool: self
-                .snapshot_dir
-                .join(format!("outgoing-to-{}.partial", self.target)),
+            spool: self.snapshot_dir.join(format!(
+                "outgoing-to-{}-{}.partial",
+                self.target,
+                SPOOL_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            )),
             chunk_bytes: config.snapshot_chunk_bytes,
             idle_timeout: config.snapshot_idle_timeout,
             install_timeout: config.snapshot_install_timeout,

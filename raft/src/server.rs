@@ -112,7 +112,9 @@ impl<R: GroupRegistry> RaftServer<R> {
         };
         let rpc: VoteRequest<TypeConfig> =
             decode(&message.payload).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if let Some(refusal) = stateless_refusal(&raft, &rpc) {
+        if self.registry.vote_hold().stateless_window_open()
+            && let Some(refusal) = stateless_refusal(&raft, &rpc)
+        {
             return Ok(Err(refused(refusal)));
         }
         Ok(Ok((raft, rpc)))
@@ -130,8 +132,11 @@ impl<R: GroupRegistry> RaftServer<R> {
 /// entry's 0). Such a replica is a new one or one whose disk was replaced: in the second case it
 /// may have voted in a term still running, or been part of the majority that committed entries
 /// it no longer holds, and a vote now could elect a second leader in a term or one missing those
-/// entries. It votes again once a leader has brought it up to date. A group that never had a
-/// leader has committed nothing, so its first elections go ahead (cluster initialisation).
+/// entries. A group that never had a leader has committed nothing, so its first elections go
+/// ahead (cluster initialisation). The rule holds for `STATELESS_VOTE_WINDOW` after the process
+/// started (a live leader reaches a rebuilt replica well within it): a new group whose first
+/// leader failed before it replicated anything can then still elect another. Limits: a replica
+/// that received part of its state votes normally, and after the window so does an empty one.
 fn stateless_refusal(raft: &Raft, rpc: &VoteRequest<TypeConfig>) -> Option<String> {
     use openraft::async_runtime::WatchReceiver;
     let metrics = raft.metrics().borrow_watched().clone();
@@ -231,9 +236,11 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
     ) -> Result<Response<RaftReply>, Status> {
         self.check(&request)?;
         let mut chunks = request.into_inner();
-        let first = chunks
-            .next()
+        let first = tokio::time::timeout(SNAPSHOT_CHUNK_IDLE, chunks.next())
             .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!("no snapshot chunk for {SNAPSHOT_CHUNK_IDLE:?}"))
+            })?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         let raft = match self.group(first.shard_id) {
             Ok(raft) => raft,
@@ -321,6 +328,7 @@ mod tests {
     /// One replica of shard 7 with no state at all, on node 2.
     struct Registry {
         raft: Raft,
+        hold: VoteHold,
     }
 
     impl GroupRegistry for Registry {
@@ -337,13 +345,15 @@ mod tests {
             ("test", 2)
         }
         fn vote_hold(&self) -> VoteHold {
-            VoteHold::none()
+            self.hold
         }
     }
 
     /// A replica with no state refuses a candidate whose group has had a leader (a replaced disk
     /// may have voted in that term, or lost entries it helped commit), and answers the first
-    /// elections of a group that never had one (cluster initialisation).
+    /// elections of a group that never had one (cluster initialisation). Once the stateless
+    /// window since the process started has passed, it answers both (a new group whose first
+    /// leader died before replicating anything must still elect one).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stateless_replica_votes_only_in_a_group_that_never_had_a_leader() {
         let dir = tempfile::tempdir().unwrap();
@@ -385,7 +395,13 @@ mod tests {
         .await
         .unwrap();
         let (_stop, stopping) = tokio::sync::watch::channel(false);
-        let server = RaftServer::new(Arc::new(Registry { raft }), stopping);
+        let server = RaftServer::new(
+            Arc::new(Registry {
+                raft: raft.clone(),
+                hold: VoteHold::none(),
+            }),
+            stopping.clone(),
+        );
         let ask = |last_index: u64| {
             let vote = VoteRequest::<TypeConfig>::new(
                 Vote::new(5, 1),
@@ -411,6 +427,21 @@ mod tests {
             assert!(error.contains("holds no state"), "{error}");
         }
         let answer = tokio::time::timeout(Duration::from_secs(5), server.vote(ask(0)))
+            .await
+            .unwrap()
+            .unwrap()
+            .into_inner();
+        assert!(answer.error.is_empty(), "{}", answer.error);
+        let later = RaftServer::new(
+            Arc::new(Registry {
+                raft,
+                hold: VoteHold::started_ago(
+                    crate::vote_hold::STATELESS_VOTE_WINDOW + Duration::from_secs(1),
+                ),
+            }),
+            stopping,
+        );
+        let answer = tokio::time::timeout(Duration::from_secs(5), later.pre_vote(ask(400)))
             .await
             .unwrap()
             .unwrap()

@@ -73,8 +73,22 @@ impl StateMachine {
         };
         std::fs::create_dir_all(&snapshot_dir)?;
         for dirent in std::fs::read_dir(&snapshot_dir)? {
-            // Transfers cut short by a crash, and snapshot files of earlier versions.
+            // Transfers cut short by a crash, and snapshot files of earlier versions. Those
+            // versions purged the log up to a snapshot file that the state store might not have
+            // reached on disk yet: such a file is installed before it goes.
             let path = dirent?.path();
+            if path.extension().is_some_and(|e| e == "snap") {
+                let header = dossier_storage::read_snapshot_header(&path).map_err(io_error)?;
+                let ahead = header.applied.as_ref().map(|a| a.index) > handle.applied_index();
+                if ahead {
+                    tracing::info!(
+                        shard,
+                        path = %path.display(),
+                        "installing a snapshot an earlier version left ahead of the state store"
+                    );
+                    store.install_snapshot(shard, &path).map_err(io_error)?;
+                }
+            }
             if let Err(e) = std::fs::remove_file(&path) {
                 tracing::warn!(path = %path.display(), error = %e, "failed to remove a leftover snapshot file");
             }
@@ -277,5 +291,54 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             meta,
             snapshot: SnapshotData::Checkpoint,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use dossier_storage::{ApplyEntry, Batch, Command, EntryPayload, StateStore, StoreConfig};
+
+    use super::StateMachine;
+
+    fn store(dir: &std::path::Path) -> Arc<StateStore> {
+        let config = StoreConfig {
+            dir: dir.to_path_buf(),
+            ..StoreConfig::default()
+        };
+        Arc::new(StateStore::open(config.validate().unwrap()).unwrap())
+    }
+
+    /// An earlier version left a snapshot file ahead of its state store (it purged the log up
+    /// to the file, before its state store was flushed): opening installs it before removing it,
+    /// so the replica is not left below its log's purge point.
+    #[test]
+    fn a_snapshot_file_left_ahead_of_the_state_is_installed_on_open() {
+        let source = tempfile::tempdir().unwrap();
+        let shard = store(source.path()).create_shard(7).unwrap();
+        let entries: Vec<ApplyEntry> = (1..=50)
+            .map(|i| ApplyEntry {
+                index: i,
+                log_id: Bytes::from(vec![0u8; 3]),
+                payload: EntryPayload::Command(Command::Txn {
+                    session: None,
+                    batch: Batch::put(format!("k{i}"), "v"),
+                }),
+            })
+            .collect();
+        shard.apply(&entries).unwrap();
+        let target = tempfile::tempdir().unwrap();
+        let snapshots = target.path().join("snapshots");
+        std::fs::create_dir_all(&snapshots).unwrap();
+        let file = snapshots.join("snapshot-00000000000000000051.snap");
+        shard.build_snapshot(&file).unwrap();
+
+        let sm =
+            StateMachine::open(store(&target.path().join("state")), 7, snapshots.clone()).unwrap();
+        assert_eq!(sm.shard().applied_index(), Some(50));
+        assert_eq!(sm.shard().get(b"k50").unwrap().as_deref(), Some(&b"v"[..]));
+        assert_eq!(std::fs::read_dir(&snapshots).unwrap().count(), 0);
     }
 }

@@ -20,7 +20,15 @@ use crate::group::Raft;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VoteHold {
     until: Instant,
+    /// When the process started.
+    started: Instant,
 }
+
+/// How long after the process started a replica with no state refuses to vote for candidates of
+/// groups that have had a leader (`crate::server::stateless_refusal`): long enough for a live
+/// leader to reach a rebuilt replica, bounded so that a new group whose first leader failed
+/// before replicating anything can still elect one.
+pub const STATELESS_VOTE_WINDOW: Duration = Duration::from_secs(30);
 
 impl VoteHold {
     /// Called once, when the process starts, on its log: a hold of one leader lease
@@ -31,8 +39,10 @@ impl VoteHold {
         } else {
             Duration::from_millis(config.election_timeout_max)
         };
+        let now = Instant::now();
         VoteHold {
-            until: Instant::now() + hold,
+            until: now + hold,
+            started: now,
         }
     }
 
@@ -41,7 +51,22 @@ impl VoteHold {
     pub(crate) fn none() -> Self {
         VoteHold {
             until: Instant::now(),
+            started: Instant::now(),
         }
+    }
+
+    /// A process that started `ago` (tests of the stateless vote window).
+    #[cfg(test)]
+    pub(crate) fn started_ago(ago: Duration) -> Self {
+        VoteHold {
+            until: Instant::now(),
+            started: Instant::now() - ago,
+        }
+    }
+
+    /// Whether replicas with no state still refuse candidates of groups that have had a leader.
+    pub fn stateless_window_open(&self) -> bool {
+        self.started.elapsed() < STATELESS_VOTE_WINDOW
     }
 
     /// The time left, if the hold is still on.
@@ -73,7 +98,6 @@ mod tests {
     use dossier_api::raft::v1::RaftMessage;
     use dossier_api::raft::v1::raft_server::Raft as RaftService;
     use openraft::raft::VoteRequest;
-    use tokio::time::Instant;
 
     use super::VoteHold;
     use crate::server::{GroupRegistry, RaftServer};
@@ -147,9 +171,7 @@ mod tests {
             let error = vote_answer(hold, pre).await;
             assert!(error.starts_with("vote held for"), "{error}");
         }
-        let over = VoteHold {
-            until: Instant::now(),
-        };
+        let over = VoteHold::none();
         assert_eq!(over.remaining(), None);
         for pre in [false, true] {
             let error = vote_answer(over, pre).await;

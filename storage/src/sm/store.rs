@@ -179,8 +179,14 @@ impl StateStore {
 
     /// Removes the replica of `shard` and its data.
     pub fn remove_shard(&self, shard: ShardId) -> Result<()> {
-        let mut shards = self.inner.shards.lock().unwrap_or_else(|e| e.into_inner());
-        let handle = shards.remove(&shard).ok_or(Error::ShardMissing { shard })?;
+        // Out of the map first, and the map's lock released: `flush` takes it again.
+        let handle = self
+            .inner
+            .shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&shard)
+            .ok_or(Error::ShardMissing { shard })?;
         let _applying = handle.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.inner
             .catalog

@@ -494,7 +494,10 @@ impl SnapshotReceiver {
         fs::rename(&self.tmp, &self.path)
             .map_err(|e| Error::io("rename received snapshot", &self.path, e))?;
         self.finished = true;
-        sync_dir(&self.path)?;
+        if let Err(e) = sync_dir(&self.path) {
+            let _ = fs::remove_file(&self.path);
+            return Err(e);
+        }
         Ok(self.path.clone())
     }
 
