@@ -261,7 +261,6 @@ async fn duplicated_request_applies_once() {
     let cluster = TestCluster::start(3, 1, 3, &|_| {}).await;
     let client = cluster.client().await;
     let patient = patient_in_shard(&client, 1, "dup");
-    let mut kv = kv_of_leader(&cluster, 1).await;
     let request = || BatchRequest {
         route: Some(RouteHeader {
             patient_id: patient.clone(),
@@ -283,8 +282,8 @@ async fn duplicated_request_applies_once() {
             })),
         }],
     };
-    let first = kv.batch(request()).await.unwrap().into_inner();
-    let retry = kv.batch(request()).await.unwrap().into_inner();
+    let first = batch_at_leader(&cluster, request()).await.unwrap();
+    let retry = batch_at_leader(&cluster, request()).await.unwrap();
     assert!(
         first.applied && retry.applied,
         "the retry returns the first outcome"
@@ -297,9 +296,9 @@ async fn duplicated_request_applies_once() {
         client_session: 77,
         sequence: 2,
     });
-    assert!(!kv.batch(again).await.unwrap().into_inner().applied);
+    assert!(!batch_at_leader(&cluster, again).await.unwrap().applied);
     // An older sequence number is refused.
-    let status = kv.batch(request()).await.unwrap_err();
+    let status = batch_at_leader(&cluster, request()).await.unwrap_err();
     assert_eq!(reason(&status), ErrorReason::Session);
 }
 
@@ -436,6 +435,24 @@ async fn kv_of_leader(cluster: &TestCluster, shard: u64) -> KvClient<tonic::tran
     KvClient::connect(format!("http://{}", node.grpc))
         .await
         .unwrap()
+}
+
+/// `request` sent to shard 1's leader, again to the new one if leadership moved meanwhile (a
+/// busy machine can delay heartbeats past an election timeout).
+async fn batch_at_leader(
+    cluster: &TestCluster,
+    request: BatchRequest,
+) -> Result<dossier_api::v1::WriteResponse, tonic::Status> {
+    for _ in 0..50 {
+        let mut kv = kv_of_leader(cluster, 1).await;
+        match kv.batch(request.clone()).await {
+            Err(status) if reason(&status) == ErrorReason::NotLeader => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            answer => return answer.map(tonic::Response::into_inner),
+        }
+    }
+    panic!("shard 1 kept changing leaders");
 }
 
 /// Every answer of a bundle, in item order; each item answered exactly once.
