@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use dossier_api::records::fhir::ImportedBundle;
 use dossier_api::records::synth;
-use dossier_api::v1::admin_client::AdminClient;
-use dossier_api::v1::{NodeStatusRequest, NodeStatusResponse};
+use dossier_cli::ops;
 use dossier_client::{Client, WriteOptions};
 use prost::Message;
 use tokio::sync::Mutex;
@@ -83,28 +82,16 @@ fn decline_percent(first: f64, last: f64) -> f64 {
     }
 }
 
-async fn status(addr: &str) -> Result<NodeStatusResponse> {
-    let mut admin = AdminClient::connect(format!("http://{addr}"))
-        .await
-        .with_context(|| format!("connect to {addr}"))?;
-    Ok(admin
-        .node_status(NodeStatusRequest::default())
-        .await?
-        .into_inner())
-}
-
 /// True when `node` holds a replica of every shard some node holds and each is at the highest
-/// applied index any node reports.
+/// applied index any node reports (every node answering).
 async fn caught_up(seeds: &[String], node: u64) -> bool {
-    let mut all = Vec::new();
-    for addr in seeds {
-        match status(addr).await {
-            Ok(s) => all.extend(s.shards),
-            Err(_) => return false,
-        }
-    }
+    let Ok(status) = ops::status(seeds, false).await else {
+        return false;
+    };
+    let all = &status.replicas;
     let shards: std::collections::BTreeSet<u64> = all.iter().map(|r| r.shard_id).collect();
-    !shards.is_empty()
+    status.unreachable.is_empty()
+        && !shards.is_empty()
         && shards.iter().all(|shard| {
             let best = all
                 .iter()
@@ -305,8 +292,13 @@ pub async fn run(dir: &Path, spec: &SoakSpec) -> Result<Vec<String>> {
 
     let logical = (imported.logical_bytes.load(Ordering::Relaxed)
         + appended.logical_bytes.load(Ordering::Relaxed)) as f64;
+    let status = ops::status(&seeds, false).await?;
     for p in &cluster.local.procs {
-        let s = status(&p.grpc).await?;
+        let (state_bytes, log_bytes) = status
+            .disk
+            .get(&p.id)
+            .copied()
+            .with_context(|| format!("node {} did not answer", p.id))?;
         let rss = p.pid().and_then(peak_rss).unwrap_or(0);
         // Copies of shards made so far: only for peers that needed one (none on a healthy run).
         let sent = metric(&p.http, "dossier_snapshot_sent_bytes_total").await;
@@ -315,11 +307,11 @@ pub async fn run(dir: &Path, spec: &SoakSpec) -> Result<Vec<String>> {
             Json::new("soak-footprint")
                 .num("node", p.id as f64)
                 .num("logical_bytes", logical)
-                .num("state_bytes", s.state_bytes_on_disk as f64)
-                .num("log_bytes", s.log_bytes_on_disk as f64)
+                .num("state_bytes", state_bytes as f64)
+                .num("log_bytes", log_bytes as f64)
                 .num(
                     "disk_per_logical_byte",
-                    (s.state_bytes_on_disk + s.log_bytes_on_disk) as f64 / logical,
+                    (state_bytes + log_bytes) as f64 / logical,
                 )
                 .num("peak_rss_bytes", rss as f64)
                 .num("snapshot_bytes_sent", sent)

@@ -106,9 +106,9 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// One look at the log: when it is above half its target, each group pinning the oldest segment
-/// is checkpointed (if its durable state moved past its last snapshot) and purged up to its
-/// snapshot.
+/// One look at the log: when it is above its mark, each group pinning the oldest segment is
+/// checkpointed (if it applied past its last snapshot) and purged up to its snapshot, sparing
+/// followers slightly behind (`spare_followers`).
 pub async fn step(node: &Node) -> Step {
     let engine = node.engine();
     let frames = engine.stats().segment_bytes;

@@ -145,15 +145,7 @@ async fn node_behind_the_purge_point_catches_up_by_snapshot() {
     let client = cluster.client().await;
     let patient = patient_in_shard(&client, 1, "snap");
     client.put(&patient, b"before", b"1").await.unwrap();
-    let leader = cluster.leader_of(1).await.unwrap();
-    let down = cluster
-        .nodes
-        .iter()
-        .map(|n| n.id)
-        .find(|id| *id != leader)
-        .unwrap();
-    let index = cluster.node_index(down);
-    cluster.nodes[index].stop().await;
+    let (down, index) = cluster.stop_a_follower_of(1).await;
     for i in 0..300 {
         client
             .put(&patient, format!("k{i:03}").as_bytes(), b"x")

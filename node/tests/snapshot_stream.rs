@@ -26,15 +26,7 @@ async fn snapshot_longer_than_the_request_deadline_arrives() {
     let mut cluster = TestCluster::start(3, 1, 3, &tweak).await;
     let client = cluster.client().await;
     let patient = patient_in_shard(&client, 1, "stream");
-    let leader = cluster.leader_of(1).await.unwrap();
-    let down = cluster
-        .nodes
-        .iter()
-        .map(|n| n.id)
-        .find(|id| *id != leader)
-        .unwrap();
-    let index = cluster.node_index(down);
-    cluster.nodes[index].stop().await;
+    let (down, index) = cluster.stop_a_follower_of(1).await;
     let value: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
     let writers: Vec<_> = (0..4)
         .map(|w| {

@@ -24,9 +24,6 @@ pub struct LogStore {
     send_bytes_max: usize,
 }
 
-/// Entries read from the engine per step while filling a replication batch.
-const READ_STEP_ENTRIES: u64 = 16;
-
 impl LogStore {
     pub fn new(engine: Arc<LogEngine>, group: GroupId, send_bytes_max: usize) -> Self {
         LogStore {
@@ -111,28 +108,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         start: u64,
         end: u64,
     ) -> Result<Vec<Entry>, io::Error> {
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        let mut next = start;
-        while next < end {
-            let step_end = end.min(next.saturating_add(READ_STEP_ENTRIES));
-            let raw = self
-                .engine
-                .entries(self.group, next..step_end)
-                .map_err(io_error)?;
-            if raw.is_empty() {
-                break;
-            }
-            for (index, data) in &raw {
-                if !out.is_empty() && bytes + data.len() > self.send_bytes_max {
-                    return Ok(out);
-                }
-                bytes += data.len();
-                out.push(decode(data)?);
-                next = index + 1;
-            }
-        }
-        Ok(out)
+        let raw = self
+            .engine
+            .entries_up_to(self.group, start..end, self.send_bytes_max)
+            .map_err(io_error)?;
+        raw.iter().map(|(_, bytes)| decode(bytes)).collect()
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {

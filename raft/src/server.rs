@@ -310,30 +310,22 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
     }
 }
 
+/// A registry for tests of the service: node 2 of cluster "test", with at most one replica (of
+/// shard 7).
 #[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use dossier_api::raft::v1::RaftMessage;
-    use dossier_api::raft::v1::raft_server::Raft as RaftService;
-    use dossier_storage::{LogConfig, LogEngine, StateStore, StoreConfig};
-    use openraft::raft::VoteRequest;
-
-    use super::{GroupRegistry, RaftServer};
-    use crate::types::{LogId, TypeConfig, Vote, encode};
+pub(crate) mod test_registry {
+    use super::GroupRegistry;
     use crate::vote_hold::VoteHold;
-    use crate::{GroupNetwork, LogStore, NetworkConfig, NodeId, PeerPool, Raft, StateMachine};
+    use crate::{NodeId, Raft};
 
-    /// One replica of shard 7 with no state at all, on node 2.
-    struct Registry {
-        raft: Raft,
-        hold: VoteHold,
+    pub(crate) struct Registry {
+        pub(crate) raft: Option<Raft>,
+        pub(crate) hold: VoteHold,
     }
 
     impl GroupRegistry for Registry {
         fn raft(&self, shard: u64) -> Option<Raft> {
-            (shard == 7).then(|| self.raft.clone())
+            self.raft.clone().filter(|_| shard == 7)
         }
         fn incoming_snapshot_path(&self, _shard: u64) -> Option<std::path::PathBuf> {
             None
@@ -348,6 +340,23 @@ mod tests {
             self.hold
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use dossier_api::raft::v1::RaftMessage;
+    use dossier_api::raft::v1::raft_server::Raft as RaftService;
+    use dossier_storage::{LogConfig, LogEngine, StateStore, StoreConfig};
+    use openraft::raft::VoteRequest;
+
+    use super::RaftServer;
+    use super::test_registry::Registry;
+    use crate::types::{LogId, TypeConfig, Vote, encode};
+    use crate::vote_hold::VoteHold;
+    use crate::{GroupNetwork, LogStore, NetworkConfig, PeerPool, Raft, StateMachine};
 
     /// A replica with no state refuses a candidate whose group has had a leader (a replaced disk
     /// may have voted in that term, or lost entries it helped commit), and answers the first
@@ -397,7 +406,7 @@ mod tests {
         let (_stop, stopping) = tokio::sync::watch::channel(false);
         let server = RaftServer::new(
             Arc::new(Registry {
-                raft: raft.clone(),
+                raft: Some(raft.clone()),
                 hold: VoteHold::none(),
             }),
             stopping.clone(),
@@ -434,7 +443,7 @@ mod tests {
         assert!(answer.error.is_empty(), "{}", answer.error);
         let later = RaftServer::new(
             Arc::new(Registry {
-                raft,
+                raft: Some(raft),
                 hold: VoteHold::started_ago(
                     crate::vote_hold::STATELESS_VOTE_WINDOW + Duration::from_secs(1),
                 ),

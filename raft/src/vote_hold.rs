@@ -100,36 +100,13 @@ mod tests {
     use openraft::raft::VoteRequest;
 
     use super::VoteHold;
-    use crate::server::{GroupRegistry, RaftServer};
+    use crate::server::RaftServer;
+    use crate::server::test_registry::Registry;
     use crate::types::{TypeConfig, Vote, encode};
-    use crate::{NodeId, Raft};
-
-    /// A node without replicas.
-    struct Registry {
-        hold: VoteHold,
-    }
-
-    impl GroupRegistry for Registry {
-        fn raft(&self, _shard: u64) -> Option<Raft> {
-            None
-        }
-        fn incoming_snapshot_path(&self, _shard: u64) -> Option<std::path::PathBuf> {
-            None
-        }
-        fn snapshot_bytes_max(&self) -> u64 {
-            0
-        }
-        fn identity(&self) -> (&str, NodeId) {
-            ("test", 2)
-        }
-        fn vote_hold(&self) -> VoteHold {
-            self.hold
-        }
-    }
 
     async fn vote_answer(hold: VoteHold, pre: bool) -> String {
         let (_stop, stopping) = tokio::sync::watch::channel(false);
-        let server = RaftServer::new(Arc::new(Registry { hold }), stopping);
+        let server = RaftServer::new(Arc::new(Registry { raft: None, hold }), stopping);
         let vote = VoteRequest::<TypeConfig>::new(Vote::new(3, 1), None);
         let mut request = tonic::Request::new(RaftMessage {
             shard_id: 7,

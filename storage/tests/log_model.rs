@@ -372,3 +372,27 @@ fn limits_are_typed_errors() {
         "{second:?}"
     );
 }
+
+/// `entries_up_to` returns a prefix of `entries` whose payloads stay within the byte budget
+/// (at least one entry), from the read cache and from disk alike (the cache here holds 16 KiB).
+#[test]
+fn entries_up_to_stops_at_the_byte_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = LogEngine::open(small_config(dir.path())).unwrap();
+    for index in 1..=64u64 {
+        let mut batch = WriteBatch::new();
+        batch.append(1, index, Bytes::from(vec![index as u8; 1000]));
+        engine.write(batch).unwrap();
+    }
+    let all = engine.entries(1, 1..65).unwrap();
+    assert_eq!(all.len(), 64);
+    for (from, budget) in [(1u64, 10_500usize), (60, 2_500), (1, 1), (5, 0)] {
+        let got = engine.entries_up_to(1, from..65, budget).unwrap();
+        let bytes: usize = got.iter().map(|(_, d)| d.len()).sum();
+        assert!(!got.is_empty(), "at least one entry");
+        assert!(got.len() == 1 || bytes <= budget, "{budget}: {bytes}");
+        assert_eq!(got[..], all[(from - 1) as usize..][..got.len()]);
+    }
+    // 10 payloads of 1000 bytes fit 10,500 bytes, from the cache or from disk.
+    assert_eq!(engine.entries_up_to(1, 1..65, 10_500).unwrap().len(), 10);
+}

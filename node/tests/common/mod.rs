@@ -232,6 +232,21 @@ impl TestCluster {
         }
     }
 
+    /// Stops (as SIGTERM would) a node that holds a replica of `shard` but does not lead it;
+    /// returns its id and index.
+    pub async fn stop_a_follower_of(&mut self, shard: u64) -> (u64, usize) {
+        let leader = self.leader_of(shard).await.unwrap();
+        let down = self
+            .nodes
+            .iter()
+            .map(|n| n.id)
+            .find(|id| *id != leader)
+            .unwrap();
+        let index = self.node_index(down);
+        self.nodes[index].stop().await;
+        (down, index)
+    }
+
     pub fn node_index(&self, id: u64) -> usize {
         self.nodes.iter().position(|n| n.id == id).unwrap()
     }

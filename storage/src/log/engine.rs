@@ -412,6 +412,18 @@ impl LogEngine {
     /// The entries of `group` with indexes in `range` that the log holds, in order, as
     /// `(index, payload)`. Indexes outside the group's bounds are simply not returned.
     pub fn entries(&self, group: GroupId, range: Range<u64>) -> Result<Vec<(u64, Bytes)>> {
+        self.entries_up_to(group, range, usize::MAX)
+    }
+
+    /// Like [`LogEngine::entries`], but stops before the entry that would take the payloads
+    /// read past `bytes_max` (at least one entry is read): what a replication message carries,
+    /// without reading what it cannot.
+    pub fn entries_up_to(
+        &self,
+        group: GroupId,
+        range: Range<u64>,
+        bytes_max: usize,
+    ) -> Result<Vec<(u64, Bytes)>> {
         enum Slot {
             Cached(Bytes),
             OnDisk(Loc, Arc<File>),
@@ -424,8 +436,19 @@ impl LogEngine {
             let lo = range.start.max(g.span.first);
             let hi = range.end.min(g.span.end);
             let mut slots = Vec::with_capacity(usize::try_from(hi.saturating_sub(lo)).unwrap_or(0));
+            let mut bytes = 0usize;
             for index in lo..hi {
-                if let Some((_, data)) = g.cached(index) {
+                let cached = g.cached(index).map(|(_, data)| data);
+                // A frame's length bounds its payload's from above.
+                let size = cached.map_or_else(
+                    || g.loc(index).map_or(0, |loc| loc.len as usize),
+                    Bytes::len,
+                );
+                if !slots.is_empty() && bytes.saturating_add(size) > bytes_max {
+                    break;
+                }
+                bytes += size;
+                if let Some(data) = cached {
                     slots.push((index, Slot::Cached(data.clone())));
                     continue;
                 }
