@@ -20,5 +20,3 @@ pub mod raft {
 
 mod hash;
 pub use hash::{PATIENT_HASH_SEED, patient_hash};
-
-pub mod records;

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use dossier_api::records::fhir::ImportedBundle;
-use dossier_api::records::synth;
+use dossier_fhir::ImportedBundle;
+use dossier_records::synth;
 use dossier_api::v1::{ResourceType, TransactionEntry, WriteOutcome, transaction_entry};
 use dossier_client::{Client, WriteOptions};
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use dossier_api::records::synth::Rng;
+use dossier_records::synth::Rng;
 use dossier_cli::ops;
 use dossier_cli::procs;
 use dossier_client::{Client, ReadConsistency};

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use dossier_api::records::fhir::ImportedBundle;
-use dossier_api::records::synth;
+use dossier_fhir::ImportedBundle;
+use dossier_records::synth;
 use dossier_cli::ops;
 use dossier_client::{Client, WriteOptions};
 use prost::Message;

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use dossier_api::records::fhir::{self, ImportOptions};
-use dossier_api::records::type_from_name;
+use dossier_fhir::{self as fhir, ImportOptions};
+use dossier_records::type_from_name;
 use dossier_api::v1::ResourceType;
 use dossier_cli::records::{refusal, write_bundle};
 use dossier_client::{WriteOptions, is_applied};
@@ -402,7 +402,7 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
 }
 
 fn generate(count: u64, seed: u64, out: &Path) -> Result<()> {
-    use dossier_api::records::synth;
+    use dossier_records::synth;
     std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
     let started = Instant::now();
     let mut records = 0;

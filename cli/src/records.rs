@@ -4,8 +4,8 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::{Result, bail};
-use dossier_api::records::fhir::ImportedBundle;
-use dossier_api::records::record_refs;
+use dossier_fhir::ImportedBundle;
+use dossier_records::record_refs;
 use dossier_api::v1::{
     RecordWriteResponse, Resource, TransactionEntry, WriteOutcome, transaction_entry,
 };
@@ -40,7 +40,7 @@ pub fn chunks(records: &[Resource], max: usize) -> Vec<Vec<Resource>> {
         let t = r
             .kind
             .as_ref()
-            .map_or(0, |k| dossier_api::records::kind_type(k) as i32);
+            .map_or(0, |k| dossier_records::kind_type(k) as i32);
         (t, r.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default())
     };
     let index: HashMap<(i32, String), usize> = records
@@ -98,12 +98,12 @@ pub async fn write_bundle(
     // Every record is checked as the server will check it before anything is written, so that
     // bad content never leaves a bundle half-written (the server's limits may still be lower
     // than the defaults used here).
-    let limits = dossier_api::records::Limits::default();
-    dossier_api::records::validate_new_record(&imported.patient, "patient", &patient_id, &limits)
+    let limits = dossier_records::Limits::default();
+    dossier_records::validate_new_record(&imported.patient, "patient", &patient_id, &limits)
         .map_err(|e| anyhow::anyhow!("patient {patient_id}: {e}"))?;
     for r in &imported.records {
         let id = r.meta.as_ref().map_or("", |m| m.id.as_str());
-        dossier_api::records::validate_new_record(r, "record", &patient_id, &limits)
+        dossier_records::validate_new_record(r, "record", &patient_id, &limits)
             .map_err(|e| anyhow::anyhow!("patient {patient_id}, record {id}: {e}"))?;
     }
     let w = client

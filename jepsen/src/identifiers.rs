@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dossier_api::records::SYSTEM_INSZ;
+use dossier_records::SYSTEM_INSZ;
 use dossier_api::v1::{
     HumanName, Identifier, Meta, Patient, RecordStatus, Resource, ResourceType, WriteOutcome,
     resource,
@@ -56,7 +56,7 @@ pub struct Report {
 
 /// A valid INSZ number from nine digits.
 fn insz(first9: u64) -> String {
-    dossier_api::records::insz_with_check(first9, false)
+    dossier_records::insz_with_check(first9, false)
 }
 
 /// The pool of numbers a run competes for.

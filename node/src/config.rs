@@ -89,7 +89,7 @@ impl Default for RecordsConfig {
             history_page_max: 100,
             message_bytes_max: 1024 * 1024,
             write_attempts_max: 8,
-            indexed_identifier_systems: vec![dossier_api::records::SYSTEM_INSZ.to_owned()],
+            indexed_identifier_systems: vec![dossier_records::SYSTEM_INSZ.to_owned()],
             mpi_claim_grace_ms: 30_000,
         }
     }

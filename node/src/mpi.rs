@@ -433,7 +433,7 @@ mod tests {
 
     fn insz(v: &str) -> Ident {
         Ident {
-            system: dossier_api::records::SYSTEM_INSZ.into(),
+            system: dossier_records::SYSTEM_INSZ.into(),
             value: v.into(),
         }
     }

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestCluster;
-use dossier_api::records::SYSTEM_INSZ;
+use dossier_records::SYSTEM_INSZ;
 use dossier_api::v1::{
     HumanName, Identifier, Meta, Patient, Resource, ResourceType, WriteOutcome, resource,
 };
@@ -40,7 +40,7 @@ fn patient(id: &str, insz: &[&str]) -> Resource {
 
 /// A valid INSZ number from nine digits.
 fn insz(first9: u64) -> String {
-    dossier_api::records::insz_with_check(first9, false)
+    dossier_records::insz_with_check(first9, false)
 }
 
 fn outcome(w: &dossier_client::RecordWrite) -> WriteOutcome {

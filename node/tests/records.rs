@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{TestCluster, patient_in_shard};
-use dossier_api::records::SYSTEM_LOINC;
+use dossier_records::SYSTEM_LOINC;
 use dossier_api::v1::{
     CodeableConcept, Coding, DocumentContent, DocumentReference, DocumentReferenceStatus,
     Encounter, EncounterStatus, HumanName, Meta, Observation, ObservationStatus, ObservationValue,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use dossier_api::records::{
+use dossier_records::{
     self as rec, Limits, is_valid_id, kind_type, type_name, validate_new_record,
 };
 use dossier_api::v1::records_server::Records;

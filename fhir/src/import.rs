@@ -6,10 +6,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_json::{Map, Value};
 
-use super::codes::*;
-use super::time::{parse_date, parse_date_time};
+use crate::codes::*;
+use crate::time::{parse_date, parse_date_time};
 use super::{Problem, Target};
-use crate::v1::{
+use dossier_api::v1::{
     Address, AllergyIntolerance, AllergyReaction, Annotation, CareRelationship, CodeableConcept,
     Coding, ConsentActor, ContactPoint, DateTime, DocumentContent, DocumentReference, Dosage,
     Encounter, EncounterParticipant, HumanName, Identifier, MedicationRequest, Observation,
@@ -784,7 +784,7 @@ impl<'a> Reader<'a> {
             }
             ResourceType::Condition => {
                 self.subject(o, "subject");
-                resource::Kind::Condition(crate::v1::ClinicalCondition {
+                resource::Kind::Condition(dossier_api::v1::ClinicalCondition {
                     clinical_status: self.status_concept(
                         o,
                         "",
@@ -916,10 +916,10 @@ impl<'a> Reader<'a> {
             ResourceType::Procedure => {
                 self.subject(o, "subject");
                 let performed = if let Some(t) = self.date_time(o, "", "performedDateTime") {
-                    Some(crate::v1::procedure::Performed::PerformedTime(t))
+                    Some(dossier_api::v1::procedure::Performed::PerformedTime(t))
                 } else {
                     self.period(o, "", "performedPeriod")
-                        .map(crate::v1::procedure::Performed::PerformedPeriod)
+                        .map(dossier_api::v1::procedure::Performed::PerformedPeriod)
                 };
                 let performers = self
                     .objs(o, "", "performer")
@@ -956,11 +956,11 @@ impl<'a> Reader<'a> {
                         };
                         let data = if content_type.starts_with("text/") {
                             match String::from_utf8(bytes) {
-                                Ok(t) => crate::v1::document_content::Data::Text(t),
-                                Err(e) => crate::v1::document_content::Data::Binary(e.into_bytes()),
+                                Ok(t) => dossier_api::v1::document_content::Data::Text(t),
+                                Err(e) => dossier_api::v1::document_content::Data::Binary(e.into_bytes()),
                             }
                         } else {
-                            crate::v1::document_content::Data::Binary(bytes)
+                            dossier_api::v1::document_content::Data::Binary(bytes)
                         };
                         content = Some(DocumentContent {
                             content_type,
@@ -1014,7 +1014,7 @@ impl<'a> Reader<'a> {
             }
             ResourceType::Consent => {
                 self.subject(o, "patient");
-                let mut c = crate::v1::Consent {
+                let mut c = dossier_api::v1::Consent {
                     status: status(self, CONSENT_STATUS),
                     scope: self.concept(o, "", "scope"),
                     categories: self.concepts(o, "", "category"),
@@ -1046,7 +1046,7 @@ impl<'a> Reader<'a> {
                         let t = if code == "CareTeam" {
                             Some(ResourceType::CareRelationship)
                         } else {
-                            crate::records::type_from_name(&code)
+                            dossier_records::type_from_name(&code)
                         };
                         match t {
                             Some(t) => c.resource_types.push(t as i32),

@@ -4,8 +4,8 @@
 //! medications, allergies, discharge letters and the GP's care relationship. For the
 //! playground, the tests and the benchmarks; no real person's data.
 
-use crate::records::{SYSTEM_INSZ, SYSTEM_LOINC, SYSTEM_SNOMED, SYSTEM_UCUM};
-use crate::v1::{
+use crate::{SYSTEM_INSZ, SYSTEM_LOINC, SYSTEM_SNOMED, SYSTEM_UCUM};
+use dossier_api::v1::{
     Address, AllergyCategory, AllergyClinicalStatus, AllergyIntolerance, AllergyType,
     CareRelationship, CareRelationshipStatus, ClinicalCondition, CodeableConcept, Coding,
     ConditionClinicalStatus, Date, DatePrecision, DateTime, DocumentContent, DocumentReference,
@@ -241,7 +241,7 @@ fn insz(year: u32, month: u32, day: u32, serial: u32) -> String {
         + u64::from(month) * 100_000
         + u64::from(day) * 1_000
         + u64::from(serial);
-    crate::records::insz_with_check(first9, year >= 2000)
+    crate::insz_with_check(first9, year >= 2000)
 }
 
 /// A generated patient: its Patient record and its other records, in an order where every
@@ -511,7 +511,7 @@ pub fn patient(seed: u64, index: u64) -> SynthPatient {
         }
     }
     // Conditions and medications were created at the first encounter; keep references backward.
-    records.sort_by_key(|r| match r.kind.as_ref().map(crate::records::kind_type) {
+    records.sort_by_key(|r| match r.kind.as_ref().map(crate::kind_type) {
         Some(ResourceType::CareRelationship) => 0,
         Some(ResourceType::AllergyIntolerance) => 1,
         Some(ResourceType::Encounter) => 2,
@@ -595,7 +595,7 @@ pub fn admission(pid: &str, tag: &str, n: u64) -> Vec<Resource> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::{Limits, validate_new_record};
+    use crate::{Limits, validate_new_record};
 
     #[test]
     fn patients_are_deterministic_valid_and_varied() {
@@ -618,7 +618,7 @@ mod tests {
                     |e| panic!("patient {i}, {}: {e}", r.meta.as_ref().unwrap().id),
                 );
                 *kinds
-                    .entry(crate::records::kind_type(r.kind.as_ref().unwrap()) as i32)
+                    .entry(crate::kind_type(r.kind.as_ref().unwrap()) as i32)
                     .or_insert(0) += 1;
             }
             total += p.records.len();

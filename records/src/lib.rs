@@ -7,7 +7,7 @@ mod validate;
 pub use codes::{insz_is_valid, insz_with_check, loinc_is_valid, snomed_is_valid};
 pub use validate::{Invalid, Limits, validate_new_record, validate_record_content};
 
-use crate::v1::{RecordRef, Reference, Resource, ResourceType, reference, resource};
+use dossier_api::v1::{RecordRef, Reference, Resource, ResourceType, reference, resource};
 
 /// Identifier system of the Belgian national number (INSZ/NISS) and BIS number.
 pub const SYSTEM_INSZ: &str = "https://www.ehealth.fgov.be/standards/fhir/core/NamingSystem/ssin";
@@ -232,5 +232,4 @@ mod tests {
         assert!(!is_valid_id("mpi:x"));
     }
 }
-pub mod fhir;
 pub mod synth;

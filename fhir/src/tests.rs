@@ -4,8 +4,8 @@ use proptest::prelude::*;
 use serde_json::json;
 
 use super::*;
-use crate::records::{Limits, SYSTEM_LOINC, validate_new_record};
-use crate::v1::{
+use dossier_records::{Limits, SYSTEM_LOINC, validate_new_record};
+use dossier_api::v1::{
     CodeableConcept, Coding, DatePrecision, DateTime, HumanName, Observation, ObservationStatus,
     ObservationValue, Patient, Quantity, RecordStatus, observation, observation_value, resource,
 };
@@ -342,7 +342,7 @@ fn arb_observation() -> impl Strategy<Value = Observation> {
                 notes: notes
                     .into_iter()
                     .filter(|n| !n.is_empty())
-                    .map(|text| crate::v1::Annotation {
+                    .map(|text| dossier_api::v1::Annotation {
                         text,
                         ..Default::default()
                     })
@@ -408,7 +408,7 @@ proptest! {
     /// proto unchanged.
     #[test]
     fn synthetic_patients_round_trip_through_fhir_json(seed in 0u64..1_000, index in 0u64..10_000) {
-        let p = crate::records::synth::patient(seed, index);
+        let p = dossier_records::synth::patient(seed, index);
         let mut all = vec![stored(p.patient.clone(), p.id(), 1)];
         all.extend(p.records.iter().cloned().map(|r| stored(r, p.id(), 2)));
         let text = export_bundle(&all, "collection").to_string();
@@ -427,7 +427,7 @@ proptest! {
 /// organisation, and a record in error.
 #[test]
 fn procedures_consents_and_retractions_round_trip() {
-    use crate::v1::{
+    use dossier_api::v1::{
         Consent, ConsentActor, ConsentDecision, ConsentStatus, EntityType, Identifier, Period,
         Procedure, ProcedureStatus, RecordRef, Reference, reference,
     };
@@ -461,7 +461,7 @@ fn procedures_consents_and_retractions_round_trip() {
             }],
             text: "Colonoscopy".into(),
         }),
-        performed: Some(crate::v1::procedure::Performed::PerformedPeriod(Period {
+        performed: Some(dossier_api::v1::procedure::Performed::PerformedPeriod(Period {
             start: parse_date_time("2012-11-25T23:37:54+00:00"),
             end: parse_date_time("2012-11-26T00:19:54+00:00"),
         })),

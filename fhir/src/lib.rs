@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 pub use export::{fhir_type, to_fhir};
 pub use time::{format_date, format_date_time, parse_date, parse_date_time};
 
-use crate::records::{is_valid_id, kind_type};
-use crate::v1::{EntityType, Identifier, Meta, Resource, ResourceType};
+use dossier_records::{is_valid_id, kind_type};
+use dossier_api::v1::{EntityType, Identifier, Meta, Resource, ResourceType};
 
 /// What a reference in a bundle resolves to.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,7 +87,7 @@ fn modelled(fhir: &str) -> Option<ResourceType> {
     match fhir {
         "CareTeam" => Some(ResourceType::CareRelationship),
         "CareRelationship" => None,
-        other => crate::records::type_from_name(other),
+        other => dossier_records::type_from_name(other),
     }
 }
 

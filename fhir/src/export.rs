@@ -2,10 +2,10 @@
 
 use serde_json::{Map, Number, Value, json};
 
-use super::codes::*;
-use super::time::{format_date, format_date_time, format_instant};
-use crate::records::type_name;
-use crate::v1::{
+use crate::codes::*;
+use crate::time::{format_date, format_date_time, format_instant};
+use dossier_records::type_name;
+use dossier_api::v1::{
     Address, Annotation, CodeableConcept, Coding, ContactPoint, DateTime, HumanName, Identifier,
     ObservationValue, Period, Quantity, RecordRef, RecordStatus, Reference, Resource, ResourceType,
     observation, observation_value, patient, reference, resource,
@@ -228,7 +228,7 @@ pub fn to_fhir(r: &Resource) -> Value {
     let Some(kind) = &r.kind else {
         return Value::Null;
     };
-    let t = crate::records::kind_type(kind);
+    let t = dossier_records::kind_type(kind);
     o.put("resourceType", json!(fhir_type(t)));
     o.put("id", json!(meta.id));
     let mut m = Out::new();
@@ -564,10 +564,10 @@ pub fn to_fhir(r: &Resource) -> Value {
             o.put("subject", subject);
             o.put("encounter", record_ref_opt(p.encounter.as_ref()));
             match &p.performed {
-                Some(crate::v1::procedure::Performed::PerformedTime(t)) => {
+                Some(dossier_api::v1::procedure::Performed::PerformedTime(t)) => {
                     o.put("performedDateTime", date_time(Some(t)))
                 }
-                Some(crate::v1::procedure::Performed::PerformedPeriod(x)) => {
+                Some(dossier_api::v1::procedure::Performed::PerformedPeriod(x)) => {
                     o.put("performedPeriod", period(Some(x)))
                 }
                 None => {}
@@ -607,10 +607,10 @@ pub fn to_fhir(r: &Resource) -> Value {
                 a.put("language", json!(c.language));
                 a.put("title", json!(c.title));
                 match &c.data {
-                    Some(crate::v1::document_content::Data::Text(t)) => {
+                    Some(dossier_api::v1::document_content::Data::Text(t)) => {
                         a.put("data", json!(super::base64_encode(t.as_bytes())))
                     }
-                    Some(crate::v1::document_content::Data::Binary(b)) => {
+                    Some(dossier_api::v1::document_content::Data::Binary(b)) => {
                         a.put("data", json!(super::base64_encode(b)))
                     }
                     None => {}

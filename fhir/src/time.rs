@@ -1,7 +1,7 @@
 //! FHIR `date`, `dateTime` and `instant` text ↔ `Date` / `DateTime`, keeping the precision and
 //! the UTC offset the source wrote (docs/schema.md §1).
 
-use crate::v1::{Date, DatePrecision, DateTime};
+use dossier_api::v1::{Date, DatePrecision, DateTime};
 
 /// Days since 1970-01-01 of a civil date (proleptic Gregorian).
 fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {

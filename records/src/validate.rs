@@ -2,11 +2,11 @@
 //! first, is reported with the path of the field in the request (`resource.observation.code`)
 //! and the rule it breaks. The rules are in docs/schema.md §1 and §3.
 
-use crate::records::{
+use crate::{
     SYSTEM_INSZ, SYSTEM_LOINC, SYSTEM_SNOMED, insz_is_valid, is_valid_id, kind_field, kind_type,
     loinc_is_valid, snomed_is_valid,
 };
-use crate::v1::{
+use dossier_api::v1::{
     Annotation, CodeableConcept, Coding, Date, DatePrecision, DateTime, Identifier, Period,
     Quantity, RecordRef, RecordStatus, Reference, Resource, ResourceType, observation,
     observation_value, reference, resource,
@@ -290,7 +290,7 @@ impl Path<'_> {
         if !is_decimal(&q.value) {
             return self.fail("value", "is not a decimal (-?digits[.digits][e[+-]digits])");
         }
-        self.enumeration::<crate::v1::QuantityComparator>("comparator", q.comparator, false)?;
+        self.enumeration::<dossier_api::v1::QuantityComparator>("comparator", q.comparator, false)?;
         self.short("unit", &q.unit)?;
         if !q.code.is_empty() {
             self.token("system", &q.system, SYSTEM_BYTES_MAX)?;
@@ -333,7 +333,7 @@ impl Path<'_> {
 
     fn reference(&mut self, r: &Reference) -> Check {
         self.short("display", &r.display)?;
-        self.enumeration::<crate::v1::EntityType>("entity_type", r.entity_type, false)?;
+        self.enumeration::<dossier_api::v1::EntityType>("entity_type", r.entity_type, false)?;
         match &r.target {
             Some(reference::Target::Record(rec)) => {
                 if r.entity_type != 0 {
@@ -394,7 +394,7 @@ impl Path<'_> {
             K::Patient(x) => {
                 p.each("identifiers", &x.identifiers, |p, i| p.identifier(i))?;
                 p.each("names", &x.names, |p, n| {
-                    p.enumeration::<crate::v1::NameUse>("use", n.r#use, false)?;
+                    p.enumeration::<dossier_api::v1::NameUse>("use", n.r#use, false)?;
                     p.short("family", &n.family)?;
                     for (i, g) in n.given.iter().enumerate() {
                         p.short(&format!("given[{i}]"), g)?;
@@ -406,14 +406,14 @@ impl Path<'_> {
                     p.period("period", n.period.as_ref())
                 })?;
                 p.each("telecom", &x.telecom, |p, t| {
-                    p.enumeration::<crate::v1::ContactPointSystem>("system", t.system, true)?;
-                    p.enumeration::<crate::v1::ContactPointUse>("use", t.r#use, false)?;
+                    p.enumeration::<dossier_api::v1::ContactPointSystem>("system", t.system, true)?;
+                    p.enumeration::<dossier_api::v1::ContactPointUse>("use", t.r#use, false)?;
                     p.token("value", &t.value, SHORT_TEXT_BYTES_MAX)
                         .or_else(|_| p.short("value", &t.value))
                 })?;
-                p.enumeration::<crate::v1::AdministrativeGender>("gender", x.gender, false)?;
+                p.enumeration::<dossier_api::v1::AdministrativeGender>("gender", x.gender, false)?;
                 p.date("birth_date", x.birth_date.as_ref())?;
-                if let Some(crate::v1::patient::Deceased::DeceasedTime(t)) = &x.deceased {
+                if let Some(dossier_api::v1::patient::Deceased::DeceasedTime(t)) = &x.deceased {
                     p.date_time("deceased_time", Some(t))?;
                 }
                 p.each("addresses", &x.addresses, |p, a| {
@@ -434,7 +434,7 @@ impl Path<'_> {
                 Ok(())
             }
             K::Encounter(x) => {
-                p.enumeration::<crate::v1::EncounterStatus>("status", x.status, true)?;
+                p.enumeration::<dossier_api::v1::EncounterStatus>("status", x.status, true)?;
                 match &x.encounter_class {
                     Some(c) => p.with("encounter_class", |p| p.coding(c))?,
                     None => p.fail("encounter_class", "is required")?,
@@ -456,7 +456,7 @@ impl Path<'_> {
                 )
             }
             K::Observation(x) => {
-                p.enumeration::<crate::v1::ObservationStatus>("status", x.status, true)?;
+                p.enumeration::<dossier_api::v1::ObservationStatus>("status", x.status, true)?;
                 p.concepts("categories", &x.categories)?;
                 p.coded_in("code", x.code.as_ref(), &[SYSTEM_LOINC])?;
                 p.record_ref("encounter", x.encounter.as_ref())?;
@@ -505,12 +505,12 @@ impl Path<'_> {
                 p.notes(&x.notes)
             }
             K::Condition(x) => {
-                p.enumeration::<crate::v1::ConditionClinicalStatus>(
+                p.enumeration::<dossier_api::v1::ConditionClinicalStatus>(
                     "clinical_status",
                     x.clinical_status,
                     false,
                 )?;
-                p.enumeration::<crate::v1::ConditionVerificationStatus>(
+                p.enumeration::<dossier_api::v1::ConditionVerificationStatus>(
                     "verification_status",
                     x.verification_status,
                     false,
@@ -535,18 +535,18 @@ impl Path<'_> {
                 p.notes(&x.notes)
             }
             K::AllergyIntolerance(x) => {
-                p.enumeration::<crate::v1::AllergyClinicalStatus>(
+                p.enumeration::<dossier_api::v1::AllergyClinicalStatus>(
                     "clinical_status",
                     x.clinical_status,
                     false,
                 )?;
-                p.enumeration::<crate::v1::AllergyVerificationStatus>(
+                p.enumeration::<dossier_api::v1::AllergyVerificationStatus>(
                     "verification_status",
                     x.verification_status,
                     false,
                 )?;
-                p.enumeration::<crate::v1::AllergyType>("type", x.r#type, false)?;
-                p.enumeration::<crate::v1::AllergyCriticality>(
+                p.enumeration::<dossier_api::v1::AllergyType>("type", x.r#type, false)?;
+                p.enumeration::<dossier_api::v1::AllergyCriticality>(
                     "criticality",
                     x.criticality,
                     false,
@@ -562,14 +562,14 @@ impl Path<'_> {
                         return p.fail("manifestations", "needs at least one");
                     }
                     p.concepts("manifestations", &r.manifestations)?;
-                    p.enumeration::<crate::v1::AllergySeverity>("severity", r.severity, false)?;
+                    p.enumeration::<dossier_api::v1::AllergySeverity>("severity", r.severity, false)?;
                     p.free("description", &r.description)
                 })?;
                 p.notes(&x.notes)
             }
             K::MedicationRequest(x) => {
-                p.enumeration::<crate::v1::MedicationRequestStatus>("status", x.status, true)?;
-                p.enumeration::<crate::v1::MedicationRequestIntent>("intent", x.intent, true)?;
+                p.enumeration::<dossier_api::v1::MedicationRequestStatus>("status", x.status, true)?;
+                p.enumeration::<dossier_api::v1::MedicationRequestIntent>("intent", x.intent, true)?;
                 p.concept_at("medication", x.medication.as_ref(), true)?;
                 p.record_ref("encounter", x.encounter.as_ref())?;
                 p.date_time("authored_on", x.authored_on.as_ref())?;
@@ -581,7 +581,7 @@ impl Path<'_> {
                     if !d.period.is_empty() && !is_decimal(&d.period) {
                         return p.fail("period", "is not a decimal");
                     }
-                    p.enumeration::<crate::v1::TimeUnit>("period_unit", d.period_unit, false)?;
+                    p.enumeration::<dossier_api::v1::TimeUnit>("period_unit", d.period_unit, false)?;
                     if d.frequency > 0 && (d.period.is_empty() || d.period_unit == 0) {
                         return p.fail("period", "is required with a frequency (and its unit)");
                     }
@@ -594,7 +594,7 @@ impl Path<'_> {
                 p.notes(&x.notes)
             }
             K::Procedure(x) => {
-                p.enumeration::<crate::v1::ProcedureStatus>("status", x.status, true)?;
+                p.enumeration::<dossier_api::v1::ProcedureStatus>("status", x.status, true)?;
                 p.concept_at("code", x.code.as_ref(), true)?;
                 p.record_ref("encounter", x.encounter.as_ref())?;
                 p.references("performers", &x.performers)?;
@@ -605,7 +605,7 @@ impl Path<'_> {
                 p.notes(&x.notes)
             }
             K::DocumentReference(x) => {
-                p.enumeration::<crate::v1::DocumentReferenceStatus>("status", x.status, true)?;
+                p.enumeration::<dossier_api::v1::DocumentReferenceStatus>("status", x.status, true)?;
                 p.concept_at("type", x.r#type.as_ref(), true)?;
                 p.concepts("categories", &x.categories)?;
                 p.date_time("date", x.date.as_ref())?;
@@ -621,26 +621,26 @@ impl Path<'_> {
                     p.short("title", &content.title)?;
                     let max = p.limits.document_bytes_max;
                     match &content.data {
-                        Some(crate::v1::document_content::Data::Text(t)) if t.len() > max => {
+                        Some(dossier_api::v1::document_content::Data::Text(t)) if t.len() > max => {
                             p.too_long("text", t.len(), max)
                         }
-                        Some(crate::v1::document_content::Data::Text(t)) => {
+                        Some(dossier_api::v1::document_content::Data::Text(t)) => {
                             p.text("text", t, max, true)
                         }
-                        Some(crate::v1::document_content::Data::Binary(b)) if b.len() > max => {
+                        Some(dossier_api::v1::document_content::Data::Binary(b)) if b.len() > max => {
                             p.too_long("binary", b.len(), max)
                         }
-                        Some(crate::v1::document_content::Data::Binary(_)) => Ok(()),
+                        Some(dossier_api::v1::document_content::Data::Binary(_)) => Ok(()),
                         None => p.fail("data", "is required (text or binary)"),
                     }
                 })
             }
             K::CareRelationship(x) => {
-                p.enumeration::<crate::v1::CareRelationshipStatus>("status", x.status, true)?;
+                p.enumeration::<dossier_api::v1::CareRelationshipStatus>("status", x.status, true)?;
                 p.reference_at("participant", x.participant.as_ref(), true)?;
                 let kind = x.participant.as_ref().map(|r| r.entity_type);
-                if !matches!(kind, Some(k) if k == crate::v1::EntityType::Practitioner as i32
-                    || k == crate::v1::EntityType::Organization as i32)
+                if !matches!(kind, Some(k) if k == dossier_api::v1::EntityType::Practitioner as i32
+                    || k == dossier_api::v1::EntityType::Organization as i32)
                 {
                     return p.fail(
                         "participant",
@@ -660,7 +660,7 @@ impl Path<'_> {
                 )
             }
             K::Consent(x) => {
-                p.enumeration::<crate::v1::ConsentStatus>("status", x.status, true)?;
+                p.enumeration::<dossier_api::v1::ConsentStatus>("status", x.status, true)?;
                 p.concept_at("scope", x.scope.as_ref(), true)?;
                 if x.categories.is_empty() {
                     return p.fail("categories", "needs at least one");
@@ -669,7 +669,7 @@ impl Path<'_> {
                 p.date_time("date_time", x.date_time.as_ref())?;
                 p.references("performers", &x.performers)?;
                 p.concept_at("policy_rule", x.policy_rule.as_ref(), false)?;
-                p.enumeration::<crate::v1::ConsentDecision>("decision", x.decision, false)?;
+                p.enumeration::<dossier_api::v1::ConsentDecision>("decision", x.decision, false)?;
                 p.period("period", x.period.as_ref())?;
                 p.each("actors", &x.actors, |p, a| {
                     p.concept_at("role", a.role.as_ref(), true)?;
@@ -686,7 +686,7 @@ impl Path<'_> {
     }
 }
 
-fn observation_value_check(p: &mut Path<'_>, v: &crate::v1::ObservationValue) -> Check {
+fn observation_value_check(p: &mut Path<'_>, v: &dossier_api::v1::ObservationValue) -> Check {
     match &v.kind {
         Some(observation_value::Kind::Quantity(q)) => p.with("quantity", |p| p.quantity(q)),
         Some(observation_value::Kind::Concept(c)) => p.with("concept", |p| p.concept(c)),
@@ -786,7 +786,7 @@ pub fn validate_new_record(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1::{Meta, Observation, ObservationStatus, ObservationValue, Patient};
+    use dossier_api::v1::{Meta, Observation, ObservationStatus, ObservationValue, Patient};
 
     fn observation(code: &str, value: &str) -> Resource {
         Resource {
@@ -808,7 +808,7 @@ mod tests {
                     kind: Some(observation_value::Kind::Quantity(Quantity {
                         value: value.into(),
                         unit: "cm".into(),
-                        system: crate::records::SYSTEM_UCUM.into(),
+                        system: crate::SYSTEM_UCUM.into(),
                         code: "cm".into(),
                         ..Quantity::default()
                     })),
@@ -870,15 +870,15 @@ mod tests {
                 ..Meta::default()
             }),
             kind: Some(resource::Kind::DocumentReference(
-                crate::v1::DocumentReference {
-                    status: crate::v1::DocumentReferenceStatus::Current as i32,
+                dossier_api::v1::DocumentReference {
+                    status: dossier_api::v1::DocumentReferenceStatus::Current as i32,
                     r#type: Some(CodeableConcept {
                         codings: vec![],
                         text: "Discharge letter".into(),
                     }),
-                    content: Some(crate::v1::DocumentContent {
+                    content: Some(dossier_api::v1::DocumentContent {
                         content_type: "text/plain".into(),
-                        data: Some(crate::v1::document_content::Data::Text(
+                        data: Some(dossier_api::v1::document_content::Data::Text(
                             "x".repeat(50 << 20),
                         )),
                         ..Default::default()
