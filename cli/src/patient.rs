@@ -266,6 +266,7 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
                         &ImportOptions {
                             skip_unmapped: *skip_unmapped,
                             source: source.clone(),
+                            ..ImportOptions::default()
                         },
                     )
                     .map_err(|p| anyhow::anyhow!(problems_text(&p)))?;

@@ -24,7 +24,7 @@
 mod bundle;
 mod error;
 mod records;
-pub use records::{History, RecordWrite, WriteOptions, is_applied};
+pub use records::{History, RecordWrite, SearchPage, SearchQuery, WriteOptions, is_applied};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

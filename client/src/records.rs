@@ -10,7 +10,8 @@ use std::time::Duration;
 use dossier_api::v1::records_client::RecordsClient;
 use dossier_api::v1::{
     CreatePatientRequest, CreateRecordRequest, DeleteRecordRequest, EverythingRequest,
-    HistoryRequest, LookupIdentifierRequest, ReadConsistency, ReadRecordRequest,
+    HistoryRequest, ListQuarantineRequest, LookupIdentifierRequest, QuarantineRequest,
+    QuarantineResponse, QuarantinedRecord, ReadConsistency, SearchRequest, ReadRecordRequest,
     ReadVersionRequest, RecordWriteResponse, Reference, Resource, ResourceType, RouteHeader,
     TransactionEntry, TransactionRequest, UpdateRecordRequest, WriteHeader, WriteOutcome,
 };
@@ -34,6 +35,31 @@ pub struct WriteOptions {
     pub deadline: Option<Duration>,
     /// Reuse a request id (e.g. one derived from an import's source) instead of drawing one.
     pub request_id: Option<[u8; 16]>,
+}
+
+/// What to search within one patient (`dossier.v1.SearchRequest` less route and paging).
+#[derive(Debug, Clone, Default)]
+pub struct SearchQuery {
+    /// Required; any kind but Patient.
+    pub rtype: Option<ResourceType>,
+    /// `system|code` of the record's main concept; empty: any.
+    pub code: String,
+    /// Clinical date at or after (unix micros); 0: open.
+    pub since_micros: i64,
+    /// Clinical date before (unix micros); 0: open.
+    pub until_micros: i64,
+    /// FHIR status codes; empty: any.
+    pub statuses: Vec<String>,
+    /// Page size; 0: the server's page limit.
+    pub limit: u32,
+}
+
+/// One page of search results, newest clinical date first.
+#[derive(Debug, Clone)]
+pub struct SearchPage {
+    pub resources: Vec<Resource>,
+    /// Empty when nothing follows; else pass it to the next call.
+    pub next_page_token: Vec<u8>,
 }
 
 /// One page of a record's versions, newest first.
@@ -366,5 +392,84 @@ impl Client {
             )
             .await?;
         Ok(response.found.then_some(response.patient_id))
+    }
+
+    /// One page of a patient's records matching `query`, newest clinical date first, from
+    /// `page_token` (empty for the first page). Linearizable.
+    pub async fn search(
+        &self,
+        patient_id: &str,
+        query: &SearchQuery,
+        page_token: &[u8],
+    ) -> Result<SearchPage, ClientError> {
+        let response = self
+            .records_call(
+                patient_id,
+                self.inner.config.deadline,
+                |route| SearchRequest {
+                    route: Some(route),
+                    r#type: query.rtype.map_or(0, |t| t as i32),
+                    code: query.code.clone(),
+                    since_micros: query.since_micros,
+                    until_micros: query.until_micros,
+                    statuses: query.statuses.clone(),
+                    limit: query.limit,
+                    page_token: page_token.to_vec(),
+                    consistency: ReadConsistency::Linearizable as i32,
+                },
+                |mut c, r| async move { c.search(r).await },
+            )
+            .await?;
+        Ok(SearchPage {
+            resources: response.resources,
+            next_page_token: response.next_page_token,
+        })
+    }
+
+    /// Puts `records` in the patient's quarantine and removes `release_ids` from it, atomically
+    /// (idempotent: a retry does the same again).
+    pub async fn quarantine(
+        &self,
+        patient_id: &str,
+        records: Vec<QuarantinedRecord>,
+        release_ids: Vec<String>,
+        options: &WriteOptions,
+    ) -> Result<QuarantineResponse, ClientError> {
+        let header = self.header(options);
+        self.records_call(
+            patient_id,
+            self.deadline_of(options),
+            |route| QuarantineRequest {
+                route: Some(route),
+                header: Some(header.clone()),
+                records: records.clone(),
+                release_ids: release_ids.clone(),
+            },
+            |mut c, r| async move { c.quarantine(r).await },
+        )
+        .await
+    }
+
+    /// One page of the patient's quarantine in id order after `after_id`; true when more follow.
+    pub async fn list_quarantine(
+        &self,
+        patient_id: &str,
+        after_id: &str,
+        limit: u32,
+    ) -> Result<(Vec<QuarantinedRecord>, bool), ClientError> {
+        let response = self
+            .records_call(
+                patient_id,
+                self.inner.config.deadline,
+                |route| ListQuarantineRequest {
+                    route: Some(route),
+                    after_id: after_id.to_owned(),
+                    limit,
+                    consistency: ReadConsistency::Linearizable as i32,
+                },
+                |mut c, r| async move { c.list_quarantine(r).await },
+            )
+            .await?;
+        Ok((response.records, response.more))
     }
 }

@@ -88,6 +88,49 @@ pub const DOCUMENT_REFERENCE_STATUS: &[&str] = &["current", "superseded"];
 pub const CARE_RELATIONSHIP_STATUS: &[&str] = &["proposed", "active", "suspended", "inactive"];
 pub const CONSENT_STATUS: &[&str] = &["draft", "proposed", "active", "rejected", "inactive"];
 pub const CONSENT_DECISION: &[&str] = &["deny", "permit"];
+pub const IMMUNIZATION_STATUS: &[&str] = &["completed", "not-done"];
+pub const DIAGNOSTIC_REPORT_STATUS: &[&str] = &[
+    "registered",
+    "partial",
+    "preliminary",
+    "final",
+    "amended",
+    "corrected",
+    "appended",
+    "cancelled",
+    "unknown",
+];
+pub const CARE_PLAN_STATUS: &[&str] = &[
+    "draft",
+    "active",
+    "on-hold",
+    "revoked",
+    "completed",
+    "unknown",
+];
+pub const CARE_PLAN_INTENT: &[&str] = &["proposal", "plan", "order", "option"];
+pub const CARE_PLAN_ACTIVITY_STATUS: &[&str] = &[
+    "not-started",
+    "scheduled",
+    "in-progress",
+    "on-hold",
+    "completed",
+    "cancelled",
+    "stopped",
+    "unknown",
+    "entered-in-error",
+];
+pub const GOAL_LIFECYCLE_STATUS: &[&str] = &[
+    "proposed",
+    "planned",
+    "accepted",
+    "active",
+    "on-hold",
+    "completed",
+    "cancelled",
+    "rejected",
+];
+pub const IMAGING_STUDY_STATUS: &[&str] = &["registered", "available", "cancelled", "unknown"];
 /// Reference.type of an identifier reference, by `EntityType`.
 pub const ENTITY_TYPE: &[&str] = &["Practitioner", "Organization", "RelatedPerson", "Device"];
 

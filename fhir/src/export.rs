@@ -8,7 +8,7 @@ use dossier_records::type_name;
 use dossier_api::v1::{
     Address, Annotation, CodeableConcept, Coding, ContactPoint, DateTime, HumanName, Identifier,
     ObservationValue, Period, Quantity, RecordRef, RecordStatus, Reference, Resource, ResourceType,
-    observation, observation_value, patient, reference, resource,
+    diagnostic_report, observation, observation_value, patient, reference, resource,
 };
 
 struct Out(Map<String, Value>);
@@ -688,6 +688,230 @@ pub fn to_fhir(r: &Resource) -> Value {
             );
             o.put("provision", p.done());
         }
+        K::Immunization(x) => {
+            status(&mut o, IMMUNIZATION_STATUS, x.status);
+            o.put("statusReason", concept_opt(x.status_reason.as_ref()));
+            o.put("vaccineCode", concept_opt(x.vaccine_code.as_ref()));
+            o.put("patient", subject);
+            o.put("encounter", record_ref_opt(x.encounter.as_ref()));
+            o.put("occurrenceDateTime", date_time(x.occurrence.as_ref()));
+            o.put("recorded", date_time(x.recorded.as_ref()));
+            if let Some(b) = x.primary_source {
+                o.put("primarySource", json!(b));
+            }
+            o.put("lotNumber", json!(x.lot_number));
+            if let Some(d) = &x.expiration_date {
+                o.put("expirationDate", json!(format_date(d)));
+            }
+            o.put("site", concept_opt(x.site.as_ref()));
+            o.put("route", concept_opt(x.route.as_ref()));
+            o.put("doseQuantity", x.dose.as_ref().map_or(Value::Null, quantity));
+            o.put(
+                "performer",
+                Value::Array(
+                    x.performers
+                        .iter()
+                        .map(|r| json!({"actor": reference_value(r)}))
+                        .collect(),
+                ),
+            );
+            o.put("note", annotations(&x.notes));
+            o.put("reasonCode", concepts(&x.reason_codes));
+            o.put(
+                "reasonReference",
+                Value::Array(x.reason_records.iter().map(record_ref).collect()),
+            );
+        }
+        K::DiagnosticReport(x) => {
+            status(&mut o, DIAGNOSTIC_REPORT_STATUS, x.status);
+            o.put("category", concepts(&x.categories));
+            o.put("code", concept_opt(x.code.as_ref()));
+            o.put("subject", subject);
+            o.put("encounter", record_ref_opt(x.encounter.as_ref()));
+            match &x.effective {
+                Some(diagnostic_report::Effective::EffectiveTime(t)) => {
+                    o.put("effectiveDateTime", date_time(Some(t)))
+                }
+                Some(diagnostic_report::Effective::EffectivePeriod(p)) => {
+                    o.put("effectivePeriod", period(Some(p)))
+                }
+                None => {}
+            }
+            o.put("issued", date_time(x.issued.as_ref()));
+            o.put("performer", references(&x.performers));
+            o.put(
+                "result",
+                Value::Array(x.results.iter().map(record_ref).collect()),
+            );
+            o.put("conclusion", json!(x.conclusion));
+            o.put("conclusionCode", concepts(&x.conclusion_codes));
+        }
+        K::CarePlan(x) => {
+            status(&mut o, CARE_PLAN_STATUS, x.status);
+            o.code("intent", CARE_PLAN_INTENT, x.intent);
+            o.put("category", concepts(&x.categories));
+            o.put("title", json!(x.title));
+            o.put("description", json!(x.description));
+            o.put("subject", subject);
+            o.put("encounter", record_ref_opt(x.encounter.as_ref()));
+            o.put("period", period(x.period.as_ref()));
+            o.put("created", date_time(x.created.as_ref()));
+            o.put("author", reference_opt(x.author.as_ref()));
+            o.put(
+                "addresses",
+                Value::Array(x.addresses.iter().map(record_ref).collect()),
+            );
+            o.put(
+                "goal",
+                Value::Array(x.goals.iter().map(record_ref).collect()),
+            );
+            o.put(
+                "activity",
+                Value::Array(
+                    x.activities
+                        .iter()
+                        .map(|a| {
+                            let mut d = Out::new();
+                            d.put("code", concept_opt(a.code.as_ref()));
+                            d.code("status", CARE_PLAN_ACTIVITY_STATUS, a.status);
+                            d.put("scheduledPeriod", period(a.scheduled_period.as_ref()));
+                            d.put("description", json!(a.description));
+                            let d = d.done();
+                            // An activity without a detail stays an element, so that positions
+                            // match the source's (unmodelled_json is merged by position).
+                            if d.as_object().is_some_and(|m| m.is_empty()) {
+                                json!({})
+                            } else {
+                                json!({"detail": d})
+                            }
+                        })
+                        .collect(),
+                ),
+            );
+            o.put("note", annotations(&x.notes));
+        }
+        K::Goal(x) => {
+            if in_error {
+                o.put("lifecycleStatus", json!("entered-in-error"));
+            } else {
+                o.code("lifecycleStatus", GOAL_LIFECYCLE_STATUS, x.lifecycle_status);
+            }
+            o.put(
+                "achievementStatus",
+                concept_opt(x.achievement_status.as_ref()),
+            );
+            o.put("category", concepts(&x.categories));
+            o.put("priority", concept_opt(x.priority.as_ref()));
+            o.put("description", concept_opt(x.description.as_ref()));
+            o.put("subject", subject);
+            if let Some(d) = &x.start_date {
+                o.put("startDate", json!(format_date(d)));
+            }
+            o.put(
+                "target",
+                Value::Array(
+                    x.targets
+                        .iter()
+                        .map(|t| {
+                            let mut y = Out::new();
+                            y.put("measure", concept_opt(t.measure.as_ref()));
+                            y.put(
+                                "detailQuantity",
+                                t.detail_quantity.as_ref().map_or(Value::Null, quantity),
+                            );
+                            y.put("detailString", json!(t.detail_text));
+                            if let Some(d) = &t.due_date {
+                                y.put("dueDate", json!(format_date(d)));
+                            }
+                            y.done()
+                        })
+                        .collect(),
+                ),
+            );
+            if let Some(d) = &x.status_date {
+                o.put("statusDate", json!(format_date(d)));
+            }
+            o.put("expressedBy", reference_opt(x.expressed_by.as_ref()));
+            o.put(
+                "addresses",
+                Value::Array(x.addresses.iter().map(record_ref).collect()),
+            );
+            o.put("note", annotations(&x.notes));
+        }
+        K::ImagingStudy(x) => {
+            status(&mut o, IMAGING_STUDY_STATUS, x.status);
+            o.put(
+                "identifier",
+                Value::Array(x.identifiers.iter().map(identifier).collect()),
+            );
+            o.put(
+                "modality",
+                Value::Array(x.modalities.iter().map(coding).collect()),
+            );
+            o.put("subject", subject);
+            o.put("encounter", record_ref_opt(x.encounter.as_ref()));
+            o.put("started", date_time(x.started.as_ref()));
+            if x.number_of_series > 0 {
+                o.put("numberOfSeries", json!(x.number_of_series));
+            }
+            if x.number_of_instances > 0 {
+                o.put("numberOfInstances", json!(x.number_of_instances));
+            }
+            o.put("procedureCode", concepts(&x.procedure_codes));
+            o.put("reasonCode", concepts(&x.reason_codes));
+            o.put("note", annotations(&x.notes));
+            o.put("description", json!(x.description));
+            o.put(
+                "series",
+                Value::Array(
+                    x.series
+                        .iter()
+                        .map(|s| {
+                            let mut y = Out::new();
+                            y.put("uid", json!(s.uid));
+                            if s.number > 0 {
+                                y.put("number", json!(s.number));
+                            }
+                            y.put("modality", s.modality.as_ref().map_or(Value::Null, coding));
+                            y.put("description", json!(s.description));
+                            if s.number_of_instances > 0 {
+                                y.put("numberOfInstances", json!(s.number_of_instances));
+                            }
+                            y.put("bodySite", s.body_site.as_ref().map_or(Value::Null, coding));
+                            y.put("started", date_time(s.started.as_ref()));
+                            y.put(
+                                "instance",
+                                Value::Array(
+                                    s.instances
+                                        .iter()
+                                        .map(|i| {
+                                            let mut z = Out::new();
+                                            z.put("uid", json!(i.uid));
+                                            z.put(
+                                                "sopClass",
+                                                i.sop_class.as_ref().map_or(Value::Null, coding),
+                                            );
+                                            if i.number > 0 {
+                                                z.put("number", json!(i.number));
+                                            }
+                                            z.put("title", json!(i.title));
+                                            z.done()
+                                        })
+                                        .collect(),
+                                ),
+                            );
+                            y.done()
+                        })
+                        .collect(),
+                ),
+            );
+        }
     }
-    o.done()
+    let mut out = o.done();
+    if !r.unmodelled_json.is_empty()
+        && let Ok(residue) = serde_json::from_str::<Value>(&r.unmodelled_json)
+    {
+        crate::residue::merge(&mut out, &residue);
+    }
+    out
 }

@@ -1,8 +1,8 @@
-//! FHIR R4 JSON → typed records. Every element read is marked; what is left unread is either on
-//! the documented allowlist (dropped and reported) or refuses the entry, unless the caller asked
-//! to skip what does not map (docs/schema.md §8). Nothing is dropped silently.
+//! FHIR R4 JSON → typed records: the elements Dossier models, read into the typed fields. The
+//! rest of each resource is kept verbatim beside the record (`residue.rs`), so nothing is lost
+//! (docs/schema.md §8).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
@@ -10,7 +10,8 @@ use crate::codes::*;
 use crate::time::{parse_date, parse_date_time};
 use super::{Problem, Target};
 use dossier_api::v1::{
-    Address, AllergyIntolerance, AllergyReaction, Annotation, CareRelationship, CodeableConcept,
+    Address, AllergyIntolerance, CarePlan, CarePlanActivity, Date, DiagnosticReport, Goal,
+    GoalTarget, ImagingInstance, ImagingSeries, ImagingStudy, Immunization, diagnostic_report, AllergyReaction, Annotation, CareRelationship, CodeableConcept,
     Coding, ConsentActor, ContactPoint, DateTime, DocumentContent, DocumentReference, Dosage,
     Encounter, EncounterParticipant, HumanName, Identifier, MedicationRequest, Observation,
     ObservationComponent, ObservationValue, Patient, PatientContact, Period, Procedure, Quantity,
@@ -18,41 +19,13 @@ use dossier_api::v1::{
     reference, resource,
 };
 
-/// Elements Dossier does not model that may be dropped without `skip_unmapped` (reported).
-const ALLOWED_DROPS: &[&str] = &[
-    "text",
-    "meta.tag",
-    "meta.versionId",
-    "meta.lastUpdated",
-    "meta.source",
-    "meta.profile",
-    "maritalStatus",
-    "multipleBirthBoolean",
-    "multipleBirthInteger",
-    "address.extension",
-    "dosageInstruction.doseAndRate.type",
-];
-
-/// Patient extensions on the allowlist, by URL.
-const ALLOWED_PATIENT_EXTENSIONS: &[&str] = &[
-    "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
-    "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity",
-    "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex",
-    "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName",
-    "http://hl7.org/fhir/StructureDefinition/patient-birthPlace",
-    "http://synthetichealth.github.io/synthea/disability-adjusted-life-years",
-    "http://synthetichealth.github.io/synthea/quality-adjusted-life-years",
-];
-
-/// Maps one resource, tracking what it read.
+/// Maps one resource to a typed record. What it does not read is found afterwards by comparing
+/// the source with the typed record's export (`residue.rs`), not tracked here.
 pub(super) struct Reader<'a> {
     pub targets: &'a HashMap<String, Target>,
     pub patient_id: &'a str,
     pub entry: usize,
     pub problems: Vec<Problem>,
-    consumed: HashSet<String>,
-    /// Elements dropped on purpose (allowlist), by normalised path.
-    pub dropped: BTreeMap<String, usize>,
 }
 
 fn join(path: &str, key: &str) -> String {
@@ -63,37 +36,6 @@ fn join(path: &str, key: &str) -> String {
     }
 }
 
-/// `a.b[3].c` → `a.b.c`.
-fn normalise(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
-    let mut skip = false;
-    for c in path.chars() {
-        match c {
-            '[' => skip = true,
-            ']' => skip = false,
-            _ if !skip => out.push(c),
-            _ => {}
-        }
-    }
-    out
-}
-
-fn leaves(v: &Value, path: &str, out: &mut Vec<String>) {
-    match v {
-        Value::Object(o) => {
-            for (k, x) in o {
-                leaves(x, &join(path, k), out);
-            }
-        }
-        Value::Array(a) => {
-            for (i, x) in a.iter().enumerate() {
-                leaves(x, &format!("{path}[{i}]"), out);
-            }
-        }
-        _ => out.push(path.to_owned()),
-    }
-}
-
 impl<'a> Reader<'a> {
     pub fn new(targets: &'a HashMap<String, Target>, patient_id: &'a str, entry: usize) -> Self {
         Reader {
@@ -101,8 +43,6 @@ impl<'a> Reader<'a> {
             patient_id,
             entry,
             problems: Vec::new(),
-            consumed: HashSet::new(),
-            dropped: BTreeMap::new(),
         }
     }
 
@@ -114,53 +54,10 @@ impl<'a> Reader<'a> {
         });
     }
 
-    fn mark(&mut self, path: String) {
-        self.consumed.insert(path);
-    }
-
-    /// Marks every leaf under `v` read, and reports it as dropped.
-    fn drop_subtree(&mut self, v: &Value, path: &str) {
-        let mut ls = Vec::new();
-        leaves(v, path, &mut ls);
-        *self.dropped.entry(normalise(path)).or_default() += 1;
-        for l in ls {
-            self.mark(l);
-        }
-    }
-
-    /// The leaves nobody read, after the resource is mapped: dropped when allowed (or when
-    /// `skip` is set), else problems.
-    pub fn finish(&mut self, resource: &Value, skip: bool) {
-        let mut ls = Vec::new();
-        leaves(resource, "", &mut ls);
-        let mut unmapped: BTreeMap<String, usize> = BTreeMap::new();
-        for l in ls {
-            if self.consumed.contains(&l) {
-                continue;
-            }
-            let n = normalise(&l);
-            let allowed = ALLOWED_DROPS
-                .iter()
-                .any(|a| n == *a || n.starts_with(&format!("{a}.")));
-            if allowed || skip {
-                *self.dropped.entry(n).or_default() += 1;
-            } else {
-                *unmapped.entry(n).or_default() += 1;
-            }
-        }
-        for (path, _) in unmapped {
-            self.problem(
-                &path,
-                "is not modelled by Dossier (pass --skip-unmapped to drop it)",
-            );
-        }
-    }
-
     fn str(&mut self, o: &Map<String, Value>, path: &str, key: &str) -> String {
         match o.get(key) {
             None => String::new(),
             Some(Value::String(s)) => {
-                self.mark(join(path, key));
                 s.clone()
             }
             Some(_) => {
@@ -179,7 +76,6 @@ impl<'a> Reader<'a> {
                 for (i, x) in a.iter().enumerate() {
                     match x {
                         Value::String(s) => {
-                            self.mark(format!("{p}[{i}]"));
                             out.push(s.clone());
                         }
                         _ => self.problem(&format!("{p}[{i}]"), "must be a string"),
@@ -198,7 +94,6 @@ impl<'a> Reader<'a> {
         match o.get(key) {
             None => None,
             Some(Value::Bool(b)) => {
-                self.mark(join(path, key));
                 Some(*b)
             }
             Some(_) => {
@@ -212,7 +107,6 @@ impl<'a> Reader<'a> {
         match o.get(key) {
             None => 0,
             Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v <= u64::from(u32::MAX)) => {
-                self.mark(join(path, key));
                 n.as_u64().unwrap_or(0) as u32
             }
             Some(_) => {
@@ -227,7 +121,6 @@ impl<'a> Reader<'a> {
         match o.get(key) {
             None => String::new(),
             Some(Value::Number(n)) => {
-                self.mark(join(path, key));
                 n.to_string()
             }
             Some(_) => {
@@ -376,6 +269,19 @@ impl<'a> Reader<'a> {
         t
     }
 
+    /// A FHIR `date`.
+    fn date(&mut self, o: &Map<String, Value>, path: &str, key: &str) -> Option<Date> {
+        let s = self.str(o, path, key);
+        if s.is_empty() {
+            return None;
+        }
+        let d = parse_date(&s);
+        if d.is_none() {
+            self.problem(&join(path, key), format!("{s:?} is not a FHIR date"));
+        }
+        d
+    }
+
     fn period(&mut self, o: &Map<String, Value>, path: &str, key: &str) -> Option<Period> {
         let m = self.obj(o, path, key)?;
         let p = join(path, key);
@@ -435,14 +341,6 @@ impl<'a> Reader<'a> {
 
     fn record_ref_at(&mut self, m: &Map<String, Value>, p: &str) -> Option<RecordRef> {
         let reference = self.str(m, p, "reference");
-        if m.contains_key("display") {
-            // The record holds its own display.
-            self.mark(join(p, "display"));
-            *self
-                .dropped
-                .entry(normalise(&join(p, "display")))
-                .or_default() += 1;
-        }
         match self.target(&reference, &join(p, "reference"))? {
             Target::Record(t, id) => Some(RecordRef {
                 r#type: t as i32,
@@ -468,9 +366,6 @@ impl<'a> Reader<'a> {
             return;
         };
         let reference = self.str(m, key, "reference");
-        if m.contains_key("display") {
-            self.mark(join(key, "display"));
-        }
         match self.target(&reference, &join(key, "reference")) {
             Some(Target::Patient(p)) if p == self.patient_id => {}
             Some(other) => self.problem(
@@ -606,13 +501,12 @@ impl<'a> Reader<'a> {
         o: &Map<String, Value>,
         in_error: &mut bool,
     ) -> Option<resource::Kind> {
-        self.mark("resourceType".into());
-        self.mark("id".into());
         let mut status = |r: &mut Self, table: &[&str]| -> i32 {
             let c = r.str(o, "", "status");
             if c == "entered-in-error" {
+                // The record is marked in Meta; its own status keeps a valid value.
                 *in_error = true;
-                return value_of(table, "unknown").unwrap_or(0);
+                return value_of(table, "unknown").unwrap_or(1);
             }
             if c.is_empty() {
                 return 0;
@@ -624,16 +518,8 @@ impl<'a> Reader<'a> {
         };
         Some(match t {
             ResourceType::Patient => {
-                if let Some(exts) = o.get("extension").and_then(Value::as_array) {
-                    for (i, e) in exts.iter().enumerate() {
-                        let url = e.get("url").and_then(Value::as_str).unwrap_or_default();
-                        if ALLOWED_PATIENT_EXTENSIONS.contains(&url) {
-                            self.drop_subtree(e, &format!("extension[{i}]"));
-                        }
-                    }
-                }
                 if o.get("active") == Some(&Value::Bool(false)) {
-                    self.mark("active".into());
+                    // Dossier's export of a Patient marked entered-in-error.
                     *in_error = true;
                 } else if o.contains_key("active") {
                     self.bool(o, "", "active");
@@ -1055,6 +941,174 @@ impl<'a> Reader<'a> {
                     }
                 }
                 resource::Kind::Consent(c)
+            }
+            ResourceType::Immunization => {
+                self.subject(o, "patient");
+                let performers = self
+                    .objs(o, "", "performer")
+                    .into_iter()
+                    .filter_map(|(p, m)| self.reference(m, &p, "actor"))
+                    .collect();
+                resource::Kind::Immunization(Immunization {
+                    status: status(self, IMMUNIZATION_STATUS),
+                    status_reason: self.concept(o, "", "statusReason"),
+                    vaccine_code: self.concept(o, "", "vaccineCode"),
+                    encounter: self.record_ref(o, "", "encounter"),
+                    occurrence: self.date_time(o, "", "occurrenceDateTime"),
+                    recorded: self.date_time(o, "", "recorded"),
+                    primary_source: self.bool(o, "", "primarySource"),
+                    lot_number: self.str(o, "", "lotNumber"),
+                    expiration_date: self.date(o, "", "expirationDate"),
+                    site: self.concept(o, "", "site"),
+                    route: self.concept(o, "", "route"),
+                    dose: self.quantity(o, "", "doseQuantity"),
+                    performers,
+                    reason_codes: self.concepts(o, "", "reasonCode"),
+                    reason_records: self.record_refs(o, "", "reasonReference"),
+                    notes: self.notes(o),
+                })
+            }
+            ResourceType::DiagnosticReport => {
+                self.subject(o, "subject");
+                let effective = if let Some(t) = self.date_time(o, "", "effectiveDateTime") {
+                    Some(diagnostic_report::Effective::EffectiveTime(t))
+                } else {
+                    self.period(o, "", "effectivePeriod")
+                        .map(diagnostic_report::Effective::EffectivePeriod)
+                };
+                resource::Kind::DiagnosticReport(DiagnosticReport {
+                    status: status(self, DIAGNOSTIC_REPORT_STATUS),
+                    categories: self.concepts(o, "", "category"),
+                    code: self.concept(o, "", "code"),
+                    encounter: self.record_ref(o, "", "encounter"),
+                    effective,
+                    issued: self.date_time(o, "", "issued"),
+                    performers: self.references(o, "", "performer"),
+                    results: self.record_refs(o, "", "result"),
+                    conclusion: self.str(o, "", "conclusion"),
+                    conclusion_codes: self.concepts(o, "", "conclusionCode"),
+                })
+            }
+            ResourceType::CarePlan => {
+                self.subject(o, "subject");
+                let activities = self
+                    .objs(o, "", "activity")
+                    .into_iter()
+                    .map(|(p, m)| match self.obj(m, &p, "detail") {
+                        Some(d) => {
+                            let dp = join(&p, "detail");
+                            CarePlanActivity {
+                                code: self.concept(d, &dp, "code"),
+                                status: self.code(d, &dp, "status", CARE_PLAN_ACTIVITY_STATUS),
+                                description: self.str(d, &dp, "description"),
+                                scheduled_period: self.period(d, &dp, "scheduledPeriod"),
+                            }
+                        }
+                        // An activity by reference only: kept whole in unmodelled_json; the
+                        // typed activity (no code, no status) is refused by validation.
+                        None => CarePlanActivity::default(),
+                    })
+                    .collect();
+                resource::Kind::CarePlan(CarePlan {
+                    status: status(self, CARE_PLAN_STATUS),
+                    intent: self.code(o, "", "intent", CARE_PLAN_INTENT),
+                    categories: self.concepts(o, "", "category"),
+                    title: self.str(o, "", "title"),
+                    description: self.str(o, "", "description"),
+                    encounter: self.record_ref(o, "", "encounter"),
+                    period: self.period(o, "", "period"),
+                    created: self.date_time(o, "", "created"),
+                    author: self.reference(o, "", "author"),
+                    addresses: self.record_refs(o, "", "addresses"),
+                    goals: self.record_refs(o, "", "goal"),
+                    activities,
+                    notes: self.notes(o),
+                })
+            }
+            ResourceType::Goal => {
+                self.subject(o, "subject");
+                let lifecycle = self.str(o, "", "lifecycleStatus");
+                let lifecycle_status = if lifecycle == "entered-in-error" {
+                    *in_error = true;
+                    value_of(GOAL_LIFECYCLE_STATUS, "cancelled").unwrap_or(0)
+                } else if lifecycle.is_empty() {
+                    0
+                } else {
+                    value_of(GOAL_LIFECYCLE_STATUS, &lifecycle).unwrap_or_else(|| {
+                        self.problem("lifecycleStatus", format!("unknown code {lifecycle:?}"));
+                        0
+                    })
+                };
+                resource::Kind::Goal(Goal {
+                    lifecycle_status,
+                    achievement_status: self.concept(o, "", "achievementStatus"),
+                    categories: self.concepts(o, "", "category"),
+                    priority: self.concept(o, "", "priority"),
+                    description: self.concept(o, "", "description"),
+                    start_date: self.date(o, "", "startDate"),
+                    targets: self
+                        .objs(o, "", "target")
+                        .into_iter()
+                        .map(|(p, m)| GoalTarget {
+                            measure: self.concept(m, &p, "measure"),
+                            detail_quantity: self.quantity(m, &p, "detailQuantity"),
+                            detail_text: self.str(m, &p, "detailString"),
+                            due_date: self.date(m, &p, "dueDate"),
+                        })
+                        .collect(),
+                    status_date: self.date(o, "", "statusDate"),
+                    expressed_by: self.reference(o, "", "expressedBy"),
+                    addresses: self.record_refs(o, "", "addresses"),
+                    notes: self.notes(o),
+                })
+            }
+            ResourceType::ImagingStudy => {
+                self.subject(o, "subject");
+                let series = self
+                    .objs(o, "", "series")
+                    .into_iter()
+                    .map(|(p, m)| ImagingSeries {
+                        uid: self.str(m, &p, "uid"),
+                        number: self.uint(m, &p, "number"),
+                        modality: self.coding(m, &p, "modality"),
+                        description: self.str(m, &p, "description"),
+                        number_of_instances: self.uint(m, &p, "numberOfInstances"),
+                        body_site: self.coding(m, &p, "bodySite"),
+                        started: self.date_time(m, &p, "started"),
+                        instances: self
+                            .objs(m, &p, "instance")
+                            .into_iter()
+                            .map(|(q, i)| ImagingInstance {
+                                uid: self.str(i, &q, "uid"),
+                                sop_class: self.coding(i, &q, "sopClass"),
+                                number: self.uint(i, &q, "number"),
+                                title: self.str(i, &q, "title"),
+                            })
+                            .collect(),
+                    })
+                    .collect();
+                resource::Kind::ImagingStudy(ImagingStudy {
+                    status: status(self, IMAGING_STUDY_STATUS),
+                    identifiers: self
+                        .objs(o, "", "identifier")
+                        .into_iter()
+                        .map(|(p, m)| self.identifier_of(m, &p))
+                        .collect(),
+                    modalities: self
+                        .objs(o, "", "modality")
+                        .into_iter()
+                        .map(|(p, m)| self.coding_of(m, &p))
+                        .collect(),
+                    encounter: self.record_ref(o, "", "encounter"),
+                    started: self.date_time(o, "", "started"),
+                    number_of_series: self.uint(o, "", "numberOfSeries"),
+                    number_of_instances: self.uint(o, "", "numberOfInstances"),
+                    procedure_codes: self.concepts(o, "", "procedureCode"),
+                    reason_codes: self.concepts(o, "", "reasonCode"),
+                    description: self.str(o, "", "description"),
+                    series,
+                    notes: self.notes(o),
+                })
             }
             ResourceType::Unspecified => return None,
         })

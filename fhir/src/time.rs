@@ -164,10 +164,14 @@ pub fn format_date_time(t: &DateTime) -> String {
             let (secs, micros) = (local.div_euclid(1_000_000), local.rem_euclid(1_000_000));
             let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
             let s = secs.rem_euclid(86_400);
+            // Milliseconds as three digits (the form of most sources: Synthea, Java, JavaScript
+            // write `.580`), finer fractions as six.
             let fraction = if micros == 0 {
                 String::new()
+            } else if micros % 1000 == 0 {
+                format!(".{:03}", micros / 1000)
             } else {
-                format!(".{micros:06}").trim_end_matches('0').to_owned()
+                format!(".{micros:06}")
             };
             let zone = format!(
                 "{}{:02}:{:02}",
@@ -203,7 +207,7 @@ mod tests {
     fn sample_times() {
         let t = parse_date_time("2011-10-14T23:37:54.530+00:00").unwrap();
         assert_eq!(t.unix_micros, 1_318_635_474_530_000);
-        assert_eq!(format_date_time(&t), "2011-10-14T23:37:54.53+00:00");
+        assert_eq!(format_date_time(&t), "2011-10-14T23:37:54.530+00:00");
         let t = parse_date_time("2019-02-16T16:36:10-05:00").unwrap();
         assert_eq!(t.utc_offset_minutes, -300);
         assert_eq!(format_date_time(&t), "2019-02-16T16:36:10-05:00");

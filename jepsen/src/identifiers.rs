@@ -68,6 +68,7 @@ pub fn pool(size: usize, seed: u64) -> Vec<String> {
 
 fn patient(id: &str, number: &str) -> Resource {
     Resource {
+        unmodelled_json: String::new(),
         meta: Some(Meta {
             id: id.into(),
             ..Meta::default()

@@ -117,6 +117,25 @@ impl ApiError {
     }
 }
 
+impl From<dossier_records::Error> for ApiError {
+    fn from(e: dossier_records::Error) -> ApiError {
+        use dossier_records::Error as E;
+        match e {
+            E::InvalidArgument {
+                field,
+                message,
+                limit,
+            } => ApiError::InvalidArgument {
+                field,
+                message,
+                limit,
+            },
+            E::Corrupt { .. } => ApiError::Internal(e.to_string()),
+            E::Contended(_) => ApiError::Unavailable(e.to_string()),
+        }
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         let (code, detail) = e.detail();

@@ -15,10 +15,10 @@ mod errors;
 mod http;
 mod meta;
 mod metrics;
-mod mpi;
 mod node;
 mod propose;
 mod service;
+mod record_store;
 pub mod shards;
 
 use std::sync::Arc;

@@ -18,37 +18,11 @@ use dossier_storage::{Batch, Command, Outcome};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use dossier_records::kv::{self, BatchResult, Shards};
+
 use crate::errors::ApiError;
 use crate::node::Node;
-
-/// What a conditional batch did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BatchResult {
-    Applied,
-    /// The first condition that failed.
-    Failed(u32),
-}
-
-/// Shard reads and writes by routing key. A trait so that protocols can be tested over a store
-/// without a cluster.
-#[tonic::async_trait]
-pub trait Shards: Send + Sync {
-    /// Linearizable reads of store keys of the shard holding `route_key`.
-    async fn read(
-        &self,
-        route_key: &str,
-        keys: Vec<Bytes>,
-        deadline: Duration,
-    ) -> Result<Vec<Option<Bytes>>, ApiError>;
-
-    /// One conditional batch on the shard holding `route_key`.
-    async fn write(
-        &self,
-        route_key: &str,
-        batch: Batch,
-        deadline: Duration,
-    ) -> Result<BatchResult, ApiError>;
-}
+use crate::record_store::to_storage;
 
 /// `Shards` over the cluster.
 #[derive(Debug, Clone)]
@@ -271,8 +245,13 @@ fn from_status(status: &Status) -> ApiError {
     }
 }
 
-#[tonic::async_trait]
 impl Shards for ClusterShards {
+    type Error = ApiError;
+
+    fn deadline_passed(&self) -> ApiError {
+        ApiError::Deadline
+    }
+
     async fn read(
         &self,
         route_key: &str,
@@ -288,9 +267,10 @@ impl Shards for ClusterShards {
     async fn write(
         &self,
         route_key: &str,
-        batch: Batch,
+        batch: kv::Batch,
         deadline: Duration,
     ) -> Result<BatchResult, ApiError> {
+        let batch = to_storage(batch);
         let encoded = postcard::to_allocvec(&batch)
             .map_err(|e| ApiError::Internal(format!("encode a batch: {e}")))?;
         match self

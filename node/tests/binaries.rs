@@ -103,6 +103,7 @@ async fn everything_of_a_10000_record_patient_stays_within_a_memory_bound() {
         }
     };
     let patient = Resource {
+        unmodelled_json: String::new(),
         meta: Some(Meta {
             id: "big".into(),
             ..Meta::default()
@@ -126,6 +127,7 @@ async fn everything_of_a_10000_record_patient_stays_within_a_memory_bound() {
             .filter(|n| *n < 10_000)
             .map(|n| TransactionEntry {
                 op: Some(transaction_entry::Op::Create(Resource {
+                    unmodelled_json: String::new(),
                     meta: Some(Meta {
                         id: format!("o{n}"),
                         ..Meta::default()

@@ -16,6 +16,7 @@ use dossier_client::{ClientError, WriteOptions, is_applied};
 
 fn patient(id: &str, insz: &[&str]) -> Resource {
     Resource {
+        unmodelled_json: String::new(),
         meta: Some(Meta {
             id: id.into(),
             ..Meta::default()

@@ -27,6 +27,7 @@ fn meta(id: &str) -> Option<Meta> {
 
 fn patient(id: &str) -> Resource {
     Resource {
+        unmodelled_json: String::new(),
         meta: meta(id),
         kind: Some(resource::Kind::Patient(Patient {
             names: vec![HumanName {
@@ -41,6 +42,7 @@ fn patient(id: &str) -> Resource {
 
 fn height(id: &str, cm: &str, encounter: Option<&str>) -> Resource {
     Resource {
+        unmodelled_json: String::new(),
         meta: meta(id),
         kind: Some(resource::Kind::Observation(Observation {
             status: ObservationStatus::Final as i32,
@@ -70,6 +72,7 @@ fn height(id: &str, cm: &str, encounter: Option<&str>) -> Resource {
 
 fn encounter(id: &str) -> Resource {
     Resource {
+        unmodelled_json: String::new(),
         meta: meta(id),
         kind: Some(resource::Kind::Encounter(Encounter {
             status: EncounterStatus::Finished as i32,
@@ -85,6 +88,7 @@ fn encounter(id: &str) -> Resource {
 
 fn letter(id: &str, text: String) -> Resource {
     Resource {
+        unmodelled_json: String::new(),
         meta: meta(id),
         kind: Some(resource::Kind::DocumentReference(DocumentReference {
             status: DocumentReferenceStatus::Current as i32,

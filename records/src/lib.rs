@@ -1,10 +1,35 @@
-//! The typed clinical records (`dossier.v1.Resource` and its kinds): names, validation and the
-//! national-number check. No I/O. The schema, key layout and rules are in docs/schema.md.
+//! `dossier-records`: the clinical record layer, built on the key-value primitives of one shard
+//! as a record layer is built on a key-value store (docs/architecture.md, docs/schema.md).
+//!
+//! - Schema: the typed kinds of `dossier.v1.Resource`, their names and validation.
+//! - [`keys`]: the one key map of a patient's data ([`PatientId`] is the one patient-id rule).
+//! - [`plan`]: a write as a pure function from reads to one conditional batch whose conditions
+//!   are named; [`idempotency`]: request fingerprints and stored answers.
+//! - [`mpi`]: the master patient index protocol; [`index`] and [`search`]: per-patient search
+//!   indexes kept in the same batch as the record; [`quarantine`]: records set aside on import.
+//! - [`history`] and [`everything`]: reading versions and a patient's records in stamp order.
+//!
+//! Non-goals: no gRPC, no networking, no Raft; the node adapts these to its services and store.
 
 mod codes;
+mod error;
+mod kinds;
+pub mod everything;
+pub mod history;
+pub mod idempotency;
+pub mod index;
+pub mod keys;
+pub mod kv;
+pub mod mpi;
+pub mod plan;
+pub mod quarantine;
+pub mod search;
 mod validate;
 
 pub use codes::{insz_is_valid, insz_with_check, loinc_is_valid, snomed_is_valid};
+pub use kinds::immunization::SYSTEM_CVX;
+pub use error::Error;
+pub use keys::{Ident, PatientId, PatientKeys};
 pub use validate::{Invalid, Limits, validate_new_record, validate_record_content};
 
 use dossier_api::v1::{RecordRef, Reference, Resource, ResourceType, reference, resource};
@@ -16,7 +41,7 @@ pub const SYSTEM_SNOMED: &str = "http://snomed.info/sct";
 pub const SYSTEM_UCUM: &str = "http://unitsofmeasure.org";
 
 /// Every kind, in `ResourceType` order.
-pub const RESOURCE_TYPES: [ResourceType; 10] = [
+pub const RESOURCE_TYPES: [ResourceType; 15] = [
     ResourceType::Patient,
     ResourceType::Encounter,
     ResourceType::Observation,
@@ -27,6 +52,11 @@ pub const RESOURCE_TYPES: [ResourceType; 10] = [
     ResourceType::DocumentReference,
     ResourceType::CareRelationship,
     ResourceType::Consent,
+    ResourceType::Immunization,
+    ResourceType::DiagnosticReport,
+    ResourceType::CarePlan,
+    ResourceType::Goal,
+    ResourceType::ImagingStudy,
 ];
 
 /// The FHIR type name of a kind (also its name in storage keys: fixed forever).
@@ -43,6 +73,11 @@ pub fn type_name(t: ResourceType) -> Option<&'static str> {
         ResourceType::DocumentReference => "DocumentReference",
         ResourceType::CareRelationship => "CareRelationship",
         ResourceType::Consent => "Consent",
+        ResourceType::Immunization => "Immunization",
+        ResourceType::DiagnosticReport => "DiagnosticReport",
+        ResourceType::CarePlan => "CarePlan",
+        ResourceType::Goal => "Goal",
+        ResourceType::ImagingStudy => "ImagingStudy",
     })
 }
 
@@ -66,6 +101,11 @@ pub fn kind_type(kind: &resource::Kind) -> ResourceType {
         resource::Kind::DocumentReference(_) => ResourceType::DocumentReference,
         resource::Kind::CareRelationship(_) => ResourceType::CareRelationship,
         resource::Kind::Consent(_) => ResourceType::Consent,
+        resource::Kind::Immunization(_) => ResourceType::Immunization,
+        resource::Kind::DiagnosticReport(_) => ResourceType::DiagnosticReport,
+        resource::Kind::CarePlan(_) => ResourceType::CarePlan,
+        resource::Kind::Goal(_) => ResourceType::Goal,
+        resource::Kind::ImagingStudy(_) => ResourceType::ImagingStudy,
     }
 }
 
@@ -83,6 +123,11 @@ pub fn kind_field(t: ResourceType) -> &'static str {
         ResourceType::DocumentReference => "document_reference",
         ResourceType::CareRelationship => "care_relationship",
         ResourceType::Consent => "consent",
+        ResourceType::Immunization => "immunization",
+        ResourceType::DiagnosticReport => "diagnostic_report",
+        ResourceType::CarePlan => "care_plan",
+        ResourceType::Goal => "goal",
+        ResourceType::ImagingStudy => "imaging_study",
     }
 }
 
@@ -189,6 +234,43 @@ pub fn record_refs(r: &Resource, prefix: &str) -> Vec<(String, RecordRef)> {
                     a.reference.as_ref(),
                 );
             }
+        }
+        K::Immunization(x) => {
+            direct("encounter", x.encounter.as_ref());
+            each!("performers", x.performers);
+            for (i, rr) in x.reason_records.iter().enumerate() {
+                direct(&format!("reason_records[{i}]"), Some(rr));
+            }
+            notes!(x.notes);
+        }
+        K::DiagnosticReport(x) => {
+            direct("encounter", x.encounter.as_ref());
+            each!("performers", x.performers);
+            for (i, rr) in x.results.iter().enumerate() {
+                direct(&format!("results[{i}]"), Some(rr));
+            }
+        }
+        K::CarePlan(x) => {
+            direct("encounter", x.encounter.as_ref());
+            reference(format!("{base}.author"), x.author.as_ref());
+            for (i, rr) in x.addresses.iter().enumerate() {
+                direct(&format!("addresses[{i}]"), Some(rr));
+            }
+            for (i, rr) in x.goals.iter().enumerate() {
+                direct(&format!("goals[{i}]"), Some(rr));
+            }
+            notes!(x.notes);
+        }
+        K::Goal(x) => {
+            reference(format!("{base}.expressed_by"), x.expressed_by.as_ref());
+            for (i, rr) in x.addresses.iter().enumerate() {
+                direct(&format!("addresses[{i}]"), Some(rr));
+            }
+            notes!(x.notes);
+        }
+        K::ImagingStudy(x) => {
+            direct("encounter", x.encounter.as_ref());
+            notes!(x.notes);
         }
     }
     for (path, r) in refs {

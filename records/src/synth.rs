@@ -213,6 +213,7 @@ fn record(id: String, kind: resource::Kind) -> Resource {
             ..Meta::default()
         }),
         kind: Some(kind),
+        unmodelled_json: String::new(),
     }
 }
 

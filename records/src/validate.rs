@@ -37,6 +37,8 @@ pub struct Limits {
     pub document_bytes_max: usize,
     /// Items in any repeated field.
     pub repeated_items_max: usize,
+    /// `Resource.unmodelled_json`: the source elements a record keeps verbatim.
+    pub unmodelled_bytes_max: usize,
 }
 
 impl Default for Limits {
@@ -45,29 +47,30 @@ impl Default for Limits {
             text_bytes_max: 64 * 1024,
             document_bytes_max: 512 * 1024,
             repeated_items_max: 256,
+            unmodelled_bytes_max: 64 * 1024,
         }
     }
 }
 
-const SYSTEM_BYTES_MAX: usize = 255;
-const CODE_BYTES_MAX: usize = 128;
-const IDENTIFIER_VALUE_BYTES_MAX: usize = 64;
-const SHORT_TEXT_BYTES_MAX: usize = 1024;
+pub(crate) const SYSTEM_BYTES_MAX: usize = 255;
+pub(crate) const CODE_BYTES_MAX: usize = 128;
+pub(crate) const IDENTIFIER_VALUE_BYTES_MAX: usize = 64;
+pub(crate) const SHORT_TEXT_BYTES_MAX: usize = 1024;
 const CODINGS_MAX: usize = 16;
 const DECIMAL_BYTES_MAX: usize = 32;
 /// −14:00 … +14:00.
 const UTC_OFFSET_MINUTES_MAX: i32 = 14 * 60;
 
-type Check = Result<(), Invalid>;
+pub(crate) type Check = Result<(), Invalid>;
 
 /// A path under construction: `resource.observation.codings[2].code`.
-struct Path<'a> {
-    limits: &'a Limits,
+pub(crate) struct Path<'a> {
+    pub(crate) limits: &'a Limits,
     parts: Vec<String>,
 }
 
 impl Path<'_> {
-    fn at(&self, field: &str) -> String {
+    pub(crate) fn at(&self, field: &str) -> String {
         let mut s = self.parts.join(".");
         if !field.is_empty() {
             if !s.is_empty() && !field.starts_with('[') {
@@ -78,7 +81,7 @@ impl Path<'_> {
         s
     }
 
-    fn fail(&self, field: &str, message: impl Into<String>) -> Check {
+    pub(crate) fn fail(&self, field: &str, message: impl Into<String>) -> Check {
         Err(Invalid {
             field: self.at(field),
             message: message.into(),
@@ -86,7 +89,7 @@ impl Path<'_> {
         })
     }
 
-    fn too_long(&self, field: &str, len: usize, max: usize) -> Check {
+    pub(crate) fn too_long(&self, field: &str, len: usize, max: usize) -> Check {
         Err(Invalid {
             field: self.at(field),
             message: format!("is {len} bytes, above the limit of {max}"),
@@ -95,14 +98,14 @@ impl Path<'_> {
     }
 
     /// Runs `f` one level down, at `field`.
-    fn with(&mut self, field: &str, f: impl FnOnce(&mut Self) -> Check) -> Check {
+    pub(crate) fn with(&mut self, field: &str, f: impl FnOnce(&mut Self) -> Check) -> Check {
         self.parts.push(field.to_owned());
         let r = f(self);
         self.parts.pop();
         r
     }
 
-    fn each<T>(
+    pub(crate) fn each<T>(
         &mut self,
         field: &str,
         items: &[T],
@@ -126,7 +129,7 @@ impl Path<'_> {
     }
 
     /// Text without control characters (free text may hold TAB, LF and CR), within `max`.
-    fn text(&self, field: &str, value: &str, max: usize, free: bool) -> Check {
+    pub(crate) fn text(&self, field: &str, value: &str, max: usize, free: bool) -> Check {
         if value.len() > max {
             return self.too_long(field, value.len(), max);
         }
@@ -139,16 +142,16 @@ impl Path<'_> {
         Ok(())
     }
 
-    fn short(&self, field: &str, value: &str) -> Check {
+    pub(crate) fn short(&self, field: &str, value: &str) -> Check {
         self.text(field, value, SHORT_TEXT_BYTES_MAX, false)
     }
 
-    fn free(&self, field: &str, value: &str) -> Check {
+    pub(crate) fn free(&self, field: &str, value: &str) -> Check {
         self.text(field, value, self.limits.text_bytes_max, true)
     }
 
     /// A token: non-empty, no white space or control characters, within `max`.
-    fn token(&self, field: &str, value: &str, max: usize) -> Check {
+    pub(crate) fn token(&self, field: &str, value: &str, max: usize) -> Check {
         if value.is_empty() {
             return self.fail(field, "is required");
         }
@@ -162,7 +165,7 @@ impl Path<'_> {
     }
 
     /// An enum field: a known value, and not UNSPECIFIED when `required`.
-    fn enumeration<E: TryFrom<i32>>(&self, field: &str, raw: i32, required: bool) -> Check {
+    pub(crate) fn enumeration<E: TryFrom<i32>>(&self, field: &str, raw: i32, required: bool) -> Check {
         if E::try_from(raw).is_err() {
             return self.fail(field, format!("unknown value {raw}"));
         }
@@ -172,7 +175,7 @@ impl Path<'_> {
         Ok(())
     }
 
-    fn coding(&mut self, c: &Coding) -> Check {
+    pub(crate) fn coding(&mut self, c: &Coding) -> Check {
         self.token("system", &c.system, SYSTEM_BYTES_MAX)?;
         self.token("code", &c.code, CODE_BYTES_MAX)?;
         match c.system.as_str() {
@@ -188,7 +191,7 @@ impl Path<'_> {
         self.short("display", &c.display)
     }
 
-    fn concept(&mut self, c: &CodeableConcept) -> Check {
+    pub(crate) fn concept(&mut self, c: &CodeableConcept) -> Check {
         if c.codings.len() > CODINGS_MAX {
             return Err(Invalid {
                 field: self.at("codings"),
@@ -206,7 +209,7 @@ impl Path<'_> {
         self.short("text", &c.text)
     }
 
-    fn concept_at(&mut self, field: &str, c: Option<&CodeableConcept>, required: bool) -> Check {
+    pub(crate) fn concept_at(&mut self, field: &str, c: Option<&CodeableConcept>, required: bool) -> Check {
         match c {
             Some(c) => self.with(field, |p| p.concept(c)),
             None if required => self.fail(field, "is required"),
@@ -214,12 +217,12 @@ impl Path<'_> {
         }
     }
 
-    fn concepts(&mut self, field: &str, items: &[CodeableConcept]) -> Check {
+    pub(crate) fn concepts(&mut self, field: &str, items: &[CodeableConcept]) -> Check {
         self.each(field, items, |p, c| p.concept(c))
     }
 
     /// A concept that must carry a coding of one of `systems`.
-    fn coded_in(&mut self, field: &str, c: Option<&CodeableConcept>, systems: &[&str]) -> Check {
+    pub(crate) fn coded_in(&mut self, field: &str, c: Option<&CodeableConcept>, systems: &[&str]) -> Check {
         self.concept_at(field, c, true)?;
         let has = c.is_some_and(|c| {
             c.codings
@@ -232,7 +235,7 @@ impl Path<'_> {
         Ok(())
     }
 
-    fn date_time(&mut self, field: &str, t: Option<&DateTime>) -> Check {
+    pub(crate) fn date_time(&mut self, field: &str, t: Option<&DateTime>) -> Check {
         let Some(t) = t else { return Ok(()) };
         self.with(field, |p| {
             p.enumeration::<DatePrecision>("precision", t.precision, true)?;
@@ -249,7 +252,7 @@ impl Path<'_> {
         })
     }
 
-    fn period(&mut self, field: &str, period: Option<&Period>) -> Check {
+    pub(crate) fn period(&mut self, field: &str, period: Option<&Period>) -> Check {
         let Some(period) = period else { return Ok(()) };
         self.with(field, |p| {
             p.date_time("start", period.start.as_ref())?;
@@ -263,7 +266,7 @@ impl Path<'_> {
         })
     }
 
-    fn date(&mut self, field: &str, d: Option<&Date>) -> Check {
+    pub(crate) fn date(&mut self, field: &str, d: Option<&Date>) -> Check {
         let Some(d) = d else { return Ok(()) };
         self.with(field, |p| {
             if !(1..=9999).contains(&d.year) {
@@ -286,7 +289,7 @@ impl Path<'_> {
         })
     }
 
-    fn quantity(&mut self, q: &Quantity) -> Check {
+    pub(crate) fn quantity(&mut self, q: &Quantity) -> Check {
         if !is_decimal(&q.value) {
             return self.fail("value", "is not a decimal (-?digits[.digits][e[+-]digits])");
         }
@@ -299,7 +302,7 @@ impl Path<'_> {
         Ok(())
     }
 
-    fn identifier(&mut self, id: &Identifier) -> Check {
+    pub(crate) fn identifier(&mut self, id: &Identifier) -> Check {
         self.token("system", &id.system, SYSTEM_BYTES_MAX)?;
         if id.system.contains('|') {
             return self.fail("system", "must not contain '|'");
@@ -314,7 +317,7 @@ impl Path<'_> {
         self.concept_at("type", id.r#type.as_ref(), false)
     }
 
-    fn record_ref(&mut self, field: &str, r: Option<&RecordRef>) -> Check {
+    pub(crate) fn record_ref(&mut self, field: &str, r: Option<&RecordRef>) -> Check {
         let Some(r) = r else { return Ok(()) };
         self.with(field, |p| {
             p.enumeration::<ResourceType>("type", r.r#type, true)?;
@@ -331,7 +334,7 @@ impl Path<'_> {
         })
     }
 
-    fn reference(&mut self, r: &Reference) -> Check {
+    pub(crate) fn reference(&mut self, r: &Reference) -> Check {
         self.short("display", &r.display)?;
         self.enumeration::<dossier_api::v1::EntityType>("entity_type", r.entity_type, false)?;
         match &r.target {
@@ -354,7 +357,7 @@ impl Path<'_> {
         }
     }
 
-    fn reference_at(&mut self, field: &str, r: Option<&Reference>, required: bool) -> Check {
+    pub(crate) fn reference_at(&mut self, field: &str, r: Option<&Reference>, required: bool) -> Check {
         match r {
             Some(r) => self.with(field, |p| p.reference(r)),
             None if required => self.fail(field, "is required"),
@@ -362,11 +365,11 @@ impl Path<'_> {
         }
     }
 
-    fn references(&mut self, field: &str, items: &[Reference]) -> Check {
+    pub(crate) fn references(&mut self, field: &str, items: &[Reference]) -> Check {
         self.each(field, items, |p, r| p.reference(r))
     }
 
-    fn record_refs(&mut self, field: &str, items: &[RecordRef]) -> Check {
+    pub(crate) fn record_refs(&mut self, field: &str, items: &[RecordRef]) -> Check {
         if items.len() > self.limits.repeated_items_max {
             return self.fail(field, "has too many items");
         }
@@ -376,7 +379,50 @@ impl Path<'_> {
         Ok(())
     }
 
-    fn notes(&mut self, items: &[Annotation]) -> Check {
+    /// A record reference that must name a record of one of `types`.
+    pub(crate) fn record_ref_of(
+        &mut self,
+        field: &str,
+        r: Option<&RecordRef>,
+        types: &[ResourceType],
+    ) -> Check {
+        self.record_ref(field, r)?;
+        if let Some(r) = r
+            && !types.iter().any(|t| *t as i32 == r.r#type)
+        {
+            let names: Vec<&str> = types.iter().filter_map(|t| crate::type_name(*t)).collect();
+            return self.fail(
+                &format!("{field}.type"),
+                format!("must be {}", names.join(" or ")),
+            );
+        }
+        Ok(())
+    }
+
+    /// Record references that must each name a record of one of `types`.
+    pub(crate) fn record_refs_of(
+        &mut self,
+        field: &str,
+        items: &[RecordRef],
+        types: &[ResourceType],
+    ) -> Check {
+        self.record_refs(field, items)?;
+        for (i, r) in items.iter().enumerate() {
+            self.record_ref_of(&format!("{field}[{i}]"), Some(r), types)?;
+        }
+        Ok(())
+    }
+
+    /// An optional coding.
+    pub(crate) fn coding_at(&mut self, field: &str, c: Option<&Coding>, required: bool) -> Check {
+        match c {
+            Some(c) => self.with(field, |p| p.coding(c)),
+            None if required => self.fail(field, "is required"),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn notes(&mut self, items: &[Annotation]) -> Check {
         self.each("notes", items, |p, n| {
             if n.text.is_empty() {
                 return p.fail("text", "is required");
@@ -387,7 +433,7 @@ impl Path<'_> {
         })
     }
 
-    fn kind(&mut self, kind: &resource::Kind) -> Check {
+    pub(crate) fn kind(&mut self, kind: &resource::Kind) -> Check {
         use resource::Kind as K;
         let field = kind_field(kind_type(kind));
         self.with(field, |p| match kind {
@@ -682,6 +728,11 @@ impl Path<'_> {
                 }
                 p.record_ref("source", x.source.as_ref())
             }
+            K::Immunization(x) => crate::kinds::immunization::check(p, x),
+            K::DiagnosticReport(x) => crate::kinds::diagnostic_report::check(p, x),
+            K::CarePlan(x) => crate::kinds::care_plan::check(p, x),
+            K::Goal(x) => crate::kinds::goal::check(p, x),
+            K::ImagingStudy(x) => crate::kinds::imaging_study::check(p, x),
         })
     }
 }
@@ -697,7 +748,7 @@ fn observation_value_check(p: &mut Path<'_>, v: &dossier_api::v1::ObservationVal
 }
 
 /// FHIR decimal: `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`, at most 32 bytes.
-fn is_decimal(s: &str) -> bool {
+pub(crate) fn is_decimal(s: &str) -> bool {
     if s.is_empty() || s.len() > DECIMAL_BYTES_MAX {
         return false;
     }
@@ -740,8 +791,26 @@ pub fn validate_record_content(resource: &Resource, prefix: &str, limits: &Limit
         parts: vec![prefix.to_owned()],
     };
     match &resource.kind {
-        Some(kind) => p.kind(kind),
-        None => p.fail("kind", "is required (one resource kind)"),
+        Some(kind) => p.kind(kind)?,
+        None => p.fail("kind", "is required (one resource kind)")?,
+    }
+    unmodelled_json(&p, &resource.unmodelled_json)
+}
+
+/// `Resource.unmodelled_json`: empty, or a JSON object within `unmodelled_bytes_max`. Its content
+/// is the source's own and is not checked further: it is never interpreted, only given back.
+fn unmodelled_json(p: &Path<'_>, text: &str) -> Check {
+    if text.is_empty() {
+        return Ok(());
+    }
+    let max = p.limits.unmodelled_bytes_max;
+    if text.len() > max {
+        return p.too_long("unmodelled_json", text.len(), max);
+    }
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(_)) => Ok(()),
+        Ok(_) => p.fail("unmodelled_json", "must be a JSON object"),
+        Err(_) => p.fail("unmodelled_json", "is not JSON"),
     }
 }
 
@@ -815,6 +884,7 @@ mod tests {
                 }),
                 ..Observation::default()
             })),
+            unmodelled_json: String::new(),
         }
     }
 
@@ -855,6 +925,7 @@ mod tests {
                 }],
                 ..Patient::default()
             })),
+            unmodelled_json: String::new(),
         };
         check(&patient("85073003328")).unwrap();
         let e = check(&patient("85073003329")).unwrap_err();
@@ -886,6 +957,7 @@ mod tests {
                     ..Default::default()
                 },
             )),
+            unmodelled_json: String::new(),
         };
         let e = check(&r).unwrap_err();
         assert_eq!(e.field, "resource.document_reference.content.text");

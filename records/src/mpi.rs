@@ -4,7 +4,8 @@
 //!
 //! - The claim record E[X] of identifier X lives in the shard of the routing key
 //!   `mpi:<system>|<value>`, records key `m`: generation, state (claimed or released), token
-//!   (the request id of the claiming write), claim time, patient.
+//!   (fresh for every claiming attempt: a retry or a re-import never meets its own old fence),
+//!   claim time, patient.
 //! - H_P(X) (`i/X` in patient P's records space) is present while P's current Patient version
 //!   holds X; it is written only by P's Patient batches, conditioned on the fence F_P(T, X)
 //!   (`f/T/X`) being absent.
@@ -15,52 +16,19 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use dossier_storage::{Batch, Condition, Expect, Op};
 
-use crate::errors::ApiError;
-use crate::shards::{BatchResult, Shards};
+use crate::error::Error;
+use crate::keys::{Ident, PatientId, PatientKeys};
+use crate::kv::{Batch, BatchResult, Condition, Expect, Op, Shards};
 
-/// An identifier of an indexed system.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Ident {
-    pub system: String,
-    pub value: String,
+/// H_P(X) of patient `patient`.
+pub fn hold_key(patient: &PatientId, x: &Ident) -> Bytes {
+    PatientKeys::new(patient).hold(x)
 }
 
-impl Ident {
-    /// `system|value`: the identifier in keys (systems never contain `|`).
-    pub fn joined(&self) -> String {
-        format!("{}|{}", self.system, self.value)
-    }
-
-    /// The routing key of the identifier's claim record.
-    pub fn route_key(&self) -> String {
-        format!("mpi:{}", self.joined())
-    }
-}
-
-/// `owner ‖ 0x01 ‖ parts`: a key in a routing key's records space.
-fn key(owner: &str, parts: &[&[u8]]) -> Bytes {
-    let mut k = owner.as_bytes().to_vec();
-    k.push(0x01);
-    for p in parts {
-        k.extend_from_slice(p);
-    }
-    k.into()
-}
-
-fn entry_key(x: &Ident) -> Bytes {
-    key(&x.route_key(), &[b"m"])
-}
-
-/// H_P(X): `P ‖ 0x01 ‖ i/<system|value>`, value the holding token.
-pub fn hold_key(patient: &str, x: &Ident) -> Bytes {
-    key(patient, &[b"i/", x.joined().as_bytes()])
-}
-
-/// F_P(T, X): `P ‖ 0x01 ‖ f/<token>/<system|value>`.
-pub fn fence_key(patient: &str, token: &[u8], x: &Ident) -> Bytes {
-    key(patient, &[b"f/", token, b"/", x.joined().as_bytes()])
+/// F_P(T, X).
+pub fn fence_key(patient: &PatientId, token: &[u8], x: &Ident) -> Bytes {
+    PatientKeys::new(patient).fence(token, x)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,12 +44,12 @@ struct ClaimRecord {
     state: State,
     token: [u8; 16],
     claimed_at_micros: i64,
-    patient: String,
+    patient: PatientId,
 }
 
 impl ClaimRecord {
     fn encode(&self) -> Bytes {
-        let mut v = Vec::with_capacity(33 + self.patient.len());
+        let mut v = Vec::with_capacity(33 + self.patient.as_str().len());
         v.extend_from_slice(&self.generation.to_be_bytes());
         v.push(match self.state {
             State::Claimed => 1,
@@ -89,7 +57,7 @@ impl ClaimRecord {
         });
         v.extend_from_slice(&self.token);
         v.extend_from_slice(&self.claimed_at_micros.to_be_bytes());
-        v.extend_from_slice(self.patient.as_bytes());
+        v.extend_from_slice(self.patient.as_str().as_bytes());
         v.into()
     }
 
@@ -102,7 +70,7 @@ impl ClaimRecord {
         };
         let token = b.get(9..25)?.try_into().ok()?;
         let claimed_at_micros = i64::from_be_bytes(b.get(25..33)?.try_into().ok()?);
-        let patient = String::from_utf8(b.get(33..)?.to_vec()).ok()?;
+        let patient = PatientId::parse(std::str::from_utf8(b.get(33..)?).ok()?, "patient").ok()?;
         Some(ClaimRecord {
             generation,
             state,
@@ -122,37 +90,39 @@ fn now_micros() -> i64 {
 /// What claiming an identifier found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// The claim is this request's (now, or from an earlier attempt of the same request).
+    /// The claim is this attempt's.
     Claimed,
-    /// Another patient holds the identifier.
-    Held { holder: String },
+    /// Another patient holds the identifier, or (when `holder` is the claimant) the claimant
+    /// already holds it.
+    Held { holder: PatientId },
 }
 
 /// The index protocol over a `Shards` transport.
-pub struct Mpi<'a> {
-    pub shards: &'a dyn Shards,
+#[derive(Debug)]
+pub struct Mpi<'a, S: Shards> {
+    pub shards: &'a S,
     /// How long a claim whose patient was never written blocks other claimants.
     pub grace: Duration,
     /// Bound on the protocol's retry loops (conflicting CASes, claims within their grace).
     pub attempts: u32,
 }
 
-impl Mpi<'_> {
+impl<S: Shards> Mpi<'_, S> {
     async fn read_entry(
         &self,
         x: &Ident,
         deadline: Duration,
-    ) -> Result<(Option<Bytes>, Option<ClaimRecord>), ApiError> {
+    ) -> Result<(Option<Bytes>, Option<ClaimRecord>), S::Error> {
         let raw = self
             .shards
-            .read(&x.route_key(), vec![entry_key(x)], deadline)
+            .read(&x.route_key(), vec![x.claim_key()], deadline)
             .await?
             .pop()
             .flatten();
         let record = match &raw {
             None => None,
             Some(b) => Some(ClaimRecord::decode(b).ok_or_else(|| {
-                ApiError::Internal(format!("claim record of {} does not decode", x.joined()))
+                Error::corrupt(format!("claim record of {}", x.joined()))
             })?),
         };
         Ok((raw, record))
@@ -161,13 +131,13 @@ impl Mpi<'_> {
     /// The token `patient` holds X under (H_P(X)), if it holds X.
     pub async fn holds(
         &self,
-        patient: &str,
+        patient: &PatientId,
         x: &Ident,
         deadline: Duration,
-    ) -> Result<Option<Bytes>, ApiError> {
+    ) -> Result<Option<Bytes>, S::Error> {
         Ok(self
             .shards
-            .read(patient, vec![hold_key(patient, x)], deadline)
+            .read(patient.as_str(), vec![hold_key(patient, x)], deadline)
             .await?
             .pop()
             .flatten())
@@ -180,17 +150,17 @@ impl Mpi<'_> {
         old: Option<Bytes>,
         new: &ClaimRecord,
         deadline: Duration,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, S::Error> {
         let batch = Batch {
             conditions: vec![Condition {
-                key: entry_key(x),
+                key: x.claim_key(),
                 expect: match old {
                     Some(b) => Expect::Equals(b),
                     None => Expect::Absent,
                 },
             }],
             ops: vec![Op::Put {
-                key: entry_key(x),
+                key: x.claim_key(),
                 value: new.encode(),
             }],
         };
@@ -202,10 +172,10 @@ impl Mpi<'_> {
     async fn revoke(
         &self,
         x: &Ident,
-        patient: &str,
+        patient: &PatientId,
         token: &[u8],
         deadline: Duration,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, S::Error> {
         let batch = Batch {
             conditions: vec![Condition {
                 key: hold_key(patient, x),
@@ -216,22 +186,29 @@ impl Mpi<'_> {
                 value: Bytes::new(),
             }],
         };
-        Ok(self.shards.write(patient, batch, deadline).await? == BatchResult::Applied)
+        Ok(self.shards.write(patient.as_str(), batch, deadline).await? == BatchResult::Applied)
     }
 
-    /// Claims X for `patient` under `token` (docs/schema.md §7, claim).
+    /// Claims X for `patient` under `token`, fresh for this attempt (docs/schema.md §7, claim).
+    ///
+    /// A pending claim of another patient blocks for the grace period, measured on both clocks:
+    /// its `claimed_at` (clamped: a time in the future counts as now) and this claimant's own
+    /// monotonic clock since it first saw that claim, so a claimant whose clock runs behind
+    /// waits no longer than the grace. A pending claim of the same patient (an earlier attempt
+    /// of this or another write of the patient) is fenced at once.
     pub async fn claim(
         &self,
         x: &Ident,
-        patient: &str,
+        patient: &PatientId,
         token: &[u8; 16],
         deadline: Duration,
-    ) -> Result<Claim, ApiError> {
-        let started = Instant::now();
+    ) -> Result<Claim, S::Error> {
+        let started = tokio::time::Instant::now();
         let left = || deadline.saturating_sub(started.elapsed());
+        let mut first_seen: Option<(u64, tokio::time::Instant)> = None;
         for _ in 0..self.attempts.max(1) * 4 {
             if left().is_zero() {
-                return Err(ApiError::Deadline);
+                return Err(self.shards.deadline_passed());
             }
             let (raw, record) = self.read_entry(x, left()).await?;
             let mine = ClaimRecord {
@@ -239,7 +216,7 @@ impl Mpi<'_> {
                 state: State::Claimed,
                 token: *token,
                 claimed_at_micros: now_micros(),
-                patient: patient.to_owned(),
+                patient: patient.clone(),
             };
             match &record {
                 None => {
@@ -247,9 +224,7 @@ impl Mpi<'_> {
                         return Ok(Claim::Claimed);
                     }
                 }
-                Some(r)
-                    if r.state == State::Claimed && r.patient == patient && r.token == *token =>
-                {
+                Some(r) if r.state == State::Claimed && r.patient == *patient && r.token == *token => {
                     return Ok(Claim::Claimed);
                 }
                 Some(r) if r.state == State::Released => {
@@ -263,16 +238,27 @@ impl Mpi<'_> {
                             holder: r.patient.clone(),
                         });
                     }
-                    let age = Duration::from_micros(
-                        now_micros().saturating_sub(r.claimed_at_micros).max(0) as u64,
-                    );
-                    if age < self.grace {
-                        // The claimant's patient write may still come.
-                        let wait = (self.grace - age)
-                            .min(Duration::from_millis(50))
-                            .min(left());
-                        tokio::time::sleep(wait).await;
-                        continue;
+                    if r.patient != *patient {
+                        let seen = match first_seen {
+                            Some((g, at)) if g == r.generation => at,
+                            _ => {
+                                let now = tokio::time::Instant::now();
+                                first_seen = Some((r.generation, now));
+                                now
+                            }
+                        };
+                        let stated = Duration::from_micros(
+                            now_micros().saturating_sub(r.claimed_at_micros).max(0) as u64,
+                        );
+                        let age = stated.max(seen.elapsed());
+                        if age < self.grace {
+                            // The claimant's patient write may still come.
+                            let wait = (self.grace - age)
+                                .min(Duration::from_millis(50))
+                                .min(left());
+                            tokio::time::sleep(wait).await;
+                            continue;
+                        }
                     }
                     if !self.revoke(x, &r.patient, &r.token, left()).await? {
                         // The claimant holds X now: the next read says so.
@@ -284,10 +270,7 @@ impl Mpi<'_> {
                 }
             }
         }
-        Err(ApiError::Unavailable(format!(
-            "identifier {} is contended; retry",
-            x.joined()
-        )))
+        Err(Error::Contended(format!("identifier {} is contended", x.joined())).into())
     }
 
     /// Gives up claim (`patient`, `token`) of X, after a write that removed X committed or
@@ -296,17 +279,17 @@ impl Mpi<'_> {
     pub async fn release(
         &self,
         x: &Ident,
-        patient: &str,
+        patient: &PatientId,
         token: &[u8],
         deadline: Duration,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), S::Error> {
         if !self.revoke(x, patient, token, deadline).await? {
             return Ok(()); // The patient holds X under this token: nothing to release.
         }
         let (raw, record) = self.read_entry(x, deadline).await?;
         if let Some(r) = record
             && r.state == State::Claimed
-            && r.patient == patient
+            && r.patient == *patient
             && r.token == token
         {
             let released = ClaimRecord {
@@ -320,7 +303,7 @@ impl Mpi<'_> {
     }
 
     /// The patient holding X, linearizably (docs/schema.md §7, LookupIdentifier).
-    pub async fn lookup(&self, x: &Ident, deadline: Duration) -> Result<Option<String>, ApiError> {
+    pub async fn lookup(&self, x: &Ident, deadline: Duration) -> Result<Option<PatientId>, S::Error> {
         let started = Instant::now();
         let left = || deadline.saturating_sub(started.elapsed());
         let (_, mut record) = self.read_entry(x, left()).await?;
@@ -340,106 +323,98 @@ impl Mpi<'_> {
             }
             record = again;
         }
-        Err(ApiError::Unavailable(format!(
-            "identifier {} changed under every lookup; retry",
-            x.joined()
-        )))
+        Err(Error::Contended(format!("identifier {} changed under every lookup", x.joined())).into())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    use dossier_storage::{ApplyEntry, Command, EntryPayload, Outcome, StateStore, StoreConfig};
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
 
     use super::*;
 
-    /// Every routing key on one real shard store: the conditions and batches behave exactly as
-    /// on a cluster's shards, and tasks interleave at every call.
-    struct StoreShards {
-        _dir: tempfile::TempDir,
-        _store: StateStore,
-        shard: dossier_storage::ShardHandle,
-        index: AtomicU64,
-        apply: std::sync::Mutex<()>,
+    /// Every routing key in one in-memory map, batches applied atomically: conditions behave as
+    /// on a shard, and tasks interleave at every call.
+    #[derive(Debug, Default)]
+    struct MapShards {
+        map: Mutex<BTreeMap<Bytes, Bytes>>,
     }
 
-    impl StoreShards {
-        fn new() -> Arc<StoreShards> {
-            let dir = tempfile::tempdir().unwrap();
-            let config = StoreConfig {
-                dir: dir.path().to_path_buf(),
-                ..StoreConfig::default()
-            }
-            .validate()
-            .unwrap();
-            let store = StateStore::open(config).unwrap();
-            let shard = store.create_shard(1).unwrap();
-            Arc::new(StoreShards {
-                _dir: dir,
-                _store: store,
-                shard,
-                index: AtomicU64::new(0),
-                apply: std::sync::Mutex::new(()),
-            })
+    impl MapShards {
+        fn new() -> Arc<MapShards> {
+            Arc::new(MapShards::default())
         }
 
         fn get(&self, key: &[u8]) -> Option<Bytes> {
-            self.shard.get(key).unwrap()
+            self.map.lock().unwrap().get(key).cloned()
         }
     }
 
-    #[tonic::async_trait]
-    impl Shards for StoreShards {
+    impl Shards for MapShards {
+        type Error = Error;
+
         async fn read(
             &self,
             _route: &str,
             keys: Vec<Bytes>,
             _d: Duration,
-        ) -> Result<Vec<Option<Bytes>>, ApiError> {
+        ) -> Result<Vec<Option<Bytes>>, Error> {
             tokio::task::yield_now().await;
             Ok(keys.iter().map(|k| self.get(k)).collect())
         }
 
-        async fn write(
-            &self,
-            _route: &str,
-            batch: Batch,
-            _d: Duration,
-        ) -> Result<BatchResult, ApiError> {
+        async fn write(&self, _route: &str, batch: Batch, _d: Duration) -> Result<BatchResult, Error> {
             tokio::task::yield_now().await;
-            let outcome = {
-                let _serial = self.apply.lock().unwrap();
-                let index = self.index.fetch_add(1, Ordering::SeqCst) + 1;
-                let entry = ApplyEntry {
-                    index,
-                    log_id: Bytes::new(),
-                    payload: EntryPayload::Command(Command::Txn {
-                        session: None,
-                        batch,
-                    }),
-                };
-                self.shard.apply(&[entry]).unwrap()[0]
+            let result = {
+                let mut map = self.map.lock().unwrap();
+                let failed = batch.conditions.iter().position(|c| {
+                    let v = map.get(&c.key);
+                    !match &c.expect {
+                        Expect::Absent => v.is_none(),
+                        Expect::Present => v.is_some(),
+                        Expect::Equals(x) => v == Some(x),
+                    }
+                });
+                match failed {
+                    Some(i) => BatchResult::Failed(i as u32),
+                    None => {
+                        for op in batch.ops {
+                            match op {
+                                Op::Put { key, value } => {
+                                    map.insert(key, value);
+                                }
+                                Op::Delete { key } => {
+                                    map.remove(&key);
+                                }
+                            }
+                        }
+                        BatchResult::Applied
+                    }
+                }
             };
             tokio::task::yield_now().await;
-            Ok(match outcome {
-                Outcome::ConditionFailed { index } => BatchResult::Failed(index),
-                _ => BatchResult::Applied,
-            })
+            Ok(result)
         }
+
+        fn deadline_passed(&self) -> Error {
+            Error::Contended("deadline".into())
+        }
+    }
+
+    fn pid(p: &str) -> PatientId {
+        PatientId::parse(p, "patient").unwrap()
     }
 
     fn insz(v: &str) -> Ident {
         Ident {
-            system: dossier_records::SYSTEM_INSZ.into(),
+            system: crate::SYSTEM_INSZ.into(),
             value: v.into(),
         }
     }
 
     /// The patient batch of a write holding X: fence absent, then the hold.
-    async fn hold(shards: &dyn Shards, patient: &str, token: &[u8; 16], x: &Ident) -> bool {
+    async fn hold(shards: &MapShards, patient: &PatientId, token: &[u8; 16], x: &Ident) -> bool {
         let batch = Batch {
             conditions: vec![Condition {
                 key: fence_key(patient, token, x),
@@ -451,7 +426,7 @@ mod tests {
             }],
         };
         shards
-            .write(patient, batch, Duration::from_secs(1))
+            .write(patient.as_str(), batch, Duration::from_secs(1))
             .await
             .unwrap()
             == BatchResult::Applied
@@ -461,7 +436,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stalled_claim_is_revoked_after_the_grace_and_its_late_write_fails() {
-        let shards = StoreShards::new();
+        let shards = MapShards::new();
         let x = insz("85073003328");
         let mpi = Mpi {
             shards: &*shards,
@@ -470,13 +445,13 @@ mod tests {
         };
         // P's coordinator claims X, then stalls before its patient batch.
         assert_eq!(
-            mpi.claim(&x, "p", &[1; 16], D).await.unwrap(),
+            mpi.claim(&x, &pid("p"), &[1; 16], D).await.unwrap(),
             Claim::Claimed
         );
         // Within the grace, Q waits; after it, Q revokes P's claim and takes X.
         let started = Instant::now();
         assert_eq!(
-            mpi.claim(&x, "q", &[2; 16], D).await.unwrap(),
+            mpi.claim(&x, &pid("q"), &[2; 16], D).await.unwrap(),
             Claim::Claimed
         );
         assert!(
@@ -484,31 +459,31 @@ mod tests {
             "revoked within the grace"
         );
         // P's late batch finds its fence and writes nothing.
-        assert!(!hold(&*shards, "p", &[1; 16], &x).await);
-        assert!(shards.get(&hold_key("p", &x)).is_none());
+        assert!(!hold(&shards, &pid("p"), &[1; 16], &x).await);
+        assert!(shards.get(&hold_key(&pid("p"), &x)).is_none());
         // Not held until Q's batch commits; then Q.
         assert_eq!(mpi.lookup(&x, D).await.unwrap(), None);
-        assert!(hold(&*shards, "q", &[2; 16], &x).await);
-        assert_eq!(mpi.lookup(&x, D).await.unwrap(), Some("q".into()));
+        assert!(hold(&shards, &pid("q"), &[2; 16], &x).await);
+        assert_eq!(mpi.lookup(&x, D).await.unwrap(), Some(pid("q")));
         // A third claimant finds it held, however old the claim.
         let mpi0 = Mpi {
             grace: Duration::ZERO,
             ..mpi
         };
         assert_eq!(
-            mpi0.claim(&x, "r", &[3; 16], D).await.unwrap(),
-            Claim::Held { holder: "q".into() }
+            mpi0.claim(&x, &pid("r"), &[3; 16], D).await.unwrap(),
+            Claim::Held { holder: pid("q") }
         );
         // A retry of Q's own request finds its claim.
         assert_eq!(
-            mpi0.claim(&x, "q", &[2; 16], D).await.unwrap(),
+            mpi0.claim(&x, &pid("q"), &[2; 16], D).await.unwrap(),
             Claim::Claimed
         );
     }
 
     #[tokio::test]
     async fn a_released_identifier_can_be_claimed_again() {
-        let shards = StoreShards::new();
+        let shards = MapShards::new();
         let x = insz("00010100105");
         let mpi = Mpi {
             shards: &*shards,
@@ -516,24 +491,24 @@ mod tests {
             attempts: 8,
         };
         assert_eq!(
-            mpi.claim(&x, "p", &[1; 16], D).await.unwrap(),
+            mpi.claim(&x, &pid("p"), &[1; 16], D).await.unwrap(),
             Claim::Claimed
         );
-        assert!(hold(&*shards, "p", &[1; 16], &x).await);
+        assert!(hold(&shards, &pid("p"), &[1; 16], &x).await);
         // P's write that removes X deletes its hold, then releases the claim.
         let drop_hold = Batch {
             conditions: vec![],
             ops: vec![Op::Delete {
-                key: hold_key("p", &x),
+                key: hold_key(&pid("p"), &x),
             }],
         };
         shards.write("p", drop_hold, D).await.unwrap();
-        mpi.release(&x, "p", &[1; 16], D).await.unwrap();
+        mpi.release(&x, &pid("p"), &[1; 16], D).await.unwrap();
         assert_eq!(mpi.lookup(&x, D).await.unwrap(), None);
         // No grace to wait: the record says released.
         let started = Instant::now();
         assert_eq!(
-            mpi.claim(&x, "q", &[2; 16], D).await.unwrap(),
+            mpi.claim(&x, &pid("q"), &[2; 16], D).await.unwrap(),
             Claim::Claimed
         );
         assert!(started.elapsed() < Duration::from_secs(1));
@@ -553,7 +528,7 @@ mod tests {
         ) {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async {
-                let shards = StoreShards::new();
+                let shards = MapShards::new();
                 let x = insz("85073003328");
                 let tasks: Vec<_> = plan.iter().enumerate().map(|(i, &(crash, release))| {
                     let shards = Arc::clone(&shards);
@@ -563,15 +538,15 @@ mod tests {
                             tokio::task::yield_now().await;
                         }
                         let mpi = Mpi { shards: &*shards, grace: Duration::ZERO, attempts: 8 };
-                        let patient = format!("p{i}");
+                        let patient = pid(&format!("p{i}"));
                         let token = [i as u8 + 1; 16];
                         match mpi.claim(&x, &patient, &token, D).await {
                             Ok(Claim::Claimed) if crash == 0 => {} // crashed before its batch
                             Ok(Claim::Claimed) => {
-                                let held = hold(&*shards, &patient, &token, &x).await;
+                                let held = hold(&shards, &patient, &token, &x).await;
                                 if held && release {
                                     let drop_hold = Batch { conditions: vec![], ops: vec![Op::Delete { key: hold_key(&patient, &x) }] };
-                                    shards.write(&patient, drop_hold, D).await.unwrap();
+                                    shards.write(patient.as_str(), drop_hold, D).await.unwrap();
                                     mpi.release(&x, &patient, &token, D).await.unwrap();
                                 }
                             }
@@ -584,13 +559,64 @@ mod tests {
                 }
                 let holders: Vec<String> = (0..plan.len())
                     .map(|i| format!("p{i}"))
-                    .filter(|p| shards.get(&hold_key(p, &x)).is_some())
+                    .filter(|p| shards.get(&hold_key(&pid(p), &x)).is_some())
                     .collect();
                 assert!(holders.len() <= 1, "holders {holders:?}");
                 let mpi = Mpi { shards: &*shards, grace: Duration::ZERO, attempts: 8 };
-                assert_eq!(mpi.lookup(&x, D).await.unwrap(), holders.first().cloned());
+                assert_eq!(mpi.lookup(&x, D).await.unwrap(), holders.first().map(|p| pid(p)));
             });
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_stamped_in_the_future_is_revoked_after_the_grace_of_the_claimant_clock() {
+        let shards = MapShards::new();
+        let x = insz("85073003328");
+        let grace = Duration::from_secs(30);
+        // A claim by p whose coordinator's clock ran an hour ahead, never written.
+        let future = ClaimRecord {
+            generation: 1,
+            state: State::Claimed,
+            token: [1; 16],
+            claimed_at_micros: now_micros() + 3_600_000_000,
+            patient: pid("p"),
+        };
+        let seed = Batch {
+            conditions: vec![],
+            ops: vec![Op::Put { key: x.claim_key(), value: future.encode() }],
+        };
+        shards.write("m", seed, D).await.unwrap();
+        let mpi = Mpi { shards: &*shards, grace, attempts: 1_000 };
+        let started = tokio::time::Instant::now();
+        let claimed = mpi.claim(&x, &pid("q"), &[2; 16], Duration::from_secs(120)).await.unwrap();
+        assert_eq!(claimed, Claim::Claimed);
+        let waited = started.elapsed();
+        assert!(waited >= grace && waited < grace + Duration::from_secs(1), "waited {waited:?}");
+    }
+
+    #[tokio::test]
+    async fn a_patient_reclaims_a_released_or_revoked_identifier_with_a_fresh_token() {
+        let shards = MapShards::new();
+        let x = insz("00010100105");
+        let mpi = Mpi { shards: &*shards, grace: Duration::from_secs(30), attempts: 8 };
+        // p's first import claims X and stalls; its claim is revoked by p's own next attempt at
+        // once (same patient: no grace), and that attempt's batch holds X.
+        assert_eq!(mpi.claim(&x, &pid("p"), &[1; 16], D).await.unwrap(), Claim::Claimed);
+        let started = Instant::now();
+        assert_eq!(mpi.claim(&x, &pid("p"), &[2; 16], D).await.unwrap(), Claim::Claimed);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(!hold(&shards, &pid("p"), &[1; 16], &x).await, "the stalled attempt is fenced");
+        assert!(hold(&shards, &pid("p"), &[2; 16], &x).await);
+        assert_eq!(mpi.lookup(&x, D).await.unwrap(), Some(pid("p")));
+        // p gives X up (its patient was marked entered-in-error), then is imported again.
+        let drop_hold = Batch { conditions: vec![], ops: vec![Op::Delete { key: hold_key(&pid("p"), &x) }] };
+        shards.write("p", drop_hold, D).await.unwrap();
+        mpi.release(&x, &pid("p"), &[2; 16], D).await.unwrap();
+        assert_eq!(mpi.claim(&x, &pid("p"), &[3; 16], D).await.unwrap(), Claim::Claimed);
+        assert!(hold(&shards, &pid("p"), &[3; 16], &x).await);
+        assert_eq!(mpi.lookup(&x, D).await.unwrap(), Some(pid("p")));
+        // Claiming what p already holds says so.
+        assert_eq!(mpi.claim(&x, &pid("p"), &[4; 16], D).await.unwrap(), Claim::Held { holder: pid("p") });
     }
 
     #[test]
@@ -600,7 +626,7 @@ mod tests {
             state: State::Claimed,
             token: [9; 16],
             claimed_at_micros: 1_700_000_000_000_000,
-            patient: "patient-42".into(),
+            patient: pid("patient-42"),
         };
         assert_eq!(ClaimRecord::decode(&r.encode()), Some(r.clone()));
         let released = ClaimRecord {
