@@ -41,6 +41,9 @@ pub(crate) fn residue(
                 let mut v = v.clone();
                 if let Value::Object(m) = &mut v {
                     m.retain(|k, _| !META_SET_BY_STORE.contains(&k.as_str()));
+                    if m.is_empty() {
+                        continue;
+                    }
                 }
                 if let Some(d) = diff(&v, typed.get(k), resolve) {
                     out.insert(k.clone(), d);
