@@ -11,7 +11,9 @@
 //! Shape: an object shaped like the resource; arrays by position, `null` where an element holds
 //! nothing unmodelled (trailing nulls are cut). Reference strings inside kept elements are
 //! rewritten to what they resolved to (`Type/id`), so an export does not point into the source
-//! bundle.
+//! bundle. What is kept of a modelled reference (its `display`) carries the reference as a guard:
+//! it is merged back only onto the same target, so an update that points the typed reference
+//! elsewhere drops it. Other elements are merged by position whatever the typed update did.
 
 use std::collections::BTreeMap;
 
@@ -69,11 +71,24 @@ fn diff(src: &Value, typed: Option<&Value>, resolve: &dyn Fn(&str) -> Option<Str
         (Value::Object(s), Some(Value::Object(t))) => {
             let mut out = Map::new();
             for (k, v) in s {
+                // A reference to a practitioner or organisation became an identifier reference:
+                // the typed record holds its target.
+                if k == "reference" && t.contains_key("identifier") {
+                    continue;
+                }
                 if let Some(d) = diff(v, t.get(k), resolve) {
                     out.insert(k.clone(), d);
                 }
             }
-            (!out.is_empty()).then_some(Value::Object(out))
+            if out.is_empty() {
+                return None;
+            }
+            // What is kept of a reference (its display) belongs to its target: the target goes
+            // with it as a guard, so that it is not merged onto another target after an update.
+            if let Some(r @ Value::String(_)) = t.get("reference") {
+                out.insert("reference".to_owned(), r.clone());
+            }
+            Some(Value::Object(out))
         }
         (Value::Array(s), Some(Value::Array(t))) => {
             let mut out: Vec<Value> = s
@@ -115,6 +130,13 @@ fn rewrite_references(v: &mut Value, resolve: &dyn Fn(&str) -> Option<String>) {
 pub(crate) fn merge(typed: &mut Value, residue: &Value) {
     match (typed, residue) {
         (Value::Object(t), Value::Object(r)) => {
+            if let (Some(Value::String(a)), Some(Value::String(b))) =
+                (t.get("reference"), r.get("reference"))
+                && a != b
+            {
+                // Kept for another target (the typed reference changed since).
+                return;
+            }
             for (k, v) in r {
                 match t.get_mut(k) {
                     Some(x) => merge(x, v),
@@ -132,6 +154,8 @@ pub(crate) fn merge(typed: &mut Value, residue: &Value) {
                 }
                 match t.get_mut(i) {
                     Some(x) => merge(x, v),
+                    // A reference whose typed element is gone is gone too.
+                    None if v.get("reference").is_some() => {}
                     None => t.push(without_nulls(v)),
                 }
             }
@@ -262,5 +286,24 @@ mod tests {
         assert_eq!(at(&source, "name[0].use"), Some(&json!("official")));
         assert_eq!(at(&source, "meta.tag[0].code"), Some(&json!("t")));
         assert_eq!(residue(&typed, &typed, &resolve), None);
+        // A reference's display is kept with its target, and merged only onto that target.
+        let source = json!({"reasonReference": [{"reference": "urn:uuid:1", "display": "Asthma"}],
+            "requester": {"reference": "urn:uuid:2", "display": "Dr. A"}});
+        let typed = json!({"reasonReference": [{"reference": "Condition/1"}],
+            "requester": {"type": "Practitioner", "identifier": {"value": "9"}, "display": "Dr. A"}});
+        let r = residue(&source, &typed, &resolve).unwrap();
+        assert_eq!(
+            r,
+            json!({"reasonReference": [{"reference": "Condition/1", "display": "Asthma"}]})
+        );
+        let mut same = typed.clone();
+        merge(&mut same, &r);
+        assert_eq!(same["reasonReference"][0]["display"], json!("Asthma"));
+        let mut moved = json!({"reasonReference": [{"reference": "Condition/2"}]});
+        merge(&mut moved, &r);
+        assert_eq!(moved, json!({"reasonReference": [{"reference": "Condition/2"}]}));
+        let mut removed = json!({"reasonReference": []});
+        merge(&mut removed, &r);
+        assert_eq!(removed, json!({"reasonReference": []}));
     }
 }
