@@ -10,8 +10,8 @@ use clap::Subcommand;
 use dossier_fhir::{self as fhir, ImportOptions};
 use dossier_records::type_from_name;
 use dossier_api::v1::ResourceType;
-use dossier_cli::records::{refusal, write_bundle};
-use dossier_client::{WriteOptions, is_applied};
+use dossier_cli::records::{refusal, write_bundle, write_quarantine};
+use dossier_client::{SearchQuery, WriteOptions, is_applied};
 
 use crate::Cli;
 
@@ -64,6 +64,59 @@ pub enum PatientCommand {
         /// Name of the source, kept in every record's meta.source.
         #[arg(long, default_value = "import")]
         source: String,
+        /// What to do with a record that fails validation: `quarantine` sets it aside in the
+        /// patient's quarantine (see `dossier patient quarantine`) and imports the rest;
+        /// `refuse` refuses the whole bundle.
+        #[arg(long, value_enum, default_value_t = OnInvalidArg::Quarantine)]
+        on_invalid: OnInvalidArg,
+    },
+    /// Search a patient's records of one kind, newest clinical date first: by code, clinical
+    /// date range and status, from per-patient indexes. Prints a FHIR searchset Bundle.
+    ///
+    /// `dossier patient search P1 Observation --code 'http://loinc.org|2339-0' --since 2024-01-01`
+    /// or, in FHIR form, `dossier patient search --fhir 'Observation?patient=P1&code=…&date=ge2024-01-01'`.
+    Search {
+        /// The patient (omit with --fhir).
+        #[arg(required_unless_present = "fhir")]
+        patient: Option<String>,
+        /// FHIR type: Observation, Condition, Procedure, Immunization, … (omit with --fhir).
+        #[arg(required_unless_present = "fhir")]
+        r#type: Option<String>,
+        /// `system|code` of the record's main concept.
+        #[arg(long)]
+        code: Option<String>,
+        /// Clinical date at or after this FHIR date or dateTime (e.g. 2024-01-01).
+        #[arg(long)]
+        since: Option<String>,
+        /// Clinical date before this FHIR date or dateTime.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only these statuses (FHIR codes, comma separated), e.g. final,amended.
+        #[arg(long, value_delimiter = ',')]
+        status: Vec<String>,
+        /// At most this many records in all (pages are followed).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// A FHIR search string: `<Type>?patient=<id>&code=<system>|<code>&date=ge<date>&status=…`.
+        #[arg(long, conflicts_with_all = ["patient", "type", "code", "since", "until", "status"])]
+        fhir: Option<String>,
+    },
+    /// A patient's quarantine: records an import set aside because they failed validation, with
+    /// their problems. Without options, lists them; fix one and write it with --resubmit.
+    Quarantine {
+        patient: String,
+        /// Print one quarantined record's source JSON (to fix it).
+        #[arg(long, conflicts_with_all = ["resubmit", "release"])]
+        show: Option<String>,
+        /// Write the fixed resource in --file as a record and take it out of the quarantine.
+        #[arg(long, requires = "file", conflicts_with = "release")]
+        resubmit: Option<String>,
+        /// The fixed FHIR resource (JSON) for --resubmit.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Take a record out of the quarantine without writing it (it is dropped).
+        #[arg(long)]
+        release: Option<String>,
     },
     /// Bulk export: one NDJSON file per FHIR type in DIR, for the given patients.
     Export {
@@ -92,11 +145,31 @@ pub enum PatientCommand {
     },
 }
 
+/// `--on-invalid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnInvalidArg {
+    Refuse,
+    Quarantine,
+}
+
+/// A FHIR date or dateTime as unix micros (its start).
+fn micros_of(flag: &str, value: &str) -> Result<i64> {
+    fhir::parse_date_time(value)
+        .map(|d| d.unix_micros)
+        .with_context(|| format!("--{flag} {value:?} is not a FHIR date or dateTime (e.g. 2024-01-31)"))
+}
+
 fn record_type(name: &str) -> Result<ResourceType> {
     match name {
         "CareTeam" => Ok(ResourceType::CareRelationship),
         n => type_from_name(n).with_context(|| {
-            format!("{n:?} is not a record type (Patient, Encounter, Observation, Condition, AllergyIntolerance, MedicationRequest, Procedure, DocumentReference, CareTeam, Consent)")
+            {
+                let names: Vec<&str> = dossier_records::RESOURCE_TYPES
+                    .iter()
+                    .filter_map(|t| dossier_records::type_name(*t))
+                    .collect();
+                format!("{n:?} is not a record type ({}, CareTeam)", names.join(", "))
+            }
         }),
     }
 }
@@ -251,12 +324,14 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
             files,
             skip_unmapped,
             source,
+            on_invalid,
         } => {
             if files.is_empty() {
                 bail!("name at least one bundle file");
             }
             let started = Instant::now();
             let (mut patients, mut records, mut failed) = (0usize, 0usize, 0usize);
+            let mut quarantined_total = 0usize;
             let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
             for (n, file) in files.iter().enumerate() {
                 let result = async {
@@ -266,32 +341,43 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
                         &ImportOptions {
                             skip_unmapped: *skip_unmapped,
                             source: source.clone(),
+                            on_invalid: match on_invalid {
+                                OnInvalidArg::Refuse => fhir::OnInvalid::Refuse,
+                                OnInvalidArg::Quarantine => fhir::OnInvalid::Quarantine,
+                            },
                             ..ImportOptions::default()
                         },
                     )
                     .map_err(|p| anyhow::anyhow!(problems_text(&p)))?;
                     let written = write_bundle(&client, &imported, 128).await?;
-                    Ok::<_, anyhow::Error>((imported, written))
+                    let quarantined = write_quarantine(&client, &imported, 64).await?;
+                    Ok::<_, anyhow::Error>((imported, written, quarantined))
                 }
                 .await;
                 match result {
-                    Ok((imported, written)) => {
+                    Ok((imported, written, quarantined)) => {
                         patients += 1;
                         records += written;
+                        quarantined_total += quarantined;
                         for (t, c) in &imported.skipped_types {
                             *skipped.entry(t.clone()).or_default() += c;
                         }
+                        let id = imported
+                            .patient
+                            .meta
+                            .as_ref()
+                            .map(|m| m.id.as_str())
+                            .unwrap_or_default();
                         eprintln!(
-                            "[{}/{}] {}: patient {}, {written} records",
+                            "[{}/{}] {}: patient {id}, {written} records{}",
                             n + 1,
                             files.len(),
                             file.display(),
-                            imported
-                                .patient
-                                .meta
-                                .as_ref()
-                                .map(|m| m.id.as_str())
-                                .unwrap_or_default()
+                            if quarantined > 0 {
+                                format!(", {quarantined} quarantined (dossier patient quarantine {id})")
+                            } else {
+                                String::new()
+                            }
                         );
                     }
                     Err(e) => {
@@ -307,16 +393,152 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
             }
             let secs = started.elapsed().as_secs_f64();
             eprintln!(
-                "imported {patients} patients and {records} records in {secs:.1} s ({:.1} patients/s, {:.0} records/s); {failed} bundles refused",
+                "imported {patients} patients and {records} records in {secs:.1} s ({:.1} patients/s, {:.0} records/s); {quarantined_total} records quarantined; {failed} bundles refused",
                 patients as f64 / secs.max(1e-9),
                 records as f64 / secs.max(1e-9)
             );
             if !skipped.is_empty() {
                 let list: Vec<String> = skipped.iter().map(|(t, c)| format!("{t} {c}")).collect();
-                eprintln!("skipped entries of unmodelled types: {}", list.join(", "));
+                eprintln!("skipped entries of unmodelled types (billing is never imported): {}", list.join(", "));
             }
             if failed > 0 {
                 bail!("{failed} of {} bundles were not imported", files.len());
+            }
+        }
+        PatientCommand::Search {
+            patient,
+            r#type,
+            code,
+            since,
+            until,
+            status,
+            limit,
+            fhir: fhir_query,
+        } => {
+            let (patient, query, mut left) = match fhir_query {
+                Some(q) => {
+                    let p = fhir::parse_search(q).map_err(|e| anyhow::anyhow!("--fhir: {e}"))?;
+                    let query = SearchQuery {
+                        rtype: Some(record_type(&p.fhir_type)?),
+                        code: p.code,
+                        since_micros: p.since_micros.unwrap_or(0),
+                        until_micros: p.until_micros.unwrap_or(0),
+                        statuses: p.statuses,
+                        limit: 0,
+                    };
+                    (p.patient, query, p.count.map_or(*limit, |c| c as usize))
+                }
+                None => {
+                    let query = SearchQuery {
+                        rtype: Some(record_type(r#type.as_deref().unwrap_or_default())?),
+                        code: code.clone().unwrap_or_default(),
+                        since_micros: since.as_deref().map(|v| micros_of("since", v)).transpose()?.unwrap_or(0),
+                        until_micros: until.as_deref().map(|v| micros_of("until", v)).transpose()?.unwrap_or(0),
+                        statuses: status.clone(),
+                        limit: 0,
+                    };
+                    (patient.clone().unwrap_or_default(), query, *limit)
+                }
+            };
+            let mut found = Vec::new();
+            let mut token = Vec::new();
+            while left > 0 {
+                let q = SearchQuery {
+                    limit: left.min(100) as u32,
+                    ..query.clone()
+                };
+                let page = client.search(&patient, &q, &token).await?;
+                left -= page.resources.len().min(left);
+                found.extend(page.resources);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&fhir::export_bundle(&found, "searchset"))?
+            );
+            eprintln!(
+                "{} records{}",
+                found.len(),
+                if token.is_empty() { "" } else { " (more match: raise --limit)" }
+            );
+        }
+        PatientCommand::Quarantine {
+            patient,
+            show,
+            resubmit,
+            file,
+            release,
+        } => {
+            let mut all = Vec::new();
+            let mut after = String::new();
+            loop {
+                let (page, more) = client.list_quarantine(patient, &after, 0).await?;
+                if let Some(last) = page.last() {
+                    after = last.id.clone();
+                }
+                all.extend(page);
+                if !more {
+                    break;
+                }
+            }
+            let find = |id: &str| {
+                all.iter()
+                    .find(|q| q.id == id)
+                    .with_context(|| format!("{patient}: no quarantined record {id}"))
+            };
+            if let Some(id) = show {
+                let q = find(id)?;
+                let value: serde_json::Value = serde_json::from_str(&q.source_json)
+                    .context("the quarantined source is not JSON")?;
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else if let Some(id) = resubmit {
+                let q = find(id)?;
+                let path = file.as_ref().context("--resubmit needs --file")?;
+                let fixed = read_json(path)?;
+                let references = q.references.clone().into_iter().collect();
+                let mut record = fhir::import_resource(
+                    &fixed,
+                    patient,
+                    &references,
+                    &ImportOptions {
+                        source: q.source.clone(),
+                        ..ImportOptions::default()
+                    },
+                )
+                .map_err(|p| anyhow::anyhow!("still invalid:\n{}", problems_text(&p)))?;
+                if let Some(m) = record.meta.as_mut() {
+                    m.id = q.id.clone();
+                    m.source = q.source.clone();
+                }
+                let w = client
+                    .create_record(patient, record, &WriteOptions::default())
+                    .await?;
+                if !is_applied(&w) {
+                    bail!("{patient}: the fixed record was refused: {}", refusal(&w));
+                }
+                client
+                    .quarantine(patient, Vec::new(), vec![q.id.clone()], &WriteOptions::default())
+                    .await?;
+                println!("{patient}: {} {} written and taken out of the quarantine", q.fhir_type, q.id);
+            } else if let Some(id) = release {
+                find(id)?;
+                client
+                    .quarantine(patient, Vec::new(), vec![id.clone()], &WriteOptions::default())
+                    .await?;
+                println!("{patient}: {id} taken out of the quarantine (not written)");
+            } else {
+                if all.is_empty() {
+                    println!("{patient}: the quarantine is empty");
+                }
+                for q in &all {
+                    println!("{} {} ({})", q.fhir_type, q.id, q.source);
+                    for p in &q.problems {
+                        println!("    {}: {}", p.path, p.message);
+                    }
+                }
             }
         }
         PatientCommand::Export {

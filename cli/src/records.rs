@@ -7,7 +7,8 @@ use anyhow::{Result, bail};
 use dossier_fhir::ImportedBundle;
 use dossier_records::record_refs;
 use dossier_api::v1::{
-    RecordWriteResponse, Resource, TransactionEntry, WriteOutcome, transaction_entry,
+    QuarantineProblem, QuarantinedRecord, RecordWriteResponse, Resource, TransactionEntry,
+    WriteOutcome, transaction_entry,
 };
 use dossier_client::{Client, WriteOptions, is_applied};
 
@@ -178,3 +179,48 @@ pub async fn write_bundle(
     }
     Ok(written)
 }
+
+/// Puts the records an import set aside in the patient's quarantine, `max` per call; returns
+/// how many. Re-running an import puts the same records again (the write is idempotent).
+pub async fn write_quarantine(
+    client: &Client,
+    imported: &ImportedBundle,
+    max: usize,
+) -> anyhow::Result<usize> {
+    let patient_id = imported
+        .patient
+        .meta
+        .as_ref()
+        .map(|m| m.id.clone())
+        .unwrap_or_default();
+    let records: Vec<QuarantinedRecord> = imported
+        .quarantined
+        .iter()
+        .map(|q| QuarantinedRecord {
+            id: q.id.clone(),
+            fhir_type: q.fhir_type.clone(),
+            source: q.source.clone(),
+            source_json: q.resource.to_string(),
+            problems: q
+                .problems
+                .iter()
+                .map(|p| QuarantineProblem {
+                    path: p.path.clone(),
+                    message: p.message.clone(),
+                })
+                .collect(),
+            references: q.references.clone().into_iter().collect(),
+            ..QuarantinedRecord::default()
+        })
+        .collect();
+    for chunk in records.chunks(max.max(1)) {
+        let r = client
+            .quarantine(&patient_id, chunk.to_vec(), Vec::new(), &WriteOptions::default())
+            .await?;
+        if r.outcome != WriteOutcome::Applied as i32 {
+            bail!("patient {patient_id}: the quarantine was refused (no such patient)");
+        }
+    }
+    Ok(records.len())
+}
+

@@ -10,6 +10,7 @@ mod codes;
 mod export;
 mod import;
 mod residue;
+mod search;
 mod time;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -18,6 +19,7 @@ use serde_json::{Value, json};
 
 pub use export::{fhir_type, to_fhir};
 pub use time::{format_date, format_date_time, parse_date, parse_date_time};
+pub use search::{SearchParams, parse_search};
 
 use dossier_api::v1::{EntityType, Identifier, Meta, RecordStatus, Resource, ResourceType};
 use dossier_records::{Limits, is_valid_id, kind_type, record_refs, validate_new_record};

@@ -135,8 +135,10 @@ fn set_key(k: usize, part: u64) -> String {
     format!("s/{k}.{part}")
 }
 
+/// The patient of key `key`: `jepsen-` and the key with `/` as `-` (patient ids follow the
+/// record layer's id rule).
 fn register_patient(key: &str) -> String {
-    format!("jepsen-{key}")
+    format!("jepsen-{}", key.replace('/', "-"))
 }
 
 /// How a failed operation is recorded: `fail` only when it certainly did not take effect.

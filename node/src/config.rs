@@ -17,7 +17,8 @@ use serde::Deserialize;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Limits {
-    /// Longest patient id, in bytes.
+    /// No longer used: every service applies the one patient-id rule of the record layer
+    /// (`[A-Za-z0-9.-]{1,64}`). Still accepted so that older configuration files load.
     pub patient_id_bytes_max: usize,
     /// Requests executing at once on this node; more are refused, never queued without bound.
     pub in_flight_max: usize,
@@ -264,10 +265,6 @@ impl NodeConfig {
             self.state.value_bytes_max
         );
         let l = &self.limits;
-        ensure!(
-            (1..=1024).contains(&l.patient_id_bytes_max),
-            "limits.patient-id-bytes-max must be within 1..1024"
-        );
         ensure!(
             l.in_flight_max > 0,
             "limits.in-flight-max must be at least 1"

@@ -76,23 +76,10 @@ impl KvService {
     fn route(&self, route: Option<&RouteHeader>) -> Result<Routed, ApiError> {
         let route = route
             .ok_or_else(|| ApiError::invalid("route", "is required (it names the patient)"))?;
-        let patient = &route.patient_id;
-        let max = self.node.config.node.limits.patient_id_bytes_max;
-        if patient.is_empty() {
-            return Err(ApiError::invalid("route.patient_id", "must not be empty"));
-        }
-        if patient.len() > max {
-            return Err(ApiError::too_large("route.patient_id", patient.len(), max));
-        }
-        if patient.chars().any(char::is_control) {
-            return Err(ApiError::invalid(
-                "route.patient_id",
-                "must not contain control characters",
-            ));
-        }
+        // The one patient-id rule of every service: a patient written here can hold records.
+        let patient = dossier_records::PatientId::parse(&route.patient_id, "route.patient_id")?;
         let descriptor = super::hosted_shard(&self.node, route)?;
-        let mut prefix = patient.as_bytes().to_vec();
-        prefix.push(0);
+        let prefix = patient.kv_prefix();
         Ok(Routed {
             shard: descriptor.shard_id,
             prefix,
