@@ -441,9 +441,177 @@ pub fn plan_write<R: Reads>(
 
 #[cfg(test)]
 mod tests {
-    use dossier_api::v1::{Patient, resource};
+    use std::collections::BTreeMap;
+
+    use dossier_api::v1::{
+        CodeableConcept, Coding, DatePrecision, DateTime, Observation, Patient, observation,
+        resource,
+    };
 
     use super::*;
+    use crate::kv::{BatchResult, Op};
+
+    /// One replica as a map; batches apply whole or not at all.
+    #[derive(Default)]
+    struct Map(BTreeMap<Bytes, Bytes>);
+
+    impl Reads for Map {
+        type Error = Error;
+
+        fn get(&self, key: &[u8]) -> Result<Option<Bytes>, Error> {
+            Ok(self.0.get(key).cloned())
+        }
+
+        fn scan_prefix(
+            &self,
+            prefix: &[u8],
+            start_after: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<Vec<(Bytes, Bytes)>, Error> {
+            Ok(self
+                .0
+                .range(Bytes::copy_from_slice(prefix)..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .filter(|(k, _)| start_after.is_none_or(|a| k.as_ref() > a))
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect())
+        }
+    }
+
+    impl Map {
+        fn apply(&mut self, batch: Batch) -> BatchResult {
+            for (i, c) in batch.conditions.iter().enumerate() {
+                let v = self.0.get(&c.key);
+                let ok = match &c.expect {
+                    Expect::Absent => v.is_none(),
+                    Expect::Present => v.is_some(),
+                    Expect::Equals(x) => v == Some(x),
+                };
+                if !ok {
+                    return BatchResult::Failed(i as u32);
+                }
+            }
+            for op in batch.ops {
+                match op {
+                    Op::Put { key, value } => {
+                        self.0.insert(key, value);
+                    }
+                    Op::Delete { key } => {
+                        self.0.remove(&key);
+                    }
+                }
+            }
+            BatchResult::Applied
+        }
+
+        /// Plans and applies one write; the answer.
+        fn write(&mut self, p: &PatientId, entry: WriteEntry<'_>, n: u64) -> RecordWriteResponse {
+            let header = WriteHeader {
+                request_id: [&n.to_be_bytes()[..], &[1; 8]].concat(),
+                author: None,
+            };
+            let fp = [n as u8; 16];
+            match plan_write(self, p, &header, &fp, &[entry], 1_000 + n).unwrap() {
+                Planned::Answer(a) => a,
+                Planned::Write(plan) => match self.apply(plan.batch.clone()) {
+                    BatchResult::Applied => plan.applied(n),
+                    BatchResult::Failed(i) => panic!("condition {:?} failed", plan.checks()[i as usize]),
+                },
+            }
+        }
+    }
+
+    fn obs(id: &str, code: &str, date: i64) -> Resource {
+        Resource {
+            meta: Some(Meta { id: id.into(), ..Meta::default() }),
+            kind: Some(resource::Kind::Observation(Observation {
+                code: Some(CodeableConcept {
+                    codings: vec![Coding { system: "http://loinc.org".into(), code: code.into(), display: String::new() }],
+                    text: String::new(),
+                }),
+                effective: Some(observation::Effective::EffectiveTime(DateTime {
+                    unix_micros: date,
+                    precision: DatePrecision::Time as i32,
+                    utc_offset_minutes: 0,
+                })),
+                ..Observation::default()
+            })),
+            unmodelled_json: String::new(),
+        }
+    }
+
+    fn entry<'a>(op: EntryOp, r: Option<&'a Resource>, id: &str, rtype: ResourceType) -> WriteEntry<'a> {
+        WriteEntry {
+            op,
+            rtype,
+            id: id.into(),
+            resource: r,
+            field: "resource".into(),
+            holds: Vec::new(),
+            token: [0; 16],
+            releases: Vec::new(),
+        }
+    }
+
+    /// After any sequence of creates, updates and entered-in-error marks, the index holds
+    /// exactly the entries of the current versions: nothing stale, nothing missing.
+    #[test]
+    fn indexes_hold_exactly_the_current_versions_entries() {
+        let mut map = Map::default();
+        let p = PatientId::parse("p1", "p").unwrap();
+        let keys = PatientKeys::new(&p);
+        let patient = Resource {
+            meta: Some(Meta { id: "p1".into(), ..Meta::default() }),
+            kind: Some(resource::Kind::Patient(Patient::default())),
+            unmodelled_json: String::new(),
+        };
+        let w = map.write(&p, entry(EntryOp::Create, Some(&patient), "p1", ResourceType::Patient), 1);
+        assert_eq!(w.outcome, WriteOutcome::Applied as i32);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut versions: BTreeMap<String, u64> = BTreeMap::new();
+        for n in 2..300u64 {
+            let id = format!("o{}", rand(40));
+            let r = obs(&id, ["a-1", "b-2", "c-3"][rand(3) as usize], rand(50) as i64 * 1_000);
+            let w = match versions.get(&id).copied() {
+                None => map.write(&p, entry(EntryOp::Create, Some(&r), &id, ResourceType::Observation), n),
+                Some(v) if rand(4) == 0 => map.write(
+                    &p,
+                    entry(EntryOp::Delete { expected: v, reason: "test".into() }, None, &id, ResourceType::Observation),
+                    n,
+                ),
+                Some(v) => map.write(&p, entry(EntryOp::Update { expected: v }, Some(&r), &id, ResourceType::Observation), n),
+            };
+            match WriteOutcome::try_from(w.outcome).unwrap() {
+                WriteOutcome::Applied => {
+                    versions.insert(id, w.written[0].version);
+                }
+                WriteOutcome::EnteredInError => {}
+                other => panic!("{other:?}"),
+            }
+            // The index as stored against the index the current versions make.
+            let mut stored: Vec<Bytes> = Vec::new();
+            for prefix in [&b"p1\x01x/"[..], &b"p1\x01y/"[..]] {
+                stored.extend(map.scan_prefix(prefix, None, usize::MAX).unwrap().into_iter().map(|(k, _)| k));
+            }
+            let mut want: Vec<Bytes> = Vec::new();
+            for (id, v) in &versions {
+                let current = version(&map, &keys, "Observation", id, *v).unwrap();
+                let in_error = index::in_error(&current);
+                want.extend(index::entries(&keys, "Observation", id, &current, in_error).into_iter().map(|(k, _)| k));
+            }
+            stored.sort();
+            want.sort();
+            assert_eq!(stored, want, "after write {n}");
+        }
+        assert!(versions.len() > 20);
+    }
 
     /// A version's bytes, built from borrowed content and a new envelope, are the encoding of
     /// the Resource they make.
