@@ -61,7 +61,11 @@ pub(crate) fn residue(
     (!out.is_empty()).then_some(Value::Object(out))
 }
 
-fn diff(src: &Value, typed: Option<&Value>, resolve: &dyn Fn(&str) -> Option<String>) -> Option<Value> {
+fn diff(
+    src: &Value,
+    typed: Option<&Value>,
+    resolve: &dyn Fn(&str) -> Option<String>,
+) -> Option<Value> {
     match (src, typed) {
         (_, None) => {
             let mut kept = src.clone();
@@ -173,7 +177,12 @@ fn without_nulls(v: &Value) -> Value {
                 .map(|(k, x)| (k.clone(), without_nulls(x)))
                 .collect(),
         ),
-        Value::Array(a) => Value::Array(a.iter().filter(|x| !x.is_null()).map(without_nulls).collect()),
+        Value::Array(a) => Value::Array(
+            a.iter()
+                .filter(|x| !x.is_null())
+                .map(without_nulls)
+                .collect(),
+        ),
         other => other.clone(),
     }
 }
@@ -301,7 +310,10 @@ mod tests {
         assert_eq!(same["reasonReference"][0]["display"], json!("Asthma"));
         let mut moved = json!({"reasonReference": [{"reference": "Condition/2"}]});
         merge(&mut moved, &r);
-        assert_eq!(moved, json!({"reasonReference": [{"reference": "Condition/2"}]}));
+        assert_eq!(
+            moved,
+            json!({"reasonReference": [{"reference": "Condition/2"}]})
+        );
         let mut removed = json!({"reasonReference": []});
         merge(&mut removed, &r);
         assert_eq!(removed, json!({"reasonReference": []}));

@@ -1,6 +1,8 @@
 //! Validation of records as clients send them. The first violation, in field order and depth
 //! first, is reported with the path of the field in the request (`resource.observation.code`)
-//! and the rule it breaks. The rules are in docs/schema.md §1 and §3.
+//! and the rule it breaks. The rules are in docs/schema.md §1 and §3. This file holds what every
+//! kind shares (the envelope, text bounds, codings, times, references, `unmodelled_json`); each
+//! kind's own rules are in `kinds/<kind>.rs`.
 
 use crate::{
     SYSTEM_INSZ, SYSTEM_LOINC, SYSTEM_SNOMED, insz_is_valid, is_valid_id, kind_field, kind_type,
@@ -8,7 +10,7 @@ use crate::{
 };
 use dossier_api::v1::{
     Annotation, CodeableConcept, Coding, Date, DatePrecision, DateTime, Identifier, Period,
-    Quantity, RecordRef, RecordStatus, Reference, Resource, ResourceType, observation,
+    Quantity, RecordRef, RecordStatus, Reference, Resource, ResourceType,
     observation_value, reference, resource,
 };
 
@@ -437,297 +439,16 @@ impl Path<'_> {
         use resource::Kind as K;
         let field = kind_field(kind_type(kind));
         self.with(field, |p| match kind {
-            K::Patient(x) => {
-                p.each("identifiers", &x.identifiers, |p, i| p.identifier(i))?;
-                p.each("names", &x.names, |p, n| {
-                    p.enumeration::<dossier_api::v1::NameUse>("use", n.r#use, false)?;
-                    p.short("family", &n.family)?;
-                    for (i, g) in n.given.iter().enumerate() {
-                        p.short(&format!("given[{i}]"), g)?;
-                    }
-                    p.short("text", &n.text)?;
-                    if n.family.is_empty() && n.given.is_empty() && n.text.is_empty() {
-                        return p.fail("", "needs a family name, a given name or a text");
-                    }
-                    p.period("period", n.period.as_ref())
-                })?;
-                p.each("telecom", &x.telecom, |p, t| {
-                    p.enumeration::<dossier_api::v1::ContactPointSystem>("system", t.system, true)?;
-                    p.enumeration::<dossier_api::v1::ContactPointUse>("use", t.r#use, false)?;
-                    p.token("value", &t.value, SHORT_TEXT_BYTES_MAX)
-                        .or_else(|_| p.short("value", &t.value))
-                })?;
-                p.enumeration::<dossier_api::v1::AdministrativeGender>("gender", x.gender, false)?;
-                p.date("birth_date", x.birth_date.as_ref())?;
-                if let Some(dossier_api::v1::patient::Deceased::DeceasedTime(t)) = &x.deceased {
-                    p.date_time("deceased_time", Some(t))?;
-                }
-                p.each("addresses", &x.addresses, |p, a| {
-                    for (i, l) in a.lines.iter().enumerate() {
-                        p.short(&format!("lines[{i}]"), l)?;
-                    }
-                    p.short("city", &a.city)?;
-                    p.short("postal_code", &a.postal_code)?;
-                    p.short("country", &a.country)
-                })?;
-                p.each("contacts", &x.contacts, |p, c| {
-                    p.concepts("relationships", &c.relationships)
-                })?;
-                p.references("general_practitioners", &x.general_practitioners)?;
-                for (i, l) in x.languages.iter().enumerate() {
-                    p.token(&format!("languages[{i}]"), l, 35)?;
-                }
-                Ok(())
-            }
-            K::Encounter(x) => {
-                p.enumeration::<dossier_api::v1::EncounterStatus>("status", x.status, true)?;
-                match &x.encounter_class {
-                    Some(c) => p.with("encounter_class", |p| p.coding(c))?,
-                    None => p.fail("encounter_class", "is required")?,
-                }
-                p.concepts("types", &x.types)?;
-                p.period("period", x.period.as_ref())?;
-                p.reference_at("service_provider", x.service_provider.as_ref(), false)?;
-                p.each("participants", &x.participants, |p, part| {
-                    p.concepts("types", &part.types)?;
-                    p.reference_at("individual", part.individual.as_ref(), false)?;
-                    p.period("period", part.period.as_ref())
-                })?;
-                p.concepts("reason_codes", &x.reason_codes)?;
-                p.record_refs("reason_records", &x.reason_records)?;
-                p.concept_at(
-                    "discharge_disposition",
-                    x.discharge_disposition.as_ref(),
-                    false,
-                )
-            }
-            K::Observation(x) => {
-                p.enumeration::<dossier_api::v1::ObservationStatus>("status", x.status, true)?;
-                p.concepts("categories", &x.categories)?;
-                p.coded_in("code", x.code.as_ref(), &[SYSTEM_LOINC])?;
-                p.record_ref("encounter", x.encounter.as_ref())?;
-                match &x.effective {
-                    Some(observation::Effective::EffectiveTime(t)) => {
-                        p.date_time("effective_time", Some(t))?
-                    }
-                    Some(observation::Effective::EffectivePeriod(per)) => {
-                        p.period("effective_period", Some(per))?
-                    }
-                    None => {}
-                }
-                p.date_time("issued", x.issued.as_ref())?;
-                p.references("performers", &x.performers)?;
-                let has_value = x.value.as_ref().is_some_and(|v| v.kind.is_some());
-                if let Some(v) = &x.value {
-                    p.with("value", |p| observation_value_check(p, v))?;
-                }
-                p.concept_at("data_absent_reason", x.data_absent_reason.as_ref(), false)?;
-                if has_value && x.data_absent_reason.is_some() {
-                    return p.fail("data_absent_reason", "must be unset when a value is given");
-                }
-                p.concepts("interpretations", &x.interpretations)?;
-                p.each("components", &x.components, |p, c| {
-                    p.concept_at("code", c.code.as_ref(), true)?;
-                    if let Some(v) = &c.value {
-                        p.with("value", |p| observation_value_check(p, v))?;
-                    }
-                    p.concept_at("data_absent_reason", c.data_absent_reason.as_ref(), false)
-                })?;
-                if !has_value && x.data_absent_reason.is_none() && x.components.is_empty() {
-                    return p.fail(
-                        "value",
-                        "is required (or a data_absent_reason, or components)",
-                    );
-                }
-                p.each("reference_ranges", &x.reference_ranges, |p, r| {
-                    if let Some(q) = &r.low {
-                        p.with("low", |p| p.quantity(q))?;
-                    }
-                    if let Some(q) = &r.high {
-                        p.with("high", |p| p.quantity(q))?;
-                    }
-                    p.short("text", &r.text)
-                })?;
-                p.notes(&x.notes)
-            }
-            K::Condition(x) => {
-                p.enumeration::<dossier_api::v1::ConditionClinicalStatus>(
-                    "clinical_status",
-                    x.clinical_status,
-                    false,
-                )?;
-                p.enumeration::<dossier_api::v1::ConditionVerificationStatus>(
-                    "verification_status",
-                    x.verification_status,
-                    false,
-                )?;
-                p.concepts("categories", &x.categories)?;
-                p.concept_at("severity", x.severity.as_ref(), false)?;
-                p.coded_in(
-                    "code",
-                    x.code.as_ref(),
-                    &[
-                        SYSTEM_SNOMED,
-                        "http://hl7.org/fhir/sid/icd-10",
-                        "http://hl7.org/fhir/sid/icd-10-cm",
-                    ],
-                )?;
-                p.concepts("body_sites", &x.body_sites)?;
-                p.record_ref("encounter", x.encounter.as_ref())?;
-                p.date_time("onset", x.onset.as_ref())?;
-                p.date_time("abatement", x.abatement.as_ref())?;
-                p.date_time("recorded", x.recorded.as_ref())?;
-                p.reference_at("asserter", x.asserter.as_ref(), false)?;
-                p.notes(&x.notes)
-            }
-            K::AllergyIntolerance(x) => {
-                p.enumeration::<dossier_api::v1::AllergyClinicalStatus>(
-                    "clinical_status",
-                    x.clinical_status,
-                    false,
-                )?;
-                p.enumeration::<dossier_api::v1::AllergyVerificationStatus>(
-                    "verification_status",
-                    x.verification_status,
-                    false,
-                )?;
-                p.enumeration::<dossier_api::v1::AllergyType>("type", x.r#type, false)?;
-                p.enumeration::<dossier_api::v1::AllergyCriticality>(
-                    "criticality",
-                    x.criticality,
-                    false,
-                )?;
-                p.concept_at("code", x.code.as_ref(), true)?;
-                p.record_ref("encounter", x.encounter.as_ref())?;
-                p.date_time("onset", x.onset.as_ref())?;
-                p.date_time("recorded", x.recorded.as_ref())?;
-                p.reference_at("recorder", x.recorder.as_ref(), false)?;
-                p.each("reactions", &x.reactions, |p, r| {
-                    p.concept_at("substance", r.substance.as_ref(), false)?;
-                    if r.manifestations.is_empty() {
-                        return p.fail("manifestations", "needs at least one");
-                    }
-                    p.concepts("manifestations", &r.manifestations)?;
-                    p.enumeration::<dossier_api::v1::AllergySeverity>("severity", r.severity, false)?;
-                    p.free("description", &r.description)
-                })?;
-                p.notes(&x.notes)
-            }
-            K::MedicationRequest(x) => {
-                p.enumeration::<dossier_api::v1::MedicationRequestStatus>("status", x.status, true)?;
-                p.enumeration::<dossier_api::v1::MedicationRequestIntent>("intent", x.intent, true)?;
-                p.concept_at("medication", x.medication.as_ref(), true)?;
-                p.record_ref("encounter", x.encounter.as_ref())?;
-                p.date_time("authored_on", x.authored_on.as_ref())?;
-                p.reference_at("requester", x.requester.as_ref(), false)?;
-                p.concepts("reason_codes", &x.reason_codes)?;
-                p.record_refs("reason_records", &x.reason_records)?;
-                p.each("dosage_instructions", &x.dosage_instructions, |p, d| {
-                    p.free("text", &d.text)?;
-                    if !d.period.is_empty() && !is_decimal(&d.period) {
-                        return p.fail("period", "is not a decimal");
-                    }
-                    p.enumeration::<dossier_api::v1::TimeUnit>("period_unit", d.period_unit, false)?;
-                    if d.frequency > 0 && (d.period.is_empty() || d.period_unit == 0) {
-                        return p.fail("period", "is required with a frequency (and its unit)");
-                    }
-                    p.concept_at("route", d.route.as_ref(), false)?;
-                    if let Some(q) = &d.dose {
-                        p.with("dose", |p| p.quantity(q))?;
-                    }
-                    Ok(())
-                })?;
-                p.notes(&x.notes)
-            }
-            K::Procedure(x) => {
-                p.enumeration::<dossier_api::v1::ProcedureStatus>("status", x.status, true)?;
-                p.concept_at("code", x.code.as_ref(), true)?;
-                p.record_ref("encounter", x.encounter.as_ref())?;
-                p.references("performers", &x.performers)?;
-                p.concepts("reason_codes", &x.reason_codes)?;
-                p.record_refs("reason_records", &x.reason_records)?;
-                p.concepts("body_sites", &x.body_sites)?;
-                p.concept_at("outcome", x.outcome.as_ref(), false)?;
-                p.notes(&x.notes)
-            }
-            K::DocumentReference(x) => {
-                p.enumeration::<dossier_api::v1::DocumentReferenceStatus>("status", x.status, true)?;
-                p.concept_at("type", x.r#type.as_ref(), true)?;
-                p.concepts("categories", &x.categories)?;
-                p.date_time("date", x.date.as_ref())?;
-                p.references("authors", &x.authors)?;
-                p.free("description", &x.description)?;
-                p.record_ref("encounter", x.encounter.as_ref())?;
-                p.period("period", x.period.as_ref())?;
-                let Some(content) = &x.content else {
-                    return p.fail("content", "is required");
-                };
-                p.with("content", |p| {
-                    p.token("content_type", &content.content_type, 255)?;
-                    p.short("title", &content.title)?;
-                    let max = p.limits.document_bytes_max;
-                    match &content.data {
-                        Some(dossier_api::v1::document_content::Data::Text(t)) if t.len() > max => {
-                            p.too_long("text", t.len(), max)
-                        }
-                        Some(dossier_api::v1::document_content::Data::Text(t)) => {
-                            p.text("text", t, max, true)
-                        }
-                        Some(dossier_api::v1::document_content::Data::Binary(b)) if b.len() > max => {
-                            p.too_long("binary", b.len(), max)
-                        }
-                        Some(dossier_api::v1::document_content::Data::Binary(_)) => Ok(()),
-                        None => p.fail("data", "is required (text or binary)"),
-                    }
-                })
-            }
-            K::CareRelationship(x) => {
-                p.enumeration::<dossier_api::v1::CareRelationshipStatus>("status", x.status, true)?;
-                p.reference_at("participant", x.participant.as_ref(), true)?;
-                let kind = x.participant.as_ref().map(|r| r.entity_type);
-                if !matches!(kind, Some(k) if k == dossier_api::v1::EntityType::Practitioner as i32
-                    || k == dossier_api::v1::EntityType::Organization as i32)
-                {
-                    return p.fail(
-                        "participant",
-                        "must be a practitioner or an organisation, by identifier",
-                    );
-                }
-                p.concept_at("role", x.role.as_ref(), false)?;
-                match x.period.as_ref().and_then(|per| per.start.as_ref()) {
-                    Some(_) => p.period("period", x.period.as_ref())?,
-                    None => p.fail("period.start", "is required")?,
-                }
-                p.concepts("reason_codes", &x.reason_codes)?;
-                p.reference_at(
-                    "managing_organization",
-                    x.managing_organization.as_ref(),
-                    false,
-                )
-            }
-            K::Consent(x) => {
-                p.enumeration::<dossier_api::v1::ConsentStatus>("status", x.status, true)?;
-                p.concept_at("scope", x.scope.as_ref(), true)?;
-                if x.categories.is_empty() {
-                    return p.fail("categories", "needs at least one");
-                }
-                p.concepts("categories", &x.categories)?;
-                p.date_time("date_time", x.date_time.as_ref())?;
-                p.references("performers", &x.performers)?;
-                p.concept_at("policy_rule", x.policy_rule.as_ref(), false)?;
-                p.enumeration::<dossier_api::v1::ConsentDecision>("decision", x.decision, false)?;
-                p.period("period", x.period.as_ref())?;
-                p.each("actors", &x.actors, |p, a| {
-                    p.concept_at("role", a.role.as_ref(), true)?;
-                    p.reference_at("reference", a.reference.as_ref(), true)
-                })?;
-                p.concepts("actions", &x.actions)?;
-                p.each("purposes", &x.purposes, |p, c| p.coding(c))?;
-                for (i, t) in x.resource_types.iter().enumerate() {
-                    p.enumeration::<ResourceType>(&format!("resource_types[{i}]"), *t, true)?;
-                }
-                p.record_ref("source", x.source.as_ref())
-            }
+            K::Patient(x) => crate::kinds::patient::check(p, x),
+            K::Encounter(x) => crate::kinds::encounter::check(p, x),
+            K::Observation(x) => crate::kinds::observation::check(p, x),
+            K::Condition(x) => crate::kinds::condition::check(p, x),
+            K::AllergyIntolerance(x) => crate::kinds::allergy_intolerance::check(p, x),
+            K::MedicationRequest(x) => crate::kinds::medication_request::check(p, x),
+            K::Procedure(x) => crate::kinds::procedure::check(p, x),
+            K::DocumentReference(x) => crate::kinds::document_reference::check(p, x),
+            K::CareRelationship(x) => crate::kinds::care_relationship::check(p, x),
+            K::Consent(x) => crate::kinds::consent::check(p, x),
             K::Immunization(x) => crate::kinds::immunization::check(p, x),
             K::DiagnosticReport(x) => crate::kinds::diagnostic_report::check(p, x),
             K::CarePlan(x) => crate::kinds::care_plan::check(p, x),
@@ -737,7 +458,7 @@ impl Path<'_> {
     }
 }
 
-fn observation_value_check(p: &mut Path<'_>, v: &dossier_api::v1::ObservationValue) -> Check {
+pub(crate) fn observation_value_check(p: &mut Path<'_>, v: &dossier_api::v1::ObservationValue) -> Check {
     match &v.kind {
         Some(observation_value::Kind::Quantity(q)) => p.with("quantity", |p| p.quantity(q)),
         Some(observation_value::Kind::Concept(c)) => p.with("concept", |p| p.concept(c)),

@@ -1,7 +1,9 @@
 //! CarePlan: what is planned, for which conditions, towards which goals.
 
 use crate::validate::{Check, Path};
-use dossier_api::v1::{CarePlan, CarePlanActivityStatus, CarePlanIntent, CarePlanStatus, ResourceType};
+use dossier_api::v1::{
+    CarePlan, CarePlanActivityStatus, CarePlanIntent, CarePlanStatus, ResourceType,
+};
 
 pub(crate) fn check(p: &mut Path<'_>, x: &CarePlan) -> Check {
     p.enumeration::<CarePlanStatus>("status", x.status, true)?;
@@ -9,7 +11,11 @@ pub(crate) fn check(p: &mut Path<'_>, x: &CarePlan) -> Check {
     p.concepts("categories", &x.categories)?;
     p.short("title", &x.title)?;
     p.free("description", &x.description)?;
-    p.record_ref_of("encounter", x.encounter.as_ref(), &[ResourceType::Encounter])?;
+    p.record_ref_of(
+        "encounter",
+        x.encounter.as_ref(),
+        &[ResourceType::Encounter],
+    )?;
     p.period("period", x.period.as_ref())?;
     p.date_time("created", x.created.as_ref())?;
     p.reference_at("author", x.author.as_ref(), false)?;

@@ -9,7 +9,11 @@ pub(crate) fn check(p: &mut Path<'_>, x: &DiagnosticReport) -> Check {
     // LOINC is preferred, not required: imaging and pathology reports often carry local codes.
     // A LOINC coding present is checked (check digit) like every LOINC coding.
     p.concept_at("code", x.code.as_ref(), true)?;
-    p.record_ref_of("encounter", x.encounter.as_ref(), &[ResourceType::Encounter])?;
+    p.record_ref_of(
+        "encounter",
+        x.encounter.as_ref(),
+        &[ResourceType::Encounter],
+    )?;
     match &x.effective {
         Some(diagnostic_report::Effective::EffectiveTime(t)) => {
             p.date_time("effective_time", Some(t))?

@@ -17,7 +17,10 @@ pub(crate) fn check(p: &mut Path<'_>, x: &Goal) -> Check {
         }
         p.short("detail_text", &t.detail_text)?;
         if t.detail_quantity.is_some() && !t.detail_text.is_empty() {
-            return p.fail("detail_text", "must be unset with a detail_quantity (one detail)");
+            return p.fail(
+                "detail_text",
+                "must be unset with a detail_quantity (one detail)",
+            );
         }
         p.date("due_date", t.due_date.as_ref())
     })?;

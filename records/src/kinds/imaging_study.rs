@@ -17,7 +17,11 @@ pub(crate) fn check(p: &mut Path<'_>, x: &ImagingStudy) -> Check {
     p.enumeration::<ImagingStudyStatus>("status", x.status, true)?;
     p.each("identifiers", &x.identifiers, |p, i| p.identifier(i))?;
     p.each("modalities", &x.modalities, |p, c| p.coding(c))?;
-    p.record_ref_of("encounter", x.encounter.as_ref(), &[ResourceType::Encounter])?;
+    p.record_ref_of(
+        "encounter",
+        x.encounter.as_ref(),
+        &[ResourceType::Encounter],
+    )?;
     p.date_time("started", x.started.as_ref())?;
     p.concepts("procedure_codes", &x.procedure_codes)?;
     p.concepts("reason_codes", &x.reason_codes)?;

@@ -24,14 +24,23 @@ pub(crate) fn check(p: &mut Path<'_>, x: &Immunization) -> Check {
             "needs a CVX or SNOMED CT coding (or a text only)",
         );
     }
-    p.record_ref_of("encounter", x.encounter.as_ref(), &[ResourceType::Encounter])?;
+    p.record_ref_of(
+        "encounter",
+        x.encounter.as_ref(),
+        &[ResourceType::Encounter],
+    )?;
     if x.status == ImmunizationStatus::Completed as i32 && x.occurrence.is_none() {
         return p.fail("occurrence", "is required when COMPLETED");
     }
     p.date_time("occurrence", x.occurrence.as_ref())?;
     p.date_time("recorded", x.recorded.as_ref())?;
-    p.token("lot_number", &x.lot_number, 64)
-        .or_else(|e| if x.lot_number.is_empty() { Ok(()) } else { Err(e) })?;
+    p.token("lot_number", &x.lot_number, 64).or_else(|e| {
+        if x.lot_number.is_empty() {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })?;
     p.date("expiration_date", x.expiration_date.as_ref())?;
     p.concept_at("site", x.site.as_ref(), false)?;
     p.concept_at("route", x.route.as_ref(), false)?;

@@ -1,11 +1,21 @@
 //! The rules of each kind of record, one file per kind (docs/schema.md §3). The element checks
 //! they share (codings, times, references, text bounds) are in `validate.rs`.
 
+pub(crate) mod allergy_intolerance;
 pub(crate) mod care_plan;
+pub(crate) mod care_relationship;
+pub(crate) mod condition;
+pub(crate) mod consent;
 pub(crate) mod diagnostic_report;
+pub(crate) mod document_reference;
+pub(crate) mod encounter;
 pub(crate) mod goal;
 pub(crate) mod imaging_study;
 pub(crate) mod immunization;
+pub(crate) mod medication_request;
+pub(crate) mod observation;
+pub(crate) mod patient;
+pub(crate) mod procedure;
 
 #[cfg(test)]
 mod tests {
@@ -70,7 +80,10 @@ mod tests {
         check(resource::Kind::Immunization(immunization())).unwrap();
         let mut x = immunization();
         x.vaccine_code = concept("http://example.org/local", "flu");
-        assert_eq!(field(resource::Kind::Immunization(x)), "resource.immunization.vaccine_code");
+        assert_eq!(
+            field(resource::Kind::Immunization(x)),
+            "resource.immunization.vaccine_code"
+        );
         let mut x = immunization();
         x.vaccine_code = Some(CodeableConcept {
             codings: vec![],
@@ -85,7 +98,10 @@ mod tests {
         );
         let mut x = immunization();
         x.occurrence = None;
-        assert_eq!(field(resource::Kind::Immunization(x)), "resource.immunization.occurrence");
+        assert_eq!(
+            field(resource::Kind::Immunization(x)),
+            "resource.immunization.occurrence"
+        );
         let mut x = immunization();
         x.encounter = Some(rec(ResourceType::Condition, "c"));
         assert_eq!(
@@ -94,7 +110,10 @@ mod tests {
         );
         let mut x = immunization();
         x.status = 0;
-        assert_eq!(field(resource::Kind::Immunization(x)), "resource.immunization.status");
+        assert_eq!(
+            field(resource::Kind::Immunization(x)),
+            "resource.immunization.status"
+        );
     }
 
     #[test]
@@ -115,7 +134,10 @@ mod tests {
         );
         let mut x = report();
         x.code = None;
-        assert_eq!(field(resource::Kind::DiagnosticReport(x)), "resource.diagnostic_report.code");
+        assert_eq!(
+            field(resource::Kind::DiagnosticReport(x)),
+            "resource.diagnostic_report.code"
+        );
         let mut x = report();
         x.code = concept(SYSTEM_LOINC, "58410-3");
         assert_eq!(
@@ -147,13 +169,22 @@ mod tests {
         check(resource::Kind::CarePlan(plan())).unwrap();
         let mut x = plan();
         x.activities[0].status = 0;
-        assert_eq!(field(resource::Kind::CarePlan(x)), "resource.care_plan.activities[0].status");
+        assert_eq!(
+            field(resource::Kind::CarePlan(x)),
+            "resource.care_plan.activities[0].status"
+        );
         let mut x = plan();
         x.goals = vec![rec(ResourceType::Condition, "c")];
-        assert_eq!(field(resource::Kind::CarePlan(x)), "resource.care_plan.goals[0].type");
+        assert_eq!(
+            field(resource::Kind::CarePlan(x)),
+            "resource.care_plan.goals[0].type"
+        );
         let mut x = plan();
         x.intent = 0;
-        assert_eq!(field(resource::Kind::CarePlan(x)), "resource.care_plan.intent");
+        assert_eq!(
+            field(resource::Kind::CarePlan(x)),
+            "resource.care_plan.intent"
+        );
 
         let goal = || Goal {
             lifecycle_status: GoalLifecycleStatus::Accepted as i32,
@@ -173,7 +204,10 @@ mod tests {
             month: 2,
             day: 30,
         });
-        assert_eq!(field(resource::Kind::Goal(x)), "resource.goal.start_date.day");
+        assert_eq!(
+            field(resource::Kind::Goal(x)),
+            "resource.goal.start_date.day"
+        );
     }
 
     #[test]
@@ -208,7 +242,10 @@ mod tests {
         check(resource::Kind::ImagingStudy(study())).unwrap();
         let mut x = study();
         x.series[0].uid = "urn:oid:1.2".into();
-        assert_eq!(field(resource::Kind::ImagingStudy(x)), "resource.imaging_study.series[0].uid");
+        assert_eq!(
+            field(resource::Kind::ImagingStudy(x)),
+            "resource.imaging_study.series[0].uid"
+        );
         let mut x = study();
         x.series[0].modality = None;
         assert_eq!(
