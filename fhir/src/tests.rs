@@ -154,6 +154,11 @@ fn every_sample_bundle_imports_validates_and_round_trips() {
                 .collect()
         };
         assert_eq!(ids(&again), ids(&imported));
+        // What was kept comes back, and is kept again the same.
+        let residues = |b: &ImportedBundle| -> Vec<String> {
+            b.records.iter().map(|r| r.unmodelled_json.clone()).collect()
+        };
+        assert_eq!(residues(&again), residues(&imported), "{name}");
     }
     if full_sample {
         // The sample's 2,718 entries less 447 billing, 38 directory and 12 Patient entries
@@ -625,8 +630,11 @@ fn procedures_consents_and_retractions_round_trip() {
             .kind
             .clone()
     };
-    assert_eq!(kind_of("proc"), Some(resource::Kind::Procedure(procedure)));
-    assert_eq!(kind_of("consent"), Some(resource::Kind::Consent(consent)));
+    assert_eq!(kind_of("proc"), Some(resource::Kind::Procedure(procedure.clone())));
+    assert_eq!(kind_of("consent"), Some(resource::Kind::Consent(consent.clone())));
+    // And one resource at a time.
+    survives_single_import(resource::Kind::Procedure(procedure)).unwrap();
+    survives_single_import(resource::Kind::Consent(consent)).unwrap();
     assert_eq!(kind_of("obs"), retracted.kind);
     assert_eq!(
         back.entered_in_error,
