@@ -277,3 +277,48 @@ async fn identifiers_stay_unique_through_a_node_kill() {
         holders.len()
     );
 }
+
+/// An import refused because one of its identifiers was held gives back the other it claimed;
+/// once the holder lets go, the same import (same derived request id) goes through. Before
+/// claim tokens were drawn per attempt, the give-back fenced the request's own token and every
+/// later attempt of it failed with CLAIM_REVOKED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_import_succeeds_with_the_same_request_id_once_the_holder_lets_go() {
+    let cluster = TestCluster::start(3, 2, 3, &|_| {}).await;
+    let client = cluster.client().await;
+    let (x1, x2) = (insz(850_731_001), insz(850_731_002));
+    let w = client
+        .create_patient(patient("holder", &[&x2]), &WriteOptions::default())
+        .await
+        .unwrap();
+    assert!(is_applied(&w), "{w:?}");
+    let import = WriteOptions {
+        request_id: Some([0x5a; 16]),
+        ..WriteOptions::default()
+    };
+    let w = client
+        .create_patient(patient("imported", &[&x1, &x2]), &import)
+        .await
+        .unwrap();
+    assert_eq!(outcome(&w), WriteOutcome::IdentifierHeld);
+    assert_eq!(w.holder_patient_id, "holder");
+    assert_eq!(client.lookup_identifier(SYSTEM_INSZ, &x1).await.unwrap(), None);
+    // The holder is marked entered-in-error: it gives its number up.
+    let w = client
+        .delete_record("holder", ResourceType::Patient, "holder", 1, "duplicate registration", &WriteOptions::default())
+        .await
+        .unwrap();
+    assert!(is_applied(&w), "{w:?}");
+    // The import again, same request id: applied, holding both numbers.
+    let w = client
+        .create_patient(patient("imported", &[&x1, &x2]), &import)
+        .await
+        .unwrap();
+    assert_eq!(outcome(&w), WriteOutcome::Applied, "{w:?}");
+    for x in [&x1, &x2] {
+        assert_eq!(
+            client.lookup_identifier(SYSTEM_INSZ, x).await.unwrap().as_deref(),
+            Some("imported")
+        );
+    }
+}
