@@ -1312,3 +1312,28 @@ proptest! {
         }
     }
 }
+
+/// Times written in another form than Dossier's (`Z`, a one-digit fraction) come back in the
+/// source's form while unchanged.
+#[test]
+fn times_keep_the_source_form() {
+    let (_, mut bundle) = samples().into_iter().next().unwrap();
+    let i = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|e| e["resource"]["resourceType"] == json!("Observation"))
+        .unwrap();
+    bundle["entry"][i]["resource"]["effectiveDateTime"] = json!("2015-08-23T01:16:09Z");
+    bundle["entry"][i]["resource"]["issued"] = json!("2015-08-23T03:16:09.5+02:00");
+    let imported = import_bundle(&bundle, &ImportOptions::default()).unwrap();
+    let pid = imported.patient.meta.as_ref().unwrap().id.clone();
+    let url = bundle["entry"][i]["fullUrl"].as_str().unwrap();
+    let record = imported
+        .records
+        .iter()
+        .find(|r| r.meta.as_ref().unwrap().source == url)
+        .unwrap();
+    let exported = to_fhir(&stored(record.clone(), &pid, 1));
+    assert_eq!(lost_or_changed(&bundle["entry"][i]["resource"], &exported), vec![]);
+}
