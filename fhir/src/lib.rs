@@ -35,6 +35,8 @@ pub(crate) enum Target {
     Directory(EntityType, Identifier, String),
     /// An entry of a type Dossier does not model.
     Unmapped(String),
+    /// A practitioner or organisation without an identifier: it cannot be referred to.
+    Unidentified(String),
 }
 
 impl Target {
@@ -44,6 +46,10 @@ impl Target {
             Target::Record(t, id) => format!("{}/{id}", fhir_type(*t)),
             Target::Directory(_, i, _) => format!("a directory entry ({}|{})", i.system, i.value),
             Target::Unmapped(t) => format!("an entry of unmodelled type {t}"),
+            Target::Unidentified(t) => format!(
+                "a {t} without an identifier (Dossier refers to practitioners and organisations \
+                 by identifier)"
+            ),
         }
     }
 
@@ -58,7 +64,7 @@ impl Target {
                 let t = codes::code_of(codes::ENTITY_TYPE, *e as i32)?;
                 Some(format!("{t}?identifier={}|{}", i.system, i.value))
             }
-            Target::Unmapped(_) => None,
+            Target::Unmapped(_) | Target::Unidentified(_) => None,
         }
     }
 
@@ -467,7 +473,9 @@ pub fn import_bundle(
                 };
                 match directory_identity(&Value::Object(resource.clone())) {
                     Some((identifier, name)) => Target::Directory(entity, identifier, name),
-                    None => {
+                    // Refused with the bundle; quarantined, the records that refer to it are set
+                    // aside instead (their reference cannot be written).
+                    None if options.on_invalid == OnInvalid::Refuse => {
                         problems.push(Problem {
                             entry: Some(i),
                             path: "identifier".into(),
@@ -475,6 +483,7 @@ pub fn import_bundle(
                         });
                         continue;
                     }
+                    None => Target::Unidentified(fhir.to_owned()),
                 }
             }
             (_, Some(t)) => Target::Record(t, id.clone()),

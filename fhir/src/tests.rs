@@ -1337,3 +1337,47 @@ fn times_keep_the_source_form() {
     let exported = to_fhir(&stored(record.clone(), &pid, 1));
     assert_eq!(lost_or_changed(&bundle["entry"][i]["resource"], &exported), vec![]);
 }
+
+/// A practitioner without an identifier cannot be referred to: the records that refer to it are
+/// quarantined (and those that refer to them), the patient imports.
+#[test]
+fn references_to_a_practitioner_without_identifier_quarantine_the_record() {
+    let (_, mut bundle) = samples().into_iter().next().unwrap();
+    let entries = bundle["entry"].as_array().unwrap().clone();
+    let p = entries
+        .iter()
+        .position(|e| e["resource"]["resourceType"] == json!("Practitioner"))
+        .unwrap();
+    bundle["entry"][p]["resource"]
+        .as_object_mut()
+        .unwrap()
+        .remove("identifier");
+    let url = entries[p]["fullUrl"].as_str().unwrap();
+    let referring: BTreeSet<usize> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| {
+            !BILLING_TYPES.contains(&e["resource"]["resourceType"].as_str().unwrap())
+                && references_in(&e["resource"]).contains(url)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert!(!referring.is_empty());
+    let imported = import_bundle(&bundle, &ImportOptions::default()).unwrap();
+    let held: BTreeSet<usize> = imported.quarantined.iter().map(|q| q.entry).collect();
+    assert!(referring.is_subset(&held), "{referring:?} {held:?}");
+    for q in &imported.quarantined {
+        if referring.contains(&q.entry) {
+            assert!(q.problems[0].message.contains("without an identifier"), "{q:?}");
+            assert_eq!(q.references.get(url).map(String::as_str), Some(""));
+        } else {
+            assert!(q.problems[0].message.contains("quarantined"), "{q:?}");
+        }
+    }
+    let refuse = ImportOptions {
+        on_invalid: OnInvalid::Refuse,
+        ..ImportOptions::default()
+    };
+    let problems = import_bundle(&bundle, &refuse).unwrap_err();
+    assert!(problems.iter().any(|x| x.entry == Some(p)), "{problems:?}");
+}
