@@ -2,13 +2,16 @@
 //! rest of each resource is kept verbatim beside the record (`residue.rs`), so nothing is lost
 //! (docs/schema.md §8).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{Map, Value};
 
 use crate::codes::*;
 use crate::time::{parse_date, parse_date_time};
-use super::{Problem, Target};
+use crate::bundle::Target;
+use crate::{Problem, fhir_type, residue, to_fhir};
+use dossier_api::v1::{Meta, RecordStatus, Resource};
+use dossier_records::{Limits, validate_new_record};
 use dossier_api::v1::{
     Address, AllergyIntolerance, CarePlan, CarePlanActivity, Date, DiagnosticReport, Goal,
     GoalTarget, ImagingInstance, ImagingSeries, ImagingStudy, Immunization, diagnostic_report, AllergyReaction, Annotation, CareRelationship, CodeableConcept,
@@ -1114,3 +1117,71 @@ impl<'a> Reader<'a> {
         })
     }
 }
+
+/// One resource mapped: the record, whether its source marked it entered-in-error, the problems
+/// of its mapping and validation, and its unmodelled leaves by path.
+pub(crate) struct Mapped {
+    pub record: Resource,
+    pub in_error: bool,
+    pub problems: Vec<Problem>,
+    pub unmodelled: BTreeMap<String, usize>,
+}
+
+/// Maps one resource of type `t` to record `id` of `patient_id`: typed fields, residue, then the
+/// validation the Records service applies.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn map_resource(
+    targets: &HashMap<String, Target>,
+    patient_id: &str,
+    entry: usize,
+    t: ResourceType,
+    id: &str,
+    resource: &serde_json::Map<String, Value>,
+    source: String,
+    limits: &Limits,
+) -> Mapped {
+    let mut reader = Reader::new(targets, patient_id, entry);
+    let mut in_error = false;
+    let kind = reader.resource(t, resource, &mut in_error);
+    let mut problems = std::mem::take(&mut reader.problems);
+    let mut record = Resource {
+        meta: Some(Meta {
+            id: id.to_owned(),
+            source,
+            ..Meta::default()
+        }),
+        kind,
+        unmodelled_json: String::new(),
+    };
+    // The export of the typed record as the store would give it, to find what it lacks.
+    let mut typed = record.clone();
+    if let Some(m) = typed.meta.as_mut() {
+        m.patient_id = patient_id.to_owned();
+        if in_error {
+            m.status = RecordStatus::EnteredInError as i32;
+        }
+    }
+    let source_value = Value::Object(resource.clone());
+    let resolve = |r: &str| targets.get(r).and_then(Target::resolved);
+    let mut unmodelled = BTreeMap::new();
+    if let Some(residue) = residue::residue(&source_value, &to_fhir(&typed), &resolve) {
+        residue::count_leaves(&residue, fhir_type(t), &mut unmodelled);
+        record.unmodelled_json = residue.to_string();
+    }
+    if problems.is_empty()
+        && let Err(e) = validate_new_record(&record, "resource", patient_id, limits)
+    {
+        problems.push(Problem {
+            entry: Some(entry),
+            path: e.field,
+            message: e.message,
+        });
+    }
+    Mapped {
+        record,
+        in_error,
+        problems,
+        unmodelled,
+    }
+}
+

@@ -1,4 +1,4 @@
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use proptest::prelude::*;
@@ -7,6 +7,7 @@ use serde_json::json;
 use super::*;
 use dossier_records::{Limits, SYSTEM_LOINC, validate_new_record};
 use dossier_api::v1::{
+    Meta,
     CodeableConcept, Coding, DatePrecision, DateTime, HumanName, Observation, ObservationStatus,
     ObservationValue, Patient, Quantity, RecordStatus, observation, observation_value, resource,
 };
@@ -373,7 +374,7 @@ fn arb_observation() -> impl Strategy<Value = Observation> {
                 // A final, amended or corrected observation needs its time (validation).
                 effective: effective
                     .or_else(|| {
-                        (3..=5).contains(&status).then(|| DateTime {
+                        (3..=5).contains(&status).then_some(DateTime {
                             unix_micros: 1_600_000_000_000_000,
                             precision: DatePrecision::Time as i32,
                             utc_offset_minutes: 0,
