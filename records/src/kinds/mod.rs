@@ -261,6 +261,57 @@ mod tests {
         check(resource::Kind::ImagingStudy(x)).unwrap();
     }
 
+    /// A kind's `ResourceType` value is its field number in `Resource.kind` (the wire contract),
+    /// and `kind_type` and `kind_field` agree with it.
+    #[test]
+    fn kind_field_numbers_equal_type_values() {
+        use prost::Message;
+        use resource::Kind as K;
+        for t in crate::RESOURCE_TYPES {
+            let kind = match t {
+                ResourceType::Unspecified => unreachable!("not a kind"),
+                ResourceType::Patient => K::Patient(Patient::default()),
+                ResourceType::Encounter => K::Encounter(Encounter::default()),
+                ResourceType::Observation => K::Observation(Observation::default()),
+                ResourceType::Condition => K::Condition(ClinicalCondition::default()),
+                ResourceType::AllergyIntolerance => {
+                    K::AllergyIntolerance(AllergyIntolerance::default())
+                }
+                ResourceType::MedicationRequest => {
+                    K::MedicationRequest(MedicationRequest::default())
+                }
+                ResourceType::Procedure => K::Procedure(Procedure::default()),
+                ResourceType::DocumentReference => {
+                    K::DocumentReference(DocumentReference::default())
+                }
+                ResourceType::CareRelationship => K::CareRelationship(CareRelationship::default()),
+                ResourceType::Consent => K::Consent(Consent::default()),
+                ResourceType::Immunization => K::Immunization(Immunization::default()),
+                ResourceType::DiagnosticReport => K::DiagnosticReport(DiagnosticReport::default()),
+                ResourceType::CarePlan => K::CarePlan(CarePlan::default()),
+                ResourceType::Goal => K::Goal(Goal::default()),
+                ResourceType::ImagingStudy => K::ImagingStudy(ImagingStudy::default()),
+            };
+            assert_eq!(crate::kind_type(&kind), t);
+            assert!(!crate::kind_field(t).is_empty());
+            let bytes = Resource {
+                kind: Some(kind),
+                ..Resource::default()
+            }
+            .encode_to_vec();
+            // The key of the first field: a varint of (field number << 3 | wire type 2).
+            let (mut key, mut shift) = (0u64, 0);
+            for b in &bytes {
+                key |= u64::from(b & 0x7f) << shift;
+                shift += 7;
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+            assert_eq!(key >> 3, t as u64, "{t:?}");
+        }
+    }
+
     #[test]
     fn unmodelled_json_is_an_object_within_its_limit() {
         let mut r = Resource {
