@@ -105,11 +105,6 @@ fn diff(
             }
             (!out.is_empty()).then_some(Value::Array(out))
         }
-        // The same instant written in another form (`Z` for `+00:00`, `.5` for `.500`): the
-        // source's form is kept, and given back while the typed time is unchanged.
-        (Value::String(a), Some(Value::String(b))) if a != b && same_time(a, b) => {
-            Some(src.clone())
-        }
         // The export holds this leaf (or element): the typed model represents it.
         _ => None,
     }
@@ -135,8 +130,7 @@ fn rewrite_references(v: &mut Value, resolve: &dyn Fn(&str) -> Option<String>) {
 }
 
 /// Deep-merges `residue` into `typed`: objects by key, arrays by position (nulls skipped; items
-/// past the end of the typed array appended), the typed value winning on a conflicting leaf (the
-/// source's form of an unchanged time excepted).
+/// past the end of the typed array appended), the typed value winning on a conflicting leaf.
 pub(crate) fn merge(typed: &mut Value, residue: &Value) {
     match (typed, residue) {
         (Value::Object(t), Value::Object(r)) => {
@@ -170,20 +164,8 @@ pub(crate) fn merge(typed: &mut Value, residue: &Value) {
                 }
             }
         }
-        (Value::String(t), Value::String(r)) if t != r && same_time(t, r) => *t = r.clone(),
         _ => {}
     }
-}
-
-/// Whether two texts are FHIR `dateTime`s (or `instant`s) of the same instant, precision and UTC
-/// offset: the typed record holds the same value, only the text differs.
-fn same_time(a: &str, b: &str) -> bool {
-    let looks_like_time =
-        |s: &str| s.len() >= 4 && s.as_bytes()[..4].iter().all(u8::is_ascii_digit);
-    looks_like_time(a)
-        && looks_like_time(b)
-        && crate::time::parse_date_time(a)
-            .is_some_and(|x| Some(x) == crate::time::parse_date_time(b))
 }
 
 /// A residue subtree as an element of its own: array positions that hold nothing are dropped.
@@ -335,15 +317,5 @@ mod tests {
         let mut removed = json!({"reasonReference": []});
         merge(&mut removed, &r);
         assert_eq!(removed, json!({"reasonReference": []}));
-        // A time in another form than the export's: kept while the time is unchanged.
-        let source = json!({"issued": "2015-08-23T01:16:09.5Z"});
-        let typed = json!({"issued": "2015-08-23T01:16:09.500+00:00"});
-        let r = residue(&source, &typed, &resolve).unwrap();
-        let mut same = typed.clone();
-        merge(&mut same, &r);
-        assert_eq!(same, source);
-        let mut updated = json!({"issued": "2016-01-01T00:00:00+00:00"});
-        merge(&mut updated, &r);
-        assert_eq!(updated["issued"], json!("2016-01-01T00:00:00+00:00"));
     }
 }
