@@ -76,7 +76,7 @@ pub trait Reads {
 /// Linearizable reads and conditional batches on the shard holding a routing key (a patient id
 /// or an identifier's `mpi:` key), wherever it is in the cluster.
 pub trait Shards: Send + Sync {
-    type Error: From<crate::Error> + Send;
+    type Error: From<crate::Error> + std::fmt::Display + Send;
 
     fn read(
         &self,

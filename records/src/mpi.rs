@@ -97,6 +97,44 @@ pub enum Claim {
     Held { holder: PatientId },
 }
 
+/// The identifiers of indexed `systems` a Patient resource holds, sorted, without duplicates,
+/// each with the path of its first occurrence under `field`.
+pub fn indexed_identifiers(
+    resource: Option<&dossier_api::v1::Resource>,
+    systems: &[String],
+    field: &str,
+) -> Vec<(Ident, String)> {
+    use dossier_api::v1::resource::Kind;
+    let Some(Kind::Patient(p)) = resource.and_then(|r| r.kind.as_ref()) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(Ident, String)> = Vec::new();
+    for (i, id) in p.identifiers.iter().enumerate() {
+        if !systems.contains(&id.system) {
+            continue;
+        }
+        let x = Ident {
+            system: id.system.clone(),
+            value: id.value.clone(),
+        };
+        if !out.iter().any(|(y, _)| *y == x) {
+            out.push((x, format!("{field}.patient.identifiers[{i}]")));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// What claiming every identifier of a write found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimAll {
+    /// Every identifier is claimed under the attempt's token.
+    Claimed,
+    /// The identifier at `field` is held by `holder` (the patient itself when it already holds
+    /// it); the claims made before it were given back.
+    Held { holder: PatientId, field: String },
+}
+
 /// The index protocol over a `Shards` transport.
 #[derive(Debug)]
 pub struct Mpi<'a, S: Shards> {
@@ -300,6 +338,51 @@ impl<S: Shards> Mpi<'_, S> {
             self.cas(x, raw, &released, deadline).await?;
         }
         Ok(())
+    }
+
+    /// Claims `idents` in order for `patient` under `token`; on a held identifier or an error,
+    /// gives back what it claimed first (claims are definite and nothing was written).
+    pub async fn claim_all(
+        &self,
+        patient: &PatientId,
+        token: &[u8; 16],
+        idents: &[(Ident, String)],
+        deadline: Duration,
+    ) -> Result<ClaimAll, S::Error> {
+        for (n, (x, field)) in idents.iter().enumerate() {
+            let claimed = idents[..n].iter().map(|(x, _)| x);
+            match self.claim(x, patient, token, deadline).await {
+                Ok(Claim::Claimed) => {}
+                Ok(Claim::Held { holder }) => {
+                    self.release_all(patient, token, claimed, deadline).await;
+                    return Ok(ClaimAll::Held {
+                        holder,
+                        field: field.clone(),
+                    });
+                }
+                Err(e) => {
+                    self.release_all(patient, token, claimed, deadline).await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(ClaimAll::Claimed)
+    }
+
+    /// Best-effort release of claims: a claim a failure leaves behind is revoked by the next
+    /// claimant (at once for the same patient, after the grace period for another).
+    pub async fn release_all<'x>(
+        &self,
+        patient: &PatientId,
+        token: &[u8],
+        idents: impl Iterator<Item = &'x Ident>,
+        deadline: Duration,
+    ) {
+        for x in idents {
+            if let Err(e) = self.release(x, patient, token, deadline).await {
+                tracing::warn!(identifier = %x.joined(), error = %e, "release of an identifier claim failed");
+            }
+        }
     }
 
     /// The patient holding X, linearizably (docs/schema.md §7, LookupIdentifier).

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod kv;
+mod record_write;
 pub mod records;
 
 use std::sync::Arc;

@@ -2,15 +2,11 @@
 //! and to this node's shards. Requests are checked and turned into record-layer calls; the
 //! planning, key layout, indexes and protocols live in the record layer (docs/schema.md).
 //!
-//! A write is coordinated by the patient shard's leader: after a read barrier it plans the
-//! write from the replica's reads (`plan::plan_write`), proposes the ONE conditional batch the
-//! plan made, and on a failed condition asks the plan what it means: a definite answer, or plan
-//! again from fresh reads (at most `records.write-attempts-max` times).
+//! Writes are coordinated in `record_write.rs`.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use dossier_api::v1::records_server::Records;
 use dossier_api::v1::{
@@ -19,14 +15,13 @@ use dossier_api::v1::{
     ListQuarantineResponse, LookupIdentifierRequest, LookupIdentifierResponse,
     QuarantineRequest, QuarantineResponse, ReadRecordRequest, ReadRecordResponse,
     ReadVersionRequest, RecordWriteResponse, Resource, ResourceType, RouteHeader, SearchRequest,
-    SearchResponse, TransactionRequest, UpdateRecordRequest, WriteHeader, WriteOutcome, resource,
+    SearchResponse, TransactionRequest, UpdateRecordRequest, WriteHeader, WriteOutcome,
     transaction_entry,
 };
 use dossier_records::everything::Everything;
 use dossier_records::idempotency::fingerprint;
 use dossier_records::kv::{Batch, Expect};
-use dossier_records::mpi::{Claim, Mpi};
-use dossier_records::plan::{self, EntryOp, Planned, Retry, WriteEntry, refusal};
+use dossier_records::plan::{self, EntryOp, WriteEntry};
 use dossier_records::search::{self, Query};
 use dossier_records::{
     Ident, Limits, PatientId, PatientKeys, history, kind_type, quarantine, type_name,
@@ -41,301 +36,16 @@ use crate::node::Node;
 use crate::record_store::{ReplicaReads, to_storage};
 use crate::shards::ClusterShards;
 
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
-/// A claim token for one attempt of a write: unique per attempt (request id, clock, counter),
-/// so that a fence left by an earlier attempt never blocks a later one.
-fn fresh_token(request_id: &[u8]) -> [u8; 16] {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut hash = xxhash_rust::xxh3::Xxh3::new();
-    hash.update(request_id);
-    hash.update(&now_micros().to_be_bytes());
-    hash.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
-    hash.update(&std::process::id().to_be_bytes());
-    hash.digest128().to_be_bytes()
-}
-
 #[derive(Debug, Clone)]
 pub struct RecordsService {
-    node: Arc<Node>,
-    shards: ClusterShards,
+    pub(super) node: Arc<Node>,
+    pub(super) shards: ClusterShards,
 }
 
 impl RecordsService {
     pub fn new(node: Arc<Node>) -> Self {
         let shards = ClusterShards::new(Arc::clone(&node));
         RecordsService { node, shards }
-    }
-
-    fn mpi(&self) -> Mpi<'_, ClusterShards> {
-        let r = &self.node.config.node.records;
-        Mpi {
-            shards: &self.shards,
-            grace: Duration::from_millis(r.mpi_claim_grace_ms),
-            attempts: r.write_attempts_max,
-        }
-    }
-
-    /// The identifiers of indexed systems a Patient holds, sorted and without duplicates, with
-    /// the path of (the first of) each.
-    fn indexed(&self, resource: Option<&Resource>, field: &str) -> Vec<(Ident, String)> {
-        let systems = &self.node.config.node.records.indexed_identifier_systems;
-        let Some(resource::Kind::Patient(p)) = resource.and_then(|r| r.kind.as_ref()) else {
-            return Vec::new();
-        };
-        let mut out: Vec<(Ident, String)> = Vec::new();
-        for (i, id) in p.identifiers.iter().enumerate() {
-            if !systems.contains(&id.system) {
-                continue;
-            }
-            let x = Ident {
-                system: id.system.clone(),
-                value: id.value.clone(),
-            };
-            if !out.iter().any(|(y, _)| *y == x) {
-                out.push((x, format!("{field}.patient.identifiers[{i}]")));
-            }
-        }
-        out.sort();
-        out
-    }
-
-    /// Claims `idents` for `patient` under `token`; on a held identifier, gives back what it
-    /// claimed and answers IDENTIFIER_HELD (or ALREADY_EXISTS when the patient itself holds it).
-    async fn claim_all(
-        &self,
-        patient: &PatientId,
-        token: &[u8; 16],
-        idents: &[(Ident, String)],
-        deadline: Duration,
-    ) -> Result<Option<RecordWriteResponse>, ApiError> {
-        let mpi = self.mpi();
-        for (n, (x, field)) in idents.iter().enumerate() {
-            let claimed = idents[..n].iter().map(|(x, _)| x);
-            match mpi.claim(x, patient, token, deadline).await {
-                Ok(Claim::Claimed) => {}
-                Ok(Claim::Held { holder }) => {
-                    self.release_all(patient, token, claimed, deadline).await;
-                    if holder == *patient {
-                        return Ok(Some(refusal(
-                            WriteOutcome::AlreadyExists,
-                            0,
-                            "resource.meta.id",
-                        )));
-                    }
-                    let mut r = refusal(WriteOutcome::IdentifierHeld, 0, field);
-                    r.holder_patient_id = holder.as_str().to_owned();
-                    return Ok(Some(r));
-                }
-                Err(e) => {
-                    // The claims made so far are definite and nothing was written: give them
-                    // back rather than block other claimants for the grace period.
-                    self.release_all(patient, token, claimed, deadline).await;
-                    return Err(e);
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    /// Best-effort release of claims (a failure leaves a claim the next claimant revokes after
-    /// the grace period).
-    async fn release_all<'a>(
-        &self,
-        patient: &PatientId,
-        token: &[u8],
-        idents: impl Iterator<Item = &'a Ident>,
-        deadline: Duration,
-    ) {
-        let mpi = self.mpi();
-        for x in idents {
-            if let Err(e) = mpi.release(x, patient, token, deadline).await {
-                tracing::warn!(identifier = %x.joined(), error = %e, "release of an identifier claim failed");
-            }
-        }
-    }
-
-    /// Version `version` of the patient's Patient record, read after a barrier.
-    async fn patient_version(
-        &self,
-        shard: u64,
-        patient: &PatientId,
-        version: u64,
-        deadline: Duration,
-    ) -> Result<Option<Resource>, ApiError> {
-        self.node.read_barrier(shard, deadline).await?;
-        let replica = self.replica(shard)?;
-        let keys = PatientKeys::new(patient);
-        let reads = ReplicaReads(&replica);
-        match dossier_records::kv::Reads::get(
-            &reads,
-            &keys.version("Patient", patient.as_str(), version),
-        )? {
-            None => Ok(None),
-            Some(b) => Ok(Some(plan::decode(&b)?)),
-        }
-    }
-
-    /// A write of the Patient record that changes the indexed identifiers it holds (docs/schema.md
-    /// §7): claims the added ones in the index first (under a token fresh for this attempt),
-    /// then writes the patient batch (holding the added ones under fences, dropping the removed
-    /// ones), then releases the removed ones; if the write is refused, gives back the claims it
-    /// made. `old` is the version being replaced.
-    #[allow(clippy::too_many_arguments)]
-    async fn write_patient(
-        &self,
-        shard: u64,
-        patient: &PatientId,
-        header: &WriteHeader,
-        fingerprint: [u8; 16],
-        mut entry: WriteEntry<'_>,
-        old: Option<&Resource>,
-        new: Option<&Resource>,
-        deadline: Duration,
-    ) -> Result<RecordWriteResponse, ApiError> {
-        let started = Instant::now();
-        let left = || deadline.saturating_sub(started.elapsed());
-        // A replayed request claims nothing; nor does a write the head refuses (in particular
-        // one that names a version that is not current: the identifier diff below is computed
-        // from that version).
-        self.node.read_barrier(shard, left()).await?;
-        let replica = self.replica(shard)?;
-        let keys = PatientKeys::new(patient);
-        let reads = ReplicaReads(&replica);
-        if let Some(stored) = dossier_records::kv::Reads::get(&reads, &keys.request(&header.request_id))? {
-            return Ok(dossier_records::idempotency::replay(&stored, &fingerprint)?);
-        }
-        let head = plan::head(&reads, &keys, "Patient", patient.as_str())?;
-        if let Some(refused) = plan::head_refusal(&entry, head, 0) {
-            return Ok(refused);
-        }
-        let token = fresh_token(&header.request_id);
-        let before = self.indexed(old, "resource");
-        let after = self.indexed(new, "resource");
-        let added: Vec<(Ident, String)> = after
-            .iter()
-            .filter(|(x, _)| !before.iter().any(|(y, _)| y == x))
-            .cloned()
-            .collect();
-        let removed: Vec<Ident> = before
-            .iter()
-            .filter(|(x, _)| !after.iter().any(|(y, _)| y == x))
-            .map(|(x, _)| x.clone())
-            .collect();
-        if let Some(refused) = self.claim_all(patient, &token, &added, left()).await? {
-            return Ok(refused);
-        }
-        let mut removed_tokens = Vec::new();
-        for x in &removed {
-            if let Some(t) = self.mpi().holds(patient, x, left()).await? {
-                removed_tokens.push((x.clone(), t));
-            }
-        }
-        entry.holds = added.iter().map(|(x, _)| x.clone()).collect();
-        entry.token = token;
-        entry.releases = removed;
-        let result = self
-            .write(shard, patient, header, fingerprint, vec![entry], left())
-            .await;
-        match &result {
-            Ok(w) if w.outcome == WriteOutcome::Applied as i32 && !w.replayed => {
-                for (x, t) in &removed_tokens {
-                    self.release_all(patient, t, std::iter::once(x), left())
-                        .await;
-                }
-            }
-            Ok(w) if w.outcome == WriteOutcome::Applied as i32 => {}
-            Ok(_) => {
-                self.release_all(patient, &token, added.iter().map(|(x, _)| x), left())
-                    .await;
-            }
-            // Refused before anything was proposed: nothing was written.
-            Err(ApiError::InvalidArgument { .. } | ApiError::Internal(_)) => {
-                self.release_all(patient, &token, added.iter().map(|(x, _)| x), left())
-                    .await;
-            }
-            // Undecided: a claim left behind is revoked by the next claimant (at once when it is
-            // a retry for the same patient, after the grace period otherwise).
-            Err(_) => {}
-        }
-        result
-    }
-
-    /// Runs a write of `entries` for `patient` (docs/schema.md §5).
-    async fn write(
-        &self,
-        shard: u64,
-        patient: &PatientId,
-        header: &WriteHeader,
-        fingerprint: [u8; 16],
-        entries: Vec<WriteEntry<'_>>,
-        deadline: Duration,
-    ) -> Result<RecordWriteResponse, ApiError> {
-        let started = Instant::now();
-        let attempts = self.node.config.node.records.write_attempts_max;
-        for _ in 0..attempts {
-            let remaining = deadline.saturating_sub(started.elapsed());
-            if remaining.is_zero() {
-                return Err(ApiError::Deadline);
-            }
-            self.node.read_barrier(shard, remaining).await?;
-            let replica = self.replica(shard)?;
-            let planned = plan::plan_write(
-                &ReplicaReads(&replica),
-                patient,
-                header,
-                &fingerprint,
-                &entries,
-                now_micros(),
-            )?;
-            let plan = match planned {
-                Planned::Answer(answer) => return Ok(answer),
-                Planned::Write(plan) => plan,
-            };
-            let batch = to_storage(plan.batch.clone());
-            batch.check_limits(&self.node.config.state).map_err(|e| {
-                ApiError::invalid(
-                    entries
-                        .first()
-                        .map_or("resource", |e| e.field.as_str())
-                        .to_owned(),
-                    format!("the write is too large: {e}"),
-                )
-            })?;
-            let remaining = deadline.saturating_sub(started.elapsed());
-            let (outcome, index) = self
-                .node
-                .write(
-                    shard,
-                    Command::Txn {
-                        session: None,
-                        batch,
-                    },
-                    remaining,
-                )
-                .await?;
-            match outcome {
-                Outcome::Applied | Outcome::Done => return Ok(plan.applied(index)),
-                Outcome::ConditionFailed { index: failed } => match plan.failed(failed) {
-                    Retry::Answer(answer) => return Ok(answer),
-                    // The request record, the clock or a head moved: another write of this
-                    // patient committed (or this one did). Plan again from fresh reads.
-                    Retry::Replan => continue,
-                },
-                Outcome::StaleSequence { .. } | Outcome::SessionExpired => {
-                    return Err(ApiError::Internal(
-                        "a sessionless write got a session outcome".into(),
-                    ));
-                }
-            }
-        }
-        Err(ApiError::Unavailable(format!(
-            "patient {patient}: {attempts} attempts lost to concurrent writes of the same patient; retry"
-        )))
     }
 
     fn limits(&self) -> Limits {
@@ -357,7 +67,7 @@ impl RecordsService {
         Ok((descriptor.shard_id, patient))
     }
 
-    fn replica(&self, shard: u64) -> Result<ShardHandle, ApiError> {
+    pub(super) fn replica(&self, shard: u64) -> Result<ShardHandle, ApiError> {
         self.node
             .replica(shard)
             .ok_or(ApiError::ShardNotFound { shard })
@@ -1021,7 +731,7 @@ impl Records for RecordsService {
                     });
                 }
                 let author = r.header.as_ref().and_then(|h| h.author.clone());
-                let now = now_micros() as i64;
+                let now = super::record_write::now_micros() as i64;
                 let mut records = r.records.clone();
                 for (i, q) in records.iter_mut().enumerate() {
                     quarantine::check(q, &format!("records[{i}]"))?;
