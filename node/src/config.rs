@@ -62,6 +62,9 @@ pub struct RecordsConfig {
     pub text_bytes_max: usize,
     /// Inline document content of a DocumentReference, in bytes.
     pub document_bytes_max: usize,
+    /// The verbatim JSON of a record's source elements Dossier does not model
+    /// (`Resource.unmodelled_json`), in bytes.
+    pub unmodelled_bytes_max: usize,
     /// Items in any repeated field of a record.
     pub repeated_items_max: usize,
     /// Entries of one transaction.
@@ -85,6 +88,7 @@ impl Default for RecordsConfig {
         RecordsConfig {
             text_bytes_max: 64 * 1024,
             document_bytes_max: 512 * 1024,
+            unmodelled_bytes_max: 64 * 1024,
             repeated_items_max: 256,
             transaction_entries_max: 128,
             history_page_max: 100,
@@ -232,6 +236,7 @@ impl NodeConfig {
         for (name, value) in [
             ("records.text-bytes-max", rc.text_bytes_max),
             ("records.document-bytes-max", rc.document_bytes_max),
+            ("records.unmodelled-bytes-max", rc.unmodelled_bytes_max),
             ("records.repeated-items-max", rc.repeated_items_max),
             (
                 "records.transaction-entries-max",

@@ -54,7 +54,7 @@ impl RecordsService {
             text_bytes_max: r.text_bytes_max,
             document_bytes_max: r.document_bytes_max,
             repeated_items_max: r.repeated_items_max,
-            ..Limits::default()
+            unmodelled_bytes_max: r.unmodelled_bytes_max,
         }
     }
 
