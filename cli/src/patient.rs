@@ -421,8 +421,8 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
                     let query = SearchQuery {
                         rtype: Some(record_type(&p.fhir_type)?),
                         code: p.code,
-                        since_micros: p.since_micros.unwrap_or(0),
-                        until_micros: p.until_micros.unwrap_or(0),
+                        since_micros: p.since_micros,
+                        until_micros: p.until_micros,
                         statuses: p.statuses,
                         limit: 0,
                     };
@@ -432,8 +432,8 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
                     let query = SearchQuery {
                         rtype: Some(record_type(r#type.as_deref().unwrap_or_default())?),
                         code: code.clone().unwrap_or_default(),
-                        since_micros: since.as_deref().map(|v| micros_of("since", v)).transpose()?.unwrap_or(0),
-                        until_micros: until.as_deref().map(|v| micros_of("until", v)).transpose()?.unwrap_or(0),
+                        since_micros: since.as_deref().map(|v| micros_of("since", v)).transpose()?,
+                        until_micros: until.as_deref().map(|v| micros_of("until", v)).transpose()?,
                         statuses: status.clone(),
                         limit: 0,
                     };
@@ -443,13 +443,11 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
             let mut found = Vec::new();
             let mut token = Vec::new();
             while left > 0 {
-                let q = SearchQuery {
-                    limit: left.min(100) as u32,
-                    ..query.clone()
-                };
-                let page = client.search(&patient, &q, &token).await?;
-                left -= page.resources.len().min(left);
-                found.extend(page.resources);
+                // Pages of the server's size; the last one cut here.
+                let page = client.search(&patient, &query, &token).await?;
+                let take = page.resources.len().min(left);
+                left -= take;
+                found.extend(page.resources.into_iter().take(take));
                 if page.next_page_token.is_empty() {
                     break;
                 }

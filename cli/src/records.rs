@@ -180,6 +180,9 @@ pub async fn write_bundle(
     Ok(written)
 }
 
+/// Bytes of quarantined sources sent in one call.
+const QUARANTINE_CALL_BYTES: usize = 4 << 20;
+
 /// Puts the records an import set aside in the patient's quarantine, `max` per call; returns
 /// how many. Re-running an import puts the same records again (the write is idempotent).
 pub async fn write_quarantine(
@@ -213,13 +216,26 @@ pub async fn write_quarantine(
             ..QuarantinedRecord::default()
         })
         .collect();
-    for chunk in records.chunks(max.max(1)) {
+    // Calls of at most `max` records and QUARANTINE_CALL_BYTES of sources (a source may be up
+    // to 1 MiB; a request message is bounded by the node's `limits.request-bytes-max`).
+    let mut start = 0;
+    while start < records.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < records.len()
+            && end - start < max.max(1)
+            && (end == start || bytes + records[end].source_json.len() <= QUARANTINE_CALL_BYTES)
+        {
+            bytes += records[end].source_json.len();
+            end += 1;
+        }
         let r = client
-            .quarantine(&patient_id, chunk.to_vec(), Vec::new(), &WriteOptions::default())
+            .quarantine(&patient_id, records[start..end].to_vec(), Vec::new(), &WriteOptions::default())
             .await?;
         if r.outcome != WriteOutcome::Applied as i32 {
             bail!("patient {patient_id}: the quarantine was refused (no such patient)");
         }
+        start = end;
     }
     Ok(records.len())
 }

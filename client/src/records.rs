@@ -44,10 +44,10 @@ pub struct SearchQuery {
     pub rtype: Option<ResourceType>,
     /// `system|code` of the record's main concept; empty: any.
     pub code: String,
-    /// Clinical date at or after (unix micros); 0: open.
-    pub since_micros: i64,
-    /// Clinical date before (unix micros); 0: open.
-    pub until_micros: i64,
+    /// Clinical date at or after (unix micros); None: open.
+    pub since_micros: Option<i64>,
+    /// Clinical date before (unix micros); None: open.
+    pub until_micros: Option<i64>,
     /// FHIR status codes; empty: any.
     pub statuses: Vec<String>,
     /// Page size; 0: the server's page limit.

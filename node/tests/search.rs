@@ -99,8 +99,8 @@ fn queries() -> Vec<SearchQuery> {
             ..base.clone()
         },
         SearchQuery {
-            since_micros: EPOCH_2015 + 300 * DAY,
-            until_micros: EPOCH_2015 + 2_000 * DAY,
+            since_micros: Some(EPOCH_2015 + 300 * DAY),
+            until_micros: Some(EPOCH_2015 + 2_000 * DAY),
             ..base.clone()
         },
         SearchQuery {
@@ -109,7 +109,7 @@ fn queries() -> Vec<SearchQuery> {
         },
         SearchQuery {
             code: loinc(CODES[1]),
-            since_micros: EPOCH_2015 + 1_000 * DAY,
+            since_micros: Some(EPOCH_2015 + 1_000 * DAY),
             statuses: vec!["final".into()],
             ..base
         },
@@ -119,8 +119,8 @@ fn queries() -> Vec<SearchQuery> {
 fn matches(q: &SearchQuery, r: &Resource) -> bool {
     let (code, date, status) = terms(r);
     (q.code.is_empty() || q.code == loinc(&code))
-        && (q.since_micros == 0 || date >= q.since_micros)
-        && (q.until_micros == 0 || date < q.until_micros)
+        && q.since_micros.is_none_or(|s| date >= s)
+        && q.until_micros.is_none_or(|u| date < u)
         && (q.statuses.is_empty() || q.statuses.iter().any(|s| s == status))
         && r.meta.as_ref().unwrap().status != RecordStatus::EnteredInError as i32
 }

@@ -24,6 +24,8 @@ pub mod mpi;
 pub mod plan;
 pub mod quarantine;
 pub mod search;
+#[cfg(test)]
+mod testing;
 mod validate;
 
 pub use codes::{insz_is_valid, insz_with_check, loinc_is_valid, snomed_is_valid};

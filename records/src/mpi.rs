@@ -87,6 +87,23 @@ fn now_micros() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
+/// The age of a claim made at `claimed_at` (unix micros) seen at `now`, for the grace rule: a
+/// claim stamped in the future counts as made now (clamped), unless it lies more than the grace
+/// ahead: then its stamp is not believable and the claim counts as expired. So a claimant's fast
+/// clock blocks others for at most twice the grace; a slow one, for the grace (measured by the
+/// waiting claimant's own monotonic clock too).
+fn claim_age(now: i64, claimed_at: i64, grace: Duration) -> Duration {
+    let lead = claimed_at.saturating_sub(now);
+    if lead > 0 {
+        return if Duration::from_micros(lead as u64) > grace {
+            grace
+        } else {
+            Duration::ZERO
+        };
+    }
+    Duration::from_micros(now.saturating_sub(claimed_at) as u64)
+}
+
 /// What claiming an identifier found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -285,10 +302,8 @@ impl<S: Shards> Mpi<'_, S> {
                                 now
                             }
                         };
-                        let stated = Duration::from_micros(
-                            now_micros().saturating_sub(r.claimed_at_micros).max(0) as u64,
-                        );
-                        let age = stated.max(seen.elapsed());
+                        let age = claim_age(now_micros(), r.claimed_at_micros, self.grace)
+                            .max(seen.elapsed());
                         if age < self.grace {
                             // The claimant's patient write may still come.
                             let wait = (self.grace - age)
@@ -651,30 +666,54 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_claim_stamped_in_the_future_is_revoked_after_the_grace_of_the_claimant_clock() {
-        let shards = MapShards::new();
-        let x = insz("85073003328");
-        let grace = Duration::from_secs(30);
-        // A claim by p whose coordinator's clock ran an hour ahead, never written.
-        let future = ClaimRecord {
+    /// Seeds E[X] with a claim by `p`, never written, stamped `lead` micros from now.
+    async fn stalled_claim(shards: &MapShards, x: &Ident, lead: i64) {
+        let claim = ClaimRecord {
             generation: 1,
             state: State::Claimed,
             token: [1; 16],
-            claimed_at_micros: now_micros() + 3_600_000_000,
+            claimed_at_micros: now_micros() + lead,
             patient: pid("p"),
         };
         let seed = Batch {
             conditions: vec![],
-            ops: vec![Op::Put { key: x.claim_key(), value: future.encode() }],
+            ops: vec![Op::Put { key: x.claim_key(), value: claim.encode() }],
         };
         shards.write("m", seed, D).await.unwrap();
-        let mpi = Mpi { shards: &*shards, grace, attempts: 1_000 };
+    }
+
+    #[test]
+    fn claim_ages_clamp_the_future_and_expire_the_unbelievable() {
+        let g = Duration::from_secs(30);
+        assert_eq!(claim_age(100_000_000, 90_000_000, g), Duration::from_secs(10));
+        assert_eq!(claim_age(100_000_000, 110_000_000, g), Duration::ZERO);
+        assert_eq!(claim_age(100_000_000, 100_000_000 + 31_000_000, g), g);
+        assert_eq!(claim_age(i64::MIN, i64::MAX, g), g);
+        assert_eq!(claim_age(i64::MAX, i64::MIN, g), Duration::from_micros(i64::MAX as u64));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_stamped_in_the_future_blocks_others_for_the_grace_at_most() {
+        let x = insz("85073003328");
+        // An hour ahead (a coordinator's clock gone wrong): expired at once, for the settings'
+        // attempts and a request's deadline.
+        let shards = MapShards::new();
+        stalled_claim(&shards, &x, 3_600_000_000).await;
+        let mpi = Mpi { shards: &*shards, grace: Duration::from_secs(30), attempts: 8 };
         let started = tokio::time::Instant::now();
-        let claimed = mpi.claim(&x, &pid("q"), &[2; 16], Duration::from_secs(120)).await.unwrap();
-        assert_eq!(claimed, Claim::Claimed);
+        assert_eq!(mpi.claim(&x, &pid("q"), &[2; 16], D).await.unwrap(), Claim::Claimed);
+        assert!(started.elapsed() < Duration::from_millis(10));
+        // A little ahead, within the grace: clamped to now, and expired once the claimant has
+        // itself watched it for the grace (the stated age alone would never get there under a
+        // paused clock).
+        let shards = MapShards::new();
+        stalled_claim(&shards, &x, 50_000).await;
+        let grace = Duration::from_millis(200);
+        let mpi = Mpi { shards: &*shards, grace, attempts: 8 };
+        let started = tokio::time::Instant::now();
+        assert_eq!(mpi.claim(&x, &pid("q"), &[2; 16], D).await.unwrap(), Claim::Claimed);
         let waited = started.elapsed();
-        assert!(waited >= grace && waited < grace + Duration::from_secs(1), "waited {waited:?}");
+        assert!(waited >= grace && waited < grace + Duration::from_millis(100), "waited {waited:?}");
     }
 
     #[tokio::test]

@@ -32,6 +32,9 @@ pub struct Query {
     pub limit: usize,
     /// Where the previous page stopped (empty: the first page).
     pub page_token: Vec<u8>,
+    /// A page stops before the record that would take its encoded size past this (it holds one
+    /// record at least).
+    pub bytes_max: usize,
 }
 
 /// One page of results.
@@ -46,6 +49,10 @@ pub struct Page {
 
 /// Index entries read per scan call.
 const SCAN_CHUNK: usize = 128;
+/// Index entries one call reads at most: a query whose matches are rare (a status filter, a
+/// wide range) returns a short page, possibly empty, with a token, instead of reading the whole
+/// patient in one call.
+pub const SCAN_ENTRIES_MAX: usize = 4096;
 
 impl Query {
     /// Checks the parts a caller sets; fields name the request's.
@@ -64,13 +71,19 @@ impl Query {
         Ok(())
     }
 
-    fn matches(&self, r: &Resource) -> bool {
+    /// Whether record `r`, found at an index entry dated `entry_date`, answers the query there:
+    /// it matches, and the entry is its current version's (else the record moved since the
+    /// entry was read, and its current entry is elsewhere in the scan or behind it).
+    fn matches_at(&self, r: &Resource, entry_date: i64) -> bool {
         if index::in_error(r) {
             return false;
         }
         let Some(terms) = index::terms(r) else {
             return false;
         };
+        if terms.date.unwrap_or(i64::MIN) != entry_date {
+            return false;
+        }
         if !self.code.is_empty() && !terms.codes.contains(&self.code) {
             return false;
         }
@@ -103,13 +116,17 @@ pub fn search<R: Reads>(reads: &R, keys: &PatientKeys, query: &Query) -> Result<
     };
     let mut page = Page::default();
     let limit = query.limit.max(1);
+    let mut bytes = 0usize;
     loop {
         let start = (!after.is_empty()).then_some(after.as_slice());
         let chunk = reads.scan_prefix(&prefix, start, SCAN_CHUNK)?;
         let exhausted = chunk.len() < SCAN_CHUNK;
         for (key, status) in chunk {
+            if page.scanned == SCAN_ENTRIES_MAX {
+                page.next_page_token = after[prefix.len()..].to_vec();
+                return Ok(page);
+            }
             page.scanned += 1;
-            after = key.to_vec();
             let rest = &key[prefix.len()..];
             let (Some(date_bytes), Some(id)) = (rest.get(..8), rest.get(9..)) else {
                 return Err(Error::corrupt("search index key").into());
@@ -122,16 +139,29 @@ pub fn search<R: Reads>(reads: &R, keys: &PatientKeys, query: &Query) -> Result<
                 return Ok(page);
             }
             if !query.statuses.is_empty() && !query.statuses.iter().any(|s| s.as_bytes() == status) {
+                after = key.to_vec();
                 continue;
             }
             let id = std::str::from_utf8(id).map_err(|_| Error::corrupt("index id"))?;
             let Some(current) = plan::head(reads, keys, t, id)? else {
+                after = key.to_vec();
                 continue;
             };
-            let r = plan::version(reads, keys, t, id, current)?;
-            if !query.matches(&r) {
-                continue; // Written since the entry was read: its new entry is elsewhere.
+            let raw = reads
+                .get(&keys.version(t, id, current))?
+                .ok_or_else(|| Error::corrupt(format!("version {current} of {t}/{id} (missing)")))?;
+            let r = plan::decode(&raw)?;
+            if !query.matches_at(&r, date) {
+                after = key.to_vec();
+                continue;
             }
+            if !page.resources.is_empty() && bytes + raw.len() > query.bytes_max {
+                // Full: the next page starts at this entry.
+                page.next_page_token = after[prefix.len()..].to_vec();
+                return Ok(page);
+            }
+            after = key.to_vec();
+            bytes += raw.len();
             page.resources.push(r);
             if page.resources.len() == limit {
                 page.next_page_token = key[prefix.len()..].to_vec();
@@ -141,5 +171,146 @@ pub fn search<R: Reads>(reads: &R, keys: &PatientKeys, query: &Query) -> Result<
         if exhausted {
             return Ok(page);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dossier_api::v1::{
+        CodeableConcept, Coding, DatePrecision, DateTime, Meta, Observation, ObservationStatus,
+        Patient, ResourceType, WriteOutcome, observation, resource,
+    };
+
+    use super::*;
+    use crate::keys::PatientId;
+    use crate::plan::{EntryOp, WriteEntry};
+    use crate::testing::Map;
+
+    const YEAR: i64 = 365 * 86_400_000_000;
+
+    fn obs(id: &str, date: i64, status: ObservationStatus, note: usize) -> Resource {
+        Resource {
+            meta: Some(Meta { id: id.into(), ..Meta::default() }),
+            kind: Some(resource::Kind::Observation(Observation {
+                status: status as i32,
+                code: Some(CodeableConcept {
+                    codings: vec![Coding { system: "http://loinc.org".into(), code: "8302-2".into(), display: String::new() }],
+                    text: "x".repeat(note),
+                }),
+                effective: Some(observation::Effective::EffectiveTime(DateTime {
+                    unix_micros: date,
+                    precision: DatePrecision::Time as i32,
+                    utc_offset_minutes: 0,
+                })),
+                ..Observation::default()
+            })),
+            unmodelled_json: String::new(),
+        }
+    }
+
+    fn create<'a>(r: &'a Resource, rtype: ResourceType) -> WriteEntry<'a> {
+        WriteEntry {
+            op: EntryOp::Create,
+            rtype,
+            id: r.meta.as_ref().unwrap().id.clone(),
+            resource: Some(r),
+            field: "resource".into(),
+            holds: Vec::new(),
+            token: [0; 16],
+            releases: Vec::new(),
+        }
+    }
+
+    /// A patient `p1` with observations (id, date, status, note bytes).
+    fn patient_with(obs_list: &[(&str, i64, ObservationStatus, usize)]) -> (Map, PatientKeys) {
+        let mut map = Map::default();
+        let p = PatientId::parse("p1", "p").unwrap();
+        let patient = Resource {
+            meta: Some(Meta { id: "p1".into(), ..Meta::default() }),
+            kind: Some(resource::Kind::Patient(Patient::default())),
+            unmodelled_json: String::new(),
+        };
+        map.write(&p, create(&patient, ResourceType::Patient), 1);
+        for (n, (id, date, status, note)) in obs_list.iter().enumerate() {
+            let r = obs(id, *date, *status, *note);
+            let w = map.write(&p, create(&r, ResourceType::Observation), n as u64 + 2);
+            assert_eq!(w.outcome, WriteOutcome::Applied as i32);
+        }
+        (map, PatientKeys::new(&p))
+    }
+
+    fn query() -> Query {
+        Query {
+            type_name: "Observation",
+            limit: 100,
+            bytes_max: usize::MAX,
+            ..Query::default()
+        }
+    }
+
+    fn ids(page: &Page) -> Vec<String> {
+        page.resources.iter().map(|r| r.meta.as_ref().unwrap().id.clone()).collect()
+    }
+
+    #[test]
+    fn dates_before_1970_are_found_and_bound_ranges() {
+        use ObservationStatus::Final as F;
+        let (map, keys) = patient_with(&[("a", -20 * YEAR, F, 0), ("b", -YEAR, F, 0), ("c", 10 * YEAR, F, 0)]);
+        let all = search(&map, &keys, &query()).unwrap();
+        assert_eq!(ids(&all), ["c", "b", "a"]);
+        let since = Query { since: Some(-10 * YEAR), ..query() };
+        assert_eq!(ids(&search(&map, &keys, &since).unwrap()), ["c", "b"]);
+        let until = Query { until: Some(0), ..query() };
+        assert_eq!(ids(&search(&map, &keys, &until).unwrap()), ["b", "a"]);
+        let code = Query { code: "http://loinc.org|8302-2".into(), since: Some(-2 * YEAR), until: Some(0), ..query() };
+        assert_eq!(ids(&search(&map, &keys, &code).unwrap()), ["b"]);
+    }
+
+    #[test]
+    fn pages_stop_at_the_byte_bound_and_chain_by_token() {
+        use ObservationStatus::Final as F;
+        let (map, keys) = patient_with(&[("a", 3, F, 1000), ("b", 2, F, 1000), ("c", 1, F, 1000)]);
+        let mut q = Query { bytes_max: 1500, ..query() };
+        let mut seen = Vec::new();
+        loop {
+            let page = search(&map, &keys, &q).unwrap();
+            assert_eq!(page.resources.len(), 1, "one ~1 KB record per 1.5 KB page");
+            seen.extend(ids(&page));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            q.page_token = page.next_page_token;
+        }
+        assert_eq!(seen, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn an_entry_its_record_moved_away_from_is_not_a_hit() {
+        use ObservationStatus::Final as F;
+        let (mut map, keys) = patient_with(&[("a", 5 * YEAR, F, 0), ("b", 3 * YEAR, F, 0)]);
+        // An entry of `a` at an older date, as a scan that read it before `a` moved would see.
+        map.0.insert(keys.by_date_entry("Observation", YEAR, "a"), Bytes::from_static(b"final"));
+        assert_eq!(ids(&search(&map, &keys, &query()).unwrap()), ["a", "b"]);
+    }
+
+    #[test]
+    fn a_rare_match_returns_short_pages_within_the_scan_bound() {
+        use ObservationStatus::{Amended, Final};
+        let n = SCAN_ENTRIES_MAX + 500;
+        let list: Vec<(String, i64, ObservationStatus)> = (0..n)
+            .map(|i| (format!("o{i}"), i as i64, if i == 7 { Amended } else { Final }))
+            .collect();
+        let refs: Vec<(&str, i64, ObservationStatus, usize)> =
+            list.iter().map(|(id, d, s)| (id.as_str(), *d, *s, 0)).collect();
+        let (map, keys) = patient_with(&refs);
+        let mut q = Query { statuses: vec!["amended".into()], ..query() };
+        let first = search(&map, &keys, &q).unwrap();
+        assert!(first.resources.is_empty());
+        assert_eq!(first.scanned, SCAN_ENTRIES_MAX);
+        assert!(!first.next_page_token.is_empty());
+        q.page_token = first.next_page_token;
+        let second = search(&map, &keys, &q).unwrap();
+        assert_eq!(ids(&second), ["o7"]);
+        assert!(second.next_page_token.is_empty());
     }
 }

@@ -79,7 +79,9 @@ impl RecordsService {
     /// §7): claims the added ones in the index first (under a token fresh for this attempt),
     /// then writes the patient batch (holding the added ones under fences, dropping the removed
     /// ones), then releases the removed ones; if the write is refused, gives back the claims it
-    /// made. `old` is the version being replaced.
+    /// made. When another write of the same patient revoked this attempt's claims (they revoke
+    /// each other's at once), it tries again with a new token, at most
+    /// `records.write-attempts-max` times. `old` is the version being replaced.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn write_patient(
         &self,
@@ -108,7 +110,6 @@ impl RecordsService {
         if let Some(refused) = plan::head_refusal(&entry, head, 0) {
             return Ok(refused);
         }
-        let token = fresh_token(&header.request_id);
         let before = self.indexed(old, "resource");
         let after = self.indexed(new, "resource");
         let added: Vec<(Ident, String)> = after
@@ -121,51 +122,101 @@ impl RecordsService {
             .filter(|(x, _)| !after.iter().any(|(y, _)| y == x))
             .map(|(x, _)| x.clone())
             .collect();
-        if let ClaimAll::Held { holder, field } =
-            self.mpi().claim_all(patient, &token, &added, left()).await?
-        {
-            // The patient itself holds it: a concurrent create of the same patient won.
-            if holder == *patient {
-                return Ok(refusal(WriteOutcome::AlreadyExists, 0, "resource.meta.id"));
-            }
-            let mut r = refusal(WriteOutcome::IdentifierHeld, 0, &field);
-            r.holder_patient_id = holder.as_str().to_owned();
-            return Ok(r);
-        }
         let mut removed_tokens = Vec::new();
         for x in &removed {
             if let Some(t) = self.mpi().holds(patient, x, left()).await? {
                 removed_tokens.push((x.clone(), t));
             }
         }
-        entry.holds = added.iter().map(|(x, _)| x.clone()).collect();
-        entry.token = token;
         entry.releases = removed;
-        let result = self
-            .write(shard, patient, header, fingerprint, vec![entry], left())
-            .await;
-        match &result {
-            Ok(w) if w.outcome == WriteOutcome::Applied as i32 && !w.replayed => {
-                for (x, t) in &removed_tokens {
-                    self.mpi().release_all(patient, t, std::iter::once(x), left())
-                        .await;
+        let attempts = self.node.config.node.records.write_attempts_max;
+        for attempt in 0..attempts {
+            let token = fresh_token(&header.request_id);
+            if attempt > 0 {
+                // Another write of this patient revoked this one's claims (or the reverse):
+                // step aside a little, a different time for each, so one of them gets through.
+                let jitter = Duration::from_millis(1 + u64::from(token[0] % 20) * u64::from(attempt));
+                tokio::time::sleep(jitter.min(left())).await;
+            }
+            match self.mpi().claim_all(patient, &token, &added, left()).await? {
+                ClaimAll::Claimed => {}
+                ClaimAll::Held { holder, .. } if holder == *patient => {
+                    // The patient holds it already: a write of this patient that added it
+                    // committed since the head was read (an earlier attempt of this request, or
+                    // another write). The claims were given back; the plan answers from fresh
+                    // reads: the stored answer, or the head's refusal.
+                    match self.answer_from_reads(shard, patient, header, fingerprint, &entry, left()).await? {
+                        Some(answer) => return Ok(answer),
+                        None => continue,
+                    }
+                }
+                ClaimAll::Held { holder, field } => {
+                    let mut r = refusal(WriteOutcome::IdentifierHeld, 0, &field);
+                    r.holder_patient_id = holder.as_str().to_owned();
+                    return Ok(r);
                 }
             }
-            Ok(w) if w.outcome == WriteOutcome::Applied as i32 => {}
-            Ok(_) => {
-                self.mpi().release_all(patient, &token, added.iter().map(|(x, _)| x), left())
+            entry.holds = added.iter().map(|(x, _)| x.clone()).collect();
+            entry.token = token;
+            let result = self
+                .write(shard, patient, header, fingerprint, vec![entry.clone()], left())
+                .await;
+            let give_back = match &result {
+                Ok(w) if w.outcome == WriteOutcome::Applied as i32 => {
+                    if !w.replayed {
+                        for (x, t) in &removed_tokens {
+                            self.mpi().release_all(patient, t, std::iter::once(x), left()).await;
+                        }
+                    }
+                    false
+                }
+                Ok(_) => true,
+                // Refused before anything was proposed: nothing was written.
+                Err(ApiError::InvalidArgument { .. } | ApiError::Internal(_)) => true,
+                // Undecided: a claim left behind is revoked by the next claimant (at once when it
+                // is a retry for the same patient, after the grace period otherwise).
+                Err(_) => false,
+            };
+            if give_back {
+                self.mpi()
+                    .release_all(patient, &token, added.iter().map(|(x, _)| x), left())
                     .await;
             }
-            // Refused before anything was proposed: nothing was written.
-            Err(ApiError::InvalidArgument { .. } | ApiError::Internal(_)) => {
-                self.mpi().release_all(patient, &token, added.iter().map(|(x, _)| x), left())
-                    .await;
+            match result {
+                Ok(w) if w.outcome == WriteOutcome::ClaimRevoked as i32 => continue,
+                other => return other,
             }
-            // Undecided: a claim left behind is revoked by the next claimant (at once when it is
-            // a retry for the same patient, after the grace period otherwise).
-            Err(_) => {}
         }
-        result
+        Err(ApiError::Unavailable(format!(
+            "patient {patient}: identifier claims lost {attempts} times to concurrent writes of the same patient; retry"
+        )))
+    }
+
+    /// The answer fresh reads give `entry` without writing (a replay of the request, or the
+    /// head's refusal); None when the write could go ahead after all.
+    async fn answer_from_reads(
+        &self,
+        shard: u64,
+        patient: &PatientId,
+        header: &WriteHeader,
+        fingerprint: [u8; 16],
+        entry: &WriteEntry<'_>,
+        deadline: Duration,
+    ) -> Result<Option<RecordWriteResponse>, ApiError> {
+        self.node.read_barrier(shard, deadline).await?;
+        let replica = self.replica(shard)?;
+        let planned = plan::plan_write(
+            &ReplicaReads(&replica),
+            patient,
+            header,
+            &fingerprint,
+            std::slice::from_ref(entry),
+            now_micros(),
+        )?;
+        Ok(match planned {
+            Planned::Answer(answer) => Some(answer),
+            Planned::Write(_) => None,
+        })
     }
 
     /// Runs a write of `entries` for `patient` (docs/schema.md §5).

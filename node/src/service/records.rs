@@ -678,19 +678,15 @@ impl Records for RecordsService {
                 if r.statuses.len() > 16 || r.statuses.iter().any(|s| s.len() > 64) {
                     return Err(ApiError::invalid("statuses", "at most 16 codes of 64 bytes"));
                 }
-                let bound = |v: i64, field: &str| match v {
-                    0 => Ok(None),
-                    v if v < 0 => Err(ApiError::invalid(field.to_owned(), "must not be negative")),
-                    v => Ok(Some(v)),
-                };
                 let query = Query {
                     type_name: t,
                     code: r.code.clone(),
-                    since: bound(r.since_micros, "since_micros")?,
-                    until: bound(r.until_micros, "until_micros")?,
+                    since: r.since_micros,
+                    until: r.until_micros,
                     statuses: r.statuses.clone(),
                     limit: self.page_limit(r.limit)?,
                     page_token: r.page_token.clone(),
+                    bytes_max: self.node.config.node.records.message_bytes_max,
                 };
                 super::read_ready(&self.node, shard, r.consistency, deadline).await?;
                 let replica = self.replica(shard)?;
