@@ -286,7 +286,7 @@ async fn identifiers_stay_unique_through_a_node_kill() {
 async fn a_refused_import_succeeds_with_the_same_request_id_once_the_holder_lets_go() {
     let cluster = TestCluster::start(3, 2, 3, &|_| {}).await;
     let client = cluster.client().await;
-    let (x1, x2) = (insz(850_731_001), insz(850_731_002));
+    let (x1, x2) = (insz(850_730_301), insz(850_730_302));
     let w = client
         .create_patient(patient("holder", &[&x2]), &WriteOptions::default())
         .await
@@ -320,5 +320,64 @@ async fn a_refused_import_succeeds_with_the_same_request_id_once_the_holder_lets
             client.lookup_identifier(SYSTEM_INSZ, x).await.unwrap().as_deref(),
             Some("imported")
         );
+    }
+}
+
+/// Concurrent updates of one patient that add the same identifiers revoke each other's pending
+/// claims at once; the losers try again with new tokens, so exactly one update applies and the
+/// others are told the version moved (never CLAIM_REVOKED, never ALREADY_EXISTS). Concurrent
+/// attempts of one create (a client's retry racing its first attempt) both answer APPLIED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_of_one_patient_settle_on_one_winner() {
+    let cluster = TestCluster::start(3, 2, 3, &|_| {}).await;
+    let client = cluster.client().await;
+    for round in 0..3u64 {
+        let id = format!("same-{round}");
+        let (x, y) = (insz(850_730_200 + 2 * round), insz(850_730_201 + 2 * round));
+        // One create sent twice at once under one request id.
+        let opts = WriteOptions {
+            request_id: Some([round as u8 + 1; 16]),
+            ..WriteOptions::default()
+        };
+        let creates: Vec<_> = (0..2)
+            .map(|_| {
+                let (client, id, opts) = (client.clone(), id.clone(), opts.clone());
+                tokio::spawn(async move { client.create_patient(patient(&id, &[]), &opts).await.unwrap() })
+            })
+            .collect();
+        for t in creates {
+            let w = t.await.unwrap();
+            assert_eq!(outcome(&w), WriteOutcome::Applied, "{w:?}");
+        }
+        // Four updates of version 1, each adding both numbers.
+        let updates: Vec<_> = (0..4)
+            .map(|_| {
+                let (client, id, x, y) = (client.clone(), id.clone(), x.clone(), y.clone());
+                tokio::spawn(async move {
+                    client
+                        .update_record(&id, 1, patient(&id, &[&x, &y]), &WriteOptions::default())
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for t in updates {
+            outcomes.push(outcome(&t.await.unwrap()));
+        }
+        let applied = outcomes.iter().filter(|o| **o == WriteOutcome::Applied).count();
+        assert_eq!(applied, 1, "round {round}: {outcomes:?}");
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, WriteOutcome::Applied | WriteOutcome::VersionConflict)),
+            "round {round}: {outcomes:?}"
+        );
+        for n in [&x, &y] {
+            assert_eq!(
+                client.lookup_identifier(SYSTEM_INSZ, n).await.unwrap().as_deref(),
+                Some(id.as_str())
+            );
+        }
     }
 }
