@@ -2,11 +2,12 @@
 //! line on stdout. Bounded: every measurement stops after its `--seconds` (or its fill size).
 //!
 //! Measures the storage engine, the cluster under closed-loop load (against etcd and a bare gRPC
-//! floor), failover, and the clinical workload.
+//! floor), failover, the clinical workload, and the record layer at scale.
 
 mod clinical;
 mod closed_loop;
 mod cluster;
+mod records_scale;
 mod soak;
 mod stats;
 mod storage;
@@ -160,6 +161,33 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value_t = 7500)]
         base_port: u16,
+    },
+    /// The record layer at scale on a local 3-node cluster: import rate of synthetic patients,
+    /// then two big patients (--big records each) and closed-loop latency of Everything, of a
+    /// search by code and date and of a search by type on each of them.
+    RecordsScale {
+        /// Synthetic patients imported to measure the import rate (seed 1).
+        #[arg(long, default_value_t = 2_000)]
+        patients: u64,
+        /// Concurrent importers.
+        #[arg(long, default_value_t = 64)]
+        importers: usize,
+        /// Records of each big patient; one patient per value.
+        #[arg(long, value_delimiter = ',', default_values_t = [1_000, 20_000])]
+        big: Vec<u64>,
+        /// Closed-loop clients of each latency measurement.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Measured seconds of each latency measurement (after 1 s of warm-up).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 8)]
+        shards: u32,
+        #[arg(long, default_value_t = 7700)]
+        base_port: u16,
+        /// The whole run is abandoned (cluster stopped, data removed) after this many seconds.
+        #[arg(long, default_value_t = 1_200)]
+        time_limit: u64,
     },
     /// Soak and data scale on a local 3-node cluster: import synthetic patients (30,000 make
     /// several GB of records), append observations for --seconds, then report throughput in the
@@ -398,6 +426,45 @@ fn main() -> Result<()> {
                     eprintln!("{r}");
                 }
                 Ok::<_, anyhow::Error>(())
+            })?;
+            return Ok(());
+        }
+        Command::RecordsScale {
+            patients,
+            importers,
+            big,
+            clients,
+            seconds,
+            shards,
+            base_port,
+            time_limit,
+        } => {
+            anyhow::ensure!(seconds > 0, "--seconds must be at least 1");
+            anyhow::ensure!(clients > 0, "--clients must be at least 1");
+            anyhow::ensure!(
+                !big.is_empty() && big.iter().all(|&n| n >= 1),
+                "--big must name at least one patient size"
+            );
+            let spec = records_scale::ScaleSpec {
+                patients,
+                importers,
+                big,
+                clients,
+                seconds,
+                shards,
+                base_port,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                // On expiry the run is dropped: its cluster stops, then the scratch directory goes.
+                tokio::time::timeout(
+                    Duration::from_secs(time_limit),
+                    records_scale::run(&dir.path().join("cluster"), &spec),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("records-scale: not done within --time-limit {time_limit} s"))?
             })?;
             return Ok(());
         }
