@@ -18,6 +18,11 @@ use dossier_api::v1::{
 };
 use dossier_client::{Client, SearchQuery, WriteOptions, is_applied};
 
+/// The two tests run one after the other: the first loads its cluster with writers and a
+/// reader, and a second cluster starting beside it on a 2-core machine could miss its init
+/// deadline.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 const CODES: [&str; 4] = ["2339-0", "8302-2", "29463-7", "8867-4"];
 const STATUSES: [ObservationStatus; 3] = [
     ObservationStatus::Final,
@@ -163,6 +168,7 @@ impl Rng {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_matches_a_brute_force_scan_under_concurrent_writes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cluster = TestCluster::start(3, 2, 3, &|_| {}).await;
     let client = cluster.client().await;
     let p = patient_in_shard(&client, 1, "search");
@@ -281,6 +287,7 @@ async fn search_matches_a_brute_force_scan_under_concurrent_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quarantined_records_are_kept_listed_and_released() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cluster = TestCluster::start(3, 2, 3, &|_| {}).await;
     let client = cluster.client().await;
     let p = patient_in_shard(&client, 1, "quarantine");

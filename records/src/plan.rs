@@ -250,12 +250,17 @@ pub fn plan_write<R: Reads>(
         None => None,
         Some(v) => Some(be_u64(&v).ok_or_else(|| Error::corrupt("patient clock"))?),
     };
+    // A refusal read from the replica is answered only if the request's own record is still
+    // absent: the replica applies writes while it is read, so a refused-looking head may be this
+    // very request's earlier attempt, applied (with its `q/R`, in one batch) since `q/R` was read.
+    let refuse = |answer: RecordWriteResponse| -> Result<Planned, R::Error> {
+        match reads.get(&keys.request(&header.request_id))? {
+            Some(stored) => Ok(Planned::Answer(idempotency::replay(&stored, fingerprint)?)),
+            None => Ok(Planned::Answer(answer)),
+        }
+    };
     if !creates_patient && reads.get(&keys.present())?.is_none() {
-        return Ok(Planned::Answer(refusal(
-            WriteOutcome::NotFound,
-            0,
-            "route.patient_id",
-        )));
+        return refuse(refusal(WriteOutcome::NotFound, 0, "route.patient_id"));
     }
     // Plan every entry from the reads; answer definite refusals now.
     struct Old {
@@ -268,7 +273,7 @@ pub fn plan_write<R: Reads>(
         let t = type_name(e.rtype).unwrap_or("?");
         let current = head(reads, &keys, t, &e.id)?;
         if let Some(refused) = head_refusal(e, current, i as u32) {
-            return Ok(Planned::Answer(refused));
+            return refuse(refused);
         }
         olds.push(match current {
             None => Old {
@@ -280,11 +285,11 @@ pub fn plan_write<R: Reads>(
                 let old = version(reads, &keys, t, &e.id, current)?;
                 let old_meta = old.meta.clone().unwrap_or_default();
                 if old_meta.status == RecordStatus::EnteredInError as i32 {
-                    return Ok(Planned::Answer(refusal(
+                    return refuse(refusal(
                         WriteOutcome::EnteredInError,
                         i as u32,
                         &entry_path(&e.field, "meta.id"),
-                    )));
+                    ));
                 }
                 Old {
                     version: current,
@@ -481,6 +486,65 @@ mod tests {
             holds: Vec::new(),
             token: [0; 16],
             releases: Vec::new(),
+        }
+    }
+
+    /// Applies a batch to the map after the first read, as a replica applying a commit while a
+    /// plan reads it.
+    struct ApplyAfterFirstRead {
+        map: std::cell::RefCell<Map>,
+        pending: std::cell::RefCell<Option<Batch>>,
+    }
+
+    impl Reads for ApplyAfterFirstRead {
+        type Error = Error;
+
+        fn get(&self, key: &[u8]) -> Result<Option<Bytes>, Error> {
+            let answer = self.map.borrow().get(key);
+            if let Some(batch) = self.pending.borrow_mut().take() {
+                self.map.borrow_mut().apply(batch);
+            }
+            answer
+        }
+
+        fn scan_prefix(&self, p: &[u8], a: Option<&[u8]>, l: usize) -> Result<Vec<(Bytes, Bytes)>, Error> {
+            self.map.borrow().scan_prefix(p, a, l)
+        }
+    }
+
+    /// A retry planned while its first attempt is applied between its reads replays that
+    /// attempt's answer; it never refuses with ALREADY_EXISTS what it wrote itself.
+    #[test]
+    fn a_retry_racing_its_own_first_attempt_replays_it() {
+        let mut map = Map::default();
+        let p = PatientId::parse("p1", "p").unwrap();
+        let patient = Resource {
+            meta: Some(Meta { id: "p1".into(), ..Meta::default() }),
+            kind: Some(resource::Kind::Patient(Patient::default())),
+            unmodelled_json: String::new(),
+        };
+        map.write(&p, entry(EntryOp::Create, Some(&patient), "p1", ResourceType::Patient), 1);
+        let records: Vec<Resource> = (0..3).map(|i| obs(&format!("o{i}"), "a-1", i)).collect();
+        let entries: Vec<WriteEntry<'_>> = records
+            .iter()
+            .map(|r| entry(EntryOp::Create, Some(r), &r.meta.as_ref().unwrap().id, ResourceType::Observation))
+            .collect();
+        let header = WriteHeader { request_id: vec![7; 16], author: None };
+        let first = match plan_write(&map, &p, &header, &[7; 16], &entries, 5_000).unwrap() {
+            Planned::Write(plan) => plan,
+            other => panic!("{other:?}"),
+        };
+        let racing = ApplyAfterFirstRead {
+            map: std::cell::RefCell::new(map),
+            pending: std::cell::RefCell::new(Some(first.batch.clone())),
+        };
+        match plan_write(&racing, &p, &header, &[7; 16], &entries, 6_000).unwrap() {
+            Planned::Answer(a) => {
+                assert_eq!(a.outcome, WriteOutcome::Applied as i32, "{a:?}");
+                assert!(a.replayed);
+                assert_eq!(a.written.len(), 3);
+            }
+            Planned::Write(_) => panic!("planned a second write of an applied request"),
         }
     }
 

@@ -584,9 +584,11 @@ impl Records for RecordsService {
         let bytes_max = self.node.config.node.records.message_bytes_max;
         // Two messages in flight at most: a slow reader holds back the scan, not memory.
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        tokio::spawn(async move {
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let result = stream_everything(
+                &runtime,
                 &replica,
                 &PatientKeys::new(&patient),
                 &types,
@@ -594,10 +596,12 @@ impl Records for RecordsService {
                 r.include_entered_in_error,
                 bytes_max,
                 &tx,
-            )
-            .await;
+            );
             if let Err(e) = result {
-                let _ = tokio::time::timeout(STALLED_READER, tx.send(Err(Status::from(e)))).await;
+                let _ = runtime.block_on(tokio::time::timeout(
+                    STALLED_READER,
+                    tx.send(Err(Status::from(e))),
+                ));
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -691,11 +695,14 @@ impl Records for RecordsService {
                 super::read_ready(&self.node, shard, r.consistency, deadline).await?;
                 let replica = self.replica(shard)?;
                 let applied_index = replica.applied_index().unwrap_or(0);
-                let page = search::search(
-                    &ReplicaReads(&replica),
-                    &PatientKeys::new(&patient),
-                    &query,
-                )?;
+                // Off the async workers: a page reads up to SCAN_ENTRIES_MAX entries and decodes
+                // its records.
+                let keys = PatientKeys::new(&patient);
+                let page = tokio::task::spawn_blocking(move || {
+                    search::search(&ReplicaReads(&replica), &keys, &query)
+                })
+                .await
+                .map_err(|e| ApiError::Internal(format!("search task: {e}")))??;
                 Ok(SearchResponse {
                     resources: page.resources,
                     next_page_token: page.next_page_token,
@@ -808,8 +815,12 @@ impl Records for RecordsService {
 const STALLED_READER: Duration = Duration::from_secs(60);
 
 /// Sends the patient's current records with a stamp above `since`, in stamp order, in messages
-/// of at most `bytes_max` bytes (a larger record goes alone).
-async fn stream_everything(
+/// of at most `bytes_max` bytes (a larger record goes alone). Runs on a blocking thread: reading
+/// and decoding a large patient must not hold an async worker (heartbeats run there), and waits
+/// for the reader through `runtime`.
+#[allow(clippy::too_many_arguments)]
+fn stream_everything(
+    runtime: &tokio::runtime::Handle,
     replica: &ShardHandle,
     keys: &PatientKeys,
     types: &[&'static str],
@@ -834,11 +845,8 @@ async fn stream_everything(
         };
         // A reader that stops reading (but keeps its connection) ends the stream after
         // STALLED_READER instead of holding its admission permit for ever.
-        if !matches!(
-            tokio::time::timeout(STALLED_READER, tx.send(Ok(message))).await,
-            Ok(Ok(()))
-        ) || last
-        {
+        let sent = runtime.block_on(tokio::time::timeout(STALLED_READER, tx.send(Ok(message))));
+        if !matches!(sent, Ok(Ok(()))) || last {
             return Ok(());
         }
         sent_any = true;
