@@ -40,12 +40,21 @@ use crate::shards::ClusterShards;
 pub struct RecordsService {
     pub(super) node: Arc<Node>,
     pub(super) shards: ClusterShards,
+    /// The Everything streams reading at once (on blocking threads), in arrival order.
+    everything_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl RecordsService {
     pub fn new(node: Arc<Node>) -> Self {
         let shards = ClusterShards::new(Arc::clone(&node));
-        RecordsService { node, shards }
+        // Two Everything streams read per core: enough to keep the cores busy while readers
+        // take messages, few enough that each finishes in a few times its time alone.
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        RecordsService {
+            node,
+            shards,
+            everything_slots: Arc::new(tokio::sync::Semaphore::new(2 * cores)),
+        }
     }
 
     fn limits(&self) -> Limits {
@@ -584,24 +593,22 @@ impl Records for RecordsService {
         let bytes_max = self.node.config.node.records.message_bytes_max;
         // Two messages in flight at most: a slow reader holds back the scan, not memory.
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let runtime = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
+        let slots = Arc::clone(&self.everything_slots);
+        tokio::spawn(async move {
             let _permit = permit;
             let result = stream_everything(
-                &runtime,
-                &replica,
-                &PatientKeys::new(&patient),
-                &types,
+                slots,
+                replica,
+                PatientKeys::new(&patient),
+                types,
                 r.since_micros as u64,
                 r.include_entered_in_error,
                 bytes_max,
                 &tx,
-            );
+            )
+            .await;
             if let Err(e) = result {
-                let _ = runtime.block_on(tokio::time::timeout(
-                    STALLED_READER,
-                    tx.send(Err(Status::from(e))),
-                ));
+                let _ = tokio::time::timeout(STALLED_READER, tx.send(Err(Status::from(e)))).await;
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -695,14 +702,13 @@ impl Records for RecordsService {
                 super::read_ready(&self.node, shard, r.consistency, deadline).await?;
                 let replica = self.replica(shard)?;
                 let applied_index = replica.applied_index().unwrap_or(0);
-                // Off the async workers: a page reads up to SCAN_ENTRIES_MAX entries and decodes
-                // its records.
-                let keys = PatientKeys::new(&patient);
-                let page = tokio::task::spawn_blocking(move || {
-                    search::search(&ReplicaReads(&replica), &keys, &query)
-                })
-                .await
-                .map_err(|e| ApiError::Internal(format!("search task: {e}")))??;
+                // On the async worker, as a Kv scan page: a page is bounded by records, bytes
+                // and SCAN_ENTRIES_MAX index entries (about a millisecond's work).
+                let page = search::search(
+                    &ReplicaReads(&replica),
+                    &PatientKeys::new(&patient),
+                    &query,
+                )?;
                 Ok(SearchResponse {
                     resources: page.resources,
                     next_page_token: page.next_page_token,
@@ -814,39 +820,85 @@ impl Records for RecordsService {
 /// How long Everything waits for a reader to take the next message before giving up.
 const STALLED_READER: Duration = Duration::from_secs(60);
 
+/// How long a stream keeps its reading slot while its reader has not taken the last message.
+const SLOT_KEPT_FOR_READER: Duration = Duration::from_secs(1);
+
 /// Sends the patient's current records with a stamp above `since`, in stamp order, in messages
-/// of at most `bytes_max` bytes (a larger record goes alone). Runs on a blocking thread: reading
-/// and decoding a large patient must not hold an async worker (heartbeats run there), and waits
-/// for the reader through `runtime`.
+/// of at most `bytes_max` bytes (a larger record goes alone). Messages are read and decoded on
+/// blocking threads: a large patient must not hold an async worker (heartbeats run there). A
+/// stream reads only while it holds one of the node's reading slots (`slots`, taken in arrival
+/// order), so that under more streams than the cores serve, the first ones finish instead of all
+/// crawling; a stream whose reader falls behind gives its slot up until the reader catches up.
 #[allow(clippy::too_many_arguments)]
-fn stream_everything(
-    runtime: &tokio::runtime::Handle,
-    replica: &ShardHandle,
-    keys: &PatientKeys,
-    types: &[&'static str],
+async fn stream_everything(
+    slots: Arc<tokio::sync::Semaphore>,
+    replica: ShardHandle,
+    keys: PatientKeys,
+    types: Vec<&'static str>,
     since: u64,
     include_entered_in_error: bool,
     bytes_max: usize,
     tx: &tokio::sync::mpsc::Sender<Result<EverythingResponse, Status>>,
 ) -> Result<(), ApiError> {
-    let reads = ReplicaReads(replica);
-    let mut everything = Everything::start(&reads, keys, types, since, include_entered_in_error)?;
+    let blocking_failed =
+        |e: tokio::task::JoinError| ApiError::Internal(format!("everything task: {e}"));
+    let take_slot = || async {
+        Arc::clone(&slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::Unavailable("the node is stopping".into()))
+    };
+    let mut slot = Some(take_slot().await?);
+    let mut everything = {
+        let replica = replica.clone();
+        tokio::task::spawn_blocking(move || {
+            Everything::start(&ReplicaReads(&replica), &keys, &types, since, include_entered_in_error)
+        })
+        .await
+        .map_err(blocking_failed)??
+    };
     let as_of = everything.as_of() as i64;
     let mut sent_any = false;
     loop {
-        let resources = everything.next_batch(&reads, bytes_max)?;
+        // Room for the next message first: nothing is read for a reader that is not reading.
+        let room = match tokio::time::timeout(SLOT_KEPT_FOR_READER, tx.reserve()).await {
+            Ok(room) => room,
+            Err(_) => {
+                slot = None;
+                // A reader that stops reading (but keeps its connection) ends the stream after
+                // STALLED_READER instead of holding its admission permit for ever.
+                match tokio::time::timeout(STALLED_READER, tx.reserve()).await {
+                    Ok(room) => room,
+                    Err(_) => return Ok(()),
+                }
+            }
+        };
+        let Ok(room) = room else {
+            return Ok(()); // The reader went away.
+        };
+        if slot.is_none() {
+            slot = Some(take_slot().await?);
+        }
+        let (back, resources) = {
+            let replica = replica.clone();
+            tokio::task::spawn_blocking(move || {
+                let resources = everything.next_batch(&ReplicaReads(&replica), bytes_max);
+                (everything, resources)
+            })
+            .await
+            .map_err(blocking_failed)?
+        };
+        everything = back;
+        let resources = resources?;
         if resources.is_empty() && sent_any {
             return Ok(());
         }
         let last = resources.is_empty();
-        let message = EverythingResponse {
+        room.send(Ok(EverythingResponse {
             resources,
             as_of_micros: as_of,
-        };
-        // A reader that stops reading (but keeps its connection) ends the stream after
-        // STALLED_READER instead of holding its admission permit for ever.
-        let sent = runtime.block_on(tokio::time::timeout(STALLED_READER, tx.send(Ok(message))));
-        if !matches!(sent, Ok(Ok(()))) || last {
+        }));
+        if last {
             return Ok(());
         }
         sent_any = true;
