@@ -143,20 +143,28 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
     if outcome.lost > 0 {
         bail!("{} acknowledged writes were lost", outcome.lost);
     }
-    match args.exit_after {
+    let timer = match args.exit_after {
         Some(secs) => {
             mark(&format!(
-                "serving for {secs} s (--exit-after), then stopping"
+                "serving for {secs} s (--exit-after, or until Ctrl-C or SIGTERM), then stopping"
             ));
-            tokio::time::sleep(Duration::from_secs(secs)).await;
+            Duration::from_secs(secs)
         }
         None => {
             mark(&format!(
-                "serving until Ctrl-C; try: dossier --seeds {} patient everything {sample_patient}",
+                "serving until Ctrl-C or SIGTERM; try: dossier --seeds {} patient everything {sample_patient}",
                 seeds[0]
             ));
-            tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;
+            Duration::MAX
         }
+    };
+    // Stopped however it is stopped, the playground stops its nodes and removes their data.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("wait for SIGTERM")?;
+    tokio::select! {
+        _ = tokio::time::sleep(timer) => {}
+        r = tokio::signal::ctrl_c() => r.context("wait for Ctrl-C")?,
+        _ = terminate.recv() => {}
     }
     mark("stopping the nodes (SIGTERM: leaderships are handed over first)");
     for p in &mut local.procs {
