@@ -314,9 +314,13 @@ async fn bad_requests_get_typed_errors() {
         Err(ClientError::InvalidArgument { field, .. }) => assert_eq!(field, "route.patient_id"),
         other => panic!("expected InvalidArgument, got {other:?}"),
     }
+    match client.put("p/1", b"k", b"v").await {
+        Err(ClientError::InvalidArgument { field, .. }) => assert_eq!(field, "route.patient_id"),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
     match client.put(&"x".repeat(500), b"k", b"v").await {
         Err(ClientError::InvalidArgument { field, limit, .. }) => {
-            assert_eq!((field.as_str(), limit), ("route.patient_id", Some(128)))
+            assert_eq!((field.as_str(), limit), ("route.patient_id", Some(64)))
         }
         other => panic!("expected InvalidArgument, got {other:?}"),
     }

@@ -36,6 +36,13 @@ pub const ID_BYTES_MAX: usize = 64;
 impl PatientId {
     /// Checks `id`; `field` names it in the error.
     pub fn parse(id: &str, field: &str) -> Result<PatientId, Error> {
+        if id.len() > ID_BYTES_MAX {
+            return Err(Error::InvalidArgument {
+                field: field.to_owned(),
+                message: format!("is {} bytes, above the limit of {ID_BYTES_MAX}", id.len()),
+                limit: Some(ID_BYTES_MAX as u64),
+            });
+        }
         if !crate::is_valid_id(id) {
             return Err(Error::invalid(
                 field,
@@ -248,6 +255,11 @@ mod tests {
             let e = PatientId::parse(bad, "route.patient_id").unwrap_err();
             assert!(e.to_string().starts_with("route.patient_id"), "{e}");
         }
+        let Error::InvalidArgument { limit, .. } = PatientId::parse(&"x".repeat(65), "p").unwrap_err()
+        else {
+            panic!("not an argument error")
+        };
+        assert_eq!(limit, Some(64));
     }
 
     #[test]
