@@ -57,8 +57,9 @@ pub enum PatientCommand {
     /// re-running an import replays instead of duplicating.
     Import {
         files: Vec<PathBuf>,
-        /// Skip entries of types Dossier does not model and drop elements it does not model
-        /// (both are reported). Without it such a bundle is refused.
+        /// Skip entries of types Dossier does not model (counted in the summary); without it a
+        /// bundle holding such entries is refused. Billing (Claim, ExplanationOfBenefit) is
+        /// always skipped. Elements Dossier does not model are kept with their records.
         #[arg(long)]
         skip_unmapped: bool,
         /// Name of the source, kept in every record's meta.source.
