@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use dossier_fhir::ImportedBundle;
-use dossier_records::synth;
 use dossier_api::v1::{ResourceType, TransactionEntry, WriteOutcome, transaction_entry};
 use dossier_client::{Client, WriteOptions};
+use dossier_fhir::ImportedBundle;
+use dossier_records::synth;
 
 use crate::stats::{Json, Latency, per_second};
 

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use dossier_records::synth::Rng;
 use dossier_cli::ops;
 use dossier_cli::procs;
 use dossier_client::{Client, ReadConsistency};
+use dossier_records::synth::Rng;
 
 use crate::stats::{Json, Latency, per_second};
 

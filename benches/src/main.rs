@@ -464,7 +464,9 @@ fn main() -> Result<()> {
                     records_scale::run(&dir.path().join("cluster"), &spec),
                 )
                 .await
-                .map_err(|_| anyhow::anyhow!("records-scale: not done within --time-limit {time_limit} s"))?
+                .map_err(|_| {
+                    anyhow::anyhow!("records-scale: not done within --time-limit {time_limit} s")
+                })?
             })?;
             return Ok(());
         }

@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use dossier_fhir::ImportedBundle;
-use dossier_records::synth;
 use dossier_cli::ops;
 use dossier_client::{Client, WriteOptions};
+use dossier_fhir::ImportedBundle;
+use dossier_records::synth;
 use prost::Message;
 use tokio::sync::Mutex;
 

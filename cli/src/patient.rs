@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use dossier_fhir::{self as fhir, ImportOptions};
-use dossier_records::type_from_name;
 use dossier_api::v1::ResourceType;
 use dossier_cli::records::{refusal, write_bundle, write_quarantine};
 use dossier_client::{SearchQuery, WriteOptions, is_applied};
+use dossier_fhir::{self as fhir, ImportOptions};
+use dossier_records::type_from_name;
 
 use crate::Cli;
 
@@ -157,20 +157,23 @@ pub enum OnInvalidArg {
 fn micros_of(flag: &str, value: &str) -> Result<i64> {
     fhir::parse_date_time(value)
         .map(|d| d.unix_micros)
-        .with_context(|| format!("--{flag} {value:?} is not a FHIR date or dateTime (e.g. 2024-01-31)"))
+        .with_context(|| {
+            format!("--{flag} {value:?} is not a FHIR date or dateTime (e.g. 2024-01-31)")
+        })
 }
 
 fn record_type(name: &str) -> Result<ResourceType> {
     match name {
         "CareTeam" => Ok(ResourceType::CareRelationship),
         n => type_from_name(n).with_context(|| {
-            {
-                let names: Vec<&str> = dossier_records::RESOURCE_TYPES
-                    .iter()
-                    .filter_map(|t| dossier_records::type_name(*t))
-                    .collect();
-                format!("{n:?} is not a record type ({}, CareTeam)", names.join(", "))
-            }
+            let names: Vec<&str> = dossier_records::RESOURCE_TYPES
+                .iter()
+                .filter_map(|t| dossier_records::type_name(*t))
+                .collect();
+            format!(
+                "{n:?} is not a record type ({}, CareTeam)",
+                names.join(", ")
+            )
         }),
     }
 }
@@ -375,7 +378,9 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
                             files.len(),
                             file.display(),
                             if quarantined > 0 {
-                                format!(", {quarantined} quarantined (dossier patient quarantine {id})")
+                                format!(
+                                    ", {quarantined} quarantined (dossier patient quarantine {id})"
+                                )
                             } else {
                                 String::new()
                             }
@@ -400,7 +405,10 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
             );
             if !skipped.is_empty() {
                 let list: Vec<String> = skipped.iter().map(|(t, c)| format!("{t} {c}")).collect();
-                eprintln!("skipped entries of unmodelled types (billing is never imported): {}", list.join(", "));
+                eprintln!(
+                    "skipped entries of unmodelled types (billing is never imported): {}",
+                    list.join(", ")
+                );
             }
             if failed > 0 {
                 bail!("{failed} of {} bundles were not imported", files.len());
@@ -433,8 +441,14 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
                     let query = SearchQuery {
                         rtype: Some(record_type(r#type.as_deref().unwrap_or_default())?),
                         code: code.clone().unwrap_or_default(),
-                        since_micros: since.as_deref().map(|v| micros_of("since", v)).transpose()?,
-                        until_micros: until.as_deref().map(|v| micros_of("until", v)).transpose()?,
+                        since_micros: since
+                            .as_deref()
+                            .map(|v| micros_of("since", v))
+                            .transpose()?,
+                        until_micros: until
+                            .as_deref()
+                            .map(|v| micros_of("until", v))
+                            .transpose()?,
                         statuses: status.clone(),
                         limit: 0,
                     };
@@ -461,7 +475,11 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
             eprintln!(
                 "{} records{}",
                 found.len(),
-                if token.is_empty() { "" } else { " (more match: raise --limit)" }
+                if token.is_empty() {
+                    ""
+                } else {
+                    " (more match: raise --limit)"
+                }
             );
         }
         PatientCommand::Quarantine {
@@ -519,13 +537,26 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
                     bail!("{patient}: the fixed record was refused: {}", refusal(&w));
                 }
                 client
-                    .quarantine(patient, Vec::new(), vec![q.id.clone()], &WriteOptions::default())
+                    .quarantine(
+                        patient,
+                        Vec::new(),
+                        vec![q.id.clone()],
+                        &WriteOptions::default(),
+                    )
                     .await?;
-                println!("{patient}: {} {} written and taken out of the quarantine", q.fhir_type, q.id);
+                println!(
+                    "{patient}: {} {} written and taken out of the quarantine",
+                    q.fhir_type, q.id
+                );
             } else if let Some(id) = release {
                 find(id)?;
                 client
-                    .quarantine(patient, Vec::new(), vec![id.clone()], &WriteOptions::default())
+                    .quarantine(
+                        patient,
+                        Vec::new(),
+                        vec![id.clone()],
+                        &WriteOptions::default(),
+                    )
                     .await?;
                 println!("{patient}: {id} taken out of the quarantine (not written)");
             } else {

@@ -13,11 +13,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use dossier_client::{Client, ReadConsistency};
 
-use dossier_fhir::ImportedBundle;
-use dossier_records::synth;
 use dossier_cli::ops as cluster;
 use dossier_cli::procs::{LocalCluster, NodeProc, node_binary};
 use dossier_cli::records::TRANSACTION_ENTRIES;
+use dossier_fhir::ImportedBundle;
+use dossier_records::synth;
 
 #[derive(Debug, Args)]
 pub struct PlaygroundArgs {
@@ -124,9 +124,7 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
             .everything(&sample_patient, 0, &[], false, |rs| {
                 for r in rs {
                     if let Some(k) = r.kind.as_ref() {
-                        let t = dossier_fhir::fhir_type(
-                            dossier_records::kind_type(k),
-                        );
+                        let t = dossier_fhir::fhir_type(dossier_records::kind_type(k));
                         *kinds.entry(t).or_insert(0usize) += 1;
                     }
                 }

@@ -4,13 +4,13 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::{Result, bail};
-use dossier_fhir::ImportedBundle;
-use dossier_records::record_refs;
 use dossier_api::v1::{
     QuarantineProblem, QuarantinedRecord, RecordWriteResponse, Resource, TransactionEntry,
     WriteOutcome, transaction_entry,
 };
 use dossier_client::{Client, WriteOptions, is_applied};
+use dossier_fhir::ImportedBundle;
+use dossier_records::record_refs;
 
 /// Entries per import transaction (the server's default `records.transaction-entries-max`).
 pub const TRANSACTION_ENTRIES: usize = 128;
@@ -230,7 +230,12 @@ pub async fn write_quarantine(
             end += 1;
         }
         let r = client
-            .quarantine(&patient_id, records[start..end].to_vec(), Vec::new(), &WriteOptions::default())
+            .quarantine(
+                &patient_id,
+                records[start..end].to_vec(),
+                Vec::new(),
+                &WriteOptions::default(),
+            )
             .await?;
         if r.outcome != WriteOutcome::Applied as i32 {
             bail!("patient {patient_id}: the quarantine was refused (no such patient)");
@@ -239,4 +244,3 @@ pub async fn write_quarantine(
     }
     Ok(records.len())
 }
-

@@ -11,8 +11,8 @@ use dossier_api::v1::records_client::RecordsClient;
 use dossier_api::v1::{
     CreatePatientRequest, CreateRecordRequest, DeleteRecordRequest, EverythingRequest,
     HistoryRequest, ListQuarantineRequest, LookupIdentifierRequest, QuarantineRequest,
-    QuarantineResponse, QuarantinedRecord, ReadConsistency, SearchRequest, ReadRecordRequest,
-    ReadVersionRequest, RecordWriteResponse, Reference, Resource, ResourceType, RouteHeader,
+    QuarantineResponse, QuarantinedRecord, ReadConsistency, ReadRecordRequest, ReadVersionRequest,
+    RecordWriteResponse, Reference, Resource, ResourceType, RouteHeader, SearchRequest,
     TransactionEntry, TransactionRequest, UpdateRecordRequest, WriteHeader, WriteOutcome,
 };
 use tonic::transport::Channel;

@@ -4,12 +4,12 @@ use serde_json::{Map, Number, Value, json};
 
 use crate::codes::*;
 use crate::time::{format_date, format_date_time, format_instant};
-use dossier_records::type_name;
 use dossier_api::v1::{
     Address, Annotation, CodeableConcept, Coding, ContactPoint, DateTime, HumanName, Identifier,
     ObservationValue, Period, Quantity, RecordRef, RecordStatus, Reference, Resource, ResourceType,
     diagnostic_report, observation, observation_value, patient, reference, resource,
 };
+use dossier_records::type_name;
 
 struct Out(Map<String, Value>);
 
@@ -705,7 +705,10 @@ pub fn to_fhir(r: &Resource) -> Value {
             }
             o.put("site", concept_opt(x.site.as_ref()));
             o.put("route", concept_opt(x.route.as_ref()));
-            o.put("doseQuantity", x.dose.as_ref().map_or(Value::Null, quantity));
+            o.put(
+                "doseQuantity",
+                x.dose.as_ref().map_or(Value::Null, quantity),
+            );
             o.put(
                 "performer",
                 Value::Array(

@@ -6,21 +6,21 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{Map, Value};
 
+use crate::bundle::Target;
 use crate::codes::*;
 use crate::time::{parse_date, parse_date_time};
-use crate::bundle::Target;
 use crate::{Problem, fhir_type, residue, to_fhir};
+use dossier_api::v1::{
+    Address, AllergyIntolerance, AllergyReaction, Annotation, CarePlan, CarePlanActivity,
+    CareRelationship, CodeableConcept, Coding, ConsentActor, ContactPoint, Date, DateTime,
+    DiagnosticReport, DocumentContent, DocumentReference, Dosage, Encounter, EncounterParticipant,
+    Goal, GoalTarget, HumanName, Identifier, ImagingInstance, ImagingSeries, ImagingStudy,
+    Immunization, MedicationRequest, Observation, ObservationComponent, ObservationValue, Patient,
+    PatientContact, Period, Procedure, Quantity, RecordRef, Reference, ReferenceRange,
+    ResourceType, diagnostic_report, observation, observation_value, patient, reference, resource,
+};
 use dossier_api::v1::{Meta, RecordStatus, Resource};
 use dossier_records::{Limits, validate_new_record};
-use dossier_api::v1::{
-    Address, AllergyIntolerance, CarePlan, CarePlanActivity, Date, DiagnosticReport, Goal,
-    GoalTarget, ImagingInstance, ImagingSeries, ImagingStudy, Immunization, diagnostic_report, AllergyReaction, Annotation, CareRelationship, CodeableConcept,
-    Coding, ConsentActor, ContactPoint, DateTime, DocumentContent, DocumentReference, Dosage,
-    Encounter, EncounterParticipant, HumanName, Identifier, MedicationRequest, Observation,
-    ObservationComponent, ObservationValue, Patient, PatientContact, Period, Procedure, Quantity,
-    RecordRef, Reference, ReferenceRange, ResourceType, observation, observation_value, patient,
-    reference, resource,
-};
 
 /// Maps one resource to a typed record. What it does not read is found afterwards by comparing
 /// the source with the typed record's export (`residue.rs`), not tracked here.
@@ -60,9 +60,7 @@ impl<'a> Reader<'a> {
     fn str(&mut self, o: &Map<String, Value>, path: &str, key: &str) -> String {
         match o.get(key) {
             None => String::new(),
-            Some(Value::String(s)) => {
-                s.clone()
-            }
+            Some(Value::String(s)) => s.clone(),
             Some(_) => {
                 self.problem(&join(path, key), "must be a string");
                 String::new()
@@ -96,9 +94,7 @@ impl<'a> Reader<'a> {
     fn bool(&mut self, o: &Map<String, Value>, path: &str, key: &str) -> Option<bool> {
         match o.get(key) {
             None => None,
-            Some(Value::Bool(b)) => {
-                Some(*b)
-            }
+            Some(Value::Bool(b)) => Some(*b),
             Some(_) => {
                 self.problem(&join(path, key), "must be true or false");
                 None
@@ -123,9 +119,7 @@ impl<'a> Reader<'a> {
     fn decimal(&mut self, o: &Map<String, Value>, path: &str, key: &str) -> String {
         match o.get(key) {
             None => String::new(),
-            Some(Value::Number(n)) => {
-                n.to_string()
-            }
+            Some(Value::Number(n)) => n.to_string(),
             Some(_) => {
                 self.problem(&join(path, key), "must be a number");
                 String::new()
@@ -846,7 +840,9 @@ impl<'a> Reader<'a> {
                         let data = if content_type.starts_with("text/") {
                             match String::from_utf8(bytes) {
                                 Ok(t) => dossier_api::v1::document_content::Data::Text(t),
-                                Err(e) => dossier_api::v1::document_content::Data::Binary(e.into_bytes()),
+                                Err(e) => {
+                                    dossier_api::v1::document_content::Data::Binary(e.into_bytes())
+                                }
                             }
                         } else {
                             dossier_api::v1::document_content::Data::Binary(bytes)
@@ -1184,4 +1180,3 @@ pub(crate) fn map_resource(
         unmodelled,
     }
 }
-

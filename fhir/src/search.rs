@@ -111,7 +111,11 @@ pub fn parse_search(query: &str) -> Result<SearchParams, String> {
             }
             "status" => p.statuses = value.split(',').map(str::to_owned).collect(),
             "_count" => {
-                p.count = Some(value.parse().map_err(|_| format!("_count {value:?} is not a count"))?)
+                p.count = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("_count {value:?} is not a count"))?,
+                )
             }
             "date" => {
                 let (prefix, date) = match value.get(..2) {
@@ -139,7 +143,11 @@ pub fn parse_search(query: &str) -> Result<SearchParams, String> {
                     }
                 }
             }
-            other => return Err(format!("search parameter {other:?} is not supported (patient, code, date, status, _count)")),
+            other => {
+                return Err(format!(
+                    "search parameter {other:?} is not supported (patient, code, date, status, _count)"
+                ));
+            }
         }
     }
     if p.patient.is_empty() {
@@ -165,7 +173,10 @@ mod tests {
         // A day without prefix is that day; le includes it.
         let d = parse_search("Condition?subject=Patient/p2&date=2024-02-29").unwrap();
         assert_eq!(d.patient, "p2");
-        assert_eq!(d.until_micros.unwrap() - d.since_micros.unwrap(), 86_400_000_000);
+        assert_eq!(
+            d.until_micros.unwrap() - d.since_micros.unwrap(),
+            86_400_000_000
+        );
         let le = parse_search("Condition?patient=p&date=le2024-12").unwrap();
         assert_eq!(le.until_micros, Some(1_735_689_600_000_000));
     }

@@ -5,12 +5,12 @@ use proptest::prelude::*;
 use serde_json::json;
 
 use super::*;
-use dossier_records::{Limits, SYSTEM_LOINC, validate_new_record};
 use dossier_api::v1::{
-    Meta,
-    CodeableConcept, Coding, DatePrecision, DateTime, HumanName, Observation, ObservationStatus,
-    ObservationValue, Patient, Quantity, RecordStatus, observation, observation_value, resource,
+    CodeableConcept, Coding, DatePrecision, DateTime, HumanName, Meta, Observation,
+    ObservationStatus, ObservationValue, Patient, Quantity, RecordStatus, observation,
+    observation_value, resource,
 };
+use dossier_records::{Limits, SYSTEM_LOINC, validate_new_record};
 
 /// The full Synthea sample beside the project, when it is there.
 fn shared_dir() -> PathBuf {
@@ -157,7 +157,10 @@ fn every_sample_bundle_imports_validates_and_round_trips() {
         assert_eq!(ids(&again), ids(&imported));
         // What was kept comes back, and is kept again the same.
         let residues = |b: &ImportedBundle| -> Vec<String> {
-            b.records.iter().map(|r| r.unmodelled_json.clone()).collect()
+            b.records
+                .iter()
+                .map(|r| r.unmodelled_json.clone())
+                .collect()
         };
         assert_eq!(residues(&again), residues(&imported), "{name}");
     }
@@ -259,8 +262,14 @@ fn bad_bundles_get_clear_problems() {
         &refuse,
     )
     .unwrap();
-    assert_eq!(b.records[0].unmodelled_json, r#"{"bodySite":{"text":"arm"}}"#);
-    assert_eq!(b.unmodelled_elements.get("Observation.bodySite.text"), Some(&1));
+    assert_eq!(
+        b.records[0].unmodelled_json,
+        r#"{"bodySite":{"text":"arm"}}"#
+    );
+    assert_eq!(
+        b.unmodelled_elements.get("Observation.bodySite.text"),
+        Some(&1)
+    );
     // No patient, two patients.
     let p = problems(&bundle(vec![obs(json!({}))]));
     assert!(p.iter().any(|p| p.message.contains("no Patient")), "{p:?}");
@@ -514,10 +523,12 @@ fn procedures_consents_and_retractions_round_trip() {
             }],
             text: "Colonoscopy".into(),
         }),
-        performed: Some(dossier_api::v1::procedure::Performed::PerformedPeriod(Period {
-            start: parse_date_time("2012-11-25T23:37:54+00:00"),
-            end: parse_date_time("2012-11-26T00:19:54+00:00"),
-        })),
+        performed: Some(dossier_api::v1::procedure::Performed::PerformedPeriod(
+            Period {
+                start: parse_date_time("2012-11-25T23:37:54+00:00"),
+                end: parse_date_time("2012-11-26T00:19:54+00:00"),
+            },
+        )),
         performers: vec![org.clone()],
         ..Procedure::default()
     };
@@ -631,8 +642,14 @@ fn procedures_consents_and_retractions_round_trip() {
             .kind
             .clone()
     };
-    assert_eq!(kind_of("proc"), Some(resource::Kind::Procedure(procedure.clone())));
-    assert_eq!(kind_of("consent"), Some(resource::Kind::Consent(consent.clone())));
+    assert_eq!(
+        kind_of("proc"),
+        Some(resource::Kind::Procedure(procedure.clone()))
+    );
+    assert_eq!(
+        kind_of("consent"),
+        Some(resource::Kind::Consent(consent.clone()))
+    );
     // And one resource at a time.
     survives_single_import(resource::Kind::Procedure(procedure)).unwrap();
     survives_single_import(resource::Kind::Consent(consent)).unwrap();
@@ -733,7 +750,10 @@ fn every_source_leaf_of_the_sample_survives_import_and_export() {
         "unmodelled_json bytes: max {}, mean {:.0}, median {}, empty {} of {}",
         residue_sizes.last().copied().unwrap_or(0),
         total as f64 / residue_sizes.len().max(1) as f64,
-        residue_sizes.get(residue_sizes.len() / 2).copied().unwrap_or(0),
+        residue_sizes
+            .get(residue_sizes.len() / 2)
+            .copied()
+            .unwrap_or(0),
         residue_sizes.iter().filter(|n| **n == 0).count(),
         residue_sizes.len()
     );
@@ -741,7 +761,12 @@ fn every_source_leaf_of_the_sample_survives_import_and_export() {
         failures.is_empty(),
         "{} source leaves lost or changed, e.g.:\n{}",
         failures.len(),
-        failures.iter().take(60).cloned().collect::<Vec<_>>().join("\n")
+        failures
+            .iter()
+            .take(60)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert_eq!(quarantined, 0);
 }
@@ -800,14 +825,29 @@ fn a_procedure_with_a_loinc_code_as_snomed_is_quarantined_alone() {
     assert_eq!(q.resource, bundle["entry"][i]["resource"]);
     assert_eq!(q.problems.len(), 1);
     assert_eq!(q.problems[0].entry, Some(i));
-    assert_eq!(q.problems[0].path, "resource.procedure.code.codings[0].code");
-    assert!(q.problems[0].message.contains("SNOMED CT"), "{:?}", q.problems);
+    assert_eq!(
+        q.problems[0].path,
+        "resource.procedure.code.codings[0].code"
+    );
+    assert!(
+        q.problems[0].message.contains("SNOMED CT"),
+        "{:?}",
+        q.problems
+    );
     assert_eq!(imported.records.len(), clean.records.len() - 1);
     assert_eq!(imported.patient, clean.patient);
     // Its references: the patient and the encounter, as `Type/id`.
     let pid = clean.patient.meta.as_ref().unwrap().id.clone();
-    assert!(q.references.values().any(|v| *v == format!("Patient/{pid}")), "{q:?}");
-    assert!(q.references.values().any(|v| v.starts_with("Encounter/")), "{q:?}");
+    assert!(
+        q.references
+            .values()
+            .any(|v| *v == format!("Patient/{pid}")),
+        "{q:?}"
+    );
+    assert!(
+        q.references.values().any(|v| v.starts_with("Encounter/")),
+        "{q:?}"
+    );
     assert!(q.references.values().all(|v| !v.is_empty()), "{q:?}");
 
     let refuse = ImportOptions {
@@ -892,7 +932,11 @@ fn records_referring_to_a_quarantined_record_are_quarantined_too() {
             assert!(q.problems[0].message.contains("quarantined"), "{q:?}");
         }
     }
-    let clean = import_bundle(&samples().into_iter().find(|(n, _)| *n == name).unwrap().1, &ImportOptions::default()).unwrap();
+    let clean = import_bundle(
+        &samples().into_iter().find(|(n, _)| *n == name).unwrap().1,
+        &ImportOptions::default(),
+    )
+    .unwrap();
     assert_eq!(
         imported.records.len() + imported.quarantined.len(),
         clean.records.len()
@@ -912,7 +956,9 @@ fn a_bad_patient_refuses_the_bundle() {
     bundle["entry"][p]["resource"]["birthDate"] = json!("yesterday");
     let problems = import_bundle(&bundle, &ImportOptions::default()).unwrap_err();
     assert!(
-        problems.iter().any(|x| x.entry == Some(p) && x.path == "birthDate"),
+        problems
+            .iter()
+            .any(|x| x.entry == Some(p) && x.path == "birthDate"),
         "{problems:?}"
     );
 }
@@ -1009,7 +1055,20 @@ fn arb_immunization() -> impl Strategy<Value = resource::Kind> {
         notes(),
     )
         .prop_map(
-            |(status, cvx, occurrence, recorded, primary_source, lot_number, expiration_date, dose, performers, reason_codes, with_reason, notes)| {
+            |(
+                status,
+                cvx,
+                occurrence,
+                recorded,
+                primary_source,
+                lot_number,
+                expiration_date,
+                dose,
+                performers,
+                reason_codes,
+                with_reason,
+                notes,
+            )| {
                 resource::Kind::Immunization(dossier_api::v1::Immunization {
                     status,
                     vaccine_code: Some(CodeableConcept {
@@ -1054,15 +1113,25 @@ fn arb_diagnostic_report() -> impl Strategy<Value = resource::Kind> {
         proptest::collection::vec(snomed_concept(), 0..2),
     )
         .prop_map(
-            |(status, categories, code, effective, issued, performers, results, conclusion, conclusion_codes)| {
+            |(
+                status,
+                categories,
+                code,
+                effective,
+                issued,
+                performers,
+                results,
+                conclusion,
+                conclusion_codes,
+            )| {
                 resource::Kind::DiagnosticReport(dossier_api::v1::DiagnosticReport {
                     status,
                     categories,
                     code: Some(code),
                     encounter: Some(rec(ResourceType::Encounter, "e-1")),
-                    effective: Some(dossier_api::v1::diagnostic_report::Effective::EffectiveTime(
-                        effective,
-                    )),
+                    effective: Some(
+                        dossier_api::v1::diagnostic_report::Effective::EffectiveTime(effective),
+                    ),
                     issued,
                     performers,
                     results: (0..results)
@@ -1083,14 +1152,20 @@ fn arb_care_plan() -> impl Strategy<Value = resource::Kind> {
         (arb_time(), proptest::option::of(arb_time())),
         proptest::option::of(practitioner()),
         (any::<bool>(), any::<bool>()),
-        proptest::collection::vec(
-            (snomed_concept(), 1i32..=9, "[A-Za-z ]{0,12}"),
-            0..3,
-        ),
+        proptest::collection::vec((snomed_concept(), 1i32..=9, "[A-Za-z ]{0,12}"), 0..3),
         notes(),
     )
         .prop_map(
-            |((status, intent), categories, (title, description), (start, created), author, (addresses, goals), activities, notes)| {
+            |(
+                (status, intent),
+                categories,
+                (title, description),
+                (start, created),
+                author,
+                (addresses, goals),
+                activities,
+                notes,
+            )| {
                 resource::Kind::CarePlan(dossier_api::v1::CarePlan {
                     status,
                     intent,
@@ -1116,12 +1191,14 @@ fn arb_care_plan() -> impl Strategy<Value = resource::Kind> {
                     },
                     activities: activities
                         .into_iter()
-                        .map(|(code, status, description)| dossier_api::v1::CarePlanActivity {
-                            code: Some(code),
-                            status,
-                            description,
-                            scheduled_period: None,
-                        })
+                        .map(
+                            |(code, status, description)| dossier_api::v1::CarePlanActivity {
+                                code: Some(code),
+                                status,
+                                description,
+                                scheduled_period: None,
+                            },
+                        )
                         .collect(),
                     notes,
                 })
@@ -1135,9 +1212,16 @@ fn arb_goal() -> impl Strategy<Value = resource::Kind> {
         proptest::option::of(snomed_concept()),
         proptest::collection::vec(snomed_concept(), 0..2),
         "[A-Za-z <.0-9]{1,30}",
-        (proptest::option::of(arb_date()), proptest::option::of(arb_date())),
+        (
+            proptest::option::of(arb_date()),
+            proptest::option::of(arb_date()),
+        ),
         proptest::collection::vec(
-            (loinc_concept(), proptest::option::of(arb_quantity()), proptest::option::of(arb_date())),
+            (
+                loinc_concept(),
+                proptest::option::of(arb_quantity()),
+                proptest::option::of(arb_date()),
+            ),
             0..2,
         ),
         proptest::option::of(practitioner()),
@@ -1145,7 +1229,17 @@ fn arb_goal() -> impl Strategy<Value = resource::Kind> {
         notes(),
     )
         .prop_map(
-            |(lifecycle_status, achievement_status, categories, description, (start_date, status_date), targets, expressed_by, addresses, notes)| {
+            |(
+                lifecycle_status,
+                achievement_status,
+                categories,
+                description,
+                (start_date, status_date),
+                targets,
+                expressed_by,
+                addresses,
+                notes,
+            )| {
                 resource::Kind::Goal(dossier_api::v1::Goal {
                     lifecycle_status,
                     achievement_status,
@@ -1158,12 +1252,14 @@ fn arb_goal() -> impl Strategy<Value = resource::Kind> {
                     start_date,
                     targets: targets
                         .into_iter()
-                        .map(|(measure, detail_quantity, due_date)| dossier_api::v1::GoalTarget {
-                            measure: Some(measure),
-                            detail_quantity,
-                            detail_text: String::new(),
-                            due_date,
-                        })
+                        .map(
+                            |(measure, detail_quantity, due_date)| dossier_api::v1::GoalTarget {
+                                measure: Some(measure),
+                                detail_quantity,
+                                detail_text: String::new(),
+                                due_date,
+                            },
+                        )
                         .collect(),
                     status_date,
                     expressed_by,
@@ -1201,51 +1297,55 @@ fn arb_imaging_study() -> impl Strategy<Value = resource::Kind> {
         proptest::collection::vec(snomed_concept(), 0..2),
         notes(),
     )
-        .prop_map(move |(status, study, started, series, procedure_codes, notes)| {
-            let series: Vec<dossier_api::v1::ImagingSeries> = series
-                .into_iter()
-                .map(|(uid, number, modality, started, instances)| dossier_api::v1::ImagingSeries {
-                    uid: format!("1.2.840.{uid}"),
-                    number,
-                    modality: Some(dicom(modality)),
-                    number_of_instances: instances.len() as u32,
-                    body_site: None,
-                    started,
-                    description: String::new(),
-                    instances: instances
-                        .into_iter()
-                        .map(|(uid, number, title)| dossier_api::v1::ImagingInstance {
-                            uid: format!("1.2.840.1.{uid}"),
-                            sop_class: Some(Coding {
-                                system: "urn:ietf:rfc:3986".into(),
-                                code: "1.2.840.10008.5.1.4.1.1.1.1".into(),
-                                display: String::new(),
-                            }),
+        .prop_map(
+            move |(status, study, started, series, procedure_codes, notes)| {
+                let series: Vec<dossier_api::v1::ImagingSeries> = series
+                    .into_iter()
+                    .map(|(uid, number, modality, started, instances)| {
+                        dossier_api::v1::ImagingSeries {
+                            uid: format!("1.2.840.{uid}"),
                             number,
-                            title,
-                        })
-                        .collect(),
+                            modality: Some(dicom(modality)),
+                            number_of_instances: instances.len() as u32,
+                            body_site: None,
+                            started,
+                            description: String::new(),
+                            instances: instances
+                                .into_iter()
+                                .map(|(uid, number, title)| dossier_api::v1::ImagingInstance {
+                                    uid: format!("1.2.840.1.{uid}"),
+                                    sop_class: Some(Coding {
+                                        system: "urn:ietf:rfc:3986".into(),
+                                        code: "1.2.840.10008.5.1.4.1.1.1.1".into(),
+                                        display: String::new(),
+                                    }),
+                                    number,
+                                    title,
+                                })
+                                .collect(),
+                        }
+                    })
+                    .collect();
+                resource::Kind::ImagingStudy(dossier_api::v1::ImagingStudy {
+                    status,
+                    identifiers: vec![dossier_api::v1::Identifier {
+                        system: "urn:ietf:rfc:3986".into(),
+                        value: format!("urn:oid:1.2.840.{study}"),
+                        r#type: None,
+                    }],
+                    modalities: series.iter().filter_map(|s| s.modality.clone()).collect(),
+                    encounter: Some(rec(ResourceType::Encounter, "e-1")),
+                    started: Some(started),
+                    number_of_series: series.len() as u32,
+                    number_of_instances: series.iter().map(|s| s.number_of_instances).sum(),
+                    procedure_codes,
+                    reason_codes: vec![],
+                    description: String::new(),
+                    series,
+                    notes,
                 })
-                .collect();
-            resource::Kind::ImagingStudy(dossier_api::v1::ImagingStudy {
-                status,
-                identifiers: vec![dossier_api::v1::Identifier {
-                    system: "urn:ietf:rfc:3986".into(),
-                    value: format!("urn:oid:1.2.840.{study}"),
-                    r#type: None,
-                }],
-                modalities: series.iter().filter_map(|s| s.modality.clone()).collect(),
-                encounter: Some(rec(ResourceType::Encounter, "e-1")),
-                started: Some(started),
-                number_of_series: series.len() as u32,
-                number_of_instances: series.iter().map(|s| s.number_of_instances).sum(),
-                procedure_codes,
-                reason_codes: vec![],
-                description: String::new(),
-                series,
-                notes,
-            })
-        })
+            },
+        )
 }
 
 /// A typed record → FHIR JSON text → `import_resource` of that single resource gives the same
@@ -1342,10 +1442,17 @@ fn times_in_another_form_come_back_as_the_same_instant() {
     assert_eq!(paths, vec!["effectiveDateTime", "issued"]);
     for (_, was, now) in changed {
         let (was, now) = (was.as_str().unwrap().to_owned(), now.unwrap());
-        assert_eq!(parse_date_time(&was), parse_date_time(now.as_str().unwrap()));
+        assert_eq!(
+            parse_date_time(&was),
+            parse_date_time(now.as_str().unwrap())
+        );
     }
     assert_eq!(exported["issued"], json!("2015-08-23T03:16:09.500+02:00"));
-    assert!(!record.unmodelled_json.contains("2015-08-23"), "{}", record.unmodelled_json);
+    assert!(
+        !record.unmodelled_json.contains("2015-08-23"),
+        "{}",
+        record.unmodelled_json
+    );
 }
 
 /// A practitioner without an identifier cannot be referred to: the records that refer to it are
@@ -1378,7 +1485,10 @@ fn references_to_a_practitioner_without_identifier_quarantine_the_record() {
     assert!(referring.is_subset(&held), "{referring:?} {held:?}");
     for q in &imported.quarantined {
         if referring.contains(&q.entry) {
-            assert!(q.problems[0].message.contains("without an identifier"), "{q:?}");
+            assert!(
+                q.problems[0].message.contains("without an identifier"),
+                "{q:?}"
+            );
             assert_eq!(q.references.get(url).map(String::as_str), Some(""));
         } else {
             assert!(q.problems[0].message.contains("quarantined"), "{q:?}");

@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dossier_records::SYSTEM_INSZ;
 use dossier_api::v1::{
     HumanName, Identifier, Meta, Patient, RecordStatus, Resource, ResourceType, WriteOutcome,
     resource,
 };
 use dossier_client::{Client, WriteOptions};
+use dossier_records::SYSTEM_INSZ;
 use serde::Serialize;
 
 /// One create attempt and what the client heard.

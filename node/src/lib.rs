@@ -17,8 +17,8 @@ mod meta;
 mod metrics;
 mod node;
 mod propose;
-mod service;
 mod record_store;
+mod service;
 pub mod shards;
 
 use std::sync::Arc;

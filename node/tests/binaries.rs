@@ -66,13 +66,13 @@ async fn kill_9_of_a_leader_loses_no_acknowledged_write() {
 /// messages of `records.message-bytes-max` (1 MiB) in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn everything_of_a_10000_record_patient_stays_within_a_memory_bound() {
-    use dossier_records::SYSTEM_LOINC;
     use dossier_api::v1::{
         Annotation, CodeableConcept, Coding, HumanName, Meta, Observation, ObservationStatus,
         ObservationValue, Patient, Resource, TransactionEntry, observation_value, resource,
         transaction_entry,
     };
     use dossier_client::{WriteOptions, is_applied};
+    use dossier_records::SYSTEM_LOINC;
 
     let dir = tempfile::tempdir().unwrap();
     let grpc = format!("127.0.0.1:{}", free_port());

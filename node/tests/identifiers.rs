@@ -8,11 +8,11 @@ mod common;
 use std::time::Duration;
 
 use common::TestCluster;
-use dossier_records::SYSTEM_INSZ;
 use dossier_api::v1::{
     HumanName, Identifier, Meta, Patient, Resource, ResourceType, WriteOutcome, resource,
 };
 use dossier_client::{ClientError, WriteOptions, is_applied};
+use dossier_records::SYSTEM_INSZ;
 
 fn patient(id: &str, insz: &[&str]) -> Resource {
     Resource {
@@ -302,10 +302,20 @@ async fn a_refused_import_succeeds_with_the_same_request_id_once_the_holder_lets
         .unwrap();
     assert_eq!(outcome(&w), WriteOutcome::IdentifierHeld);
     assert_eq!(w.holder_patient_id, "holder");
-    assert_eq!(client.lookup_identifier(SYSTEM_INSZ, &x1).await.unwrap(), None);
+    assert_eq!(
+        client.lookup_identifier(SYSTEM_INSZ, &x1).await.unwrap(),
+        None
+    );
     // The holder is marked entered-in-error: it gives its number up.
     let w = client
-        .delete_record("holder", ResourceType::Patient, "holder", 1, "duplicate registration", &WriteOptions::default())
+        .delete_record(
+            "holder",
+            ResourceType::Patient,
+            "holder",
+            1,
+            "duplicate registration",
+            &WriteOptions::default(),
+        )
         .await
         .unwrap();
     assert!(is_applied(&w), "{w:?}");
@@ -317,7 +327,11 @@ async fn a_refused_import_succeeds_with_the_same_request_id_once_the_holder_lets
     assert_eq!(outcome(&w), WriteOutcome::Applied, "{w:?}");
     for x in [&x1, &x2] {
         assert_eq!(
-            client.lookup_identifier(SYSTEM_INSZ, x).await.unwrap().as_deref(),
+            client
+                .lookup_identifier(SYSTEM_INSZ, x)
+                .await
+                .unwrap()
+                .as_deref(),
             Some("imported")
         );
     }
@@ -342,7 +356,12 @@ async fn concurrent_writes_of_one_patient_settle_on_one_winner() {
         let creates: Vec<_> = (0..2)
             .map(|_| {
                 let (client, id, opts) = (client.clone(), id.clone(), opts.clone());
-                tokio::spawn(async move { client.create_patient(patient(&id, &[]), &opts).await.unwrap() })
+                tokio::spawn(async move {
+                    client
+                        .create_patient(patient(&id, &[]), &opts)
+                        .await
+                        .unwrap()
+                })
             })
             .collect();
         for t in creates {
@@ -365,7 +384,10 @@ async fn concurrent_writes_of_one_patient_settle_on_one_winner() {
         for t in updates {
             outcomes.push(outcome(&t.await.unwrap()));
         }
-        let applied = outcomes.iter().filter(|o| **o == WriteOutcome::Applied).count();
+        let applied = outcomes
+            .iter()
+            .filter(|o| **o == WriteOutcome::Applied)
+            .count();
         assert_eq!(applied, 1, "round {round}: {outcomes:?}");
         assert!(
             outcomes
@@ -375,7 +397,11 @@ async fn concurrent_writes_of_one_patient_settle_on_one_winner() {
         );
         for n in [&x, &y] {
             assert_eq!(
-                client.lookup_identifier(SYSTEM_INSZ, n).await.unwrap().as_deref(),
+                client
+                    .lookup_identifier(SYSTEM_INSZ, n)
+                    .await
+                    .unwrap()
+                    .as_deref(),
                 Some(id.as_str())
             );
         }

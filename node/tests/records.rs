@@ -8,7 +8,6 @@ mod common;
 use std::time::Duration;
 
 use common::{TestCluster, patient_in_shard};
-use dossier_records::SYSTEM_LOINC;
 use dossier_api::v1::{
     CodeableConcept, Coding, DocumentContent, DocumentReference, DocumentReferenceStatus,
     Encounter, EncounterStatus, HumanName, Meta, Observation, ObservationStatus, ObservationValue,
@@ -17,6 +16,7 @@ use dossier_api::v1::{
     transaction_entry,
 };
 use dossier_client::{Client, ClientError, WriteOptions, is_applied};
+use dossier_records::SYSTEM_LOINC;
 
 fn meta(id: &str) -> Option<Meta> {
     Some(Meta {

@@ -180,7 +180,12 @@ async fn search_matches_a_brute_force_scan_under_concurrent_writes() {
         kind: Some(resource::Kind::Patient(Patient::default())),
         unmodelled_json: String::new(),
     };
-    assert!(is_applied(&client.create_patient(patient, &WriteOptions::default()).await.unwrap()));
+    assert!(is_applied(
+        &client
+            .create_patient(patient, &WriteOptions::default())
+            .await
+            .unwrap()
+    ));
 
     // Writers: create observations, re-date / re-code / re-status them, mark some in error.
     let stop = Arc::new(AtomicBool::new(false));
@@ -199,7 +204,10 @@ async fn search_matches_a_brute_force_scan_under_concurrent_writes() {
                         (0 | 1, n) if n > 0 => {
                             let k = rng.below(n as u64) as usize;
                             let (id, v) = mine[k].clone();
-                            let w = client.update_record(&p, v, obs(&id, code, date, status), &opts).await.unwrap();
+                            let w = client
+                                .update_record(&p, v, obs(&id, code, date, status), &opts)
+                                .await
+                                .unwrap();
                             if is_applied(&w) {
                                 mine[k].1 = w.written[0].version;
                             }
@@ -214,7 +222,10 @@ async fn search_matches_a_brute_force_scan_under_concurrent_writes() {
                         }
                         _ => {
                             let id = format!("o{w}-{i}");
-                            let w = client.create_record(&p, obs(&id, code, date, status), &opts).await.unwrap();
+                            let w = client
+                                .create_record(&p, obs(&id, code, date, status), &opts)
+                                .await
+                                .unwrap();
                             assert!(is_applied(&w), "{w:?}");
                             mine.push((id, 1));
                         }
@@ -274,12 +285,27 @@ async fn search_matches_a_brute_force_scan_under_concurrent_writes() {
     }
     // Bad queries are refused by name.
     let e = client
-        .search(&p, &SearchQuery { rtype: Some(ResourceType::Patient), ..SearchQuery::default() }, &[])
+        .search(
+            &p,
+            &SearchQuery {
+                rtype: Some(ResourceType::Patient),
+                ..SearchQuery::default()
+            },
+            &[],
+        )
         .await
         .unwrap_err();
     assert!(e.to_string().contains("type"), "{e}");
     let e = client
-        .search(&p, &SearchQuery { rtype: Some(ResourceType::Observation), code: "2339-0".into(), ..SearchQuery::default() }, &[])
+        .search(
+            &p,
+            &SearchQuery {
+                rtype: Some(ResourceType::Observation),
+                code: "2339-0".into(),
+                ..SearchQuery::default()
+            },
+            &[],
+        )
         .await
         .unwrap_err();
     assert!(e.to_string().contains("system|code"), "{e}");
@@ -313,33 +339,68 @@ async fn quarantined_records_are_kept_listed_and_released() {
         ..QuarantinedRecord::default()
     };
     // No patient: nothing is kept.
-    let r = client.quarantine(&p, vec![q("a")], vec![], &opts).await.unwrap();
+    let r = client
+        .quarantine(&p, vec![q("a")], vec![], &opts)
+        .await
+        .unwrap();
     assert_eq!(r.outcome, WriteOutcome::NotFound as i32);
-    assert!(is_applied(&client.create_patient(patient, &opts).await.unwrap()));
-    let r = client.quarantine(&p, vec![q("b"), q("a"), q("c")], vec![], &opts).await.unwrap();
+    assert!(is_applied(
+        &client.create_patient(patient, &opts).await.unwrap()
+    ));
+    let r = client
+        .quarantine(&p, vec![q("b"), q("a"), q("c")], vec![], &opts)
+        .await
+        .unwrap();
     assert_eq!((r.outcome, r.stored), (WriteOutcome::Applied as i32, 3));
     // Idempotent: again, the same three.
-    client.quarantine(&p, vec![q("a")], vec![], &opts).await.unwrap();
+    client
+        .quarantine(&p, vec![q("a")], vec![], &opts)
+        .await
+        .unwrap();
     let (page, more) = client.list_quarantine(&p, "", 2).await.unwrap();
-    assert_eq!(page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(
+        page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
     assert!(more);
     assert!(page[0].quarantined_micros > 0);
     assert_eq!(page[0].problems, q("a").problems);
     assert_eq!(page[0].references, q("a").references);
     let (page, more) = client.list_quarantine(&p, "b", 2).await.unwrap();
-    assert_eq!(page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["c"]);
+    assert_eq!(
+        page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["c"]
+    );
     assert!(!more);
     // Released after the fix: gone; the others stay.
-    client.quarantine(&p, vec![], vec!["b".into()], &opts).await.unwrap();
+    client
+        .quarantine(&p, vec![], vec!["b".into()], &opts)
+        .await
+        .unwrap();
     let (page, _) = client.list_quarantine(&p, "", 10).await.unwrap();
-    assert_eq!(page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a", "c"]);
+    assert_eq!(
+        page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["a", "c"]
+    );
     // A record without problems, or with a bad id, is refused by field.
     let mut bad = q("d");
     bad.problems.clear();
-    let e = client.quarantine(&p, vec![bad], vec![], &opts).await.unwrap_err();
+    let e = client
+        .quarantine(&p, vec![bad], vec![], &opts)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("records[0].problems"), "{e}");
-    let e = client.quarantine(&p, vec![q("a/b")], vec![], &opts).await.unwrap_err();
+    let e = client
+        .quarantine(&p, vec![q("a/b")], vec![], &opts)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("records[0].id"), "{e}");
     // Quarantined records are not records: search and reads do not see them.
-    assert!(client.read_record(&p, ResourceType::Procedure, "a").await.unwrap().is_none());
+    assert!(
+        client
+            .read_record(&p, ResourceType::Procedure, "a")
+            .await
+            .unwrap()
+            .is_none()
+    );
 }

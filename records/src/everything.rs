@@ -97,7 +97,11 @@ impl Everything {
 
     /// The next records, at most `bytes_max` encoded bytes (one record at least); empty at the
     /// end.
-    pub fn next_batch<R: Reads>(&mut self, reads: &R, bytes_max: usize) -> Result<Vec<Resource>, R::Error> {
+    pub fn next_batch<R: Reads>(
+        &mut self,
+        reads: &R,
+        bytes_max: usize,
+    ) -> Result<Vec<Resource>, R::Error> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         loop {

@@ -35,9 +35,9 @@ pub fn history<R: Reads>(
     let (mut versions, mut bytes) = (Vec::new(), 0usize);
     let mut v = top;
     while v >= 1 && versions.len() < limit {
-        let raw = reads.get(&keys.version(t, id, v))?.ok_or_else(|| {
-            crate::Error::corrupt(format!("version {v} of {t}/{id} (missing)"))
-        })?;
+        let raw = reads
+            .get(&keys.version(t, id, v))?
+            .ok_or_else(|| crate::Error::corrupt(format!("version {v} of {t}/{id} (missing)")))?;
         if !versions.is_empty() && bytes + raw.len() > bytes_max {
             break;
         }

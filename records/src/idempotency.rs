@@ -22,7 +22,10 @@ pub fn fingerprint<M: Message>(method: &str, request: &M) -> [u8; FINGERPRINT_BY
 }
 
 /// The stored record of an applied request: fingerprint ‖ answer.
-pub fn stored_answer(fingerprint: &[u8; FINGERPRINT_BYTES], answer: &RecordWriteResponse) -> Vec<u8> {
+pub fn stored_answer(
+    fingerprint: &[u8; FINGERPRINT_BYTES],
+    answer: &RecordWriteResponse,
+) -> Vec<u8> {
     let mut stored = fingerprint.to_vec();
     stored.extend_from_slice(&answer.encode_to_vec());
     stored
@@ -30,7 +33,10 @@ pub fn stored_answer(fingerprint: &[u8; FINGERPRINT_BYTES], answer: &RecordWrite
 
 /// The stored answer of an applied request id, marked `replayed`, or INVALID_ARGUMENT when the
 /// id was used by another request.
-pub fn replay(stored: &[u8], fingerprint: &[u8; FINGERPRINT_BYTES]) -> Result<RecordWriteResponse, Error> {
+pub fn replay(
+    stored: &[u8],
+    fingerprint: &[u8; FINGERPRINT_BYTES],
+) -> Result<RecordWriteResponse, Error> {
     if stored.len() < FINGERPRINT_BYTES {
         return Err(Error::corrupt("request record"));
     }

@@ -4,9 +4,7 @@
 //! A record marked entered-in-error has no entries: search shows what a clinician may act on.
 
 use bytes::Bytes;
-use dossier_api::v1::{
-    CodeableConcept, DateTime, Period, RecordStatus, Resource,
-};
+use dossier_api::v1::{CodeableConcept, DateTime, Period, RecordStatus, Resource};
 
 use crate::keys::PatientKeys;
 
@@ -28,7 +26,11 @@ fn at(t: &Option<DateTime>) -> Option<i64> {
 
 /// A calendar date as the start of its first day at 00:00 UTC (month and day 0 count as 1).
 fn date_micros(d: &dossier_api::v1::Date) -> i64 {
-    let (y, m, d) = (i64::from(d.year), i64::from(d.month.max(1)), i64::from(d.day.max(1)));
+    let (y, m, d) = (
+        i64::from(d.year),
+        i64::from(d.month.max(1)),
+        i64::from(d.day.max(1)),
+    );
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
@@ -45,7 +47,8 @@ fn codes<'a>(concepts: impl IntoIterator<Item = &'a CodeableConcept>) -> Vec<Str
     let mut out: Vec<String> = Vec::new();
     for c in concepts {
         for coding in &c.codings {
-            if coding.code.is_empty() || coding.code.contains('\0') || coding.system.contains('\0') {
+            if coding.code.is_empty() || coding.code.contains('\0') || coding.system.contains('\0')
+            {
                 continue;
             }
             let joined = format!("{}|{}", coding.system, coding.code);
@@ -90,7 +93,11 @@ pub fn terms(r: &Resource) -> Option<Terms> {
             }
             .or(at(&x.issued)),
             codes: codes(&x.code),
-            status: status(x.status, ObservationStatus::as_str_name, "OBSERVATION_STATUS_"),
+            status: status(
+                x.status,
+                ObservationStatus::as_str_name,
+                "OBSERVATION_STATUS_",
+            ),
         },
         K::Condition(x) => Terms {
             date: at(&x.onset).or(at(&x.recorded)),
@@ -154,7 +161,11 @@ pub fn terms(r: &Resource) -> Option<Terms> {
         K::Immunization(x) => Terms {
             date: at(&x.occurrence).or(at(&x.recorded)),
             codes: codes(&x.vaccine_code),
-            status: status(x.status, ImmunizationStatus::as_str_name, "IMMUNIZATION_STATUS_"),
+            status: status(
+                x.status,
+                ImmunizationStatus::as_str_name,
+                "IMMUNIZATION_STATUS_",
+            ),
         },
         K::DiagnosticReport(x) => Terms {
             date: match &x.effective {
@@ -176,7 +187,11 @@ pub fn terms(r: &Resource) -> Option<Terms> {
             status: status(x.status, CarePlanStatus::as_str_name, "CARE_PLAN_STATUS_"),
         },
         K::Goal(x) => Terms {
-            date: x.start_date.as_ref().map(date_micros).or(x.status_date.as_ref().map(date_micros)),
+            date: x
+                .start_date
+                .as_ref()
+                .map(date_micros)
+                .or(x.status_date.as_ref().map(date_micros)),
             codes: codes(&x.description),
             status: status(
                 x.lifecycle_status,
@@ -187,7 +202,11 @@ pub fn terms(r: &Resource) -> Option<Terms> {
         K::ImagingStudy(x) => Terms {
             date: at(&x.started),
             codes: codes(&x.procedure_codes),
-            status: status(x.status, ImagingStudyStatus::as_str_name, "IMAGING_STUDY_STATUS_"),
+            status: status(
+                x.status,
+                ImagingStudyStatus::as_str_name,
+                "IMAGING_STUDY_STATUS_",
+            ),
         },
     })
 }

@@ -255,7 +255,8 @@ mod tests {
             let e = PatientId::parse(bad, "route.patient_id").unwrap_err();
             assert!(e.to_string().starts_with("route.patient_id"), "{e}");
         }
-        let Error::InvalidArgument { limit, .. } = PatientId::parse(&"x".repeat(65), "p").unwrap_err()
+        let Error::InvalidArgument { limit, .. } =
+            PatientId::parse(&"x".repeat(65), "p").unwrap_err()
         else {
             panic!("not an argument error")
         };

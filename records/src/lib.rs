@@ -13,12 +13,12 @@
 
 mod codes;
 mod error;
-mod kinds;
 pub mod everything;
 pub mod history;
 pub mod idempotency;
 pub mod index;
 pub mod keys;
+mod kinds;
 pub mod kv;
 pub mod mpi;
 pub mod plan;
@@ -29,9 +29,9 @@ mod testing;
 mod validate;
 
 pub use codes::{insz_is_valid, insz_with_check, loinc_is_valid, snomed_is_valid};
-pub use kinds::immunization::SYSTEM_CVX;
 pub use error::Error;
 pub use keys::{Ident, PatientId, PatientKeys};
+pub use kinds::immunization::SYSTEM_CVX;
 pub use validate::{Invalid, Limits, validate_new_record, validate_record_content};
 
 use dossier_api::v1::{RecordRef, Reference, Resource, ResourceType, reference, resource};

@@ -176,9 +176,10 @@ impl<S: Shards> Mpi<'_, S> {
             .flatten();
         let record = match &raw {
             None => None,
-            Some(b) => Some(ClaimRecord::decode(b).ok_or_else(|| {
-                Error::corrupt(format!("claim record of {}", x.joined()))
-            })?),
+            Some(b) => Some(
+                ClaimRecord::decode(b)
+                    .ok_or_else(|| Error::corrupt(format!("claim record of {}", x.joined())))?,
+            ),
         };
         Ok((raw, record))
     }
@@ -279,7 +280,9 @@ impl<S: Shards> Mpi<'_, S> {
                         return Ok(Claim::Claimed);
                     }
                 }
-                Some(r) if r.state == State::Claimed && r.patient == *patient && r.token == *token => {
+                Some(r)
+                    if r.state == State::Claimed && r.patient == *patient && r.token == *token =>
+                {
                     return Ok(Claim::Claimed);
                 }
                 Some(r) if r.state == State::Released => {
@@ -401,7 +404,11 @@ impl<S: Shards> Mpi<'_, S> {
     }
 
     /// The patient holding X, linearizably (docs/schema.md §7, LookupIdentifier).
-    pub async fn lookup(&self, x: &Ident, deadline: Duration) -> Result<Option<PatientId>, S::Error> {
+    pub async fn lookup(
+        &self,
+        x: &Ident,
+        deadline: Duration,
+    ) -> Result<Option<PatientId>, S::Error> {
         let started = Instant::now();
         let left = || deadline.saturating_sub(started.elapsed());
         let (_, mut record) = self.read_entry(x, left()).await?;
@@ -421,7 +428,11 @@ impl<S: Shards> Mpi<'_, S> {
             }
             record = again;
         }
-        Err(Error::Contended(format!("identifier {} changed under every lookup", x.joined())).into())
+        Err(Error::Contended(format!(
+            "identifier {} changed under every lookup",
+            x.joined()
+        ))
+        .into())
     }
 }
 
@@ -462,7 +473,12 @@ mod tests {
             Ok(keys.iter().map(|k| self.get(k)).collect())
         }
 
-        async fn write(&self, _route: &str, batch: Batch, _d: Duration) -> Result<BatchResult, Error> {
+        async fn write(
+            &self,
+            _route: &str,
+            batch: Batch,
+            _d: Duration,
+        ) -> Result<BatchResult, Error> {
             tokio::task::yield_now().await;
             let result = {
                 let mut map = self.map.lock().unwrap();
@@ -677,7 +693,10 @@ mod tests {
         };
         let seed = Batch {
             conditions: vec![],
-            ops: vec![Op::Put { key: x.claim_key(), value: claim.encode() }],
+            ops: vec![Op::Put {
+                key: x.claim_key(),
+                value: claim.encode(),
+            }],
         };
         shards.write("m", seed, D).await.unwrap();
     }
@@ -685,11 +704,17 @@ mod tests {
     #[test]
     fn claim_ages_clamp_the_future_and_expire_the_unbelievable() {
         let g = Duration::from_secs(30);
-        assert_eq!(claim_age(100_000_000, 90_000_000, g), Duration::from_secs(10));
+        assert_eq!(
+            claim_age(100_000_000, 90_000_000, g),
+            Duration::from_secs(10)
+        );
         assert_eq!(claim_age(100_000_000, 110_000_000, g), Duration::ZERO);
         assert_eq!(claim_age(100_000_000, 100_000_000 + 31_000_000, g), g);
         assert_eq!(claim_age(i64::MIN, i64::MAX, g), g);
-        assert_eq!(claim_age(i64::MAX, i64::MIN, g), Duration::from_micros(i64::MAX as u64));
+        assert_eq!(
+            claim_age(i64::MAX, i64::MIN, g),
+            Duration::from_micros(i64::MAX as u64)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -699,9 +724,16 @@ mod tests {
         // attempts and a request's deadline.
         let shards = MapShards::new();
         stalled_claim(&shards, &x, 3_600_000_000).await;
-        let mpi = Mpi { shards: &*shards, grace: Duration::from_secs(30), attempts: 8 };
+        let mpi = Mpi {
+            shards: &*shards,
+            grace: Duration::from_secs(30),
+            attempts: 8,
+        };
         let started = tokio::time::Instant::now();
-        assert_eq!(mpi.claim(&x, &pid("q"), &[2; 16], D).await.unwrap(), Claim::Claimed);
+        assert_eq!(
+            mpi.claim(&x, &pid("q"), &[2; 16], D).await.unwrap(),
+            Claim::Claimed
+        );
         assert!(started.elapsed() < Duration::from_millis(10));
         // A little ahead, within the grace: clamped to now, and expired once the claimant has
         // itself watched it for the grace (the stated age alone would never get there under a
@@ -709,36 +741,70 @@ mod tests {
         let shards = MapShards::new();
         stalled_claim(&shards, &x, 50_000).await;
         let grace = Duration::from_millis(200);
-        let mpi = Mpi { shards: &*shards, grace, attempts: 8 };
+        let mpi = Mpi {
+            shards: &*shards,
+            grace,
+            attempts: 8,
+        };
         let started = tokio::time::Instant::now();
-        assert_eq!(mpi.claim(&x, &pid("q"), &[2; 16], D).await.unwrap(), Claim::Claimed);
+        assert_eq!(
+            mpi.claim(&x, &pid("q"), &[2; 16], D).await.unwrap(),
+            Claim::Claimed
+        );
         let waited = started.elapsed();
-        assert!(waited >= grace && waited < grace + Duration::from_millis(100), "waited {waited:?}");
+        assert!(
+            waited >= grace && waited < grace + Duration::from_millis(100),
+            "waited {waited:?}"
+        );
     }
 
     #[tokio::test]
     async fn a_patient_reclaims_a_released_or_revoked_identifier_with_a_fresh_token() {
         let shards = MapShards::new();
         let x = insz("00010100105");
-        let mpi = Mpi { shards: &*shards, grace: Duration::from_secs(30), attempts: 8 };
+        let mpi = Mpi {
+            shards: &*shards,
+            grace: Duration::from_secs(30),
+            attempts: 8,
+        };
         // p's first import claims X and stalls; its claim is revoked by p's own next attempt at
         // once (same patient: no grace), and that attempt's batch holds X.
-        assert_eq!(mpi.claim(&x, &pid("p"), &[1; 16], D).await.unwrap(), Claim::Claimed);
+        assert_eq!(
+            mpi.claim(&x, &pid("p"), &[1; 16], D).await.unwrap(),
+            Claim::Claimed
+        );
         let started = Instant::now();
-        assert_eq!(mpi.claim(&x, &pid("p"), &[2; 16], D).await.unwrap(), Claim::Claimed);
+        assert_eq!(
+            mpi.claim(&x, &pid("p"), &[2; 16], D).await.unwrap(),
+            Claim::Claimed
+        );
         assert!(started.elapsed() < Duration::from_secs(1));
-        assert!(!hold(&shards, &pid("p"), &[1; 16], &x).await, "the stalled attempt is fenced");
+        assert!(
+            !hold(&shards, &pid("p"), &[1; 16], &x).await,
+            "the stalled attempt is fenced"
+        );
         assert!(hold(&shards, &pid("p"), &[2; 16], &x).await);
         assert_eq!(mpi.lookup(&x, D).await.unwrap(), Some(pid("p")));
         // p gives X up (its patient was marked entered-in-error), then is imported again.
-        let drop_hold = Batch { conditions: vec![], ops: vec![Op::Delete { key: hold_key(&pid("p"), &x) }] };
+        let drop_hold = Batch {
+            conditions: vec![],
+            ops: vec![Op::Delete {
+                key: hold_key(&pid("p"), &x),
+            }],
+        };
         shards.write("p", drop_hold, D).await.unwrap();
         mpi.release(&x, &pid("p"), &[2; 16], D).await.unwrap();
-        assert_eq!(mpi.claim(&x, &pid("p"), &[3; 16], D).await.unwrap(), Claim::Claimed);
+        assert_eq!(
+            mpi.claim(&x, &pid("p"), &[3; 16], D).await.unwrap(),
+            Claim::Claimed
+        );
         assert!(hold(&shards, &pid("p"), &[3; 16], &x).await);
         assert_eq!(mpi.lookup(&x, D).await.unwrap(), Some(pid("p")));
         // Claiming what p already holds says so.
-        assert_eq!(mpi.claim(&x, &pid("p"), &[4; 16], D).await.unwrap(), Claim::Held { holder: pid("p") });
+        assert_eq!(
+            mpi.claim(&x, &pid("p"), &[4; 16], D).await.unwrap(),
+            Claim::Held { holder: pid("p") }
+        );
     }
 
     #[test]

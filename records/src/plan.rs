@@ -201,12 +201,19 @@ pub fn encode_version(content: &Resource, meta: &Meta) -> Vec<u8> {
 }
 
 /// The current version of `t/id`, if any.
-pub fn head<R: Reads>(reads: &R, keys: &PatientKeys, t: &str, id: &str) -> Result<Option<u64>, R::Error> {
+pub fn head<R: Reads>(
+    reads: &R,
+    keys: &PatientKeys,
+    t: &str,
+    id: &str,
+) -> Result<Option<u64>, R::Error> {
     match reads.get(&keys.head(t, id))? {
         None => Ok(None),
-        Some(v) => Ok(Some(
-            be_u64(&v).ok_or_else(|| Error::corrupt(format!("head of {t}/{id}")))?,
-        )),
+        Some(v) => {
+            Ok(Some(be_u64(&v).ok_or_else(|| {
+                Error::corrupt(format!("head of {t}/{id}"))
+            })?))
+        }
     }
 }
 
@@ -310,7 +317,11 @@ pub fn plan_write<R: Reads>(
             ..RecordWriteResponse::default()
         },
     };
-    plan.check(Check::RequestUnused, keys.request(&header.request_id), Expect::Absent);
+    plan.check(
+        Check::RequestUnused,
+        keys.request(&header.request_id),
+        Expect::Absent,
+    );
     plan.check(
         Check::Clock,
         keys.clock(),
@@ -376,8 +387,10 @@ pub fn plan_write<R: Reads>(
             keys.version(t, &e.id, version),
             encode_version(&content, &meta),
         );
-        plan.batch
-            .put(keys.head(t, &e.id), Bytes::copy_from_slice(&version.to_be_bytes()));
+        plan.batch.put(
+            keys.head(t, &e.id),
+            Bytes::copy_from_slice(&version.to_be_bytes()),
+        );
         if let Some(old) = old.stamp {
             plan.batch.delete(keys.stamp(t, old));
         }
@@ -407,7 +420,8 @@ pub fn plan_write<R: Reads>(
         }
         for x in &e.holds {
             plan.check(Check::Fence, keys.fence(&e.token, x), Expect::Absent);
-            plan.batch.put(keys.hold(x), Bytes::copy_from_slice(&e.token));
+            plan.batch
+                .put(keys.hold(x), Bytes::copy_from_slice(&e.token));
         }
         for x in &e.releases {
             plan.batch.delete(keys.hold(x));
@@ -434,7 +448,11 @@ pub fn plan_write<R: Reads>(
         let Some(t) = ResourceType::try_from(r.r#type).ok().and_then(type_name) else {
             continue;
         };
-        plan.check(Check::Reference { field }, keys.head(t, &r.id), Expect::Present);
+        plan.check(
+            Check::Reference { field },
+            keys.head(t, &r.id),
+            Expect::Present,
+        );
     }
     let last = first + entries.len() as u64 - 1;
     plan.batch
@@ -459,10 +477,17 @@ mod tests {
 
     fn obs(id: &str, code: &str, date: i64) -> Resource {
         Resource {
-            meta: Some(Meta { id: id.into(), ..Meta::default() }),
+            meta: Some(Meta {
+                id: id.into(),
+                ..Meta::default()
+            }),
             kind: Some(resource::Kind::Observation(Observation {
                 code: Some(CodeableConcept {
-                    codings: vec![Coding { system: "http://loinc.org".into(), code: code.into(), display: String::new() }],
+                    codings: vec![Coding {
+                        system: "http://loinc.org".into(),
+                        code: code.into(),
+                        display: String::new(),
+                    }],
                     text: String::new(),
                 }),
                 effective: Some(observation::Effective::EffectiveTime(DateTime {
@@ -476,7 +501,12 @@ mod tests {
         }
     }
 
-    fn entry<'a>(op: EntryOp, r: Option<&'a Resource>, id: &str, rtype: ResourceType) -> WriteEntry<'a> {
+    fn entry<'a>(
+        op: EntryOp,
+        r: Option<&'a Resource>,
+        id: &str,
+        rtype: ResourceType,
+    ) -> WriteEntry<'a> {
         WriteEntry {
             op,
             rtype,
@@ -507,7 +537,12 @@ mod tests {
             answer
         }
 
-        fn scan_prefix(&self, p: &[u8], a: Option<&[u8]>, l: usize) -> Result<Vec<(Bytes, Bytes)>, Error> {
+        fn scan_prefix(
+            &self,
+            p: &[u8],
+            a: Option<&[u8]>,
+            l: usize,
+        ) -> Result<Vec<(Bytes, Bytes)>, Error> {
             self.map.borrow().scan_prefix(p, a, l)
         }
     }
@@ -519,17 +554,34 @@ mod tests {
         let mut map = Map::default();
         let p = PatientId::parse("p1", "p").unwrap();
         let patient = Resource {
-            meta: Some(Meta { id: "p1".into(), ..Meta::default() }),
+            meta: Some(Meta {
+                id: "p1".into(),
+                ..Meta::default()
+            }),
             kind: Some(resource::Kind::Patient(Patient::default())),
             unmodelled_json: String::new(),
         };
-        map.write(&p, entry(EntryOp::Create, Some(&patient), "p1", ResourceType::Patient), 1);
+        map.write(
+            &p,
+            entry(EntryOp::Create, Some(&patient), "p1", ResourceType::Patient),
+            1,
+        );
         let records: Vec<Resource> = (0..3).map(|i| obs(&format!("o{i}"), "a-1", i)).collect();
         let entries: Vec<WriteEntry<'_>> = records
             .iter()
-            .map(|r| entry(EntryOp::Create, Some(r), &r.meta.as_ref().unwrap().id, ResourceType::Observation))
+            .map(|r| {
+                entry(
+                    EntryOp::Create,
+                    Some(r),
+                    &r.meta.as_ref().unwrap().id,
+                    ResourceType::Observation,
+                )
+            })
             .collect();
-        let header = WriteHeader { request_id: vec![7; 16], author: None };
+        let header = WriteHeader {
+            request_id: vec![7; 16],
+            author: None,
+        };
         let first = match plan_write(&map, &p, &header, &[7; 16], &entries, 5_000).unwrap() {
             Planned::Write(plan) => plan,
             other => panic!("{other:?}"),
@@ -556,11 +608,18 @@ mod tests {
         let p = PatientId::parse("p1", "p").unwrap();
         let keys = PatientKeys::new(&p);
         let patient = Resource {
-            meta: Some(Meta { id: "p1".into(), ..Meta::default() }),
+            meta: Some(Meta {
+                id: "p1".into(),
+                ..Meta::default()
+            }),
             kind: Some(resource::Kind::Patient(Patient::default())),
             unmodelled_json: String::new(),
         };
-        let w = map.write(&p, entry(EntryOp::Create, Some(&patient), "p1", ResourceType::Patient), 1);
+        let w = map.write(
+            &p,
+            entry(EntryOp::Create, Some(&patient), "p1", ResourceType::Patient),
+            1,
+        );
         assert_eq!(w.outcome, WriteOutcome::Applied as i32);
         let mut x = 0x2545_f491_4f6c_dd1du64;
         let mut rand = |n: u64| {
@@ -572,15 +631,40 @@ mod tests {
         let mut versions: BTreeMap<String, u64> = BTreeMap::new();
         for n in 2..300u64 {
             let id = format!("o{}", rand(40));
-            let r = obs(&id, ["a-1", "b-2", "c-3"][rand(3) as usize], rand(50) as i64 * 1_000);
+            let r = obs(
+                &id,
+                ["a-1", "b-2", "c-3"][rand(3) as usize],
+                rand(50) as i64 * 1_000,
+            );
             let w = match versions.get(&id).copied() {
-                None => map.write(&p, entry(EntryOp::Create, Some(&r), &id, ResourceType::Observation), n),
-                Some(v) if rand(4) == 0 => map.write(
+                None => map.write(
                     &p,
-                    entry(EntryOp::Delete { expected: v, reason: "test".into() }, None, &id, ResourceType::Observation),
+                    entry(EntryOp::Create, Some(&r), &id, ResourceType::Observation),
                     n,
                 ),
-                Some(v) => map.write(&p, entry(EntryOp::Update { expected: v }, Some(&r), &id, ResourceType::Observation), n),
+                Some(v) if rand(4) == 0 => map.write(
+                    &p,
+                    entry(
+                        EntryOp::Delete {
+                            expected: v,
+                            reason: "test".into(),
+                        },
+                        None,
+                        &id,
+                        ResourceType::Observation,
+                    ),
+                    n,
+                ),
+                Some(v) => map.write(
+                    &p,
+                    entry(
+                        EntryOp::Update { expected: v },
+                        Some(&r),
+                        &id,
+                        ResourceType::Observation,
+                    ),
+                    n,
+                ),
             };
             match WriteOutcome::try_from(w.outcome).unwrap() {
                 WriteOutcome::Applied => {
@@ -592,13 +676,22 @@ mod tests {
             // The index as stored against the index the current versions make.
             let mut stored: Vec<Bytes> = Vec::new();
             for prefix in [&b"p1\x01x/"[..], &b"p1\x01y/"[..]] {
-                stored.extend(map.scan_prefix(prefix, None, usize::MAX).unwrap().into_iter().map(|(k, _)| k));
+                stored.extend(
+                    map.scan_prefix(prefix, None, usize::MAX)
+                        .unwrap()
+                        .into_iter()
+                        .map(|(k, _)| k),
+                );
             }
             let mut want: Vec<Bytes> = Vec::new();
             for (id, v) in &versions {
                 let current = version(&map, &keys, "Observation", id, *v).unwrap();
                 let in_error = index::in_error(&current);
-                want.extend(index::entries(&keys, "Observation", id, &current, in_error).into_iter().map(|(k, _)| k));
+                want.extend(
+                    index::entries(&keys, "Observation", id, &current, in_error)
+                        .into_iter()
+                        .map(|(k, _)| k),
+                );
             }
             stored.sort();
             want.sort();

@@ -24,8 +24,14 @@ pub fn check(r: &QuarantinedRecord, field: &str) -> Result<(), Error> {
             "must match [A-Za-z0-9.-]{1,64}",
         ));
     }
-    if r.fhir_type.is_empty() || r.fhir_type.len() > 64 || !r.fhir_type.bytes().all(|b| b.is_ascii_alphabetic()) {
-        return Err(Error::invalid(format!("{field}.fhir_type"), "must be a FHIR type name"));
+    if r.fhir_type.is_empty()
+        || r.fhir_type.len() > 64
+        || !r.fhir_type.bytes().all(|b| b.is_ascii_alphabetic())
+    {
+        return Err(Error::invalid(
+            format!("{field}.fhir_type"),
+            "must be a FHIR type name",
+        ));
     }
     if r.source_json.len() > SOURCE_BYTES_MAX {
         return Err(Error::InvalidArgument {
@@ -46,7 +52,10 @@ pub fn check(r: &QuarantinedRecord, field: &str) -> Result<(), Error> {
     if r.problems.len() > PROBLEMS_MAX {
         return Err(Error::InvalidArgument {
             field: format!("{field}.problems"),
-            message: format!("has {} problems, above the limit of {PROBLEMS_MAX}", r.problems.len()),
+            message: format!(
+                "has {} problems, above the limit of {PROBLEMS_MAX}",
+                r.problems.len()
+            ),
             limit: Some(PROBLEMS_MAX as u64),
         });
     }

@@ -66,7 +66,10 @@ impl Query {
             return Err(Error::invalid("code", "must be system|code"));
         }
         if self.page_token.len() > PAGE_TOKEN_BYTES_MAX {
-            return Err(Error::invalid("page_token", "is not a token this server gave"));
+            return Err(Error::invalid(
+                "page_token",
+                "is not a token this server gave",
+            ));
         }
         Ok(())
     }
@@ -138,7 +141,8 @@ pub fn search<R: Reads>(reads: &R, keys: &PatientKeys, query: &Query) -> Result<
                 // Older than the range: nothing after this matches.
                 return Ok(page);
             }
-            if !query.statuses.is_empty() && !query.statuses.iter().any(|s| s.as_bytes() == status) {
+            if !query.statuses.is_empty() && !query.statuses.iter().any(|s| s.as_bytes() == status)
+            {
                 after = key.to_vec();
                 continue;
             }
@@ -147,9 +151,9 @@ pub fn search<R: Reads>(reads: &R, keys: &PatientKeys, query: &Query) -> Result<
                 after = key.to_vec();
                 continue;
             };
-            let raw = reads
-                .get(&keys.version(t, id, current))?
-                .ok_or_else(|| Error::corrupt(format!("version {current} of {t}/{id} (missing)")))?;
+            let raw = reads.get(&keys.version(t, id, current))?.ok_or_else(|| {
+                Error::corrupt(format!("version {current} of {t}/{id} (missing)"))
+            })?;
             let r = plan::decode(&raw)?;
             if !query.matches_at(&r, date) {
                 after = key.to_vec();
@@ -190,11 +194,18 @@ mod tests {
 
     fn obs(id: &str, date: i64, status: ObservationStatus, note: usize) -> Resource {
         Resource {
-            meta: Some(Meta { id: id.into(), ..Meta::default() }),
+            meta: Some(Meta {
+                id: id.into(),
+                ..Meta::default()
+            }),
             kind: Some(resource::Kind::Observation(Observation {
                 status: status as i32,
                 code: Some(CodeableConcept {
-                    codings: vec![Coding { system: "http://loinc.org".into(), code: "8302-2".into(), display: String::new() }],
+                    codings: vec![Coding {
+                        system: "http://loinc.org".into(),
+                        code: "8302-2".into(),
+                        display: String::new(),
+                    }],
                     text: "x".repeat(note),
                 }),
                 effective: Some(observation::Effective::EffectiveTime(DateTime {
@@ -226,7 +237,10 @@ mod tests {
         let mut map = Map::default();
         let p = PatientId::parse("p1", "p").unwrap();
         let patient = Resource {
-            meta: Some(Meta { id: "p1".into(), ..Meta::default() }),
+            meta: Some(Meta {
+                id: "p1".into(),
+                ..Meta::default()
+            }),
             kind: Some(resource::Kind::Patient(Patient::default())),
             unmodelled_json: String::new(),
         };
@@ -249,20 +263,38 @@ mod tests {
     }
 
     fn ids(page: &Page) -> Vec<String> {
-        page.resources.iter().map(|r| r.meta.as_ref().unwrap().id.clone()).collect()
+        page.resources
+            .iter()
+            .map(|r| r.meta.as_ref().unwrap().id.clone())
+            .collect()
     }
 
     #[test]
     fn dates_before_1970_are_found_and_bound_ranges() {
         use ObservationStatus::Final as F;
-        let (map, keys) = patient_with(&[("a", -20 * YEAR, F, 0), ("b", -YEAR, F, 0), ("c", 10 * YEAR, F, 0)]);
+        let (map, keys) = patient_with(&[
+            ("a", -20 * YEAR, F, 0),
+            ("b", -YEAR, F, 0),
+            ("c", 10 * YEAR, F, 0),
+        ]);
         let all = search(&map, &keys, &query()).unwrap();
         assert_eq!(ids(&all), ["c", "b", "a"]);
-        let since = Query { since: Some(-10 * YEAR), ..query() };
+        let since = Query {
+            since: Some(-10 * YEAR),
+            ..query()
+        };
         assert_eq!(ids(&search(&map, &keys, &since).unwrap()), ["c", "b"]);
-        let until = Query { until: Some(0), ..query() };
+        let until = Query {
+            until: Some(0),
+            ..query()
+        };
         assert_eq!(ids(&search(&map, &keys, &until).unwrap()), ["b", "a"]);
-        let code = Query { code: "http://loinc.org|8302-2".into(), since: Some(-2 * YEAR), until: Some(0), ..query() };
+        let code = Query {
+            code: "http://loinc.org|8302-2".into(),
+            since: Some(-2 * YEAR),
+            until: Some(0),
+            ..query()
+        };
         assert_eq!(ids(&search(&map, &keys, &code).unwrap()), ["b"]);
     }
 
@@ -270,7 +302,10 @@ mod tests {
     fn pages_stop_at_the_byte_bound_and_chain_by_token() {
         use ObservationStatus::Final as F;
         let (map, keys) = patient_with(&[("a", 3, F, 1000), ("b", 2, F, 1000), ("c", 1, F, 1000)]);
-        let mut q = Query { bytes_max: 1500, ..query() };
+        let mut q = Query {
+            bytes_max: 1500,
+            ..query()
+        };
         let mut seen = Vec::new();
         loop {
             let page = search(&map, &keys, &q).unwrap();
@@ -289,7 +324,10 @@ mod tests {
         use ObservationStatus::Final as F;
         let (mut map, keys) = patient_with(&[("a", 5 * YEAR, F, 0), ("b", 3 * YEAR, F, 0)]);
         // An entry of `a` at an older date, as a scan that read it before `a` moved would see.
-        map.0.insert(keys.by_date_entry("Observation", YEAR, "a"), Bytes::from_static(b"final"));
+        map.0.insert(
+            keys.by_date_entry("Observation", YEAR, "a"),
+            Bytes::from_static(b"final"),
+        );
         assert_eq!(ids(&search(&map, &keys, &query()).unwrap()), ["a", "b"]);
     }
 
@@ -298,12 +336,23 @@ mod tests {
         use ObservationStatus::{Amended, Final};
         let n = SCAN_ENTRIES_MAX + 500;
         let list: Vec<(String, i64, ObservationStatus)> = (0..n)
-            .map(|i| (format!("o{i}"), i as i64, if i == 7 { Amended } else { Final }))
+            .map(|i| {
+                (
+                    format!("o{i}"),
+                    i as i64,
+                    if i == 7 { Amended } else { Final },
+                )
+            })
             .collect();
-        let refs: Vec<(&str, i64, ObservationStatus, usize)> =
-            list.iter().map(|(id, d, s)| (id.as_str(), *d, *s, 0)).collect();
+        let refs: Vec<(&str, i64, ObservationStatus, usize)> = list
+            .iter()
+            .map(|(id, d, s)| (id.as_str(), *d, *s, 0))
+            .collect();
         let (map, keys) = patient_with(&refs);
-        let mut q = Query { statuses: vec!["amended".into()], ..query() };
+        let mut q = Query {
+            statuses: vec!["amended".into()],
+            ..query()
+        };
         let first = search(&map, &keys, &q).unwrap();
         assert!(first.resources.is_empty());
         assert_eq!(first.scanned, SCAN_ENTRIES_MAX);

@@ -65,7 +65,12 @@ impl Map {
     }
 
     /// Plans and applies one write; the answer.
-    pub(crate) fn write(&mut self, p: &PatientId, entry: WriteEntry<'_>, n: u64) -> RecordWriteResponse {
+    pub(crate) fn write(
+        &mut self,
+        p: &PatientId,
+        entry: WriteEntry<'_>,
+        n: u64,
+    ) -> RecordWriteResponse {
         let header = WriteHeader {
             request_id: [&n.to_be_bytes()[..], &[1; 8]].concat(),
             author: None,
@@ -75,9 +80,10 @@ impl Map {
             Planned::Answer(a) => a,
             Planned::Write(plan) => match self.apply(plan.batch.clone()) {
                 BatchResult::Applied => plan.applied(n),
-                BatchResult::Failed(i) => panic!("condition {:?} failed", plan.checks()[i as usize]),
+                BatchResult::Failed(i) => {
+                    panic!("condition {:?} failed", plan.checks()[i as usize])
+                }
             },
         }
     }
 }
-

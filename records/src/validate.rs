@@ -10,8 +10,8 @@ use crate::{
 };
 use dossier_api::v1::{
     Annotation, CodeableConcept, Coding, Date, DatePrecision, DateTime, Identifier, Period,
-    Quantity, RecordRef, RecordStatus, Reference, Resource, ResourceType,
-    observation_value, reference, resource,
+    Quantity, RecordRef, RecordStatus, Reference, Resource, ResourceType, observation_value,
+    reference, resource,
 };
 
 /// A violation: the field path, the rule, and the bound when one was exceeded.
@@ -167,7 +167,12 @@ impl Path<'_> {
     }
 
     /// An enum field: a known value, and not UNSPECIFIED when `required`.
-    pub(crate) fn enumeration<E: TryFrom<i32>>(&self, field: &str, raw: i32, required: bool) -> Check {
+    pub(crate) fn enumeration<E: TryFrom<i32>>(
+        &self,
+        field: &str,
+        raw: i32,
+        required: bool,
+    ) -> Check {
         if E::try_from(raw).is_err() {
             return self.fail(field, format!("unknown value {raw}"));
         }
@@ -211,7 +216,12 @@ impl Path<'_> {
         self.short("text", &c.text)
     }
 
-    pub(crate) fn concept_at(&mut self, field: &str, c: Option<&CodeableConcept>, required: bool) -> Check {
+    pub(crate) fn concept_at(
+        &mut self,
+        field: &str,
+        c: Option<&CodeableConcept>,
+        required: bool,
+    ) -> Check {
         match c {
             Some(c) => self.with(field, |p| p.concept(c)),
             None if required => self.fail(field, "is required"),
@@ -224,7 +234,12 @@ impl Path<'_> {
     }
 
     /// A concept that must carry a coding of one of `systems`.
-    pub(crate) fn coded_in(&mut self, field: &str, c: Option<&CodeableConcept>, systems: &[&str]) -> Check {
+    pub(crate) fn coded_in(
+        &mut self,
+        field: &str,
+        c: Option<&CodeableConcept>,
+        systems: &[&str],
+    ) -> Check {
         self.concept_at(field, c, true)?;
         let has = c.is_some_and(|c| {
             c.codings
@@ -359,7 +374,12 @@ impl Path<'_> {
         }
     }
 
-    pub(crate) fn reference_at(&mut self, field: &str, r: Option<&Reference>, required: bool) -> Check {
+    pub(crate) fn reference_at(
+        &mut self,
+        field: &str,
+        r: Option<&Reference>,
+        required: bool,
+    ) -> Check {
         match r {
             Some(r) => self.with(field, |p| p.reference(r)),
             None if required => self.fail(field, "is required"),
@@ -458,7 +478,10 @@ impl Path<'_> {
     }
 }
 
-pub(crate) fn observation_value_check(p: &mut Path<'_>, v: &dossier_api::v1::ObservationValue) -> Check {
+pub(crate) fn observation_value_check(
+    p: &mut Path<'_>,
+    v: &dossier_api::v1::ObservationValue,
+) -> Check {
     match &v.kind {
         Some(observation_value::Kind::Quantity(q)) => p.with("quantity", |p| p.quantity(q)),
         Some(observation_value::Kind::Concept(c)) => p.with("concept", |p| p.concept(c)),

@@ -2,6 +2,8 @@
 
 pub mod admin;
 pub mod kv;
+mod record_everything;
+mod record_requests;
 mod record_write;
 pub mod records;
 

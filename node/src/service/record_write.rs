@@ -103,7 +103,9 @@ impl RecordsService {
         let replica = self.replica(shard)?;
         let keys = PatientKeys::new(patient);
         let reads = ReplicaReads(&replica);
-        if let Some(stored) = dossier_records::kv::Reads::get(&reads, &keys.request(&header.request_id))? {
+        if let Some(stored) =
+            dossier_records::kv::Reads::get(&reads, &keys.request(&header.request_id))?
+        {
             return Ok(dossier_records::idempotency::replay(&stored, &fingerprint)?);
         }
         let head = plan::head(&reads, &keys, "Patient", patient.as_str())?;
@@ -135,17 +137,25 @@ impl RecordsService {
             if attempt > 0 {
                 // Another write of this patient revoked this one's claims (or the reverse):
                 // step aside a little, a different time for each, so one of them gets through.
-                let jitter = Duration::from_millis(1 + u64::from(token[0] % 20) * u64::from(attempt));
+                let jitter =
+                    Duration::from_millis(1 + u64::from(token[0] % 20) * u64::from(attempt));
                 tokio::time::sleep(jitter.min(left())).await;
             }
-            match self.mpi().claim_all(patient, &token, &added, left()).await? {
+            match self
+                .mpi()
+                .claim_all(patient, &token, &added, left())
+                .await?
+            {
                 ClaimAll::Claimed => {}
                 ClaimAll::Held { holder, .. } if holder == *patient => {
                     // The patient holds it already: a write of this patient that added it
                     // committed since the head was read (an earlier attempt of this request, or
                     // another write). The claims were given back; the plan answers from fresh
                     // reads: the stored answer, or the head's refusal.
-                    match self.answer_from_reads(shard, patient, header, fingerprint, &entry, left()).await? {
+                    match self
+                        .answer_from_reads(shard, patient, header, fingerprint, &entry, left())
+                        .await?
+                    {
                         Some(answer) => return Ok(answer),
                         None => continue,
                     }
@@ -159,13 +169,22 @@ impl RecordsService {
             entry.holds = added.iter().map(|(x, _)| x.clone()).collect();
             entry.token = token;
             let result = self
-                .write(shard, patient, header, fingerprint, vec![entry.clone()], left())
+                .write(
+                    shard,
+                    patient,
+                    header,
+                    fingerprint,
+                    vec![entry.clone()],
+                    left(),
+                )
                 .await;
             let give_back = match &result {
                 Ok(w) if w.outcome == WriteOutcome::Applied as i32 => {
                     if !w.replayed {
                         for (x, t) in &removed_tokens {
-                            self.mpi().release_all(patient, t, std::iter::once(x), left()).await;
+                            self.mpi()
+                                .release_all(patient, t, std::iter::once(x), left())
+                                .await;
                         }
                     }
                     false
@@ -291,5 +310,4 @@ impl RecordsService {
             "patient {patient}: {attempts} attempts lost to concurrent writes of the same patient; retry"
         )))
     }
-
 }

@@ -12,25 +12,21 @@ use dossier_api::v1::records_server::Records;
 use dossier_api::v1::{
     CreatePatientRequest, CreateRecordRequest, DeleteRecordRequest, EverythingRequest,
     EverythingResponse, HistoryRequest, HistoryResponse, ListQuarantineRequest,
-    ListQuarantineResponse, LookupIdentifierRequest, LookupIdentifierResponse,
-    QuarantineRequest, QuarantineResponse, ReadRecordRequest, ReadRecordResponse,
-    ReadVersionRequest, RecordWriteResponse, Resource, ResourceType, RouteHeader, SearchRequest,
-    SearchResponse, TransactionRequest, UpdateRecordRequest, WriteHeader, WriteOutcome,
-    transaction_entry,
+    ListQuarantineResponse, LookupIdentifierRequest, LookupIdentifierResponse, QuarantineRequest,
+    QuarantineResponse, ReadRecordRequest, ReadRecordResponse, ReadVersionRequest,
+    RecordWriteResponse, ResourceType, RouteHeader, SearchRequest, SearchResponse,
+    TransactionRequest, UpdateRecordRequest, WriteOutcome, transaction_entry,
 };
-use dossier_records::everything::Everything;
 use dossier_records::idempotency::fingerprint;
 use dossier_records::kv::{Batch, Expect};
 use dossier_records::plan::{self, EntryOp, WriteEntry};
 use dossier_records::search::{self, Query};
-use dossier_records::{
-    Ident, Limits, PatientId, PatientKeys, history, kind_type, quarantine, type_name,
-    validate_new_record,
-};
+use dossier_records::{Ident, Limits, PatientId, PatientKeys, history, quarantine, type_name};
 use dossier_storage::{Command, Outcome, ShardHandle};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::record_everything;
 use crate::errors::ApiError;
 use crate::node::Node;
 use crate::record_store::{ReplicaReads, to_storage};
@@ -57,7 +53,7 @@ impl RecordsService {
         }
     }
 
-    fn limits(&self) -> Limits {
+    pub(super) fn limits(&self) -> Limits {
         let r = &self.node.config.node.records;
         Limits {
             text_bytes_max: r.text_bytes_max,
@@ -99,103 +95,6 @@ impl RecordsService {
         }
         .await;
         super::observe(&self.node, method, started, result)
-    }
-
-    fn check_header(header: Option<&WriteHeader>) -> Result<&WriteHeader, ApiError> {
-        let header = header.ok_or_else(|| {
-            ApiError::invalid("header", "is required (it carries the request id)")
-        })?;
-        if header.request_id.len() != 16 || header.request_id.iter().all(|b| *b == 0) {
-            return Err(ApiError::invalid(
-                "header.request_id",
-                "must be 16 bytes, not all zero",
-            ));
-        }
-        Ok(header)
-    }
-
-    fn read_type(raw: i32, field: &str) -> Result<&'static str, ApiError> {
-        ResourceType::try_from(raw)
-            .ok()
-            .and_then(type_name)
-            .ok_or_else(|| ApiError::invalid(field.to_owned(), "must be a resource type"))
-    }
-
-    fn check_id(id: &str, field: &str) -> Result<(), ApiError> {
-        if !dossier_records::is_valid_id(id) {
-            return Err(ApiError::invalid(
-                field.to_owned(),
-                "must match [A-Za-z0-9.-]{1,64}",
-            ));
-        }
-        Ok(())
-    }
-
-    /// Validates a create or update of one record and returns its entry.
-    fn entry<'a>(
-        &self,
-        patient: &PatientId,
-        resource: Option<&'a Resource>,
-        field: &str,
-        op: EntryOp,
-        patient_allowed: bool,
-    ) -> Result<WriteEntry<'a>, ApiError> {
-        let resource =
-            resource.ok_or_else(|| ApiError::invalid(field.to_owned(), "is required"))?;
-        validate_new_record(resource, field, patient.as_str(), &self.limits()).map_err(|e| {
-            ApiError::InvalidArgument {
-                field: e.field,
-                message: e.message,
-                limit: e.limit,
-            }
-        })?;
-        let Some(kind) = &resource.kind else {
-            return Err(ApiError::invalid(format!("{field}.kind"), "is required"));
-        };
-        let rtype = kind_type(kind);
-        let id = resource
-            .meta
-            .as_ref()
-            .map(|m| m.id.clone())
-            .unwrap_or_default();
-        if rtype == ResourceType::Patient {
-            if !patient_allowed {
-                return Err(ApiError::invalid(
-                    format!("{field}.patient"),
-                    "a Patient is written by CreatePatient or Update, not here",
-                ));
-            }
-            if id != patient.as_str() {
-                return Err(ApiError::invalid(
-                    format!("{field}.meta.id"),
-                    "a Patient's id must equal route.patient_id",
-                ));
-            }
-        }
-        Ok(WriteEntry {
-            op,
-            rtype,
-            id,
-            resource: Some(resource),
-            field: field.to_owned(),
-            holds: Vec::new(),
-            token: [0; 16],
-            releases: Vec::new(),
-        })
-    }
-
-    /// A page size from a request's `limit` (0: the page limit).
-    fn page_limit(&self, limit: u32) -> Result<usize, ApiError> {
-        let page_max = self.node.config.node.records.history_page_max;
-        match limit {
-            0 => Ok(page_max as usize),
-            n if n > page_max => Err(ApiError::InvalidArgument {
-                field: "limit".into(),
-                message: format!("is {n}, above the page limit of {page_max}"),
-                limit: Some(u64::from(page_max)),
-            }),
-            n => Ok(n as usize),
-        }
     }
 }
 
@@ -436,8 +335,7 @@ impl Records for RecordsService {
                         "must be at most 1024 bytes of text",
                     ));
                 }
-                let rtype =
-                    dossier_records::type_from_name(t).unwrap_or(ResourceType::Unspecified);
+                let rtype = dossier_records::type_from_name(t).unwrap_or(ResourceType::Unspecified);
                 if rtype == ResourceType::Patient && r.id != patient.as_str() {
                     return Err(ApiError::invalid(
                         "id",
@@ -596,7 +494,7 @@ impl Records for RecordsService {
         let slots = Arc::clone(&self.everything_slots);
         tokio::spawn(async move {
             let _permit = permit;
-            let result = stream_everything(
+            let result = record_everything::stream_everything(
                 slots,
                 replica,
                 PatientKeys::new(&patient),
@@ -608,7 +506,11 @@ impl Records for RecordsService {
             )
             .await;
             if let Err(e) = result {
-                let _ = tokio::time::timeout(STALLED_READER, tx.send(Err(Status::from(e)))).await;
+                let _ = tokio::time::timeout(
+                    record_everything::STALLED_READER,
+                    tx.send(Err(Status::from(e))),
+                )
+                .await;
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -687,7 +589,10 @@ impl Records for RecordsService {
                     ));
                 }
                 if r.statuses.len() > 16 || r.statuses.iter().any(|s| s.len() > 64) {
-                    return Err(ApiError::invalid("statuses", "at most 16 codes of 64 bytes"));
+                    return Err(ApiError::invalid(
+                        "statuses",
+                        "at most 16 codes of 64 bytes",
+                    ));
                 }
                 let query = Query {
                     type_name: t,
@@ -704,11 +609,8 @@ impl Records for RecordsService {
                 let applied_index = replica.applied_index().unwrap_or(0);
                 // On the async worker, as a Kv scan page: a page is bounded by records, bytes
                 // and SCAN_ENTRIES_MAX index entries (about a millisecond's work).
-                let page = search::search(
-                    &ReplicaReads(&replica),
-                    &PatientKeys::new(&patient),
-                    &query,
-                )?;
+                let page =
+                    search::search(&ReplicaReads(&replica), &PatientKeys::new(&patient), &query)?;
                 Ok(SearchResponse {
                     resources: page.resources,
                     next_page_token: page.next_page_token,
@@ -814,94 +716,6 @@ impl Records for RecordsService {
             },
         )
         .await
-    }
-}
-
-/// How long Everything waits for a reader to take the next message before giving up.
-const STALLED_READER: Duration = Duration::from_secs(60);
-
-/// How long a stream keeps its reading slot while its reader has not taken the last message.
-const SLOT_KEPT_FOR_READER: Duration = Duration::from_secs(1);
-
-/// Sends the patient's current records with a stamp above `since`, in stamp order, in messages
-/// of at most `bytes_max` bytes (a larger record goes alone). Messages are read and decoded on
-/// blocking threads: a large patient must not hold an async worker (heartbeats run there). A
-/// stream reads only while it holds one of the node's reading slots (`slots`, taken in arrival
-/// order), so that under more streams than the cores serve, the first ones finish instead of all
-/// crawling; a stream whose reader falls behind gives its slot up until the reader catches up.
-#[allow(clippy::too_many_arguments)]
-async fn stream_everything(
-    slots: Arc<tokio::sync::Semaphore>,
-    replica: ShardHandle,
-    keys: PatientKeys,
-    types: Vec<&'static str>,
-    since: u64,
-    include_entered_in_error: bool,
-    bytes_max: usize,
-    tx: &tokio::sync::mpsc::Sender<Result<EverythingResponse, Status>>,
-) -> Result<(), ApiError> {
-    let blocking_failed =
-        |e: tokio::task::JoinError| ApiError::Internal(format!("everything task: {e}"));
-    let take_slot = || async {
-        Arc::clone(&slots)
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::Unavailable("the node is stopping".into()))
-    };
-    let mut slot = Some(take_slot().await?);
-    let mut everything = {
-        let replica = replica.clone();
-        tokio::task::spawn_blocking(move || {
-            Everything::start(&ReplicaReads(&replica), &keys, &types, since, include_entered_in_error)
-        })
-        .await
-        .map_err(blocking_failed)??
-    };
-    let as_of = everything.as_of() as i64;
-    let mut sent_any = false;
-    loop {
-        // Room for the next message first: nothing is read for a reader that is not reading.
-        let room = match tokio::time::timeout(SLOT_KEPT_FOR_READER, tx.reserve()).await {
-            Ok(room) => room,
-            Err(_) => {
-                slot = None;
-                // A reader that stops reading (but keeps its connection) ends the stream after
-                // STALLED_READER instead of holding its admission permit for ever.
-                match tokio::time::timeout(STALLED_READER, tx.reserve()).await {
-                    Ok(room) => room,
-                    Err(_) => return Ok(()),
-                }
-            }
-        };
-        let Ok(room) = room else {
-            return Ok(()); // The reader went away.
-        };
-        if slot.is_none() {
-            slot = Some(take_slot().await?);
-        }
-        let (back, resources) = {
-            let replica = replica.clone();
-            tokio::task::spawn_blocking(move || {
-                let resources = everything.next_batch(&ReplicaReads(&replica), bytes_max);
-                (everything, resources)
-            })
-            .await
-            .map_err(blocking_failed)?
-        };
-        everything = back;
-        let resources = resources?;
-        if resources.is_empty() && sent_any {
-            return Ok(());
-        }
-        let last = resources.is_empty();
-        room.send(Ok(EverythingResponse {
-            resources,
-            as_of_micros: as_of,
-        }));
-        if last {
-            return Ok(());
-        }
-        sent_any = true;
     }
 }
 
