@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "proto/dossier/v1/errors.proto",
             "proto/dossier/v1/records.proto",
             "proto/dossier/raft/v1/raft.proto",
+            "proto/google/rpc/status.proto",
+            "proto/google/rpc/error_details.proto",
         ],
         &["proto"],
     )?;

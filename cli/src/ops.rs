@@ -14,7 +14,7 @@ use tonic::transport::Endpoint;
 
 /// The ErrorDetail of a status, if it carries one.
 fn decode_detail(status: &tonic::Status) -> Option<ErrorDetail> {
-    prost::Message::decode(status.details()).ok()
+    dossier_api::error_detail(status.details())
 }
 
 async fn admin(addr: &str, timeout: Duration) -> Result<AdminClient<tonic::transport::Channel>> {

@@ -42,7 +42,6 @@ use dossier_api::v1::{
 };
 pub use dossier_api::v1::{Condition, Operation, condition, operation};
 pub use error::ClientError;
-use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
 use bundle::{Answer, Item, Lane};
@@ -139,9 +138,7 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 fn detail(status: &tonic::Status) -> Option<ErrorDetail> {
-    ErrorDetail::decode(status.details())
-        .ok()
-        .filter(|d| d.reason != 0)
+    dossier_api::error_detail(status.details()).filter(|d| d.reason != 0)
 }
 
 impl Client {

@@ -1,5 +1,9 @@
-//! The node's request errors and their one mapping to gRPC statuses with an `ErrorDetail`.
+//! The node's request errors and their one mapping to gRPC statuses: the standard error model,
+//! a `google.rpc.Status` carrying the `dossier.v1.ErrorDetail` as an `Any` (api/proto/dossier/v1/errors.proto).
 
+use dossier_api::google::rpc::{
+    BadRequest, ResourceInfo, RetryInfo, Status as RpcStatus, bad_request,
+};
 use dossier_api::v1::{ErrorDetail, ErrorReason, ShardDescriptor};
 use prost::Message;
 use tonic::{Code, Status};
@@ -136,9 +140,73 @@ impl From<dossier_records::Error> for ApiError {
     }
 }
 
+/// `type.googleapis.com/<full name>`: how an `Any` names the message it holds.
+fn any<M: Message>(full_name: &str, message: &M) -> prost_types::Any {
+    prost_types::Any {
+        type_url: format!("type.googleapis.com/{full_name}"),
+        value: message.encode_to_vec(),
+    }
+}
+
+/// How long a client should wait before retrying an overloaded or unavailable node.
+const RETRY_DELAY: prost_types::Duration = prost_types::Duration {
+    seconds: 0,
+    nanos: 100_000_000,
+};
+
+impl ApiError {
+    /// The standard gRPC error model of this error: a `google.rpc.Status` whose details hold
+    /// the `dossier.v1.ErrorDetail` as an `Any`, and where they fit `google.rpc.BadRequest`
+    /// (the field at fault), `RetryInfo` (overload, unavailable) and `ResourceInfo` (the shard).
+    pub fn rpc_status(&self) -> (Code, RpcStatus) {
+        let (code, detail) = self.detail();
+        let mut details = vec![any("dossier.v1.ErrorDetail", &detail)];
+        match self {
+            ApiError::InvalidArgument { field, message, .. } => details.push(any(
+                "google.rpc.BadRequest",
+                &BadRequest {
+                    field_violations: vec![bad_request::FieldViolation {
+                        field: field.clone(),
+                        description: message.clone(),
+                    }],
+                },
+            )),
+            ApiError::ResourceExhausted { .. } | ApiError::Unavailable(_) => details.push(any(
+                "google.rpc.RetryInfo",
+                &RetryInfo {
+                    retry_delay: Some(RETRY_DELAY),
+                },
+            )),
+            ApiError::ShardNotFound { shard } => details.push(any(
+                "google.rpc.ResourceInfo",
+                &ResourceInfo {
+                    resource_type: "dossier.v1.Shard".into(),
+                    resource_name: shard.to_string(),
+                    ..ResourceInfo::default()
+                },
+            )),
+            ApiError::StaleEpoch { descriptor } => details.push(any(
+                "google.rpc.ResourceInfo",
+                &ResourceInfo {
+                    resource_type: "dossier.v1.Shard".into(),
+                    resource_name: descriptor.shard_id.to_string(),
+                    ..ResourceInfo::default()
+                },
+            )),
+            _ => {}
+        }
+        let status = RpcStatus {
+            code: code as i32,
+            message: self.to_string(),
+            details,
+        };
+        (code, status)
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
-        let (code, detail) = e.detail();
-        Status::with_details(code, e.to_string(), detail.encode_to_vec().into())
+        let (code, status) = e.rpc_status();
+        Status::with_details(code, status.message.clone(), status.encode_to_vec().into())
     }
 }

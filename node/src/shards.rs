@@ -13,9 +13,8 @@ use dossier_api::raft::v1::shard_access_server::ShardAccess;
 use dossier_api::raft::v1::{
     ShardReadRequest, ShardReadResponse, ShardWriteRequest, ShardWriteResponse, StoredValue,
 };
-use dossier_api::v1::{ErrorDetail, ErrorReason};
+use dossier_api::v1::ErrorReason;
 use dossier_storage::{Batch, Command, Outcome};
-use prost::Message;
 use tonic::{Request, Response, Status};
 
 use dossier_records::kv::{self, BatchResult, Shards};
@@ -222,7 +221,7 @@ async fn remote(
 
 /// The node-side error a peer's status stands for (its `ErrorDetail`), or Unavailable.
 fn from_status(status: &Status) -> ApiError {
-    let detail = ErrorDetail::decode(status.details()).ok();
+    let detail = dossier_api::error_detail(status.details());
     let reason = detail
         .as_ref()
         .and_then(|d| ErrorReason::try_from(d.reason).ok())

@@ -10,15 +10,16 @@ use std::time::{Duration, Instant};
 use common::{TestCluster, patient_in_shard};
 use dossier_api::v1::kv_client::KvClient;
 use dossier_api::v1::{
-    BatchRequest, BundleAnswer, BundleItem, BundleRequest, Condition, ErrorDetail, ErrorReason,
-    GetRequest, Operation, PutRequest, ReadConsistency, RouteHeader, SessionHeader, bundle_answer,
-    bundle_item, condition, operation,
+    BatchRequest, BundleAnswer, BundleItem, BundleRequest, Condition, ErrorReason, GetRequest,
+    Operation, PutRequest, ReadConsistency, RouteHeader, SessionHeader, bundle_answer, bundle_item,
+    condition, operation,
 };
 use dossier_client::ClientError;
 use prost::Message;
 
 fn reason(status: &tonic::Status) -> ErrorReason {
-    let detail = ErrorDetail::decode(status.details()).expect("every error carries an ErrorDetail");
+    let detail =
+        dossier_api::error_detail(status.details()).expect("every error carries an ErrorDetail");
     ErrorReason::try_from(detail.reason).unwrap()
 }
 
@@ -237,8 +238,42 @@ async fn stale_routes_are_corrected() {
     };
     let status = kv.put(request).await.unwrap_err();
     assert_eq!(reason(&status), ErrorReason::StaleEpoch);
-    let detail = ErrorDetail::decode(status.details()).unwrap();
+    let detail = dossier_api::error_detail(status.details()).unwrap();
     assert_eq!(detail.shard.unwrap().shard_id, 2);
+    // The details are the standard error model every gRPC library reads: a google.rpc.Status of
+    // the same code, the ErrorDetail packed as an Any, and the shard as a ResourceInfo.
+    let rpc = dossier_api::google::rpc::Status::decode(status.details()).unwrap();
+    assert_eq!(rpc.code, tonic::Code::FailedPrecondition as i32);
+    assert_eq!(rpc.code, status.code() as i32);
+    let urls: Vec<&str> = rpc.details.iter().map(|a| a.type_url.as_str()).collect();
+    assert_eq!(
+        urls,
+        [
+            "type.googleapis.com/dossier.v1.ErrorDetail",
+            "type.googleapis.com/google.rpc.ResourceInfo"
+        ]
+    );
+    // An invalid field also comes as a google.rpc.BadRequest naming it.
+    let bad = PutRequest {
+        route: Some(RouteHeader {
+            shard_id: 0,
+            epoch: 0,
+            patient_id: "a/b".into(),
+        }),
+        session: None,
+        key: b"k".to_vec(),
+        value: b"v".to_vec(),
+    };
+    let status = kv.put(bad).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let rpc = dossier_api::google::rpc::Status::decode(status.details()).unwrap();
+    let any = rpc
+        .details
+        .iter()
+        .find(|a| a.type_url == "type.googleapis.com/google.rpc.BadRequest")
+        .expect("a BadRequest detail");
+    let bad_request = dossier_api::google::rpc::BadRequest::decode(any.value.as_slice()).unwrap();
+    assert_eq!(bad_request.field_violations[0].field, "route.patient_id");
     client.put(&patient, b"k", b"v").await.unwrap();
     assert_eq!(
         client.get(&patient, b"k").await.unwrap().as_deref(),
@@ -604,7 +639,7 @@ async fn bundles_answer_each_item_as_if_sent_alone() {
         .await
         .unwrap_err();
     assert_eq!(reason(&status), ErrorReason::InvalidArgument);
-    let detail = ErrorDetail::decode(status.details()).unwrap();
+    let detail = dossier_api::error_detail(status.details()).unwrap();
     assert_eq!((detail.field.as_str(), detail.limit), ("items", 64));
 
     // Through the client: 64 concurrent readers, each expecting its own key's value.
