@@ -29,8 +29,15 @@ async fn burst_of_large_writes_keeps_the_shard_alive() {
         .map(|w| {
             let client = client.clone();
             tokio::spawn(async move {
+                // A deadline that a loaded 2-core machine meets (the test file's other test
+                // runs beside this one); the burst, not the deadline, is under test.
                 let outcome = client
-                    .put(&format!("big-{w}"), b"document", &value(w, MIB))
+                    .put_with(
+                        &format!("big-{w}"),
+                        b"document",
+                        &value(w, MIB),
+                        Duration::from_secs(60),
+                    )
                     .await;
                 (w, outcome)
             })
