@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dossier_api::v1::{
@@ -129,12 +129,6 @@ pub struct ScaleSpec {
     pub seconds: u64,
     pub shards: u32,
     pub base_port: u16,
-}
-
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// The kind of a failed call, for the error counts.
@@ -759,7 +753,7 @@ pub async fn run(dir: &std::path::Path, spec: &ScaleSpec) -> Result<()> {
     println!("{json}");
     summary.push(row);
 
-    let now = now_micros();
+    let now = dossier_records::now_micros();
     let mut big = Vec::new();
     for (i, &target) in spec.big.iter().enumerate() {
         eprintln!("records-scale: building a patient of {target} records");

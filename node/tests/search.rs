@@ -70,6 +70,17 @@ fn obs(id: &str, code: &str, date: i64, status: ObservationStatus) -> Resource {
     }
 }
 
+fn patient(id: &str) -> Resource {
+    Resource {
+        meta: Some(Meta {
+            id: id.into(),
+            ..Meta::default()
+        }),
+        kind: Some(resource::Kind::Patient(Patient::default())),
+        unmodelled_json: String::new(),
+    }
+}
+
 /// (code, date, status) of an observation.
 fn terms(r: &Resource) -> (String, i64, &'static str) {
     let Some(resource::Kind::Observation(o)) = &r.kind else {
@@ -172,14 +183,7 @@ async fn search_matches_a_brute_force_scan_under_concurrent_writes() {
     let cluster = TestCluster::start(3, 2, 3, &|_| {}).await;
     let client = cluster.client().await;
     let p = patient_in_shard(&client, 1, "search");
-    let patient = Resource {
-        meta: Some(Meta {
-            id: p.clone(),
-            ..Meta::default()
-        }),
-        kind: Some(resource::Kind::Patient(Patient::default())),
-        unmodelled_json: String::new(),
-    };
+    let patient = patient(&p);
     assert!(is_applied(
         &client
             .create_patient(patient, &WriteOptions::default())
@@ -317,14 +321,7 @@ async fn quarantined_records_are_kept_listed_and_released() {
     let cluster = TestCluster::start(3, 2, 3, &|_| {}).await;
     let client = cluster.client().await;
     let p = patient_in_shard(&client, 1, "quarantine");
-    let patient = Resource {
-        meta: Some(Meta {
-            id: p.clone(),
-            ..Meta::default()
-        }),
-        kind: Some(resource::Kind::Patient(Patient::default())),
-        unmodelled_json: String::new(),
-    };
+    let patient = patient(&p);
     let opts = WriteOptions::default();
     let q = |id: &str| QuarantinedRecord {
         id: id.into(),

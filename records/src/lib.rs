@@ -283,6 +283,13 @@ pub fn record_refs(r: &Resource, prefix: &str) -> Vec<(String, RecordRef)> {
     out
 }
 
+/// The wall clock in unix microseconds (0 before 1970): stamps, claim times, quarantine times.
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
 /// FHIR id syntax: `[A-Za-z0-9.-]{1,64}`. Record and patient ids use it.
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()

@@ -13,21 +13,22 @@
 //!   H_P(X) Absent. Hence H_P(X) = T implies E[X] = (claimed, P, T), and two holders would be
 //!   named by the one record E[X].
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::error::Error;
 use crate::keys::{Ident, PatientId, PatientKeys};
 use crate::kv::{Batch, BatchResult, Condition, Expect, Op, Shards};
+use crate::now_micros;
 
 /// H_P(X) of patient `patient`.
-pub fn hold_key(patient: &PatientId, x: &Ident) -> Bytes {
+fn hold_key(patient: &PatientId, x: &Ident) -> Bytes {
     PatientKeys::new(patient).hold(x)
 }
 
 /// F_P(T, X).
-pub fn fence_key(patient: &PatientId, token: &[u8], x: &Ident) -> Bytes {
+fn fence_key(patient: &PatientId, token: &[u8], x: &Ident) -> Bytes {
     PatientKeys::new(patient).fence(token, x)
 }
 
@@ -79,12 +80,6 @@ impl ClaimRecord {
             patient,
         })
     }
-}
-
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// The age of a claim made at `claimed_at` (unix micros) seen at `now`, for the grace rule: a
@@ -438,16 +433,16 @@ impl<S: Shards> Mpi<'_, S> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::sync::{Arc, Mutex};
 
     use super::*;
+    use crate::testing::Map;
 
-    /// Every routing key in one in-memory map, batches applied atomically: conditions behave as
-    /// on a shard, and tasks interleave at every call.
-    #[derive(Debug, Default)]
+    /// Every routing key in one replica map (`testing::Map`), batches applied atomically:
+    /// conditions behave as on a shard, and tasks interleave at every call.
+    #[derive(Default)]
     struct MapShards {
-        map: Mutex<BTreeMap<Bytes, Bytes>>,
+        map: Mutex<Map>,
     }
 
     impl MapShards {
@@ -456,7 +451,7 @@ mod tests {
         }
 
         fn get(&self, key: &[u8]) -> Option<Bytes> {
-            self.map.lock().unwrap().get(key).cloned()
+            self.map.lock().unwrap().0.get(key).cloned()
         }
     }
 
@@ -480,33 +475,7 @@ mod tests {
             _d: Duration,
         ) -> Result<BatchResult, Error> {
             tokio::task::yield_now().await;
-            let result = {
-                let mut map = self.map.lock().unwrap();
-                let failed = batch.conditions.iter().position(|c| {
-                    let v = map.get(&c.key);
-                    !match &c.expect {
-                        Expect::Absent => v.is_none(),
-                        Expect::Present => v.is_some(),
-                        Expect::Equals(x) => v == Some(x),
-                    }
-                });
-                match failed {
-                    Some(i) => BatchResult::Failed(i as u32),
-                    None => {
-                        for op in batch.ops {
-                            match op {
-                                Op::Put { key, value } => {
-                                    map.insert(key, value);
-                                }
-                                Op::Delete { key } => {
-                                    map.remove(&key);
-                                }
-                            }
-                        }
-                        BatchResult::Applied
-                    }
-                }
-            };
+            let result = self.map.lock().unwrap().apply(batch);
             tokio::task::yield_now().await;
             Ok(result)
         }

@@ -109,19 +109,22 @@ pub fn search<R: Reads>(reads: &R, keys: &PatientKeys, query: &Query) -> Result<
     } else {
         keys.by_code(t, &query.code)
     };
-    // Start after the token, else after every entry dated at or after `until`.
-    let mut after: Vec<u8> = if !query.page_token.is_empty() {
-        [&prefix[..], &query.page_token[..]].concat()
+    // Start after the token, else after every entry dated at or after `until`. `after` is the
+    // last key read (a shared handle on the scanned key, no copy per entry).
+    let mut after: Bytes = if !query.page_token.is_empty() {
+        [&prefix[..], &query.page_token[..]].concat().into()
     } else if let Some(until) = query.until {
-        [&prefix[..], &date_part(until)[..], &[0xff]].concat()
+        [&prefix[..], &date_part(until)[..], &[0xff]]
+            .concat()
+            .into()
     } else {
-        Vec::new()
+        Bytes::new()
     };
     let mut page = Page::default();
     let limit = query.limit.max(1);
     let mut bytes = 0usize;
     loop {
-        let start = (!after.is_empty()).then_some(after.as_slice());
+        let start = (!after.is_empty()).then_some(&after[..]);
         let chunk = reads.scan_prefix(&prefix, start, SCAN_CHUNK)?;
         let exhausted = chunk.len() < SCAN_CHUNK;
         for (key, status) in chunk {
@@ -143,12 +146,12 @@ pub fn search<R: Reads>(reads: &R, keys: &PatientKeys, query: &Query) -> Result<
             }
             if !query.statuses.is_empty() && !query.statuses.iter().any(|s| s.as_bytes() == status)
             {
-                after = key.to_vec();
+                after = key.clone();
                 continue;
             }
             let id = std::str::from_utf8(id).map_err(|_| Error::corrupt("index id"))?;
             let Some(current) = plan::head(reads, keys, t, id)? else {
-                after = key.to_vec();
+                after = key.clone();
                 continue;
             };
             let raw = reads.get(&keys.version(t, id, current))?.ok_or_else(|| {
@@ -156,7 +159,7 @@ pub fn search<R: Reads>(reads: &R, keys: &PatientKeys, query: &Query) -> Result<
             })?;
             let r = plan::decode(&raw)?;
             if !query.matches_at(&r, date) {
-                after = key.to_vec();
+                after = key.clone();
                 continue;
             }
             if !page.resources.is_empty() && bytes + raw.len() > query.bytes_max {
@@ -164,7 +167,7 @@ pub fn search<R: Reads>(reads: &R, keys: &PatientKeys, query: &Query) -> Result<
                 page.next_page_token = after[prefix.len()..].to_vec();
                 return Ok(page);
             }
-            after = key.to_vec();
+            after = key.clone();
             bytes += raw.len();
             page.resources.push(r);
             if page.resources.len() == limit {

@@ -5,7 +5,7 @@
 //! times). Writes of a Patient claim its added indexed identifiers first (`records::mpi`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use dossier_api::v1::{RecordWriteResponse, Resource, WriteHeader, WriteOutcome};
 use dossier_records::mpi::{ClaimAll, Mpi, indexed_identifiers};
@@ -18,10 +18,8 @@ use crate::errors::ApiError;
 use crate::record_store::{ReplicaReads, to_storage};
 use crate::shards::ClusterShards;
 
-pub(super) fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+fn now_micros() -> u64 {
+    dossier_records::now_micros().max(0) as u64
 }
 
 /// A claim token for one attempt of a write: unique per attempt (request id, clock, counter),

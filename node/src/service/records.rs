@@ -642,7 +642,7 @@ impl Records for RecordsService {
                     });
                 }
                 let author = r.header.as_ref().and_then(|h| h.author.clone());
-                let now = super::record_write::now_micros() as i64;
+                let now = dossier_records::now_micros();
                 let mut records = r.records.clone();
                 for (i, q) in records.iter_mut().enumerate() {
                     quarantine::check(q, &format!("records[{i}]"))?;
