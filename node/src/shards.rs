@@ -43,7 +43,7 @@ impl ClusterShards {
         node.read_barrier(shard, deadline).await?;
         let replica = node
             .replica(shard)
-            .ok_or(ApiError::ShardNotFound { shard })?;
+            .ok_or(ApiError::shard_not_found(shard))?;
         keys.iter()
             .map(|k| {
                 replica
@@ -75,9 +75,11 @@ impl ClusterShards {
         match outcome {
             Outcome::Applied | Outcome::Done => Ok((BatchResult::Applied, index)),
             Outcome::ConditionFailed { index: failed } => Ok((BatchResult::Failed(failed), index)),
-            Outcome::StaleSequence { .. } | Outcome::SessionExpired => Err(ApiError::Internal(
-                "a sessionless batch got a session outcome".into(),
-            )),
+            Outcome::StaleSequence { .. } | Outcome::SessionExpired | Outcome::Replayed { .. } => {
+                Err(ApiError::Internal(
+                    "a sessionless batch got a session outcome".into(),
+                ))
+            }
         }
     }
 

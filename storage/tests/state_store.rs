@@ -85,7 +85,16 @@ impl Model {
     fn apply(&mut self, index: u64, session: Option<Session>, batch: &Batch) -> Outcome {
         if let Some(s) = session {
             match self.sessions.get(&s.client) {
-                Some(&(seq, _, outcome)) if s.seq == seq => return outcome,
+                Some(&(seq, first, outcome)) if s.seq == seq => {
+                    let failed_condition = match outcome {
+                        Outcome::ConditionFailed { index } => Some(index),
+                        _ => None,
+                    };
+                    return Outcome::Replayed {
+                        index: first,
+                        failed_condition,
+                    };
+                }
                 Some(&(seq, _, _)) if s.seq < seq => return Outcome::StaleSequence { last: seq },
                 None if s.seq > 1 => return Outcome::SessionExpired,
                 _ => {}

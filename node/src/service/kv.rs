@@ -144,6 +144,15 @@ impl KvService {
                 failed_condition: failed,
                 index,
             }),
+            // A retry of a write already applied: the first application's answer, its index.
+            Outcome::Replayed {
+                index: first,
+                failed_condition,
+            } => Ok(WriteResponse {
+                applied: failed_condition.is_none(),
+                failed_condition: failed_condition.unwrap_or(0),
+                index: first,
+            }),
             Outcome::StaleSequence { last } => Err(ApiError::Session(format!(
                 "sequence number is older than the last one applied ({last})"
             ))),
@@ -178,9 +187,7 @@ impl KvService {
         self.read_ready(routed, consistency, deadline).await?;
         self.node
             .replica(routed.shard)
-            .ok_or(ApiError::ShardNotFound {
-                shard: routed.shard,
-            })
+            .ok_or(ApiError::shard_not_found(routed.shard))
     }
 
     /// What every handler does around its own work: the deadline, admission under the in-flight

@@ -297,7 +297,9 @@ impl RecordsService {
                     // patient committed (or this one did). Plan again from fresh reads.
                     Retry::Replan => continue,
                 },
-                Outcome::StaleSequence { .. } | Outcome::SessionExpired => {
+                Outcome::StaleSequence { .. }
+                | Outcome::SessionExpired
+                | Outcome::Replayed { .. } => {
                     return Err(ApiError::Internal(
                         "a sessionless write got a session outcome".into(),
                     ));

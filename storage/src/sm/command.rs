@@ -214,6 +214,12 @@ pub enum Outcome {
     StaleSequence { last: u64 },
     /// The session is unknown although its sequence number says it was used before: it expired.
     SessionExpired,
+    /// A retry of the session's last request: nothing was applied again. The first application
+    /// is answered once more: its log index, and the condition that failed (`None`: applied).
+    Replayed {
+        index: u64,
+        failed_condition: Option<u32>,
+    },
 }
 
 impl Outcome {
@@ -223,7 +229,9 @@ impl Outcome {
             Outcome::Applied => (1, 0),
             Outcome::ConditionFailed { index } => (2, index),
             // Only Applied and ConditionFailed are ever stored in the session table.
-            Outcome::StaleSequence { .. } | Outcome::SessionExpired => unreachable!("never stored"),
+            Outcome::StaleSequence { .. } | Outcome::SessionExpired | Outcome::Replayed { .. } => {
+                unreachable!("never stored")
+            }
         };
         let mut out = [kind, 0, 0, 0, 0];
         out[1..].copy_from_slice(&arg.to_le_bytes());

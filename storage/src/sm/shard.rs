@@ -584,7 +584,14 @@ fn apply_txn(
                 let record =
                     SessionRecord::decode(&bytes).ok_or(overlay.corrupt("session record"))?;
                 if session.seq == record.seq {
-                    return Ok(record.outcome);
+                    let failed_condition = match record.outcome {
+                        Outcome::ConditionFailed { index } => Some(index),
+                        _ => None,
+                    };
+                    return Ok(Outcome::Replayed {
+                        index: record.index,
+                        failed_condition,
+                    });
                 }
                 if session.seq < record.seq {
                     return Ok(Outcome::StaleSequence { last: record.seq });
