@@ -15,8 +15,17 @@ pub enum ApiError {
         shard: u64,
         leader: Option<(u64, String)>,
     },
-    #[error("shard {} has a newer descriptor (epoch {})", .descriptor.shard_id, .descriptor.epoch)]
-    StaleEpoch { descriptor: ShardDescriptor },
+    /// The client routed with another shard or an older epoch than this node's map holds for
+    /// the patient: `descriptor` is the one to route with.
+    #[error(
+        "routed to shard {routed_shard} at epoch {routed_epoch}; the patient is in shard {} at epoch {}: route with that descriptor",
+        .descriptor.shard_id, .descriptor.epoch
+    )]
+    StaleEpoch {
+        routed_shard: u64,
+        routed_epoch: u64,
+        descriptor: ShardDescriptor,
+    },
     #[error("{field}: {message}")]
     InvalidArgument {
         /// The path of the offending field in the request, e.g. `resource.patient.names[0]`.
@@ -28,8 +37,13 @@ pub enum ApiError {
     ResourceExhausted { limit: u64 },
     #[error("the request deadline passed; a write may still take effect")]
     Deadline,
-    #[error("no replica of shard {shard} on this node")]
-    ShardNotFound { shard: u64 },
+    /// No replica of `shard` here, or no such shard in the map. `descriptor`, when known, is
+    /// the patient's shard to route with.
+    #[error("no replica of shard {shard} on this node{}", placed(.descriptor.as_ref()))]
+    ShardNotFound {
+        shard: u64,
+        descriptor: Option<ShardDescriptor>,
+    },
     #[error("{0}")]
     ClusterState(String),
     #[error("{0}")]
@@ -40,7 +54,26 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// Where the patient's shard is, for a request that reached a node without it.
+fn placed(descriptor: Option<&ShardDescriptor>) -> String {
+    match descriptor {
+        Some(d) => format!(
+            "; the patient is in shard {} at epoch {}, on nodes {:?}",
+            d.shard_id, d.epoch, d.replicas
+        ),
+        None => String::new(),
+    }
+}
+
 impl ApiError {
+    /// A shard this node has no replica of.
+    pub fn shard_not_found(shard: u64) -> Self {
+        ApiError::ShardNotFound {
+            shard,
+            descriptor: None,
+        }
+    }
+
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         ApiError::InvalidArgument {
             field: field.into(),
@@ -110,7 +143,11 @@ impl ApiError {
                 detail.leader_hint_node_id = *id;
                 detail.leader_hint_address = addr.clone();
             }
-            ApiError::StaleEpoch { descriptor } => detail.shard = Some(descriptor.clone()),
+            ApiError::StaleEpoch { descriptor, .. }
+            | ApiError::ShardNotFound {
+                descriptor: Some(descriptor),
+                ..
+            } => detail.shard = Some(descriptor.clone()),
             ApiError::InvalidArgument { field, limit, .. } => {
                 detail.field = field.clone();
                 detail.limit = limit.unwrap_or(0);
@@ -177,7 +214,7 @@ impl ApiError {
                     retry_delay: Some(RETRY_DELAY),
                 },
             )),
-            ApiError::ShardNotFound { shard } => details.push(any(
+            ApiError::ShardNotFound { shard, .. } => details.push(any(
                 "google.rpc.ResourceInfo",
                 &ResourceInfo {
                     resource_type: "dossier.v1.Shard".into(),
@@ -185,7 +222,7 @@ impl ApiError {
                     ..ResourceInfo::default()
                 },
             )),
-            ApiError::StaleEpoch { descriptor } => details.push(any(
+            ApiError::StaleEpoch { descriptor, .. } => details.push(any(
                 "google.rpc.ResourceInfo",
                 &ResourceInfo {
                     resource_type: "dossier.v1.Shard".into(),

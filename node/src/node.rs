@@ -283,7 +283,7 @@ impl Node {
         }
         let meta = self
             .group(META_SHARD)
-            .ok_or(ApiError::ShardNotFound { shard: META_SHARD })?;
+            .ok_or(ApiError::shard_not_found(META_SHARD))?;
         let members: BTreeMap<u64, BasicNode> = nodes
             .iter()
             .map(|n| (n.node_id, BasicNode::new(&n.address)))
@@ -377,7 +377,7 @@ impl Node {
     ) -> Result<(Outcome, u64), ApiError> {
         let proposer = self
             .proposer(shard)
-            .ok_or(ApiError::ShardNotFound { shard })?;
+            .ok_or(ApiError::shard_not_found(shard))?;
         // Admission by bytes: a command the log would refuse as one entry is the client's error,
         // found here, before Raft sees it.
         let bytes = command.encoded_bytes_bound();
@@ -420,7 +420,7 @@ impl Node {
     /// Waits until this replica may serve a linearizable read (the leader's lease, or ReadIndex:
     /// `raft.read-lease`).
     pub async fn read_barrier(&self, shard: ShardId, deadline: Duration) -> Result<(), ApiError> {
-        let raft = self.group(shard).ok_or(ApiError::ShardNotFound { shard })?;
+        let raft = self.group(shard).ok_or(ApiError::shard_not_found(shard))?;
         let option = self.config.node.raft.read_option();
         match tokio::time::timeout(deadline, raft.ensure_linearizable(option)).await {
             Err(_) => Err(ApiError::Deadline),

@@ -82,7 +82,11 @@ async fn replication_and_linearizable_reads() {
         match kv.get(request).await {
             Ok(r) => assert_eq!(r.into_inner().value, b"patient 7"),
             // A node without a replica of this patient's shard says where it lives.
-            Err(s) => assert_eq!(reason(&s), ErrorReason::StaleEpoch),
+            Err(s) => {
+                assert_eq!(reason(&s), ErrorReason::ShardNotFound);
+                let shard = dossier_api::error_detail(s.details()).unwrap().shard;
+                assert!(shard.is_some(), "the descriptor to route with");
+            }
         }
     }
 }
@@ -282,7 +286,7 @@ async fn stale_routes_are_corrected() {
 }
 
 /// A request retried with the same session and sequence number is applied once: the retry gets
-/// the first outcome even though re-executing it would now fail its condition.
+/// the first outcome and log index even though re-executing it would now fail its condition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicated_request_applies_once() {
     let cluster = TestCluster::start(3, 1, 3, &|_| {}).await;
@@ -314,6 +318,10 @@ async fn duplicated_request_applies_once() {
     assert!(
         first.applied && retry.applied,
         "the retry returns the first outcome"
+    );
+    assert_eq!(
+        retry.index, first.index,
+        "the retry answers the first write's log index, not its own entry's"
     );
     let stored = client.get(&patient, b"order-1").await.unwrap();
     assert_eq!(stored.as_deref(), Some(&b"amoxicillin 500mg"[..]));
@@ -383,7 +391,14 @@ async fn bad_requests_get_typed_errors() {
         })
         .await
         .unwrap_err();
-    assert_eq!(reason(&status), ErrorReason::StaleEpoch);
+    assert_eq!(reason(&status), ErrorReason::ShardNotFound);
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    let detail = dossier_api::error_detail(status.details()).unwrap();
+    let shard = detail
+        .shard
+        .expect("the patient's descriptor to route with");
+    let hash = dossier_api::patient_hash("p-3");
+    assert!(hash >= shard.hash_lo && (shard.hash_hi_max || hash < shard.hash_hi));
     let status = kv
         .get(GetRequest {
             route: None,

@@ -54,11 +54,43 @@ pub(crate) fn admit(node: &Node) -> Result<tokio::sync::OwnedSemaphorePermit, Ap
 /// The shard of the route's patient, if this node hosts a replica of it at the epoch the client
 /// routed with; else STALE_EPOCH with the fresh descriptor, which tells the client where to go.
 pub(crate) fn hosted_shard(node: &Node, route: &RouteHeader) -> Result<ShardDescriptor, ApiError> {
-    let descriptor = node.route(dossier_api::patient_hash(&route.patient_id))?;
-    let stale_route = route.shard_id != 0
-        && (route.shard_id != descriptor.shard_id || route.epoch != descriptor.epoch);
-    if stale_route || !descriptor.replicas.contains(&node.node_id()) {
-        return Err(ApiError::StaleEpoch { descriptor });
+    let map = node
+        .map()
+        // Retryable: another node may know the map already (this one is catching up).
+        .ok_or_else(|| {
+            ApiError::Unavailable("this node has not learnt the cluster map yet".into())
+        })?;
+    let descriptor = crate::meta::shard_for(&map, dossier_api::patient_hash(&route.patient_id))
+        .cloned()
+        .ok_or_else(|| ApiError::ClusterState("no shard covers this patient".into()))?;
+    // Route shard 0: the caller asks the node to route (no check of shard and epoch).
+    if route.shard_id != 0 {
+        if route.shard_id == descriptor.shard_id && route.epoch > descriptor.epoch {
+            // The client saw a newer map than this node has applied: this node is behind.
+            return Err(ApiError::Unavailable(format!(
+                "this node's map holds shard {} at epoch {}, older than the routed epoch {}; it is catching up: retry, or try another replica",
+                descriptor.shard_id, descriptor.epoch, route.epoch
+            )));
+        }
+        if !map.shards.iter().any(|d| d.shard_id == route.shard_id) {
+            return Err(ApiError::ShardNotFound {
+                shard: route.shard_id,
+                descriptor: Some(descriptor),
+            });
+        }
+        if route.shard_id != descriptor.shard_id || route.epoch != descriptor.epoch {
+            return Err(ApiError::StaleEpoch {
+                routed_shard: route.shard_id,
+                routed_epoch: route.epoch,
+                descriptor,
+            });
+        }
+    }
+    if !descriptor.replicas.contains(&node.node_id()) {
+        return Err(ApiError::ShardNotFound {
+            shard: descriptor.shard_id,
+            descriptor: Some(descriptor),
+        });
     }
     Ok(descriptor)
 }

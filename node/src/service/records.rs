@@ -75,7 +75,7 @@ impl RecordsService {
     pub(super) fn replica(&self, shard: u64) -> Result<ShardHandle, ApiError> {
         self.node
             .replica(shard)
-            .ok_or(ApiError::ShardNotFound { shard })
+            .ok_or(ApiError::shard_not_found(shard))
     }
 
     async fn serve<Req, T>(
