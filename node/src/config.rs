@@ -124,6 +124,10 @@ pub struct NodeConfig {
     pub auto_init_shards: u32,
     /// Threads of the async runtime (0: one per CPU core).
     pub worker_threads: usize,
+    /// Origins (`scheme://host[:port]`) of browser applications allowed to call the public
+    /// services with gRPC-Web on `listen` (CORS); `"*"` allows any. gRPC-Web itself is always
+    /// served; with no origin listed, browsers refuse the answers to pages of other origins.
+    pub web_allowed_origins: Vec<String>,
     /// UNSAFE, for testing the fault harness only: serve linearizable reads from whichever
     /// replica receives them, without a read barrier. Breaks linearizability on purpose so that
     /// `dossier-jepsen` can show it detects stale reads. Never enable it in production.
@@ -149,6 +153,7 @@ impl Default for NodeConfig {
             auto_init: true,
             auto_init_shards: 4,
             worker_threads: 0,
+            web_allowed_origins: Vec::new(),
             unsafe_stale_reads_for_testing: false,
             raft: RaftConfig::default(),
             limits: Limits::default(),
@@ -190,6 +195,18 @@ impl NodeConfig {
              header of every Raft message), is {:?}",
             self.cluster_name
         );
+        for origin in &self.web_allowed_origins {
+            ensure!(
+                origin == "*"
+                    || origin
+                        .strip_prefix("https://")
+                        .or_else(|| origin.strip_prefix("http://"))
+                        .is_some_and(|host| !host.is_empty() && !host.contains('/'))
+                        && http::HeaderValue::from_str(origin).is_ok(),
+                "web-allowed-origins: {origin:?} is not an origin (scheme://host[:port], no path, \
+                 no trailing slash) nor \"*\""
+            );
+        }
         ensure!(
             self.listen != self.http_listen,
             "listen and http-listen must differ, both are {}",
@@ -362,6 +379,10 @@ pub struct Flags {
     /// Data directory (log, state, snapshots).
     #[arg(long, env = "DOSSIER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Origins of browser applications allowed to call the gRPC-Web endpoint (CORS), comma
+    /// separated, e.g. `https://portal.example` ("*": any).
+    #[arg(long, env = "DOSSIER_WEB_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub web_allowed_origins: Option<Vec<String>>,
     /// Do not initialise a single-node cluster when none exists; wait for `dossier cluster init`.
     #[arg(long, env = "DOSSIER_NO_AUTO_INIT")]
     pub no_auto_init: bool,
@@ -413,6 +434,9 @@ impl Flags {
         if let Some(v) = &self.data_dir {
             config.data_dir = v.clone();
         }
+        if let Some(v) = &self.web_allowed_origins {
+            config.web_allowed_origins = v.clone();
+        }
         if self.no_auto_init {
             config.auto_init = false;
         }
@@ -463,6 +487,23 @@ mod tests {
                 .to_string()
                 .contains("read-lease-margin-ms")
         );
+        for bad in [
+            "portal.example",
+            "https://portal.example/",
+            "https://portal.example/app",
+        ] {
+            let c = NodeConfig {
+                web_allowed_origins: vec![bad.into()],
+                ..NodeConfig::default()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("web-allowed-origins"), "{bad}: {e}");
+        }
+        let c = NodeConfig {
+            web_allowed_origins: vec!["https://portal.example:8443".into(), "*".into()],
+            ..NodeConfig::default()
+        };
+        assert!(c.validate().is_ok());
         let c = NodeConfig {
             cluster_name: "ward 7".into(),
             ..NodeConfig::default()

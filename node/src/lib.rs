@@ -20,6 +20,7 @@ mod propose;
 mod record_store;
 mod service;
 pub mod shards;
+mod web;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +75,10 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
+                // gRPC-Web for browsers comes over HTTP/1.1 (web.rs).
+                .accept_http1(true)
+                .layer(web::cors(&node.config.node.web_allowed_origins))
+                .layer(tonic_web::GrpcWebLayer::new())
                 .layer(deadline::DeadlineLayer {
                     default: node.config.request_deadline() + Duration::from_secs(1),
                     exempt: &[INSTALL_SNAPSHOT_PATH],
