@@ -26,6 +26,22 @@ mod tests {
         assert_eq!(got, PINNED);
     }
 
+    /// The vectors every client's hash is checked against (docs/client-protocol.md): inputs of
+    /// every length class of XXH3, computed with the reference xxHash library.
+    #[test]
+    fn shared_test_vectors() {
+        let text = include_str!("../../clients/testdata/patient-hash-vectors.json");
+        let doc: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(doc["seed"].as_str(), Some(PATIENT_HASH_SEED.to_string().as_str()));
+        let vectors = doc["vectors"].as_array().unwrap();
+        assert!(vectors.len() >= 40);
+        for v in vectors {
+            let input = v["input"].as_str().unwrap();
+            let want: u64 = v["hash"].as_str().unwrap().parse().unwrap();
+            assert_eq!(patient_hash(input), want, "input of {} bytes", input.len());
+        }
+    }
+
     // Cross-checked against the reference XXH3 (python-xxhash `xxh3_64_intdigest`, same seed).
     const PINNED: [u64; 3] = [
         2606540099225357142,
