@@ -18,7 +18,7 @@ import (
 
 // testCluster is real dossier-node processes on loopback, in a temporary directory.
 type testCluster struct {
-	t     *testing.T
+	t     testing.TB
 	bin   string
 	dir   string
 	nodes []*testNode
@@ -32,7 +32,7 @@ type testNode struct {
 }
 
 // nodeBinary is DOSSIER_NODE_BIN, or the workspace's debug build.
-func nodeBinary(t *testing.T) string {
+func nodeBinary(t testing.TB) string {
 	bin := os.Getenv("DOSSIER_NODE_BIN")
 	if bin == "" {
 		bin = filepath.Join("..", "..", "..", "target", "debug", "dossier-node")
@@ -47,7 +47,7 @@ func nodeBinary(t *testing.T) string {
 	return abs
 }
 
-func freePort(t *testing.T) string {
+func freePort(t testing.TB) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("no free port: %v", err)
@@ -57,7 +57,7 @@ func freePort(t *testing.T) string {
 }
 
 // startCluster starts n nodes and initialises a cluster of `shards` shards of 3 replicas.
-func startCluster(t *testing.T, n int, shards uint32) *testCluster {
+func startCluster(t testing.TB, n int, shards uint32) *testCluster {
 	t.Helper()
 	c := &testCluster{t: t, bin: nodeBinary(t), dir: t.TempDir()}
 	for i := 1; i <= n; i++ {
