@@ -13,6 +13,7 @@ pub mod config;
 mod deadline;
 mod errors;
 mod http;
+mod leadership;
 mod meta;
 mod metrics;
 mod node;
@@ -129,10 +130,15 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
                 }
             }
             let mut last_expiry = std::time::Instant::now();
+            let mut last_balance = std::time::Instant::now();
             loop {
                 if last_expiry.elapsed() > Duration::from_secs(60) {
                     node.expire_sessions().await;
                     last_expiry = std::time::Instant::now();
+                }
+                if last_balance.elapsed() > Duration::from_secs(1) && !node.is_stopping() {
+                    node.hand_back_leaderships().await;
+                    last_balance = std::time::Instant::now();
                 }
                 if let Err(e) = node.reconcile().await {
                     warn!(error = %format!("{e:#}"), "reconcile failed");

@@ -45,6 +45,8 @@ pub struct Node {
     incoming_seq: AtomicU64,
     /// What the log compactor did (`compactor.rs`).
     pub compactions: crate::compactor::CompactionCounts,
+    /// Leaderships held here, for handing them back to preferred replicas (`leadership.rs`).
+    pub(crate) leader_balance: crate::leadership::LeaderBalance,
 }
 
 fn leader_of(raft: &Raft) -> Option<u64> {
@@ -88,6 +90,7 @@ impl Node {
             stopping: AtomicBool::new(false),
             incoming_seq: AtomicU64::new(0),
             compactions: crate::compactor::CompactionCounts::default(),
+            leader_balance: crate::leadership::LeaderBalance::default(),
         });
         // The meta group first, then every replica this node held before a restart: they resume
         // at once, before the map is read.
