@@ -32,7 +32,10 @@ mod tests {
     fn shared_test_vectors() {
         let text = include_str!("../../clients/testdata/patient-hash-vectors.json");
         let doc: serde_json::Value = serde_json::from_str(text).unwrap();
-        assert_eq!(doc["seed"].as_str(), Some(PATIENT_HASH_SEED.to_string().as_str()));
+        assert_eq!(
+            doc["seed"].as_str(),
+            Some(PATIENT_HASH_SEED.to_string().as_str())
+        );
         let vectors = doc["vectors"].as_array().unwrap();
         assert!(vectors.len() >= 40);
         for v in vectors {

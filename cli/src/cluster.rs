@@ -14,7 +14,8 @@ pub enum ClusterCommand {
     /// Initialise a fresh cluster: the meta group on the given nodes, then `--shards` shards of
     /// `--replicas` replicas, leaders spread over the nodes. Sent to the first node.
     Init {
-        /// The cluster's nodes as id=host:port, comma separated (e.g. 1=127.0.0.1:7001,2=...).
+        /// The cluster's nodes as id=host:port, comma separated (e.g. 1=127.0.0.1:7001,2=...);
+        /// `id=host:port@zone` also names the node's zone (data centre, site).
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<String>,
         #[arg(long, default_value_t = 8)]
@@ -39,7 +40,8 @@ fn parse_nodes(specs: &[String]) -> Result<Vec<NodeInfo>> {
         .map(|spec| {
             let (id, addr) = spec
                 .split_once('=')
-                .with_context(|| format!("node {spec:?} is not id=host:port"))?;
+                .with_context(|| format!("node {spec:?} is not id=host:port[@zone]"))?;
+            let (addr, zone) = addr.split_once('@').unwrap_or((addr, ""));
             let node_id: u64 = id
                 .parse()
                 .with_context(|| format!("node id {id:?} is not a number"))?;
@@ -49,6 +51,8 @@ fn parse_nodes(specs: &[String]) -> Result<Vec<NodeInfo>> {
             Ok(NodeInfo {
                 node_id,
                 address: addr.to_owned(),
+                zone: zone.to_owned(),
+                ..NodeInfo::default()
             })
         })
         .collect()

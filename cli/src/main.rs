@@ -55,6 +55,9 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
+    /// Every node of the cluster map: id, address, zone, state, and the replicas and
+    /// leaderships it holds (asked of every node; an unreachable one is marked).
+    List,
     /// Hand every leadership the node holds to other replicas (before stopping it for
     /// maintenance); prints what moved and what stayed.
     Drain {
@@ -116,6 +119,11 @@ fn main() -> std::process::ExitCode {
             Command::Kv(c) => kv::run(&cli, c).await,
             Command::Patient(c) => patient::run(&cli, c).await,
             Command::Node(NodeCommand::Drain { address }) => drain(address, cli.timeout_ms).await,
+            Command::Node(NodeCommand::List) => {
+                let status = dossier_cli::ops::status(&cli.seeds, false).await?;
+                dossier_cli::ops::print_nodes(&status);
+                Ok(())
+            }
             Command::Playground(args) => playground::run(args).await,
         }
     });

@@ -140,6 +140,43 @@ fn mib(bytes: u64) -> String {
 }
 
 /// Prints the status as tables.
+/// One line per node of the map: id, address, zone, state, replicas held, shards led.
+pub fn print_nodes(s: &Status) {
+    println!(
+        "{:>4}  {:<22} {:<12} {:<12} {:>8} {:>7}",
+        "node", "address", "zone", "state", "replicas", "leads"
+    );
+    for n in &s.map.nodes {
+        let replicas = s
+            .map
+            .shards
+            .iter()
+            .filter(|d| d.replicas.contains(&n.node_id))
+            .count();
+        let leads = s
+            .map
+            .shards
+            .iter()
+            .filter(|d| leader_of(&s.replicas, d.shard_id).is_some_and(|l| l.node_id == n.node_id))
+            .count();
+        let state = match dossier_api::v1::NodeState::try_from(n.state) {
+            Ok(dossier_api::v1::NodeState::Up) if s.unreachable.contains(&n.node_id) => {
+                "unreachable".to_owned()
+            }
+            Ok(state) => state
+                .as_str_name()
+                .trim_start_matches("NODE_STATE_")
+                .to_lowercase(),
+            Err(_) => format!("unknown ({})", n.state),
+        };
+        let zone = if n.zone.is_empty() { "-" } else { &n.zone };
+        println!(
+            "{:>4}  {:<22} {:<12} {:<12} {:>8} {:>7}",
+            n.node_id, n.address, zone, state, replicas, leads
+        );
+    }
+}
+
 pub fn print_status(s: &Status) {
     println!(
         "{:<6} {:<22} {:<10} {:>12} {:>12}",

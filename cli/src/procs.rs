@@ -292,6 +292,7 @@ impl LocalCluster {
             .map(|p| dossier_api::v1::NodeInfo {
                 node_id: p.id,
                 address: p.grpc.clone(),
+                ..dossier_api::v1::NodeInfo::default()
             })
             .collect();
         crate::ops::init(infos, shards, replicas, Duration::from_secs(30)).await?;

@@ -124,6 +124,12 @@ pub struct NodeConfig {
     pub auto_init_shards: u32,
     /// Threads of the async runtime (0: one per CPU core).
     pub worker_threads: usize,
+    /// The node's failure domain (data centre, site), carried in the cluster map; empty: none.
+    pub zone: String,
+    /// Nodes of an existing cluster (`host:port`) to join at start: the node asks them to add it
+    /// to the map (the meta leader answers). Implies no auto-init. Ignored once the node is a
+    /// member (it has cluster state).
+    pub join: Vec<String>,
     /// Origins (`scheme://host[:port]`) of browser applications allowed to call the public
     /// services with gRPC-Web on `listen` (CORS); `"*"` allows any. gRPC-Web itself is always
     /// served; with no origin listed, browsers refuse the answers to pages of other origins.
@@ -153,6 +159,8 @@ impl Default for NodeConfig {
             auto_init: true,
             auto_init_shards: 4,
             worker_threads: 0,
+            zone: String::new(),
+            join: Vec::new(),
             web_allowed_origins: Vec::new(),
             unsafe_stale_reads_for_testing: false,
             raft: RaftConfig::default(),
@@ -195,6 +203,18 @@ impl NodeConfig {
              header of every Raft message), is {:?}",
             self.cluster_name
         );
+        ensure!(
+            self.zone.len() <= 64 && self.zone.bytes().all(|b| b.is_ascii_graphic()),
+            "zone must be at most 64 printable ASCII characters without spaces, is {:?}",
+            self.zone
+        );
+        for seed in &self.join {
+            ensure!(
+                seed.rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()),
+                "join: {seed:?} is not host:port"
+            );
+        }
         for origin in &self.web_allowed_origins {
             ensure!(
                 origin == "*"
@@ -379,6 +399,13 @@ pub struct Flags {
     /// Data directory (log, state, snapshots).
     #[arg(long, env = "DOSSIER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The node's failure domain (data centre, site), e.g. `dc-east`.
+    #[arg(long, env = "DOSSIER_ZONE")]
+    pub zone: Option<String>,
+    /// Join an existing cluster through these nodes (host:port, comma separated) when this node
+    /// has no cluster state yet; implies --no-auto-init.
+    #[arg(long, env = "DOSSIER_JOIN", value_delimiter = ',')]
+    pub join: Option<Vec<String>>,
     /// Origins of browser applications allowed to call the gRPC-Web endpoint (CORS), comma
     /// separated, e.g. `https://portal.example` ("*": any).
     #[arg(long, env = "DOSSIER_WEB_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -433,6 +460,12 @@ impl Flags {
         }
         if let Some(v) = &self.data_dir {
             config.data_dir = v.clone();
+        }
+        if let Some(v) = &self.zone {
+            config.zone = v.clone();
+        }
+        if let Some(v) = &self.join {
+            config.join = v.clone();
         }
         if let Some(v) = &self.web_allowed_origins {
             config.web_allowed_origins = v.clone();

@@ -14,6 +14,7 @@ mod deadline;
 mod errors;
 mod http;
 mod leadership;
+mod membership;
 mod meta;
 mod metrics;
 mod node;
@@ -123,7 +124,10 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
         let node = Arc::clone(&node);
         let mut serving = serving_rx.clone();
         tokio::spawn(async move {
-            if node.config.node.auto_init {
+            if !node.config.node.join.is_empty() {
+                let seeds = node.config.node.join.clone();
+                node.join_through(&seeds).await;
+            } else if node.config.node.auto_init {
                 while let Err(e) = node.auto_init().await {
                     warn!(error = %format!("{e:#}"), "auto-init failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;

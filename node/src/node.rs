@@ -198,7 +198,7 @@ impl Node {
         self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn refresh_map(&self) -> Option<ClusterMap> {
+    pub(crate) fn refresh_map(&self) -> Option<ClusterMap> {
         let meta = self.replica(META_SHARD)?;
         match meta::read_map(&meta) {
             Ok(map) => {
@@ -340,6 +340,8 @@ impl Node {
         let me = NodeInfo {
             node_id: self.node_id(),
             address: self.config.advertise.clone(),
+            zone: self.config.node.zone.clone(),
+            ..NodeInfo::default()
         };
         let map = self
             .init_cluster(vec![me], self.config.node.auto_init_shards, 1)

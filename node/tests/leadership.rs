@@ -2,6 +2,8 @@
 //! stopped as SIGTERM would (its leaderships handed over) and started again, it leads its share
 //! again, and no shard is left without a leader meanwhile.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeMap;

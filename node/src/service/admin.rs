@@ -6,7 +6,8 @@ use std::time::Duration;
 use dossier_api::v1::admin_server::Admin;
 use dossier_api::v1::{
     ClusterMap, ClusterMapRequest, DrainRequest, DrainResponse, InitClusterRequest,
-    InitClusterResponse, NodeStatusRequest, NodeStatusResponse, ShardStatus,
+    InitClusterResponse, JoinClusterRequest, JoinClusterResponse, NodeStatusRequest,
+    NodeStatusResponse, ShardStatus,
 };
 use dossier_raft::openraft::async_runtime::WatchReceiver;
 use tonic::{Request, Response, Status};
@@ -62,6 +63,18 @@ impl Admin for AdminService {
             .init_cluster(r.nodes, r.shards, r.replicas)
             .await?;
         Ok(Response::new(InitClusterResponse { map: Some(map) }))
+    }
+
+    async fn join_cluster(
+        &self,
+        request: Request<JoinClusterRequest>,
+    ) -> Result<Response<JoinClusterResponse>, Status> {
+        let request = request.into_inner();
+        let node = request
+            .node
+            .ok_or_else(|| ApiError::invalid("node", "is required"))?;
+        let map = self.node.join_node(node, &request.cluster_name).await?;
+        Ok(Response::new(JoinClusterResponse { map: Some(map) }))
     }
 
     async fn node_status(

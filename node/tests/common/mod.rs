@@ -139,6 +139,8 @@ impl TestCluster {
             .map(|n| NodeInfo {
                 node_id: n.id,
                 address: n.grpc.clone(),
+                zone: n.config.zone.clone(),
+                ..NodeInfo::default()
             })
             .collect();
         let deadline = Instant::now() + Duration::from_secs(30);

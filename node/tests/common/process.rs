@@ -112,6 +112,7 @@ impl ProcCluster {
             .map(|(i, a)| NodeInfo {
                 node_id: i as u64 + 1,
                 address: a.clone(),
+                ..NodeInfo::default()
             })
             .collect();
         let deadline = Instant::now() + Duration::from_secs(30);
