@@ -91,6 +91,7 @@ mod tests {
             .map(|i| NodeInfo {
                 node_id: i,
                 address: format!("127.0.0.1:700{i}"),
+                ..NodeInfo::default()
             })
             .collect();
         let map = plan(&nodes, 8, 3);
