@@ -8,6 +8,7 @@ mod clinical;
 mod closed_loop;
 mod cluster;
 mod records_scale;
+mod rolling;
 mod soak;
 mod stats;
 mod storage;
@@ -210,6 +211,28 @@ enum Command {
         base_port: u16,
     },
     /// SIGKILL of a shard leader under steady writes: client-observed gap, repeated.
+    /// Planned maintenance under load: a local 3-node cluster, every node restarted in turn with
+    /// SIGTERM while closed-loop clients read and write; reports failed requests (the target is
+    /// none), the slowest request, the longest stretch without a completed request, and how long
+    /// each node took to be ready and to lead its share again.
+    RollingRestart {
+        /// Concurrent closed-loop clients.
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        /// Share of linearizable gets, in percent; the rest are puts of 256 bytes.
+        #[arg(long, default_value_t = 50)]
+        read_percent: u8,
+        #[arg(long, default_value_t = 8)]
+        shards: u32,
+        /// Patients the clients spread over (one key each).
+        #[arg(long, default_value_t = 1000)]
+        patients: usize,
+        /// Seconds of load before the first restart and after each node is back.
+        #[arg(long, default_value_t = 5)]
+        settle_seconds: u64,
+        #[arg(long, default_value_t = 7500)]
+        base_port: u16,
+    },
     Failover {
         #[arg(long, default_value_t = 5)]
         reps: usize,
@@ -499,6 +522,44 @@ fn main() -> Result<()> {
                 println!("{line}");
             }
             return Ok(());
+        }
+        Command::RollingRestart {
+            clients,
+            read_percent,
+            shards,
+            patients,
+            settle_seconds,
+            base_port,
+        } => {
+            anyhow::ensure!(clients > 0, "--clients must be at least 1");
+            anyhow::ensure!(read_percent <= 100, "--read-percent must be within 0..100");
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let spec = rolling::RollingSpec {
+                clients,
+                read_percent,
+                patients,
+                settle: Duration::from_secs(settle_seconds),
+                stop_grace: Duration::from_secs(30),
+            };
+            eprintln!(
+                "rolling-restart: 3 nodes, {shards} shards, {clients} clients ({read_percent}% gets)"
+            );
+            let measured = runtime.block_on(rolling::rolling_restart(
+                &dir.path().join("cluster"),
+                shards,
+                base_port,
+                &spec,
+            ));
+            if measured.is_err() {
+                let kept = dir.keep();
+                eprintln!(
+                    "rolling-restart: kept the cluster's logs and data in {}",
+                    kept.display()
+                );
+            }
+            measured?
         }
         Command::Failover {
             reps,
