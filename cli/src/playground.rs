@@ -141,6 +141,8 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
     if outcome.lost > 0 {
         bail!("{} acknowledged writes were lost", outcome.lost);
     }
+    let joined = join_a_node(&root, &bin, args, &seeds).await?;
+    local.procs.push(joined);
     let timer = match args.exit_after {
         Some(secs) => {
             mark(&format!(
@@ -170,6 +172,54 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
     }
     println!("stopped");
     Ok(())
+}
+
+/// Starts one more node with `--join` and waits until the cluster map holds it.
+async fn join_a_node(
+    root: &std::path::Path,
+    bin: &std::path::Path,
+    args: &PlaygroundArgs,
+    seeds: &[String],
+) -> Result<NodeProc> {
+    let id = args.nodes + 1;
+    let zone = "dc-joined";
+    mark(&format!(
+        "node {id} joins the running cluster (--join {})",
+        seeds[0]
+    ));
+    let mut node = NodeProc::new(
+        id,
+        args.base_port + id as u16,
+        args.base_port + 80 + id as u16,
+        root.join(format!("node-{id}")),
+        bin.to_path_buf(),
+    );
+    node.extra_args = vec![
+        "--join".into(),
+        seeds.join(","),
+        "--zone".into(),
+        zone.into(),
+    ];
+    node.spawn()?;
+    let started = Instant::now();
+    loop {
+        let status = cluster::status(seeds, false).await?;
+        if status.map.nodes.iter().any(|n| n.node_id == id) {
+            println!("node {id} joined in {:.2?}", started.elapsed());
+            cluster::print_nodes(&status);
+            println!(
+                "(it holds the map as a meta learner; replicas move onto new nodes once replica moves exist)"
+            );
+            return Ok(node);
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "node {id} did not join within 30 s (its log: {})",
+                node.data.join("node.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 struct KillOutcome {
