@@ -1,5 +1,5 @@
-//! The log engine against a simple in-memory model: random appends, truncations, purges, votes
-//! and reopens across several groups, with segments small enough to roll and be reclaimed.
+//! The log engine against a simple in-memory model: random appends, truncations, purges, votes,
+//! forgotten groups and reopens across several groups, with segments small enough to roll and be reclaimed.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
@@ -79,6 +79,9 @@ enum Step {
         group: u64,
         committed: Option<u8>,
     },
+    Forget {
+        group: u64,
+    },
     Reopen,
 }
 
@@ -91,6 +94,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0..GROUPS, any::<u8>()).prop_map(|(group, vote)| Step::Vote { group, vote }),
         1 => (0..GROUPS, proptest::option::of(any::<u8>()))
             .prop_map(|(group, committed)| Step::Committed { group, committed }),
+        1 => (0..GROUPS).prop_map(|group| Step::Forget { group }),
         1 => Just(Step::Reopen),
     ]
 }
@@ -200,6 +204,11 @@ proptest! {
                     m.touched = true;
                     m.hard_state.committed = committed;
                 }
+                Step::Forget { group } => {
+                    engine.write(std::mem::take(WriteBatch::new().forget(group))).unwrap();
+                    model.remove(&group);
+                    prop_assert!(engine.group_state(group).is_none(), "group {} forgotten", group);
+                }
                 Step::Reopen => {
                     engine.close().unwrap();
                     engine = LogEngine::open(Arc::clone(&config)).unwrap();
@@ -284,6 +293,87 @@ fn purged_segments_are_reclaimed_and_hard_state_survives() {
         (196..=200).collect::<Vec<_>>()
     );
     assert_eq!(entries[0].1, payload(2, 196, 1000));
+}
+
+/// A forgotten group (a replica that left the node) stays forgotten across reopens while older
+/// segments still hold its records (another group pins them), frees its segments for reclaim,
+/// and written again starts empty, at any index.
+#[test]
+fn a_forgotten_group_stays_forgotten_and_frees_its_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path());
+    let engine = LogEngine::open(Arc::clone(&config)).unwrap();
+    // Group 2's first entry pins the first segment; group 1 fills several.
+    engine
+        .write(std::mem::take(
+            WriteBatch::new()
+                .append(2, 1, payload(2, 1, 100))
+                .save_vote(1, Bytes::from_static(b"vote-1")),
+        ))
+        .unwrap();
+    for i in 1..=200u64 {
+        engine
+            .write(std::mem::take(WriteBatch::new().append(
+                1,
+                i,
+                payload(1, i, 2000),
+            )))
+            .unwrap();
+    }
+    engine
+        .write(std::mem::take(WriteBatch::new().purge_to(
+            1,
+            50,
+            Bytes::from_static(b"p"),
+        )))
+        .unwrap();
+    let before = engine.segment_ids();
+    assert!(before.len() >= 6, "{before:?}");
+    engine
+        .write(std::mem::take(WriteBatch::new().forget(1)))
+        .unwrap();
+    assert_eq!(engine.group_state(1), None);
+    engine.close().unwrap();
+
+    // Reopened: group 1's entries, vote and purge point in the older segments are replayed and
+    // then forgotten again; group 2 is intact.
+    let engine = LogEngine::open(Arc::clone(&config)).unwrap();
+    assert_eq!(engine.group_state(1), None);
+    assert!(engine.entries(1, 0..u64::MAX).unwrap().is_empty());
+    assert_eq!(engine.group_state(2).unwrap().entries, Some((1, 1)));
+    // Written again: a fresh group, from any index.
+    engine
+        .write(std::mem::take(WriteBatch::new().append(
+            1,
+            7_000,
+            payload(1, 7_000, 10),
+        )))
+        .unwrap();
+    // Once group 2 lets go of the first segment, group 1's old segments go too.
+    engine
+        .write(std::mem::take(WriteBatch::new().purge_to(
+            2,
+            1,
+            Bytes::from_static(b"p2"),
+        )))
+        .unwrap();
+    for i in 7_001..=7_002u64 {
+        engine
+            .write(std::mem::take(WriteBatch::new().append(
+                1,
+                i,
+                payload(1, i, 10),
+            )))
+            .unwrap();
+    }
+    let after = engine.segment_ids();
+    assert!(after.len() <= 2, "before {before:?} after {after:?}");
+    engine.close().unwrap();
+    let engine = LogEngine::open(config).unwrap();
+    let g1 = engine.group_state(1).unwrap();
+    assert_eq!(g1.entries, Some((7_000, 7_002)));
+    assert_eq!(g1.hard_state.vote, None, "the forgotten vote is not back");
+    assert_eq!(g1.purged, None);
 }
 
 /// Many threads appending at once share fsyncs (group commit), and every entry is readable after

@@ -71,6 +71,9 @@ enum Op {
         index: u64,
         marker: Bytes,
     },
+    Forget {
+        group: GroupId,
+    },
 }
 
 /// Why [`LogEngine::try_submit`] did not queue a batch.
@@ -149,6 +152,13 @@ impl WriteBatch {
             index,
             marker: marker.into(),
         });
+        self
+    }
+
+    /// Forgets the group: its entries, hard state and purge point are gone, as if it had never
+    /// been written (a replica that left this node). Written again later, it starts empty.
+    pub fn forget(&mut self, group: GroupId) -> &mut Self {
+        self.ops.push(Op::Forget { group });
         self
     }
 
@@ -649,7 +659,8 @@ fn validate(state: &State, batch: &WriteBatch, config: &LogConfig) -> Result<usi
             | Op::Vote { group, .. }
             | Op::Committed { group, .. }
             | Op::TruncateFrom { group, .. }
-            | Op::PurgeTo { group, .. } => *group,
+            | Op::PurgeTo { group, .. }
+            | Op::Forget { group } => *group,
         };
         let (span, hard_state) = overlay.entry(group).or_insert_with(|| {
             state
@@ -683,6 +694,11 @@ fn validate(state: &State, batch: &WriteBatch, config: &LogConfig) -> Result<usi
             Op::Vote { vote, .. } => {
                 hard_state.vote = Some(vote.clone());
                 hard_state_len(group, hard_state, config)?
+            }
+            Op::Forget { .. } => {
+                *span = Span::default();
+                *hard_state = HardState::default();
+                RecordRef::Forget { group }.encoded_len()
             }
             Op::Committed { committed, .. } => {
                 hard_state.committed = committed.clone();
@@ -791,6 +807,14 @@ fn apply(state: &mut State, batch: &WriteBatch) -> u64 {
                 });
                 let segments = &mut tail.segments;
                 *cache_bytes -= g.truncate(*index, |loc| release(segments, loc));
+            }
+            Op::Forget { group } => {
+                // Recorded even for a group unknown here: validation counted its bytes.
+                tail.encode(RecordRef::Forget { group: *group });
+                if let Some(mut g) = groups.remove(group) {
+                    let segments = &mut tail.segments;
+                    *cache_bytes -= g.drop_all(|loc| release(segments, loc));
+                }
             }
             Op::PurgeTo {
                 group,

@@ -208,6 +208,15 @@ impl GroupLog {
         freed
     }
 
+    /// Drops every entry (the group is being forgotten); calls `removed` for each entry's
+    /// location and returns the cache bytes freed.
+    pub fn drop_all(&mut self, mut removed: impl FnMut(Loc)) -> usize {
+        for loc in self.locs.drain(..) {
+            removed(loc);
+        }
+        self.cache.drain(..).map(|(_, b)| b.len()).sum()
+    }
+
     /// Purges to `index` (validated, not a no-op); calls `removed` for each dropped entry's location
     /// and returns the cache bytes freed.
     pub fn purge(&mut self, index: u64, marker: Bytes, mut removed: impl FnMut(Loc)) -> usize {

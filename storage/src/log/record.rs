@@ -8,6 +8,8 @@
 //!   4 PurgeTo      index u64 | marker (rest) entries <= index are gone; marker is the caller's
 //!   5 RoundEnd     start u64                 closes a write round (group is 0): the round's
 //!                                            frames in this segment began at offset `start`
+//!   6 Forget       (no body)                 the group's entries, hard state and purge point
+//!                                            are gone (its replica left this node)
 //! ```
 //! A `RoundEnd` lets recovery tell a torn last round (which may be cut) from damage followed by
 //! later, acknowledged rounds (which must not be): see `recovery.rs`.
@@ -23,6 +25,7 @@ const KIND_HARD_STATE: u8 = 2;
 const KIND_TRUNCATE_FROM: u8 = 3;
 const KIND_PURGE_TO: u8 = 4;
 const KIND_ROUND_END: u8 = 5;
+const KIND_FORGET: u8 = 6;
 /// Payload bytes of a `RoundEnd` record (kind, group, start).
 pub const ROUND_END_PAYLOAD_BYTES: usize = 1 + 8 + 8;
 
@@ -67,6 +70,9 @@ pub enum Record {
     RoundEnd {
         start: u64,
     },
+    Forget {
+        group: GroupId,
+    },
 }
 
 /// A record to encode, borrowing its opaque parts.
@@ -93,6 +99,9 @@ pub enum RecordRef<'a> {
     RoundEnd {
         start: u64,
     },
+    Forget {
+        group: GroupId,
+    },
 }
 
 impl RecordRef<'_> {
@@ -105,6 +114,7 @@ impl RecordRef<'_> {
                 RecordRef::TruncateFrom { .. } => 8,
                 RecordRef::PurgeTo { marker, .. } => 8 + marker.len(),
                 RecordRef::RoundEnd { .. } => 8,
+                RecordRef::Forget { .. } => 0,
             }
     }
 
@@ -145,6 +155,7 @@ impl RecordRef<'_> {
                 put_head(out, KIND_ROUND_END, 0);
                 out.extend_from_slice(&start.to_le_bytes());
             }
+            RecordRef::Forget { group } => put_head(out, KIND_FORGET, group),
         }
         debug_assert_eq!(out.len() - start, self.encoded_len());
     }
@@ -248,6 +259,7 @@ impl Record {
             }
             KIND_ROUND_END if group == 0 => Record::RoundEnd { start: r.u64()? },
             KIND_ROUND_END => return Err("round end names a group"),
+            KIND_FORGET => Record::Forget { group },
             _ => return Err("record has an unknown kind"),
         };
         r.finish()?;
@@ -280,6 +292,7 @@ impl Record {
                 marker,
             },
             Record::RoundEnd { start } => RecordRef::RoundEnd { start: *start },
+            Record::Forget { group } => RecordRef::Forget { group: *group },
         }
     }
 }
@@ -320,6 +333,7 @@ mod tests {
                 }
             }),
             any::<u64>().prop_map(|start| Record::RoundEnd { start }),
+            any::<u64>().prop_map(|group| Record::Forget { group }),
         ]
     }
 

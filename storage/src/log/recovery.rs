@@ -288,6 +288,12 @@ pub(super) fn replay(
             let segments = &mut tail.segments;
             g.truncate(index, |loc| release(segments, loc));
         }
+        Record::Forget { group } => {
+            if let Some(mut g) = groups.remove(&group) {
+                let segments = &mut tail.segments;
+                g.drop_all(|loc| release(segments, loc));
+            }
+        }
         Record::RoundEnd { start } => {
             if start > offset || start < SEGMENT_HEADER_BYTES as u64 {
                 return Err("round end names a start outside its segment's frames");
