@@ -45,12 +45,33 @@ enum Command {
     /// Node maintenance.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Shard placement.
+    #[command(subcommand)]
+    Shard(ShardCommand),
     /// Clinical records of patients: create, read, history, everything, FHIR import and export.
     #[command(subcommand)]
     Patient(patient::PatientCommand),
     /// Start a local 3-node cluster, load demo patients, kill a leader under load, and show that
     /// nothing acknowledged was lost; then serve until Ctrl-C.
     Playground(playground::PlaygroundArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ShardCommand {
+    /// Move a shard's replica from one node to another: the target catches up as a learner,
+    /// then takes the source's place among the voters; the source drops its copy. Sent to the
+    /// meta group's leader (found through --seeds). Safe to repeat: an interrupted move is
+    /// finished by running it again.
+    Move {
+        /// The shard id (see `dossier cluster status`).
+        shard: u64,
+        /// The node that holds the replica now.
+        #[arg(long)]
+        from: u64,
+        /// The node that receives it (see `dossier node list`).
+        #[arg(long)]
+        to: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +140,18 @@ fn main() -> std::process::ExitCode {
             Command::Kv(c) => kv::run(&cli, c).await,
             Command::Patient(c) => patient::run(&cli, c).await,
             Command::Node(NodeCommand::Drain { address }) => drain(address, cli.timeout_ms).await,
+            Command::Shard(ShardCommand::Move { shard, from, to }) => {
+                let started = std::time::Instant::now();
+                let d = dossier_cli::ops::move_replica(&cli.seeds, *shard, *from, *to).await?;
+                println!(
+                    "shard {} moved from node {from} to node {to} in {:.2?}: replicas {:?}, epoch {}",
+                    d.shard_id,
+                    started.elapsed(),
+                    d.replicas,
+                    d.epoch
+                );
+                Ok(())
+            }
             Command::Node(NodeCommand::List) => {
                 let status = dossier_cli::ops::status(&cli.seeds, false).await?;
                 dossier_cli::ops::print_nodes(&status);

@@ -72,6 +72,53 @@ pub async fn init(
     bail!("cluster init did not complete within {deadline:?}: {last}")
 }
 
+/// Moves a shard's replica (`Admin.MoveReplica` on the meta leader, following leader hints);
+/// the catch-up of a large shard may take minutes, so the call may too.
+pub async fn move_replica(
+    seeds: &[String],
+    shard: u64,
+    from: u64,
+    to: u64,
+) -> Result<dossier_api::v1::ShardDescriptor> {
+    let mut targets: Vec<String> = seeds.iter().rev().cloned().collect();
+    let mut last = String::from("no seed given");
+    let mut asked = 0;
+    while let Some(target) = targets.pop() {
+        asked += 1;
+        if asked > 16 {
+            break;
+        }
+        let mut client = match admin(&target, Duration::from_secs(400)).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = format!("{target}: {e:#}");
+                continue;
+            }
+        };
+        let request = dossier_api::v1::MoveReplicaRequest {
+            shard_id: shard,
+            from_node: from,
+            to_node: to,
+        };
+        match client.move_replica(request).await {
+            Ok(r) => {
+                return r
+                    .into_inner()
+                    .shard
+                    .context("the node answered without the descriptor");
+            }
+            Err(status) => match decode_detail(&status) {
+                Some(d) if !d.leader_hint_address.is_empty() => targets.push(d.leader_hint_address),
+                Some(d) if d.reason == dossier_api::v1::ErrorReason::InvalidArgument as i32 => {
+                    bail!("move refused: {}", d.message)
+                }
+                _ => last = format!("{target}: {}", status.message()),
+            },
+        }
+    }
+    bail!("no node carried out the move (last: {last}); it is safe to run it again")
+}
+
 /// The current leader of `shard` among `replicas`: of the replicas that say they lead, the one
 /// with the highest term (a restarted former leader may still believe it leads an old term).
 pub fn leader_of(replicas: &[ShardStatus], shard: u64) -> Option<&ShardStatus> {

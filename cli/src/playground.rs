@@ -174,7 +174,8 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
     Ok(())
 }
 
-/// Starts one more node with `--join` and waits until the cluster map holds it.
+/// Starts one more node with `--join`, waits until the cluster map holds it, and moves a
+/// replica onto it.
 async fn join_a_node(
     root: &std::path::Path,
     bin: &std::path::Path,
@@ -207,9 +208,37 @@ async fn join_a_node(
         if status.map.nodes.iter().any(|n| n.node_id == id) {
             println!("node {id} joined in {:.2?}", started.elapsed());
             cluster::print_nodes(&status);
+            // One replica moves onto it: it catches up as a learner, then takes a voter's place.
+            let shard = status.map.shards.first().context("a shard")?;
+            let from = *shard.replicas.last().context("a replica")?;
+            mark(&format!(
+                "moving shard {}'s replica from node {from} to node {id}",
+                shard.shard_id
+            ));
+            let moving = Instant::now();
+            let d = cluster::move_replica(seeds, shard.shard_id, from, id).await?;
             println!(
-                "(it holds the map as a meta learner; replicas move onto new nodes once replica moves exist)"
+                "shard {} now on nodes {:?} (epoch {}), moved in {:.2?}",
+                d.shard_id,
+                d.replicas,
+                d.epoch,
+                moving.elapsed()
             );
+            // Every node applies the new map within moments; show it once the seeds have.
+            let shown = Instant::now();
+            let status = loop {
+                let status = cluster::status(seeds, false).await?;
+                let applied = status
+                    .map
+                    .shards
+                    .iter()
+                    .any(|s| s.shard_id == d.shard_id && s.epoch >= d.epoch);
+                if applied || shown.elapsed() > Duration::from_secs(5) {
+                    break status;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            cluster::print_nodes(&status);
             return Ok(node);
         }
         if started.elapsed() > Duration::from_secs(30) {

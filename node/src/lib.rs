@@ -17,6 +17,7 @@ mod leadership;
 mod membership;
 mod meta;
 mod metrics;
+mod mover;
 mod node;
 mod propose;
 mod record_store;

@@ -49,6 +49,7 @@ pub fn plan(nodes: &[NodeInfo], shards: u32, replicas: u32) -> ClusterMap {
                 hash_hi_max: last,
                 replicas,
                 epoch: 1,
+                learners: Vec::new(),
             }
         })
         .collect();

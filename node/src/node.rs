@@ -212,14 +212,29 @@ impl Node {
         }
     }
 
-    /// Starts the replicas the map assigns to this node; the first replica of a shard initialises
-    /// its group. Called periodically; cheap when nothing changed.
+    /// Starts the replicas the map assigns to this node (voters and learners); the first replica
+    /// of a shard initialises its group. Drops the replicas of shards whose descriptor no longer
+    /// lists this node (a move took them away: the map changes only after the voters did).
+    /// Called periodically; cheap when nothing changed.
     pub async fn reconcile(&self) -> Result<()> {
         let Some(map) = self.refresh_map() else {
             return Ok(());
         };
         let me = self.node_id();
+        for (shard, _) in self.groups() {
+            let placed_elsewhere = map.shards.iter().any(|d| {
+                d.shard_id == shard && !d.replicas.contains(&me) && !d.learners.contains(&me)
+            });
+            if shard != META_SHARD && placed_elsewhere {
+                self.drop_replica(shard).await?;
+            }
+        }
         for d in &map.shards {
+            if d.learners.contains(&me) {
+                // An empty replica that the shard's leader fills as a learner.
+                self.ensure_group(d.shard_id).await?;
+                continue;
+            }
             if !d.replicas.contains(&me) {
                 continue;
             }
@@ -236,6 +251,46 @@ impl Node {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Removes a replica from this node: its group stops, its state, its log and its snapshots
+    /// go. Placed here again later, it starts empty and is filled by the leader.
+    pub(crate) async fn drop_replica(&self, shard: ShardId) -> Result<()> {
+        let removed = self
+            .groups
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&shard);
+        let Some((raft, _proposer)) = removed else {
+            return Ok(());
+        };
+        if let Err(e) = raft.shutdown().await {
+            warn!(shard, error = %e, "the dropped replica's group did not stop cleanly");
+        }
+        drop(raft);
+        match self.ctx.store.remove_shard(shard) {
+            Ok(()) | Err(dossier_storage::Error::ShardMissing { .. }) => {}
+            Err(e) => return Err(e).context("remove the replica's state"),
+        }
+        let engine = Arc::clone(&self.ctx.engine);
+        tokio::task::spawn_blocking(move || {
+            let mut batch = dossier_storage::WriteBatch::new();
+            batch.forget(shard);
+            engine.write(batch)
+        })
+        .await
+        .context("forget the replica's log")?
+        .context("forget the replica's log")?;
+        match std::fs::remove_dir_all(self.ctx.snapshot_dir(shard)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(shard, error = %e, "the dropped replica's snapshots were not removed"),
+        }
+        info!(
+            shard,
+            "replica dropped: the map places this shard on other nodes"
+        );
         Ok(())
     }
 
@@ -354,7 +409,7 @@ impl Node {
         Ok(())
     }
 
-    fn not_leader(
+    pub(crate) fn not_leader(
         &self,
         shard: ShardId,
         leader: Option<u64>,

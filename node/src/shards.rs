@@ -222,7 +222,7 @@ async fn remote(
 }
 
 /// The node-side error a peer's status stands for (its `ErrorDetail`), or Unavailable.
-fn from_status(status: &Status) -> ApiError {
+pub(crate) fn from_status(status: &Status) -> ApiError {
     let detail = dossier_api::error_detail(status.details());
     let reason = detail
         .as_ref()
@@ -302,6 +302,16 @@ fn deadline_of<T>(request: &Request<T>, node: &Node) -> Duration {
 
 #[tonic::async_trait]
 impl ShardAccess for ShardAccessService {
+    async fn change_replicas(
+        &self,
+        request: Request<dossier_api::raft::v1::ChangeReplicasRequest>,
+    ) -> Result<Response<dossier_api::raft::v1::ChangeReplicasResponse>, Status> {
+        let voters = self.node.change_replicas_here(request.get_ref()).await?;
+        Ok(Response::new(
+            dossier_api::raft::v1::ChangeReplicasResponse { voters },
+        ))
+    }
+
     async fn read(
         &self,
         request: Request<ShardReadRequest>,

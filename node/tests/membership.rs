@@ -160,3 +160,191 @@ async fn join_cluster(cluster: &TestCluster, node: &TestNode) -> Result<(), Stri
     }
     Err(last)
 }
+
+/// The meta leader's admin client (the node that accepts a map change).
+async fn meta_leader_admin(
+    cluster: &TestCluster,
+) -> dossier_api::v1::admin_client::AdminClient<tonic::transport::Channel> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for i in 0..cluster.nodes.len() {
+            let replicas = cluster.replicas().await;
+            if replicas
+                .iter()
+                .any(|r| r.shard_id == 0 && r.role == "leader" && r.node_id == cluster.nodes[i].id)
+            {
+                return cluster.admin(i).await;
+            }
+        }
+        assert!(Instant::now() < deadline, "the meta group has no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A shard's replica moves from its leader's node to a node that just joined, while writers
+/// keep writing to it: no acknowledged write is lost, the map names the new replica with a new
+/// epoch, the new node serves the data, and the old node drops its replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_moves_to_a_joined_node_under_writes() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let cluster = TestCluster::start(3, 2, 3, &|_| {}).await;
+    let name = cluster.nodes[0].config.cluster_name.clone();
+    let seed = cluster.nodes[0].grpc.clone();
+    let mut joiner = TestNode::new(4, cluster.dir.path().join("n4"), &|c| {
+        c.join = vec![seed.clone()];
+        c.cluster_name = name.clone();
+    });
+    joiner.start();
+    let client = cluster.client().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client
+        .refresh_map()
+        .await
+        .unwrap()
+        .nodes
+        .iter()
+        .any(|n| n.node_id == 4)
+    {
+        assert!(Instant::now() < deadline, "node 4 did not join");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let patients: Vec<String> = (0..4)
+        .map(|i| common::patient_in_shard(&client, 1, &format!("move{i}")))
+        .collect();
+    for p in &patients {
+        for k in 0..50 {
+            client
+                .put(p, format!("before-{k}").as_bytes(), b"v")
+                .await
+                .unwrap();
+        }
+    }
+    // Writers run through the whole move.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = patients
+        .iter()
+        .cloned()
+        .map(|p| {
+            let (client, stop) = (client.clone(), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let key = format!("during-{n}");
+                    if client.put(&p, key.as_bytes(), b"v").await.is_ok() {
+                        acked.push(key);
+                    }
+                }
+                (p, acked)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Move the replica on the shard's leader: the leader hands over first.
+    let from = cluster.leader_of(1).await.unwrap();
+    let mut admin = meta_leader_admin(&cluster).await;
+    let moved = admin
+        .move_replica(dossier_api::v1::MoveReplicaRequest {
+            shard_id: 1,
+            from_node: from,
+            to_node: 4,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .shard
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut during = 0;
+    for w in writers {
+        let (p, acked) = w.await.unwrap();
+        for key in &acked {
+            assert_eq!(
+                client.get(&p, key.as_bytes()).await.unwrap().as_deref(),
+                Some(&b"v"[..]),
+                "{p}/{key} acknowledged during the move, then lost"
+            );
+        }
+        during += acked.len();
+    }
+    assert!(during > 0, "writes went on during the move");
+    assert!(
+        moved.replicas.contains(&4) && !moved.replicas.contains(&from),
+        "{moved:?}"
+    );
+    assert_eq!(moved.epoch, 2);
+    assert!(moved.learners.is_empty());
+    for p in &patients {
+        for k in 0..50 {
+            assert!(
+                client
+                    .get(p, format!("before-{k}").as_bytes())
+                    .await
+                    .unwrap()
+                    .is_some()
+            );
+        }
+    }
+    // The new node holds the data (a stale read served by it alone), the old one drops it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let replicas = cluster.replicas().await;
+        let on_old = replicas
+            .iter()
+            .any(|r| r.shard_id == 1 && r.node_id == from);
+        if !on_old {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {from} kept its replica of shard 1"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut kv = dossier_api::v1::kv_client::KvClient::connect(format!("http://{}", joiner.grpc))
+        .await
+        .unwrap();
+    let got = kv
+        .get(dossier_api::v1::GetRequest {
+            route: Some(dossier_api::v1::RouteHeader {
+                patient_id: patients[0].clone(),
+                ..Default::default()
+            }),
+            key: b"before-7".to_vec(),
+            consistency: dossier_api::v1::ReadConsistency::Stale as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.found, "node 4 serves the moved shard's data");
+    // Moving it again is a no-op answer; moving from a node without a replica is refused.
+    let again = admin
+        .move_replica(dossier_api::v1::MoveReplicaRequest {
+            shard_id: 1,
+            from_node: from,
+            to_node: 4,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .shard
+        .unwrap();
+    assert_eq!(again.epoch, 2);
+    let refused = admin
+        .move_replica(dossier_api::v1::MoveReplicaRequest {
+            shard_id: 1,
+            from_node: from,
+            to_node: 4 + 100,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        dossier_api::error_detail(refused.details()).unwrap().reason,
+        ErrorReason::InvalidArgument as i32
+    );
+    joiner.stop().await;
+}

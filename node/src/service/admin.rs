@@ -6,8 +6,8 @@ use std::time::Duration;
 use dossier_api::v1::admin_server::Admin;
 use dossier_api::v1::{
     ClusterMap, ClusterMapRequest, DrainRequest, DrainResponse, InitClusterRequest,
-    InitClusterResponse, JoinClusterRequest, JoinClusterResponse, NodeStatusRequest,
-    NodeStatusResponse, ShardStatus,
+    InitClusterResponse, JoinClusterRequest, JoinClusterResponse, MoveReplicaRequest,
+    MoveReplicaResponse, NodeStatusRequest, NodeStatusResponse, ShardStatus,
 };
 use dossier_raft::openraft::async_runtime::WatchReceiver;
 use tonic::{Request, Response, Status};
@@ -75,6 +75,18 @@ impl Admin for AdminService {
             .ok_or_else(|| ApiError::invalid("node", "is required"))?;
         let map = self.node.join_node(node, &request.cluster_name).await?;
         Ok(Response::new(JoinClusterResponse { map: Some(map) }))
+    }
+
+    async fn move_replica(
+        &self,
+        request: Request<MoveReplicaRequest>,
+    ) -> Result<Response<MoveReplicaResponse>, Status> {
+        let r = request.into_inner();
+        let shard = self
+            .node
+            .move_replica(r.shard_id, r.from_node, r.to_node)
+            .await?;
+        Ok(Response::new(MoveReplicaResponse { shard: Some(shard) }))
     }
 
     async fn node_status(

@@ -1,0 +1,308 @@
+//! Replica moves: a shard's replica goes from one node to another without the shard ever having
+//! fewer voters than before, and without a request routed by the old map being served wrongly.
+//!
+//! Run by the meta group's leader (`Node::move_replica`), every step checking what is done
+//! already, so that a move interrupted by a crash is finished by asking again:
+//! 1. the map lists the target among the shard's `learners`: the target starts an empty replica;
+//! 2. the shard's leader (`Node::change_replicas_here`, reached through the internal
+//!    `ShardAccess.ChangeReplicas`) adds the target as a Raft learner and waits until it has
+//!    caught up (by snapshot when far behind), then replaces the source by the target among the
+//!    voters through openraft's joint consensus; a leader that is the source hands its
+//!    leadership over first;
+//! 3. the map lists the target in the source's place among `replicas`, epoch + 1, so that clients
+//!    re-route (`STALE_EPOCH`);
+//! 4. the source sees that the map no longer lists it and drops its replica (`reconcile`).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use dossier_api::raft::v1::ChangeReplicasRequest;
+use dossier_api::raft::v1::shard_access_client::ShardAccessClient;
+use dossier_api::v1::{ClusterMap, NodeState, ShardDescriptor};
+use dossier_raft::openraft::async_runtime::WatchReceiver;
+use dossier_raft::openraft::{BasicNode, ChangeMembers, ServerState};
+use tracing::info;
+
+use crate::errors::ApiError;
+use crate::membership::MapChange;
+use crate::meta;
+use crate::node::Node;
+
+/// How long a new replica may take to catch up with its shard's leader.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(300);
+/// Beyond the catch-up, for reaching the shard's leader and changing the voters.
+const CHANGE_SLACK: Duration = Duration::from_secs(30);
+
+fn descriptor(map: &ClusterMap, shard: u64) -> Result<&ShardDescriptor, ApiError> {
+    map.shards
+        .iter()
+        .find(|d| d.shard_id == shard)
+        .ok_or_else(|| ApiError::invalid("shard_id", format!("shard {shard} is not in the map")))
+}
+
+/// Step 1: checks the move and lists `to` as a learner of the shard (unless done already).
+pub(crate) fn begin_move(
+    map: &ClusterMap,
+    shard: u64,
+    from: u64,
+    to: u64,
+) -> Result<MapChange, ApiError> {
+    let d = descriptor(map, shard)?;
+    if d.replicas.contains(&to) && !d.replicas.contains(&from) {
+        return Ok(MapChange::Unchanged); // finished already
+    }
+    if !d.replicas.contains(&from) {
+        return Err(ApiError::invalid(
+            "from_node",
+            format!(
+                "node {from} holds no replica of shard {shard} (replicas {:?})",
+                d.replicas
+            ),
+        ));
+    }
+    if d.replicas.contains(&to) {
+        return Err(ApiError::invalid(
+            "to_node",
+            format!("node {to} holds a replica of shard {shard} already"),
+        ));
+    }
+    let node =
+        map.nodes.iter().find(|n| n.node_id == to).ok_or_else(|| {
+            ApiError::invalid("to_node", format!("node {to} is not in the cluster"))
+        })?;
+    if node.state != NodeState::Up as i32 {
+        return Err(ApiError::invalid(
+            "to_node",
+            format!("node {to} is not up; replicas go only to nodes that are"),
+        ));
+    }
+    if d.learners.contains(&to) {
+        return Ok(MapChange::Unchanged);
+    }
+    let mut next = map.clone();
+    let d = next
+        .shards
+        .iter_mut()
+        .find(|d| d.shard_id == shard)
+        .expect("found above");
+    d.learners.push(to);
+    Ok(MapChange::Next(next))
+}
+
+/// Step 3: `to` in `from`'s place among the replicas (same position: the preferred leader
+/// moves with it), no longer a learner, epoch + 1.
+pub(crate) fn finish_move(
+    map: &ClusterMap,
+    shard: u64,
+    from: u64,
+    to: u64,
+) -> Result<MapChange, ApiError> {
+    let d = descriptor(map, shard)?;
+    if d.replicas.contains(&to) && !d.replicas.contains(&from) {
+        return Ok(MapChange::Unchanged);
+    }
+    let mut next = map.clone();
+    let d = next
+        .shards
+        .iter_mut()
+        .find(|d| d.shard_id == shard)
+        .expect("found above");
+    let Some(slot) = d.replicas.iter().position(|r| *r == from) else {
+        return Err(ApiError::invalid(
+            "from_node",
+            format!("node {from} holds no replica of shard {shard}"),
+        ));
+    };
+    d.replicas[slot] = to;
+    d.learners.retain(|l| *l != to);
+    d.epoch += 1;
+    Ok(MapChange::Next(next))
+}
+
+impl Node {
+    /// Moves the replica of `shard` on node `from` to node `to` (on the meta leader).
+    pub async fn move_replica(
+        &self,
+        shard: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<ShardDescriptor, ApiError> {
+        if shard == meta::META_SHARD {
+            return Err(ApiError::invalid(
+                "shard_id",
+                "the meta group's replicas are not moved this way",
+            ));
+        }
+        if from == to {
+            return Err(ApiError::invalid("to_node", "must differ from from_node"));
+        }
+        let map = self.change_map(|m| begin_move(m, shard, from, to)).await?;
+        let d = descriptor(&map, shard)?.clone();
+        if d.replicas.contains(&to) && !d.replicas.contains(&from) {
+            return Ok(d);
+        }
+        let address = meta::address(&map, to)
+            .ok_or_else(|| ApiError::invalid("to_node", format!("node {to} has no address")))?
+            .to_owned();
+        info!(
+            shard,
+            from, to, "replica move: the target catches up as a learner"
+        );
+        let voters = self
+            .change_replicas_on_leader(&d, to, &address, from)
+            .await?;
+        info!(shard, from, to, ?voters, "replica move: voters changed");
+        let map = self.change_map(|m| finish_move(m, shard, from, to)).await?;
+        let d = descriptor(&map, shard)?.clone();
+        info!(shard, from, to, epoch = d.epoch, "replica move: done");
+        Ok(d)
+    }
+
+    /// Runs the voter change on the shard's leader, wherever it is, following hints.
+    async fn change_replicas_on_leader(
+        &self,
+        d: &ShardDescriptor,
+        add: u64,
+        address: &str,
+        remove: u64,
+    ) -> Result<Vec<u64>, ApiError> {
+        let request = ChangeReplicasRequest {
+            shard_id: d.shard_id,
+            add_node: add,
+            add_address: address.to_owned(),
+            remove_node: remove,
+            catch_up_timeout_ms: CATCH_UP_TIMEOUT.as_millis() as u64,
+        };
+        let deadline = Instant::now() + CATCH_UP_TIMEOUT + CHANGE_SLACK;
+        let mut hint: Option<u64> = None;
+        let mut rotate = 0usize;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let target = hint
+                .or_else(|| self.known_leader(d.shard_id))
+                .filter(|t| d.replicas.contains(t) && rotate == 0)
+                .unwrap_or_else(|| d.replicas[rotate % d.replicas.len().max(1)]);
+            let result = if target == self.node_id() {
+                self.change_replicas_here(&request).await
+            } else {
+                let map = self
+                    .map()
+                    .ok_or_else(|| ApiError::ClusterState("no map".into()))?;
+                let addr = meta::address(&map, target)
+                    .ok_or_else(|| {
+                        ApiError::ClusterState(format!("node {target} is not in the map"))
+                    })?
+                    .to_owned();
+                let channel = self.peer_channel(&addr)?;
+                let mut call = tonic::Request::new(request.clone());
+                call.set_timeout(CATCH_UP_TIMEOUT + CHANGE_SLACK);
+                match ShardAccessClient::new(channel).change_replicas(call).await {
+                    Ok(r) => Ok(r.into_inner().voters),
+                    Err(status) => Err(crate::shards::from_status(&status)),
+                }
+            };
+            match result {
+                Ok(voters) => return Ok(voters),
+                Err(ApiError::NotLeader { leader, .. }) => {
+                    last = format!("node {target} does not lead shard {}", d.shard_id);
+                    match leader {
+                        Some((id, _)) if id != target => {
+                            hint = Some(id);
+                            rotate = 0;
+                        }
+                        _ => {
+                            hint = None;
+                            rotate += 1;
+                        }
+                    }
+                }
+                Err(e @ (ApiError::InvalidArgument { .. } | ApiError::Internal(_))) => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    hint = None;
+                    rotate += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(ApiError::Unavailable(format!(
+            "shard {}: the voters did not change in time (last: {last}); send the move again to finish it",
+            d.shard_id
+        )))
+    }
+
+    /// On the shard's leader: `add` becomes a caught-up learner, then a voter in `remove`'s
+    /// place. Idempotent.
+    pub(crate) async fn change_replicas_here(
+        &self,
+        r: &ChangeReplicasRequest,
+    ) -> Result<Vec<u64>, ApiError> {
+        let shard = r.shard_id;
+        let raft = self.group(shard).ok_or(ApiError::shard_not_found(shard))?;
+        let metrics = raft.metrics().borrow_watched().clone();
+        if metrics.state != ServerState::Leader {
+            return Err(self.not_leader(shard, metrics.current_leader, None));
+        }
+        let voters: BTreeSet<u64> = metrics.membership_config.membership().voter_ids().collect();
+        let mut wanted = voters.clone();
+        wanted.remove(&r.remove_node);
+        wanted.insert(r.add_node);
+        if wanted == voters {
+            return Ok(voters.into_iter().collect());
+        }
+        let me = self.node_id();
+        if r.remove_node == me {
+            // The leader leaves: hand the leadership to a voter that stays, then the caller
+            // retries on it.
+            if let Some(next) = voters
+                .iter()
+                .copied()
+                .find(|v| *v != me && wanted.contains(v))
+            {
+                raft.trigger()
+                    .transfer_leader(next)
+                    .await
+                    .map_err(|e| ApiError::Unavailable(format!("shard {shard}: {e}")))?;
+                return Err(self.not_leader(shard, Some(next), None));
+            }
+        }
+        let timeout = Duration::from_millis(r.catch_up_timeout_ms.max(1000));
+        if !voters.contains(&r.add_node) {
+            match tokio::time::timeout(
+                timeout,
+                raft.add_learner(r.add_node, BasicNode::new(&r.add_address), true),
+            )
+            .await
+            {
+                Err(_) => {
+                    return Err(ApiError::Unavailable(format!(
+                        "shard {shard}: node {} did not catch up within {timeout:?}",
+                        r.add_node
+                    )));
+                }
+                Ok(Err(e)) => return Err(raft_error(self, shard, &e)),
+                Ok(Ok(_)) => {}
+            }
+        }
+        raft.change_membership(ChangeMembers::ReplaceAllVoters(wanted.clone()), false)
+            .await
+            .map_err(|e| raft_error(self, shard, &e))?;
+        Ok(wanted.into_iter().collect())
+    }
+}
+
+fn raft_error(
+    node: &Node,
+    shard: u64,
+    e: &dossier_raft::openraft::errors::RaftError<
+        dossier_raft::TypeConfig,
+        dossier_raft::openraft::errors::ClientWriteError<dossier_raft::TypeConfig>,
+    >,
+) -> ApiError {
+    match e.forward_to_leader() {
+        Some(f) => node.not_leader(shard, f.leader_id, f.leader_node.as_ref()),
+        None => ApiError::Unavailable(format!("shard {shard}: {e}")),
+    }
+}
