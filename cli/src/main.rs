@@ -85,6 +85,21 @@ enum NodeCommand {
         /// The node's gRPC address (host:port).
         address: String,
     },
+    /// Decommission a node: it is marked draining, the placement driver moves its replicas to
+    /// other nodes one at a time (zones respected), its meta group vote goes to another node,
+    /// and it ends removed; then it may be stopped and its disk wiped. Refused when the other
+    /// up nodes could not hold every shard's replicas. Waits and prints progress unless
+    /// --no-wait; safe to repeat.
+    Remove {
+        /// The node id (see `dossier node list`).
+        id: u64,
+        /// Return once the node is marked draining.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting (the drain goes on) after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        wait_secs: u64,
+    },
 }
 
 async fn drain(address: &str, timeout_ms: u64) -> Result<()> {
@@ -142,7 +157,7 @@ fn main() -> std::process::ExitCode {
             Command::Node(NodeCommand::Drain { address }) => drain(address, cli.timeout_ms).await,
             Command::Shard(ShardCommand::Move { shard, from, to }) => {
                 let started = std::time::Instant::now();
-                let d = dossier_cli::ops::move_replica(&cli.seeds, *shard, *from, *to).await?;
+                let d = dossier_cli::elastic::move_replica(&cli.seeds, *shard, *from, *to).await?;
                 println!(
                     "shard {} moved from node {from} to node {to} in {:.2?}: replicas {:?}, epoch {}",
                     d.shard_id,
@@ -150,6 +165,28 @@ fn main() -> std::process::ExitCode {
                     d.replicas,
                     d.epoch
                 );
+                Ok(())
+            }
+            Command::Node(NodeCommand::Remove {
+                id,
+                no_wait,
+                wait_secs,
+            }) => {
+                let started = std::time::Instant::now();
+                dossier_cli::elastic::remove_node(&cli.seeds, *id).await?;
+                println!("node {id} is draining: its replicas move to other nodes");
+                if !*no_wait {
+                    dossier_cli::elastic::wait_removed(
+                        &cli.seeds,
+                        *id,
+                        Duration::from_secs(*wait_secs),
+                    )
+                    .await?;
+                    println!(
+                        "node {id} removed in {:.1?}: it holds nothing and may be stopped",
+                        started.elapsed()
+                    );
+                }
                 Ok(())
             }
             Command::Node(NodeCommand::List) => {

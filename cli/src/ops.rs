@@ -13,11 +13,14 @@ use dossier_api::v1::{
 use tonic::transport::Endpoint;
 
 /// The ErrorDetail of a status, if it carries one.
-fn decode_detail(status: &tonic::Status) -> Option<ErrorDetail> {
+pub(crate) fn decode_detail(status: &tonic::Status) -> Option<ErrorDetail> {
     dossier_api::error_detail(status.details())
 }
 
-async fn admin(addr: &str, timeout: Duration) -> Result<AdminClient<tonic::transport::Channel>> {
+pub(crate) async fn admin(
+    addr: &str,
+    timeout: Duration,
+) -> Result<AdminClient<tonic::transport::Channel>> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .with_context(|| format!("address {addr:?}"))?
         .connect_timeout(Duration::from_millis(500))
@@ -72,53 +75,6 @@ pub async fn init(
     bail!("cluster init did not complete within {deadline:?}: {last}")
 }
 
-/// Moves a shard's replica (`Admin.MoveReplica` on the meta leader, following leader hints);
-/// the catch-up of a large shard may take minutes, so the call may too.
-pub async fn move_replica(
-    seeds: &[String],
-    shard: u64,
-    from: u64,
-    to: u64,
-) -> Result<dossier_api::v1::ShardDescriptor> {
-    let mut targets: Vec<String> = seeds.iter().rev().cloned().collect();
-    let mut last = String::from("no seed given");
-    let mut asked = 0;
-    while let Some(target) = targets.pop() {
-        asked += 1;
-        if asked > 16 {
-            break;
-        }
-        let mut client = match admin(&target, Duration::from_secs(400)).await {
-            Ok(c) => c,
-            Err(e) => {
-                last = format!("{target}: {e:#}");
-                continue;
-            }
-        };
-        let request = dossier_api::v1::MoveReplicaRequest {
-            shard_id: shard,
-            from_node: from,
-            to_node: to,
-        };
-        match client.move_replica(request).await {
-            Ok(r) => {
-                return r
-                    .into_inner()
-                    .shard
-                    .context("the node answered without the descriptor");
-            }
-            Err(status) => match decode_detail(&status) {
-                Some(d) if !d.leader_hint_address.is_empty() => targets.push(d.leader_hint_address),
-                Some(d) if d.reason == dossier_api::v1::ErrorReason::InvalidArgument as i32 => {
-                    bail!("move refused: {}", d.message)
-                }
-                _ => last = format!("{target}: {}", status.message()),
-            },
-        }
-    }
-    bail!("no node carried out the move (last: {last}); it is safe to run it again")
-}
-
 /// The current leader of `shard` among `replicas`: of the replicas that say they lead, the one
 /// with the highest term (a restarted former leader may still believe it leads an old term).
 pub fn leader_of(replicas: &[ShardStatus], shard: u64) -> Option<&ShardStatus> {
@@ -139,9 +95,11 @@ pub struct Status {
     pub keys_counted: bool,
 }
 
-pub async fn status(seeds: &[String], count_keys: bool) -> Result<Status> {
-    let mut map = None;
-    let mut last = String::new();
+/// The newest cluster map any seed gives (a node that fell behind or left the cluster may give
+/// an older one, or refuse).
+pub async fn fresh_map(seeds: &[String]) -> Result<ClusterMap> {
+    let mut best: Option<ClusterMap> = None;
+    let mut last = String::from("no seed given");
     for seed in seeds {
         match admin(seed, Duration::from_secs(2))
             .await?
@@ -149,17 +107,26 @@ pub async fn status(seeds: &[String], count_keys: bool) -> Result<Status> {
             .await
         {
             Ok(m) => {
-                map = Some(m.into_inner());
-                break;
+                let m = m.into_inner();
+                if best.as_ref().is_none_or(|b| b.version < m.version) {
+                    best = Some(m);
+                }
             }
             Err(e) => last = format!("{seed}: {}", e.message()),
         }
     }
-    let map = map.with_context(|| format!("no seed gave the cluster map ({last})"))?;
+    best.with_context(|| format!("no seed gave the cluster map ({last})"))
+}
+
+pub async fn status(seeds: &[String], count_keys: bool) -> Result<Status> {
+    let map = fresh_map(seeds).await?;
     let mut replicas = Vec::new();
     let mut disk = BTreeMap::new();
     let mut unreachable = Vec::new();
     for node in &map.nodes {
+        if node.state == dossier_api::v1::NodeState::Removed as i32 {
+            continue;
+        }
         match admin(&node.address, Duration::from_secs(2))
             .await?
             .node_status(NodeStatusRequest { count_keys })

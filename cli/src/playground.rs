@@ -216,7 +216,7 @@ async fn join_a_node(
                 shard.shard_id
             ));
             let moving = Instant::now();
-            let d = cluster::move_replica(seeds, shard.shard_id, from, id).await?;
+            let d = dossier_cli::elastic::move_replica(seeds, shard.shard_id, from, id).await?;
             println!(
                 "shard {} now on nodes {:?} (epoch {}), moved in {:.2?}",
                 d.shard_id,

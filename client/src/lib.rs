@@ -219,6 +219,12 @@ impl Client {
                         last = format!("{addr}: the map has no shards");
                         continue;
                     }
+                    let known = self.cluster_map().map_or(0, |m| m.version);
+                    if map.version < known {
+                        // A node that fell behind (or left the cluster): the map never goes back.
+                        last = format!("{addr}: map version {} is older than {known}", map.version);
+                        continue;
+                    }
                     *self.inner.map.write().unwrap_or_else(|e| e.into_inner()) =
                         Some(Arc::new(map.clone()));
                     return Ok(map);

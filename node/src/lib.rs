@@ -19,6 +19,7 @@ mod meta;
 mod metrics;
 mod mover;
 mod node;
+mod placement;
 mod propose;
 mod record_store;
 mod service;
@@ -157,6 +158,26 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
     };
 
     let compactor = tokio::spawn(compactor::run(Arc::clone(&node), serving_rx.clone()));
+    // The placement driver acts only while this node leads the meta group; a move may take
+    // minutes, so it runs beside reconcile, never inside it.
+    let placement = {
+        let node = Arc::clone(&node);
+        let mut serving = serving_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let busy = node.drive_placement().await;
+                let pause = if busy {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::from_secs(1)
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = serving.wait_for(|stop| *stop) => return,
+                }
+            }
+        })
+    };
 
     wait_for_stop(stop).await;
     info!("stopping: handing leaderships over");
@@ -168,6 +189,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
     );
     let _ = serving_tx.send(true);
     reconcile.abort();
+    placement.abort();
     compactor.abort();
     match grpc.await {
         Ok(Err(e)) => error!(error = %e, "gRPC server failed"),

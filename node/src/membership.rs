@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use dossier_api::v1::admin_client::AdminClient;
-use dossier_api::v1::{ClusterMap, ErrorReason, JoinClusterRequest, NodeInfo};
+use dossier_api::v1::{ClusterMap, ErrorReason, JoinClusterRequest, NodeInfo, NodeState};
 use dossier_raft::openraft::BasicNode;
 use dossier_raft::openraft::async_runtime::WatchReceiver;
 use dossier_storage::{Batch, Command, Condition, Expect, Op, Outcome};
@@ -47,6 +47,15 @@ pub(crate) fn add_node(map: &ClusterMap, node: &NodeInfo) -> Result<MapChange, A
         ));
     }
     if let Some(known) = map.nodes.iter().find(|n| n.node_id == node.node_id) {
+        if known.state == NodeState::Removed as i32 {
+            return Err(ApiError::invalid(
+                "node.node_id",
+                format!(
+                    "node {} was removed from the cluster; a node that comes back needs a new id and an empty data directory",
+                    node.node_id
+                ),
+            ));
+        }
         if known.address != node.address {
             return Err(ApiError::invalid(
                 "node.node_id",

@@ -348,3 +348,149 @@ async fn a_replica_moves_to_a_joined_node_under_writes() {
     );
     joiner.stop().await;
 }
+
+/// A node is removed from a 4-node cluster: refused while only 3 nodes are up, then, with a
+/// fourth joined, its replicas move to the others, its meta vote goes to the new node, and it
+/// ends removed, holding nothing; no acknowledged write is lost and the cluster keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_hands_everything_over() {
+    let cluster = TestCluster::start(3, 3, 3, &|_| {}).await;
+    let client = cluster.client().await;
+    let patients: Vec<String> = (1..=3)
+        .map(|s| common::patient_in_shard(&client, s, "remove"))
+        .collect();
+    for p in &patients {
+        for k in 0..20 {
+            client
+                .put(p, format!("k{k}").as_bytes(), b"v")
+                .await
+                .unwrap();
+        }
+    }
+    // Three nodes for shards of three replicas: removing one is refused.
+    let mut admin = meta_leader_admin(&cluster).await;
+    let refused = admin
+        .remove_node(dossier_api::v1::RemoveNodeRequest { node_id: 3 })
+        .await
+        .unwrap_err();
+    let detail = dossier_api::error_detail(refused.details()).unwrap();
+    assert!(detail.message.contains("add a node first"), "{detail:?}");
+
+    let name = cluster.nodes[0].config.cluster_name.clone();
+    let seeds = cluster.seeds();
+    let mut joiner = TestNode::new(4, cluster.dir.path().join("n4"), &|c| {
+        c.join = seeds.clone();
+        c.cluster_name = name.clone();
+    });
+    joiner.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client
+        .refresh_map()
+        .await
+        .unwrap()
+        .nodes
+        .iter()
+        .any(|n| n.node_id == 4)
+    {
+        assert!(Instant::now() < deadline, "node 4 did not join");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Remove node 1 (a meta voter, holding a replica of every shard).
+    let mut admin = meta_leader_admin(&cluster).await;
+    admin
+        .remove_node(dossier_api::v1::RemoveNodeRequest { node_id: 1 })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let map = loop {
+        let map = client.refresh_map().await.unwrap();
+        let state = map.nodes.iter().find(|n| n.node_id == 1).unwrap().state;
+        if state == dossier_api::v1::NodeState::Removed as i32 {
+            break map;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 1 was not removed within 90 s: {:?}",
+            map
+        );
+        // Writes go on meanwhile.
+        client.put(&patients[0], b"during", b"v").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for d in &map.shards {
+        assert!(!d.replicas.contains(&1) && d.learners.is_empty(), "{d:?}");
+        assert!(d.replicas.contains(&4), "node 4 took node 1's place: {d:?}");
+    }
+    for p in &patients {
+        for k in 0..20 {
+            assert!(
+                client
+                    .get(p, format!("k{k}").as_bytes())
+                    .await
+                    .unwrap()
+                    .is_some()
+            );
+        }
+    }
+    assert!(client.get(&patients[0], b"during").await.unwrap().is_some());
+    // Node 1 ends holding no shard replica, and the meta group has node 4's vote instead.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let replicas = cluster.replicas().await;
+        let on_1: Vec<u64> = replicas
+            .iter()
+            .filter(|r| r.node_id == 1 && r.shard_id != 0)
+            .map(|r| r.shard_id)
+            .collect();
+        if on_1.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 1 still holds {on_1:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut status =
+        dossier_api::v1::admin_client::AdminClient::connect(format!("http://{}", joiner.grpc))
+            .await
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let meta_on_4 = status
+            .node_status(dossier_api::v1::NodeStatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .shards
+            .into_iter()
+            .find(|s| s.shard_id == 0)
+            .unwrap();
+        if meta_on_4.role != "learner" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 4 never got a meta group vote"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The removed node no longer hands out the map, which stopped changing there.
+    let mut on_1 = dossier_api::v1::admin_client::AdminClient::connect(format!(
+        "http://{}",
+        cluster.nodes[0].grpc
+    ))
+    .await
+    .unwrap();
+    let refused = on_1
+        .get_cluster_map(dossier_api::v1::ClusterMapRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    // Removing it again is refused.
+    let mut admin = meta_leader_admin(&cluster).await;
+    assert!(
+        admin
+            .remove_node(dossier_api::v1::RemoveNodeRequest { node_id: 1 })
+            .await
+            .is_err()
+    );
+    joiner.stop().await;
+}

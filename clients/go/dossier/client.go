@@ -164,6 +164,12 @@ func (c *Client) RefreshMap(ctx context.Context) (*pb.ClusterMap, error) {
 			continue
 		}
 		c.mu.Lock()
+		if c.clusters != nil && m.Version < c.clusters.Version {
+			// A node that fell behind (or left the cluster): the map never goes back.
+			c.mu.Unlock()
+			last = fmt.Sprintf("%s: map version %d is older than %d", addr, m.Version, c.clusters.Version)
+			continue
+		}
 		c.clusters = m
 		c.mu.Unlock()
 		return m, nil

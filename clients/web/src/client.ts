@@ -180,6 +180,11 @@ export class DossierClient {
           last = `${address}: the map has no shards`;
           continue;
         }
+        if (this.map !== undefined && m.version < this.map.version) {
+          // A node that fell behind (or left the cluster): the map never goes back.
+          last = `${address}: map version ${m.version} is older than ${this.map.version}`;
+          continue;
+        }
         this.map = m;
         return m;
       } catch (err) {

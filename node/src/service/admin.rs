@@ -7,7 +7,8 @@ use dossier_api::v1::admin_server::Admin;
 use dossier_api::v1::{
     ClusterMap, ClusterMapRequest, DrainRequest, DrainResponse, InitClusterRequest,
     InitClusterResponse, JoinClusterRequest, JoinClusterResponse, MoveReplicaRequest,
-    MoveReplicaResponse, NodeStatusRequest, NodeStatusResponse, ShardStatus,
+    MoveReplicaResponse, NodeState, NodeStatusRequest, NodeStatusResponse, RemoveNodeRequest,
+    RemoveNodeResponse, ShardStatus,
 };
 use dossier_raft::openraft::async_runtime::WatchReceiver;
 use tonic::{Request, Response, Status};
@@ -50,6 +51,18 @@ impl Admin for AdminService {
             .node
             .map()
             .ok_or_else(|| ApiError::ClusterState("the cluster is not initialised".into()))?;
+        let me = self.node.node_id();
+        if map
+            .nodes
+            .iter()
+            .any(|n| n.node_id == me && n.state == NodeState::Removed as i32)
+        {
+            // Its copy of the map stops changing once it leaves the meta group.
+            return Err(ApiError::Unavailable(format!(
+                "node {me} is removed from the cluster; ask another node"
+            ))
+            .into());
+        }
         Ok(Response::new(map))
     }
 
@@ -87,6 +100,14 @@ impl Admin for AdminService {
             .move_replica(r.shard_id, r.from_node, r.to_node)
             .await?;
         Ok(Response::new(MoveReplicaResponse { shard: Some(shard) }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeResponse>, Status> {
+        let map = self.node.remove_node(request.into_inner().node_id).await?;
+        Ok(Response::new(RemoveNodeResponse { map: Some(map) }))
     }
 
     async fn node_status(

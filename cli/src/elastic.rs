@@ -1,0 +1,132 @@
+//! Changes to the cluster's shape, sent to the meta group's leader (found by following leader
+//! hints from the seeds): replica moves and node removal. Each is safe to repeat.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use dossier_api::v1::admin_client::AdminClient;
+use dossier_api::v1::{
+    ClusterMap, ErrorReason, MoveReplicaRequest, NodeState, RemoveNodeRequest, ShardDescriptor,
+};
+use tonic::transport::Channel;
+
+use crate::ops::{admin, decode_detail};
+
+/// At most this many nodes are asked per call (seeds plus leader hints).
+const MAX_ASKED: usize = 16;
+
+/// Calls `call` on the meta group's leader: tries the seeds in order and follows leader hints;
+/// an INVALID_ARGUMENT answer is final (`what` refused: message).
+async fn on_meta_leader<T, F, Fut>(
+    seeds: &[String],
+    timeout: Duration,
+    what: &str,
+    mut call: F,
+) -> Result<T>
+where
+    F: FnMut(AdminClient<Channel>) -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let mut targets: Vec<String> = seeds.iter().rev().cloned().collect();
+    let mut last = String::from("no seed given");
+    let mut asked = 0;
+    while let Some(target) = targets.pop() {
+        asked += 1;
+        if asked > MAX_ASKED {
+            break;
+        }
+        let client = match admin(&target, timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = format!("{target}: {e:#}");
+                continue;
+            }
+        };
+        match call(client).await {
+            Ok(answer) => return Ok(answer),
+            Err(status) => match decode_detail(&status) {
+                Some(d) if !d.leader_hint_address.is_empty() => targets.push(d.leader_hint_address),
+                Some(d) if d.reason == ErrorReason::InvalidArgument as i32 => {
+                    bail!("{what} refused: {}", d.message)
+                }
+                _ => last = format!("{target}: {}", status.message()),
+            },
+        }
+    }
+    bail!("no node carried out the {what} (last: {last}); it is safe to run it again")
+}
+
+/// Moves a shard's replica (`Admin.MoveReplica`); the catch-up of a large shard may take
+/// minutes, so the call may too.
+pub async fn move_replica(
+    seeds: &[String],
+    shard: u64,
+    from: u64,
+    to: u64,
+) -> Result<ShardDescriptor> {
+    let request = MoveReplicaRequest {
+        shard_id: shard,
+        from_node: from,
+        to_node: to,
+    };
+    on_meta_leader(seeds, Duration::from_secs(400), "move", |mut c| {
+        let request = request.clone();
+        async move { c.move_replica(request).await }
+    })
+    .await?
+    .into_inner()
+    .shard
+    .context("the node answered without the descriptor")
+}
+
+/// Starts decommissioning a node (`Admin.RemoveNode`): it is marked draining and the placement
+/// driver moves its replicas away. Returns the map that marks it.
+pub async fn remove_node(seeds: &[String], node: u64) -> Result<ClusterMap> {
+    on_meta_leader(
+        seeds,
+        Duration::from_secs(15),
+        "removal",
+        |mut c| async move { c.remove_node(RemoveNodeRequest { node_id: node }).await },
+    )
+    .await?
+    .into_inner()
+    .map
+    .context("the node answered without the map")
+}
+
+/// Waits until `node` is removed, printing each change of the number of replicas it still
+/// holds; gives up (the drain goes on) after `limit`.
+pub async fn wait_removed(seeds: &[String], node: u64, limit: Duration) -> Result<ClusterMap> {
+    let started = Instant::now();
+    let mut printed = None;
+    loop {
+        let map = crate::ops::fresh_map(seeds).await?;
+        let entry = map
+            .nodes
+            .iter()
+            .find(|n| n.node_id == node)
+            .with_context(|| format!("node {node} is not in the cluster map"))?;
+        if entry.state == NodeState::Removed as i32 {
+            return Ok(map);
+        }
+        let held = map
+            .shards
+            .iter()
+            .filter(|d| d.replicas.contains(&node) || d.learners.contains(&node))
+            .count();
+        if printed != Some(held) {
+            println!(
+                "[{:>6.1?}] node {node} holds {held} replicas",
+                started.elapsed()
+            );
+            printed = Some(held);
+        }
+        if started.elapsed() > limit {
+            bail!(
+                "node {node} still holds {held} replicas after {limit:?}; the drain goes on (see `dossier node list`)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -1,0 +1,353 @@
+//! The placement driver, on the meta group's leader: it drains the nodes being removed, one
+//! replica move at a time, choosing targets that keep a shard's replicas in distinct zones where
+//! zones allow and that hold the fewest replicas; then it marks the node removed (while the node
+//! still follows the map, so that it learns it and stops handing the map out) and hands its meta
+//! group vote to another node. Every round starts from the map, so a drain
+//! interrupted by a crash or a change of meta leader resumes where it stood.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use dossier_api::v1::{ClusterMap, NodeState};
+use dossier_raft::openraft::async_runtime::WatchReceiver;
+use dossier_raft::openraft::{BasicNode, ChangeMembers, ServerState};
+use tracing::{info, warn};
+
+use crate::errors::ApiError;
+use crate::membership::MapChange;
+use crate::meta::{self, META_SHARD};
+use crate::node::Node;
+
+/// How long the meta group's new voter may take to catch up.
+const META_CATCH_UP: Duration = Duration::from_secs(60);
+
+/// The node that should receive `shard`'s replica now on `leaving`: up, holding no copy of the
+/// shard, in a zone none of the shard's other replicas is in when one exists, and then the one
+/// holding the fewest replicas (lowest id on a tie).
+pub(crate) fn pick_target(map: &ClusterMap, shard: u64, leaving: u64) -> Option<u64> {
+    let d = map.shards.iter().find(|d| d.shard_id == shard)?;
+    let zone_of = |id: u64| {
+        map.nodes
+            .iter()
+            .find(|n| n.node_id == id)
+            .map_or("", |n| n.zone.as_str())
+    };
+    let used_zones: BTreeSet<&str> = d
+        .replicas
+        .iter()
+        .filter(|r| **r != leaving)
+        .map(|r| zone_of(*r))
+        .collect();
+    let load = |id: u64| {
+        map.shards
+            .iter()
+            .filter(|s| s.replicas.contains(&id) || s.learners.contains(&id))
+            .count()
+    };
+    map.nodes
+        .iter()
+        .filter(|n| n.state == NodeState::Up as i32)
+        .filter(|n| !d.replicas.contains(&n.node_id) && !d.learners.contains(&n.node_id))
+        .map(|n| {
+            let shares_zone = !n.zone.is_empty() && used_zones.contains(n.zone.as_str());
+            (shares_zone, load(n.node_id), n.node_id)
+        })
+        .min()
+        .map(|(_, _, id)| id)
+}
+
+/// Marks `node` draining, after checking that the shards keep enough nodes.
+pub(crate) fn begin_removal(map: &ClusterMap, node: u64) -> Result<MapChange, ApiError> {
+    let Some(entry) = map.nodes.iter().find(|n| n.node_id == node) else {
+        return Err(ApiError::invalid(
+            "node_id",
+            format!("node {node} is not in the cluster"),
+        ));
+    };
+    match NodeState::try_from(entry.state) {
+        Ok(NodeState::Draining) => return Ok(MapChange::Unchanged),
+        Ok(NodeState::Removed) => {
+            return Err(ApiError::invalid(
+                "node_id",
+                format!("node {node} is removed already"),
+            ));
+        }
+        _ => {}
+    }
+    let remaining = map
+        .nodes
+        .iter()
+        .filter(|n| n.node_id != node && n.state == NodeState::Up as i32)
+        .count();
+    let needed = map
+        .shards
+        .iter()
+        .map(|d| d.replicas.len())
+        .max()
+        .unwrap_or(0);
+    if remaining < needed {
+        return Err(ApiError::invalid(
+            "node_id",
+            format!(
+                "removing node {node} would leave {remaining} up nodes for shards of {needed} replicas: add a node first"
+            ),
+        ));
+    }
+    let mut next = map.clone();
+    for n in &mut next.nodes {
+        if n.node_id == node {
+            n.state = NodeState::Draining as i32;
+        }
+    }
+    Ok(MapChange::Next(next))
+}
+
+fn mark_removed(map: &ClusterMap, node: u64) -> Result<MapChange, ApiError> {
+    let mut next = map.clone();
+    let mut changed = false;
+    for n in &mut next.nodes {
+        if n.node_id == node && n.state == NodeState::Draining as i32 {
+            n.state = NodeState::Removed as i32;
+            changed = true;
+        }
+    }
+    if !changed {
+        return Ok(MapChange::Unchanged);
+    }
+    if next
+        .shards
+        .iter()
+        .any(|d| d.replicas.contains(&node) || d.learners.contains(&node))
+    {
+        return Err(ApiError::Unavailable(format!(
+            "node {node} still holds replicas; the drain goes on"
+        )));
+    }
+    Ok(MapChange::Next(next))
+}
+
+impl Node {
+    /// Starts decommissioning `node` (on the meta leader): marks it draining; the placement
+    /// driver does the rest.
+    pub async fn remove_node(&self, node: u64) -> Result<ClusterMap, ApiError> {
+        let map = self.change_map(|m| begin_removal(m, node)).await?;
+        info!(node, "node draining: its replicas move to other nodes");
+        Ok(map)
+    }
+
+    /// One round of the placement driver, when this node leads the meta group: one move off a
+    /// draining node, the end of a drain, or a removed node's exit from the meta group. Returns
+    /// whether it did anything.
+    pub async fn drive_placement(&self) -> bool {
+        let Some(meta) = self.group(META_SHARD) else {
+            return false;
+        };
+        if meta.metrics().borrow_watched().state != ServerState::Leader {
+            return false;
+        }
+        let Some(map) = self.map() else {
+            return false;
+        };
+        let draining: Vec<u64> = map
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Draining as i32)
+            .map(|n| n.node_id)
+            .collect();
+        for node in draining {
+            let held = map
+                .shards
+                .iter()
+                .find(|d| d.replicas.contains(&node) && d.learners.is_empty());
+            if let Some(d) = held {
+                let Some(target) = pick_target(&map, d.shard_id, node) else {
+                    warn!(
+                        node,
+                        shard = d.shard_id,
+                        "no node can take this replica; the drain waits"
+                    );
+                    return false;
+                };
+                info!(
+                    node,
+                    shard = d.shard_id,
+                    target,
+                    "draining: moving a replica"
+                );
+                if let Err(e) = self.move_replica(d.shard_id, node, target).await {
+                    warn!(node, shard = d.shard_id, target, error = %e, "draining: the move failed; it is retried");
+                }
+                return true;
+            }
+            if map
+                .shards
+                .iter()
+                .any(|d| d.replicas.contains(&node) || d.learners.contains(&node))
+            {
+                // A move in progress (a learner listed): its next round finishes it.
+                return false;
+            }
+            // Marked removed while still in the meta group, so that the node itself learns it
+            // and stops handing out the map.
+            match self.change_map(|m| mark_removed(m, node)).await {
+                Ok(_) => info!(node, "node removed: it holds no replica"),
+                Err(e) => warn!(node, error = %e, "draining: marking the node removed failed"),
+            }
+            return true;
+        }
+        let membership = meta
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .clone();
+        let removed_member = map
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Removed as i32)
+            .map(|n| n.node_id)
+            .find(|id| membership.get_node(id).is_some());
+        if let Some(node) = removed_member {
+            return match self.leave_meta_group(&map, node).await {
+                Ok(_) => true,
+                Err(e) => {
+                    warn!(node, error = %e, "the meta group change failed; it is retried");
+                    false
+                }
+            };
+        }
+        false
+    }
+
+    /// Takes `node` out of the meta group, giving its vote to an up node that has none.
+    /// Ok(false) when this node handed its own meta leadership over first (the next leader
+    /// carries on).
+    async fn leave_meta_group(&self, map: &ClusterMap, node: u64) -> Result<bool, ApiError> {
+        let meta = self
+            .group(META_SHARD)
+            .ok_or(ApiError::shard_not_found(META_SHARD))?;
+        let metrics = meta.metrics().borrow_watched().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let unavailable =
+            |e: &dyn std::fmt::Display| ApiError::Unavailable(format!("meta group: {e}"));
+        if voters.contains(&node) {
+            if node == self.node_id() {
+                let next = voters.iter().copied().find(|v| *v != node);
+                if let Some(next) = next {
+                    meta.trigger()
+                        .transfer_leader(next)
+                        .await
+                        .map_err(|e| unavailable(&e))?;
+                    return Ok(false);
+                }
+            }
+            let replacement = map
+                .nodes
+                .iter()
+                .filter(|n| n.state == NodeState::Up as i32 && !voters.contains(&n.node_id))
+                .map(|n| n.node_id)
+                .min();
+            let mut wanted = voters.clone();
+            wanted.remove(&node);
+            if let Some(r) = replacement {
+                let address = meta::address(map, r)
+                    .ok_or_else(|| ApiError::ClusterState(format!("node {r} has no address")))?;
+                tokio::time::timeout(
+                    META_CATCH_UP,
+                    meta.add_learner(r, BasicNode::new(address), true),
+                )
+                .await
+                .map_err(|_| {
+                    ApiError::Unavailable(format!("node {r} did not catch up with the meta group"))
+                })?
+                .map_err(|e| unavailable(&e))?;
+                wanted.insert(r);
+            }
+            meta.change_membership(ChangeMembers::ReplaceAllVoters(wanted), false)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            info!(
+                node,
+                ?replacement,
+                "the meta group's vote moved off the draining node"
+            );
+        } else if membership.get_node(&node).is_some() {
+            meta.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([node])), false)
+                .await
+                .map_err(|e| unavailable(&e))?;
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dossier_api::v1::NodeInfo;
+
+    use super::*;
+
+    fn map(zones: &[&str]) -> ClusterMap {
+        let nodes: Vec<NodeInfo> = zones
+            .iter()
+            .enumerate()
+            .map(|(i, z)| NodeInfo {
+                node_id: i as u64 + 1,
+                address: format!("10.0.0.{}:7000", i + 1),
+                zone: (*z).into(),
+                ..NodeInfo::default()
+            })
+            .collect();
+        meta::plan(&nodes[..3], 6, 3).clone_with_nodes(nodes)
+    }
+
+    trait WithNodes {
+        fn clone_with_nodes(self, nodes: Vec<NodeInfo>) -> ClusterMap;
+    }
+
+    impl WithNodes for ClusterMap {
+        fn clone_with_nodes(mut self, nodes: Vec<NodeInfo>) -> ClusterMap {
+            self.nodes = nodes;
+            self
+        }
+    }
+
+    #[test]
+    fn targets_avoid_shared_zones_then_load() {
+        // Nodes 1..3 hold every shard; 4 shares zone a with node 1, 5 is alone in zone d.
+        let m = map(&["a", "b", "c", "a", "d"]);
+        // Moving off node 2 (zone b): node 4 would put two replicas in zone a; node 5 does not.
+        assert_eq!(pick_target(&m, 1, 2), Some(5));
+        // Moving off node 1 (zone a): zone a is free again, both 4 and 5 fit; equal load, lowest id.
+        assert_eq!(pick_target(&m, 1, 1), Some(4));
+        // Without zones, the least loaded node wins.
+        let mut m = map(&["", "", "", "", ""]);
+        m.shards[1].replicas = vec![1, 2, 4];
+        assert_eq!(
+            pick_target(&m, 1, 2),
+            Some(5),
+            "node 4 holds a replica already"
+        );
+        // Nodes not up take nothing.
+        m.nodes[4].state = NodeState::Draining as i32;
+        assert_eq!(pick_target(&m, 1, 2), Some(4));
+    }
+
+    #[test]
+    fn removal_keeps_enough_nodes() {
+        let m = map(&["a", "b", "c"]);
+        let e = begin_removal(&m, 2).err().expect("3 replicas need 3 nodes");
+        assert!(e.to_string().contains("add a node first"), "{e}");
+        let m = map(&["a", "b", "c", "d"]);
+        let MapChange::Next(next) = begin_removal(&m, 2).unwrap() else {
+            panic!("marks it draining");
+        };
+        assert_eq!(next.nodes[1].state, NodeState::Draining as i32);
+        assert!(matches!(
+            begin_removal(&next, 2).unwrap(),
+            MapChange::Unchanged
+        ));
+        // Removed only once it holds nothing.
+        assert!(mark_removed(&next, 2).is_err());
+    }
+}
