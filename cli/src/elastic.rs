@@ -1,5 +1,5 @@
 //! Changes to the cluster's shape, sent to the meta group's leader (found by following leader
-//! hints from the seeds): replica moves and node removal. Each is safe to repeat.
+//! hints from the seeds): replica moves, shard splits and node removal. Each is safe to repeat.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use dossier_api::v1::admin_client::AdminClient;
 use dossier_api::v1::{
     ClusterMap, ErrorReason, MoveReplicaRequest, NodeState, RemoveNodeRequest, ShardDescriptor,
+    SplitShardRequest,
 };
 use tonic::transport::Channel;
 
@@ -78,6 +79,32 @@ pub async fn move_replica(
     .into_inner()
     .shard
     .context("the node answered without the descriptor")
+}
+
+/// Splits a shard at hash `at` (0: the middle patient); returns the shard and the new one.
+pub async fn split_shard(
+    seeds: &[String],
+    shard: u64,
+    at: u64,
+) -> Result<(ShardDescriptor, ShardDescriptor)> {
+    let r = on_meta_leader(
+        seeds,
+        Duration::from_secs(180),
+        "split",
+        |mut c| async move {
+            c.split_shard(SplitShardRequest {
+                shard_id: shard,
+                at,
+            })
+            .await
+        },
+    )
+    .await?
+    .into_inner();
+    Ok((
+        r.left.context("the node answered without the shard")?,
+        r.right.context("the node answered without the new shard")?,
+    ))
 }
 
 /// Starts decommissioning a node (`Admin.RemoveNode`): it is marked draining and the placement

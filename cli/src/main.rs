@@ -72,6 +72,17 @@ enum ShardCommand {
         #[arg(long)]
         to: u64,
     },
+    /// Split a shard in two: it keeps the lower part of its hash range and a new shard, on the
+    /// same nodes, takes the upper part from --at (default: the hash that leaves half of the
+    /// shard's patients on each side). A patient's records never span two shards. Clients
+    /// re-route by themselves. Safe to repeat: an interrupted split is finished, not repeated.
+    Split {
+        /// The shard id (see `dossier cluster status`).
+        shard: u64,
+        /// The first patient hash of the new shard (decimal), inside the shard's range.
+        #[arg(long)]
+        at: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -187,6 +198,25 @@ fn main() -> std::process::ExitCode {
                         started.elapsed()
                     );
                 }
+                Ok(())
+            }
+            Command::Shard(ShardCommand::Split { shard, at }) => {
+                let started = std::time::Instant::now();
+                let (left, right) =
+                    dossier_cli::elastic::split_shard(&cli.seeds, *shard, at.unwrap_or(0)).await?;
+                println!(
+                    "shard {} split in {:.2?}: shard {} keeps [{}, {}) (epoch {}), shard {} takes [{}, {}) on nodes {:?}",
+                    left.shard_id,
+                    started.elapsed(),
+                    left.shard_id,
+                    left.hash_lo,
+                    left.hash_hi,
+                    left.epoch,
+                    right.shard_id,
+                    right.hash_lo,
+                    if right.hash_hi_max { "end".to_owned() } else { right.hash_hi.to_string() },
+                    right.replicas
+                );
                 Ok(())
             }
             Command::Node(NodeCommand::List) => {

@@ -23,7 +23,9 @@ mod placement;
 mod propose;
 mod record_store;
 mod service;
+mod shard_leader;
 pub mod shards;
+mod splitter;
 mod web;
 
 use std::sync::Arc;

@@ -50,6 +50,7 @@ pub fn plan(nodes: &[NodeInfo], shards: u32, replicas: u32) -> ClusterMap {
                 replicas,
                 epoch: 1,
                 learners: Vec::new(),
+                split_from: 0,
             }
         })
         .collect();
@@ -57,6 +58,7 @@ pub fn plan(nodes: &[NodeInfo], shards: u32, replicas: u32) -> ClusterMap {
         nodes: nodes.to_vec(),
         shards: descriptors,
         version: 1,
+        next_shard_id: u64::from(shards) + 1,
     }
 }
 

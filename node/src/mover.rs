@@ -14,10 +14,9 @@
 //! 4. the source sees that the map no longer lists it and drops its replica (`reconcile`).
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dossier_api::raft::v1::ChangeReplicasRequest;
-use dossier_api::raft::v1::shard_access_client::ShardAccessClient;
 use dossier_api::v1::{ClusterMap, NodeState, ShardDescriptor};
 use dossier_raft::openraft::async_runtime::WatchReceiver;
 use dossier_raft::openraft::{BasicNode, ChangeMembers, ServerState};
@@ -173,64 +172,18 @@ impl Node {
             remove_node: remove,
             catch_up_timeout_ms: CATCH_UP_TIMEOUT.as_millis() as u64,
         };
-        let deadline = Instant::now() + CATCH_UP_TIMEOUT + CHANGE_SLACK;
-        let mut hint: Option<u64> = None;
-        let mut rotate = 0usize;
-        let mut last = String::new();
-        while Instant::now() < deadline {
-            let target = hint
-                .or_else(|| self.known_leader(d.shard_id))
-                .filter(|t| d.replicas.contains(t) && rotate == 0)
-                .unwrap_or_else(|| d.replicas[rotate % d.replicas.len().max(1)]);
-            let result = if target == self.node_id() {
-                self.change_replicas_here(&request).await
-            } else {
-                let map = self
-                    .map()
-                    .ok_or_else(|| ApiError::ClusterState("no map".into()))?;
-                let addr = meta::address(&map, target)
-                    .ok_or_else(|| {
-                        ApiError::ClusterState(format!("node {target} is not in the map"))
-                    })?
-                    .to_owned();
-                let channel = self.peer_channel(&addr)?;
+        self.on_shard_leader(
+            d,
+            CATCH_UP_TIMEOUT + CHANGE_SLACK,
+            "the voter change",
+            || self.change_replicas_here(&request),
+            |mut client| {
                 let mut call = tonic::Request::new(request.clone());
                 call.set_timeout(CATCH_UP_TIMEOUT + CHANGE_SLACK);
-                match ShardAccessClient::new(channel).change_replicas(call).await {
-                    Ok(r) => Ok(r.into_inner().voters),
-                    Err(status) => Err(crate::shards::from_status(&status)),
-                }
-            };
-            match result {
-                Ok(voters) => return Ok(voters),
-                Err(ApiError::NotLeader { leader, .. }) => {
-                    last = format!("node {target} does not lead shard {}", d.shard_id);
-                    match leader {
-                        Some((id, _)) if id != target => {
-                            hint = Some(id);
-                            rotate = 0;
-                        }
-                        _ => {
-                            hint = None;
-                            rotate += 1;
-                        }
-                    }
-                }
-                Err(e @ (ApiError::InvalidArgument { .. } | ApiError::Internal(_))) => {
-                    return Err(e);
-                }
-                Err(e) => {
-                    last = e.to_string();
-                    hint = None;
-                    rotate += 1;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Err(ApiError::Unavailable(format!(
-            "shard {}: the voters did not change in time (last: {last}); send the move again to finish it",
-            d.shard_id
-        )))
+                async move { Ok(client.change_replicas(call).await?.into_inner().voters) }
+            },
+        )
+        .await
     }
 
     /// On the shard's leader: `add` becomes a caught-up learner, then a voter in `remove`'s

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -25,6 +25,9 @@ use crate::propose::Proposer;
 
 /// Writes waiting for one group's proposal task; a writer beyond it waits, within its deadline.
 const PROPOSALS_QUEUED_MAX: usize = 1024;
+/// How long a node waits for its replica of a shard's parent to apply the split that builds the
+/// shard's replica here, before it starts the replica empty (filled by the shard's leader).
+const SPLIT_CHILD_WAIT: Duration = Duration::from_secs(30);
 /// Proposals handed to Raft at once (below `raft.entries-per-append-max`, so that one batch
 /// travels in one AppendEntries).
 const PROPOSALS_PER_BATCH_MAX: usize = 256;
@@ -47,6 +50,8 @@ pub struct Node {
     pub compactions: crate::compactor::CompactionCounts,
     /// Leaderships held here, for handing them back to preferred replicas (`leadership.rs`).
     pub(crate) leader_balance: crate::leadership::LeaderBalance,
+    /// Shards made by a split whose replica here waits for the parent's split (since when).
+    split_waits: Mutex<HashMap<ShardId, Instant>>,
 }
 
 fn leader_of(raft: &Raft) -> Option<u64> {
@@ -59,8 +64,13 @@ impl Node {
         std::fs::create_dir_all(&config.node.data_dir)
             .with_context(|| format!("create data directory {}", config.node.data_dir.display()))?;
         let engine = Arc::new(LogEngine::open(Arc::clone(&config.log)).context("open the log")?);
-        let store =
-            Arc::new(StateStore::open(Arc::clone(&config.state)).context("open the state store")?);
+        let store = Arc::new(
+            StateStore::open_with_route(
+                Arc::clone(&config.state),
+                Some(dossier_records::keys::route_hash),
+            )
+            .context("open the state store")?,
+        );
         let pool = PeerPool::new(NetworkConfig::default(), &config.node.cluster_name)
             .context("node.cluster-name")?;
         let vote_hold = VoteHold::at_start(&config.raft, &engine);
@@ -91,6 +101,7 @@ impl Node {
             incoming_seq: AtomicU64::new(0),
             compactions: crate::compactor::CompactionCounts::default(),
             leader_balance: crate::leadership::LeaderBalance::default(),
+            split_waits: Mutex::new(HashMap::new()),
         });
         // The meta group first, then every replica this node held before a restart: they resume
         // at once, before the map is read.
@@ -238,8 +249,15 @@ impl Node {
             if !d.replicas.contains(&me) {
                 continue;
             }
+            if d.split_from != 0 && !self.split_child_ready(d) {
+                continue;
+            }
             let raft = self.ensure_group(d.shard_id).await?;
-            if d.replicas.first() == Some(&me)
+            // Only shards made by `cluster init` start from nothing; a split's shard starts from
+            // the state its split built, and a moved replica from its leader's.
+            if d.epoch <= 1
+                && d.split_from == 0
+                && d.replicas.first() == Some(&me)
                 && !raft.is_initialized().await.context("query group state")?
             {
                 let members = members(&map, &d.replicas)?;
@@ -252,6 +270,29 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// Whether this node may start its replica of `d`, a shard made by a split: once its own
+    /// replica of the parent applied the split (which built this one), or when it holds no
+    /// replica of the parent, or after waiting `SPLIT_CHILD_WAIT` (the parent replica is far
+    /// behind, or caught up by a snapshot past the split): the new group's leader then fills
+    /// the empty replica.
+    fn split_child_ready(&self, d: &ShardDescriptor) -> bool {
+        if self.replica(d.shard_id).is_some() || self.group(d.split_from).is_none() {
+            return true;
+        }
+        let mut waiting = self.split_waits.lock().unwrap_or_else(|e| e.into_inner());
+        let since = *waiting.entry(d.shard_id).or_insert_with(Instant::now);
+        if since.elapsed() < SPLIT_CHILD_WAIT {
+            return false;
+        }
+        warn!(
+            shard = d.shard_id,
+            parent = d.split_from,
+            "this node's replica of the parent has not applied the split; starting the new shard's replica empty"
+        );
+        waiting.remove(&d.shard_id);
+        true
     }
 
     /// Removes a replica from this node: its group stops, its state, its log and its snapshots
@@ -460,14 +501,30 @@ impl Node {
             .observe(started.elapsed().as_secs_f64());
         match result {
             Err(_) => Err(ApiError::Deadline),
-            Ok(Ok(response)) => Ok((
-                response.response.outcome.unwrap_or(Outcome::Done),
-                response.log_id.index,
-            )),
+            Ok(Ok(response)) => match response.response.outcome.unwrap_or(Outcome::Done) {
+                Outcome::OutOfRange => Err(ApiError::Unavailable(format!(
+                    "shard {shard} split and no longer holds a key of this request; the cluster \
+                     map is being updated: refresh it and retry"
+                ))),
+                outcome => Ok((outcome, response.log_id.index)),
+            },
             Ok(Err(e)) => match e.forward_to_leader() {
                 Some(f) => Err(self.not_leader(shard, f.leader_id, f.leader_node.as_ref())),
                 None => Err(ApiError::Unavailable(format!("shard {shard}: {e}"))),
             },
+        }
+    }
+
+    /// Refuses (retryably) a request for `hash` on a replica that gave it away in a split which
+    /// this node's map may not show yet.
+    pub(crate) fn check_owned(&self, shard: ShardId, hash: u64) -> Result<(), ApiError> {
+        let range = self.replica(shard).and_then(|r| r.range());
+        match range {
+            Some(range) if !range.contains(hash) => Err(ApiError::Unavailable(format!(
+                "shard {shard} split and no longer holds this patient; the cluster map is being \
+                 updated: refresh it and retry"
+            ))),
+            _ => Ok(()),
         }
     }
 

@@ -44,6 +44,10 @@ impl ClusterShards {
         let replica = node
             .replica(shard)
             .ok_or(ApiError::shard_not_found(shard))?;
+        if let Some(key) = keys.iter().find(|k| !replica.owns(k)) {
+            let hash = dossier_records::keys::route_hash(key).unwrap_or_default();
+            node.check_owned(shard, hash)?;
+        }
         keys.iter()
             .map(|k| {
                 replica
@@ -75,11 +79,13 @@ impl ClusterShards {
         match outcome {
             Outcome::Applied | Outcome::Done => Ok((BatchResult::Applied, index)),
             Outcome::ConditionFailed { index: failed } => Ok((BatchResult::Failed(failed), index)),
-            Outcome::StaleSequence { .. } | Outcome::SessionExpired | Outcome::Replayed { .. } => {
-                Err(ApiError::Internal(
-                    "a sessionless batch got a session outcome".into(),
-                ))
-            }
+            Outcome::StaleSequence { .. }
+            | Outcome::SessionExpired
+            | Outcome::Replayed { .. }
+            | Outcome::OutOfRange => Err(ApiError::Internal(format!(
+                "a sessionless batch got outcome {outcome:?} (a split's refusal is an error of \
+                 Node::write)"
+            ))),
         }
     }
 
@@ -309,6 +315,15 @@ impl ShardAccess for ShardAccessService {
         let voters = self.node.change_replicas_here(request.get_ref()).await?;
         Ok(Response::new(
             dossier_api::raft::v1::ChangeReplicasResponse { voters },
+        ))
+    }
+
+    async fn split(
+        &self,
+        request: Request<dossier_api::raft::v1::SplitRequest>,
+    ) -> Result<Response<dossier_api::raft::v1::SplitResponse>, Status> {
+        Ok(Response::new(
+            self.node.split_here(request.get_ref()).await?,
         ))
     }
 

@@ -19,14 +19,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dossier_storage::{
-    ApplyEntry, EntryPayload as SmPayload, ShardHandle, ShardId, SnapshotView, StateStore,
+    ApplyEntry, EntryPayload as SmPayload, HashRange, ShardHandle, ShardId, SnapshotView,
+    StateStore,
 };
 use futures_util::StreamExt;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot};
 use tracing::debug;
 
-use crate::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig, decode, encode, io_error};
+use crate::types::{
+    CommittedLeaderId, LogId, SnapshotMeta, StoredMembership, TypeConfig, decode, encode, io_error,
+};
 
 /// Entries applied per sled batch: bounds memory when a long run is re-applied after a restart.
 const APPLY_RUN_MAX: usize = 512;
@@ -108,6 +111,41 @@ impl StateMachine {
         &self.snapshot_dir
     }
 
+    /// Builds the local replica of a split's `child` (unless it exists): the keys in `given`,
+    /// this replica's membership, at the log id every group starts from (index 0, term 0), so
+    /// that the child's group starts as one just initialised, with data; each replica of the
+    /// parent builds the same state.
+    fn build_child(&self, child: ShardId, given: HashRange) -> io::Result<()> {
+        let start = LogId::new(CommittedLeaderId::new(0), 0);
+        let membership: StoredMembership = match self.shard.membership().map_err(io_error)? {
+            Some(bytes) => decode(&bytes)?,
+            None => StoredMembership::default(),
+        };
+        let membership = StoredMembership::new(Some(start), membership.membership().clone());
+        let applied = dossier_storage::Applied {
+            index: 0,
+            log_id: encode(&start)?.into(),
+        };
+        let built = self
+            .store
+            .split_off(
+                self.shard.shard(),
+                child,
+                given,
+                &applied,
+                encode(&membership)?.into(),
+            )
+            .map_err(io_error)?;
+        if built.is_none() {
+            tracing::info!(
+                parent = self.shard.shard(),
+                child,
+                "split: the child replica exists already"
+            );
+        }
+        Ok(())
+    }
+
     fn apply_run(&self, run: &mut Vec<EntryResponder<TypeConfig>>) -> io::Result<()> {
         if run.is_empty() {
             return Ok(());
@@ -179,6 +217,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 tokio::task::spawn_blocking(move || sm.apply_run(&mut expiry))
                     .await
                     .map_err(io::Error::other)??;
+                continue;
+            }
+            if let EntryPayload::Normal(crate::types::Request(dossier_storage::Command::Split {
+                at,
+                child,
+                hi,
+                ..
+            })) = &item.0.payload
+            {
+                // The child replica is built from this replica's state before the split entry
+                // (a copy of half the shard: off the async runtime), then the entry is applied.
+                let (at, child, hi) = (*at, *child, *hi);
+                self.apply_run(&mut run)?;
+                let sm = self.clone();
+                let mut split = vec![item];
+                tokio::task::spawn_blocking(move || {
+                    sm.build_child(child, HashRange { lo: at, hi })?;
+                    sm.apply_run(&mut split)
+                })
+                .await
+                .map_err(io::Error::other)??;
                 continue;
             }
             run.push(item);

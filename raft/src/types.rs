@@ -26,6 +26,7 @@ impl fmt::Display for Request {
             Command::ExpireSessions { before_index } => {
                 write!(f, "expire-sessions(<{before_index})")
             }
+            Command::Split { at, child, .. } => write!(f, "split(at={at:#018x}, child={child})"),
         }
     }
 }

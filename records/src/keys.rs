@@ -75,6 +75,18 @@ pub const SPACE_KV: u8 = 0x00;
 /// The space byte of record keys.
 pub const SPACE_RECORDS: u8 = 0x01;
 
+/// The hash a stored key is routed by: the patient hash of its routing key (a patient id, or an
+/// identifier's `mpi:<system>|<value>`), the bytes before its space byte. `None` for a key with
+/// no space byte. Shard splits divide a shard's keys by it, so it must agree with how every
+/// request is routed.
+pub fn route_hash(key: &[u8]) -> Option<u64> {
+    let end = key
+        .iter()
+        .position(|b| *b == SPACE_KV || *b == SPACE_RECORDS)?;
+    let owner = std::str::from_utf8(&key[..end]).ok()?;
+    Some(dossier_api::patient_hash(owner))
+}
+
 /// `owner ‖ 0x01 ‖ parts`: a key in a routing key's records space.
 fn key(owner: &str, parts: &[&[u8]]) -> Bytes {
     let len = owner.len() + 1 + parts.iter().map(|p| p.len()).sum::<usize>();

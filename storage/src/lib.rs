@@ -36,7 +36,9 @@ pub use log::segment::SegmentId;
 pub use sm::command::{
     ApplyEntry, Batch, Command, Condition, EntryPayload, Expect, Op, Outcome, Session,
 };
+pub use sm::range::{HashRange, KeyRoute};
 pub use sm::shard::{Applied, Checkpoint, ScanPage, ShardHandle, ShardStore};
+pub use sm::split::SplitCopy;
 pub use sm::store::StateStore;
 pub use snapshot::{
     SnapshotHeader, SnapshotMeta, SnapshotReceiver, SnapshotView, read_snapshot_chunk,

@@ -8,7 +8,7 @@ use dossier_api::v1::{
     ClusterMap, ClusterMapRequest, DrainRequest, DrainResponse, InitClusterRequest,
     InitClusterResponse, JoinClusterRequest, JoinClusterResponse, MoveReplicaRequest,
     MoveReplicaResponse, NodeState, NodeStatusRequest, NodeStatusResponse, RemoveNodeRequest,
-    RemoveNodeResponse, ShardStatus,
+    RemoveNodeResponse, ShardStatus, SplitShardRequest, SplitShardResponse,
 };
 use dossier_raft::openraft::async_runtime::WatchReceiver;
 use tonic::{Request, Response, Status};
@@ -108,6 +108,18 @@ impl Admin for AdminService {
     ) -> Result<Response<RemoveNodeResponse>, Status> {
         let map = self.node.remove_node(request.into_inner().node_id).await?;
         Ok(Response::new(RemoveNodeResponse { map: Some(map) }))
+    }
+
+    async fn split_shard(
+        &self,
+        request: Request<SplitShardRequest>,
+    ) -> Result<Response<SplitShardResponse>, Status> {
+        let r = request.into_inner();
+        let (left, right) = self.node.split_shard(r.shard_id, r.at).await?;
+        Ok(Response::new(SplitShardResponse {
+            left: Some(left),
+            right: Some(right),
+        }))
     }
 
     async fn node_status(

@@ -60,6 +60,7 @@ has_route!(
 /// A request's patient, checked, and its shard.
 struct Routed {
     shard: u64,
+    patient: String,
     prefix: Vec<u8>,
 }
 
@@ -82,6 +83,7 @@ impl KvService {
         let prefix = patient.kv_prefix();
         Ok(Routed {
             shard: descriptor.shard_id,
+            patient: patient.as_str().to_owned(),
             prefix,
         })
     }
@@ -159,6 +161,9 @@ impl KvService {
             Outcome::SessionExpired => Err(ApiError::Session(
                 "the session expired; start a new one".into(),
             )),
+            Outcome::OutOfRange => Err(ApiError::Internal(
+                "a split's refusal is an error of Node::write, never an outcome".into(),
+            )),
         }
     }
 
@@ -174,7 +179,14 @@ impl KvService {
         {
             return Ok(());
         }
-        super::read_ready(&self.node, routed.shard, consistency, deadline).await
+        super::read_ready(
+            &self.node,
+            routed.shard,
+            &routed.patient,
+            consistency,
+            deadline,
+        )
+        .await
     }
 
     /// The local replica of the routed shard, once it may serve a read of `consistency`.

@@ -95,18 +95,22 @@ pub(crate) fn hosted_shard(node: &Node, route: &RouteHeader) -> Result<ShardDesc
     Ok(descriptor)
 }
 
-/// Waits until the local replica of `shard` may serve a read of `consistency`.
+/// Waits until the local replica of `shard` may serve a read of `consistency` for the patient
+/// (or identifier) `route_key`, and checks that the replica still holds it: a split applied
+/// here may have given it to another shard before this node's map says so.
 pub(crate) async fn read_ready(
     node: &Node,
     shard: u64,
+    route_key: &str,
     consistency: i32,
     deadline: Duration,
 ) -> Result<(), ApiError> {
     match ReadConsistency::try_from(consistency) {
-        Ok(ReadConsistency::Linearizable) => node.read_barrier(shard, deadline).await,
-        Ok(ReadConsistency::Stale) => Ok(()),
-        Err(_) => Err(ApiError::invalid("consistency", "unknown value")),
+        Ok(ReadConsistency::Linearizable) => node.read_barrier(shard, deadline).await?,
+        Ok(ReadConsistency::Stale) => {}
+        Err(_) => return Err(ApiError::invalid("consistency", "unknown value")),
     }
+    node.check_owned(shard, dossier_api::patient_hash(route_key))
 }
 
 /// Records the request's latency under its method and outcome, and turns the result into the

@@ -299,10 +299,11 @@ impl RecordsService {
                 },
                 Outcome::StaleSequence { .. }
                 | Outcome::SessionExpired
-                | Outcome::Replayed { .. } => {
-                    return Err(ApiError::Internal(
-                        "a sessionless write got a session outcome".into(),
-                    ));
+                | Outcome::Replayed { .. }
+                | Outcome::OutOfRange => {
+                    return Err(ApiError::Internal(format!(
+                        "a sessionless write got outcome {outcome:?}"
+                    )));
                 }
             }
         }

@@ -173,7 +173,8 @@ impl Records for RecordsService {
             async |r, shard, patient, deadline| {
                 let t = Self::read_type(r.r#type, "type")?;
                 Self::check_id(&r.id, "id")?;
-                super::read_ready(&self.node, shard, r.consistency, deadline).await?;
+                super::read_ready(&self.node, shard, patient.as_str(), r.consistency, deadline)
+                    .await?;
                 let replica = self.replica(shard)?;
                 let keys = PatientKeys::new(&patient);
                 let reads = ReplicaReads(&replica);
@@ -205,7 +206,8 @@ impl Records for RecordsService {
                 if r.version == 0 {
                     return Err(ApiError::invalid("version", "starts at 1"));
                 }
-                super::read_ready(&self.node, shard, r.consistency, deadline).await?;
+                super::read_ready(&self.node, shard, patient.as_str(), r.consistency, deadline)
+                    .await?;
                 let replica = self.replica(shard)?;
                 let keys = PatientKeys::new(&patient);
                 let reads = ReplicaReads(&replica);
@@ -238,7 +240,8 @@ impl Records for RecordsService {
                 let t = Self::read_type(r.r#type, "type")?;
                 Self::check_id(&r.id, "id")?;
                 let limit = self.page_limit(r.limit)?;
-                super::read_ready(&self.node, shard, r.consistency, deadline).await?;
+                super::read_ready(&self.node, shard, patient.as_str(), r.consistency, deadline)
+                    .await?;
                 let replica = self.replica(shard)?;
                 let applied_index = replica.applied_index().unwrap_or(0);
                 let page = history::history(
@@ -484,7 +487,7 @@ impl Records for RecordsService {
         if r.since_micros < 0 {
             return Err(ApiError::invalid("since_micros", "must not be negative").into());
         }
-        super::read_ready(&self.node, shard, r.consistency, deadline)
+        super::read_ready(&self.node, shard, patient.as_str(), r.consistency, deadline)
             .await
             .map_err(Status::from)?;
         let replica = self.replica(shard).map_err(Status::from)?;
@@ -604,7 +607,8 @@ impl Records for RecordsService {
                     page_token: r.page_token.clone(),
                     bytes_max: self.node.config.node.records.message_bytes_max,
                 };
-                super::read_ready(&self.node, shard, r.consistency, deadline).await?;
+                super::read_ready(&self.node, shard, patient.as_str(), r.consistency, deadline)
+                    .await?;
                 let replica = self.replica(shard)?;
                 let applied_index = replica.applied_index().unwrap_or(0);
                 // On the async worker, as a Kv scan page: a page is bounded by records, bytes
@@ -704,7 +708,8 @@ impl Records for RecordsService {
                     Self::check_id(&r.after_id, "after_id")?;
                 }
                 let limit = self.page_limit(r.limit)?;
-                super::read_ready(&self.node, shard, r.consistency, deadline).await?;
+                super::read_ready(&self.node, shard, patient.as_str(), r.consistency, deadline)
+                    .await?;
                 let replica = self.replica(shard)?;
                 let (records, more) = quarantine::list(
                     &ReplicaReads(&replica),

@@ -141,6 +141,17 @@ pub enum Command {
     /// Forgets sessions last used by an entry below `before_index` (bounds the session table).
     /// A retry from a forgotten session after this is answered `SessionExpired`, never re-applied.
     ExpireSessions { before_index: u64 },
+    /// Splits the shard at hash `at`: keys routed to `[at, hi)` and a copy of the session table
+    /// go to a new replica of shard `child` (created beside this one by the layer above, before
+    /// this entry is applied: [`crate::StateStore::split_off`]); this replica keeps `[lo, at)`
+    /// and refuses every other key from then on. `lo` and `hi` are the shard's range before the
+    /// split (`hi: None`: to the end of the space).
+    Split {
+        at: u64,
+        child: u64,
+        lo: u64,
+        hi: Option<u64>,
+    },
 }
 
 impl Command {
@@ -178,6 +189,7 @@ impl Command {
                 TAG_MAX + 1 + 2 * VARINT_MAX + 2 * VARINT_MAX + conditions + ops
             }
             Command::ExpireSessions { .. } => TAG_MAX + VARINT_MAX,
+            Command::Split { .. } => TAG_MAX + 4 * VARINT_MAX + 1,
         }
     }
 }
@@ -220,6 +232,9 @@ pub enum Outcome {
         index: u64,
         failed_condition: Option<u32>,
     },
+    /// A key of the batch is routed outside the range this replica owns since a split: nothing
+    /// was applied and the session was not recorded (the request is retried on the other side).
+    OutOfRange,
 }
 
 impl Outcome {
@@ -229,7 +244,10 @@ impl Outcome {
             Outcome::Applied => (1, 0),
             Outcome::ConditionFailed { index } => (2, index),
             // Only Applied and ConditionFailed are ever stored in the session table.
-            Outcome::StaleSequence { .. } | Outcome::SessionExpired | Outcome::Replayed { .. } => {
+            Outcome::StaleSequence { .. }
+            | Outcome::SessionExpired
+            | Outcome::Replayed { .. }
+            | Outcome::OutOfRange => {
                 unreachable!("never stored")
             }
         };

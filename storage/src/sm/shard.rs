@@ -6,6 +6,8 @@
 //! 0x00 "membership"  caller's membership bytes
 //! 0x01 client u64 BE session: last seq u64 BE | last index u64 BE | outcome (5 bytes)
 //! 0x02 user key      user value
+//! 0x03 "range"       the hash range owned since a split (absent: the map's range)
+//! 0x03 "split"       the last split: at u64 BE | child shard u64 BE
 //! ```
 //! Applying a run of entries puts their data, the session records and the applied id into the
 //! shard's write-back buffer, an ordered map in memory that every read consults before the tree.
@@ -26,11 +28,17 @@ use bytes::Bytes;
 use crate::ShardId;
 use crate::error::{Error, Result};
 use crate::sm::command::{ApplyEntry, Batch, Command, EntryPayload, Expect, Op, Outcome, Session};
+use crate::sm::range::{HashRange, KeyRoute};
 
 pub(crate) const SPACE_META: u8 = 0x00;
 pub(crate) const SPACE_SESSION: u8 = 0x01;
 pub(crate) const SPACE_DATA: u8 = 0x02;
+/// Shard-level state carried in snapshots (the meta space is not: it describes the replica).
+pub(crate) const SPACE_SHARD: u8 = 0x03;
 pub(crate) const KEY_APPLIED: &[u8] = b"\x00applied";
+pub(crate) const KEY_RANGE: &[u8] = b"\x03range";
+/// The last split applied: at u64 BE | child u64 BE.
+pub(crate) const KEY_SPLIT: &[u8] = b"\x03split";
 pub(crate) const KEY_MEMBERSHIP: &[u8] = b"\x00membership";
 
 /// The applied position of a shard replica.
@@ -46,6 +54,21 @@ pub struct Applied {
 pub(crate) struct WriteBack {
     writes: BTreeMap<Vec<u8>, Option<Bytes>>,
     bytes: usize,
+}
+
+impl WriteBack {
+    pub(crate) fn contains(&self, key: &[u8]) -> bool {
+        self.writes.contains_key(key)
+    }
+
+    /// Buffered writes of keys in `[lo, hi)`.
+    pub(crate) fn range(
+        &self,
+        lo: &[u8],
+        hi: &[u8],
+    ) -> impl Iterator<Item = (&Vec<u8>, &Option<Bytes>)> {
+        self.writes.range(lo.to_vec()..hi.to_vec())
+    }
 }
 
 /// One page of a scan.
@@ -81,6 +104,11 @@ pub struct ShardStore {
     pub(crate) hold: Mutex<Hold>,
     /// Bytes the write-back buffer may grow to while a view holds the tree.
     hold_bytes_max: usize,
+    /// The routing hash of keys (none: keys are never checked against a range).
+    pub(crate) route: Option<KeyRoute>,
+    /// The range owned since a split, as applied (mirrors `KEY_RANGE`; changed under
+    /// `apply_lock`).
+    range: RwLock<Option<HashRange>>,
 }
 
 /// A durable state of a shard replica: its applied id and the membership applied by then.
@@ -202,9 +230,11 @@ impl ShardStore {
         tree: sled::Tree,
         write_back_bytes: usize,
         hold_bytes_max: usize,
+        route: Option<KeyRoute>,
     ) -> Result<Self> {
         let checkpoint = tree_checkpoint(shard, &tree)?;
         let applied = checkpoint.as_ref().map_or(0, |c| c.applied.index + 1);
+        let range = tree_range(shard, &tree)?;
         Ok(ShardStore {
             shard,
             write_back: RwLock::new(WriteBack::default()),
@@ -217,7 +247,77 @@ impl ShardStore {
             durable_checkpoint: Mutex::new(checkpoint),
             hold: Mutex::new(Hold::default()),
             hold_bytes_max,
+            route,
+            range: RwLock::new(range),
         })
+    }
+
+    /// The range this replica owns since a split (`None`: it never split).
+    pub fn range(&self) -> Option<HashRange> {
+        *self.range.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `key` (a user key) belongs to this replica by its applied range: always, before
+    /// any split or for a key without a route.
+    pub fn owns(&self, key: &[u8]) -> bool {
+        owns(self.route, self.range().as_ref(), key)
+    }
+
+    /// The last split applied to this replica: `(at, child)`.
+    pub fn last_split(&self) -> Result<Option<(u64, ShardId)>> {
+        let Some(v) = self.read(KEY_SPLIT)? else {
+            return Ok(None);
+        };
+        let at = v
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes);
+        let child = v
+            .get(8..16)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes);
+        match (at, child) {
+            (Some(at), Some(child)) => Ok(Some((at, child))),
+            _ => Err(self.corrupt("split record")),
+        }
+    }
+
+    /// The hash that divides this replica's routing owners (patients, identifiers) in two
+    /// halves by count: the lowest hash of the upper half. `None` with fewer than two owners,
+    /// or without a key route. Reads every key (for a split's choice, not for request paths).
+    pub fn split_point(&self) -> Result<Option<u64>> {
+        let Some(route) = self.route else {
+            return Ok(None);
+        };
+        self.write_back()?;
+        let mut hashes: Vec<u64> = Vec::new();
+        let mut last_owner: Vec<u8> = Vec::new();
+        for item in self.tree().range([SPACE_DATA]..[SPACE_SHARD]) {
+            let (key, _) = item.map_err(|e| Error::sled("scan for a split point", e))?;
+            let user = &key[1..];
+            let owner_end = user.iter().position(|b| *b <= 0x01).unwrap_or(user.len());
+            if user[..owner_end] == last_owner[..] {
+                continue;
+            }
+            last_owner = user[..owner_end].to_vec();
+            if let Some(h) = route(user) {
+                hashes.push(h);
+            }
+        }
+        hashes.sort_unstable();
+        hashes.dedup();
+        if hashes.len() < 2 {
+            return Ok(None);
+        }
+        Ok(Some(hashes[hashes.len() / 2]))
+    }
+
+    /// Reads the range from the tree again; the caller holds `apply_lock` and has just replaced
+    /// the tree (a snapshot install).
+    pub(crate) fn reload_range_locked(&self) -> Result<()> {
+        let range = tree_range(self.shard, &self.tree())?;
+        *self.range.write().unwrap_or_else(|e| e.into_inner()) = range;
+        Ok(())
     }
 
     /// The applied id and membership the tree holds (not the write-back buffer); the caller
@@ -489,6 +589,7 @@ impl ShardStore {
         };
         let mut expected = self.applied.load(Ordering::Acquire);
         let mut outcomes = Vec::with_capacity(entries.len());
+        let mut range = self.range();
         for entry in entries {
             if entry.index < expected || entry.index == u64::MAX {
                 let applied = expected.checked_sub(1);
@@ -506,10 +607,28 @@ impl ShardStore {
                     Outcome::Done
                 }
                 EntryPayload::Command(Command::Txn { session, batch }) => {
-                    apply_txn(&mut overlay, entry.index, *session, batch)?
+                    if batch_owned(self.route, range.as_ref(), batch) {
+                        apply_txn(&mut overlay, entry.index, *session, batch)?
+                    } else {
+                        Outcome::OutOfRange
+                    }
                 }
                 EntryPayload::Command(Command::ExpireSessions { before_index }) => {
                     expire_sessions(&mut overlay, *before_index)?;
+                    Outcome::Done
+                }
+                EntryPayload::Command(Command::Split { at, child, lo, hi }) => {
+                    let kept = HashRange {
+                        lo: *lo,
+                        hi: Some(*at),
+                    };
+                    let given = HashRange { lo: *at, hi: *hi };
+                    give_away(&mut overlay, self.route, &given)?;
+                    let mut split = at.to_be_bytes().to_vec();
+                    split.extend_from_slice(&child.to_be_bytes());
+                    overlay.put(KEY_SPLIT.to_vec(), split);
+                    overlay.put(KEY_RANGE.to_vec(), kept.encode().to_vec());
+                    range = Some(kept);
                     Outcome::Done
                 }
             };
@@ -534,6 +653,7 @@ impl ShardStore {
             }
             buffer.bytes >= self.write_back_bytes
         };
+        *self.range.write().unwrap_or_else(|e| e.into_inner()) = range;
         self.applied.store(last.index + 1, Ordering::Release);
         if full {
             let held_bytes = self.write_back_buffer().bytes;
@@ -569,6 +689,57 @@ impl ShardStore {
         }
         Ok(out)
     }
+}
+
+fn owns(route: Option<KeyRoute>, range: Option<&HashRange>, key: &[u8]) -> bool {
+    match (route, range) {
+        (Some(route), Some(range)) => route(key).is_none_or(|h| range.contains(h)),
+        _ => true,
+    }
+}
+
+/// Whether every key the batch names belongs to the range.
+fn batch_owned(route: Option<KeyRoute>, range: Option<&HashRange>, batch: &Batch) -> bool {
+    if range.is_none() || route.is_none() {
+        return true;
+    }
+    let op_key = |op: &Op| match op {
+        Op::Put { key, .. } | Op::Delete { key } => key.clone(),
+    };
+    batch
+        .conditions
+        .iter()
+        .map(|c| c.key.clone())
+        .chain(batch.ops.iter().map(op_key))
+        .all(|key| owns(route, range, &key))
+}
+
+/// Removes the data keys routed into `given` (a split gave them to another shard), as this run
+/// sees them: the tree, the write-back buffer, then earlier entries of the run.
+fn give_away(overlay: &mut Overlay<'_>, route: Option<KeyRoute>, given: &HashRange) -> Result<()> {
+    let Some(route) = route else {
+        return Ok(());
+    };
+    let moved = |key: &[u8]| route(&key[1..]).is_some_and(|h| given.contains(h));
+    let mut doomed: Vec<Vec<u8>> = Vec::new();
+    for item in overlay.tree.range([SPACE_DATA]..[SPACE_SHARD]) {
+        let (key, _) = item.map_err(|e| Error::sled("scan keys to give away", e))?;
+        if moved(&key) {
+            doomed.push(key.to_vec());
+        }
+    }
+    let data_space = vec![SPACE_DATA]..vec![SPACE_SHARD];
+    for writes in [&overlay.write_back.writes, &overlay.writes] {
+        for (key, value) in writes.range(data_space.clone()) {
+            if value.is_some() && moved(key) {
+                doomed.push(key.clone());
+            }
+        }
+    }
+    for key in doomed {
+        overlay.delete(key);
+    }
+    Ok(())
 }
 
 fn apply_txn(
@@ -659,6 +830,19 @@ fn expire_sessions(overlay: &mut Overlay<'_>, before_index: u64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The range stored in `tree`, if it split.
+fn tree_range(shard: ShardId, tree: &sled::Tree) -> Result<Option<HashRange>> {
+    tree.get(KEY_RANGE)
+        .map_err(|e| Error::sled("read range", e))?
+        .map(|v| {
+            HashRange::decode(&v).ok_or(Error::StoreCorrupt {
+                shard,
+                what: "range",
+            })
+        })
+        .transpose()
 }
 
 /// The applied id and membership stored in `tree`.

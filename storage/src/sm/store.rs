@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use crate::ShardId;
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
+use crate::sm::range::KeyRoute;
 use crate::sm::shard::{ShardHandle, ShardStore};
 
 const CATALOG: &[u8] = b"catalog";
@@ -41,7 +42,9 @@ pub(crate) struct StoreInner {
     pub(crate) db: sled::Db,
     pub(crate) catalog: sled::Tree,
     pub(crate) config: Arc<StoreConfig>,
-    shards: Mutex<HashMap<ShardId, ShardHandle>>,
+    /// The routing hash of keys, for split ranges.
+    pub(crate) route: Option<KeyRoute>,
+    pub(crate) shards: Mutex<HashMap<ShardId, ShardHandle>>,
     stop: Mutex<bool>,
     wake: Condvar,
 }
@@ -54,7 +57,15 @@ pub struct StateStore {
 }
 
 impl StateStore {
+    /// Opens the store without a key route: split ranges are recorded but keys are never
+    /// checked against them (tools and tests).
     pub fn open(config: Arc<StoreConfig>) -> Result<Self> {
+        StateStore::open_with_route(config, None)
+    }
+
+    /// Opens the store; `route` gives the routing hash of a key, by which splits divide a
+    /// shard's keys and replicas that split refuse keys outside their range.
+    pub fn open_with_route(config: Arc<StoreConfig>, route: Option<KeyRoute>) -> Result<Self> {
         let db = sled::Config::new()
             .path(&config.dir)
             .cache_capacity(config.cache_bytes)
@@ -88,6 +99,7 @@ impl StateStore {
                     tree,
                     config.write_back_bytes,
                     config.snapshot_hold_bytes_max,
+                    route,
                 )?),
             );
             named.push(name);
@@ -105,6 +117,7 @@ impl StateStore {
             db,
             catalog,
             config: Arc::clone(&config),
+            route,
             shards: Mutex::new(shards),
             stop: Mutex::new(false),
             wake: Condvar::new(),
@@ -172,6 +185,7 @@ impl StateStore {
             tree,
             self.inner.config.write_back_bytes,
             self.inner.config.snapshot_hold_bytes_max,
+            self.inner.route,
         )?);
         shards.insert(shard, Arc::clone(&handle));
         Ok(handle)

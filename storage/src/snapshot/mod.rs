@@ -284,6 +284,7 @@ impl StateStore {
         *handle.tree.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         let applied = meta.applied.as_ref().map_or(0, |a| a.index + 1);
         handle.discard_write_back_locked();
+        handle.reload_range_locked()?;
         handle.applied.store(applied, Ordering::Release);
         handle.stored_applied.store(applied, Ordering::Release);
         handle.durable_applied.store(applied, Ordering::Release);
