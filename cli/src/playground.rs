@@ -143,6 +143,7 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
     }
     let joined = join_a_node(&root, &bin, args, &seeds).await?;
     local.procs.push(joined);
+    split_a_shard(&client, &seeds, &sample_patient).await?;
     let timer = match args.exit_after {
         Some(secs) => {
             mark(&format!(
@@ -249,6 +250,52 @@ async fn join_a_node(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Splits the shard of the sample patient at its middle patient, and reads the patient's
+/// record through the client (which re-routes by itself) afterwards.
+async fn split_a_shard(client: &Client, seeds: &[String], sample_patient: &str) -> Result<()> {
+    let map = client.refresh_map().await.context("map")?;
+    let h = dossier_api::patient_hash(sample_patient);
+    let shard = map
+        .shards
+        .iter()
+        .find(|d| h >= d.hash_lo && (d.hash_hi_max || h < d.hash_hi))
+        .context("the sample patient's shard")?
+        .shard_id;
+    mark(&format!(
+        "splitting shard {shard} (dossier shard split {shard})"
+    ));
+    let started = Instant::now();
+    let (left, right) = dossier_cli::elastic::split_shard(seeds, shard, 0).await?;
+    println!(
+        "shard {} split in {:.2?}: shard {} keeps hashes [{}, {}), new shard {} takes [{}, {}) on nodes {:?}",
+        shard,
+        started.elapsed(),
+        left.shard_id,
+        left.hash_lo,
+        left.hash_hi,
+        right.shard_id,
+        right.hash_lo,
+        if right.hash_hi_max {
+            "end".to_owned()
+        } else {
+            right.hash_hi.to_string()
+        },
+        right.replicas
+    );
+    let mut records = 0usize;
+    client
+        .everything(sample_patient, 0, &[], false, |rs| {
+            records += rs.len();
+            Ok(())
+        })
+        .await
+        .context("read the sample patient after the split")?;
+    println!("{sample_patient} reads whole after the split: {records} records");
+    let status = cluster::status(seeds, false).await?;
+    cluster::print_nodes(&status);
+    Ok(())
 }
 
 struct KillOutcome {
