@@ -175,8 +175,8 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
     Ok(())
 }
 
-/// Starts one more node with `--join`, waits until the cluster map holds it, and moves a
-/// replica onto it.
+/// Starts one more node with `--join` and waits until the cluster map holds it and it has taken
+/// its share of replicas and leaderships (the placement driver).
 async fn join_a_node(
     root: &std::path::Path,
     bin: &std::path::Path,
@@ -209,35 +209,49 @@ async fn join_a_node(
         if status.map.nodes.iter().any(|n| n.node_id == id) {
             println!("node {id} joined in {:.2?}", started.elapsed());
             cluster::print_nodes(&status);
-            // One replica moves onto it: it catches up as a learner, then takes a voter's place.
-            let shard = status.map.shards.first().context("a shard")?;
-            let from = *shard.replicas.last().context("a replica")?;
+            // The placement driver moves replicas onto it (each catches up as a learner, then
+            // takes a voter's place) and makes it some shards' preferred leader.
             mark(&format!(
-                "moving shard {}'s replica from node {from} to node {id}",
-                shard.shard_id
+                "node {id} takes its share: the placement driver moves replicas onto it"
             ));
-            let moving = Instant::now();
-            let d = dossier_cli::elastic::move_replica(seeds, shard.shard_id, from, id).await?;
-            println!(
-                "shard {} now on nodes {:?} (epoch {}), moved in {:.2?}",
-                d.shard_id,
-                d.replicas,
-                d.epoch,
-                moving.elapsed()
-            );
-            // Every node applies the new map within moments; show it once the seeds have.
-            let shown = Instant::now();
+            let taking = Instant::now();
             let status = loop {
                 let status = cluster::status(seeds, false).await?;
-                let applied = status
+                let count = |n: u64| {
+                    status
+                        .map
+                        .shards
+                        .iter()
+                        .filter(|d| d.replicas.contains(&n))
+                        .count()
+                };
+                let counts: Vec<usize> =
+                    status.map.nodes.iter().map(|n| count(n.node_id)).collect();
+                let spread = counts.iter().max().unwrap_or(&0) - counts.iter().min().unwrap_or(&0);
+                let settled = status.map.shards.iter().all(|d| d.learners.is_empty());
+                let leads = status
                     .map
                     .shards
                     .iter()
-                    .any(|s| s.shard_id == d.shard_id && s.epoch >= d.epoch);
-                if applied || shown.elapsed() > Duration::from_secs(5) {
+                    .filter(|d| {
+                        cluster::leader_of(&status.replicas, d.shard_id)
+                            .is_some_and(|l| l.node_id == id)
+                    })
+                    .count();
+                if settled && spread <= 1 && leads > 0 {
+                    println!(
+                        "node {id} holds {} replicas and leads {leads} shards after {:.2?}",
+                        count(id),
+                        taking.elapsed()
+                    );
                     break status;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                if taking.elapsed() > Duration::from_secs(90) {
+                    bail!(
+                        "node {id} did not take its share within 90 s (replicas per node {counts:?})"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
             };
             cluster::print_nodes(&status);
             return Ok(node);

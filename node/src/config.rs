@@ -134,6 +134,11 @@ pub struct NodeConfig {
     /// services with gRPC-Web on `listen` (CORS); `"*"` allows any. gRPC-Web itself is always
     /// served; with no origin listed, browsers refuse the answers to pages of other origins.
     pub web_allowed_origins: Vec<String>,
+    /// While this node leads the meta group, move replicas and preferred leaders so that up nodes
+    /// hold even shares and a shard's replicas sit in distinct zones (`node/src/balance.rs`).
+    /// A cluster-wide policy: set it alike on every node. Draining a node being removed happens
+    /// either way.
+    pub placement_balance: bool,
     /// UNSAFE, for testing the fault harness only: serve linearizable reads from whichever
     /// replica receives them, without a read barrier. Breaks linearizability on purpose so that
     /// `dossier-jepsen` can show it detects stale reads. Never enable it in production.
@@ -162,6 +167,7 @@ impl Default for NodeConfig {
             zone: String::new(),
             join: Vec::new(),
             web_allowed_origins: Vec::new(),
+            placement_balance: true,
             unsafe_stale_reads_for_testing: false,
             raft: RaftConfig::default(),
             limits: Limits::default(),
@@ -413,6 +419,10 @@ pub struct Flags {
     /// Do not initialise a single-node cluster when none exists; wait for `dossier cluster init`.
     #[arg(long, env = "DOSSIER_NO_AUTO_INIT")]
     pub no_auto_init: bool,
+    /// Do not balance replicas and preferred leaders over the nodes while this node leads the
+    /// meta group (draining a node being removed goes on).
+    #[arg(long, env = "DOSSIER_NO_PLACEMENT_BALANCE")]
+    pub no_placement_balance: bool,
     /// UNSAFE, testing only: serve linearizable reads from any replica without a read barrier, so
     /// that the fault harness can show it catches stale reads. Never in production.
     #[arg(long, env = "DOSSIER_UNSAFE_STALE_READS_FOR_TESTING")]
@@ -472,6 +482,9 @@ impl Flags {
         }
         if self.no_auto_init {
             config.auto_init = false;
+        }
+        if self.no_placement_balance {
+            config.placement_balance = false;
         }
         if self.unsafe_stale_reads_for_testing {
             config.unsafe_stale_reads_for_testing = true;

@@ -8,6 +8,7 @@
 //! Non-goals: no routing logic beyond "which shard holds this patient" (clients cache the map);
 //! no authorisation yet.
 
+mod balance;
 mod compactor;
 pub mod config;
 mod deadline;

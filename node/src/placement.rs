@@ -1,4 +1,6 @@
-//! The placement driver, on the meta group's leader: it drains the nodes being removed, one
+//! The placement driver, on the meta group's leader: it balances replicas, zones and preferred
+//! leaders over the up nodes (`balance.rs`, unless `placement-balance` is off), and first of all
+//! it drains the nodes being removed, one
 //! replica move at a time, choosing targets that keep a shard's replicas in distinct zones where
 //! zones allow and that hold the fewest replicas; then it marks the node removed (while the node
 //! still follows the map, so that it learns it and stops handing the map out) and hands its meta
@@ -13,6 +15,7 @@ use dossier_raft::openraft::async_runtime::WatchReceiver;
 use dossier_raft::openraft::{BasicNode, ChangeMembers, ServerState};
 use tracing::{info, warn};
 
+use crate::balance;
 use crate::errors::ApiError;
 use crate::membership::MapChange;
 use crate::meta::{self, META_SHARD};
@@ -99,6 +102,24 @@ pub(crate) fn begin_removal(map: &ClusterMap, node: u64) -> Result<MapChange, Ap
             n.state = NodeState::Draining as i32;
         }
     }
+    Ok(MapChange::Next(next))
+}
+
+/// Reorders `shard`'s replicas to `order` (the same nodes): a new preferred leader.
+fn prefer(map: &ClusterMap, shard: u64, order: &[u64]) -> Result<MapChange, ApiError> {
+    let mut next = map.clone();
+    let Some(d) = next.shards.iter_mut().find(|d| d.shard_id == shard) else {
+        return Ok(MapChange::Unchanged);
+    };
+    let mut have = d.replicas.clone();
+    let mut want = order.to_vec();
+    have.sort_unstable();
+    want.sort_unstable();
+    if have != want || d.replicas == order {
+        // The replicas changed meanwhile (the next round decides again), or nothing to do.
+        return Ok(MapChange::Unchanged);
+    }
+    d.replicas = order.to_vec();
     Ok(MapChange::Next(next))
 }
 
@@ -215,6 +236,38 @@ impl Node {
                     false
                 }
             };
+        }
+        if !self.config.node.placement_balance {
+            return false;
+        }
+        if let Some(mv) = balance::next_move(&map) {
+            info!(
+                shard = mv.shard,
+                from = mv.from,
+                to = mv.to,
+                reason = mv.reason,
+                "placement: moving a replica"
+            );
+            if let Err(e) = self.move_replica(mv.shard, mv.from, mv.to).await {
+                warn!(shard = mv.shard, from = mv.from, to = mv.to, error = %e, "placement: the move failed; it is decided again");
+                return false;
+            }
+            return true;
+        }
+        if let Some((shard, order)) = balance::next_preference(&map) {
+            let changed = self.change_map(|m| prefer(m, shard, &order)).await;
+            match changed {
+                Ok(_) => info!(
+                    shard,
+                    preferred = order[0],
+                    "placement: a new preferred leader"
+                ),
+                Err(e) => {
+                    warn!(shard, error = %e, "placement: changing the preferred leader failed");
+                    return false;
+                }
+            }
+            return true;
         }
         false
     }

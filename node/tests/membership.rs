@@ -12,7 +12,7 @@ use dossier_api::v1::{ClusterMapRequest, ErrorReason, JoinClusterRequest, NodeIn
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joins_a_running_cluster() {
-    let cluster = TestCluster::start(3, 4, 3, &|_| {}).await;
+    let cluster = TestCluster::start(3, 4, 3, &|c| c.placement_balance = false).await;
     let seed = cluster.nodes[0].grpc.clone();
     let name = cluster.nodes[0].config.cluster_name.clone();
     let data = cluster.dir.path().join("n4");
@@ -189,7 +189,7 @@ async fn a_replica_moves_to_a_joined_node_under_writes() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    let cluster = TestCluster::start(3, 2, 3, &|_| {}).await;
+    let cluster = TestCluster::start(3, 2, 3, &|c| c.placement_balance = false).await;
     let name = cluster.nodes[0].config.cluster_name.clone();
     let seed = cluster.nodes[0].grpc.clone();
     let mut joiner = TestNode::new(4, cluster.dir.path().join("n4"), &|c| {
@@ -354,7 +354,7 @@ async fn a_replica_moves_to_a_joined_node_under_writes() {
 /// ends removed, holding nothing; no acknowledged write is lost and the cluster keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_node_hands_everything_over() {
-    let cluster = TestCluster::start(3, 3, 3, &|_| {}).await;
+    let cluster = TestCluster::start(3, 3, 3, &|c| c.placement_balance = false).await;
     let client = cluster.client().await;
     let patients: Vec<String> = (1..=3)
         .map(|s| common::patient_in_shard(&client, s, "remove"))
@@ -493,4 +493,92 @@ async fn a_removed_node_hands_everything_over() {
             .is_err()
     );
     joiner.stop().await;
+}
+
+/// With placement balancing on, a node that joins a 3-node cluster of 6 shards takes its share
+/// by itself while writers write: replica counts end within one of each other, the new node is
+/// some shards' preferred leader and leads them, and no acknowledged write is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_node_takes_its_share_by_itself() {
+    let cluster = TestCluster::start(3, 6, 3, &|_| {}).await;
+    let client = cluster.client().await;
+    let patients: Vec<String> = (1..=6)
+        .map(|s| common::patient_in_shard(&client, s, "share"))
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (client, stop, patients) = (client.clone(), stop.clone(), patients.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 20_000 {
+                let p = patients[n % patients.len()].clone();
+                let key = format!("k{n}");
+                if client.put(&p, key.as_bytes(), b"v").await.is_ok() {
+                    acked.push((p, key));
+                }
+                n += 1;
+            }
+            acked
+        })
+    };
+    let name = cluster.nodes[0].config.cluster_name.clone();
+    let seeds = cluster.seeds();
+    let mut joiner = TestNode::new(4, cluster.dir.path().join("n4"), &|c| {
+        c.join = seeds.clone();
+        c.cluster_name = name.clone();
+    });
+    joiner.start();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let map = client.refresh_map().await.unwrap();
+        let count = |n: u64| {
+            map.shards
+                .iter()
+                .filter(|d| d.replicas.contains(&n))
+                .count()
+        };
+        let counts: Vec<usize> = (1..=4).map(count).collect();
+        let preferred_4 = map.shards.iter().filter(|d| d.replicas[0] == 4).count();
+        let settled = map.shards.iter().all(|d| d.learners.is_empty());
+        let spread = counts.iter().max().unwrap() - counts.iter().min().unwrap();
+        if settled && spread <= 1 && preferred_4 >= 1 && cluster_leads(&joiner).await >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 4 did not take its share: replicas {counts:?}, preferred {preferred_4}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.await.unwrap();
+    assert!(acked.len() > 50, "only {} writes acknowledged", acked.len());
+    for (p, key) in &acked {
+        assert!(
+            client.get(p, key.as_bytes()).await.unwrap().is_some(),
+            "acknowledged write {p}/{key} lost"
+        );
+    }
+    joiner.stop().await;
+}
+
+/// Shards the node leads, by its own status.
+async fn cluster_leads(node: &TestNode) -> usize {
+    let Ok(mut admin) =
+        dossier_api::v1::admin_client::AdminClient::connect(format!("http://{}", node.grpc)).await
+    else {
+        return 0;
+    };
+    admin
+        .node_status(dossier_api::v1::NodeStatusRequest::default())
+        .await
+        .map(|s| {
+            s.into_inner()
+                .shards
+                .iter()
+                .filter(|s| s.shard_id != 0 && s.role == "leader")
+                .count()
+        })
+        .unwrap_or(0)
 }
