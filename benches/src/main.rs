@@ -8,6 +8,7 @@ mod clinical;
 mod closed_loop;
 mod cluster;
 mod records_scale;
+mod reshape;
 mod rolling;
 mod soak;
 mod stats;
@@ -231,6 +232,27 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         settle_seconds: u64,
         #[arg(long, default_value_t = 7500)]
+        base_port: u16,
+    },
+    /// The cluster changes shape under load: a fourth node joins and takes its share, a replica
+    /// moves, a shard splits, the fourth node is removed; throughput, p99 and failed requests in
+    /// a window from each change, against baseline windows of the same load.
+    Reshape {
+        /// Concurrent closed-loop clients.
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        /// Share of linearizable gets, in percent; the rest are puts of 256 bytes.
+        #[arg(long, default_value_t = 50)]
+        read_percent: u8,
+        #[arg(long, default_value_t = 8)]
+        shards: u32,
+        /// Patients the clients spread over (one key each).
+        #[arg(long, default_value_t = 1000)]
+        patients: usize,
+        /// Seconds of each baseline window, and the least of each change's window.
+        #[arg(long, default_value_t = 10)]
+        window_seconds: u64,
+        #[arg(long, default_value_t = 7400)]
         base_port: u16,
     },
     Failover {
@@ -556,6 +578,44 @@ fn main() -> Result<()> {
                 let kept = dir.keep();
                 eprintln!(
                     "rolling-restart: kept the cluster's logs and data in {}",
+                    kept.display()
+                );
+            }
+            measured?
+        }
+        Command::Reshape {
+            clients,
+            read_percent,
+            shards,
+            patients,
+            window_seconds,
+            base_port,
+        } => {
+            anyhow::ensure!(clients > 0, "--clients must be at least 1");
+            anyhow::ensure!(read_percent <= 100, "--read-percent must be within 0..100");
+            anyhow::ensure!(window_seconds > 0, "--window-seconds must be at least 1");
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let spec = reshape::ReshapeSpec {
+                clients,
+                read_percent,
+                patients,
+                window: Duration::from_secs(window_seconds),
+            };
+            eprintln!(
+                "reshape: 3 nodes (+1 joining), {shards} shards, {clients} clients ({read_percent}% gets)"
+            );
+            let measured = runtime.block_on(reshape::reshape(
+                &dir.path().join("cluster"),
+                shards,
+                base_port,
+                &spec,
+            ));
+            if measured.is_err() {
+                let kept = dir.keep();
+                eprintln!(
+                    "reshape: kept the cluster's logs and data in {}",
                     kept.display()
                 );
             }

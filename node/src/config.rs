@@ -139,6 +139,12 @@ pub struct NodeConfig {
     /// A cluster-wide policy: set it alike on every node. Draining a node being removed happens
     /// either way.
     pub placement_balance: bool,
+    /// A shard led here whose data passes this many bytes is split in two at its middle
+    /// patient (0: never by size). Measured after every eighth of it written.
+    pub split_shard_bytes: u64,
+    /// A shard led here that applies more than this many commands per second over three checks
+    /// in a row (30 s) is split in two (0: never by write rate).
+    pub split_writes_per_second: u64,
     /// UNSAFE, for testing the fault harness only: serve linearizable reads from whichever
     /// replica receives them, without a read barrier. Breaks linearizability on purpose so that
     /// `dossier-jepsen` can show it detects stale reads. Never enable it in production.
@@ -168,6 +174,8 @@ impl Default for NodeConfig {
             join: Vec::new(),
             web_allowed_origins: Vec::new(),
             placement_balance: true,
+            split_shard_bytes: 512 << 20,
+            split_writes_per_second: 0,
             unsafe_stale_reads_for_testing: false,
             raft: RaftConfig::default(),
             limits: Limits::default(),
@@ -419,6 +427,12 @@ pub struct Flags {
     /// Do not initialise a single-node cluster when none exists; wait for `dossier cluster init`.
     #[arg(long, env = "DOSSIER_NO_AUTO_INIT")]
     pub no_auto_init: bool,
+    /// Split a shard led here once its data passes this many bytes (0: never by size).
+    #[arg(long, env = "DOSSIER_SPLIT_SHARD_BYTES")]
+    pub split_shard_bytes: Option<u64>,
+    /// Split a shard led here that applies more commands per second than this for 30 s (0: never).
+    #[arg(long, env = "DOSSIER_SPLIT_WRITES_PER_SECOND")]
+    pub split_writes_per_second: Option<u64>,
     /// Do not balance replicas and preferred leaders over the nodes while this node leads the
     /// meta group (draining a node being removed goes on).
     #[arg(long, env = "DOSSIER_NO_PLACEMENT_BALANCE")]
@@ -482,6 +496,12 @@ impl Flags {
         }
         if self.no_auto_init {
             config.auto_init = false;
+        }
+        if let Some(v) = self.split_shard_bytes {
+            config.split_shard_bytes = v;
+        }
+        if let Some(v) = self.split_writes_per_second {
+            config.split_writes_per_second = v;
         }
         if self.no_placement_balance {
             config.placement_balance = false;

@@ -26,6 +26,7 @@ mod record_store;
 mod service;
 mod shard_leader;
 pub mod shards;
+mod split_check;
 mod splitter;
 mod web;
 
@@ -161,6 +162,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
     };
 
     let compactor = tokio::spawn(compactor::run(Arc::clone(&node), serving_rx.clone()));
+    let split_check = tokio::spawn(split_check::run(Arc::clone(&node), serving_rx.clone()));
     // The placement driver acts only while this node leads the meta group; a move may take
     // minutes, so it runs beside reconcile, never inside it.
     let placement = {
@@ -194,6 +196,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
     reconcile.abort();
     placement.abort();
     compactor.abort();
+    split_check.abort();
     match grpc.await {
         Ok(Err(e)) => error!(error = %e, "gRPC server failed"),
         Err(e) => error!(error = %e, "gRPC server task failed"),

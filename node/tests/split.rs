@@ -155,3 +155,48 @@ async fn a_shard_splits_under_writes_and_loses_nothing() {
         assert!(client.get(p, b"after").await.unwrap().is_some());
     }
 }
+
+/// With a small `split-shard-bytes`, a shard that grows past it splits by itself, at its middle
+/// patient, and every patient still reads whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_past_its_size_splits_by_itself() {
+    let cluster = TestCluster::start(3, 1, 3, &|c| c.split_shard_bytes = 64 << 10).await;
+    let client = cluster.client().await;
+    let patients: Vec<String> = (0..24).map(|i| format!("grow-{i}")).collect();
+    let value = vec![b'x'; 4096];
+    for p in &patients {
+        for k in 0..2 {
+            client
+                .put(p, format!("k{k}").as_bytes(), &value)
+                .await
+                .unwrap();
+        }
+    }
+    // 24 patients of 8 KiB: about 3 times the threshold.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let map = loop {
+        let map = client.refresh_map().await.unwrap();
+        if map.shards.len() >= 2 {
+            break map;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shard did not split by itself"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(map.shards.iter().any(|d| d.split_from == 1), "{map:?}");
+    for p in &patients {
+        for k in 0..2 {
+            assert_eq!(
+                client
+                    .get(p, format!("k{k}").as_bytes())
+                    .await
+                    .unwrap()
+                    .as_deref(),
+                Some(&value[..]),
+                "{p}"
+            );
+        }
+    }
+}

@@ -109,6 +109,9 @@ pub struct ShardStore {
     /// The range owned since a split, as applied (mirrors `KEY_RANGE`; changed under
     /// `apply_lock`).
     range: RwLock<Option<HashRange>>,
+    /// Bytes of keys and values put by applied batches since this replica was opened (a cheap
+    /// sign of growth: the split check measures the shard only after enough of it).
+    written_bytes: AtomicU64,
 }
 
 /// A durable state of a shard replica: its applied id and the membership applied by then.
@@ -249,7 +252,32 @@ impl ShardStore {
             hold_bytes_max,
             route,
             range: RwLock::new(range),
+            written_bytes: AtomicU64::new(0),
         })
+    }
+
+    /// Bytes of keys and values put since this replica was opened.
+    pub fn written_bytes(&self) -> u64 {
+        self.written_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the replica's data keys and values: a scan of its data (for the split check, not
+    /// for request paths).
+    pub fn data_bytes(&self) -> Result<u64> {
+        self.write_back()?;
+        let mut bytes = 0u64;
+        for item in self.tree().range([SPACE_DATA]..[SPACE_SHARD]) {
+            let (key, value) = item.map_err(|e| Error::sled("measure the shard", e))?;
+            bytes += (key.len() - 1 + value.len()) as u64;
+        }
+        // A view holding the tree keeps applied writes in the buffer: count their puts too.
+        let buffer = self.write_back_buffer();
+        for (key, value) in buffer.range(&[SPACE_DATA], &[SPACE_SHARD]) {
+            if let Some(value) = value {
+                bytes += (key.len() - 1 + value.len()) as u64;
+            }
+        }
+        Ok(bytes)
     }
 
     /// The range this replica owns since a split (`None`: it never split).
@@ -590,6 +618,7 @@ impl ShardStore {
         let mut expected = self.applied.load(Ordering::Acquire);
         let mut outcomes = Vec::with_capacity(entries.len());
         let mut range = self.range();
+        let mut written = 0u64;
         for entry in entries {
             if entry.index < expected || entry.index == u64::MAX {
                 let applied = expected.checked_sub(1);
@@ -608,7 +637,18 @@ impl ShardStore {
                 }
                 EntryPayload::Command(Command::Txn { session, batch }) => {
                     if batch_owned(self.route, range.as_ref(), batch) {
-                        apply_txn(&mut overlay, entry.index, *session, batch)?
+                        let outcome = apply_txn(&mut overlay, entry.index, *session, batch)?;
+                        if outcome == Outcome::Applied {
+                            written += batch
+                                .ops
+                                .iter()
+                                .map(|op| match op {
+                                    Op::Put { key, value } => (key.len() + value.len()) as u64,
+                                    Op::Delete { .. } => 0,
+                                })
+                                .sum::<u64>();
+                        }
+                        outcome
                     } else {
                         Outcome::OutOfRange
                     }
@@ -654,6 +694,7 @@ impl ShardStore {
             buffer.bytes >= self.write_back_bytes
         };
         *self.range.write().unwrap_or_else(|e| e.into_inner()) = range;
+        self.written_bytes.fetch_add(written, Ordering::Relaxed);
         self.applied.store(last.index + 1, Ordering::Release);
         if full {
             let held_bytes = self.write_back_buffer().bytes;
