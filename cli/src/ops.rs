@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use dossier_api::v1::admin_client::AdminClient;
 use dossier_api::v1::{
     ClusterMap, ClusterMapRequest, ErrorDetail, InitClusterRequest, NodeInfo, NodeStatusRequest,
-    ShardStatus,
+    PlacementRequest, PlacementResponse, ShardStatus,
 };
 use tonic::transport::Endpoint;
 
@@ -93,6 +93,8 @@ pub struct Status {
     pub unreachable: Vec<u64>,
     /// Whether the nodes were asked to count keys (a scan of every replica).
     pub keys_counted: bool,
+    /// The meta leader's placement decisions, when it answered.
+    pub placement: Option<(u64, PlacementResponse)>,
 }
 
 /// The newest cluster map any seed gives (a node that fell behind or left the cluster may give
@@ -140,7 +142,18 @@ pub async fn status(seeds: &[String], count_keys: bool) -> Result<Status> {
             Err(_) => unreachable.push(node.node_id),
         }
     }
+    let mut placement = None;
+    if let Some(leader) = leader_of(&replicas, 0)
+        && let Some(node) = map.nodes.iter().find(|n| n.node_id == leader.node_id)
+        && let Ok(answer) = admin(&node.address, Duration::from_secs(2))
+            .await?
+            .get_placement(PlacementRequest {})
+            .await
+    {
+        placement = Some((leader.node_id, answer.into_inner()));
+    }
     Ok(Status {
+        placement,
         keys_counted: count_keys,
         map,
         replicas,
@@ -267,6 +280,72 @@ pub fn print_status(s: &Status) {
     if !s.unreachable.is_empty() {
         println!("\nunreachable nodes: {:?}", s.unreachable);
     }
+    print_placement(s);
+}
+
+/// Moves in progress, nodes draining, and the meta leader's recent placement decisions.
+fn print_placement(s: &Status) {
+    let mut pending = Vec::new();
+    for d in &s.map.shards {
+        for l in &d.learners {
+            pending.push(format!(
+                "shard {}: node {l} catching up as a learner (a replica move)",
+                d.shard_id
+            ));
+        }
+    }
+    for n in &s.map.nodes {
+        if n.state == dossier_api::v1::NodeState::Draining as i32 {
+            let left = s
+                .map
+                .shards
+                .iter()
+                .filter(|d| d.replicas.contains(&n.node_id) || d.learners.contains(&n.node_id))
+                .count();
+            pending.push(format!(
+                "node {}: draining, {left} replicas left",
+                n.node_id
+            ));
+        }
+    }
+    println!();
+    if pending.is_empty() {
+        println!("PENDING: nothing");
+    } else {
+        println!("PENDING");
+        for p in pending {
+            println!("  {p}");
+        }
+    }
+    let Some((leader, placement)) = &s.placement else {
+        println!("PLACEMENT: the meta group's leader did not answer");
+        return;
+    };
+    println!(
+        "PLACEMENT (meta leader node {leader}, balancing {}): {} recent decisions",
+        if placement.balancing { "on" } else { "off" },
+        placement.decisions.len()
+    );
+    for d in placement.decisions.iter().rev().take(10).rev() {
+        let secs = d.at_unix_ms / 1000 % 86_400;
+        let nodes = match (d.from_node, d.to_node) {
+            (0, 0) => String::new(),
+            (0, to) => format!("-> {to}"),
+            (from, 0) => format!("{from}"),
+            (from, to) => format!("{from} -> {to}"),
+        };
+        println!(
+            "  {:02}:{:02}:{:02}Z {:<7} shard {:<4} {:<8} {} ({})",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60,
+            d.kind,
+            d.shard_id,
+            nodes,
+            d.reason,
+            d.outcome
+        );
+    }
 }
 
 pub fn status_json(s: &Status) -> serde_json::Value {
@@ -274,6 +353,8 @@ pub fn status_json(s: &Status) -> serde_json::Value {
         "nodes": s.map.nodes.iter().map(|n| serde_json::json!({
             "node_id": n.node_id,
             "address": n.address,
+            "zone": n.zone,
+            "state": dossier_api::v1::NodeState::try_from(n.state).map_or("unknown", |s| s.as_str_name()),
             "up": s.disk.contains_key(&n.node_id),
             "state_bytes_on_disk": s.disk.get(&n.node_id).map(|d| d.0),
             "log_bytes_on_disk": s.disk.get(&n.node_id).map(|d| d.1),
@@ -284,6 +365,8 @@ pub fn status_json(s: &Status) -> serde_json::Value {
             "hash_lo": d.hash_lo,
             "hash_hi": if d.hash_hi_max { None } else { Some(d.hash_hi) },
             "replicas": d.replicas,
+            "learners": d.learners,
+            "split_from": d.split_from,
         })).collect::<Vec<_>>(),
         "replicas": s.replicas.iter().map(|r| serde_json::json!({
             "shard_id": r.shard_id,
@@ -299,5 +382,22 @@ pub fn status_json(s: &Status) -> serde_json::Value {
             "purged_index": r.purged_index,
         })).collect::<Vec<_>>(),
         "map_version": s.map.version,
+        "moves_in_progress": s.map.shards.iter().flat_map(|d| d.learners.iter().map(move |l| serde_json::json!({
+            "shard_id": d.shard_id,
+            "learner": l,
+        }))).collect::<Vec<_>>(),
+        "placement": s.placement.as_ref().map(|(leader, p)| serde_json::json!({
+            "meta_leader": leader,
+            "balancing": p.balancing,
+            "decisions": p.decisions.iter().map(|d| serde_json::json!({
+                "at_unix_ms": d.at_unix_ms,
+                "kind": d.kind,
+                "shard_id": d.shard_id,
+                "from_node": d.from_node,
+                "to_node": d.to_node,
+                "reason": d.reason,
+                "outcome": d.outcome,
+            })).collect::<Vec<_>>(),
+        })),
     })
 }

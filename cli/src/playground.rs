@@ -309,6 +309,8 @@ async fn split_a_shard(client: &Client, seeds: &[String], sample_patient: &str) 
     println!("{sample_patient} reads whole after the split: {records} records");
     let status = cluster::status(seeds, false).await?;
     cluster::print_nodes(&status);
+    println!();
+    cluster::print_status(&status);
     Ok(())
 }
 

@@ -21,6 +21,7 @@ mod metrics;
 mod mover;
 mod node;
 mod placement;
+mod placement_log;
 mod propose;
 mod record_store;
 mod service;

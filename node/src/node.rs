@@ -52,6 +52,8 @@ pub struct Node {
     pub(crate) leader_balance: crate::leadership::LeaderBalance,
     /// Shards made by a split whose replica here waits for the parent's split (since when).
     split_waits: Mutex<HashMap<ShardId, Instant>>,
+    /// Placement decisions made or asked for here (`placement_log.rs`).
+    pub(crate) placement_log: crate::placement_log::PlacementLog,
 }
 
 fn leader_of(raft: &Raft) -> Option<u64> {
@@ -102,6 +104,7 @@ impl Node {
             compactions: crate::compactor::CompactionCounts::default(),
             leader_balance: crate::leadership::LeaderBalance::default(),
             split_waits: Mutex::new(HashMap::new()),
+            placement_log: crate::placement_log::PlacementLog::default(),
         });
         // The meta group first, then every replica this node held before a restart: they resume
         // at once, before the map is read.

@@ -20,6 +20,7 @@ use crate::errors::ApiError;
 use crate::membership::MapChange;
 use crate::meta::{self, META_SHARD};
 use crate::node::Node;
+use crate::placement_log::Decision;
 
 /// How long the meta group's new voter may take to catch up.
 const META_CATCH_UP: Duration = Duration::from_secs(60);
@@ -195,8 +196,20 @@ impl Node {
                     target,
                     "draining: moving a replica"
                 );
-                if let Err(e) = self.move_replica(d.shard_id, node, target).await {
-                    warn!(node, shard = d.shard_id, target, error = %e, "draining: the move failed; it is retried");
+                let decision = Decision {
+                    kind: "drain",
+                    shard: d.shard_id,
+                    from: node,
+                    to: target,
+                    reason: "the node is being removed",
+                };
+                self.placement_log.record(decision, "started");
+                match self.move_replica(d.shard_id, node, target).await {
+                    Ok(_) => self.placement_log.record(decision, "done"),
+                    Err(e) => {
+                        warn!(node, shard = d.shard_id, target, error = %e, "draining: the move failed; it is retried");
+                        self.placement_log.record(decision, format!("failed: {e}"));
+                    }
                 }
                 return true;
             }
@@ -210,8 +223,18 @@ impl Node {
             }
             // Marked removed while still in the meta group, so that the node itself learns it
             // and stops handing out the map.
+            let decision = Decision {
+                kind: "remove",
+                shard: 0,
+                from: node,
+                to: 0,
+                reason: "the node holds no replica any more",
+            };
             match self.change_map(|m| mark_removed(m, node)).await {
-                Ok(_) => info!(node, "node removed: it holds no replica"),
+                Ok(_) => {
+                    info!(node, "node removed: it holds no replica");
+                    self.placement_log.record(decision, "done");
+                }
                 Err(e) => warn!(node, error = %e, "draining: marking the node removed failed"),
             }
             return true;
@@ -248,20 +271,40 @@ impl Node {
                 reason = mv.reason,
                 "placement: moving a replica"
             );
+            let decision = Decision {
+                kind: "move",
+                shard: mv.shard,
+                from: mv.from,
+                to: mv.to,
+                reason: mv.reason,
+            };
+            self.placement_log.record(decision, "started");
             if let Err(e) = self.move_replica(mv.shard, mv.from, mv.to).await {
                 warn!(shard = mv.shard, from = mv.from, to = mv.to, error = %e, "placement: the move failed; it is decided again");
+                self.placement_log.record(decision, format!("failed: {e}"));
                 return false;
             }
+            self.placement_log.record(decision, "done");
             return true;
         }
         if let Some((shard, order)) = balance::next_preference(&map) {
             let changed = self.change_map(|m| prefer(m, shard, &order)).await;
+            let decision = Decision {
+                kind: "prefer",
+                shard,
+                from: 0,
+                to: order[0],
+                reason: "preferred leaders per node",
+            };
             match changed {
-                Ok(_) => info!(
-                    shard,
-                    preferred = order[0],
-                    "placement: a new preferred leader"
-                ),
+                Ok(_) => {
+                    info!(
+                        shard,
+                        preferred = order[0],
+                        "placement: a new preferred leader"
+                    );
+                    self.placement_log.record(decision, "done");
+                }
                 Err(e) => {
                     warn!(shard, error = %e, "placement: changing the preferred leader failed");
                     return false;

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use crate::meta::{self, META_SHARD};
 use crate::node::Node;
+use crate::placement_log::Decision;
 
 /// Between two checks of the shards led here.
 const CHECK_EVERY: Duration = Duration::from_secs(10);
@@ -96,8 +97,19 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
                 s.hot = 0;
                 // Measured again after the split, from what is written from now on.
                 s.measured = false;
-                if let Err(e) = ask_split(&node, shard).await {
-                    warn!(shard, error = %e, "split check: the split was not made; it is asked again later");
+                let decision = Decision {
+                    kind: "split",
+                    shard,
+                    from: 0,
+                    to: 0,
+                    reason: &reason,
+                };
+                match ask_split(&node, shard).await {
+                    Ok(()) => node.placement_log.record(decision, "done"),
+                    Err(e) => {
+                        warn!(shard, error = %e, "split check: the split was not made; it is asked again later");
+                        node.placement_log.record(decision, format!("failed: {e}"));
+                    }
                 }
             }
         }

@@ -163,6 +163,15 @@ impl Node {
             .await?;
         let left = descriptor(&map, shard)?.clone();
         let right = descriptor(&map, done.child)?.clone();
+        let decision = crate::placement_log::Decision {
+            kind: "split",
+            shard,
+            from: 0,
+            to: done.child,
+            reason: "requested",
+        };
+        self.placement_log
+            .record(decision, format!("done at {:#018x}", done.at));
         info!(
             shard,
             child = done.child,

@@ -7,8 +7,9 @@ use dossier_api::v1::admin_server::Admin;
 use dossier_api::v1::{
     ClusterMap, ClusterMapRequest, DrainRequest, DrainResponse, InitClusterRequest,
     InitClusterResponse, JoinClusterRequest, JoinClusterResponse, MoveReplicaRequest,
-    MoveReplicaResponse, NodeState, NodeStatusRequest, NodeStatusResponse, RemoveNodeRequest,
-    RemoveNodeResponse, ShardStatus, SplitShardRequest, SplitShardResponse,
+    MoveReplicaResponse, NodeState, NodeStatusRequest, NodeStatusResponse, PlacementRequest,
+    PlacementResponse, RemoveNodeRequest, RemoveNodeResponse, ShardStatus, SplitShardRequest,
+    SplitShardResponse,
 };
 use dossier_raft::openraft::async_runtime::WatchReceiver;
 use tonic::{Request, Response, Status};
@@ -108,6 +109,19 @@ impl Admin for AdminService {
     ) -> Result<Response<RemoveNodeResponse>, Status> {
         let map = self.node.remove_node(request.into_inner().node_id).await?;
         Ok(Response::new(RemoveNodeResponse { map: Some(map) }))
+    }
+
+    async fn get_placement(
+        &self,
+        _request: Request<PlacementRequest>,
+    ) -> Result<Response<PlacementResponse>, Status> {
+        let meta_leader =
+            self.node.known_leader(crate::meta::META_SHARD) == Some(self.node.node_id());
+        Ok(Response::new(PlacementResponse {
+            decisions: self.node.placement_log.decisions(),
+            balancing: self.node.config.node.placement_balance,
+            meta_leader,
+        }))
     }
 
     async fn split_shard(

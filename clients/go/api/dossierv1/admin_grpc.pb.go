@@ -25,6 +25,7 @@ type AdminClient interface {
 	MoveReplica(ctx context.Context, in *MoveReplicaRequest, opts ...grpc.CallOption) (*MoveReplicaResponse, error)
 	RemoveNode(ctx context.Context, in *RemoveNodeRequest, opts ...grpc.CallOption) (*RemoveNodeResponse, error)
 	SplitShard(ctx context.Context, in *SplitShardRequest, opts ...grpc.CallOption) (*SplitShardResponse, error)
+	GetPlacement(ctx context.Context, in *PlacementRequest, opts ...grpc.CallOption) (*PlacementResponse, error)
 }
 
 type adminClient struct {
@@ -107,6 +108,15 @@ func (c *adminClient) SplitShard(ctx context.Context, in *SplitShardRequest, opt
 	return out, nil
 }
 
+func (c *adminClient) GetPlacement(ctx context.Context, in *PlacementRequest, opts ...grpc.CallOption) (*PlacementResponse, error) {
+	out := new(PlacementResponse)
+	err := c.cc.Invoke(ctx, "/dossier.v1.Admin/GetPlacement", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility
@@ -119,6 +129,7 @@ type AdminServer interface {
 	MoveReplica(context.Context, *MoveReplicaRequest) (*MoveReplicaResponse, error)
 	RemoveNode(context.Context, *RemoveNodeRequest) (*RemoveNodeResponse, error)
 	SplitShard(context.Context, *SplitShardRequest) (*SplitShardResponse, error)
+	GetPlacement(context.Context, *PlacementRequest) (*PlacementResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -149,6 +160,9 @@ func (UnimplementedAdminServer) RemoveNode(context.Context, *RemoveNodeRequest) 
 }
 func (UnimplementedAdminServer) SplitShard(context.Context, *SplitShardRequest) (*SplitShardResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method SplitShard not implemented")
+}
+func (UnimplementedAdminServer) GetPlacement(context.Context, *PlacementRequest) (*PlacementResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetPlacement not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 
@@ -307,6 +321,24 @@ func _Admin_SplitShard_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_GetPlacement_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PlacementRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).GetPlacement(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/dossier.v1.Admin/GetPlacement",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).GetPlacement(ctx, req.(*PlacementRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _Admin_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "dossier.v1.Admin",
 	HandlerType: (*AdminServer)(nil),
@@ -342,6 +374,10 @@ var _Admin_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SplitShard",
 			Handler:    _Admin_SplitShard_Handler,
+		},
+		{
+			MethodName: "GetPlacement",
+			Handler:    _Admin_GetPlacement_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
