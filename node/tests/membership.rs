@@ -582,3 +582,78 @@ async fn cluster_leads(node: &TestNode) -> usize {
         })
         .unwrap_or(0)
 }
+
+/// A node that died (its disk lost) is removed without it: its replicas are rebuilt on the
+/// other nodes from their leaders, its meta vote goes to another node, and it ends removed;
+/// every acknowledged write reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_is_removed_and_its_replicas_rebuilt_elsewhere() {
+    let mut cluster = TestCluster::start(3, 3, 3, &|c| c.placement_balance = false).await;
+    let client = cluster.client().await;
+    let patients: Vec<String> = (1..=3)
+        .map(|s| common::patient_in_shard(&client, s, "dead"))
+        .collect();
+    for p in &patients {
+        for k in 0..10 {
+            client
+                .put(p, format!("k{k}").as_bytes(), b"v")
+                .await
+                .unwrap();
+        }
+    }
+    let name = cluster.nodes[0].config.cluster_name.clone();
+    let seeds = cluster.seeds();
+    let mut joiner = TestNode::new(4, cluster.dir.path().join("n4"), &|c| {
+        c.join = seeds.clone();
+        c.cluster_name = name.clone();
+        c.placement_balance = false;
+    });
+    joiner.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client
+        .refresh_map()
+        .await
+        .unwrap()
+        .nodes
+        .iter()
+        .any(|n| n.node_id == 4)
+    {
+        assert!(Instant::now() < deadline, "node 4 did not join");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Node 3 dies for good.
+    let index = cluster.node_index(3);
+    cluster.nodes[index].kill();
+    let mut admin = meta_leader_admin(&cluster).await;
+    admin
+        .remove_node(dossier_api::v1::RemoveNodeRequest { node_id: 3 })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let map = loop {
+        let map = client.refresh_map().await.unwrap();
+        if map.nodes.iter().find(|n| n.node_id == 3).unwrap().state
+            == dossier_api::v1::NodeState::Removed as i32
+        {
+            break map;
+        }
+        assert!(Instant::now() < deadline, "node 3 was not removed: {map:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for d in &map.shards {
+        assert!(!d.replicas.contains(&3) && d.replicas.contains(&4), "{d:?}");
+    }
+    for p in &patients {
+        for k in 0..10 {
+            assert!(
+                client
+                    .get(p, format!("k{k}").as_bytes())
+                    .await
+                    .unwrap()
+                    .is_some()
+            );
+        }
+        client.put(p, b"after", b"v").await.unwrap();
+    }
+    joiner.stop().await;
+}
