@@ -4,9 +4,12 @@
 //!   "key": <string>, "value": <..>, "time": <int ns, monotonic>}`
 //!
 //! - `write`: the value written; `cas`: `[expected, new]`; `read`: `null` on invoke, the value read
-//!   on ok (`null` if absent; for set keys the full list); `add`: the element.
+//!   on ok (`null` if absent; for set keys the list of elements); `add`: the element.
 //! - `fail` only when the operation certainly did not take effect; a timeout or lost connection is
 //!   `info`, and the process that saw it continues under a fresh process number.
+//! - A `cas` that completes `fail` with `[expected, new]` had its condition evaluated and found
+//!   another value; one refused before evaluation completes `fail` with the error's text. An `add`
+//!   that completes `ok` with `"present"` found its element's key already there.
 
 use std::io::{BufRead, Write};
 
@@ -85,6 +88,11 @@ pub struct Op {
 
 /// Pairs invocations with completions, per process. An invocation without a completion is `info`.
 pub fn ops(events: &[Event]) -> anyhow::Result<Vec<Op>> {
+    into_ops(events.to_vec())
+}
+
+/// [`ops`], taking the events' values instead of copying them (set reads list whole sets).
+pub fn into_ops(events: Vec<Event>) -> anyhow::Result<Vec<Op>> {
     let mut open: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
     let mut ops: Vec<Op> = Vec::new();
     for e in events {
@@ -97,8 +105,8 @@ pub fn ops(events: &[Event]) -> anyhow::Result<Vec<Op>> {
                 ops.push(Op {
                     process: e.process,
                     f: e.f,
-                    key: e.key.clone(),
-                    input: e.value.clone(),
+                    key: e.key,
+                    input: e.value,
                     output: Value::Null,
                     outcome: Type::Info,
                     call: e.time,
@@ -120,7 +128,7 @@ pub fn ops(events: &[Event]) -> anyhow::Result<Vec<Op>> {
                     );
                 }
                 op.outcome = kind;
-                op.output = e.value.clone();
+                op.output = e.value;
                 if kind != Type::Info {
                     op.ret = e.time;
                 }

@@ -53,10 +53,12 @@ enum Command {
         /// lease, `false` confirms each with a quorum round (ReadIndex).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         read_lease: bool,
-        /// Register keys (read / write / compare-and-set), over several shards.
+        /// Register slots (read / write / compare-and-set of values 0..5), over several shards;
+        /// each moves on to a fresh key every 1,000 operations.
         #[arg(long, default_value_t = 6)]
         register_keys: usize,
-        /// Set keys (add, final read).
+        /// Sets (an add writes one key per element; reads scan them, at least 2 s apart and about 60
+        /// times a run at most, and once at the end).
         #[arg(long, default_value_t = 3)]
         set_keys: usize,
         /// Concurrent client processes.

@@ -3,21 +3,19 @@
 //! checker's verdict written to the run folder.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use dossier_api::v1::kv_client::KvClient;
-use dossier_api::v1::{GetRequest, ReadConsistency as WireConsistency, RouteHeader};
 use dossier_cli::ops;
 use dossier_cli::procs::{LocalCluster, NodeProc};
-use dossier_client::{Client, ClientError, ReadConsistency};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::checker;
-use crate::history::{self, Event, F, Type};
+use crate::history;
 use crate::netns::{self, Net};
+use crate::workloads::{self, Recorder, Rng, Shared, register, set};
 
 /// Faults the nemesis may inject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,283 +67,6 @@ pub struct RunConfig {
     pub identifier_clients: usize,
     /// National numbers they compete for.
     pub identifier_pool: usize,
-}
-
-struct Recorder {
-    started: Instant,
-    events: Mutex<Vec<Event>>,
-    next_process: AtomicU64,
-}
-
-impl Recorder {
-    fn now(&self) -> u64 {
-        self.started.elapsed().as_nanos() as u64
-    }
-
-    fn record(&self, process: u64, kind: Type, f: F, key: &str, value: Value) {
-        let event = Event {
-            process,
-            kind,
-            f,
-            key: key.to_owned(),
-            value,
-            time: self.now(),
-        };
-        self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(event);
-    }
-
-    fn fresh_process(&self) -> u64 {
-        self.next_process.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-/// A small deterministic generator (splitmix64), seeded per client.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-/// Elements a set key takes, about, before its adds move on to its next part. A set is one value
-/// that every add rewrites whole, so one that grew for the whole run would make the log grow with
-/// the square of the run's length (a 600 s run wrote 35 GB that way); parts keep it linear.
-const SET_PART_ELEMENTS: u64 = 2_000;
-
-/// The part of every set key that takes `element` (elements are numbered over the whole run, and
-/// shared with the register writes).
-fn set_part(element: u64, set_keys: usize) -> u64 {
-    element / (SET_PART_ELEMENTS * set_keys as u64)
-}
-
-/// Set key `k`, part `part`: `s/{k}.{part}`.
-fn set_key(k: usize, part: u64) -> String {
-    format!("s/{k}.{part}")
-}
-
-/// The patient of key `key`: `jepsen-` and the key with `/` as `-` (patient ids follow the
-/// record layer's id rule).
-fn register_patient(key: &str) -> String {
-    format!("jepsen-{}", key.replace('/', "-"))
-}
-
-/// How a failed operation is recorded: `fail` only when it certainly did not take effect.
-fn outcome_of(e: &ClientError) -> Type {
-    if e.is_definite() {
-        Type::Fail
-    } else {
-        Type::Info
-    }
-}
-
-/// A read as a load balancer would send it: to any replica of the patient's shard. A correct
-/// replica that is not the leader refuses it (the client then reads through the leader); the
-/// unsafe switch makes it answer from its local state.
-async fn read_any_replica(
-    client: &Client,
-    patient: &str,
-    key: &[u8],
-    rng: &mut Rng,
-) -> Result<Option<Vec<u8>>, ClientError> {
-    if let Some(map) = client.cluster_map() {
-        let h = dossier_api::patient_hash(patient);
-        if let Some(d) = map
-            .shards
-            .iter()
-            .find(|d| h >= d.hash_lo && (d.hash_hi_max || h < d.hash_hi))
-        {
-            let node = d.replicas[rng.below(d.replicas.len())];
-            if let Some(addr) = map
-                .nodes
-                .iter()
-                .find(|n| n.node_id == node)
-                .map(|n| n.address.clone())
-                && let Ok(channel) =
-                    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                        .map(|e| e.connect_timeout(Duration::from_millis(200)))
-            {
-                let mut request = tonic::Request::new(GetRequest {
-                    route: Some(RouteHeader {
-                        patient_id: patient.to_owned(),
-                        ..RouteHeader::default()
-                    }),
-                    key: key.to_vec(),
-                    consistency: WireConsistency::Linearizable as i32,
-                });
-                request.set_timeout(Duration::from_millis(500));
-                if let Ok(channel) = channel.connect().await
-                    && let Ok(r) = KvClient::new(channel).get(request).await
-                {
-                    let r = r.into_inner();
-                    return Ok(r.found.then_some(r.value));
-                }
-            }
-        }
-    }
-    let value = client
-        .get_with(
-            patient,
-            key,
-            ReadConsistency::Linearizable,
-            Duration::from_secs(5),
-        )
-        .await?;
-    Ok(value.map(|v| v.to_vec()))
-}
-
-fn decode_int(bytes: Option<Vec<u8>>) -> Value {
-    match bytes {
-        None => Value::Null,
-        Some(b) => String::from_utf8_lossy(&b)
-            .parse::<i64>()
-            .map_or(Value::Null, Value::from),
-    }
-}
-
-fn decode_list(bytes: &Option<Vec<u8>>) -> Vec<i64> {
-    bytes
-        .as_ref()
-        .and_then(|b| serde_json::from_slice::<Vec<i64>>(b).ok())
-        .unwrap_or_default()
-}
-
-/// One client: a logical process at a time, random operations until `stop`.
-async fn client_loop(
-    client: Client,
-    recorder: Arc<Recorder>,
-    config: Arc<RunConfig>,
-    stop: Arc<AtomicBool>,
-    seed: u64,
-    unique: Arc<AtomicU64>,
-) {
-    let mut rng = Rng(seed);
-    let mut process = recorder.fresh_process();
-    while !stop.load(Ordering::Relaxed) {
-        let register = config.set_keys == 0 || (config.register_keys > 0 && rng.below(3) > 0);
-        let outcome = if register {
-            let key = format!("r/{}", rng.below(config.register_keys));
-            let patient = register_patient(&key);
-            match rng.below(4) {
-                0 | 1 => {
-                    recorder.record(process, Type::Invoke, F::Read, &key, Value::Null);
-                    match read_any_replica(&client, &patient, b"v", &mut rng).await {
-                        Ok(v) => {
-                            recorder.record(process, Type::Ok, F::Read, &key, decode_int(v));
-                            Type::Ok
-                        }
-                        Err(e) => {
-                            let t = outcome_of(&e);
-                            recorder.record(process, t, F::Read, &key, Value::Null);
-                            t
-                        }
-                    }
-                }
-                2 => {
-                    let v = unique.fetch_add(1, Ordering::Relaxed) as i64;
-                    recorder.record(process, Type::Invoke, F::Write, &key, json!(v));
-                    let t = match client
-                        .put_with(
-                            &patient,
-                            b"v",
-                            v.to_string().as_bytes(),
-                            Duration::from_secs(5),
-                        )
-                        .await
-                    {
-                        Ok(_) => Type::Ok,
-                        Err(e) => outcome_of(&e),
-                    };
-                    recorder.record(process, t, F::Write, &key, json!(v));
-                    t
-                }
-                _ => {
-                    let expected = rng.below(unique.load(Ordering::Relaxed).max(1) as usize) as i64;
-                    let new = unique.fetch_add(1, Ordering::Relaxed) as i64;
-                    recorder.record(process, Type::Invoke, F::Cas, &key, json!([expected, new]));
-                    let result = client
-                        .compare_and_set(
-                            &patient,
-                            b"v",
-                            Some(expected.to_string().as_bytes()),
-                            new.to_string().as_bytes(),
-                            Duration::from_secs(5),
-                        )
-                        .await;
-                    let t = match result {
-                        Ok(w) if w.applied => Type::Ok,
-                        Ok(_) => Type::Fail,
-                        Err(e) => outcome_of(&e),
-                    };
-                    recorder.record(process, t, F::Cas, &key, json!([expected, new]));
-                    t
-                }
-            }
-        } else {
-            let element = unique.fetch_add(1, Ordering::Relaxed);
-            let key = set_key(
-                rng.below(config.set_keys),
-                set_part(element, config.set_keys),
-            );
-            let patient = register_patient(&key);
-            let element = element as i64;
-            recorder.record(process, Type::Invoke, F::Add, &key, json!(element));
-            let t = add_element(&client, &patient, element).await;
-            recorder.record(process, t, F::Add, &key, json!(element));
-            t
-        };
-        if outcome == Type::Info {
-            // Its operation may still be in flight: this process continues under a new number.
-            process = recorder.fresh_process();
-        }
-    }
-}
-
-/// Appends `element` to the patient's list by read + compare-and-set, retrying on conflicts.
-async fn add_element(client: &Client, patient: &str, element: i64) -> Type {
-    for _ in 0..50 {
-        let current = match client
-            .get_with(
-                patient,
-                b"list",
-                ReadConsistency::Linearizable,
-                Duration::from_secs(5),
-            )
-            .await
-        {
-            Ok(v) => v.map(|b| b.to_vec()),
-            Err(e) => return outcome_of(&e),
-        };
-        let mut list = decode_list(&current);
-        list.push(element);
-        let new = serde_json::to_vec(&list).unwrap_or_default();
-        match client
-            .compare_and_set(
-                patient,
-                b"list",
-                current.as_deref(),
-                &new,
-                Duration::from_secs(5),
-            )
-            .await
-        {
-            Ok(w) if w.applied => return Type::Ok,
-            Ok(_) => continue,
-            Err(e) => return outcome_of(&e),
-        }
-    }
-    Type::Fail
 }
 
 /// The nemesis: every interval, one fault on a random node or the current leader of a random
@@ -600,23 +321,21 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
         .await?;
     let client = cluster.client().await?;
     let cluster = Arc::new(tokio::sync::Mutex::new(cluster));
-    let recorder = Arc::new(Recorder {
-        started: Instant::now(),
-        events: Mutex::new(Vec::new()),
-        next_process: AtomicU64::new(0),
-    });
+    let recorder = Arc::new(Recorder::new());
     let stop_clients = Arc::new(AtomicBool::new(false));
     let stop_nemesis = Arc::new(AtomicBool::new(false));
-    let unique = Arc::new(AtomicU64::new(1));
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        recorder: Arc::clone(&recorder),
+        registers: register::Registers::new(config.register_keys),
+        sets: set::Sets::new(config.set_keys, config.time_limit),
+        stop: Arc::clone(&stop_clients),
+    });
     let clients: Vec<_> = (0..config.clients)
         .map(|c| {
-            tokio::spawn(client_loop(
-                client.clone(),
-                Arc::clone(&recorder),
-                Arc::clone(&config),
-                Arc::clone(&stop_clients),
+            tokio::spawn(workloads::client_loop(
+                Arc::clone(&shared),
                 config.seed.wrapping_add(c as u64 * 7919),
-                Arc::clone(&unique),
             ))
         })
         .collect();
@@ -678,33 +397,8 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     for c in clients {
         let _ = c.await;
     }
-    // Final reads of every set key (every part of each), after the cluster healed.
-    let last_part = set_part(unique.load(Ordering::Relaxed), config.set_keys.max(1));
-    let set_keys = (0..config.set_keys)
-        .flat_map(|k| (0..=last_part).map(move |part| set_key(k, part)))
-        .collect::<Vec<_>>();
-    for key in set_keys {
-        let process = recorder.fresh_process();
-        recorder.record(process, Type::Invoke, F::Read, &key, Value::Null);
-        match client
-            .get_with(
-                &register_patient(&key),
-                b"list",
-                ReadConsistency::Linearizable,
-                Duration::from_secs(20),
-            )
-            .await
-        {
-            Ok(v) => recorder.record(
-                process,
-                Type::Ok,
-                F::Read,
-                &key,
-                json!(decode_list(&v.map(|b| b.to_vec()))),
-            ),
-            Err(e) => recorder.record(process, outcome_of(&e), F::Read, &key, Value::Null),
-        }
-    }
+    // Final reads of every set, after the cluster healed.
+    set::final_reads(&client, &recorder, config.set_keys).await;
     // The identifier check reads every attempted patient: after the final set reads, so that its
     // time is not counted as a gap of the register and set workloads.
     // Identifier clients may still wait out a create's deadline: after the final reads.
@@ -722,15 +416,12 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     } else {
         None
     };
-    let events = recorder
-        .events
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let events = recorder.take();
     let mut file =
         std::io::BufWriter::new(std::fs::File::create(config.out.join("history.jsonl"))?);
     history::write(&events, &mut file)?;
     drop(file);
+    drop(events);
     std::fs::write(
         config.out.join("nemesis.log"),
         nemesis_log
@@ -768,7 +459,7 @@ pub fn check_history(
     let events = history::read(std::io::BufReader::new(
         std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?,
     ))?;
-    let ops = history::ops(&events)?;
+    let ops = history::into_ops(events)?;
     Ok(checker::check(&ops, budget, faults_end))
 }
 
@@ -815,7 +506,34 @@ pub fn summary(report: &checker::Report, faults: u64) -> String {
         Some(after) => s.push_str(&format!("; after the faults stopped: {after:.0} ms\n")),
         None => s.push('\n'),
     }
+    // Registers by slot (`r/0.0`, `r/0.1`, ... are slot `r/0`): one line each, and one per key
+    // that is not valid.
+    let mut slots: Vec<(&str, usize, usize, usize)> = Vec::new();
     for r in &report.registers {
+        let slot = r
+            .key
+            .split_once('.')
+            .map_or(r.key.as_str(), |(slot, _)| slot);
+        match slots.last_mut() {
+            Some((s, keys, ops, bad)) if *s == slot => {
+                *keys += 1;
+                *ops += r.ops;
+                *bad += usize::from(r.verdict != "valid");
+            }
+            _ => slots.push((slot, 1, r.ops, usize::from(r.verdict != "valid"))),
+        }
+    }
+    for (slot, keys, ops, bad) in slots {
+        s.push_str(&format!(
+            "register {slot}: {} ({keys} keys, {ops} ops)\n",
+            if bad == 0 {
+                "valid".to_owned()
+            } else {
+                format!("{bad} keys not valid")
+            }
+        ));
+    }
+    for r in report.registers.iter().filter(|r| r.verdict != "valid") {
         s.push_str(&format!(
             "register {}: {} ({} ops)",
             r.key, r.verdict, r.ops
@@ -825,19 +543,59 @@ pub fn summary(report: &checker::Report, faults: u64) -> String {
         }
         s.push('\n');
     }
-    for set in &report.sets {
+    let c = &report.cas;
+    if c.invoked > 0 {
         s.push_str(&format!(
-            "set {}: {} ({} acknowledged, {} indeterminate, {} read; lost {:?}, unexpected {:?}, duplicates {:?}{})\n",
+            "compare-and-set: {} invoked, {} applied ({:.1}%), {} found another value, {} refused, {} indeterminate\n",
+            c.invoked,
+            c.applied,
+            c.applied as f64 * 100.0 / c.invoked as f64,
+            c.condition_failed,
+            c.refused,
+            c.indeterminate
+        ));
+    }
+    for set in &report.sets {
+        let stale: usize = set.stale_reads.iter().map(|r| r.missing).sum();
+        s.push_str(&format!(
+            "set {}: {} ({} acknowledged, {} indeterminate; final read {} elements; {} reads checked; lost {}, unexpected {}, duplicates {}, stale reads {} (missing {stale}), malformed {}{})\n",
             set.key,
             if set.valid { "valid" } else { "INVALID" },
             set.acknowledged,
             set.indeterminate,
             set.read,
-            set.lost,
-            set.unexpected,
-            set.duplicates,
+            set.reads,
+            few(&set.lost),
+            few(&set.unexpected),
+            few(&set.duplicates),
+            set.stale_reads.len(),
+            set.malformed.len(),
             if set.missing_final_read { ", no final read" } else { "" }
         ));
+        for r in set.stale_reads.iter().take(5) {
+            s.push_str(&format!(
+                "  stale read {:.3}-{:.3} s: {} missing, e.g. {:?}\n",
+                r.call_ms / 1e3,
+                r.ret_ms / 1e3,
+                r.missing,
+                r.examples
+            ));
+        }
     }
     s
+}
+
+/// A list of elements for the summary: the first ten, and how many more (all are in
+/// `results.json`).
+fn few(elements: &[i64]) -> String {
+    const SHOWN: usize = 10;
+    if elements.len() <= SHOWN {
+        format!("{elements:?}")
+    } else {
+        format!(
+            "{:?} and {} more",
+            &elements[..SHOWN],
+            elements.len() - SHOWN
+        )
+    }
 }

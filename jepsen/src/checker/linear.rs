@@ -2,13 +2,16 @@
 //! with memoisation of (linearized set, state), as in Lowe's "Testing for linearizability" and
 //! porcupine.
 //!
-//! - `fail` operations did not happen and are dropped; `ok` operations took effect between their
-//!   call and return; `info` operations may have taken effect at any point after their call, or
-//!   never (their return is at infinity and the search may leave them out).
+//! - `fail` operations did not happen and are dropped, except a compare-and-set whose condition
+//!   was evaluated and did not hold (its completion value is `[expected, new]`): it observed the
+//!   register not holding `expected` at a point between its call and return, and is checked as
+//!   such a read. `ok` operations took effect between their call and return; `info` operations
+//!   may have taken effect at any point after their call, or never (their return is at infinity
+//!   and the search may leave them out).
 //! - Reads that did not complete `ok` tell nothing and are dropped.
 //! - A search that exceeds its time budget answers `Unknown`, never `Valid`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -35,6 +38,8 @@ enum Step {
     Read(State),
     Write(i64),
     Cas(i64, i64),
+    /// A compare-and-set that found the register not holding this value.
+    Differs(i64),
 }
 
 fn as_int(v: &Value) -> Option<i64> {
@@ -47,6 +52,7 @@ fn step(state: State, op: &Step) -> Option<State> {
         Step::Read(v) => (state == *v).then_some(state),
         Step::Write(v) => Some(Some(*v)),
         Step::Cas(expected, new) => (state == Some(*expected)).then_some(Some(*new)),
+        Step::Differs(expected) => (state != Some(*expected)).then_some(state),
     }
 }
 
@@ -64,10 +70,20 @@ pub fn check(ops: &[Op], budget: Duration) -> Verdict {
     // Keep what constrains the history.
     let mut kept: Vec<(Step, &Op)> = Vec::new();
     for op in ops {
-        if op.outcome == Type::Fail {
-            continue;
-        }
         let step = match op.f {
+            F::Cas if op.outcome == Type::Fail => {
+                // Refused before it was evaluated: no value, nothing observed.
+                match op
+                    .output
+                    .as_array()
+                    .and_then(|a| a.first())
+                    .and_then(as_int)
+                {
+                    Some(expected) => Step::Differs(expected),
+                    None => continue,
+                }
+            }
+            _ if op.outcome == Type::Fail => continue,
             F::Read if op.outcome == Type::Ok => {
                 if op.output.is_null() {
                     Step::Read(None)
@@ -138,23 +154,40 @@ pub fn check(ops: &[Op], budget: Duration) -> Verdict {
         });
     }
     let end = list.len();
-    let mut call_of = vec![0usize; n];
     let mut ret_of = vec![0usize; n];
     for (k, e) in list.iter().enumerate().skip(1) {
-        if e.is_call {
-            call_of[e.op] = k;
-        } else {
+        if !e.is_call {
             ret_of[e.op] = k;
         }
     }
-    let must = |i: usize| kept[i].1.outcome == Type::Ok;
-    let mut remaining_ok = (0..n).filter(|&i| must(i)).count();
-    let words = n.div_ceil(64);
-    let mut linearized = vec![0u64; words];
-    let mut cache: HashSet<(Vec<u64>, State)> = HashSet::new();
-    let mut stack: Vec<(usize, State)> = Vec::new();
+    // Operations that completed (`ok`, or a compare-and-set that failed its condition) must be
+    // linearized; `info` ones may be. Each class is numbered on its own for the memo's bit sets.
+    let must: Vec<bool> = kept
+        .iter()
+        .map(|(_, op)| matches!(op.outcome, Type::Ok | Type::Fail))
+        .collect();
+    let mut slot = vec![0usize; n];
+    let (mut required, mut optional) = (0usize, 0usize);
+    for i in 0..n {
+        let counter = if must[i] {
+            &mut required
+        } else {
+            &mut optional
+        };
+        slot[i] = *counter;
+        *counter += 1;
+    }
+    let mut remaining_ok = required;
+    // The memo key: the required operations linearized, then two words for the state.
+    let mut key = vec![0u64; required.div_ceil(64) + 2];
+    let state_words = key.len() - 2;
+    let mut infos = vec![0u64; optional.div_ceil(64)];
+    let mut memo = Memo::default();
+    // (entry linearized, state before it, phase it was found in)
+    let mut stack: Vec<(usize, State, Phase)> = Vec::new();
     let mut state: State = None;
     let mut cursor = list[0].next;
+    let mut phase = Phase::Required;
     let mut deepest = 0usize;
     let mut deepest_stuck = String::new();
     let mut iterations = 0u64;
@@ -173,7 +206,20 @@ pub fn check(ops: &[Op], budget: Duration) -> Verdict {
             list[nx].prev = k;
         }
     };
+    let flip = |key: &mut Vec<u64>, infos: &mut Vec<u64>, op: usize| {
+        let bits = if must[op] { key } else { infos };
+        bits[slot[op] / 64] ^= 1 << (slot[op] % 64);
+    };
+    let encode = |key: &mut Vec<u64>, state: State| {
+        key[state_words] = u64::from(state.is_some());
+        key[state_words + 1] = state.map_or(0, |v| v as u64);
+    };
 
+    // At each configuration the search first tries the operations that must be linearized, in
+    // the order of their calls, up to the first return still pending; then the indeterminate ones
+    // (phase `Optional`); then it backtracks. Trying the required ones first means a
+    // configuration is usually reached with as few indeterminate operations as it can be, which
+    // is what lets the memo prune the ones reached with more (see `Memo`).
     while remaining_ok > 0 {
         iterations += 1;
         if iterations.is_multiple_of(4096) && started.elapsed() > budget {
@@ -181,33 +227,20 @@ pub fn check(ops: &[Op], budget: Duration) -> Verdict {
                 reason: format!("search exceeded its {budget:?} budget ({n} operations)"),
             };
         }
-        if cursor >= end {
-            // Only info operations' calls were left to try: backtrack.
-            match stack.pop() {
-                Some((k, s)) => {
-                    let op = list[k].op;
-                    state = s;
-                    linearized[op / 64] &= !(1 << (op % 64));
-                    if must(op) {
-                        remaining_ok += 1;
-                    }
-                    unlift(&mut list, ret_of[op]);
-                    unlift(&mut list, k);
-                    cursor = list[k].next;
-                    continue;
-                }
-                None => break,
+        let at_call = cursor < end && list[cursor].is_call;
+        if at_call {
+            let op = list[cursor].op;
+            if must[op] == (phase == Phase::Optional) {
+                cursor = list[cursor].next;
+                continue;
             }
-        }
-        let entry = &list[cursor];
-        if entry.is_call {
-            let op = entry.op;
             if let Some(next) = step(state, &kept[op].0) {
-                linearized[op / 64] |= 1 << (op % 64);
-                if cache.insert((linearized.clone(), next)) {
-                    stack.push((cursor, state));
+                flip(&mut key, &mut infos, op);
+                encode(&mut key, next);
+                if memo.admit(&key, &infos) {
+                    stack.push((cursor, state, phase));
                     state = next;
-                    if must(op) {
+                    if must[op] {
                         remaining_ok -= 1;
                     }
                     lift(&mut list, cursor);
@@ -217,201 +250,99 @@ pub fn check(ops: &[Op], budget: Duration) -> Verdict {
                         deepest_stuck.clear();
                     }
                     cursor = list[0].next;
+                    phase = Phase::Required;
                     continue;
                 }
-                linearized[op / 64] &= !(1 << (op % 64));
+                flip(&mut key, &mut infos, op);
             }
             cursor = list[cursor].next;
-        } else {
-            // The op of this return must be linearized before anything later: backtrack.
-            if stack.len() == deepest && deepest_stuck.is_empty() {
-                let op = kept[entry.op].1;
-                deepest_stuck = format!(
-                    "after {} operations, none can be linearized before the {:?} by process {} (called at {} ns, returned at {} ns, value {}, read {}) in state {:?}",
-                    stack.len(),
-                    op.f,
-                    op.process,
-                    op.call,
-                    entry.time,
-                    op.input,
-                    op.output,
-                    state
-                );
+            continue;
+        }
+        // A return (or the end): no operation called later may come before this one.
+        if phase == Phase::Required {
+            phase = Phase::Optional;
+            cursor = list[0].next;
+            continue;
+        }
+        if cursor < end && stack.len() == deepest && deepest_stuck.is_empty() {
+            let entry = &list[cursor];
+            let op = kept[entry.op].1;
+            deepest_stuck = format!(
+                "after {} operations, none can be linearized before the {:?} by process {} (called at {} ns, returned at {} ns, value {}, read {}) in state {:?}",
+                stack.len(),
+                op.f,
+                op.process,
+                op.call,
+                entry.time,
+                op.input,
+                op.output,
+                state
+            );
+        }
+        match stack.pop() {
+            Some((k, s, ph)) => {
+                let op = list[k].op;
+                state = s;
+                flip(&mut key, &mut infos, op);
+                if must[op] {
+                    remaining_ok += 1;
+                }
+                unlift(&mut list, ret_of[op]);
+                unlift(&mut list, k);
+                cursor = list[k].next;
+                phase = ph;
             }
-            match stack.pop() {
-                Some((k, s)) => {
-                    let op = list[k].op;
-                    state = s;
-                    linearized[op / 64] &= !(1 << (op % 64));
-                    if must(op) {
-                        remaining_ok += 1;
-                    }
-                    unlift(&mut list, ret_of[op]);
-                    unlift(&mut list, k);
-                    cursor = list[k].next;
-                }
-                None => {
-                    return Verdict::Invalid {
-                        explanation: deepest_stuck,
-                    };
-                }
+            None => {
+                return Verdict::Invalid {
+                    explanation: deepest_stuck,
+                };
             }
         }
     }
-    if remaining_ok == 0 {
-        Verdict::Valid
-    } else {
-        Verdict::Invalid {
-            explanation: deepest_stuck,
+    Verdict::Valid
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Required,
+    Optional,
+}
+
+/// The configurations visited: for each (required operations linearized, state), the sets of
+/// indeterminate operations linearized with them, none a superset of another.
+///
+/// A configuration (R, I, s) needs no search when some visited (R, I', s) has I' ⊆ I: any way to
+/// linearize the rest from (R, I, s) is also one from (R, I', s), since the operations of I \ I'
+/// may be left out and, never returning, constrain nothing. If (R, I', s) has been searched, that
+/// way does not exist; if it is being searched, it will be found there. (With one configuration
+/// per set of linearized operations, as in plain WGL, every combination of the indeterminate
+/// operations pending at a point was searched separately: a search with a few dozen of them
+/// pending did not end.)
+#[derive(Debug, Default)]
+struct Memo {
+    seen: HashMap<Vec<u64>, Vec<Vec<u64>>>,
+}
+
+impl Memo {
+    /// Records (key, infos) unless a visited configuration dominates it; true when recorded.
+    fn admit(&mut self, key: &[u64], infos: &[u64]) -> bool {
+        let subset = |a: &[u64], b: &[u64]| a.iter().zip(b).all(|(x, y)| x & !y == 0);
+        match self.seen.get_mut(key) {
+            Some(sets) => {
+                if sets.iter().any(|seen| subset(seen, infos)) {
+                    return false;
+                }
+                sets.retain(|seen| !subset(infos, seen));
+                sets.push(infos.to_vec());
+            }
+            None => {
+                self.seen.insert(key.to_vec(), vec![infos.to_vec()]);
+            }
         }
+        true
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    use super::*;
-
-    fn op(
-        process: u64,
-        f: F,
-        input: Value,
-        output: Value,
-        outcome: Type,
-        call: u64,
-        ret: u64,
-    ) -> Op {
-        let ret = if outcome == Type::Info { u64::MAX } else { ret };
-        Op {
-            process,
-            f,
-            key: "k".into(),
-            input,
-            output,
-            outcome,
-            call,
-            ret,
-        }
-    }
-
-    fn budget() -> Duration {
-        Duration::from_secs(5)
-    }
-
-    /// Sequential writes and reads that agree are linearizable; a read of a value never written
-    /// (or of an overwritten one, after the overwrite returned) is not.
-    #[test]
-    fn sequential_histories() {
-        let ok = vec![
-            op(1, F::Write, json!(1), Value::Null, Type::Ok, 0, 10),
-            op(1, F::Read, Value::Null, json!(1), Type::Ok, 20, 30),
-            op(2, F::Write, json!(2), Value::Null, Type::Ok, 40, 50),
-            op(2, F::Read, Value::Null, json!(2), Type::Ok, 60, 70),
-        ];
-        assert_eq!(check(&ok, budget()), Verdict::Valid);
-        let mut stale = ok.clone();
-        stale[3].output = json!(1);
-        assert!(matches!(check(&stale, budget()), Verdict::Invalid { .. }));
-        let never = vec![op(1, F::Read, Value::Null, json!(7), Type::Ok, 0, 10)];
-        assert!(matches!(check(&never, budget()), Verdict::Invalid { .. }));
-        let absent = vec![op(1, F::Read, Value::Null, Value::Null, Type::Ok, 0, 10)];
-        assert_eq!(check(&absent, budget()), Verdict::Valid);
-    }
-
-    /// Concurrent operations may take effect in either order.
-    #[test]
-    fn concurrency_allows_either_order() {
-        let h = vec![
-            op(1, F::Write, json!(1), Value::Null, Type::Ok, 0, 100),
-            op(2, F::Write, json!(2), Value::Null, Type::Ok, 10, 90),
-            op(3, F::Read, Value::Null, json!(1), Type::Ok, 120, 130),
-        ];
-        assert_eq!(check(&h, budget()), Verdict::Valid);
-        let h2 = vec![
-            op(1, F::Write, json!(1), Value::Null, Type::Ok, 0, 100),
-            op(2, F::Write, json!(2), Value::Null, Type::Ok, 10, 90),
-            op(3, F::Read, Value::Null, json!(2), Type::Ok, 120, 130),
-            op(4, F::Read, Value::Null, json!(1), Type::Ok, 140, 150),
-        ];
-        assert!(matches!(check(&h2, budget()), Verdict::Invalid { .. }));
-    }
-
-    /// An indeterminate write may have happened (explaining a later read) or not; a failed one
-    /// did not happen.
-    #[test]
-    fn info_and_fail() {
-        let took_effect = vec![
-            op(1, F::Write, json!(5), Value::Null, Type::Info, 0, 0),
-            op(2, F::Read, Value::Null, json!(5), Type::Ok, 50, 60),
-        ];
-        assert_eq!(check(&took_effect, budget()), Verdict::Valid);
-        let never = vec![
-            op(1, F::Write, json!(5), Value::Null, Type::Info, 0, 0),
-            op(2, F::Read, Value::Null, Value::Null, Type::Ok, 50, 60),
-        ];
-        assert_eq!(check(&never, budget()), Verdict::Valid);
-        let failed = vec![
-            op(1, F::Write, json!(5), Value::Null, Type::Fail, 0, 10),
-            op(2, F::Read, Value::Null, json!(5), Type::Ok, 50, 60),
-        ];
-        assert!(matches!(check(&failed, budget()), Verdict::Invalid { .. }));
-        // An info write cannot take effect before it was called.
-        let early = vec![
-            op(2, F::Read, Value::Null, json!(5), Type::Ok, 0, 10),
-            op(1, F::Write, json!(5), Value::Null, Type::Info, 20, 0),
-        ];
-        assert!(matches!(check(&early, budget()), Verdict::Invalid { .. }));
-    }
-
-    /// Compare-and-set succeeds only from its expected value.
-    #[test]
-    fn compare_and_set() {
-        let h = vec![
-            op(1, F::Write, json!(1), Value::Null, Type::Ok, 0, 10),
-            op(2, F::Cas, json!([1, 2]), Value::Null, Type::Ok, 20, 30),
-            op(3, F::Read, Value::Null, json!(2), Type::Ok, 40, 50),
-        ];
-        assert_eq!(check(&h, budget()), Verdict::Valid);
-        let wrong = vec![
-            op(1, F::Write, json!(1), Value::Null, Type::Ok, 0, 10),
-            op(2, F::Cas, json!([3, 2]), Value::Null, Type::Ok, 20, 30),
-        ];
-        assert!(matches!(check(&wrong, budget()), Verdict::Invalid { .. }));
-    }
-
-    /// A large valid history of many concurrent processes is checked within the budget, and a
-    /// single stale read injected into it is found.
-    #[test]
-    fn larger_histories() {
-        let mut h = Vec::new();
-        let mut t = 0;
-        for i in 0..400i64 {
-            // Writer i writes i; two readers overlap it, one reading before, one after.
-            h.push(op(1, F::Write, json!(i), Value::Null, Type::Ok, t, t + 10));
-            h.push(op(
-                2,
-                F::Read,
-                Value::Null,
-                if i == 0 { Value::Null } else { json!(i - 1) },
-                Type::Ok,
-                t + 1,
-                t + 5,
-            ));
-            h.push(op(
-                3,
-                F::Read,
-                Value::Null,
-                json!(i),
-                Type::Ok,
-                t + 6,
-                t + 20,
-            ));
-            t += 30;
-        }
-        assert_eq!(check(&h, budget()), Verdict::Valid);
-        let mut bad = h.clone();
-        bad[3 * 200 + 2].output = json!(150);
-        assert!(matches!(check(&bad, budget()), Verdict::Invalid { .. }));
-    }
-}
+#[path = "linear_tests.rs"]
+mod tests;

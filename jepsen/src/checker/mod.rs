@@ -45,9 +45,37 @@ pub struct Report {
     pub registers: Vec<KeyResult>,
     pub sets: Vec<set::SetResult>,
     pub availability: Availability,
+    pub cas: CasCounts,
 }
 
-/// Register keys start with `r/`, set keys with `s/`. `faults_end` (ns, the history's clock) splits
+/// What the compare-and-set operations came to.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CasCounts {
+    pub invoked: usize,
+    /// Completed `ok`: the register held the expected value and took the new one.
+    pub applied: usize,
+    /// Completed `fail` with the condition evaluated: the register held another value.
+    pub condition_failed: usize,
+    /// Completed `fail` without being evaluated (refused).
+    pub refused: usize,
+    pub indeterminate: usize,
+}
+
+fn cas_counts(ops: &[Op]) -> CasCounts {
+    let mut c = CasCounts::default();
+    for op in ops.iter().filter(|o| o.f == F::Cas) {
+        c.invoked += 1;
+        match op.outcome {
+            Type::Ok => c.applied += 1,
+            Type::Fail if op.output.is_array() => c.condition_failed += 1,
+            Type::Fail => c.refused += 1,
+            Type::Info | Type::Invoke => c.indeterminate += 1,
+        }
+    }
+    c
+}
+
+/// Set keys start with `s/`; any other key is a register. `faults_end` (ns, the history's clock) splits
 /// availability into during and after the faults.
 pub fn check(ops: &[Op], budget_per_key: Duration, faults_end: Option<u64>) -> Report {
     let mut by_key: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
@@ -84,6 +112,7 @@ pub fn check(ops: &[Op], budget_per_key: Duration, faults_end: Option<u64>) -> R
         registers,
         sets,
         availability,
+        cas: cas_counts(ops),
     }
 }
 
@@ -102,11 +131,13 @@ fn availability(ops: &[Op], faults_end: Option<u64>) -> Availability {
         .iter()
         .filter(|o| o.outcome == Type::Ok && matches!(o.f, F::Write | F::Cas | F::Add))
     {
-        // The parts of a set key (`s/0.0`, `s/0.1`, ...) take its adds in turn: one timeline.
-        let key = match op.key.split_once('.') {
-            Some((base, _)) if op.key.starts_with("s/") => base,
-            _ => op.key.as_str(),
-        };
+        // The generations of a register slot (`r/0.0`, `r/0.1`, ...) take its operations in
+        // turn: one timeline (so did the parts of a set key in histories before one key per
+        // element, `s/0.0`, `s/0.1`, ...).
+        let key = op
+            .key
+            .split_once('.')
+            .map_or(op.key.as_str(), |(base, _)| base);
         writes.entry(key).or_default().push(op.ret);
     }
     let mut longest = (0u64, String::new());
