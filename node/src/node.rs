@@ -243,6 +243,13 @@ impl Node {
                 self.drop_replica(shard).await?;
             }
         }
+        // Replicas a split built here before the map lists them: their groups start at once, so
+        // that the new shard elects its leader while the old one still answers for its keys.
+        for shard in self.ctx.store.shards() {
+            if self.group(shard).is_none() && !map.shards.iter().any(|d| d.shard_id == shard) {
+                self.ensure_group(shard).await?;
+            }
+        }
         for d in &map.shards {
             if d.learners.contains(&me) {
                 // An empty replica that the shard's leader fills as a learner.
@@ -272,6 +279,19 @@ impl Node {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Starts the group of a shard this node's split just built, and has it stand for election.
+    pub(crate) async fn start_split_child(&self, child: ShardId) -> Result<()> {
+        if self.replica(child).is_none() {
+            anyhow::bail!("shard {child} has no replica here");
+        }
+        let raft = self.ensure_group(child).await?;
+        raft.trigger()
+            .elect(false)
+            .await
+            .map_err(|e| anyhow::anyhow!("stand for election: {e}"))?;
         Ok(())
     }
 

@@ -20,7 +20,7 @@ use dossier_api::v1::{ClusterMap, ShardDescriptor};
 use dossier_raft::openraft::ServerState;
 use dossier_raft::openraft::async_runtime::WatchReceiver;
 use dossier_storage::{Command, HashRange};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::errors::ApiError;
 use crate::membership::MapChange;
@@ -80,7 +80,13 @@ fn reserve(map: &ClusterMap, shard: u64, at: u64) -> Result<MapChange, ApiError>
 }
 
 /// Step 3: the shard keeps `[lo, at)`, the new shard `child` takes `[at, hi)`.
-fn publish(map: &ClusterMap, shard: u64, at: u64, child: u64) -> Result<MapChange, ApiError> {
+fn publish(
+    map: &ClusterMap,
+    shard: u64,
+    at: u64,
+    child: u64,
+    leader: u64,
+) -> Result<MapChange, ApiError> {
     if map.shards.iter().any(|d| d.shard_id == child) {
         return Ok(MapChange::Unchanged); // published already
     }
@@ -92,9 +98,11 @@ fn publish(map: &ClusterMap, shard: u64, at: u64, child: u64) -> Result<MapChang
     }
     let mut next = map.clone();
     let epoch = d.epoch + 1;
+    // The node that split it leads the new shard from the start; the placement driver spreads
+    // preferred leaders later.
     let mut replicas = d.replicas.clone();
-    if !replicas.is_empty() {
-        replicas.rotate_left(1);
+    if let Some(i) = replicas.iter().position(|r| *r == leader) {
+        replicas[..=i].rotate_right(1);
     }
     for s in &mut next.shards {
         if s.shard_id == shard {
@@ -159,7 +167,7 @@ impl Node {
             )
             .await?;
         let map = self
-            .change_map(|m| publish(m, shard, done.at, done.child))
+            .change_map(|m| publish(m, shard, done.at, done.child, done.leader))
             .await?;
         let left = descriptor(&map, shard)?.clone();
         let right = descriptor(&map, done.child)?.clone();
@@ -208,7 +216,11 @@ impl Node {
             && let Some((at, child)) = replica.last_split().map_err(internal)?
         {
             // Split already, and the map does not show it yet: finish that split.
-            return Ok(SplitResponse { at, child });
+            return Ok(SplitResponse {
+                at,
+                child,
+                leader: self.node_id(),
+            });
         }
         let at = if r.at != 0 {
             r.at
@@ -250,7 +262,16 @@ impl Node {
             child = r.child,
             "split: applied by the shard's leader"
         );
-        Ok(SplitResponse { at, child: r.child })
+        // The new shard's group starts here from the state the split built and stands for
+        // election at once, so that it has a leader by the time the map routes to it.
+        if let Err(e) = self.start_split_child(r.child).await {
+            warn!(shard, child = r.child, error = %e, "split: the new shard's group did not start here");
+        }
+        Ok(SplitResponse {
+            at,
+            child: r.child,
+            leader: self.node_id(),
+        })
     }
 }
 
@@ -278,7 +299,7 @@ mod tests {
         };
         assert_eq!(m.next_shard_id, 4);
         let at = m.shards[1].hash_lo + 10;
-        let MapChange::Next(n) = publish(&m, 2, at, 3).unwrap() else {
+        let MapChange::Next(n) = publish(&m, 2, at, 3, 2).unwrap() else {
             panic!("publishes")
         };
         let left = descriptor(&n, 2).unwrap();
@@ -289,16 +310,13 @@ mod tests {
             (at, true, 2)
         );
         assert_eq!(right.split_from, 2);
-        assert_eq!(
-            right.replicas[0], left.replicas[1],
-            "another preferred leader"
-        );
+        assert_eq!(right.replicas[0], 2, "the node that split it leads first");
         // Ranges still cover the space without gap or overlap, in order.
         for pair in n.shards.windows(2) {
             assert_eq!(pair[0].hash_hi, pair[1].hash_lo);
         }
         assert!(matches!(
-            publish(&n, 2, at, 3).unwrap(),
+            publish(&n, 2, at, 3, 2).unwrap(),
             MapChange::Unchanged
         ));
         // Outside the range, or at its first hash: refused.
