@@ -161,26 +161,6 @@ async fn join_cluster(cluster: &TestCluster, node: &TestNode) -> Result<(), Stri
     Err(last)
 }
 
-/// The meta leader's admin client (the node that accepts a map change).
-async fn meta_leader_admin(
-    cluster: &TestCluster,
-) -> dossier_api::v1::admin_client::AdminClient<tonic::transport::Channel> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        for i in 0..cluster.nodes.len() {
-            let replicas = cluster.replicas().await;
-            if replicas
-                .iter()
-                .any(|r| r.shard_id == 0 && r.role == "leader" && r.node_id == cluster.nodes[i].id)
-            {
-                return cluster.admin(i).await;
-            }
-        }
-        assert!(Instant::now() < deadline, "the meta group has no leader");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A shard's replica moves from its leader's node to a node that just joined, while writers
 /// keep writing to it: no acknowledged write is lost, the map names the new replica with a new
 /// epoch, the new node serves the data, and the old node drops its replica.
@@ -245,7 +225,7 @@ async fn a_replica_moves_to_a_joined_node_under_writes() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Move the replica on the shard's leader: the leader hands over first.
     let from = cluster.leader_of(1).await.unwrap();
-    let mut admin = meta_leader_admin(&cluster).await;
+    let mut admin = cluster.meta_leader_admin().await;
     let moved = admin
         .move_replica(dossier_api::v1::MoveReplicaRequest {
             shard_id: 1,
@@ -368,7 +348,7 @@ async fn a_removed_node_hands_everything_over() {
         }
     }
     // Three nodes for shards of three replicas: removing one is refused.
-    let mut admin = meta_leader_admin(&cluster).await;
+    let mut admin = cluster.meta_leader_admin().await;
     let refused = admin
         .remove_node(dossier_api::v1::RemoveNodeRequest { node_id: 3 })
         .await
@@ -396,7 +376,7 @@ async fn a_removed_node_hands_everything_over() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Remove node 1 (a meta voter, holding a replica of every shard).
-    let mut admin = meta_leader_admin(&cluster).await;
+    let mut admin = cluster.meta_leader_admin().await;
     admin
         .remove_node(dossier_api::v1::RemoveNodeRequest { node_id: 1 })
         .await
@@ -485,7 +465,7 @@ async fn a_removed_node_hands_everything_over() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     // Removing it again is refused.
-    let mut admin = meta_leader_admin(&cluster).await;
+    let mut admin = cluster.meta_leader_admin().await;
     assert!(
         admin
             .remove_node(dossier_api::v1::RemoveNodeRequest { node_id: 1 })
@@ -624,7 +604,7 @@ async fn a_dead_node_is_removed_and_its_replicas_rebuilt_elsewhere() {
     // Node 3 dies for good.
     let index = cluster.node_index(3);
     cluster.nodes[index].kill();
-    let mut admin = meta_leader_admin(&cluster).await;
+    let mut admin = cluster.meta_leader_admin().await;
     admin
         .remove_node(dossier_api::v1::RemoveNodeRequest { node_id: 3 })
         .await

@@ -15,25 +15,6 @@ use std::time::{Duration, Instant};
 use common::TestCluster;
 use dossier_api::v1::SplitShardRequest;
 
-async fn meta_leader_admin(
-    cluster: &TestCluster,
-) -> dossier_api::v1::admin_client::AdminClient<tonic::transport::Channel> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let replicas = cluster.replicas().await;
-        for (i, node) in cluster.nodes.iter().enumerate() {
-            if replicas
-                .iter()
-                .any(|r| r.shard_id == 0 && r.role == "leader" && r.node_id == node.id)
-            {
-                return cluster.admin(i).await;
-            }
-        }
-        assert!(Instant::now() < deadline, "the meta group has no leader");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_splits_under_writes_and_loses_nothing() {
     let cluster = TestCluster::start(3, 1, 3, &|_| {}).await;
@@ -66,7 +47,7 @@ async fn a_shard_splits_under_writes_and_loses_nothing() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut admin = meta_leader_admin(&cluster).await;
+    let mut admin = cluster.meta_leader_admin().await;
     let split = admin
         .split_shard(SplitShardRequest { shard_id: 1, at: 0 })
         .await

@@ -181,6 +181,26 @@ impl TestCluster {
             .unwrap()
     }
 
+    /// An admin client of the meta group's leader (waits up to 20 s for one).
+    #[allow(dead_code)] // not every test binary changes the cluster's shape
+    pub async fn meta_leader_admin(&self) -> AdminClient<tonic::transport::Channel> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let replicas = self.replicas().await;
+            for (i, node) in self.nodes.iter().enumerate() {
+                if node.runtime.is_some()
+                    && replicas
+                        .iter()
+                        .any(|r| r.shard_id == 0 && r.role == "leader" && r.node_id == node.id)
+                {
+                    return self.admin(i).await;
+                }
+            }
+            assert!(Instant::now() < deadline, "the meta group has no leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Per (shard, node): (role, leader, applied index) from every running node.
     pub async fn replicas(&self) -> Vec<dossier_api::v1::ShardStatus> {
         let mut all = Vec::new();
