@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dossier_jepsen::runner::{self, Fault, RunConfig};
+use dossier_jepsen::nemesis::Fault;
+use dossier_jepsen::runner::{self, RunConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,8 +42,9 @@ enum Command {
         /// Seconds of workload under faults (healing and final reads follow) [smoke: 60, long: 600].
         #[arg(long)]
         time_limit: Option<u64>,
-        /// Faults to inject, comma separated: kill, pause, partition, transfer. Empty: none.
-        /// Partitions need root (network namespaces); without it they are skipped, and said so.
+        /// Faults to inject, comma separated: kill, pause, partition, client-partition, transfer.
+        /// Empty: none. Partitions need root (network namespaces); without it they are skipped,
+        /// and said so.
         /// [smoke: kill,pause; long: all four]
         #[arg(long, value_delimiter = ',')]
         nemesis: Option<Vec<String>>,
@@ -64,6 +66,10 @@ enum Command {
         /// Concurrent client processes.
         #[arg(long, default_value_t = 10)]
         clients: usize,
+        /// Client hosts the clients are spread over, each in its own network namespace (as
+        /// root), which the client-partition nemesis cuts off from some nodes.
+        #[arg(long, default_value_t = 2)]
+        client_hosts: u64,
         #[arg(long, default_value_t = 7700)]
         base_port: u16,
         #[arg(long, default_value_t = 1)]
@@ -135,6 +141,7 @@ fn main() -> std::process::ExitCode {
                 register_keys,
                 set_keys,
                 clients,
+                client_hosts,
                 base_port,
                 seed,
                 check_budget,
@@ -167,6 +174,7 @@ fn main() -> std::process::ExitCode {
                     register_keys,
                     set_keys,
                     clients,
+                    client_hosts,
                     base_port,
                     seed,
                     unsafe_stale_reads,
@@ -181,6 +189,7 @@ fn main() -> std::process::ExitCode {
                     _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the cluster and test network were torn down"),
                 };
                 print!("{}", runner::summary(&outcome.report, outcome.faults));
+                print!("{}", runner::nemesis_summary(&outcome.counts));
                 let mut valid = outcome.report.valid;
                 if let Some(ids) = &outcome.identifiers {
                     println!(

@@ -1,10 +1,14 @@
 //! Test hosts in network namespaces: each node runs in its own namespace with its own address on a
 //! bridge the harness creates; partitions are `iptables` DROP rules inside the namespaces. The
-//! harness (in the root namespace, on the bridge) always reaches every node, like Jepsen's control
-//! node. Everything created here is removed when the `Net` is dropped (also on error or Ctrl-C).
+//! harness's control traffic (cluster init, status, leader transfers) leaves from the root
+//! namespace, on the bridge, and always reaches every node, like Jepsen's control
+//! node. The workload's clients live on client hosts, namespaces of their own on the same bridge
+//! (see `client_host.rs`), so that they can be cut off from some nodes while the control node is
+//! not. Everything created here is removed when the `Net` is dropped (also on error or Ctrl-C).
 //!
-//! Addresses: `10.250.<tag>.0/24`, the bridge `.1`, node `i` `.(10 + i)`. Only namespaces this
-//! harness made itself are ever addressed.
+//! Addresses: `10.250.<tag>.0/24`, the bridge `.1`, client host `h` `.(1 + h)` (h from 1, at
+//! most `CLIENT_HOSTS_MAX`), node `i` `.(10 + i)`. Only namespaces this harness made itself are
+//! ever addressed.
 
 use std::process::Command;
 
@@ -27,6 +31,12 @@ pub fn available() -> Result<(), String> {
     Ok(())
 }
 
+/// Flushes the filter rules of namespace `ns`.
+fn flush(ns: &str) -> Result<()> {
+    sh(&["ip", "netns", "exec", ns, "iptables", "-F", "INPUT"])?;
+    sh(&["ip", "netns", "exec", ns, "iptables", "-F", "OUTPUT"])
+}
+
 fn sh(args: &[&str]) -> Result<()> {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -42,21 +52,34 @@ fn sh(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Client hosts a run may have: their addresses `.2` to `.9` sit below the nodes' `.11`.
+pub const CLIENT_HOSTS_MAX: u64 = 8;
+
+/// Nodes a run may have: their addresses end at `.254`.
+pub const NODES_MAX: u64 = 244;
+
 /// The namespaces, veths and bridge of one run.
 #[derive(Debug)]
 pub struct Net {
     tag: u8,
     nodes: u64,
+    client_hosts: u64,
     bridge: String,
 }
 
 impl Net {
-    /// Creates a bridge and one namespace per node (ids 1..=nodes). `tag` keeps concurrent runs
-    /// apart (names and subnet).
-    pub fn create(nodes: u64, tag: u8) -> Result<Net> {
+    /// Creates a bridge, one namespace per node (ids 1..=nodes) and one per client host (1..=
+    /// client_hosts). `tag` keeps concurrent runs apart (names and subnet).
+    pub fn create(nodes: u64, client_hosts: u64, tag: u8) -> Result<Net> {
+        if nodes > NODES_MAX || client_hosts > CLIENT_HOSTS_MAX {
+            bail!(
+                "at most {NODES_MAX} nodes and {CLIENT_HOSTS_MAX} client hosts fit the test network"
+            );
+        }
         let net = Net {
             tag,
             nodes,
+            client_hosts,
             bridge: format!("dsjbr{tag}"),
         };
         // Leftovers of an interrupted run with the same tag go first.
@@ -72,33 +95,44 @@ impl Net {
         ])?;
         sh(&["ip", "link", "set", &net.bridge, "up"])?;
         for i in 1..=nodes {
-            let ns = net.namespace(i);
-            let (outer, inner) = (format!("dsj{tag}v{i}"), format!("dsj{tag}v{i}p"));
-            sh(&["ip", "netns", "add", &ns])?;
-            sh(&[
-                "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner,
-            ])?;
-            sh(&["ip", "link", "set", &inner, "netns", &ns])?;
-            sh(&["ip", "link", "set", &outer, "master", &net.bridge])?;
-            sh(&["ip", "link", "set", &outer, "up"])?;
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &ns,
-                "ip",
-                "addr",
-                "add",
-                &format!("{}/24", net.ip(i)),
-                "dev",
-                &inner,
-            ])?;
-            sh(&[
-                "ip", "netns", "exec", &ns, "ip", "link", "set", &inner, "up",
-            ])?;
-            sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
+            net.add_host(&net.namespace(i), &format!("dsj{tag}v{i}"), &net.ip(i))?;
+        }
+        for h in 1..=client_hosts {
+            net.add_host(
+                &net.client_namespace(h),
+                &format!("dsj{tag}c{h}"),
+                &net.client_ip(h),
+            )?;
         }
         Ok(net)
+    }
+
+    /// A namespace `ns` with the address `ip` on the bridge, through the veth pair `outer` (on the
+    /// bridge) and `outer` + `p` (inside).
+    fn add_host(&self, ns: &str, outer: &str, ip: &str) -> Result<()> {
+        let inner = format!("{outer}p");
+        sh(&["ip", "netns", "add", ns])?;
+        sh(&[
+            "ip", "link", "add", outer, "type", "veth", "peer", "name", &inner,
+        ])?;
+        sh(&["ip", "link", "set", &inner, "netns", ns])?;
+        sh(&["ip", "link", "set", outer, "master", &self.bridge])?;
+        sh(&["ip", "link", "set", outer, "up"])?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            &inner,
+        ])?;
+        sh(&["ip", "netns", "exec", ns, "ip", "link", "set", &inner, "up"])?;
+        sh(&["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"])?;
+        Ok(())
     }
 
     pub fn namespace(&self, node: u64) -> String {
@@ -107,6 +141,19 @@ impl Net {
 
     pub fn ip(&self, node: u64) -> String {
         format!("10.250.{}.{}", self.tag, 10 + node)
+    }
+
+    /// The namespace of client host `host` (from 1).
+    pub fn client_namespace(&self, host: u64) -> String {
+        format!("dsj{}c{host}", self.tag)
+    }
+
+    pub fn client_ip(&self, host: u64) -> String {
+        format!("10.250.{}.{}", self.tag, 1 + host)
+    }
+
+    pub fn client_hosts(&self) -> u64 {
+        self.client_hosts
     }
 
     /// The command prefix that runs a program inside the node's namespace.
@@ -139,25 +186,55 @@ impl Net {
         Ok(())
     }
 
-    /// Removes every partition rule.
+    /// Removes every rule between nodes (rules cutting client hosts stay).
     pub fn heal(&self) -> Result<()> {
         for i in 1..=self.nodes {
-            let ns = self.namespace(i);
-            sh(&["ip", "netns", "exec", &ns, "iptables", "-F", "INPUT"])?;
-            sh(&["ip", "netns", "exec", &ns, "iptables", "-F", "OUTPUT"])?;
+            flush(&self.namespace(i))?;
+        }
+        Ok(())
+    }
+
+    /// Cuts client host `h` off from node `i` (both directions) wherever `sees(h, i)` is false.
+    /// The rules sit in the client hosts' namespaces: links between nodes, and the control
+    /// node's, are untouched.
+    pub fn cut_clients(&self, sees: &dyn Fn(u64, u64) -> bool) -> Result<()> {
+        self.heal_clients()?;
+        for h in 1..=self.client_hosts {
+            let ns = self.client_namespace(h);
+            for i in (1..=self.nodes).filter(|&i| !sees(h, i)) {
+                let node = self.ip(i);
+                sh(&[
+                    "ip", "netns", "exec", &ns, "iptables", "-A", "INPUT", "-s", &node, "-j",
+                    "DROP",
+                ])?;
+                sh(&[
+                    "ip", "netns", "exec", &ns, "iptables", "-A", "OUTPUT", "-d", &node, "-j",
+                    "DROP",
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every rule cutting client hosts off.
+    pub fn heal_clients(&self) -> Result<()> {
+        for h in 1..=self.client_hosts {
+            flush(&self.client_namespace(h))?;
         }
         Ok(())
     }
 
     fn teardown(&self) {
-        for i in 1..=self.nodes {
+        let hosts = (1..=self.nodes)
+            .map(|i| (self.namespace(i), format!("dsj{}v{i}", self.tag)))
+            .chain(
+                (1..=self.client_hosts)
+                    .map(|h| (self.client_namespace(h), format!("dsj{}c{h}", self.tag))),
+            );
+        for (ns, outer) in hosts {
             // Deleting a namespace also deletes the veth pair inside it; a missing one is fine.
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.namespace(i)])
-                .output();
-            let _ = Command::new("ip")
-                .args(["link", "del", &format!("dsj{}v{i}", self.tag)])
-                .output();
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+            let _ = Command::new("ip").args(["link", "del", &outer]).output();
         }
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])

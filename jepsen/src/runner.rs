@@ -2,47 +2,22 @@
 //! history, a nemesis injecting faults on a bounded schedule, then healing, final reads, and the
 //! checker's verdict written to the run folder.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use dossier_cli::ops;
+use anyhow::{Context, Result};
 use dossier_cli::procs::{LocalCluster, NodeProc};
 use serde_json::json;
 
 use crate::checker;
+use crate::client_host::ClientHost;
 use crate::history;
+use crate::nemesis::{self, Fault, Journal, Stage};
 use crate::netns::{self, Net};
-use crate::workloads::{self, Recorder, Rng, Shared, register, set};
-
-/// Faults the nemesis may inject.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// SIGKILL a random node or the current leader of a shard, restart it half an interval later.
-    Kill,
-    /// SIGSTOP a random node or the current leader of a shard, SIGCONT it half an interval later.
-    Pause,
-    /// Cut the network (namespaces only), healed half an interval later. Patterns take turns:
-    /// random halves, the leader of a shard isolated, a majority ring, a bridge.
-    Partition,
-    /// Ask the leader of a random shard's node to hand its leaderships over (Admin.Drain).
-    Transfer,
-}
-
-impl std::str::FromStr for Fault {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "kill" => Ok(Fault::Kill),
-            "pause" => Ok(Fault::Pause),
-            "partition" => Ok(Fault::Partition),
-            "transfer" => Ok(Fault::Transfer),
-            other => bail!("unknown nemesis {other:?} (kill, pause, partition, transfer)"),
-        }
-    }
-}
+use crate::workloads::{self, Recorder, Shared, register, set};
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -56,6 +31,9 @@ pub struct RunConfig {
     pub register_keys: usize,
     pub set_keys: usize,
     pub clients: usize,
+    /// Client hosts the clients are spread over (each its own network namespace when there are
+    /// namespaces), for the client-partition nemesis.
+    pub client_hosts: u64,
     pub base_port: u16,
     pub seed: u64,
     /// Start the nodes with the unsafe test switch (reads without a barrier).
@@ -69,184 +47,13 @@ pub struct RunConfig {
     pub identifier_pool: usize,
 }
 
-/// The nemesis: every interval, one fault on a random node or the current leader of a random
-/// shard; healed half an interval later. Writes what it did to `nemesis.log`.
-async fn nemesis_loop(
-    cluster: Arc<tokio::sync::Mutex<LocalCluster>>,
-    net: Option<Arc<Net>>,
-    config: Arc<RunConfig>,
-    stop: Arc<AtomicBool>,
-    log: Arc<Mutex<Vec<String>>>,
-    started: Instant,
-) -> u64 {
-    let mut rng = Rng(config.seed ^ 0x006E_656D_6573_6973);
-    let mut faults = 0;
-    let mut partitions = 0;
-    if config.nemesis.is_empty() {
-        return 0;
-    }
-    while !stop.load(Ordering::Relaxed) {
-        tokio::time::sleep(config.nemesis_interval / 2).await;
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        // Faults take turns, so that a short run sees each kind.
-        let fault = config.nemesis[faults as usize % config.nemesis.len()];
-        let seeds = cluster.lock().await.seeds.clone();
-        let target = if rng.below(2) == 0 {
-            let shard = 1 + rng.below(config.shards as usize) as u64;
-            match ops::status(&seeds, false).await {
-                Ok(s) => ops::leader_of(&s.replicas, shard).map(|r| r.node_id),
-                Err(_) => None,
-            }
-        } else {
-            None
-        }
-        .unwrap_or(1 + rng.below(config.nodes as usize) as u64);
-        let at = started.elapsed().as_secs_f64();
-        if fault == Fault::Partition {
-            let Some(net) = &net else { continue };
-            let (name, cut) = partition_pattern(partitions, target, config.nodes, &mut rng);
-            partitions += 1;
-            let line = match net.partition(&*cut) {
-                Ok(()) => format!("{at:.3}s Partition {name}"),
-                Err(e) => format!("{at:.3}s Partition {name} failed: {e:#}"),
-            };
-            faults += 1;
-            log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            tokio::time::sleep(config.nemesis_interval / 2).await;
-            let at = started.elapsed().as_secs_f64();
-            let line = match net.heal() {
-                Ok(()) => format!("{at:.3}s partition healed"),
-                Err(e) => format!("{at:.3}s partition heal failed: {e:#}"),
-            };
-            log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            continue;
-        }
-        if fault == Fault::Transfer {
-            let address = cluster
-                .lock()
-                .await
-                .node_mut(target)
-                .map(|n| n.grpc.clone());
-            let line = match address {
-                Some(address) => match drain(&address).await {
-                    Ok(moved) => {
-                        format!("{at:.3}s Transfer: node {target} handed over shards {moved:?}")
-                    }
-                    Err(e) => format!("{at:.3}s Transfer on node {target} failed: {e:#}"),
-                },
-                None => continue,
-            };
-            faults += 1;
-            log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            tokio::time::sleep(config.nemesis_interval / 2).await;
-            continue;
-        }
-        {
-            let mut c = cluster.lock().await;
-            let Some(node) = c.node_mut(target) else {
-                continue;
-            };
-            match fault {
-                Fault::Kill => node.kill9(),
-                Fault::Pause | Fault::Partition | Fault::Transfer => node.pause(true),
-            }
-        }
-        faults += 1;
-        log.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(format!("{at:.3}s {fault:?} node {target}"));
-        tokio::time::sleep(config.nemesis_interval / 2).await;
-        let mut c = cluster.lock().await;
-        if let Some(node) = c.node_mut(target) {
-            let healed = match fault {
-                Fault::Kill => node.spawn().map(|()| "restarted"),
-                Fault::Pause | Fault::Partition | Fault::Transfer => {
-                    node.pause(false);
-                    Ok("resumed")
-                }
-            };
-            let at = started.elapsed().as_secs_f64();
-            let line = match healed {
-                Ok(what) => format!("{at:.3}s node {target} {what}"),
-                Err(e) => format!("{at:.3}s node {target} failed to heal: {e:#}"),
-            };
-            log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-        }
-    }
-    faults
-}
-
-/// Asks a node to hand every leadership it holds to another replica; returns the shards moved.
-async fn drain(address: &str) -> Result<Vec<u64>> {
-    let mut admin =
-        dossier_api::v1::admin_client::AdminClient::connect(format!("http://{address}")).await?;
-    let mut request = tonic::Request::new(dossier_api::v1::DrainRequest {});
-    request.set_timeout(Duration::from_secs(10));
-    Ok(admin.drain(request).await?.into_inner().transferred)
-}
-
-/// The `n`-th partition pattern: which pairs of nodes stay connected. `leader` is a shard leader
-/// (or a random node) for the isolating pattern.
-fn partition_pattern(
-    n: u64,
-    leader: u64,
-    nodes: u64,
-    rng: &mut Rng,
-) -> (String, Box<dyn Fn(u64, u64) -> bool + Send>) {
-    match n % 4 {
-        0 => {
-            // Random halves: a minority and a majority.
-            let mut order: Vec<u64> = (1..=nodes).collect();
-            for i in (1..order.len()).rev() {
-                order.swap(i, rng.below(i + 1));
-            }
-            let minority: Vec<u64> = order[..(nodes as usize / 2)].to_vec();
-            let name = format!("halves, minority {minority:?}");
-            (
-                name,
-                Box::new(move |a, b| minority.contains(&a) == minority.contains(&b)),
-            )
-        }
-        1 => (
-            format!("node {leader} isolated"),
-            Box::new(move |a, b| a != leader && b != leader),
-        ),
-        2 => {
-            // Majority ring: each node sees its ring neighbours within distance nodes/4 (rounded
-            // up), a majority of the cluster, but no two nodes see the same majority.
-            let reach = (nodes / 2).div_ceil(2);
-            let name = format!("majority ring (reach {reach})");
-            (
-                name,
-                Box::new(move |a, b| {
-                    let d = a.abs_diff(b);
-                    d.min(nodes - d) <= reach
-                }),
-            )
-        }
-        _ => {
-            // Bridge: two halves that only `bridge` connects.
-            let bridge = leader;
-            let others: Vec<u64> = (1..=nodes).filter(|&x| x != bridge).collect();
-            let left: Vec<u64> = others[..others.len() / 2].to_vec();
-            let name = format!("bridge through node {bridge}, halves split at {left:?}");
-            (
-                name,
-                Box::new(move |a, b| {
-                    a == bridge || b == bridge || left.contains(&a) == left.contains(&b)
-                }),
-            )
-        }
-    }
-}
-
 /// What a run produced.
 #[derive(Debug)]
 pub struct RunOutcome {
     pub report: checker::Report,
     pub faults: u64,
+    /// What the nemesis did, by kind.
+    pub counts: BTreeMap<String, u64>,
     pub out: PathBuf,
     /// The identifier workload's check, when it ran.
     pub identifiers: Option<crate::identifiers::Report>,
@@ -268,12 +75,15 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
         extra.push(path.display().to_string());
     }
     // Declared before the cluster so that it is dropped after the nodes are stopped.
+    let client_hosts = config.client_hosts.max(1);
     let net = match netns::available() {
         Ok(()) => {
             let tag = (std::process::id() % 200 + 20) as u8;
-            let net = Net::create(config.nodes, tag)
+            let net = Net::create(config.nodes, client_hosts, tag)
                 .context("create the test network (namespaces, bridge)")?;
-            eprintln!("nodes run in network namespaces on bridge 10.250.{tag}.0/24");
+            eprintln!(
+                "nodes and client hosts run in network namespaces on bridge 10.250.{tag}.0/24"
+            );
             Some(Arc::new(net))
         }
         Err(why) => {
@@ -285,56 +95,57 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     };
     let mut config = (*config).clone();
     if net.is_none() {
-        config.nemesis.retain(|f| *f != Fault::Partition);
+        config.nemesis.retain(|f| !f.needs_namespaces());
     }
     let config = Arc::new(config);
     let mut procs = Vec::new();
     for id in 1..=config.nodes {
-        let data = config.out.join("nodes").join(format!("node-{id}"));
-        let mut p = match &net {
-            Some(net) => {
-                let ip = net.ip(id);
-                let mut p = NodeProc::at(
-                    id,
-                    format!("{ip}:7000"),
-                    format!("{ip}:7080"),
-                    data,
-                    config.node_bin.clone(),
-                );
-                p.prefix = net.prefix(id);
-                p
-            }
-            None => NodeProc::new(
-                id,
-                config.base_port + id as u16,
-                config.base_port + 80 + id as u16,
-                data,
-                config.node_bin.clone(),
-            ),
-        };
-        p.extra_args = extra.clone();
-        procs.push(p);
+        procs.push(node_proc(&config, net.as_deref(), id, &extra));
     }
     let cluster = LocalCluster::from_procs(procs).await?;
     cluster
         .init(config.shards, 3.min(config.nodes as u32))
         .await?;
-    let client = cluster.client().await?;
+    let seeds = cluster.seeds.clone();
     let cluster = Arc::new(tokio::sync::Mutex::new(cluster));
+    // The clients' hosts: their runtimes, each with its own client, in their own namespaces. They
+    // are dropped (their runtimes shut down) before the cluster is.
+    let mut hosts = Vec::new();
+    for h in 1..=client_hosts {
+        let namespace = net.as_ref().map(|n| n.client_namespace(h));
+        let host = ClientHost::new(&format!("client-host-{h}"), namespace.as_deref())?;
+        host.check().await?;
+        let seeds = seeds.clone();
+        let client = host
+            .handle()
+            .spawn(async move { connect(seeds).await })
+            .await
+            .context("connect a client host")??;
+        hosts.push((host, client));
+    }
     let recorder = Arc::new(Recorder::new());
     let stop_clients = Arc::new(AtomicBool::new(false));
     let stop_nemesis = Arc::new(AtomicBool::new(false));
-    let shared = Arc::new(Shared {
-        client: client.clone(),
-        recorder: Arc::clone(&recorder),
-        registers: register::Registers::new(config.register_keys),
-        sets: set::Sets::new(config.set_keys, config.time_limit),
-        stop: Arc::clone(&stop_clients),
-    });
+    let registers = Arc::new(register::Registers::new(config.register_keys));
+    let sets = Arc::new(set::Sets::new(config.set_keys, config.time_limit));
+    let shared: Vec<Arc<Shared>> = hosts
+        .iter()
+        .map(|(_, client)| {
+            Arc::new(Shared {
+                client: client.clone(),
+                recorder: Arc::clone(&recorder),
+                registers: Arc::clone(&registers),
+                sets: Arc::clone(&sets),
+                stop: Arc::clone(&stop_clients),
+            })
+        })
+        .collect();
+    // Client `c` runs on host `c mod hosts`.
     let clients: Vec<_> = (0..config.clients)
         .map(|c| {
-            tokio::spawn(workloads::client_loop(
-                Arc::clone(&shared),
+            let host = c % hosts.len();
+            hosts[host].0.handle().spawn(workloads::client_loop(
+                Arc::clone(&shared[host]),
                 config.seed.wrapping_add(c as u64 * 7919),
             ))
         })
@@ -346,7 +157,8 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     let attempts = Arc::new(Mutex::new(Vec::new()));
     let identifier_clients: Vec<_> = (0..config.identifier_clients)
         .map(|w| {
-            tokio::spawn(crate::identifiers::client_loop(
+            let (host, client) = &hosts[w % hosts.len()];
+            host.handle().spawn(crate::identifiers::client_loop(
                 client.clone(),
                 w,
                 Arc::clone(&numbers),
@@ -357,14 +169,18 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
             ))
         })
         .collect();
-    let nemesis_log = Arc::new(Mutex::new(Vec::new()));
-    let nemesis = tokio::spawn(nemesis_loop(
-        Arc::clone(&cluster),
-        net.clone(),
-        Arc::clone(&config),
-        Arc::clone(&stop_nemesis),
-        Arc::clone(&nemesis_log),
-        recorder.started,
+    let journal = Arc::new(Journal::new(recorder.started));
+    let stage = Stage {
+        cluster: Arc::clone(&cluster),
+        net: net.clone(),
+        journal: Arc::clone(&journal),
+        stop: Arc::clone(&stop_nemesis),
+    };
+    let nemesis = tokio::spawn(nemesis::faults(
+        stage.clone(),
+        config.nemesis.clone(),
+        config.nemesis_interval,
+        config.seed,
     ));
     eprintln!(
         "running for {:?} with nemesis {:?} every {:?}",
@@ -378,6 +194,7 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     // fault-free operation.
     if let Some(net) = &net {
         net.heal()?;
+        net.heal_clients()?;
     }
     {
         let mut c = cluster.lock().await;
@@ -397,17 +214,29 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     for c in clients {
         let _ = c.await;
     }
-    // Final reads of every set, after the cluster healed.
-    set::final_reads(&client, &recorder, config.set_keys).await;
-    // The identifier check reads every attempted patient: after the final set reads, so that its
+    // Final reads of every set, after the cluster healed, from the first client host.
+    let (first, client) = &hosts[0];
+    let final_reads = {
+        let (client, recorder, keys) = (client.clone(), Arc::clone(&recorder), config.set_keys);
+        first
+            .handle()
+            .spawn(async move { set::final_reads(&client, &recorder, keys).await })
+    };
+    final_reads.await.context("final reads")?;
+    // Identifier clients may still wait out a create's deadline: after the final reads. The
+    // identifier check reads every attempted patient: after the final set reads too, so that its
     // time is not counted as a gap of the register and set workloads.
-    // Identifier clients may still wait out a create's deadline: after the final reads.
     for c in identifier_clients {
         let _ = c.await;
     }
     let identifiers = if config.identifier_clients > 0 {
         let attempts = attempts.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let report = crate::identifiers::check(&client, &numbers, &attempts).await;
+        let (client, numbers, checked) = (client.clone(), Arc::clone(&numbers), attempts.clone());
+        let report = first
+            .handle()
+            .spawn(async move { crate::identifiers::check(&client, &numbers, &checked).await })
+            .await
+            .context("identifier check")?;
         std::fs::write(
             config.out.join("identifiers.json"),
             serde_json::to_string_pretty(&json!({"report": report, "attempts": attempts}))?,
@@ -416,20 +245,14 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     } else {
         None
     };
+    drop(hosts);
     let events = recorder.take();
     let mut file =
         std::io::BufWriter::new(std::fs::File::create(config.out.join("history.jsonl"))?);
     history::write(&events, &mut file)?;
     drop(file);
     drop(events);
-    std::fs::write(
-        config.out.join("nemesis.log"),
-        nemesis_log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n")
-            + "\n",
-    )?;
+    std::fs::write(config.out.join("nemesis.log"), journal.text())?;
     {
         let mut c = cluster.lock().await;
         for p in &mut c.procs {
@@ -441,13 +264,53 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
         config.check_budget_per_key,
         Some(faults_end),
     )?;
-    write_results(&config.out, &report, faults, config.time_limit)?;
+    let counts = journal.counts();
+    write_results(&config.out, &report, faults, &counts, config.time_limit)?;
     Ok(RunOutcome {
         report,
         faults,
+        counts,
         out: config.out.clone(),
         identifiers,
     })
+}
+
+/// The process of node `id`: in its namespace when there is a test network, else on loopback.
+fn node_proc(config: &RunConfig, net: Option<&Net>, id: u64, extra: &[String]) -> NodeProc {
+    let data = config.out.join("nodes").join(format!("node-{id}"));
+    let mut p = match net {
+        Some(net) => {
+            let ip = net.ip(id);
+            let mut p = NodeProc::at(
+                id,
+                format!("{ip}:7000"),
+                format!("{ip}:7080"),
+                data,
+                config.node_bin.clone(),
+            );
+            p.prefix = net.prefix(id);
+            p
+        }
+        None => NodeProc::new(
+            id,
+            config.base_port + id as u16,
+            config.base_port + 80 + id as u16,
+            data,
+            config.node_bin.clone(),
+        ),
+    };
+    p.extra_args = extra.to_vec();
+    p
+}
+
+/// A client of the cluster with short attempts (fast failover) and a 10 s deadline, as
+/// `LocalCluster::client` makes: to be called on the client host's runtime, which then opens
+/// its connections.
+async fn connect(seeds: Vec<String>) -> Result<dossier_client::Client> {
+    let mut config = dossier_client::ClientConfig::new(seeds);
+    config.attempt_timeout = Duration::from_millis(500);
+    config.deadline = Duration::from_secs(10);
+    Ok(dossier_client::Client::connect(config).await?)
 }
 
 /// Checks a history file.
@@ -468,15 +331,29 @@ pub fn write_results(
     out: &Path,
     report: &checker::Report,
     faults: u64,
+    counts: &BTreeMap<String, u64>,
     duration: Duration,
 ) -> Result<()> {
-    let json = json!({ "valid": report.valid, "unknown": report.unknown, "faults": faults, "duration_s": duration.as_secs_f64(), "report": report });
+    let json = json!({ "valid": report.valid, "unknown": report.unknown, "faults": faults, "nemesis": counts, "duration_s": duration.as_secs_f64(), "report": report });
     std::fs::write(
         out.join("results.json"),
         serde_json::to_string_pretty(&json)?,
     )?;
-    std::fs::write(out.join("summary.txt"), summary(report, faults))?;
+    let text = summary(report, faults) + &nemesis_summary(counts);
+    std::fs::write(out.join("summary.txt"), text)?;
     Ok(())
+}
+
+/// What the nemesis did, by kind (`faults: kill 3, pause 2, ...`). Empty when it did nothing.
+pub fn nemesis_summary(counts: &BTreeMap<String, u64>) -> String {
+    let faults: Vec<String> = ["kill", "pause", "partition", "client-partition", "transfer"]
+        .iter()
+        .filter_map(|k| counts.get(*k).map(|n| format!("{k} {n}")))
+        .collect();
+    if faults.is_empty() {
+        return String::new();
+    }
+    format!("faults: {}\n", faults.join(", "))
 }
 
 pub fn summary(report: &checker::Report, faults: u64) -> String {

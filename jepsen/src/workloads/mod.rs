@@ -128,13 +128,14 @@ pub async fn any_replica(client: &Client, patient: &str, rng: &mut Rng) -> Optio
         .ok()
 }
 
-/// What the clients share.
+/// What the clients of one client host share; `registers`, `sets`, `recorder` and `stop` are the
+/// same for every host, `client` is the host's own (its connections leave from the host).
 #[derive(Debug)]
 pub struct Shared {
     pub client: Client,
     pub recorder: Arc<Recorder>,
-    pub registers: register::Registers,
-    pub sets: set::Sets,
+    pub registers: Arc<register::Registers>,
+    pub sets: Arc<set::Sets>,
     pub stop: Arc<AtomicBool>,
 }
 
