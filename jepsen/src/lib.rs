@@ -5,7 +5,8 @@
 //!   with one key per element, read back by scans.
 //! - [`nemesis`]: faults on a schedule: kills, pauses, partitions between nodes and between
 //!   client hosts and nodes (in network namespaces, [`netns`], [`client_host`]), leader
-//!   transfers.
+//!   transfers; and beside them, changes of the cluster's shape: replica moves, joins, removals,
+//!   splits.
 //! - [`checker`]: linearizability per register key (Wing–Gong–Lowe with memoisation, `info`
 //!   operations optional, a time budget that answers `unknown`, never `valid`), set integrity
 //!   (lost, unexpected, duplicated elements, reads missing what was there before they began),

@@ -42,15 +42,24 @@ enum Command {
         /// Seconds of workload under faults (healing and final reads follow) [smoke: 60, long: 600].
         #[arg(long)]
         time_limit: Option<u64>,
-        /// Faults to inject, comma separated: kill, pause, partition, client-partition, transfer.
-        /// Empty: none. Partitions need root (network namespaces); without it they are skipped,
-        /// and said so.
+        /// Faults to inject, comma separated: kill, pause, partition, client-partition, transfer,
+        /// membership, split. Empty: none. Partitions need root (network namespaces); without it
+        /// they are skipped, and said so. `membership` (replica moves, joins in spare node slots,
+        /// removals) and `split` (shard splits, each followed by a move of the split shard's
+        /// replica) run on their own schedule beside the others.
         /// [smoke: kill,pause; long: all four]
         #[arg(long, value_delimiter = ',')]
         nemesis: Option<Vec<String>>,
         /// Seconds between the start of two faults (each is healed half-way) [smoke: 6, long: 5].
         #[arg(long)]
         nemesis_interval: Option<u64>,
+        /// Node slots beyond --nodes in which the membership nemesis starts joining nodes (each
+        /// id is used once; removals stop nodes for good).
+        #[arg(long, default_value_t = 2)]
+        spare_nodes: u64,
+        /// Seconds between two changes of the membership nemesis (after the previous one ended).
+        #[arg(long, default_value_t = 8)]
+        membership_interval: u64,
         /// `raft.read-lease` of the nodes: `true` serves linearizable reads under the leader
         /// lease, `false` confirms each with a quorum round (ReadIndex).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -137,6 +146,8 @@ fn main() -> std::process::ExitCode {
                 time_limit,
                 nemesis,
                 nemesis_interval,
+                spare_nodes,
+                membership_interval,
                 read_lease,
                 register_keys,
                 set_keys,
@@ -171,6 +182,8 @@ fn main() -> std::process::ExitCode {
                     time_limit: Duration::from_secs(time_limit),
                     nemesis,
                     nemesis_interval: Duration::from_secs(nemesis_interval.max(2)),
+                    spare_nodes,
+                    membership_interval: Duration::from_secs(membership_interval),
                     register_keys,
                     set_keys,
                     clients,
@@ -189,8 +202,11 @@ fn main() -> std::process::ExitCode {
                     _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the cluster and test network were torn down"),
                 };
                 print!("{}", runner::summary(&outcome.report, outcome.faults));
-                print!("{}", runner::nemesis_summary(&outcome.counts));
-                let mut valid = outcome.report.valid;
+                print!(
+                    "{}",
+                    runner::nemesis_summary(&outcome.counts, outcome.membership.as_ref())
+                );
+                let mut valid = outcome.report.valid && !matches!(outcome.membership, Some(Err(_)));
                 if let Some(ids) = &outcome.identifiers {
                     println!(
                         "identifiers: {}: {} creates ({} acknowledged, {} told the number is held, {} indeterminate); {} numbers held; duplicates {:?}, overlapping holders {:?}, lost {:?}, index mismatches {:?}, unreadable {:?}",
@@ -209,6 +225,9 @@ fn main() -> std::process::ExitCode {
                     valid &= ids.valid;
                 }
                 println!("run folder: {}", outcome.out.display());
+                if !outcome.not_ready.is_empty() {
+                    anyhow::bail!("{}", runner::not_ready_line(&outcome.not_ready).trim_end());
+                }
                 Ok(valid)
             }
             Command::Check { history, check_budget } => {

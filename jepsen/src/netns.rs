@@ -1,7 +1,7 @@
 //! Test hosts in network namespaces: each node runs in its own namespace with its own address on a
 //! bridge the harness creates; partitions are `iptables` DROP rules inside the namespaces. The
-//! harness's control traffic (cluster init, status, leader transfers) leaves from the root
-//! namespace, on the bridge, and always reaches every node, like Jepsen's control
+//! harness's control traffic (cluster init, status, leader transfers, membership changes) leaves
+//! from the root namespace, on the bridge, and always reaches every node, like Jepsen's control
 //! node. The workload's clients live on client hosts, namespaces of their own on the same bridge
 //! (see `client_host.rs`), so that they can be cut off from some nodes while the control node is
 //! not. Everything created here is removed when the `Net` is dropped (also on error or Ctrl-C).

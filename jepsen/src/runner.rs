@@ -19,6 +19,9 @@ use crate::nemesis::{self, Fault, Journal, Stage};
 use crate::netns::{self, Net};
 use crate::workloads::{self, Recorder, Shared, register, set};
 
+/// How long each node may take to answer ready once the faults stopped.
+const READY_LIMIT: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub out: PathBuf,
@@ -28,6 +31,10 @@ pub struct RunConfig {
     pub time_limit: Duration,
     pub nemesis: Vec<Fault>,
     pub nemesis_interval: Duration,
+    /// Node slots beyond `nodes` that the membership nemesis may start joining nodes in.
+    pub spare_nodes: u64,
+    /// Between two changes of the membership nemesis.
+    pub membership_interval: Duration,
     pub register_keys: usize,
     pub set_keys: usize,
     pub clients: usize,
@@ -54,6 +61,11 @@ pub struct RunOutcome {
     pub faults: u64,
     /// What the nemesis did, by kind.
     pub counts: BTreeMap<String, u64>,
+    /// With the membership nemesis: the final map's members, or what is wrong with it (a removed
+    /// node still listed by a shard).
+    pub membership: Option<Result<String, String>>,
+    /// Nodes that did not answer ready within `READY_LIMIT` once the faults stopped.
+    pub not_ready: Vec<u64>,
     pub out: PathBuf,
     /// The identifier workload's check, when it ran.
     pub identifiers: Option<crate::identifiers::Report>,
@@ -76,10 +88,16 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     }
     // Declared before the cluster so that it is dropped after the nodes are stopped.
     let client_hosts = config.client_hosts.max(1);
+    let membership = config.nemesis.iter().any(|f| f.changes_membership());
+    let spare = if config.nemesis.contains(&Fault::Membership) {
+        config.spare_nodes
+    } else {
+        0
+    };
     let net = match netns::available() {
         Ok(()) => {
             let tag = (std::process::id() % 200 + 20) as u8;
-            let net = Net::create(config.nodes, client_hosts, tag)
+            let net = Net::create(config.nodes + spare, client_hosts, tag)
                 .context("create the test network (namespaces, bridge)")?;
             eprintln!(
                 "nodes and client hosts run in network namespaces on bridge 10.250.{tag}.0/24"
@@ -182,6 +200,28 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
         config.nemesis_interval,
         config.seed,
     ));
+    let changes = membership.then(|| {
+        let (nodes, net, extra) = (Arc::clone(&config), net.clone(), extra.clone());
+        let schedule = nemesis::membership::Schedule {
+            interval: config.membership_interval,
+            membership: config.nemesis.contains(&Fault::Membership),
+            spare: (config.nodes + 1..=config.nodes + spare).collect(),
+            // Three replicas per shard, and one node more, which a kill may take down.
+            members_min: (config.nodes as usize).min(4),
+            removals_max: spare as usize,
+            splits_max: if config.nemesis.contains(&Fault::Split) {
+                2
+            } else {
+                0
+            },
+            node: Box::new(move |id| node_proc(&nodes, net.as_deref(), id, &extra)),
+        };
+        tokio::spawn(nemesis::membership::membership(
+            stage.clone(),
+            schedule,
+            config.seed,
+        ))
+    });
     eprintln!(
         "running for {:?} with nemesis {:?} every {:?}",
         config.time_limit, config.nemesis, config.nemesis_interval
@@ -189,13 +229,21 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     tokio::time::sleep(config.time_limit).await;
     stop_nemesis.store(true, Ordering::Relaxed);
     let faults = nemesis.await.unwrap_or(0);
+    // The change under way finishes within its limit.
+    if let Some(changes) = changes {
+        let _ = changes.await;
+    }
     let faults_end = recorder.now();
+    // Written now too, so that a run that fails from here on keeps it.
+    std::fs::write(config.out.join("nemesis.log"), journal.text())?;
     // Heal: the network whole, every node running and not paused, then a few seconds of
-    // fault-free operation.
+    // fault-free operation. A node that does not become ready is recorded and the run goes on to
+    // its final reads and check, so that its folder holds the whole history; it fails at the end.
     if let Some(net) = &net {
         net.heal()?;
         net.heal_clients()?;
     }
+    let mut not_ready = Vec::new();
     {
         let mut c = cluster.lock().await;
         for p in &mut c.procs {
@@ -206,7 +254,12 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
             }
         }
         for p in &c.procs {
-            p.wait_http_ok("readyz", Duration::from_secs(60)).await?;
+            if let Err(e) = p.wait_http_ok("readyz", READY_LIMIT).await {
+                let without = leaderless(&p.grpc).await;
+                eprintln!("{e:#}; {without}");
+                journal.note(format_args!("after the faults: {e:#}; {without}"));
+                not_ready.push(p.id);
+            }
         }
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -246,6 +299,12 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
         None
     };
     drop(hosts);
+    let membership = if membership {
+        let checked = nemesis::membership::final_check(&stage).await;
+        Some(checked.map_err(|e| format!("{e:#}")))
+    } else {
+        None
+    };
     let events = recorder.take();
     let mut file =
         std::io::BufWriter::new(std::fs::File::create(config.out.join("history.jsonl"))?);
@@ -265,14 +324,49 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
         Some(faults_end),
     )?;
     let counts = journal.counts();
-    write_results(&config.out, &report, faults, &counts, config.time_limit)?;
+    write_results(
+        &config.out,
+        &report,
+        faults,
+        &counts,
+        membership.as_ref(),
+        &not_ready,
+        config.time_limit,
+    )?;
     Ok(RunOutcome {
         report,
         faults,
         counts,
+        membership,
+        not_ready,
         out: config.out.clone(),
         identifiers,
     })
+}
+
+/// The replicas of the node at `address` that know no leader (what keeps it from being ready).
+async fn leaderless(address: &str) -> String {
+    let status = async {
+        let mut admin =
+            dossier_api::v1::admin_client::AdminClient::connect(format!("http://{address}"))
+                .await?;
+        let mut request = tonic::Request::new(dossier_api::v1::NodeStatusRequest::default());
+        request.set_timeout(Duration::from_secs(5));
+        anyhow::Ok(admin.node_status(request).await?.into_inner())
+    };
+    match tokio::time::timeout(Duration::from_secs(10), status).await {
+        Ok(Ok(s)) => {
+            let shards: Vec<String> = s
+                .shards
+                .iter()
+                .filter(|r| r.leader_id == 0)
+                .map(|r| format!("shard {} ({}, term {})", r.shard_id, r.role, r.term))
+                .collect();
+            format!("replicas without a leader: {shards:?}")
+        }
+        Ok(Err(e)) => format!("its status: {e:#}"),
+        Err(_) => "its status: no answer within 10 s".to_owned(),
+    }
 }
 
 /// The process of node `id`: in its namespace when there is a test network, else on loopback.
@@ -332,28 +426,77 @@ pub fn write_results(
     report: &checker::Report,
     faults: u64,
     counts: &BTreeMap<String, u64>,
+    membership: Option<&Result<String, String>>,
+    not_ready: &[u64],
     duration: Duration,
 ) -> Result<()> {
-    let json = json!({ "valid": report.valid, "unknown": report.unknown, "faults": faults, "nemesis": counts, "duration_s": duration.as_secs_f64(), "report": report });
+    let json = json!({ "valid": report.valid, "unknown": report.unknown, "faults": faults, "nemesis": counts, "membership": membership, "not_ready": not_ready, "duration_s": duration.as_secs_f64(), "report": report });
     std::fs::write(
         out.join("results.json"),
         serde_json::to_string_pretty(&json)?,
     )?;
-    let text = summary(report, faults) + &nemesis_summary(counts);
+    let mut text = summary(report, faults) + &nemesis_summary(counts, membership);
+    if !not_ready.is_empty() {
+        text.push_str(&not_ready_line(not_ready));
+    }
     std::fs::write(out.join("summary.txt"), text)?;
     Ok(())
 }
 
-/// What the nemesis did, by kind (`faults: kill 3, pause 2, ...`). Empty when it did nothing.
-pub fn nemesis_summary(counts: &BTreeMap<String, u64>) -> String {
+/// The line that says which nodes did not become ready after the faults (the run fails).
+pub fn not_ready_line(nodes: &[u64]) -> String {
+    format!(
+        "RUN FAILED: nodes {nodes:?} did not answer ready within {READY_LIMIT:?} after the faults stopped\n"
+    )
+}
+
+/// What the nemesis did: faults by kind, then the membership changes by outcome ("moves 4 ok /
+/// 1 failed"), then the final map's check. Empty when it did nothing.
+pub fn nemesis_summary(
+    counts: &BTreeMap<String, u64>,
+    membership: Option<&Result<String, String>>,
+) -> String {
+    let mut s = String::new();
     let faults: Vec<String> = ["kill", "pause", "partition", "client-partition", "transfer"]
         .iter()
         .filter_map(|k| counts.get(*k).map(|n| format!("{k} {n}")))
         .collect();
-    if faults.is_empty() {
-        return String::new();
+    if !faults.is_empty() {
+        s.push_str(&format!("faults: {}\n", faults.join(", ")));
     }
-    format!("faults: {}\n", faults.join(", "))
+    let outcomes = ["ok", "failed", "unfinished"];
+    let changes: Vec<String> = [
+        ("move", "moves"),
+        ("join", "joins"),
+        ("removal", "removals"),
+        ("split", "splits"),
+    ]
+    .iter()
+    .filter(|(k, _)| {
+        outcomes
+            .iter()
+            .any(|o| counts.contains_key(&format!("{k} {o}")))
+    })
+    .map(|(k, plural)| {
+        let by: Vec<String> = outcomes
+            .iter()
+            .filter_map(|o| {
+                let n = counts.get(&format!("{k} {o}")).copied().unwrap_or(0);
+                (n > 0 || *o != "unfinished").then(|| format!("{n} {o}"))
+            })
+            .collect();
+        format!("{plural} {}", by.join(" / "))
+    })
+    .collect();
+    if !changes.is_empty() {
+        s.push_str(&format!("membership: {}\n", changes.join(", ")));
+    }
+    match membership {
+        Some(Ok(fine)) => s.push_str(&format!("membership check: valid; {fine}\n")),
+        Some(Err(wrong)) => s.push_str(&format!("membership check: INVALID: {wrong}\n")),
+        None => {}
+    }
+    s
 }
 
 pub fn summary(report: &checker::Report, faults: u64) -> String {
@@ -474,5 +617,37 @@ fn few(elements: &[i64]) -> String {
             &elements[..SHOWN],
             elements.len() - SHOWN
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The summary counts faults by kind, each membership change by outcome (an unfinished one
+    /// only when there is one), and gives the final map's check.
+    #[test]
+    fn nemesis_summary_lists_faults_and_changes() {
+        let counts: BTreeMap<String, u64> = [
+            ("kill", 3),
+            ("client-partition", 2),
+            ("move ok", 4),
+            ("move failed", 1),
+            ("removal ok", 1),
+            ("removal unfinished", 1),
+        ]
+        .into_iter()
+        .map(|(k, n)| (k.to_owned(), n))
+        .collect();
+        let fine = Ok("final map: version 9".to_owned());
+        assert_eq!(
+            nemesis_summary(&counts, Some(&fine)),
+            "faults: kill 3, client-partition 2\n\
+             membership: moves 4 ok / 1 failed, removals 1 ok / 0 failed / 1 unfinished\n\
+             membership check: valid; final map: version 9\n"
+        );
+        assert_eq!(nemesis_summary(&BTreeMap::new(), None), "");
+        let wrong = Err("shards [2] list a removed node".to_owned());
+        assert!(nemesis_summary(&BTreeMap::new(), Some(&wrong)).contains("INVALID"));
     }
 }

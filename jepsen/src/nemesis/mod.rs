@@ -1,10 +1,12 @@
-//! The nemesis: faults on a bounded schedule, each healed before the next.
+//! The nemesis: faults on a bounded schedule, each healed before the next, and (see
+//! [`membership`]) changes of the cluster's shape running beside them.
 //!
 //! Every `nemesis-interval` the next fault in turn is applied to the current leader of a random
 //! shard or to a random member node, and healed half an interval later. Faults take turns so
 //! that a short run sees each kind. Each fault and heal is a line of `nemesis.log`, and counted
 //! for the run's summary.
 
+pub mod membership;
 pub mod partition;
 
 use std::collections::BTreeMap;
@@ -35,6 +37,11 @@ pub enum Fault {
     ClientPartition,
     /// Ask the leader of a random shard's node to hand its leaderships over (Admin.Drain).
     Transfer,
+    /// Replica moves, node joins and removals, on their own schedule beside the other faults
+    /// ([`membership`]).
+    Membership,
+    /// Shard splits, on the membership nemesis's schedule (with `membership` or alone).
+    Split,
 }
 
 impl std::str::FromStr for Fault {
@@ -46,8 +53,10 @@ impl std::str::FromStr for Fault {
             "partition" => Ok(Fault::Partition),
             "client-partition" => Ok(Fault::ClientPartition),
             "transfer" => Ok(Fault::Transfer),
+            "membership" => Ok(Fault::Membership),
+            "split" => Ok(Fault::Split),
             other => bail!(
-                "unknown nemesis {other:?} (kill, pause, partition, client-partition, transfer)"
+                "unknown nemesis {other:?} (kill, pause, partition, client-partition, transfer, membership, split)"
             ),
         }
     }
@@ -57,6 +66,12 @@ impl Fault {
     /// Whether the fault needs the nodes and clients in network namespaces.
     pub fn needs_namespaces(self) -> bool {
         matches!(self, Fault::Partition | Fault::ClientPartition)
+    }
+
+    /// Whether the fault is a change of the cluster's shape, made by the membership nemesis on
+    /// its own schedule rather than in the faults' turns.
+    pub fn changes_membership(self) -> bool {
+        matches!(self, Fault::Membership | Fault::Split)
     }
 }
 
@@ -109,8 +124,9 @@ impl Journal {
     }
 }
 
-/// What the nemesis acts on: the node processes (shared with the runner), the test network if
-/// there is one, its journal.
+/// What the nemesis acts on: the node processes (shared with the runner and the membership
+/// nemesis, which adds members and drops removed ones), the test network if there is one, its
+/// journal.
 #[derive(Debug, Clone)]
 pub struct Stage {
     pub cluster: Arc<tokio::sync::Mutex<LocalCluster>>,
@@ -120,7 +136,7 @@ pub struct Stage {
 }
 
 impl Stage {
-    /// The ids of the member nodes the harness runs.
+    /// The ids of the member nodes the harness runs (removed ones are gone from the cluster).
     pub async fn members(&self) -> Vec<u64> {
         self.cluster
             .lock()
@@ -142,9 +158,14 @@ impl Stage {
     }
 }
 
-/// The fault schedule: runs until `stage.stop`, heals what it injected before it returns.
-/// Returns the number of faults injected.
+/// The fault schedule (every kind but the membership changes, which run on their own): runs
+/// until `stage.stop`, heals what it injected before it returns. Returns the number of faults
+/// injected.
 pub async fn faults(stage: Stage, kinds: Vec<Fault>, interval: Duration, seed: u64) -> u64 {
+    let kinds: Vec<Fault> = kinds
+        .into_iter()
+        .filter(|f| !f.changes_membership())
+        .collect();
     if kinds.is_empty() {
         return 0;
     }
@@ -253,6 +274,7 @@ pub async fn faults(stage: Stage, kinds: Vec<Fault>, interval: Duration, seed: u
                 journal.note(format_args!("{what} node {target}"));
                 tokio::time::sleep(interval / 2).await;
                 let mut c = stage.cluster.lock().await;
+                // A node removed meanwhile is gone from the cluster: nothing to heal.
                 if let Some(node) = c.node_mut(target) {
                     let healed = if fault == Fault::Kill {
                         node.spawn().map(|()| "restarted")
@@ -266,12 +288,14 @@ pub async fn faults(stage: Stage, kinds: Vec<Fault>, interval: Duration, seed: u
                     }
                 }
             }
+            Fault::Membership | Fault::Split => {}
         }
     }
     faults
 }
 
-/// The node that leads a random shard of the map now, by the nodes' own status.
+/// The node that leads a random shard of the map now, by the nodes' own status (shards split
+/// and move, so they are taken from the map).
 async fn shard_leader(stage: &Stage, rng: &mut Rng) -> Option<u64> {
     let seeds = stage.seeds().await;
     let status = ops::status(&seeds, false).await.ok()?;
