@@ -51,6 +51,7 @@ pub fn plan(nodes: &[NodeInfo], shards: u32, replicas: u32) -> ClusterMap {
                 epoch: 1,
                 learners: Vec::new(),
                 split_from: 0,
+                moving_from: 0,
             }
         })
         .collect();

@@ -75,8 +75,14 @@ pub(crate) fn begin_move(
             format!("node {to} is not up; replicas go only to nodes that are"),
         ));
     }
-    if d.learners.contains(&to) {
+    if d.learners.contains(&to) && d.moving_from == from {
         return Ok(MapChange::Unchanged);
+    }
+    if !d.learners.is_empty() {
+        return Err(ApiError::Unavailable(format!(
+            "shard {shard} has a move in progress (node {} replacing node {}); it is finished first",
+            d.learners[0], d.moving_from
+        )));
     }
     let mut next = map.clone();
     let d = next
@@ -85,6 +91,7 @@ pub(crate) fn begin_move(
         .find(|d| d.shard_id == shard)
         .expect("found above");
     d.learners.push(to);
+    d.moving_from = from;
     Ok(MapChange::Next(next))
 }
 
@@ -114,6 +121,7 @@ pub(crate) fn finish_move(
     };
     d.replicas[slot] = to;
     d.learners.retain(|l| *l != to);
+    d.moving_from = 0;
     d.epoch += 1;
     Ok(MapChange::Next(next))
 }
@@ -197,6 +205,18 @@ impl Node {
         let metrics = raft.metrics().borrow_watched().clone();
         if metrics.state != ServerState::Leader {
             return Err(self.not_leader(shard, metrics.current_leader, None));
+        }
+        // A split applied here that the map does not show yet: its new shard took this group's
+        // members as they were; the voters change after the map shows the split.
+        if let (Some(range), Some(d)) = (
+            self.replica(shard).and_then(|r| r.range()),
+            self.map()
+                .and_then(|m| m.shards.into_iter().find(|d| d.shard_id == shard)),
+        ) && range.hi != (!d.hash_hi_max).then_some(d.hash_hi)
+        {
+            return Err(ApiError::Unavailable(format!(
+                "shard {shard} is splitting; its replicas change after the split"
+            )));
         }
         let voters: BTreeSet<u64> = metrics.membership_config.membership().voter_ids().collect();
         let mut wanted = voters.clone();

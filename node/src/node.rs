@@ -245,9 +245,20 @@ impl Node {
         }
         // Replicas a split built here before the map lists them: their groups start at once, so
         // that the new shard elects its leader while the old one still answers for its keys.
+        // A split this node applied for a shard the map places elsewhere (this replica of the
+        // parent joined after the split and replayed it) built a state that is dropped.
         for shard in self.ctx.store.shards() {
-            if self.group(shard).is_none() && !map.shards.iter().any(|d| d.shard_id == shard) {
-                self.ensure_group(shard).await?;
+            if shard == META_SHARD || self.group(shard).is_some() {
+                continue;
+            }
+            match map.shards.iter().find(|d| d.shard_id == shard) {
+                None => {
+                    self.ensure_group(shard).await?;
+                }
+                Some(d) if !d.replicas.contains(&me) && !d.learners.contains(&me) => {
+                    self.drop_replica(shard).await?;
+                }
+                Some(_) => {}
             }
         }
         for d in &map.shards {
@@ -326,13 +337,16 @@ impl Node {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&shard);
-        let Some((raft, _proposer)) = removed else {
-            return Ok(());
-        };
-        if let Err(e) = raft.shutdown().await {
-            warn!(shard, error = %e, "the dropped replica's group did not stop cleanly");
+        match removed {
+            Some((raft, _proposer)) => {
+                if let Err(e) = raft.shutdown().await {
+                    warn!(shard, error = %e, "the dropped replica's group did not stop cleanly");
+                }
+            }
+            // No group: a state a split built here for a shard placed elsewhere.
+            None if self.ctx.store.shard(shard).is_some() => {}
+            None => return Ok(()),
         }
-        drop(raft);
         match self.ctx.store.remove_shard(shard) {
             Ok(()) | Err(dossier_storage::Error::ShardMissing { .. }) => {}
             Err(e) => return Err(e).context("remove the replica's state"),

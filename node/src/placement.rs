@@ -170,6 +170,34 @@ impl Node {
         let Some(map) = self.map() else {
             return false;
         };
+        // A move this node's predecessor as meta leader started and did not finish (it crashed
+        // or lost the lead): finished first, from where it stood.
+        if let Some(d) = map
+            .shards
+            .iter()
+            .find(|d| d.learners.len() == 1 && d.moving_from != 0)
+        {
+            let (shard, from, to) = (d.shard_id, d.moving_from, d.learners[0]);
+            let decision = Decision {
+                kind: "move",
+                shard,
+                from,
+                to,
+                reason: "finishing a move in progress",
+            };
+            info!(shard, from, to, "placement: finishing a move in progress");
+            return match self.move_replica(shard, from, to).await {
+                Ok(_) => {
+                    self.placement_log.record(decision, "done");
+                    true
+                }
+                Err(e) => {
+                    warn!(shard, from, to, error = %e, "placement: finishing the move failed; it is retried");
+                    self.placement_log.record(decision, format!("failed: {e}"));
+                    false
+                }
+            };
+        }
         let draining: Vec<u64> = map
             .nodes
             .iter()

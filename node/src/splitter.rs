@@ -120,6 +120,7 @@ fn publish(
         epoch,
         learners: Vec::new(),
         split_from: shard,
+        moving_from: 0,
     });
     next.shards.sort_by_key(|s| s.hash_lo);
     next.next_shard_id = next.next_shard_id.max(child + 1);
@@ -195,6 +196,9 @@ impl Node {
     pub(crate) async fn split_here(&self, r: &SplitRequest) -> Result<SplitResponse, ApiError> {
         let shard = r.shard_id;
         let raft = self.group(shard).ok_or(ApiError::shard_not_found(shard))?;
+        // Every committed entry applied here first: a split an earlier leader committed must be
+        // seen (and finished), never made a second time over the same range.
+        self.read_barrier(shard, SPLIT_TIMEOUT).await?;
         let metrics = raft.metrics().borrow_watched().clone();
         if metrics.state != ServerState::Leader {
             return Err(self.not_leader(shard, metrics.current_leader, None));

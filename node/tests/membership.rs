@@ -637,3 +637,76 @@ async fn a_dead_node_is_removed_and_its_replicas_rebuilt_elsewhere() {
     }
     joiner.stop().await;
 }
+
+/// A move whose driver stops half-way (here the request is cancelled after the map listed the
+/// learner) is finished by the meta leader's placement driver, even with balancing off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_move_is_finished_by_the_placement_driver() {
+    let cluster = TestCluster::start(3, 2, 3, &|c| c.placement_balance = false).await;
+    let client = cluster.client().await;
+    let patient = common::patient_in_shard(&client, 1, "abandoned");
+    client.put(&patient, b"k", b"v").await.unwrap();
+    let name = cluster.nodes[0].config.cluster_name.clone();
+    let seeds = cluster.seeds();
+    let mut joiner = TestNode::new(4, cluster.dir.path().join("n4"), &|c| {
+        c.join = seeds.clone();
+        c.cluster_name = name.clone();
+        c.placement_balance = false;
+    });
+    joiner.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client
+        .refresh_map()
+        .await
+        .unwrap()
+        .nodes
+        .iter()
+        .any(|n| n.node_id == 4)
+    {
+        assert!(Instant::now() < deadline, "node 4 did not join");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let from = client.refresh_map().await.unwrap().shards[0].replicas[2];
+    let mut abandoned = false;
+    for timeout_ms in [5u64, 10, 20, 40, 80, 160] {
+        let mut admin = cluster.meta_leader_admin().await;
+        let mut request = tonic::Request::new(dossier_api::v1::MoveReplicaRequest {
+            shard_id: 1,
+            from_node: from,
+            to_node: 4,
+        });
+        request.set_timeout(Duration::from_millis(timeout_ms));
+        let _ = admin.move_replica(request).await;
+        let map = client.refresh_map().await.unwrap();
+        let d = map.shards.iter().find(|d| d.shard_id == 1).unwrap();
+        if d.replicas.contains(&4) {
+            break; // finished within the timeout: nothing was abandoned this time
+        }
+        if d.learners == vec![4] {
+            assert_eq!(d.moving_from, from);
+            abandoned = true;
+            break;
+        }
+    }
+    eprintln!("abandoned half-way: {abandoned}");
+    // Abandoned or not, the move ends finished.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let map = client.refresh_map().await.unwrap();
+        let d = map.shards.iter().find(|d| d.shard_id == 1).unwrap();
+        if d.replicas.contains(&4) && !d.replicas.contains(&from) && d.learners.is_empty() {
+            assert_eq!(d.moving_from, 0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the move was left half-way (abandoned: {abandoned}): {d:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        client.get(&patient, b"k").await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    joiner.stop().await;
+}

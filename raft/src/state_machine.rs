@@ -222,9 +222,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if let EntryPayload::Normal(crate::types::Request(dossier_storage::Command::Split {
                 at,
                 child,
+                lo,
                 hi,
-                ..
             })) = &item.0.payload
+                && self.shard.split_applies(*at, *lo, *hi)
             {
                 // The child replica is built from this replica's state before the split entry
                 // (a copy of half the shard: off the async runtime), then the entry is applied.

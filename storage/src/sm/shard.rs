@@ -291,6 +291,12 @@ impl ShardStore {
         owns(self.route, self.range().as_ref(), key)
     }
 
+    /// Whether a `Split { at, lo, hi }` applied now would split this replica (see
+    /// [`Command::Split`]); otherwise applying it does nothing.
+    pub fn split_applies(&self, at: u64, lo: u64, hi: Option<u64>) -> bool {
+        split_applies(self.range().as_ref(), at, lo, hi)
+    }
+
     /// The last split applied to this replica: `(at, child)`.
     pub fn last_split(&self) -> Result<Option<(u64, ShardId)>> {
         let Some(v) = self.read(KEY_SPLIT)? else {
@@ -657,6 +663,14 @@ impl ShardStore {
                     expire_sessions(&mut overlay, *before_index)?;
                     Outcome::Done
                 }
+                EntryPayload::Command(Command::Split { at, child, lo, hi })
+                    if !split_applies(range.as_ref(), *at, *lo, *hi) =>
+                {
+                    // Proposed from a view of the shard older than a split applied since:
+                    // nothing is done (the proposer sees the applied split and finishes it).
+                    let _ = child;
+                    Outcome::OutOfRange
+                }
                 EntryPayload::Command(Command::Split { at, child, lo, hi }) => {
                     let kept = HashRange {
                         lo: *lo,
@@ -730,6 +744,13 @@ impl ShardStore {
         }
         Ok(out)
     }
+}
+
+/// Whether a split at `at` of the range `[lo, hi)` applies to a replica owning `range`: the
+/// replica still owns exactly that range (or never split), and `at` falls strictly inside it.
+pub(crate) fn split_applies(range: Option<&HashRange>, at: u64, lo: u64, hi: Option<u64>) -> bool {
+    let whole = HashRange { lo, hi };
+    range.is_none_or(|r| *r == whole) && at > lo && whole.contains(at)
 }
 
 fn owns(route: Option<KeyRoute>, range: Option<&HashRange>, key: &[u8]) -> bool {

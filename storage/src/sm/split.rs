@@ -240,6 +240,21 @@ mod tests {
                     .is_none()
             );
 
+            // A split proposed from the old range (a leader that had not seen this one) does
+            // nothing.
+            let stale = ApplyEntry {
+                index: 9,
+                log_id: Bytes::from_static(b"9"),
+                payload: EntryPayload::Command(Command::Split {
+                    at: at + 5,
+                    child: 3,
+                    lo: 0,
+                    hi: None,
+                }),
+            };
+            assert!(!parent.split_applies(at + 5, 0, None));
+            assert_eq!(parent.apply(&[stale]).unwrap(), vec![Outcome::OutOfRange]);
+            assert_eq!(parent.last_split().unwrap(), Some((at, 2)));
             let child = store.shard(2).unwrap();
             assert_eq!(child.applied().unwrap(), Some(applied));
             assert_eq!(
@@ -254,7 +269,7 @@ mod tests {
             // A write to a key the parent gave away is refused, and its session not recorded.
             let refused = parent
                 .apply(&[txn(
-                    9,
+                    10,
                     Some(Session { client: 9, seq: 2 }),
                     Batch::put("zoo", "z"),
                 )])
@@ -276,7 +291,7 @@ mod tests {
                 ],
             };
             assert_eq!(
-                parent.apply(&[txn(10, None, mixed)]).unwrap(),
+                parent.apply(&[txn(11, None, mixed)]).unwrap(),
                 vec![Outcome::OutOfRange]
             );
             assert_eq!(
