@@ -71,10 +71,12 @@ pub async fn move_replica(
         from_node: from,
         to_node: to,
     };
-    on_meta_leader(seeds, Duration::from_secs(400), "move", |mut c| {
-        let request = request.clone();
-        async move { c.move_replica(request).await }
-    })
+    on_meta_leader(
+        seeds,
+        Duration::from_secs(400),
+        "move",
+        |mut c| async move { c.move_replica(request).await },
+    )
     .await?
     .into_inner()
     .shard

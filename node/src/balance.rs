@@ -34,7 +34,7 @@ fn up_nodes(map: &ClusterMap) -> Vec<u64> {
         .collect()
 }
 
-fn zone<'a>(map: &'a ClusterMap, node: u64) -> &'a str {
+fn zone(map: &ClusterMap, node: u64) -> &str {
     map.nodes
         .iter()
         .find(|n| n.node_id == node)

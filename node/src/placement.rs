@@ -198,13 +198,13 @@ impl Node {
                 }
             };
         }
-        let draining: Vec<u64> = map
+        // One draining node at a time, the first in the map.
+        let draining = map
             .nodes
             .iter()
-            .filter(|n| n.state == NodeState::Draining as i32)
-            .map(|n| n.node_id)
-            .collect();
-        for node in draining {
+            .find(|n| n.state == NodeState::Draining as i32)
+            .map(|n| n.node_id);
+        if let Some(node) = draining {
             let held = map
                 .shards
                 .iter()

@@ -161,7 +161,7 @@ impl Node {
                 "the split",
                 || self.split_here(&request),
                 |mut client| {
-                    let mut call = tonic::Request::new(request.clone());
+                    let mut call = tonic::Request::new(request);
                     call.set_timeout(SPLIT_TIMEOUT);
                     async move { Ok(client.split(call).await?.into_inner()) }
                 },
