@@ -122,7 +122,7 @@ pub async fn reshape(
     joiner.extra_args = vec!["--join".into(), cluster.seeds.join(",")];
     let from = Instant::now();
     joiner.spawn()?;
-    wait_balanced(&cluster.seeds, id, true, Duration::from_secs(300)).await?;
+    wait_share_taken(&cluster.seeds, id, Duration::from_secs(300)).await?;
     phases.push(timed("join: node 4 takes its share", from, spec.window).await);
 
     // One replica moved by hand (from node 4 to the node holding the fewest replicas that has
@@ -223,34 +223,19 @@ async fn settle(seeds: &[String]) -> Result<()> {
     }
 }
 
-/// Waits until replica counts are within one of each other with no move in progress, and (when
-/// `leads`) node `id` leads a shard.
-async fn wait_balanced(seeds: &[String], id: u64, leads: bool, limit: Duration) -> Result<()> {
+/// Waits until node `id` has taken its share (`ops::Share::taken`).
+async fn wait_share_taken(seeds: &[String], id: u64, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     loop {
         let status = ops::status(seeds, false).await?;
-        let up: Vec<u64> = status.map.nodes.iter().map(|n| n.node_id).collect();
-        let count = |n: u64| {
-            status
-                .map
-                .shards
-                .iter()
-                .filter(|d| d.replicas.contains(&n))
-                .count()
-        };
-        let counts: Vec<usize> = up.iter().map(|n| count(*n)).collect();
-        let spread = counts.iter().max().unwrap_or(&0) - counts.iter().min().unwrap_or(&0);
-        let settled = status.map.shards.iter().all(|d| d.learners.is_empty());
-        let led =
-            status.map.shards.iter().any(|d| {
-                ops::leader_of(&status.replicas, d.shard_id).is_some_and(|l| l.node_id == id)
-            });
-        if up.contains(&id) && settled && spread <= 1 && (led || !leads) {
+        let share = ops::Share::of(&status, id);
+        if share.taken() {
             return Ok(());
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "node {id} did not take its share within {limit:?} (replicas per node {counts:?})"
+            "node {id} did not take its share within {limit:?} (replicas per up node {:?})",
+            share.replicas_per_node
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

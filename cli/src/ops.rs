@@ -84,6 +84,57 @@ pub fn leader_of(replicas: &[ShardStatus], shard: u64) -> Option<&ShardStatus> {
         .max_by_key(|r| r.term)
 }
 
+/// How far a node has taken its share of the cluster, by a status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    /// Replicas per up node, in map order.
+    pub replicas_per_node: Vec<usize>,
+    /// Replicas the node holds, and shards it leads.
+    pub holds: usize,
+    pub leads: usize,
+    /// No replica move is in progress.
+    pub settled: bool,
+}
+
+impl Share {
+    pub fn of(s: &Status, node: u64) -> Share {
+        let count = |n: u64| {
+            s.map
+                .shards
+                .iter()
+                .filter(|d| d.replicas.contains(&n))
+                .count()
+        };
+        let replicas_per_node = s
+            .map
+            .nodes
+            .iter()
+            .filter(|n| n.state == dossier_api::v1::NodeState::Up as i32)
+            .map(|n| count(n.node_id))
+            .collect();
+        let leads = s
+            .map
+            .shards
+            .iter()
+            .filter(|d| leader_of(&s.replicas, d.shard_id).is_some_and(|l| l.node_id == node))
+            .count();
+        Share {
+            replicas_per_node,
+            holds: count(node),
+            leads,
+            settled: s.map.shards.iter().all(|d| d.learners.is_empty()),
+        }
+    }
+
+    /// Up nodes hold within one replica of each other, no move is in progress, and the node
+    /// leads a shard: what the placement driver brings a joining node to.
+    pub fn taken(&self) -> bool {
+        let max = self.replicas_per_node.iter().max().unwrap_or(&0);
+        let min = self.replicas_per_node.iter().min().unwrap_or(&0);
+        self.settled && max - min <= 1 && self.leads > 0
+    }
+}
+
 /// The map and every node's view of its replicas.
 #[derive(Debug)]
 pub struct Status {

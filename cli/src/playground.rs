@@ -217,38 +217,20 @@ async fn join_a_node(
             let taking = Instant::now();
             let status = loop {
                 let status = cluster::status(seeds, false).await?;
-                let count = |n: u64| {
-                    status
-                        .map
-                        .shards
-                        .iter()
-                        .filter(|d| d.replicas.contains(&n))
-                        .count()
-                };
-                let counts: Vec<usize> =
-                    status.map.nodes.iter().map(|n| count(n.node_id)).collect();
-                let spread = counts.iter().max().unwrap_or(&0) - counts.iter().min().unwrap_or(&0);
-                let settled = status.map.shards.iter().all(|d| d.learners.is_empty());
-                let leads = status
-                    .map
-                    .shards
-                    .iter()
-                    .filter(|d| {
-                        cluster::leader_of(&status.replicas, d.shard_id)
-                            .is_some_and(|l| l.node_id == id)
-                    })
-                    .count();
-                if settled && spread <= 1 && leads > 0 {
+                let share = cluster::Share::of(&status, id);
+                if share.taken() {
                     println!(
-                        "node {id} holds {} replicas and leads {leads} shards after {:.2?}",
-                        count(id),
+                        "node {id} holds {} replicas and leads {} shards after {:.2?}",
+                        share.holds,
+                        share.leads,
                         taking.elapsed()
                     );
                     break status;
                 }
                 if taking.elapsed() > Duration::from_secs(90) {
                     bail!(
-                        "node {id} did not take its share within 90 s (replicas per node {counts:?})"
+                        "node {id} did not take its share within 90 s (replicas per up node {:?})",
+                        share.replicas_per_node
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;

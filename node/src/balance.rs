@@ -64,6 +64,20 @@ fn zones_without<'a>(map: &'a ClusterMap, d: &ShardDescriptor, leaving: u64) -> 
         .collect()
 }
 
+/// The node that should receive `shard`'s replica now on `leaving` (a drain): up, holding no
+/// copy of the shard, in a zone none of the shard's other replicas is in when one exists, and
+/// then the one holding the fewest replicas (lowest id on a tie).
+pub(crate) fn drain_target(map: &ClusterMap, shard: u64, leaving: u64) -> Option<u64> {
+    let d = map.shards.iter().find(|d| d.shard_id == shard)?;
+    let used = zones_without(map, d, leaving);
+    loads(map)
+        .into_iter()
+        .filter(|(n, _)| !d.replicas.contains(n) && !d.learners.contains(n))
+        .map(|(n, load)| (used.contains(zone(map, n)), load, n))
+        .min()
+        .map(|(_, _, n)| n)
+}
+
 /// The next replica move, if the map calls for one.
 pub(crate) fn next_move(map: &ClusterMap) -> Option<Move> {
     if map.shards.iter().any(|d| !d.learners.is_empty()) {

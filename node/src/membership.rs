@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use dossier_api::v1::admin_client::AdminClient;
-use dossier_api::v1::{ClusterMap, ErrorReason, JoinClusterRequest, NodeInfo, NodeState};
+use dossier_api::v1::{
+    ClusterMap, ErrorReason, JoinClusterRequest, NodeInfo, NodeState, ShardDescriptor,
+};
 use dossier_raft::openraft::BasicNode;
 use dossier_raft::openraft::async_runtime::WatchReceiver;
 use dossier_storage::{Batch, Command, Condition, Expect, Op, Outcome};
@@ -30,6 +32,14 @@ const JOIN_RETRY: Duration = Duration::from_millis(500);
 pub(crate) enum MapChange {
     Unchanged,
     Next(ClusterMap),
+}
+
+/// The descriptor of `shard` in `map`; an unknown shard is the caller's error.
+pub(crate) fn descriptor(map: &ClusterMap, shard: u64) -> Result<&ShardDescriptor, ApiError> {
+    map.shards
+        .iter()
+        .find(|d| d.shard_id == shard)
+        .ok_or_else(|| ApiError::invalid("shard_id", format!("shard {shard} is not in the map")))
 }
 
 /// Adds `node` to `map`, or leaves it when it is already there at the same address.

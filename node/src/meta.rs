@@ -68,6 +68,11 @@ pub fn covers(d: &ShardDescriptor, hash: u64) -> bool {
     hash >= d.hash_lo && (d.hash_hi_max || hash < d.hash_hi)
 }
 
+/// The descriptor's upper bound: `None` when its range runs to the end of the space.
+pub fn hash_hi(d: &ShardDescriptor) -> Option<u64> {
+    (!d.hash_hi_max).then_some(d.hash_hi)
+}
+
 /// The shard of a patient hash.
 pub fn shard_for(map: &ClusterMap, hash: u64) -> Option<&ShardDescriptor> {
     map.shards.iter().find(|d| covers(d, hash))

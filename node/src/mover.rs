@@ -23,7 +23,7 @@ use dossier_raft::openraft::{BasicNode, ChangeMembers, ServerState};
 use tracing::info;
 
 use crate::errors::ApiError;
-use crate::membership::MapChange;
+use crate::membership::{MapChange, descriptor};
 use crate::meta;
 use crate::node::Node;
 
@@ -31,13 +31,6 @@ use crate::node::Node;
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(300);
 /// Beyond the catch-up, for reaching the shard's leader and changing the voters.
 const CHANGE_SLACK: Duration = Duration::from_secs(30);
-
-fn descriptor(map: &ClusterMap, shard: u64) -> Result<&ShardDescriptor, ApiError> {
-    map.shards
-        .iter()
-        .find(|d| d.shard_id == shard)
-        .ok_or_else(|| ApiError::invalid("shard_id", format!("shard {shard} is not in the map")))
-}
 
 /// Step 1: checks the move and lists `to` as a learner of the shard (unless done already).
 pub(crate) fn begin_move(
@@ -212,7 +205,7 @@ impl Node {
             self.replica(shard).and_then(|r| r.range()),
             self.map()
                 .and_then(|m| m.shards.into_iter().find(|d| d.shard_id == shard)),
-        ) && range.hi != (!d.hash_hi_max).then_some(d.hash_hi)
+        ) && range.hi != meta::hash_hi(&d)
         {
             return Err(ApiError::Unavailable(format!(
                 "shard {shard} is splitting; its replicas change after the split"

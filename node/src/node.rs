@@ -552,15 +552,18 @@ impl Node {
         }
     }
 
-    /// Refuses (retryably) a request for `hash` on a replica that gave it away in a split which
-    /// this node's map may not show yet.
-    pub(crate) fn check_owned(&self, shard: ShardId, hash: u64) -> Result<(), ApiError> {
+    /// Refuses (retryably) a request for the patient (or identifier) `route_key` on a replica
+    /// that gave it away in a split which this node's map may not show yet. Nothing is hashed
+    /// on a replica that never split.
+    pub(crate) fn check_owned(&self, shard: ShardId, route_key: &str) -> Result<(), ApiError> {
         let range = self.replica(shard).and_then(|r| r.range());
         match range {
-            Some(range) if !range.contains(hash) => Err(ApiError::Unavailable(format!(
-                "shard {shard} split and no longer holds this patient; the cluster map is being \
-                 updated: refresh it and retry"
-            ))),
+            Some(range) if !range.contains(dossier_api::patient_hash(route_key)) => {
+                Err(ApiError::Unavailable(format!(
+                    "shard {shard} split and no longer holds this patient; the cluster map is \
+                     being updated: refresh it and retry"
+                )))
+            }
             _ => Ok(()),
         }
     }

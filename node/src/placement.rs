@@ -25,41 +25,6 @@ use crate::placement_log::Decision;
 /// How long the meta group's new voter may take to catch up.
 const META_CATCH_UP: Duration = Duration::from_secs(60);
 
-/// The node that should receive `shard`'s replica now on `leaving`: up, holding no copy of the
-/// shard, in a zone none of the shard's other replicas is in when one exists, and then the one
-/// holding the fewest replicas (lowest id on a tie).
-pub(crate) fn pick_target(map: &ClusterMap, shard: u64, leaving: u64) -> Option<u64> {
-    let d = map.shards.iter().find(|d| d.shard_id == shard)?;
-    let zone_of = |id: u64| {
-        map.nodes
-            .iter()
-            .find(|n| n.node_id == id)
-            .map_or("", |n| n.zone.as_str())
-    };
-    let used_zones: BTreeSet<&str> = d
-        .replicas
-        .iter()
-        .filter(|r| **r != leaving)
-        .map(|r| zone_of(*r))
-        .collect();
-    let load = |id: u64| {
-        map.shards
-            .iter()
-            .filter(|s| s.replicas.contains(&id) || s.learners.contains(&id))
-            .count()
-    };
-    map.nodes
-        .iter()
-        .filter(|n| n.state == NodeState::Up as i32)
-        .filter(|n| !d.replicas.contains(&n.node_id) && !d.learners.contains(&n.node_id))
-        .map(|n| {
-            let shares_zone = !n.zone.is_empty() && used_zones.contains(n.zone.as_str());
-            (shares_zone, load(n.node_id), n.node_id)
-        })
-        .min()
-        .map(|(_, _, id)| id)
-}
-
 /// Marks `node` draining, after checking that the shards keep enough nodes.
 pub(crate) fn begin_removal(map: &ClusterMap, node: u64) -> Result<MapChange, ApiError> {
     let Some(entry) = map.nodes.iter().find(|n| n.node_id == node) else {
@@ -210,7 +175,7 @@ impl Node {
                 .iter()
                 .find(|d| d.replicas.contains(&node) && d.learners.is_empty());
             if let Some(d) = held {
-                let Some(target) = pick_target(&map, d.shard_id, node) else {
+                let Some(target) = balance::drain_target(&map, d.shard_id, node) else {
                     warn!(
                         node,
                         shard = d.shard_id,
@@ -441,20 +406,20 @@ mod tests {
         // Nodes 1..3 hold every shard; 4 shares zone a with node 1, 5 is alone in zone d.
         let m = map(&["a", "b", "c", "a", "d"]);
         // Moving off node 2 (zone b): node 4 would put two replicas in zone a; node 5 does not.
-        assert_eq!(pick_target(&m, 1, 2), Some(5));
+        assert_eq!(balance::drain_target(&m, 1, 2), Some(5));
         // Moving off node 1 (zone a): zone a is free again, both 4 and 5 fit; equal load, lowest id.
-        assert_eq!(pick_target(&m, 1, 1), Some(4));
+        assert_eq!(balance::drain_target(&m, 1, 1), Some(4));
         // Without zones, the least loaded node wins.
         let mut m = map(&["", "", "", "", ""]);
         m.shards[1].replicas = vec![1, 2, 4];
         assert_eq!(
-            pick_target(&m, 1, 2),
+            balance::drain_target(&m, 1, 2),
             Some(5),
             "node 4 holds a replica already"
         );
         // Nodes not up take nothing.
         m.nodes[4].state = NodeState::Draining as i32;
-        assert_eq!(pick_target(&m, 1, 2), Some(4));
+        assert_eq!(balance::drain_target(&m, 1, 2), Some(4));
     }
 
     #[test]

@@ -44,9 +44,11 @@ impl ClusterShards {
         let replica = node
             .replica(shard)
             .ok_or(ApiError::shard_not_found(shard))?;
-        if let Some(key) = keys.iter().find(|k| !replica.owns(k)) {
-            let hash = dossier_records::keys::route_hash(key).unwrap_or_default();
-            node.check_owned(shard, hash)?;
+        if keys.iter().any(|k| !replica.owns(k)) {
+            return Err(ApiError::Unavailable(format!(
+                "shard {shard} split and no longer holds a key of this read; the cluster map is \
+                 being updated: refresh it and retry"
+            )));
         }
         keys.iter()
             .map(|k| {

@@ -23,27 +23,13 @@ use dossier_storage::{Command, HashRange};
 use tracing::{info, warn};
 
 use crate::errors::ApiError;
-use crate::membership::MapChange;
+use crate::membership::{MapChange, descriptor};
 use crate::meta;
 use crate::node::Node;
 
 /// For the shard's leader to choose the split point, propose and apply the split (which copies
 /// half the shard on every replica).
 const SPLIT_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn descriptor(map: &ClusterMap, shard: u64) -> Result<&ShardDescriptor, ApiError> {
-    map.shards
-        .iter()
-        .find(|d| d.shard_id == shard)
-        .ok_or_else(|| ApiError::invalid("shard_id", format!("shard {shard} is not in the map")))
-}
-
-fn range_of(d: &ShardDescriptor) -> HashRange {
-    HashRange {
-        lo: d.hash_lo,
-        hi: (!d.hash_hi_max).then_some(d.hash_hi),
-    }
-}
 
 /// The id the next new shard takes.
 fn next_id(map: &ClusterMap) -> u64 {
@@ -60,7 +46,7 @@ fn reserve(map: &ClusterMap, shard: u64, at: u64) -> Result<MapChange, ApiError>
             d.learners
         )));
     }
-    if at != 0 && (at <= d.hash_lo || !range_of(d).contains(at)) {
+    if at != 0 && (at <= d.hash_lo || !meta::covers(d, at)) {
         return Err(ApiError::invalid(
             "at",
             format!(
@@ -91,7 +77,7 @@ fn publish(
         return Ok(MapChange::Unchanged); // published already
     }
     let d = descriptor(map, shard)?.clone();
-    if at <= d.hash_lo || !range_of(&d).contains(at) {
+    if at <= d.hash_lo || !meta::covers(&d, at) {
         return Err(ApiError::Internal(format!(
             "shard {shard} split at {at}, outside its range in the map"
         )));

@@ -110,7 +110,7 @@ pub(crate) async fn read_ready(
         Ok(ReadConsistency::Stale) => {}
         Err(_) => return Err(ApiError::invalid("consistency", "unknown value")),
     }
-    node.check_owned(shard, dossier_api::patient_hash(route_key))
+    node.check_owned(shard, route_key)
 }
 
 /// Records the request's latency under its method and outcome, and turns the result into the

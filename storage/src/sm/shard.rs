@@ -760,20 +760,22 @@ fn owns(route: Option<KeyRoute>, range: Option<&HashRange>, key: &[u8]) -> bool 
     }
 }
 
-/// Whether every key the batch names belongs to the range.
+/// Whether every key the batch names belongs to the range (no key is looked at before a split).
 fn batch_owned(route: Option<KeyRoute>, range: Option<&HashRange>, batch: &Batch) -> bool {
     if range.is_none() || route.is_none() {
         return true;
     }
-    let op_key = |op: &Op| match op {
-        Op::Put { key, .. } | Op::Delete { key } => key.clone(),
-    };
+    fn op_key(op: &Op) -> &Bytes {
+        match op {
+            Op::Put { key, .. } | Op::Delete { key } => key,
+        }
+    }
     batch
         .conditions
         .iter()
-        .map(|c| c.key.clone())
+        .map(|c| &c.key)
         .chain(batch.ops.iter().map(op_key))
-        .all(|key| owns(route, range, &key))
+        .all(|key| owns(route, range, key))
 }
 
 /// Removes the data keys routed into `given` (a split gave them to another shard), as this run
