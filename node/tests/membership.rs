@@ -356,25 +356,7 @@ async fn a_removed_node_hands_everything_over() {
     let detail = dossier_api::error_detail(refused.details()).unwrap();
     assert!(detail.message.contains("add a node first"), "{detail:?}");
 
-    let name = cluster.nodes[0].config.cluster_name.clone();
-    let seeds = cluster.seeds();
-    let mut joiner = TestNode::new(4, cluster.dir.path().join("n4"), &|c| {
-        c.join = seeds.clone();
-        c.cluster_name = name.clone();
-    });
-    joiner.start();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !client
-        .refresh_map()
-        .await
-        .unwrap()
-        .nodes
-        .iter()
-        .any(|n| n.node_id == 4)
-    {
-        assert!(Instant::now() < deadline, "node 4 did not join");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut joiner = cluster.join_node(4, &client, &|_| {}).await;
     // Remove node 1 (a meta voter, holding a replica of every shard).
     let mut admin = cluster.meta_leader_admin().await;
     admin
@@ -581,26 +563,9 @@ async fn a_dead_node_is_removed_and_its_replicas_rebuilt_elsewhere() {
                 .unwrap();
         }
     }
-    let name = cluster.nodes[0].config.cluster_name.clone();
-    let seeds = cluster.seeds();
-    let mut joiner = TestNode::new(4, cluster.dir.path().join("n4"), &|c| {
-        c.join = seeds.clone();
-        c.cluster_name = name.clone();
-        c.placement_balance = false;
-    });
-    joiner.start();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !client
-        .refresh_map()
-        .await
-        .unwrap()
-        .nodes
-        .iter()
-        .any(|n| n.node_id == 4)
-    {
-        assert!(Instant::now() < deadline, "node 4 did not join");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut joiner = cluster
+        .join_node(4, &client, &|c| c.placement_balance = false)
+        .await;
     // Node 3 dies for good.
     let index = cluster.node_index(3);
     cluster.nodes[index].kill();
@@ -646,26 +611,9 @@ async fn an_abandoned_move_is_finished_by_the_placement_driver() {
     let client = cluster.client().await;
     let patient = common::patient_in_shard(&client, 1, "abandoned");
     client.put(&patient, b"k", b"v").await.unwrap();
-    let name = cluster.nodes[0].config.cluster_name.clone();
-    let seeds = cluster.seeds();
-    let mut joiner = TestNode::new(4, cluster.dir.path().join("n4"), &|c| {
-        c.join = seeds.clone();
-        c.cluster_name = name.clone();
-        c.placement_balance = false;
-    });
-    joiner.start();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !client
-        .refresh_map()
-        .await
-        .unwrap()
-        .nodes
-        .iter()
-        .any(|n| n.node_id == 4)
-    {
-        assert!(Instant::now() < deadline, "node 4 did not join");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut joiner = cluster
+        .join_node(4, &client, &|c| c.placement_balance = false)
+        .await;
     let from = client.refresh_map().await.unwrap().shards[0].replicas[2];
     let mut abandoned = false;
     for timeout_ms in [5u64, 10, 20, 40, 80, 160] {

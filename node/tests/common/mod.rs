@@ -181,6 +181,38 @@ impl TestCluster {
             .unwrap()
     }
 
+    /// Starts node `id` with `--join` (the cluster's nodes as seeds, its cluster name, then
+    /// `tweak`) and waits up to 30 s until `client`'s map lists it.
+    #[allow(dead_code)] // not every test binary adds nodes
+    pub async fn join_node(
+        &self,
+        id: u64,
+        client: &Client,
+        tweak: &dyn Fn(&mut NodeConfig),
+    ) -> TestNode {
+        let name = self.nodes[0].config.cluster_name.clone();
+        let seeds = self.seeds();
+        let mut node = TestNode::new(id, self.dir.path().join(format!("n{id}")), &|c| {
+            c.join = seeds.clone();
+            c.cluster_name = name.clone();
+            tweak(c);
+        });
+        node.start();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !client
+            .refresh_map()
+            .await
+            .unwrap()
+            .nodes
+            .iter()
+            .any(|n| n.node_id == id)
+        {
+            assert!(Instant::now() < deadline, "node {id} did not join");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        node
+    }
+
     /// An admin client of the meta group's leader (waits up to 20 s for one).
     #[allow(dead_code)] // not every test binary changes the cluster's shape
     pub async fn meta_leader_admin(&self) -> AdminClient<tonic::transport::Channel> {
