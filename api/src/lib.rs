@@ -26,6 +26,7 @@ pub mod raft {
     }
 }
 
+mod descriptor;
 mod error_detail;
 mod hash;
 pub use error_detail::{ERROR_DETAIL_TYPE_URL, error_detail};

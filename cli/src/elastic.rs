@@ -139,11 +139,7 @@ pub async fn wait_removed(seeds: &[String], node: u64, limit: Duration) -> Resul
         if entry.state == NodeState::Removed as i32 {
             return Ok(map);
         }
-        let held = map
-            .shards
-            .iter()
-            .filter(|d| d.replicas.contains(&node) || d.learners.contains(&node))
-            .count();
+        let held = map.shards.iter().filter(|d| d.places(node)).count();
         if printed != Some(held) {
             println!(
                 "[{:>6.1?}] node {node} holds {held} replicas",

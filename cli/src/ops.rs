@@ -225,12 +225,8 @@ pub fn print_nodes(s: &Status) {
         "node", "address", "zone", "state", "replicas", "leads"
     );
     for n in &s.map.nodes {
-        let replicas = s
-            .map
-            .shards
-            .iter()
-            .filter(|d| d.replicas.contains(&n.node_id))
-            .count();
+        // Voters, or on a standby node its standbys.
+        let replicas = s.map.shards.iter().filter(|d| d.places(n.node_id)).count();
         let leads = s
             .map
             .shards
@@ -246,6 +242,11 @@ pub fn print_nodes(s: &Status) {
                 .trim_start_matches("NODE_STATE_")
                 .to_lowercase(),
             Err(_) => format!("unknown ({})", n.state),
+        };
+        let state = if n.standby {
+            format!("{state} standby")
+        } else {
+            state
         };
         let zone = if n.zone.is_empty() { "-" } else { &n.zone };
         println!(
@@ -288,11 +289,18 @@ pub fn print_status(s: &Status) {
         let min_applied = rows.iter().map(|r| r.applied_index).min().unwrap_or(0);
         let (replicas, range) = match s.map.shards.iter().find(|d| d.shard_id == shard) {
             Some(d) => (
-                d.replicas
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(","),
+                // Standbys after a "+": 1,2,3+4.
+                [&d.replicas, &d.standbys]
+                    .map(|nodes| {
+                        nodes
+                            .iter()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .join("+")
+                    .trim_end_matches('+')
+                    .to_owned(),
                 format!(
                     "{:016x}..{}",
                     d.hash_lo,
@@ -347,12 +355,7 @@ fn print_placement(s: &Status) {
     }
     for n in &s.map.nodes {
         if n.state == dossier_api::v1::NodeState::Draining as i32 {
-            let left = s
-                .map
-                .shards
-                .iter()
-                .filter(|d| d.replicas.contains(&n.node_id) || d.learners.contains(&n.node_id))
-                .count();
+            let left = s.map.shards.iter().filter(|d| d.places(n.node_id)).count();
             pending.push(format!(
                 "node {}: draining, {left} replicas left",
                 n.node_id
@@ -405,6 +408,7 @@ pub fn status_json(s: &Status) -> serde_json::Value {
             "node_id": n.node_id,
             "address": n.address,
             "zone": n.zone,
+            "standby": n.standby,
             "state": dossier_api::v1::NodeState::try_from(n.state).map_or("unknown", |s| s.as_str_name()),
             "up": s.disk.contains_key(&n.node_id),
             "state_bytes_on_disk": s.disk.get(&n.node_id).map(|d| d.0),
@@ -417,6 +421,7 @@ pub fn status_json(s: &Status) -> serde_json::Value {
             "hash_hi": if d.hash_hi_max { None } else { Some(d.hash_hi) },
             "replicas": d.replicas,
             "learners": d.learners,
+            "standbys": d.standbys,
             "split_from": d.split_from,
         })).collect::<Vec<_>>(),
         "replicas": s.replicas.iter().map(|r| serde_json::json!({

@@ -26,10 +26,11 @@ pub(crate) struct Move {
     pub reason: &'static str,
 }
 
+/// The up nodes that may hold voters (standby nodes hold only standbys: `standby.rs`).
 fn up_nodes(map: &ClusterMap) -> Vec<u64> {
     map.nodes
         .iter()
-        .filter(|n| n.state == NodeState::Up as i32)
+        .filter(|n| n.state == NodeState::Up as i32 && !n.standby)
         .map(|n| n.node_id)
         .collect()
 }
@@ -41,7 +42,7 @@ fn zone(map: &ClusterMap, node: u64) -> &str {
         .map_or("", |n| n.zone.as_str())
 }
 
-/// Replicas (voters and learners) per up node.
+/// Replicas (voters and learners, not standbys) per up node that may hold voters.
 fn loads(map: &ClusterMap) -> BTreeMap<u64, usize> {
     let mut loads: BTreeMap<u64, usize> = up_nodes(map).into_iter().map(|n| (n, 0)).collect();
     for d in &map.shards {

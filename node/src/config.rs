@@ -126,6 +126,10 @@ pub struct NodeConfig {
     pub worker_threads: usize,
     /// The node's failure domain (data centre, site), carried in the cluster map; empty: none.
     pub zone: String,
+    /// Join as a standby node: it holds only warm-standby replicas (non-voting learners, one of
+    /// every shard per standby zone) for a disaster-recovery or reporting site, never votes or
+    /// leads, and answers stale reads. Takes effect when the node joins (with `join`).
+    pub standby: bool,
     /// Nodes of an existing cluster (`host:port`) to join at start: the node asks them to add it
     /// to the map (the meta leader answers). Implies no auto-init. Ignored once the node is a
     /// member (it has cluster state).
@@ -171,6 +175,7 @@ impl Default for NodeConfig {
             auto_init_shards: 4,
             worker_threads: 0,
             zone: String::new(),
+            standby: false,
             join: Vec::new(),
             web_allowed_origins: Vec::new(),
             placement_balance: true,
@@ -216,6 +221,10 @@ impl NodeConfig {
             "cluster-name must be non-empty printable ASCII without spaces (it travels in a \
              header of every Raft message), is {:?}",
             self.cluster_name
+        );
+        ensure!(
+            !(self.standby && self.auto_init && self.join.is_empty()),
+            "standby needs join (or no auto-init): a standby node cannot start a cluster of its own"
         );
         ensure!(
             self.zone.len() <= 64 && self.zone.bytes().all(|b| b.is_ascii_graphic()),
@@ -416,6 +425,10 @@ pub struct Flags {
     /// The node's failure domain (data centre, site), e.g. `dc-east`.
     #[arg(long, env = "DOSSIER_ZONE")]
     pub zone: Option<String>,
+    /// Join as a standby node (with --join): warm-standby replicas of every shard, non-voting,
+    /// for a disaster-recovery or reporting site; serves stale reads only.
+    #[arg(long, env = "DOSSIER_STANDBY")]
+    pub standby: bool,
     /// Join an existing cluster through these nodes (host:port, comma separated) when this node
     /// has no cluster state yet; implies --no-auto-init.
     #[arg(long, env = "DOSSIER_JOIN", value_delimiter = ',')]
@@ -487,6 +500,9 @@ impl Flags {
         }
         if let Some(v) = &self.zone {
             config.zone = v.clone();
+        }
+        if self.standby {
+            config.standby = true;
         }
         if let Some(v) = &self.join {
             config.join = v.clone();

@@ -24,7 +24,7 @@ pub enum ApiError {
     StaleEpoch {
         routed_shard: u64,
         routed_epoch: u64,
-        descriptor: ShardDescriptor,
+        descriptor: Box<ShardDescriptor>,
     },
     #[error("{field}: {message}")]
     InvalidArgument {
@@ -39,10 +39,10 @@ pub enum ApiError {
     Deadline,
     /// No replica of `shard` here, or no such shard in the map. `descriptor`, when known, is
     /// the patient's shard to route with.
-    #[error("no replica of shard {shard} on this node{}", placed(.descriptor.as_ref()))]
+    #[error("no replica of shard {shard} on this node{}", placed(.descriptor.as_deref()))]
     ShardNotFound {
         shard: u64,
-        descriptor: Option<ShardDescriptor>,
+        descriptor: Option<Box<ShardDescriptor>>,
     },
     #[error("{0}")]
     ClusterState(String),
@@ -147,7 +147,7 @@ impl ApiError {
             | ApiError::ShardNotFound {
                 descriptor: Some(descriptor),
                 ..
-            } => detail.shard = Some(descriptor.clone()),
+            } => detail.shard = Some(descriptor.as_ref().clone()),
             ApiError::InvalidArgument { field, limit, .. } => {
                 detail.field = field.clone();
                 detail.limit = limit.unwrap_or(0);

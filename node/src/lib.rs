@@ -29,6 +29,7 @@ mod shard_leader;
 pub mod shards;
 mod split_check;
 mod splitter;
+mod standby;
 mod web;
 
 use std::sync::Arc;

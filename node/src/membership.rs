@@ -88,6 +88,7 @@ pub(crate) fn add_node(map: &ClusterMap, node: &NodeInfo) -> Result<MapChange, A
         node_id: node.node_id,
         address: node.address.clone(),
         zone: node.zone.clone(),
+        standby: node.standby,
         ..NodeInfo::default()
     });
     Ok(MapChange::Next(next))
@@ -193,6 +194,7 @@ impl Node {
             node_id: self.node_id(),
             address: self.config.advertise.clone(),
             zone: self.config.node.zone.clone(),
+            standby: self.config.node.standby,
             ..NodeInfo::default()
         };
         let mut announced = false;

@@ -52,6 +52,7 @@ pub fn plan(nodes: &[NodeInfo], shards: u32, replicas: u32) -> ClusterMap {
                 learners: Vec::new(),
                 split_from: 0,
                 moving_from: 0,
+                standbys: Vec::new(),
             }
         })
         .collect();

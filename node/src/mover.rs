@@ -68,6 +68,12 @@ pub(crate) fn begin_move(
             format!("node {to} is not up; replicas go only to nodes that are"),
         ));
     }
+    if node.standby {
+        return Err(ApiError::invalid(
+            "to_node",
+            format!("node {to} is a standby node: it holds only non-voting standby replicas"),
+        ));
+    }
     if d.learners.contains(&to) && d.moving_from == from {
         return Ok(MapChange::Unchanged);
     }
@@ -172,6 +178,7 @@ impl Node {
             add_address: address.to_owned(),
             remove_node: remove,
             catch_up_timeout_ms: CATCH_UP_TIMEOUT.as_millis() as u64,
+            standby: false,
         };
         self.on_shard_leader(
             d,
@@ -211,7 +218,12 @@ impl Node {
                 "shard {shard} is splitting; its replicas change after the split"
             )));
         }
-        let voters: BTreeSet<u64> = metrics.membership_config.membership().voter_ids().collect();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        if r.standby {
+            let member = membership.get_node(&r.remove_node).is_some();
+            return self.change_standby_here(&raft, r, &voters, member).await;
+        }
         let mut wanted = voters.clone();
         wanted.remove(&r.remove_node);
         wanted.insert(r.add_node);
@@ -256,6 +268,44 @@ impl Node {
             .await
             .map_err(|e| raft_error(self, shard, &e))?;
         Ok(wanted.into_iter().collect())
+    }
+}
+
+impl Node {
+    /// On the shard's leader: `add_node` (if set) becomes a non-voting learner, without waiting
+    /// for it to catch up; `remove_node` (if set) leaves the members. Idempotent; refuses to
+    /// touch a voter.
+    async fn change_standby_here(
+        &self,
+        raft: &dossier_raft::Raft,
+        r: &ChangeReplicasRequest,
+        voters: &BTreeSet<u64>,
+        remove_is_member: bool,
+    ) -> Result<Vec<u64>, ApiError> {
+        let shard = r.shard_id;
+        for (field, node) in [("add_node", r.add_node), ("remove_node", r.remove_node)] {
+            if voters.contains(&node) {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("node {node} is a voter of shard {shard}, not a standby"),
+                ));
+            }
+        }
+        if r.add_node != 0 {
+            // Already a learner: AddNodes leaves it as it is.
+            raft.add_learner(r.add_node, BasicNode::new(&r.add_address), false)
+                .await
+                .map_err(|e| raft_error(self, shard, &e))?;
+        }
+        if r.remove_node != 0 && remove_is_member {
+            raft.change_membership(
+                ChangeMembers::RemoveNodes(BTreeSet::from([r.remove_node])),
+                false,
+            )
+            .await
+            .map_err(|e| raft_error(self, shard, &e))?;
+        }
+        Ok(voters.iter().copied().collect())
     }
 }
 

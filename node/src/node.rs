@@ -226,7 +226,7 @@ impl Node {
         }
     }
 
-    /// Starts the replicas the map assigns to this node (voters and learners); the first replica
+    /// Starts the replicas the map assigns to this node (voters, learners and standbys); the first replica
     /// of a shard initialises its group. Drops the replicas of shards whose descriptor no longer
     /// lists this node (a move took them away: the map changes only after the voters did).
     /// Called periodically; cheap when nothing changed.
@@ -236,9 +236,10 @@ impl Node {
         };
         let me = self.node_id();
         for (shard, _) in self.groups() {
-            let placed_elsewhere = map.shards.iter().any(|d| {
-                d.shard_id == shard && !d.replicas.contains(&me) && !d.learners.contains(&me)
-            });
+            let placed_elsewhere = map
+                .shards
+                .iter()
+                .any(|d| d.shard_id == shard && !d.places(me));
             if shard != META_SHARD && placed_elsewhere {
                 self.drop_replica(shard).await?;
             }
@@ -255,7 +256,7 @@ impl Node {
                 None => {
                     self.ensure_group(shard).await?;
                 }
-                Some(d) if !d.replicas.contains(&me) && !d.learners.contains(&me) => {
+                Some(d) if !d.places(me) => {
                     self.drop_replica(shard).await?;
                 }
                 Some(_) => {}
@@ -267,13 +268,18 @@ impl Node {
                 self.ensure_group(d.shard_id).await?;
                 continue;
             }
-            if !d.replicas.contains(&me) {
+            let standby = d.standbys.contains(&me);
+            if !d.replicas.contains(&me) && !standby {
                 continue;
             }
             if d.split_from != 0 && !self.split_child_ready(d) {
                 continue;
             }
             let raft = self.ensure_group(d.shard_id).await?;
+            if standby {
+                // A learner the shard's leader fills; it never initialises the group.
+                continue;
+            }
             // Only shards made by `cluster init` start from nothing; a split's shard starts from
             // the state its split built, and a moved replica from its leader's.
             if d.epoch <= 1

@@ -21,6 +21,7 @@ use crate::membership::MapChange;
 use crate::meta::{self, META_SHARD};
 use crate::node::Node;
 use crate::placement_log::Decision;
+use crate::standby;
 
 /// How long the meta group's new voter may take to catch up.
 const META_CATCH_UP: Duration = Duration::from_secs(60);
@@ -46,7 +47,7 @@ pub(crate) fn begin_removal(map: &ClusterMap, node: u64) -> Result<MapChange, Ap
     let remaining = map
         .nodes
         .iter()
-        .filter(|n| n.node_id != node && n.state == NodeState::Up as i32)
+        .filter(|n| n.node_id != node && n.state == NodeState::Up as i32 && !n.standby)
         .count();
     let needed = map
         .shards
@@ -54,7 +55,8 @@ pub(crate) fn begin_removal(map: &ClusterMap, node: u64) -> Result<MapChange, Ap
         .map(|d| d.replicas.len())
         .max()
         .unwrap_or(0);
-    if remaining < needed {
+    // A standby node holds no voter: its standbys are only taken away.
+    if remaining < needed && !entry.standby {
         return Err(ApiError::invalid(
             "node_id",
             format!(
@@ -101,11 +103,7 @@ fn mark_removed(map: &ClusterMap, node: u64) -> Result<MapChange, ApiError> {
     if !changed {
         return Ok(MapChange::Unchanged);
     }
-    if next
-        .shards
-        .iter()
-        .any(|d| d.replicas.contains(&node) || d.learners.contains(&node))
-    {
+    if next.shards.iter().any(|d| d.places(node)) {
         return Err(ApiError::Unavailable(format!(
             "node {node} still holds replicas; the drain goes on"
         )));
@@ -163,6 +161,32 @@ impl Node {
                 }
             };
         }
+        // Standbys: added on standby nodes, taken off nodes that are no longer up standbys
+        // (a draining standby node loses them here, before its drain below ends).
+        if let Some(change) = standby::next_change(&map) {
+            let (kind, shard, from, to) = match change {
+                standby::Change::Add { shard, node } => ("standby add", shard, 0, node),
+                standby::Change::Remove { shard, node } => ("standby remove", shard, node, 0),
+            };
+            let decision = Decision {
+                kind,
+                shard,
+                from,
+                to,
+                reason: "one standby per shard in each standby zone",
+            };
+            return match self.change_standby(change).await {
+                Ok(()) => {
+                    self.placement_log.record(decision, "done");
+                    true
+                }
+                Err(e) => {
+                    warn!(shard, from, to, error = %e, "placement: the standby change failed; it is decided again");
+                    self.placement_log.record(decision, format!("failed: {e}"));
+                    false
+                }
+            };
+        }
         // One draining node at a time, the first in the map.
         let draining = map
             .nodes
@@ -206,12 +230,9 @@ impl Node {
                 }
                 return true;
             }
-            if map
-                .shards
-                .iter()
-                .any(|d| d.replicas.contains(&node) || d.learners.contains(&node))
-            {
-                // A move in progress (a learner listed): its next round finishes it.
+            if map.shards.iter().any(|d| d.places(node)) {
+                // A move in progress (a learner listed): its next round finishes it; standbys
+                // are taken away before (above).
                 return false;
             }
             // Marked removed while still in the meta group, so that the node itself learns it
@@ -334,7 +355,9 @@ impl Node {
             let replacement = map
                 .nodes
                 .iter()
-                .filter(|n| n.state == NodeState::Up as i32 && !voters.contains(&n.node_id))
+                .filter(|n| {
+                    n.state == NodeState::Up as i32 && !n.standby && !voters.contains(&n.node_id)
+                })
                 .map(|n| n.node_id)
                 .min();
             let mut wanted = voters.clone();

@@ -107,6 +107,8 @@ fn publish(
         learners: Vec::new(),
         split_from: shard,
         moving_from: 0,
+        // Each standby applied the split too and built its copy of the new shard.
+        standbys: d.standbys.clone(),
     });
     next.shards.sort_by_key(|s| s.hash_lo);
     next.next_shard_id = next.next_shard_id.max(child + 1);
@@ -190,7 +192,15 @@ impl Node {
             return Err(self.not_leader(shard, metrics.current_leader, None));
         }
         let membership = metrics.membership_config.membership().clone();
-        if membership.get_joint_config().len() > 1 || membership.learner_ids().next().is_some() {
+        // Standbys are learners that stay: they apply the split like the voters. Any other
+        // learner is a move's target.
+        let standbys = self
+            .map()
+            .and_then(|m| m.shards.into_iter().find(|d| d.shard_id == shard))
+            .map(|d| d.standbys)
+            .unwrap_or_default();
+        let moving = membership.learner_ids().any(|l| !standbys.contains(&l));
+        if membership.get_joint_config().len() > 1 || moving {
             return Err(ApiError::Unavailable(format!(
                 "shard {shard} is changing its replicas; split it afterwards"
             )));

@@ -298,12 +298,7 @@ async fn remove(stage: &Stage, members: &[u64], rng: &mut Rng) -> Result<Done> {
             break;
         }
         if started.elapsed() > REMOVE_LIMIT || stage.stopped() {
-            let held = map.map_or(0, |m| {
-                m.shards
-                    .iter()
-                    .filter(|d| d.replicas.contains(&id) || d.learners.contains(&id))
-                    .count()
-            });
+            let held = map.map_or(0, |m| m.shards.iter().filter(|d| d.places(id)).count());
             return Ok(Done::Unfinished(format!(
                 "removal: node {id} still draining ({held} replicas) after {:.1} s; left to the cluster",
                 started.elapsed().as_secs_f64()
@@ -430,7 +425,7 @@ async fn misplaced(stage: &Stage, map: &ClusterMap) -> Vec<String> {
         let placed: BTreeSet<u64> = map
             .shards
             .iter()
-            .filter(|d| d.replicas.contains(&id) || d.learners.contains(&id))
+            .filter(|d| d.places(id))
             .map(|d| d.shard_id)
             .collect();
         let running = match hosted(&address).await {

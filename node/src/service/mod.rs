@@ -75,21 +75,23 @@ pub(crate) fn hosted_shard(node: &Node, route: &RouteHeader) -> Result<ShardDesc
         if !map.shards.iter().any(|d| d.shard_id == route.shard_id) {
             return Err(ApiError::ShardNotFound {
                 shard: route.shard_id,
-                descriptor: Some(descriptor),
+                descriptor: Some(Box::new(descriptor)),
             });
         }
         if route.shard_id != descriptor.shard_id || route.epoch != descriptor.epoch {
             return Err(ApiError::StaleEpoch {
                 routed_shard: route.shard_id,
                 routed_epoch: route.epoch,
-                descriptor,
+                descriptor: Box::new(descriptor),
             });
         }
     }
-    if !descriptor.replicas.contains(&node.node_id()) {
+    // A standby serves stale reads; for the rest it names the leader (NOT_LEADER).
+    let me = node.node_id();
+    if !descriptor.replicas.contains(&me) && !descriptor.standbys.contains(&me) {
         return Err(ApiError::ShardNotFound {
             shard: descriptor.shard_id,
-            descriptor: Some(descriptor),
+            descriptor: Some(Box::new(descriptor)),
         });
     }
     Ok(descriptor)
