@@ -235,8 +235,9 @@ enum Command {
         base_port: u16,
     },
     /// The cluster changes shape under load: a fourth node joins and takes its share, a replica
-    /// moves, a shard splits, the fourth node is removed; throughput, p99 and failed requests in
-    /// a window from each change, against baseline windows of the same load.
+    /// moves, a shard splits, the fourth node is removed, a standby node joins; throughput, p99
+    /// and failed requests in a window from each change, against the baseline window of the same
+    /// load just before it.
     Reshape {
         /// Concurrent closed-loop clients.
         #[arg(long, default_value_t = 32)]
@@ -604,7 +605,7 @@ fn main() -> Result<()> {
                 window: Duration::from_secs(window_seconds),
             };
             eprintln!(
-                "reshape: 3 nodes (+1 joining), {shards} shards, {clients} clients ({read_percent}% gets)"
+                "reshape: 3 nodes (+1 joining and leaving, +1 standby), {shards} shards, {clients} clients ({read_percent}% gets)"
             );
             let measured = runtime.block_on(reshape::reshape(
                 &dir.path().join("cluster"),

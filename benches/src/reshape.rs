@@ -1,9 +1,11 @@
 //! The cluster changes shape under load: a fourth node joins and takes its share (the placement
-//! driver moves replicas onto it), a replica is moved by hand, a shard splits, and the fourth
-//! node is removed again (its replicas move back), while closed-loop clients read and write. Each
-//! change is measured against baseline windows of the same load: throughput and p99 in a window
-//! starting at the change (at least `window` long, longer if the change takes longer), failed
-//! requests, and how long the change took.
+//! driver moves replicas onto it), a replica is moved by hand, a shard splits, the fourth node is
+//! removed again (its replicas move back), and a standby node joins (a non-voting copy of every
+//! shard), while closed-loop clients read and write. Each change is measured against the baseline
+//! window just before it (the same load on the shape the change starts from): throughput and p99
+//! in a window starting at the change (at least `window` long, longer if the change takes
+//! longer), failed requests, and how long the change took. Each baseline is also compared with
+//! the first, which shows the drift of the whole run.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,17 +99,9 @@ pub async fn reshape(
         })
         .collect();
     let mut phases = Vec::new();
-    let baseline = |name: &str, from: Instant| Phase {
-        name: name.to_owned(),
-        from,
-        to: from + spec.window,
-        change: None,
-    };
-    // Warm up, then the first baseline.
+    // Warm up.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let from = Instant::now();
-    tokio::time::sleep(spec.window).await;
-    phases.push(baseline("baseline", from));
+    phases.push(baseline("baseline", spec.window).await);
 
     // A fourth node joins and takes its share.
     let bin = dossier_cli::procs::node_binary(None)?;
@@ -124,6 +118,8 @@ pub async fn reshape(
     joiner.spawn()?;
     wait_share_taken(&cluster.seeds, id, Duration::from_secs(300)).await?;
     phases.push(timed("join: node 4 takes its share", from, spec.window).await);
+
+    phases.push(baseline("baseline", spec.window).await);
 
     // One replica moved by hand (from node 4 to the node holding the fewest replicas that has
     // none of that shard); the placement driver may move one back afterwards, inside the window.
@@ -150,6 +146,8 @@ pub async fn reshape(
     );
     settle(&cluster.seeds).await?;
 
+    phases.push(baseline("baseline", spec.window).await);
+
     // A shard splits at its middle patient.
     let from = Instant::now();
     let (left, right) = elastic::split_shard(&cluster.seeds, 1, 0).await?;
@@ -166,15 +164,45 @@ pub async fn reshape(
     );
     settle(&cluster.seeds).await?;
 
+    phases.push(baseline("baseline", spec.window).await);
+
     // Node 4 is removed: its replicas move to the other nodes.
     let from = Instant::now();
     elastic::remove_node(&cluster.seeds, id).await?;
     elastic::wait_removed(&cluster.seeds, id, Duration::from_secs(300)).await?;
     phases.push(timed("remove: node 4 drained and removed", from, spec.window).await);
 
+    // A standby node joins (zone "dr"): the placement driver gives it a non-voting copy of every
+    // shard.
+    phases.push(baseline("baseline", spec.window).await);
+    let standby_id = 5u64;
+    let mut standby = NodeProc::new(
+        standby_id,
+        base_port + standby_id as u16,
+        base_port + 80 + standby_id as u16,
+        dir.join(format!("node-{standby_id}")),
+        dossier_cli::procs::node_binary(None)?,
+    );
+    standby.extra_args = vec![
+        "--join".into(),
+        cluster.seeds.join(","),
+        "--standby".into(),
+        "--zone".into(),
+        "dr".into(),
+    ];
     let from = Instant::now();
-    tokio::time::sleep(spec.window).await;
-    phases.push(baseline("baseline again", from));
+    standby.spawn()?;
+    wait_standbys(&cluster.seeds, standby_id, Duration::from_secs(300)).await?;
+    phases.push(
+        timed(
+            "standby: node 5 holds every shard's standby",
+            from,
+            spec.window,
+        )
+        .await,
+    );
+
+    phases.push(baseline("baseline again", spec.window).await);
 
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -182,6 +210,7 @@ pub async fn reshape(
     }
     tokio::task::block_in_place(|| {
         joiner.terminate(Duration::from_secs(30));
+        standby.terminate(Duration::from_secs(30));
         for p in &mut cluster.local.procs {
             p.terminate(Duration::from_secs(30));
         }
@@ -191,6 +220,34 @@ pub async fn reshape(
         .into_inner()
         .unwrap_or_else(|e| e.into_inner());
     Ok(report(&phases, &samples, shards, spec))
+}
+
+/// A baseline window of `window` from now.
+async fn baseline(name: &str, window: Duration) -> Phase {
+    let from = Instant::now();
+    tokio::time::sleep(window).await;
+    Phase {
+        name: name.to_owned(),
+        from,
+        to: Instant::now(),
+        change: None,
+    }
+}
+
+/// Waits until every shard lists node `id` among its standbys.
+async fn wait_standbys(seeds: &[String], id: u64, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let map = ops::fresh_map(seeds).await?;
+        if map.shards.iter().all(|d| d.standbys.contains(&id)) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "node {id} is not every shard's standby within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A phase from `from` to now, at least `window` long (it waits out the rest).
@@ -242,10 +299,17 @@ async fn wait_share_taken(seeds: &[String], id: u64, limit: Duration) -> Result<
 }
 
 fn report(phases: &[Phase], samples: &[Sample], shards: u32, spec: &ReshapeSpec) -> Vec<String> {
-    let base = phases.first().map(|p| rate(p, samples)).unwrap_or(0.0);
+    let first = phases.first().map(|p| rate(p, samples)).unwrap_or(0.0);
+    let mut base = first;
     let mut out = Vec::new();
     let mut rows = Vec::new();
     for p in phases {
+        // A baseline against the first (the drift), a change against the baseline before it.
+        let r = rate(p, samples);
+        let against = if p.change.is_none() { first } else { base };
+        if p.change.is_none() {
+            base = r;
+        }
         let mut nanos: Vec<u64> = samples
             .iter()
             .filter(|s| s.started >= p.from && s.started < p.to)
@@ -256,7 +320,6 @@ fn report(phases: &[Phase], samples: &[Sample], shards: u32, spec: &ReshapeSpec)
             .filter(|s| !s.ok && s.started >= p.from && s.started < p.to)
             .count();
         let latency = Latency::of(&mut nanos);
-        let r = rate(p, samples);
         let mut j = Json::new("reshape");
         j.str("phase", &p.name)
             .num("clients", spec.clients as f64)
@@ -265,7 +328,7 @@ fn report(phases: &[Phase], samples: &[Sample], shards: u32, spec: &ReshapeSpec)
             .num("window_s", (p.to - p.from).as_secs_f64())
             .num("change_ms", p.change.map_or(0.0, |c| c.as_millis() as f64))
             .num("ops_per_s", r.round())
-            .num("of_baseline", if base > 0.0 { r / base } else { 0.0 })
+            .num("of_baseline", if against > 0.0 { r / against } else { 0.0 })
             .num("failed", failed as f64)
             .latency("latency_us", latency);
         out.push(j.finish());
@@ -275,12 +338,12 @@ fn report(phases: &[Phase], samples: &[Sample], shards: u32, spec: &ReshapeSpec)
             p.change
                 .map_or("-".to_owned(), |c| format!("{:.2}", c.as_secs_f64())),
             r,
-            if base > 0.0 { r / base } else { 0.0 },
+            if against > 0.0 { r / against } else { 0.0 },
             latency.map_or(0.0, |l| l.p99 / 1000.0),
             failed
         ));
     }
-    out.push("| phase | change took s | ops/s | of baseline | p99 ms | failed |".into());
+    out.push("| phase | change took s | ops/s | of the baseline before (a baseline: of the first) | p99 ms | failed |".into());
     out.push("|---|---|---|---|---|---|".into());
     out.extend(rows);
     out
