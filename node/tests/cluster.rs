@@ -157,6 +157,27 @@ async fn node_behind_the_purge_point_catches_up_by_snapshot() {
             .await
             .unwrap();
     }
+    // The leader compacts in the background: the node returns once the leader's log is purged
+    // past what it missed, so that only a snapshot can bring it back (on a loaded machine the
+    // compaction may lag the writes).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let purged = cluster
+            .replicas()
+            .await
+            .iter()
+            .filter(|r| r.shard_id == 1 && r.role == "leader")
+            .map(|r| r.purged_index)
+            .max();
+        if purged.is_some_and(|p| p >= 250) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader did not purge its log: {purged:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     cluster.nodes[index].start();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
