@@ -7,6 +7,7 @@
 mod clinical;
 mod closed_loop;
 mod cluster;
+mod idle;
 mod records_scale;
 mod reshape;
 mod rolling;
@@ -254,6 +255,24 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         window_seconds: u64,
         #[arg(long, default_value_t = 7400)]
+        base_port: u16,
+    },
+    /// What an idle cluster costs: 3 nodes with SHARDS shards, one write to each, a quiet
+    /// settling time, then the nodes' CPU (cores) and resident memory over the measured seconds;
+    /// then the first write to idle shards against writes to a busy one.
+    Idle {
+        #[arg(long, default_value_t = 64)]
+        shards: u32,
+        /// Seconds of quiet before measuring.
+        #[arg(long, default_value_t = 10)]
+        settle_seconds: u64,
+        /// Seconds measured.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Extra dossier-node flag (repeat it), e.g. --node-arg=--raft-quiesce-after-ms=2000.
+        #[arg(long = "node-arg", allow_hyphen_values = true)]
+        node_args: Vec<String>,
+        #[arg(long, default_value_t = 7600)]
         base_port: u16,
     },
     Failover {
@@ -579,6 +598,36 @@ fn main() -> Result<()> {
                 let kept = dir.keep();
                 eprintln!(
                     "rolling-restart: kept the cluster's logs and data in {}",
+                    kept.display()
+                );
+            }
+            measured?
+        }
+        Command::Idle {
+            shards,
+            settle_seconds,
+            seconds,
+            node_args,
+            base_port,
+        } => {
+            anyhow::ensure!(shards > 0, "--shards must be at least 1");
+            anyhow::ensure!(seconds > 0, "--seconds must be at least 1");
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let spec = idle::IdleSpec {
+                shards,
+                settle: Duration::from_secs(settle_seconds),
+                measure: Duration::from_secs(seconds),
+                node_args,
+            };
+            eprintln!("idle: 3 nodes, {shards} shards");
+            let measured =
+                runtime.block_on(idle::idle(&dir.path().join("cluster"), base_port, &spec));
+            if measured.is_err() {
+                let kept = dir.keep();
+                eprintln!(
+                    "idle: kept the cluster's logs and data in {}",
                     kept.display()
                 );
             }

@@ -271,6 +271,12 @@ impl NodeConfig {
             r.election_timeout_min_ms
         );
         ensure!(
+            r.quiesce_after_ms == 0 || r.quiesce_after_ms >= 2 * r.election_timeout_max_ms,
+            "raft.quiesce-after-ms ({}) must be 0 (off) or at least twice raft.election-timeout-max-ms ({})",
+            r.quiesce_after_ms,
+            r.election_timeout_max_ms
+        );
+        ensure!(
             r.read_lease_margin_ms < r.election_timeout_max_ms,
             "raft.read-lease-margin-ms ({}) must be below raft.election-timeout-max-ms ({}), the \
              leader lease it shortens",
@@ -463,6 +469,10 @@ pub struct Flags {
     /// Maximum election timeout in milliseconds.
     #[arg(long, env = "DOSSIER_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
+    /// Idle groups go quiescent after this many milliseconds without a new entry (no Raft timers
+    /// until they are used again; followers watch the leader's node by ping instead); 0: never.
+    #[arg(long, env = "DOSSIER_QUIESCE_AFTER_MS")]
+    pub quiesce_after_ms: Option<u64>,
     /// Threads of the async runtime (0: one per CPU core).
     #[arg(long, env = "DOSSIER_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
@@ -536,6 +546,9 @@ impl Flags {
         }
         if let Some(v) = self.election_timeout_max_ms {
             config.raft.election_timeout_max_ms = v;
+        }
+        if let Some(v) = self.quiesce_after_ms {
+            config.raft.quiesce_after_ms = v;
         }
         Ok(config)
     }

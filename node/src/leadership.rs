@@ -110,6 +110,7 @@ impl Node {
                 }
                 attempts.insert(shard, now);
             }
+            self.wake_if_leader(shard).await;
             match raft.trigger().transfer_leader(preferred).await {
                 Ok(()) => {
                     info!(

@@ -15,6 +15,7 @@ mod deadline;
 mod errors;
 mod http;
 mod leadership;
+mod liveness;
 mod membership;
 mod meta;
 mod metrics;
@@ -23,6 +24,7 @@ mod node;
 mod placement;
 mod placement_log;
 mod propose;
+mod quiesce;
 mod record_store;
 mod service;
 mod shard_leader;
@@ -164,6 +166,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
     };
 
     let compactor = tokio::spawn(compactor::run(Arc::clone(&node), serving_rx.clone()));
+    let quiescence = tokio::spawn(quiesce::run(Arc::clone(&node), serving_rx.clone()));
     let split_check = tokio::spawn(split_check::run(Arc::clone(&node), serving_rx.clone()));
     // The placement driver acts only while this node leads the meta group; a move may take
     // minutes, so it runs beside reconcile, never inside it.
@@ -198,6 +201,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
     reconcile.abort();
     placement.abort();
     compactor.abort();
+    quiescence.abort();
     split_check.abort();
     match grpc.await {
         Ok(Err(e)) => error!(error = %e, "gRPC server failed"),

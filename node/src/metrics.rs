@@ -5,7 +5,9 @@ use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
 use dossier_raft::openraft::async_runtime::WatchReceiver;
-use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, Registry, TextEncoder,
+};
 
 use crate::node::Node;
 
@@ -18,6 +20,10 @@ pub struct Metrics {
     pub proposals_per_batch: Histogram,
     /// Items of one `Kv.Bundle` (the requests a client coalesced).
     pub bundle_items: Histogram,
+    /// Groups led here that went quiescent (`quiesce.rs`).
+    pub quiescence_sleeps: IntCounter,
+    /// Quiescent groups woken up here.
+    pub quiescence_wakes: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -59,6 +65,22 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
+        let quiescence_sleeps = IntCounter::new(
+            "dossier_quiescence_sleeps_total",
+            "Groups led here that went quiescent",
+        )
+        .expect("valid metric");
+        let quiescence_wakes = IntCounter::new(
+            "dossier_quiescence_wakes_total",
+            "Quiescent groups woken up here",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(quiescence_sleeps.clone()))
+            .expect("registered once");
+        registry
+            .register(Box::new(quiescence_wakes.clone()))
+            .expect("registered once");
         registry
             .register(Box::new(proposals_per_batch.clone()))
             .expect("registered once");
@@ -77,6 +99,8 @@ impl Metrics {
             commit_seconds,
             proposals_per_batch,
             bundle_items,
+            quiescence_sleeps,
+            quiescence_wakes,
         }
     }
 }

@@ -202,6 +202,7 @@ impl Node {
     ) -> Result<Vec<u64>, ApiError> {
         let shard = r.shard_id;
         let raft = self.group(shard).ok_or(ApiError::shard_not_found(shard))?;
+        self.wake_if_leader(shard).await;
         let metrics = raft.metrics().borrow_watched().clone();
         if metrics.state != ServerState::Leader {
             return Err(self.not_leader(shard, metrics.current_leader, None));

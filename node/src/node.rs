@@ -22,6 +22,7 @@ use crate::errors::ApiError;
 use crate::meta::{self, META_SHARD};
 use crate::metrics::Metrics;
 use crate::propose::Proposer;
+use crate::quiesce::Quiet;
 
 /// Writes waiting for one group's proposal task; a writer beyond it waits, within its deadline.
 const PROPOSALS_QUEUED_MAX: usize = 1024;
@@ -38,9 +39,9 @@ const PROPOSAL_BATCH_BYTES_MAX: usize = 8 << 20;
 #[derive(Debug)]
 pub struct Node {
     pub config: Arc<Config>,
-    ctx: GroupContext,
-    /// Every group started here, with its proposal queue (groups are never removed).
-    groups: RwLock<HashMap<ShardId, (Raft, Proposer)>>,
+    pub(crate) ctx: GroupContext,
+    /// Every group started here, with its proposal queue and its quiescence.
+    groups: RwLock<HashMap<ShardId, Hosted>>,
     map: RwLock<Option<ClusterMap>>,
     pub in_flight: Arc<Semaphore>,
     pub metrics: Metrics,
@@ -54,6 +55,16 @@ pub struct Node {
     split_waits: Mutex<HashMap<ShardId, Instant>>,
     /// Placement decisions made or asked for here (`placement_log.rs`).
     pub(crate) placement_log: crate::placement_log::PlacementLog,
+    /// Which peer nodes answer pings (`liveness.rs`), for quiescent groups.
+    pub(crate) liveness: crate::liveness::Liveness,
+}
+
+/// A group started here.
+#[derive(Debug, Clone)]
+struct Hosted {
+    raft: Raft,
+    proposer: Proposer,
+    quiet: Arc<Quiet>,
 }
 
 fn leader_of(raft: &Raft) -> Option<u64> {
@@ -105,6 +116,7 @@ impl Node {
             leader_balance: crate::leadership::LeaderBalance::default(),
             split_waits: Mutex::new(HashMap::new()),
             placement_log: crate::placement_log::PlacementLog::default(),
+            liveness: crate::liveness::Liveness::new(),
         });
         // The meta group first, then every replica this node held before a restart: they resume
         // at once, before the map is read.
@@ -156,7 +168,29 @@ impl Node {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&shard)
-            .map(|(raft, _)| raft.clone())
+            .map(|h| h.raft.clone())
+    }
+
+    /// A group started here, with its quiescence.
+    pub(crate) fn quiet_group(&self, shard: ShardId) -> Option<(Raft, Arc<Quiet>)> {
+        self.groups
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&shard)
+            .map(|h| (h.raft.clone(), Arc::clone(&h.quiet)))
+    }
+
+    /// Every group started here with its quiescence, by shard.
+    pub(crate) fn quiet_groups(&self) -> Vec<(ShardId, Raft, Arc<Quiet>)> {
+        let mut all: Vec<_> = self
+            .groups
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(s, h)| (*s, h.raft.clone(), Arc::clone(&h.quiet)))
+            .collect();
+        all.sort_unstable_by_key(|(s, _, _)| *s);
+        all
     }
 
     fn proposer(&self, shard: ShardId) -> Option<Proposer> {
@@ -164,7 +198,7 @@ impl Node {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&shard)
-            .map(|(_, proposer)| proposer.clone())
+            .map(|h| h.proposer.clone())
     }
 
     pub fn groups(&self) -> Vec<(ShardId, Raft)> {
@@ -173,7 +207,7 @@ impl Node {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(s, (r, _))| (*s, r.clone()))
+            .map(|(s, h)| (*s, h.raft.clone()))
             .collect();
         all.sort_unstable_by_key(|(s, _)| *s);
         all
@@ -194,7 +228,7 @@ impl Node {
             .with_context(|| format!("start group {shard}"))?;
         let mut groups = self.groups.write().unwrap_or_else(|e| e.into_inner());
         // Another task may have started it meanwhile; keep the first.
-        let (raft, _) = groups.entry(shard).or_insert_with(|| {
+        let hosted = groups.entry(shard).or_insert_with(|| {
             let proposer = Proposer::start(
                 raft.clone(),
                 PROPOSALS_QUEUED_MAX,
@@ -202,9 +236,13 @@ impl Node {
                 PROPOSAL_BATCH_BYTES_MAX,
                 self.metrics.proposals_per_batch.clone(),
             );
-            (raft, proposer)
+            Hosted {
+                raft,
+                proposer,
+                quiet: Arc::default(),
+            }
         });
-        Ok(raft.clone())
+        Ok(hosted.raft.clone())
     }
 
     /// The cluster map as this node last read it from its meta replica.
@@ -344,7 +382,7 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&shard);
         match removed {
-            Some((raft, _proposer)) => {
+            Some(Hosted { raft, .. }) => {
                 if let Err(e) = raft.shutdown().await {
                     warn!(shard, error = %e, "the dropped replica's group did not stop cleanly");
                 }
@@ -522,6 +560,7 @@ impl Node {
         let proposer = self
             .proposer(shard)
             .ok_or(ApiError::shard_not_found(shard))?;
+        self.wake_if_leader(shard).await;
         // Admission by bytes: a command the log would refuse as one entry is the client's error,
         // found here, before Raft sees it.
         let bytes = command.encoded_bytes_bound();
@@ -584,6 +623,7 @@ impl Node {
     /// `raft.read-lease`).
     pub async fn read_barrier(&self, shard: ShardId, deadline: Duration) -> Result<(), ApiError> {
         let raft = self.group(shard).ok_or(ApiError::shard_not_found(shard))?;
+        self.wake_if_leader(shard).await;
         let option = self.config.node.raft.read_option();
         match tokio::time::timeout(deadline, raft.ensure_linearizable(option)).await {
             Err(_) => Err(ApiError::Deadline),
@@ -624,6 +664,7 @@ impl Node {
                 kept.push(shard);
                 continue;
             };
+            self.wake_if_leader(shard).await;
             if let Err(e) = raft.trigger().transfer_leader(target).await {
                 warn!(shard, error = %e, "leader transfer failed");
             }
@@ -658,6 +699,13 @@ impl Node {
             let metrics = raft.metrics().borrow_watched().clone();
             let applied = metrics.last_applied.map_or(0, |l| l.index);
             if shard == META_SHARD || metrics.state != ServerState::Leader || applied <= window {
+                continue;
+            }
+            // A quiescent group had no write since it expired sessions last.
+            if self
+                .quiet_group(shard)
+                .is_some_and(|(_, q)| q.leader().is_some())
+            {
                 continue;
             }
             let command = Command::ExpireSessions {
@@ -732,5 +780,24 @@ impl GroupRegistry for Node {
 
     fn snapshot_counts(&self) -> Option<&dossier_raft::SnapshotCounts> {
         Some(self.ctx.pool.snapshot_counts())
+    }
+
+    fn active(&self, shard: ShardId) {
+        self.wake_on_message(shard);
+    }
+
+    fn pre_vote_refusal(&self, shard: ShardId, candidate: u64) -> Option<String> {
+        self.quiet_pre_vote_refusal(shard, candidate)
+    }
+
+    fn ping(&self, from: u64, incarnation: u64) -> u64 {
+        if self.liveness.heard(from, incarnation) {
+            self.wake_groups_with(from);
+        }
+        self.liveness.incarnation()
+    }
+
+    fn quiesce(&self, request: &dossier_api::raft::v1::QuiesceRequest) -> Result<(), String> {
+        self.quiesce_here(request)
     }
 }

@@ -621,7 +621,7 @@ async fn dispatch<R: GroupRegistry>(
         } else {
             match decode::<AppendEntriesRequest<TypeConfig>>(&frame.payload) {
                 Err(e) => Some(format!("undecodable append request: {e}")),
-                Ok(request) => match requests.try_send(request) {
+                Ok(request) => match requests.try_send(woken(&*registry, frame.shard_id, request)) {
                     Ok(()) => None,
                     Err(mpsc::error::TrySendError::Full(_)) => Some(format!(
                         "more than {SESSION_REQUESTS_QUEUED} append requests unanswered"
@@ -639,6 +639,18 @@ async fn dispatch<R: GroupRegistry>(
             refuse(id, refusal);
         }
     }
+}
+
+/// Entries to append need the replica's timers: a quiescent replica wakes up first.
+fn woken<R: GroupRegistry>(
+    registry: &R,
+    shard: u64,
+    request: AppendEntriesRequest<TypeConfig>,
+) -> AppendEntriesRequest<TypeConfig> {
+    if !request.entries.is_empty() {
+        registry.active(shard);
+    }
+    request
 }
 
 /// The receiver's answer that ends a session it cannot serve.

@@ -49,6 +49,11 @@ pub struct RaftConfig {
     /// Lease reads accept a quorum acknowledgement younger than `election-timeout-max-ms` minus
     /// this margin: room for a leader's clock that runs slower than its followers'.
     pub read_lease_margin_ms: u64,
+    /// A group whose leader saw no new entry for this long, every replica holding all of it,
+    /// goes quiescent: its replicas stop their Raft timers (no heartbeats, no election timeouts)
+    /// until it is written, read linearizably or changed again; followers watch the leader's
+    /// node instead through one node-level ping per peer (0: never; `node/src/quiesce.rs`).
+    pub quiesce_after_ms: u64,
 }
 
 impl Default for RaftConfig {
@@ -69,6 +74,7 @@ impl Default for RaftConfig {
             replicate_before_local_flush: true,
             read_lease: true,
             read_lease_margin_ms: 60,
+            quiesce_after_ms: 0,
         }
     }
 }

@@ -187,6 +187,14 @@ impl PeerPool {
         &self.config
     }
 
+    /// `message` as a request addressed to node `to` of this cluster (`address`), for the
+    /// node-level calls of the Raft service (liveness pings, quiescence).
+    pub fn addressed<T>(&self, message: T, to: NodeId) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        address(&mut request, &self.cluster, to);
+        request
+    }
+
     /// The channel to `addr` (host:port), created lazily on first use.
     pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());

@@ -4,7 +4,10 @@
 use std::sync::Arc;
 
 use dossier_api::raft::v1::raft_server::Raft as RaftService;
-use dossier_api::raft::v1::{AppendAnswer, AppendFrame, RaftMessage, RaftReply, SnapshotChunk};
+use dossier_api::raft::v1::{
+    AppendAnswer, AppendFrame, PingReply, PingRequest, QuiesceReply, QuiesceRequest, RaftMessage,
+    RaftReply, SnapshotChunk,
+};
 use dossier_storage::{ShardId, SnapshotReceiver};
 use openraft::Snapshot;
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
@@ -35,6 +38,23 @@ pub trait GroupRegistry: Send + Sync + 'static {
     /// Where received snapshots are counted, if anywhere.
     fn snapshot_counts(&self) -> Option<&crate::SnapshotCounts> {
         None
+    }
+    /// A message that needs the replica's timers arrived for `shard`: entries to append, a vote
+    /// or pre-vote, a snapshot, a leadership transfer (heartbeats do not count). A quiescent
+    /// replica wakes up.
+    fn active(&self, _shard: ShardId) {}
+    /// Why a pre-vote for `shard` is refused beyond what Raft decides, if it is: a quiescent
+    /// follower keeps its lease on a leader whose node still answers pings.
+    fn pre_vote_refusal(&self, _shard: ShardId, _candidate: NodeId) -> Option<String> {
+        None
+    }
+    /// A liveness ping from `from` (process `incarnation`); answers this process's incarnation.
+    fn ping(&self, _from: NodeId, _incarnation: u64) -> u64 {
+        0
+    }
+    /// A leader's request that the local replica quiesce; the refusal says why not.
+    fn quiesce(&self, _request: &QuiesceRequest) -> Result<(), String> {
+        Err("quiescence is off on this node".to_owned())
     }
 }
 
@@ -99,6 +119,7 @@ impl<R: GroupRegistry> RaftServer<R> {
     fn vote_request(
         &self,
         request: Request<RaftMessage>,
+        pre_vote: bool,
     ) -> Result<Result<(Raft, VoteRequest<TypeConfig>), Result<Response<RaftReply>, Status>>, Status>
     {
         self.check(&request)?;
@@ -112,6 +133,15 @@ impl<R: GroupRegistry> RaftServer<R> {
         };
         let rpc: VoteRequest<TypeConfig> =
             decode(&message.payload).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if pre_vote
+            && let Some(refusal) = self
+                .registry
+                .pre_vote_refusal(message.shard_id, rpc.vote.leader_id().voted_for)
+        {
+            self.registry.active(message.shard_id);
+            return Ok(Err(refused(refusal)));
+        }
+        self.registry.active(message.shard_id);
         if self.registry.vote_hold().stateless_window_open()
             && let Some(refusal) = stateless_refusal(&raft, &rpc)
         {
@@ -151,7 +181,7 @@ fn stateless_refusal(raft: &Raft, rpc: &VoteRequest<TypeConfig>) -> Option<Strin
 }
 
 macro_rules! dispatch {
-    ($self:ident, $request:ident, $ty:ty, $method:ident) => {{
+    ($self:ident, $request:ident, $ty:ty, $method:ident, $active:expr) => {{
         $self.check(&$request)?;
         let message: RaftMessage = $request.into_inner();
         let raft = match $self.group(message.shard_id) {
@@ -160,6 +190,10 @@ macro_rules! dispatch {
         };
         let rpc: $ty =
             decode(&message.payload).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let active: fn(&$ty) -> bool = $active;
+        if active(&rpc) {
+            $self.registry.active(message.shard_id);
+        }
         match raft.$method(rpc).await {
             Ok(response) => ok(&response),
             Err(e) => refused(e),
@@ -192,12 +226,13 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
             self,
             request,
             AppendEntriesRequest<TypeConfig>,
-            append_entries
+            append_entries,
+            |rpc| !rpc.entries.is_empty()
         )
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
-        let (raft, rpc) = match self.vote_request(request)? {
+        let (raft, rpc) = match self.vote_request(request, false)? {
             Ok(ready) => ready,
             Err(refusal) => return refusal,
         };
@@ -208,7 +243,7 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
     }
 
     async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
-        let (raft, rpc) = match self.vote_request(request)? {
+        let (raft, rpc) = match self.vote_request(request, true)? {
             Ok(ready) => ready,
             Err(refusal) => return refusal,
         };
@@ -226,7 +261,8 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
             self,
             request,
             TransferLeaderRequest<TypeConfig>,
-            handle_transfer_leader
+            handle_transfer_leader,
+            |_| true
         )
     }
 
@@ -246,6 +282,7 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
             Ok(raft) => raft,
             Err(e) => return refused(e),
         };
+        self.registry.active(first.shard_id);
         let (vote, meta): (Vote, SnapshotMeta) = decode(&first.header)
             .map_err(|e| Status::invalid_argument(format!("snapshot header: {e}")))?;
         let Some(path) = self.registry.incoming_snapshot_path(first.shard_id) else {
@@ -307,6 +344,32 @@ impl<R: GroupRegistry> RaftService for RaftServer<R> {
             Ok(response) => ok(&response),
             Err(e) => refused(e),
         }
+    }
+
+    async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
+        self.check(&request)?;
+        let r = request.into_inner();
+        Ok(Response::new(PingReply {
+            incarnation: self.registry.ping(r.from_node, r.incarnation),
+        }))
+    }
+
+    async fn quiesce(
+        &self,
+        request: Request<QuiesceRequest>,
+    ) -> Result<Response<QuiesceReply>, Status> {
+        self.check(&request)?;
+        let answer = match self.registry.quiesce(request.get_ref()) {
+            Ok(()) => QuiesceReply {
+                quiet: true,
+                refusal: String::new(),
+            },
+            Err(refusal) => QuiesceReply {
+                quiet: false,
+                refusal,
+            },
+        };
+        Ok(Response::new(answer))
     }
 }
 

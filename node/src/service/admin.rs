@@ -173,6 +173,10 @@ impl Admin for AdminService {
                 purged_index: m.purged.map_or(0, |l| l.index),
                 role: format!("{:?}", m.state).to_lowercase(),
                 keys,
+                quiescent: self
+                    .node
+                    .quiet_group(shard)
+                    .is_some_and(|(_, q)| q.leader().is_some()),
             });
         }
         let data = &self.node.config.node.data_dir;
