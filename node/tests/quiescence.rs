@@ -94,7 +94,6 @@ async fn idle_groups_go_quiet_wake_for_use_and_fail_over() {
     .await;
 
     // A write wakes the group, answers, and the group goes quiet again afterwards.
-    // A write wakes the group, answers, and the group goes quiet again afterwards.
     client.put(&patients[0], b"second", b"v").await.unwrap();
     written.push((patients[0].clone(), "second".to_owned()));
     assert!(
