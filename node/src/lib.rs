@@ -8,6 +8,9 @@
 //! Non-goals: no routing logic beyond "which shard holds this patient" (clients cache the map);
 //! no authorisation yet.
 
+// The layout of the deepest service futures (a bundle of writes, each waking its group) needs it.
+#![recursion_limit = "256"]
+
 mod balance;
 mod compactor;
 pub mod config;
