@@ -93,8 +93,26 @@ impl LocalCluster {
         connections_per_node: Option<usize>,
         coalesce: bool,
     ) -> Result<LocalCluster> {
-        let local =
-            procs::LocalCluster::spawn(dir, 3, base_port, &procs::node_binary(None)?).await?;
+        Self::start_with(dir, shards, base_port, connections_per_node, coalesce, &[]).await
+    }
+
+    /// `start`, the nodes started with the extra flags `node_args`.
+    pub async fn start_with(
+        dir: &Path,
+        shards: u32,
+        base_port: u16,
+        connections_per_node: Option<usize>,
+        coalesce: bool,
+        node_args: &[String],
+    ) -> Result<LocalCluster> {
+        let local = procs::LocalCluster::spawn_with(
+            dir,
+            3,
+            base_port,
+            &procs::node_binary(None)?,
+            node_args,
+        )
+        .await?;
         local.init(shards, 3).await?;
         let client = local
             .client_with(|config| {
@@ -442,11 +460,15 @@ pub const TABLE_HEADER: &str = "| backend | workload | keys | clients | ops/s | 
 
 /// Steady writes from `clients` clients to one shard; SIGKILL its leader; measure the
 /// client-observed gap and the time to the first success after the kill; restart the node and
-/// wait until it has caught up. Repeated `reps` times.
+/// wait until it has caught up. Repeated `reps` times. With `quiet`, nobody writes before the
+/// kill: the shard is left until every replica reports it quiescent (the nodes must run with
+/// `--quiesce-after-ms`), its leader is killed, and the writers start at the kill: the gap is
+/// the time from the kill to the first write acknowledged.
 pub async fn failover(
     cluster: &mut LocalCluster,
     reps: usize,
     clients: usize,
+    quiet: bool,
 ) -> Result<Vec<String>> {
     let map = cluster.client.cluster_map().context("map")?;
     let target = map.shards.first().context("a shard")?.clone();
@@ -459,43 +481,58 @@ pub async fn failover(
         .take(clients)
         .collect();
     let mut out = Vec::new();
-    let mut failovers = Failovers::new("failover", clients);
+    let mut failovers = Failovers::new(
+        if quiet {
+            "failover-quiescent"
+        } else {
+            "failover"
+        },
+        clients,
+    );
     for rep in 1..=reps {
         let stop = Arc::new(AtomicBool::new(false));
         let successes: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
-        let tasks: Vec<_> = patients
-            .iter()
-            .map(|patient| {
-                let (client, stop, successes, patient) = (
-                    cluster.client.clone(),
-                    Arc::clone(&stop),
-                    Arc::clone(&successes),
-                    patient.clone(),
-                );
-                tokio::spawn(async move {
-                    let mut n = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        n += 1;
-                        if client
-                            .put_with(
-                                &patient,
-                                format!("k{n}").as_bytes(),
-                                b"v",
-                                Duration::from_secs(5),
-                            )
-                            .await
-                            .is_ok()
-                        {
-                            successes
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push(Instant::now());
+        let writers = || {
+            patients
+                .iter()
+                .map(|patient| {
+                    let (client, stop, successes, patient) = (
+                        cluster.client.clone(),
+                        Arc::clone(&stop),
+                        Arc::clone(&successes),
+                        patient.clone(),
+                    );
+                    tokio::spawn(async move {
+                        let mut n = 0u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            n += 1;
+                            if client
+                                .put_with(
+                                    &patient,
+                                    format!("k{n}").as_bytes(),
+                                    b"v",
+                                    Duration::from_secs(5),
+                                )
+                                .await
+                                .is_ok()
+                            {
+                                successes
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .push(Instant::now());
+                            }
                         }
-                    }
+                    })
                 })
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_secs(2)).await;
+                .collect::<Vec<_>>()
+        };
+        let mut tasks = Vec::new();
+        if quiet {
+            wait_quiescent(&cluster.seeds, target.shard_id).await?;
+        } else {
+            tasks = writers();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
         // The leader as of now, after the writers warmed up (leadership may have moved).
         let status = ops::status(&cluster.seeds, false).await?;
         let leader = ops::leader_of(&status.replicas, target.shard_id)
@@ -522,6 +559,9 @@ pub async fn failover(
         let killed_at = Instant::now();
         let victim = cluster.local.node_mut(leader).context("leader process")?;
         victim.kill9();
+        if quiet {
+            tasks = writers();
+        }
         tokio::time::sleep(Duration::from_secs(3)).await;
         stop.store(true, Ordering::Relaxed);
         for t in tasks {
@@ -537,8 +577,16 @@ pub async fn failover(
                 times.len()
             )
         };
-        let (gap, first) =
-            gap_around(&times, killed_at).ok_or_else(|| anomaly("no write succeeded"))?;
+        let (gap, first) = if quiet {
+            let first = times
+                .iter()
+                .min()
+                .map(|t| t.duration_since(killed_at).as_secs_f64())
+                .ok_or_else(|| anomaly("no write succeeded"))?;
+            (first, first)
+        } else {
+            gap_around(&times, killed_at).ok_or_else(|| anomaly("no write succeeded"))?
+        };
         // Writes that never paused mean the node killed was not the one serving them.
         anyhow::ensure!(
             gap >= MIN_FAILOVER_GAP.as_secs_f64(),
@@ -556,6 +604,27 @@ pub async fn failover(
     }
     out.push(failovers.summary());
     Ok(out)
+}
+
+/// Waits (up to 30 s) until every replica of `shard` reports itself quiescent.
+async fn wait_quiescent(seeds: &[String], shard: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = ops::status(seeds, false).await?;
+        let replicas: Vec<_> = status
+            .replicas
+            .iter()
+            .filter(|r| r.shard_id == shard)
+            .collect();
+        if replicas.len() == 3 && replicas.iter().all(|r| r.quiescent) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "shard {shard} did not go quiescent within 30 s (are the nodes run with --quiesce-after-ms?)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Below this, a failover "gap" is only the writers' own pace: a leader's death cannot be that

@@ -290,6 +290,13 @@ enum Command {
         etcd_endpoints: Vec<String>,
         #[arg(long, default_value = "target/etcd-bench")]
         etcd_dir: PathBuf,
+        /// Kill the leader of a quiescent shard (nobody writing before the kill) instead of a
+        /// busy one; needs a --node-arg=--quiesce-after-ms=N.
+        #[arg(long)]
+        quiet: bool,
+        /// Extra dossier-node flag (repeat it), e.g. --node-arg=--quiesce-after-ms=2000.
+        #[arg(long = "node-arg", allow_hyphen_values = true)]
+        node_args: Vec<String>,
     },
     /// Recovery time of a log of a given size, and index memory per million entries.
     LogRecovery {
@@ -678,6 +685,8 @@ fn main() -> Result<()> {
             backend,
             etcd_endpoints,
             etcd_dir,
+            quiet,
+            node_args,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -686,15 +695,16 @@ fn main() -> Result<()> {
                 eprintln!("failover ({backend}): {reps} repetitions, {clients} writers");
                 match backend.as_str() {
                     "dossier" => {
-                        let mut cluster = cluster::LocalCluster::start(
+                        let mut cluster = cluster::LocalCluster::start_with(
                             &dir.path().join("cluster"),
                             8,
                             base_port,
                             None,
                             true,
+                            &node_args,
                         )
                         .await?;
-                        let measured = cluster::failover(&mut cluster, reps, clients).await;
+                        let measured = cluster::failover(&mut cluster, reps, clients, quiet).await;
                         if measured.is_err() {
                             // The nodes' logs and data are the evidence: keep them.
                             drop(cluster);

@@ -436,6 +436,7 @@ pub fn status_json(s: &Status) -> serde_json::Value {
             "keys": s.keys_counted.then_some(r.keys),
             "snapshot_index": r.snapshot_index,
             "purged_index": r.purged_index,
+            "quiescent": r.quiescent,
         })).collect::<Vec<_>>(),
         "map_version": s.map.version,
         "moves_in_progress": s.map.shards.iter().flat_map(|d| d.learners.iter().map(move |l| serde_json::json!({

@@ -159,12 +159,16 @@ impl Node {
     /// Whether a pre-vote from `candidate` for `shard` is refused: the group is quiescent here
     /// under a leader whose node answers pings (or under this node).
     pub(crate) fn quiet_pre_vote_refusal(&self, shard: u64, candidate: u64) -> Option<String> {
-        let (_, quiet) = self.quiet_group(shard)?;
+        let (raft, quiet) = self.quiet_group(shard)?;
         let leader = quiet.leader()?;
         if leader == candidate {
             return None;
         }
         if leader == self.node_id() {
+            // Deposed meanwhile (a paused leader that came back): Raft decides.
+            if raft.metrics().borrow_watched().state != ServerState::Leader {
+                return None;
+            }
             return Some(format!(
                 "shard {shard} is quiescent under this node, which leads it"
             ));

@@ -621,17 +621,19 @@ async fn dispatch<R: GroupRegistry>(
         } else {
             match decode::<AppendEntriesRequest<TypeConfig>>(&frame.payload) {
                 Err(e) => Some(format!("undecodable append request: {e}")),
-                Ok(request) => match requests.try_send(woken(&*registry, frame.shard_id, request)) {
-                    Ok(()) => None,
-                    Err(mpsc::error::TrySendError::Full(_)) => Some(format!(
-                        "more than {SESSION_REQUESTS_QUEUED} append requests unanswered"
-                    )),
-                    // The replica ended the session: its last answer was a refusal.
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        *incoming = Incoming::Closed;
-                        continue;
+                Ok(request) => {
+                    match requests.try_send(woken(&*registry, frame.shard_id, request)) {
+                        Ok(()) => None,
+                        Err(mpsc::error::TrySendError::Full(_)) => Some(format!(
+                            "more than {SESSION_REQUESTS_QUEUED} append requests unanswered"
+                        )),
+                        // The replica ended the session: its last answer was a refusal.
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            *incoming = Incoming::Closed;
+                            continue;
+                        }
                     }
-                },
+                }
             }
         };
         if let Some(refusal) = refusal {
