@@ -64,6 +64,10 @@ enum Command {
         /// lease, `false` confirms each with a quorum round (ReadIndex).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         read_lease: bool,
+        /// `raft.quiesce-after-ms` of the nodes (idle groups go quiescent after this many
+        /// milliseconds); the nodes' default when not given.
+        #[arg(long)]
+        quiesce_after_ms: Option<u64>,
         /// Register slots (read / write / compare-and-set of values 0..5), over several shards;
         /// each moves on to a fresh key every 1,000 operations.
         #[arg(long, default_value_t = 6)]
@@ -149,6 +153,7 @@ fn main() -> std::process::ExitCode {
                 spare_nodes,
                 membership_interval,
                 read_lease,
+                quiesce_after_ms,
                 register_keys,
                 set_keys,
                 clients,
@@ -192,6 +197,7 @@ fn main() -> std::process::ExitCode {
                     seed,
                     unsafe_stale_reads,
                     read_lease,
+                    quiesce_after_ms,
                     check_budget_per_key: Duration::from_secs(check_budget),
                     identifier_clients,
                     identifier_pool,

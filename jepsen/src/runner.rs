@@ -47,6 +47,8 @@ pub struct RunConfig {
     pub unsafe_stale_reads: bool,
     /// `raft.read-lease` of the nodes: lease reads (true, the default) or ReadIndex.
     pub read_lease: bool,
+    /// `raft.quiesce-after-ms` of the nodes, when set (quiescent groups).
+    pub quiesce_after_ms: Option<u64>,
     pub check_budget_per_key: Duration,
     /// Clients of the identifier workload (patients claiming national numbers); 0: none.
     pub identifier_clients: usize,
@@ -78,6 +80,9 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     let mut extra: Vec<String> = Vec::new();
     if config.unsafe_stale_reads {
         extra.push("--unsafe-stale-reads-for-testing".into());
+    }
+    if let Some(ms) = config.quiesce_after_ms {
+        extra.push(format!("--quiesce-after-ms={ms}"));
     }
     if !config.read_lease {
         let path = config.out.join("node.toml");

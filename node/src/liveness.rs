@@ -4,8 +4,8 @@
 //! answering. The answer names the peer's incarnation (random per process start), so a restarted
 //! peer is seen even when no ping failed. A ping received counts as an answer.
 
-use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -34,6 +34,8 @@ pub(crate) struct Liveness {
     /// This process's incarnation, never 0.
     incarnation: u64,
     peers: Mutex<HashMap<u64, Peer>>,
+    /// Peers with a ping on its way: one at a time each.
+    pinging: Mutex<HashSet<u64>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +49,23 @@ impl Liveness {
         Liveness {
             incarnation: random_u64().max(1),
             peers: Mutex::default(),
+            pinging: Mutex::default(),
         }
+    }
+
+    /// Whether a ping to `node` may start (none on its way); marks one on its way.
+    pub(crate) fn start_ping(&self, node: u64) -> bool {
+        self.pinging
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node)
+    }
+
+    pub(crate) fn end_ping(&self, node: u64) {
+        self.pinging
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&node);
     }
 
     pub(crate) fn incarnation(&self) -> u64 {
@@ -91,5 +109,9 @@ mod tests {
         assert!(!l.heard(2, 7));
         assert!(l.heard(2, 8), "another incarnation");
         assert_ne!(l.incarnation(), 0);
+        assert!(l.start_ping(2));
+        assert!(!l.start_ping(2), "one ping on its way per peer");
+        l.end_ping(2);
+        assert!(l.start_ping(2));
     }
 }

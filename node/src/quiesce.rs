@@ -275,48 +275,51 @@ impl Node {
         false
     }
 
-    /// Pings every other node of the map once; wakes the groups led here that a restarted node
-    /// is a member of, and the quiescent groups here whose leader's node is not heard from.
-    async fn ping_peers(&self) {
+    /// Pings every other node of the map that has no ping in flight, each in a task of its own,
+    /// so that a peer that does not answer delays no other: an answer records the peer alive,
+    /// and a restarted peer wakes the groups led here that it is a member of.
+    fn ping_peers(self: &Arc<Self>) {
         let Some(map) = self.map() else {
             return;
         };
         let me = self.node_id();
         let incarnation = self.liveness.incarnation();
-        let pings = map
-            .nodes
-            .iter()
-            .filter(|n| n.node_id != me && n.state != NodeState::Removed as i32)
-            .filter_map(|n| {
-                let channel = self.ctx.pool.channel(&n.address).ok()?;
-                let request = self.ctx.pool.addressed(
-                    dossier_api::raft::v1::PingRequest {
-                        from_node: me,
-                        incarnation,
-                    },
-                    n.node_id,
-                );
-                let id = n.node_id;
-                Some(async move {
-                    let answer =
-                        tokio::time::timeout(PING_TIMEOUT, RaftClient::new(channel).ping(request))
-                            .await;
-                    (
-                        id,
-                        answer
-                            .ok()
-                            .and_then(Result::ok)
-                            .map(|r| r.into_inner().incarnation),
-                    )
-                })
-            });
-        for (id, answer) in futures_util::future::join_all(pings).await {
-            if let Some(theirs) = answer
-                && self.liveness.heard(id, theirs)
-            {
-                self.wake_groups_with(id);
+        for n in &map.nodes {
+            if n.node_id == me || n.state == NodeState::Removed as i32 {
+                continue;
             }
+            let Ok(channel) = self.ctx.pool.channel(&n.address) else {
+                continue;
+            };
+            let id = n.node_id;
+            if !self.liveness.start_ping(id) {
+                continue;
+            }
+            let request = self.ctx.pool.addressed(
+                dossier_api::raft::v1::PingRequest {
+                    from_node: me,
+                    incarnation,
+                },
+                id,
+            );
+            let node = Arc::clone(self);
+            tokio::spawn(async move {
+                let answer =
+                    tokio::time::timeout(PING_TIMEOUT, RaftClient::new(channel).ping(request))
+                        .await;
+                node.liveness.end_ping(id);
+                if let Ok(Ok(reply)) = answer
+                    && node.liveness.heard(id, reply.into_inner().incarnation)
+                {
+                    node.wake_groups_with(id);
+                }
+            });
         }
+    }
+
+    /// Wakes the groups quiescent here under a leader whose node is not heard from.
+    fn wake_silent_leaders(&self) {
+        let me = self.node_id();
         for (shard, raft, quiet) in self.quiet_groups() {
             if let Some(leader) = quiet.leader()
                 && leader != me
@@ -388,7 +391,16 @@ impl Node {
                 let settled = m.membership_config.membership().get_joint_config().len() == 1;
                 since.1.elapsed() >= after && applied == Some(last) && all_hold && settled
             };
-            if ready && self.quiesce_group(shard, &raft, &quiet).await {
+            // A member whose node does not answer pings would not answer the request either.
+            let heard = ready
+                && raft
+                    .metrics()
+                    .borrow_watched()
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .all(|(id, _)| *id == me || self.liveness.alive(*id));
+            if heard && self.quiesce_group(shard, &raft, &quiet).await {
                 self.metrics.quiescence_sleeps.inc();
             }
         }
@@ -396,23 +408,36 @@ impl Node {
     }
 }
 
-/// The quiescence loops of a node (when `raft.quiesce-after-ms` is set): liveness pings every
-/// `PING_EVERY`, idle groups looked for every `CHECK_EVERY`.
+/// The quiescence loops of a node (when `raft.quiesce-after-ms` is set): liveness pings and the
+/// watch on quiescent groups' leaders every `PING_EVERY`, and, in a loop of its own (a Quiesce
+/// round may wait on a slow member), idle groups looked for every `CHECK_EVERY`.
 pub(crate) async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     if !node.quiescence_on() {
         return;
     }
-    let mut idle = HashMap::new();
-    let mut last_check = Instant::now();
+    let quiescer = {
+        let node = Arc::clone(&node);
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let mut idle = HashMap::new();
+            loop {
+                if !node.is_stopping() {
+                    node.quiesce_idle(&mut idle).await;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(CHECK_EVERY) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        })
+    };
     loop {
-        node.ping_peers().await;
-        if last_check.elapsed() >= CHECK_EVERY && !node.is_stopping() {
-            node.quiesce_idle(&mut idle).await;
-            last_check = Instant::now();
-        }
+        node.ping_peers();
+        node.wake_silent_leaders();
         tokio::select! {
             _ = tokio::time::sleep(PING_EVERY) => {}
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.wait_for(|s| *s) => break,
         }
     }
+    quiescer.abort();
 }
