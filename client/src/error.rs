@@ -31,14 +31,40 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// True when the request certainly had no effect (a refused argument, a refused session).
+    /// True when the request certainly had no effect: its argument was refused (every attempt
+    /// of it would be), or no node could be reached. A SESSION or cluster-state refusal is not
+    /// definite: it may answer a retry whose earlier attempt was applied and its answer lost
+    /// (a retry from a session the server has forgotten is refused, not replayed).
     pub fn is_definite(&self) -> bool {
         matches!(
             self,
-            ClientError::InvalidArgument { .. }
-                | ClientError::Session(_)
-                | ClientError::Cluster(_)
-                | ClientError::NoSeed(_)
+            ClientError::InvalidArgument { .. } | ClientError::NoSeed(_)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refusals_that_no_attempt_could_pass_are_definite() {
+        let invalid = ClientError::InvalidArgument {
+            field: "key".into(),
+            message: "must not be empty".into(),
+            limit: None,
+        };
+        assert!(invalid.is_definite());
+        assert!(ClientError::NoSeed("refused".into()).is_definite());
+        // A retry after a lost answer can meet these although the first attempt applied.
+        assert!(!ClientError::Session("forgotten".into()).is_definite());
+        assert!(!ClientError::Cluster("map changed".into()).is_definite());
+        assert!(!ClientError::Server("internal".into()).is_definite());
+        let timeout = ClientError::Timeout {
+            deadline: Duration::from_secs(1),
+            attempts: 2,
+            last: "unavailable".into(),
+        };
+        assert!(!timeout.is_definite());
     }
 }
