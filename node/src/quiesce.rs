@@ -28,7 +28,7 @@
 //! pre-vote also wakes the group, so the next round is Raft's own decision).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,8 @@ pub(crate) struct Quiet {
     /// Held while a quiescent leader wakes for its first use; the uses that come meanwhile wait
     /// for it (`Node::wake_if_leader`).
     waking: tokio::sync::Mutex<()>,
+    /// The last log index the group quiesced at, on its leader.
+    index: AtomicU64,
 }
 
 impl Quiet {
@@ -76,6 +78,10 @@ impl Quiet {
     fn quiesce(&self, raft: &Raft, leader: u64) {
         let mut state = self.leader.lock().unwrap_or_else(|e| e.into_inner());
         *state = Some(leader);
+        self.index.store(
+            raft.metrics().borrow_watched().last_log_index.unwrap_or(0),
+            Ordering::Release,
+        );
         self.maybe.store(true, Ordering::Release);
         raft.runtime_config().tick(false);
     }
@@ -367,7 +373,22 @@ impl Node {
         let me = self.node_id();
         let mut seen = Vec::new();
         for (shard, raft, quiet) in self.quiet_groups() {
-            if shard == META_SHARD || quiet.leader().is_some() {
+            if shard == META_SHARD {
+                continue;
+            }
+            if quiet.leader() == Some(me) {
+                // A write that passed its wake-up check just before the group quiesced appends
+                // to a leader whose timers are off, and openraft restarts a broken replication
+                // stream only on a timer: the log having grown, the leader wakes.
+                let grown = raft.metrics().borrow_watched().last_log_index.unwrap_or(0)
+                    != quiet.index.load(Ordering::Acquire);
+                if grown && quiet.wake(&raft, Duration::ZERO) {
+                    self.metrics.quiescence_wakes.inc();
+                    debug!(shard, "the log grew while quiescent: waking up");
+                }
+                continue;
+            }
+            if quiet.leader().is_some() {
                 continue;
             }
             let ready = {
