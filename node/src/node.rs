@@ -171,6 +171,16 @@ impl Node {
             .map(|h| h.raft.clone())
     }
 
+    /// Whether `shard`'s group here may be quiescent: the check every write, read and incoming
+    /// append makes first, without cloning anything.
+    pub(crate) fn may_be_quiet(&self, shard: ShardId) -> bool {
+        self.groups
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&shard)
+            .is_some_and(|h| h.quiet.may_be())
+    }
+
     /// A group started here, with its quiescence.
     pub(crate) fn quiet_group(&self, shard: ShardId) -> Option<(Raft, Arc<Quiet>)> {
         self.groups

@@ -66,9 +66,14 @@ pub(crate) struct Quiet {
 }
 
 impl Quiet {
+    /// Whether the group may be quiescent (or its leader is being woken).
+    pub(crate) fn may_be(&self) -> bool {
+        self.maybe.load(Ordering::Acquire)
+    }
+
     /// The leader the group is quiescent under, if it is.
     pub(crate) fn leader(&self) -> Option<u64> {
-        if !self.maybe.load(Ordering::Acquire) {
+        if !self.may_be() {
             return None;
         }
         *self.leader.lock().unwrap_or_else(|e| e.into_inner())
@@ -98,7 +103,7 @@ impl Quiet {
 
     /// `wake` but for the fast-path flag, which the caller clears once the group is usable.
     fn start(&self, raft: &Raft, hold: Duration) -> bool {
-        if !self.maybe.load(Ordering::Acquire) {
+        if !self.may_be() {
             return false;
         }
         let mut state = self.leader.lock().unwrap_or_else(|e| e.into_inner());
@@ -135,12 +140,12 @@ impl Node {
     /// has. Uses that come meanwhile wait for it. A quiescent follower stays so (the request is
     /// sent on to the leader).
     pub(crate) async fn wake_if_leader(&self, shard: u64) {
+        if !self.may_be_quiet(shard) {
+            return;
+        }
         let Some((raft, quiet)) = self.quiet_group(shard) else {
             return;
         };
-        if !quiet.maybe.load(Ordering::Acquire) {
-            return;
-        }
         let _waking = quiet.waking.lock().await;
         if quiet.leader() != Some(self.node_id()) || !quiet.start(&raft, Duration::ZERO) {
             return;
@@ -155,7 +160,8 @@ impl Node {
 
     /// A message that needs the group's timers arrived (`GroupRegistry::active`).
     pub(crate) fn wake_on_message(&self, shard: u64) {
-        if let Some((raft, quiet)) = self.quiet_group(shard)
+        if self.may_be_quiet(shard)
+            && let Some((raft, quiet)) = self.quiet_group(shard)
             && quiet.wake(&raft, self.lease())
         {
             self.metrics.quiescence_wakes.inc();
