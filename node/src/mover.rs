@@ -155,7 +155,19 @@ impl Node {
             from, to, "replica move: the target catches up as a learner"
         );
         let voters = self
-            .change_replicas_on_leader(&d, to, &address, from)
+            .change_replicas_on_leader(
+                &d,
+                ChangeReplicasRequest {
+                    shard_id: shard,
+                    add_node: to,
+                    add_address: address,
+                    remove_node: from,
+                    catch_up_timeout_ms: CATCH_UP_TIMEOUT.as_millis() as u64,
+                    standby: false,
+                },
+                CATCH_UP_TIMEOUT + CHANGE_SLACK,
+                "the voter change",
+            )
             .await?;
         info!(shard, from, to, ?voters, "replica move: voters changed");
         let map = self.change_map(|m| finish_move(m, shard, from, to)).await?;
@@ -165,29 +177,23 @@ impl Node {
     }
 
     /// Runs the voter change on the shard's leader, wherever it is, following hints.
-    async fn change_replicas_on_leader(
+    /// Runs `request` (a voter or standby change of `d`) on the shard's leader, wherever it
+    /// is, following hints, within `within`; returns the voters afterwards.
+    pub(crate) async fn change_replicas_on_leader(
         &self,
         d: &ShardDescriptor,
-        add: u64,
-        address: &str,
-        remove: u64,
+        request: ChangeReplicasRequest,
+        within: Duration,
+        what: &str,
     ) -> Result<Vec<u64>, ApiError> {
-        let request = ChangeReplicasRequest {
-            shard_id: d.shard_id,
-            add_node: add,
-            add_address: address.to_owned(),
-            remove_node: remove,
-            catch_up_timeout_ms: CATCH_UP_TIMEOUT.as_millis() as u64,
-            standby: false,
-        };
         self.on_shard_leader(
             d,
-            CATCH_UP_TIMEOUT + CHANGE_SLACK,
-            "the voter change",
+            within,
+            what,
             || self.change_replicas_here(&request),
             |mut client| {
                 let mut call = tonic::Request::new(request.clone());
-                call.set_timeout(CATCH_UP_TIMEOUT + CHANGE_SLACK);
+                call.set_timeout(within);
                 async move { Ok(client.change_replicas(call).await?.into_inner().voters) }
             },
         )

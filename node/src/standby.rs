@@ -177,19 +177,9 @@ impl Node {
             catch_up_timeout_ms: 0,
             standby: true,
         };
-        self.on_shard_leader(
-            d,
-            CHANGE_TIMEOUT,
-            "the standby change",
-            || self.change_replicas_here(&request),
-            |mut client| {
-                let mut call = tonic::Request::new(request.clone());
-                call.set_timeout(CHANGE_TIMEOUT);
-                async move { Ok(client.change_replicas(call).await?.into_inner().voters) }
-            },
-        )
-        .await
-        .map(|_| ())
+        self.change_replicas_on_leader(d, request, CHANGE_TIMEOUT, "the standby change")
+            .await
+            .map(|_| ())
     }
 }
 
