@@ -349,8 +349,8 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     })
 }
 
-/// The replicas of the node at `address` that know no leader (what keeps it from being ready).
-async fn leaderless(address: &str) -> String {
+/// The status of the node at `address` (`Admin.NodeStatus`), within 10 s.
+pub(crate) async fn node_status(address: &str) -> Result<dossier_api::v1::NodeStatusResponse> {
     let status = async {
         let mut admin =
             dossier_api::v1::admin_client::AdminClient::connect(format!("http://{address}"))
@@ -359,8 +359,15 @@ async fn leaderless(address: &str) -> String {
         request.set_timeout(Duration::from_secs(5));
         anyhow::Ok(admin.node_status(request).await?.into_inner())
     };
-    match tokio::time::timeout(Duration::from_secs(10), status).await {
-        Ok(Ok(s)) => {
+    tokio::time::timeout(Duration::from_secs(10), status)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within 10 s"))?
+}
+
+/// The replicas of the node at `address` that know no leader (what keeps it from being ready).
+async fn leaderless(address: &str) -> String {
+    match node_status(address).await {
+        Ok(s) => {
             let shards: Vec<String> = s
                 .shards
                 .iter()
@@ -369,8 +376,7 @@ async fn leaderless(address: &str) -> String {
                 .collect();
             format!("replicas without a leader: {shards:?}")
         }
-        Ok(Err(e)) => format!("its status: {e:#}"),
-        Err(_) => "its status: no answer within 10 s".to_owned(),
+        Err(e) => format!("its status: {e:#}"),
     }
 }
 

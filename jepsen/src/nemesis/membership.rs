@@ -448,17 +448,8 @@ async fn misplaced(stage: &Stage, map: &ClusterMap) -> Vec<String> {
 
 /// The shards (not the meta group) whose replicas the node at `address` runs.
 async fn hosted(address: &str) -> Result<BTreeSet<u64>> {
-    let status = async {
-        let mut admin =
-            dossier_api::v1::admin_client::AdminClient::connect(format!("http://{address}"))
-                .await?;
-        let mut request = tonic::Request::new(dossier_api::v1::NodeStatusRequest::default());
-        request.set_timeout(Duration::from_secs(5));
-        anyhow::Ok(admin.node_status(request).await?.into_inner())
-    };
-    let status = tokio::time::timeout(Duration::from_secs(10), status)
+    let status = crate::runner::node_status(address)
         .await
-        .context("no status within 10 s")?
         .context("status")?;
     Ok(status
         .shards
