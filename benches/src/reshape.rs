@@ -104,16 +104,8 @@ pub async fn reshape(
     phases.push(baseline("baseline", spec.window).await);
 
     // A fourth node joins and takes its share.
-    let bin = dossier_cli::procs::node_binary(None)?;
     let id = 4u64;
-    let mut joiner = NodeProc::new(
-        id,
-        base_port + id as u16,
-        base_port + 80 + id as u16,
-        dir.join(format!("node-{id}")),
-        bin,
-    );
-    joiner.extra_args = vec!["--join".into(), cluster.seeds.join(",")];
+    let mut joiner = joining(dir, base_port, id, &cluster.seeds, &[])?;
     let from = Instant::now();
     joiner.spawn()?;
     wait_share_taken(&cluster.seeds, id, Duration::from_secs(300)).await?;
@@ -176,20 +168,13 @@ pub async fn reshape(
     // shard.
     phases.push(baseline("baseline", spec.window).await);
     let standby_id = 5u64;
-    let mut standby = NodeProc::new(
+    let mut standby = joining(
+        dir,
+        base_port,
         standby_id,
-        base_port + standby_id as u16,
-        base_port + 80 + standby_id as u16,
-        dir.join(format!("node-{standby_id}")),
-        dossier_cli::procs::node_binary(None)?,
-    );
-    standby.extra_args = vec![
-        "--join".into(),
-        cluster.seeds.join(","),
-        "--standby".into(),
-        "--zone".into(),
-        "dr".into(),
-    ];
+        &cluster.seeds,
+        &["--standby", "--zone", "dr"],
+    )?;
     let from = Instant::now();
     standby.spawn()?;
     wait_standbys(&cluster.seeds, standby_id, Duration::from_secs(300)).await?;
@@ -220,6 +205,28 @@ pub async fn reshape(
         .into_inner()
         .unwrap_or_else(|e| e.into_inner());
     Ok(report(&phases, &samples, shards, spec))
+}
+
+/// Node `id` of the run, started with `--join` through `seeds` and `extra` flags.
+fn joining(
+    dir: &Path,
+    base_port: u16,
+    id: u64,
+    seeds: &[String],
+    extra: &[&str],
+) -> Result<NodeProc> {
+    let mut node = NodeProc::new(
+        id,
+        base_port + id as u16,
+        base_port + 80 + id as u16,
+        dir.join(format!("node-{id}")),
+        dossier_cli::procs::node_binary(None)?,
+    );
+    node.extra_args = ["--join".to_owned(), seeds.join(",")]
+        .into_iter()
+        .chain(extra.iter().map(|a| (*a).to_owned()))
+        .collect();
+    Ok(node)
 }
 
 /// A baseline window of `window` from now.

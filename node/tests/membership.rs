@@ -170,26 +170,8 @@ async fn a_replica_moves_to_a_joined_node_under_writes() {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     let cluster = TestCluster::start(3, 2, 3, &|c| c.placement_balance = false).await;
-    let name = cluster.nodes[0].config.cluster_name.clone();
-    let seed = cluster.nodes[0].grpc.clone();
-    let mut joiner = TestNode::new(4, cluster.dir.path().join("n4"), &|c| {
-        c.join = vec![seed.clone()];
-        c.cluster_name = name.clone();
-    });
-    joiner.start();
     let client = cluster.client().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !client
-        .refresh_map()
-        .await
-        .unwrap()
-        .nodes
-        .iter()
-        .any(|n| n.node_id == 4)
-    {
-        assert!(Instant::now() < deadline, "node 4 did not join");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut joiner = cluster.join_node(4, &client, &|_| {}).await;
     let patients: Vec<String> = (0..4)
         .map(|i| common::patient_in_shard(&client, 1, &format!("move{i}")))
         .collect();
