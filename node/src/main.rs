@@ -4,7 +4,9 @@ use clap::Parser;
 use dossier_node::Flags;
 
 /// mimalloc's per-thread free lists: allocation was about a tenth of a write's CPU with the
-/// system allocator (docs/benchmarks.md).
+/// system allocator (docs/benchmarks.md). Built without transparent huge pages (`no_thp`):
+/// openraft reserves about 2 MiB of queues per Raft group that a group barely touches, and
+/// mimalloc's huge-page advice made every touched byte of them cost a resident 2 MiB page.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
