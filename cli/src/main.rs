@@ -54,6 +54,94 @@ enum Command {
     /// Start a local 3-node cluster, load demo patients, kill a leader under load, and show that
     /// nothing acknowledged was lost; then serve until Ctrl-C.
     Playground(playground::PlaygroundArgs),
+    /// Certificates: the cluster's CA, node certificates, client certificates (docs/security.md).
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Create the cluster's certificate authority: ca.crt (give it to every node and client) and
+    /// ca.key (it signs the other certificates; keep it off the nodes).
+    CreateCa {
+        #[command(flatten)]
+        common: CertArgs,
+    },
+    /// Create node.crt and node.key, signed by the CA in --certs-dir, valid for every HOST (DNS
+    /// name or IP address) clients and peers reach the node at. Copy them with ca.crt to the node.
+    CreateNode {
+        /// Host names and addresses of the node, e.g. node-1.hospital.internal 10.0.0.11.
+        #[arg(required = true)]
+        hosts: Vec<String>,
+        #[command(flatten)]
+        common: CertArgs,
+    },
+    /// Create client.NAME.crt and client.NAME.key for user NAME with a role, signed by the CA in
+    /// --certs-dir. Commands use it with --user NAME.
+    CreateClient {
+        /// The user name (a-z, 0-9, '.', '_', '-').
+        name: String,
+        /// admin (cluster operations, no clinical data), service, clinician, patient or auditor.
+        #[arg(long)]
+        role: String,
+        #[command(flatten)]
+        common: CertArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct CertArgs {
+    /// Directory of the certificates (made if missing).
+    #[arg(long, env = "DOSSIER_CERTS_DIR")]
+    certs_dir: std::path::PathBuf,
+    /// Replace existing files.
+    #[arg(long)]
+    overwrite: bool,
+    /// Validity of a new CA, in days.
+    #[arg(long, default_value_t = 3653)]
+    ca_days: i64,
+    /// Validity of a new node or client certificate, in days.
+    #[arg(long, default_value_t = 1826)]
+    days: i64,
+}
+
+impl CertArgs {
+    fn lifetimes(&self) -> Result<dossier_cli::certs::Lifetimes> {
+        anyhow::ensure!(
+            self.ca_days > 0 && self.days > 0,
+            "validity must be at least one day"
+        );
+        Ok(dossier_cli::certs::Lifetimes {
+            ca_days: self.ca_days,
+            leaf_days: self.days,
+        })
+    }
+}
+
+fn cert(command: &CertCommand) -> Result<()> {
+    use dossier_cli::certs;
+    let written = match command {
+        CertCommand::CreateCa { common } => {
+            certs::create_ca(&common.certs_dir, common.lifetimes()?, common.overwrite)?
+        }
+        CertCommand::CreateNode { hosts, common } => certs::create_node(
+            &common.certs_dir,
+            hosts,
+            common.lifetimes()?,
+            common.overwrite,
+        )?,
+        CertCommand::CreateClient { name, role, common } => certs::create_client(
+            &common.certs_dir,
+            name,
+            role,
+            common.lifetimes()?,
+            common.overwrite,
+        )?,
+    };
+    for path in written {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -225,6 +313,7 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Command::Playground(args) => playground::run(args).await,
+            Command::Cert(c) => cert(c),
         }
     });
     match result {
