@@ -30,6 +30,16 @@ struct Cli {
     /// Deadline of each request, in milliseconds (retries included).
     #[arg(long, global = true, default_value_t = 10_000)]
     timeout_ms: u64,
+    /// Directory with the cluster's ca.crt (and client.USER.crt/.key for --user): talk to the
+    /// nodes over TLS. Without it, plaintext (nodes run with --insecure).
+    #[arg(long, global = true, env = "DOSSIER_CERTS_DIR")]
+    certs_dir: Option<std::path::PathBuf>,
+    /// The user whose client certificate (client.USER.crt in --certs-dir) identifies this caller.
+    #[arg(long, global = true, env = "DOSSIER_USER")]
+    user: Option<String>,
+    /// TLS settings read from --certs-dir and --user.
+    #[arg(skip)]
+    tls: Option<dossier_client::ClientTls>,
     #[command(subcommand)]
     command: Command,
 }
@@ -91,9 +101,6 @@ enum CertCommand {
 
 #[derive(Debug, clap::Args)]
 struct CertArgs {
-    /// Directory of the certificates (made if missing).
-    #[arg(long, env = "DOSSIER_CERTS_DIR")]
-    certs_dir: std::path::PathBuf,
     /// Replace existing files.
     #[arg(long)]
     overwrite: bool,
@@ -118,25 +125,21 @@ impl CertArgs {
     }
 }
 
-fn cert(command: &CertCommand) -> Result<()> {
+fn cert(command: &CertCommand, certs_dir: Option<&std::path::Path>) -> Result<()> {
     use dossier_cli::certs;
+    let Some(dir) = certs_dir else {
+        anyhow::bail!("name the certificates' directory with --certs-dir (or DOSSIER_CERTS_DIR)");
+    };
     let written = match command {
         CertCommand::CreateCa { common } => {
-            certs::create_ca(&common.certs_dir, common.lifetimes()?, common.overwrite)?
+            certs::create_ca(dir, common.lifetimes()?, common.overwrite)?
         }
-        CertCommand::CreateNode { hosts, common } => certs::create_node(
-            &common.certs_dir,
-            hosts,
-            common.lifetimes()?,
-            common.overwrite,
-        )?,
-        CertCommand::CreateClient { name, role, common } => certs::create_client(
-            &common.certs_dir,
-            name,
-            role,
-            common.lifetimes()?,
-            common.overwrite,
-        )?,
+        CertCommand::CreateNode { hosts, common } => {
+            certs::create_node(dir, hosts, common.lifetimes()?, common.overwrite)?
+        }
+        CertCommand::CreateClient { name, role, common } => {
+            certs::create_client(dir, name, role, common.lifetimes()?, common.overwrite)?
+        }
     };
     for path in written {
         println!("wrote {}", path.display());
@@ -202,7 +205,7 @@ enum NodeCommand {
 }
 
 async fn drain(address: &str, timeout_ms: u64) -> Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+    let channel = dossier_cli::ops::endpoint(address)?
         .connect_timeout(Duration::from_millis(500))
         .connect()
         .await?;
@@ -228,7 +231,30 @@ impl Cli {
     fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new(self.seeds.clone());
         config.deadline = Duration::from_millis(self.timeout_ms);
+        config.tls = self.tls.clone();
         config
+    }
+
+    /// Reads --certs-dir and --user into the TLS every connection of this command uses (not for
+    /// `dossier cert`, which makes those files).
+    fn load_tls(&mut self) -> Result<()> {
+        if matches!(self.command, Command::Cert(_)) {
+            return Ok(());
+        }
+        let Some(dir) = &self.certs_dir else {
+            anyhow::ensure!(
+                self.user.is_none(),
+                "--user needs --certs-dir, where its client certificate is"
+            );
+            return Ok(());
+        };
+        if let Some(user) = &self.user {
+            dossier_cli::certs::check_user_name(user)?;
+        }
+        let tls = dossier_client::ClientTls::from_certs_dir(dir, self.user.as_deref())?;
+        dossier_cli::ops::use_tls(tls.clone());
+        self.tls = Some(tls);
+        Ok(())
     }
 
     async fn client(&self) -> Result<Client> {
@@ -237,7 +263,11 @@ impl Cli {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Err(e) = cli.load_tls() {
+        eprintln!("dossier: {e:#}");
+        return std::process::ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -313,7 +343,7 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Command::Playground(args) => playground::run(args).await,
-            Command::Cert(c) => cert(c),
+            Command::Cert(c) => cert(c, cli.certs_dir.as_deref()),
         }
     });
     match result {

@@ -12,6 +12,24 @@ use dossier_api::v1::{
 };
 use tonic::transport::Endpoint;
 
+/// TLS for every connection these operations open (set once, from `--certs-dir`).
+static TLS: std::sync::OnceLock<dossier_client::ClientTls> = std::sync::OnceLock::new();
+
+/// Makes every later connection of these operations use `tls` (once per process; a second call
+/// is ignored).
+pub fn use_tls(tls: dossier_client::ClientTls) {
+    let _ = TLS.set(tls);
+}
+
+/// An endpoint for a node at `addr` (host:port), over TLS when `use_tls` was called.
+pub fn endpoint(addr: &str) -> Result<Endpoint> {
+    match TLS.get() {
+        Some(tls) => tls.endpoint(addr),
+        None => Endpoint::from_shared(format!("http://{addr}")),
+    }
+    .with_context(|| format!("address {addr:?}"))
+}
+
 /// The ErrorDetail of a status, if it carries one.
 pub(crate) fn decode_detail(status: &tonic::Status) -> Option<ErrorDetail> {
     dossier_api::error_detail(status.details())
@@ -21,8 +39,7 @@ pub(crate) async fn admin(
     addr: &str,
     timeout: Duration,
 ) -> Result<AdminClient<tonic::transport::Channel>> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("address {addr:?}"))?
+    let channel = endpoint(addr)?
         .connect_timeout(Duration::from_millis(500))
         .timeout(timeout)
         .connect_lazy();

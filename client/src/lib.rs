@@ -24,7 +24,9 @@
 mod bundle;
 mod error;
 mod records;
+mod tls;
 pub use records::{History, RecordWrite, SearchPage, SearchQuery, WriteOptions, is_applied};
+pub use tls::ClientTls;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -67,6 +69,9 @@ pub struct ClientConfig {
     /// still answered on its own). Saves most of the per-call cost on a busy client; a lone
     /// request goes at once either way.
     pub coalesce: bool,
+    /// TLS to the nodes (their CA, and this client's certificate if it has one); None: plaintext,
+    /// for nodes run with `--insecure`.
+    pub tls: Option<ClientTls>,
 }
 
 impl ClientConfig {
@@ -80,6 +85,7 @@ impl ClientConfig {
             backoff_max: Duration::from_millis(100),
             connections_per_node: 2,
             coalesce: true,
+            tls: None,
         }
     }
 }
@@ -181,14 +187,17 @@ impl Client {
         if let Some(pool) = lanes.get(addr) {
             return Ok(pool[turn % pool.len()].clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ClientError::InvalidArgument {
-                field: "address".into(),
-                message: e.to_string(),
-                limit: None,
-            })?
-            .connect_timeout(self.inner.config.connect_timeout)
-            .tcp_nodelay(true);
+        let endpoint = match &self.inner.config.tls {
+            Some(tls) => tls.endpoint(addr),
+            None => Endpoint::from_shared(format!("http://{addr}")),
+        }
+        .map_err(|e| ClientError::InvalidArgument {
+            field: "address".into(),
+            message: e.to_string(),
+            limit: None,
+        })?
+        .connect_timeout(self.inner.config.connect_timeout)
+        .tcp_nodelay(true);
         let pool: Arc<[Lane]> = (0..self.inner.config.connections_per_node.max(1))
             .map(|_| Lane::new(endpoint.connect_lazy(), self.inner.config.coalesce))
             .collect();

@@ -138,6 +138,12 @@ pub struct NodeConfig {
     /// services with gRPC-Web on `listen` (CORS); `"*"` allows any. gRPC-Web itself is always
     /// served; with no origin listed, browsers refuse the answers to pages of other origins.
     pub web_allowed_origins: Vec<String>,
+    /// Directory of the node's certificates (`ca.crt`, `node.crt`, `node.key`; made by `dossier
+    /// cert`): the gRPC port serves TLS, and peers are called over TLS with `node.crt`.
+    pub certs_dir: Option<PathBuf>,
+    /// Serve and call peers without TLS, on purpose (development only). Without `certs-dir` the
+    /// node runs without TLS either way, and warns at start unless this is set.
+    pub insecure: bool,
     /// While this node leads the meta group, move replicas and preferred leaders so that up nodes
     /// hold even shares and a shard's replicas sit in distinct zones (`node/src/balance.rs`).
     /// A cluster-wide policy: set it alike on every node. Draining a node being removed happens
@@ -178,6 +184,8 @@ impl Default for NodeConfig {
             standby: false,
             join: Vec::new(),
             web_allowed_origins: Vec::new(),
+            certs_dir: None,
+            insecure: false,
             placement_balance: true,
             split_shard_bytes: 512 << 20,
             split_writes_per_second: 0,
@@ -199,6 +207,8 @@ pub struct Config {
     pub log: Arc<LogConfig>,
     pub state: Arc<StoreConfig>,
     pub raft: Arc<dossier_raft::openraft::Config>,
+    /// Loaded from `certs-dir`; None: no TLS.
+    pub tls: Option<crate::tls::NodeTls>,
 }
 
 impl Config {
@@ -387,12 +397,21 @@ impl NodeConfig {
             .raft
             .openraft(&self.cluster_name)
             .context("invalid [raft] section")?;
+        ensure!(
+            !(self.insecure && self.certs_dir.is_some()),
+            "insecure and certs-dir contradict each other: pick one"
+        );
+        let tls = match &self.certs_dir {
+            Some(dir) => Some(crate::tls::NodeTls::load(dir).context("certs-dir")?),
+            None => None,
+        };
         Ok(Arc::new(Config {
             node: self,
             advertise,
             log,
             state,
             raft,
+            tls,
         }))
     }
 }
@@ -443,6 +462,13 @@ pub struct Flags {
     /// separated, e.g. `https://portal.example` ("*": any).
     #[arg(long, env = "DOSSIER_WEB_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub web_allowed_origins: Option<Vec<String>>,
+    /// Directory of ca.crt, node.crt and node.key (`dossier cert create-ca`, `create-node`):
+    /// serve TLS and call peers over TLS.
+    #[arg(long, env = "DOSSIER_CERTS_DIR")]
+    pub certs_dir: Option<PathBuf>,
+    /// Run without TLS on purpose (development only; a node without --certs-dir warns otherwise).
+    #[arg(long, env = "DOSSIER_INSECURE")]
+    pub insecure: bool,
     /// Do not initialise a single-node cluster when none exists; wait for `dossier cluster init`.
     #[arg(long, env = "DOSSIER_NO_AUTO_INIT")]
     pub no_auto_init: bool,
@@ -519,6 +545,12 @@ impl Flags {
         }
         if let Some(v) = &self.web_allowed_origins {
             config.web_allowed_origins = v.clone();
+        }
+        if let Some(v) = &self.certs_dir {
+            config.certs_dir = Some(v.clone());
+        }
+        if self.insecure {
+            config.insecure = true;
         }
         if self.no_auto_init {
             config.auto_init = false;

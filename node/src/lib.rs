@@ -35,6 +35,7 @@ pub mod shards;
 mod split_check;
 mod splitter;
 mod standby;
+pub mod tls;
 mod web;
 
 use std::sync::Arc;
@@ -69,7 +70,14 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
             "UNSAFE: linearizable reads are served without a read barrier (testing only)"
         );
     }
-    info!(node_id = node.node_id(), listen = %config.node.listen, http = %config.node.http_listen, "node started");
+    info!(node_id = node.node_id(), listen = %config.node.listen, http = %config.node.http_listen, tls = config.tls.is_some(), "node started");
+    if config.tls.is_none() && !config.node.insecure {
+        tracing::warn!(
+            "NO TLS: patient data and Raft traffic cross the network in clear text and any caller \
+             is served; give the node --certs-dir (dossier cert create-ca, create-node), or pass \
+             --insecure to run without TLS on purpose"
+        );
+    }
 
     let (serving_tx, serving_rx) = watch::channel(false);
     // Decode limits: a message is refused before it is read whole. Raft messages carry at most
@@ -87,8 +95,14 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
             .await
             .with_context(|| format!("bind gRPC endpoint {addr}"))?;
         let incoming = tokio_stream_listener(listener);
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = &config.tls {
+            server = server
+                .tls_config(tls.server.clone())
+                .context("TLS of the gRPC endpoint")?;
+        }
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            server
                 .tcp_nodelay(true)
                 // gRPC-Web for browsers comes over HTTP/1.1 (web.rs).
                 .accept_http1(true)

@@ -214,7 +214,9 @@ impl Node {
                     if tried > 16 {
                         break;
                     }
-                    match join_request(&target, &me, &self.config.node.cluster_name).await {
+                    match join_request(&self.ctx.pool, &target, &me, &self.config.node.cluster_name)
+                        .await
+                    {
                         Ok(()) => {
                             announced = true;
                             break;
@@ -246,8 +248,14 @@ enum JoinAnswer {
     Retry(String),
 }
 
-async fn join_request(target: &str, me: &NodeInfo, cluster: &str) -> Result<(), JoinAnswer> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+async fn join_request(
+    pool: &dossier_raft::PeerPool,
+    target: &str,
+    me: &NodeInfo,
+    cluster: &str,
+) -> Result<(), JoinAnswer> {
+    let channel = pool
+        .endpoint(target)
         .map_err(|e| JoinAnswer::Refused(format!("seed {target:?}: {e}")))?
         .connect_timeout(Duration::from_secs(2))
         .connect()

@@ -84,8 +84,12 @@ impl Node {
             )
             .context("open the state store")?,
         );
-        let pool = PeerPool::new(NetworkConfig::default(), &config.node.cluster_name)
-            .context("node.cluster-name")?;
+        let pool = PeerPool::new(
+            NetworkConfig::default(),
+            &config.node.cluster_name,
+            config.tls.as_ref().map(|t| t.peer.clone()),
+        )
+        .context("node.cluster-name")?;
         let vote_hold = VoteHold::at_start(&config.raft, &engine);
         if let Some(hold) = vote_hold.remaining() {
             info!(

@@ -22,7 +22,7 @@ use openraft::raft::{
 use openraft::{BasicNode, RaftNetworkFactory, RaftNetworkV2, Snapshot};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::append::{AppendStreamCounts, Carrier, Mux, REOPEN_AFTER, Session};
 use crate::snapshot_send::{self, Outgoing, SendError, SnapshotCounts};
@@ -120,6 +120,8 @@ pub struct PeerPool {
     config: NetworkConfig,
     /// This node's cluster, named in every message it sends.
     cluster: ClusterName,
+    /// TLS to peers (the cluster's CA, this node's certificate as its identity); None: plaintext.
+    tls: Option<ClientTlsConfig>,
     channels: Mutex<HashMap<String, Channel>>,
     streams: Mutex<HashMap<String, Arc<Mux>>>,
     counts: Arc<AppendStreamCounts>,
@@ -131,10 +133,12 @@ impl PeerPool {
     pub fn new(
         config: NetworkConfig,
         cluster: &str,
+        tls: Option<ClientTlsConfig>,
     ) -> Result<Arc<Self>, tonic::metadata::errors::InvalidMetadataValue> {
         Ok(Arc::new(PeerPool {
             config,
             cluster: cluster.parse()?,
+            tls,
             channels: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             counts: Arc::default(),
@@ -201,7 +205,8 @@ impl PeerPool {
         if let Some(channel) = channels.get(addr) {
             return Ok(channel.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        let channel = self
+            .endpoint(addr)?
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
@@ -209,6 +214,15 @@ impl PeerPool {
             .connect_lazy();
         channels.insert(addr.to_owned(), channel.clone());
         Ok(channel)
+    }
+
+    /// An endpoint for `addr` (host:port) as this node reaches its peers: over TLS with its node
+    /// certificate when the pool has one.
+    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+        match &self.tls {
+            Some(tls) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls.clone()),
+            None => Endpoint::from_shared(format!("http://{addr}")),
+        }
     }
 }
 

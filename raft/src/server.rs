@@ -452,7 +452,7 @@ mod tests {
             .unwrap(),
         );
         let sm = StateMachine::open(store, 7, dir.path().join("snapshots")).unwrap();
-        let pool = PeerPool::new(NetworkConfig::default(), "test").unwrap();
+        let pool = PeerPool::new(NetworkConfig::default(), "test", None).unwrap();
         let config = openraft::Config {
             enable_elect: false,
             ..Default::default()

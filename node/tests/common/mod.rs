@@ -105,6 +105,20 @@ impl Drop for TestNode {
     }
 }
 
+/// An admin client of the node at `addr`, over TLS trusting `certs_dir`'s CA when given.
+pub async fn admin_at(
+    certs_dir: Option<&std::path::Path>,
+    addr: &str,
+) -> Result<AdminClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let endpoint = match certs_dir {
+        Some(dir) => dossier_client::ClientTls::from_certs_dir(dir, None)
+            .unwrap()
+            .endpoint(addr)?,
+        None => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?,
+    };
+    Ok(AdminClient::new(endpoint.connect().await?))
+}
+
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<TestNode>,
@@ -145,7 +159,7 @@ impl TestCluster {
             .collect();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let mut admin = AdminClient::connect(format!("http://{}", nodes[0].grpc)).await;
+            let mut admin = admin_at(nodes[0].config.certs_dir.as_deref(), &nodes[0].grpc).await;
             if let Ok(admin) = admin.as_mut() {
                 let request = dossier_api::v1::InitClusterRequest {
                     nodes: infos.clone(),
@@ -168,15 +182,23 @@ impl TestCluster {
         self.nodes.iter().map(|n| n.grpc.clone()).collect()
     }
 
+    /// The certs directory the nodes serve TLS from, if they do.
+    pub fn certs_dir(&self) -> Option<&std::path::Path> {
+        self.nodes[0].config.certs_dir.as_deref()
+    }
+
     pub async fn client(&self) -> Client {
         let mut config = ClientConfig::new(self.seeds());
+        config.tls = self
+            .certs_dir()
+            .map(|d| dossier_client::ClientTls::from_certs_dir(d, None).unwrap());
         config.attempt_timeout = Duration::from_millis(700);
         config.deadline = Duration::from_secs(15);
         Client::connect(config).await.unwrap()
     }
 
     pub async fn admin(&self, node: usize) -> AdminClient<tonic::transport::Channel> {
-        AdminClient::connect(format!("http://{}", self.nodes[node].grpc))
+        admin_at(self.certs_dir(), &self.nodes[node].grpc)
             .await
             .unwrap()
     }
@@ -240,7 +262,7 @@ impl TestCluster {
             if node.runtime.is_none() {
                 continue;
             }
-            let connect = AdminClient::connect(format!("http://{}", self.nodes[i].grpc));
+            let connect = admin_at(self.certs_dir(), &self.nodes[i].grpc);
             if let Ok(Ok(mut admin)) = tokio::time::timeout(Duration::from_secs(1), connect).await
                 && let Ok(s) = admin
                     .node_status(dossier_api::v1::NodeStatusRequest::default())
