@@ -93,10 +93,21 @@ impl LocalCluster {
         connections_per_node: Option<usize>,
         coalesce: bool,
     ) -> Result<LocalCluster> {
-        Self::start_with(dir, shards, base_port, connections_per_node, coalesce, &[]).await
+        Self::start_with(
+            dir,
+            shards,
+            base_port,
+            connections_per_node,
+            coalesce,
+            &[],
+            false,
+        )
+        .await
     }
 
-    /// `start`, the nodes started with the extra flags `node_args`.
+    /// `start`, the nodes started with the extra flags `node_args`; with `tls`, a CA and
+    /// certificates are made in `dir` (`dossier cert`), the nodes serve TLS and call each other
+    /// over it, and the client presents a `service` certificate.
     pub async fn start_with(
         dir: &Path,
         shards: u32,
@@ -104,13 +115,28 @@ impl LocalCluster {
         connections_per_node: Option<usize>,
         coalesce: bool,
         node_args: &[String],
+        tls: bool,
     ) -> Result<LocalCluster> {
+        let mut node_args = node_args.to_vec();
+        let client_tls = if tls {
+            let certs = dir.join("certs");
+            let life = dossier_cli::certs::Lifetimes::default();
+            dossier_cli::certs::create_ca(&certs, life, true)?;
+            dossier_cli::certs::create_node(&certs, &["127.0.0.1".into()], life, true)?;
+            dossier_cli::certs::create_client(&certs, "bench", "service", life, true)?;
+            let client = dossier_client::ClientTls::from_certs_dir(&certs, Some("bench"))?;
+            dossier_cli::ops::use_tls(client.clone());
+            node_args.push(format!("--certs-dir={}", certs.display()));
+            Some(client)
+        } else {
+            None
+        };
         let local = procs::LocalCluster::spawn_with(
             dir,
             3,
             base_port,
             &procs::node_binary(None)?,
-            node_args,
+            &node_args,
         )
         .await?;
         local.init(shards, 3).await?;
@@ -120,6 +146,7 @@ impl LocalCluster {
                     config.connections_per_node = n;
                 }
                 config.coalesce = coalesce;
+                config.tls = client_tls.clone();
             })
             .await?;
         let seeds = local.seeds.clone();

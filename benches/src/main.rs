@@ -143,6 +143,10 @@ enum Command {
         /// Reported as backend "dossier-unary".
         #[arg(long)]
         unary: bool,
+        /// Dossier only: TLS on every connection (certificates made for the run with `dossier
+        /// cert`; the load generator presents a service certificate).
+        #[arg(long)]
+        tls: bool,
     },
     /// The clinical workload on a local 3-node cluster: import speed of synthetic patients, then
     /// closed-loop summary reads, observation appends and admission transactions.
@@ -397,6 +401,7 @@ fn main() -> Result<()> {
             etcd_endpoints,
             connections_per_node,
             unary,
+            tls,
         } => {
             // Refuse bad arguments before starting anything.
             let workloads = workloads
@@ -418,7 +423,7 @@ fn main() -> Result<()> {
                 // as this block and stops when dropped; etcd is started by its script.
                 let (_cluster, backend) = match backend.as_str() {
                     "dossier" => {
-                        let c = cluster::LocalCluster::start(&dir.path().join("cluster"), shards, base_port, Some(connections_per_node), !unary).await?;
+                        let c = cluster::LocalCluster::start_with(&dir.path().join("cluster"), shards, base_port, Some(connections_per_node), !unary, &[], tls).await?;
                         let b = if unary {
                             cluster::Backend::DossierUnary(c.client.clone())
                         } else {
@@ -702,6 +707,7 @@ fn main() -> Result<()> {
                             None,
                             true,
                             &node_args,
+                            false,
                         )
                         .await?;
                         let measured = cluster::failover(&mut cluster, reps, clients, quiet).await;
