@@ -117,28 +117,12 @@ impl LocalCluster {
         node_args: &[String],
         tls: bool,
     ) -> Result<LocalCluster> {
-        let mut node_args = node_args.to_vec();
-        let client_tls = if tls {
-            let certs = dir.join("certs");
-            let life = dossier_cli::certs::Lifetimes::default();
-            dossier_cli::certs::create_ca(&certs, life, true)?;
-            dossier_cli::certs::create_node(&certs, &["127.0.0.1".into()], life, true)?;
-            dossier_cli::certs::create_client(&certs, "bench", "service", life, true)?;
-            let client = dossier_client::ClientTls::from_certs_dir(&certs, Some("bench"))?;
-            dossier_cli::ops::use_tls(client.clone());
-            node_args.push(format!("--certs-dir={}", certs.display()));
-            Some(client)
+        let bin = procs::node_binary(None)?;
+        let local = if tls {
+            procs::LocalCluster::spawn_secure(dir, 3, base_port, &bin, node_args).await?
         } else {
-            None
+            procs::LocalCluster::spawn_with(dir, 3, base_port, &bin, node_args).await?
         };
-        let local = procs::LocalCluster::spawn_with(
-            dir,
-            3,
-            base_port,
-            &procs::node_binary(None)?,
-            &node_args,
-        )
-        .await?;
         local.init(shards, 3).await?;
         let client = local
             .client_with(|config| {
@@ -146,7 +130,6 @@ impl LocalCluster {
                     config.connections_per_node = n;
                 }
                 config.coalesce = coalesce;
-                config.tls = client_tls.clone();
             })
             .await?;
         let seeds = local.seeds.clone();

@@ -44,6 +44,10 @@ pub struct PlaygroundArgs {
     /// The dossier-node binary (default: next to this executable).
     #[arg(long)]
     node_bin: Option<PathBuf>,
+    /// Run the nodes without TLS. By default the playground makes a CA and certificates in its
+    /// data directory (`certs/`) and runs every connection over TLS.
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn mark(step: &str) {
@@ -71,10 +75,39 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
         args.nodes,
         root.display()
     ));
-    let mut local = LocalCluster::spawn(&root, args.nodes, args.base_port, &bin).await?;
+    let mut local = if args.insecure {
+        LocalCluster::spawn_with(
+            &root,
+            args.nodes,
+            args.base_port,
+            &bin,
+            &["--insecure".into()],
+        )
+        .await?
+    } else {
+        LocalCluster::spawn_secure(&root, args.nodes, args.base_port, &bin, &[]).await?
+    };
     for p in &local.procs {
         println!("node {} up: gRPC {} HTTP {}", p.id, p.grpc, p.http);
     }
+    // How to reach this cluster with the dossier command.
+    let access = if args.insecure {
+        println!("TLS off (--insecure)");
+        String::new()
+    } else {
+        let certs = LocalCluster::certs_dir(&root);
+        println!(
+            "TLS on every connection: CA and certificates in {}; commands take --certs-dir {} --user {}",
+            certs.display(),
+            certs.display(),
+            dossier_cli::procs::LOCAL_USER
+        );
+        format!(
+            " --certs-dir {} --user {}",
+            certs.display(),
+            dossier_cli::procs::LOCAL_USER
+        )
+    };
     mark(&format!(
         "cluster init: {} shards x 3 replicas",
         args.shards
@@ -141,7 +174,8 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
     if outcome.lost > 0 {
         bail!("{} acknowledged writes were lost", outcome.lost);
     }
-    let joined = join_a_node(&root, &bin, args, &seeds).await?;
+    let cluster_args = local.procs[0].extra_args.clone();
+    let joined = join_a_node(&root, &bin, args, &seeds, &cluster_args).await?;
     local.procs.push(joined);
     split_a_shard(&client, &seeds, &sample_patient).await?;
     let timer = match args.exit_after {
@@ -153,7 +187,7 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
         }
         None => {
             mark(&format!(
-                "serving until Ctrl-C or SIGTERM; try: dossier --seeds {} patient everything {sample_patient}",
+                "serving until Ctrl-C or SIGTERM; try: dossier --seeds {}{access} patient everything {sample_patient}",
                 seeds[0]
             ));
             Duration::MAX
@@ -182,6 +216,7 @@ async fn join_a_node(
     bin: &std::path::Path,
     args: &PlaygroundArgs,
     seeds: &[String],
+    cluster_args: &[String],
 ) -> Result<NodeProc> {
     let id = args.nodes + 1;
     let zone = "dc-joined";
@@ -196,12 +231,13 @@ async fn join_a_node(
         root.join(format!("node-{id}")),
         bin.to_path_buf(),
     );
-    node.extra_args = vec![
+    node.extra_args = cluster_args.to_vec();
+    node.extra_args.extend([
         "--join".into(),
         seeds.join(","),
         "--zone".into(),
         zone.into(),
-    ];
+    ]);
     node.spawn()?;
     let started = Instant::now();
     loop {

@@ -227,7 +227,12 @@ pub async fn http_ok(addr: &str, path: &str) -> bool {
 pub struct LocalCluster {
     pub procs: Vec<NodeProc>,
     pub seeds: Vec<String>,
+    /// TLS of the cluster's clients, when its nodes serve TLS (`spawn_secure`).
+    pub tls: Option<dossier_client::ClientTls>,
 }
+
+/// The user whose client certificate a secure local cluster makes for its own clients.
+pub const LOCAL_USER: &str = "local-service";
 
 impl LocalCluster {
     /// Starts the processes and waits until each answers `/healthz`.
@@ -249,7 +254,46 @@ impl LocalCluster {
             p.wait_http_ok("healthz", Duration::from_secs(20)).await?;
         }
         let seeds = procs.iter().map(|p| p.grpc.clone()).collect();
-        Ok(LocalCluster { procs, seeds })
+        Ok(LocalCluster {
+            procs,
+            seeds,
+            tls: None,
+        })
+    }
+
+    /// As `spawn_with`, with TLS everywhere: a CA and certificates are made in `root/certs`
+    /// (`dossier cert`: the nodes' for 127.0.0.1, and a `service` client certificate for
+    /// [`LOCAL_USER`]), the nodes serve TLS and call each other over it, and the clients of this
+    /// cluster, and the operations of [`crate::ops`] in this process, use it.
+    pub async fn spawn_secure(
+        root: &Path,
+        nodes: u64,
+        base_port: u16,
+        bin: &Path,
+        extra_args: &[String],
+    ) -> Result<LocalCluster> {
+        let certs = Self::certs_dir(root);
+        let life = crate::certs::Lifetimes::default();
+        crate::certs::create_ca(&certs, life, true)?;
+        crate::certs::create_node(
+            &certs,
+            &["127.0.0.1".into(), "localhost".into()],
+            life,
+            true,
+        )?;
+        crate::certs::create_client(&certs, LOCAL_USER, "service", life, true)?;
+        let tls = dossier_client::ClientTls::from_certs_dir(&certs, Some(LOCAL_USER))?;
+        crate::ops::use_tls(tls.clone());
+        let mut args = extra_args.to_vec();
+        args.push(format!("--certs-dir={}", certs.display()));
+        let mut cluster = Self::spawn_with(root, nodes, base_port, bin, &args).await?;
+        cluster.tls = Some(tls);
+        Ok(cluster)
+    }
+
+    /// Where `spawn_secure` keeps the certificates of a cluster rooted at `root`.
+    pub fn certs_dir(root: &Path) -> PathBuf {
+        root.join("certs")
     }
 
     /// As `spawn`, passing `extra_args` to every node.
@@ -281,7 +325,11 @@ impl LocalCluster {
             p.wait_http_ok("healthz", Duration::from_secs(20)).await?;
         }
         let seeds = procs.iter().map(|p| p.grpc.clone()).collect();
-        Ok(LocalCluster { procs, seeds })
+        Ok(LocalCluster {
+            procs,
+            seeds,
+            tls: None,
+        })
     }
 
     /// `cluster init` with every node, then waits until each is ready (map known, leaders elected).
@@ -315,6 +363,7 @@ impl LocalCluster {
         let mut config = dossier_client::ClientConfig::new(self.seeds.clone());
         config.attempt_timeout = Duration::from_millis(500);
         config.deadline = Duration::from_secs(10);
+        config.tls = self.tls.clone();
         tweak(&mut config);
         Ok(dossier_client::Client::connect(config).await?)
     }

@@ -68,6 +68,11 @@ enum Command {
         /// milliseconds); the nodes' default when not given.
         #[arg(long)]
         quiesce_after_ms: Option<u64>,
+        /// TLS on every connection: a CA and certificates for the nodes' addresses are made in
+        /// the run's folder (`dossier cert`), the nodes serve and replicate over TLS, and the
+        /// clients present a service certificate.
+        #[arg(long)]
+        tls: bool,
         /// Register slots (read / write / compare-and-set of values 0..5), over several shards;
         /// each moves on to a fresh key every 1,000 operations.
         #[arg(long, default_value_t = 6)]
@@ -154,6 +159,7 @@ fn main() -> std::process::ExitCode {
                 membership_interval,
                 read_lease,
                 quiesce_after_ms,
+                tls,
                 register_keys,
                 set_keys,
                 clients,
@@ -198,6 +204,7 @@ fn main() -> std::process::ExitCode {
                     unsafe_stale_reads,
                     read_lease,
                     quiesce_after_ms,
+                    tls,
                     check_budget_per_key: Duration::from_secs(check_budget),
                     identifier_clients,
                     identifier_pool,

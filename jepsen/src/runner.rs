@@ -49,6 +49,8 @@ pub struct RunConfig {
     pub read_lease: bool,
     /// `raft.quiesce-after-ms` of the nodes, when set (quiescent groups).
     pub quiesce_after_ms: Option<u64>,
+    /// TLS on every connection (certificates made in `out/certs`).
+    pub tls: bool,
     pub check_budget_per_key: Duration,
     /// Clients of the identifier workload (patients claiming national numbers); 0: none.
     pub identifier_clients: usize,
@@ -121,6 +123,24 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
         config.nemesis.retain(|f| !f.needs_namespaces());
     }
     let config = Arc::new(config);
+    let client_tls = if config.tls {
+        // The nodes' certificate names every address a node of this run may have.
+        let mut hosts = vec!["127.0.0.1".to_owned()];
+        if let Some(net) = &net {
+            hosts.extend((1..=config.nodes + spare).map(|id| net.ip(id)));
+        }
+        let certs = config.out.join("certs");
+        let life = dossier_cli::certs::Lifetimes::default();
+        dossier_cli::certs::create_ca(&certs, life, true)?;
+        dossier_cli::certs::create_node(&certs, &hosts, life, true)?;
+        dossier_cli::certs::create_client(&certs, "jepsen", "service", life, true)?;
+        let tls = dossier_client::ClientTls::from_certs_dir(&certs, Some("jepsen"))?;
+        dossier_cli::ops::use_tls(tls.clone());
+        extra.push(format!("--certs-dir={}", certs.display()));
+        Some(tls)
+    } else {
+        None
+    };
     let mut procs = Vec::new();
     for id in 1..=config.nodes {
         procs.push(node_proc(&config, net.as_deref(), id, &extra));
@@ -139,9 +159,10 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
         let host = ClientHost::new(&format!("client-host-{h}"), namespace.as_deref())?;
         host.check().await?;
         let seeds = seeds.clone();
+        let tls = client_tls.clone();
         let client = host
             .handle()
-            .spawn(async move { connect(seeds).await })
+            .spawn(async move { connect(seeds, tls).await })
             .await
             .context("connect a client host")??;
         hosts.push((host, client));
@@ -352,9 +373,9 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
 /// The status of the node at `address` (`Admin.NodeStatus`), within 10 s.
 pub(crate) async fn node_status(address: &str) -> Result<dossier_api::v1::NodeStatusResponse> {
     let status = async {
-        let mut admin =
-            dossier_api::v1::admin_client::AdminClient::connect(format!("http://{address}"))
-                .await?;
+        let mut admin = dossier_api::v1::admin_client::AdminClient::new(
+            dossier_cli::ops::endpoint(address)?.connect().await?,
+        );
         let mut request = tonic::Request::new(dossier_api::v1::NodeStatusRequest::default());
         request.set_timeout(Duration::from_secs(5));
         anyhow::Ok(admin.node_status(request).await?.into_inner())
@@ -411,8 +432,12 @@ fn node_proc(config: &RunConfig, net: Option<&Net>, id: u64, extra: &[String]) -
 /// A client of the cluster with short attempts (fast failover) and a 10 s deadline, as
 /// `LocalCluster::client` makes: to be called on the client host's runtime, which then opens
 /// its connections.
-async fn connect(seeds: Vec<String>) -> Result<dossier_client::Client> {
+async fn connect(
+    seeds: Vec<String>,
+    tls: Option<dossier_client::ClientTls>,
+) -> Result<dossier_client::Client> {
     let mut config = dossier_client::ClientConfig::new(seeds);
+    config.tls = tls;
     config.attempt_timeout = Duration::from_millis(500);
     config.deadline = Duration::from_secs(10);
     Ok(dossier_client::Client::connect(config).await?)

@@ -306,8 +306,9 @@ async fn shard_leader(stage: &Stage, rng: &mut Rng) -> Option<u64> {
 
 /// Asks a node to hand every leadership it holds to another replica; returns the shards moved.
 async fn drain(address: &str) -> Result<Vec<u64>> {
-    let mut admin =
-        dossier_api::v1::admin_client::AdminClient::connect(format!("http://{address}")).await?;
+    let mut admin = dossier_api::v1::admin_client::AdminClient::new(
+        dossier_cli::ops::endpoint(address)?.connect().await?,
+    );
     let mut request = tonic::Request::new(dossier_api::v1::DrainRequest {});
     request.set_timeout(Duration::from_secs(10));
     Ok(admin.drain(request).await?.into_inner().transferred)

@@ -120,7 +120,7 @@ pub async fn any_replica(client: &Client, patient: &str, rng: &mut Rng) -> Optio
         .find(|d| h >= d.hash_lo && (d.hash_hi_max || h < d.hash_hi))?;
     let node = *shard.replicas.get(rng.below(shard.replicas.len()))?;
     let address = &map.nodes.iter().find(|n| n.node_id == node)?.address;
-    tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+    dossier_cli::ops::endpoint(address)
         .ok()?
         .connect_timeout(Duration::from_millis(200))
         .connect()
