@@ -69,6 +69,8 @@ enum Command {
     Cert(CertCommand),
 }
 
+// The variants are the subcommands' names: create-ca, create-node, create-client.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Subcommand)]
 enum CertCommand {
     /// Create the cluster's certificate authority: ca.crt (give it to every node and client) and

@@ -24,6 +24,7 @@ mod meta;
 mod metrics;
 mod mover;
 mod node;
+mod peer_auth;
 mod placement;
 mod placement_log;
 mod propose;
@@ -49,6 +50,7 @@ use dossier_api::v1::kv_server::KvServer;
 use dossier_api::v1::records_server::RecordsServer;
 use dossier_raft::RaftServer;
 use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
 use tracing::{error, info, warn};
 
 pub use config::{Config, Flags, NodeConfig};
@@ -96,6 +98,10 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
             .with_context(|| format!("bind gRPC endpoint {addr}"))?;
         let incoming = tokio_stream_listener(listener);
         let mut server = tonic::transport::Server::builder();
+        // Raft and ShardAccess answer only node certificates when TLS is on.
+        let nodes_only = peer_auth::NodesOnly {
+            tls: config.tls.is_some(),
+        };
         if let Some(tls) = &config.tls {
             server = server
                 .tls_config(tls.server.clone())
@@ -112,17 +118,19 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
                     default: node.config.request_deadline() + Duration::from_secs(1),
                     exempt: &[INSTALL_SNAPSHOT_PATH],
                 })
-                .add_service(
+                .add_service(InterceptedService::new(
                     RaftGrpc::new(RaftServer::new(Arc::clone(&node), replication_stop))
                         .max_decoding_message_size(raft_message_max),
-                )
+                    nodes_only,
+                ))
                 .add_service(
                     KvServer::new(service::kv::KvService::new(Arc::clone(&node)))
                         .max_decoding_message_size(request_max),
                 )
-                .add_service(ShardAccessServer::new(shards::ShardAccessService::new(
-                    Arc::clone(&node),
-                )))
+                .add_service(InterceptedService::new(
+                    ShardAccessServer::new(shards::ShardAccessService::new(Arc::clone(&node))),
+                    nodes_only,
+                ))
                 .add_service(
                     RecordsServer::new(service::records::RecordsService::new(Arc::clone(&node)))
                         .max_decoding_message_size(request_max),

@@ -1,0 +1,59 @@
+//! The internal services (`dossier.raft.v1.Raft` and `ShardAccess`) answer only the cluster's
+//! nodes. With TLS on, a caller must present a certificate of the cluster's CA (rustls has
+//! checked the chain during the handshake) whose subject names the unit `node`, as `dossier cert
+//! create-node` makes it; a client certificate (a service, an operator) is refused. Without TLS
+//! (`--insecure`) there is no identity to check, and the services stay open to whoever reaches
+//! the port (docs/security.md).
+
+use tonic::{Request, Status};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// The organizational unit of node certificates.
+const NODE_UNIT: &str = "node";
+
+/// An interceptor admitting only node certificates when `tls` is on.
+#[derive(Debug, Clone, Copy)]
+pub struct NodesOnly {
+    pub tls: bool,
+}
+
+impl tonic::service::Interceptor for NodesOnly {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        if !self.tls {
+            return Ok(request);
+        }
+        let certs = request.peer_certs();
+        let Some(first) = certs.as_deref().and_then(|c| c.first()) else {
+            return Err(Status::unauthenticated(
+                "internal service: only the cluster's nodes may call it, with their node certificate",
+            ));
+        };
+        match unit_and_name(first.as_ref()) {
+            Some((units, _)) if units.iter().any(|u| u == NODE_UNIT) => Ok(request),
+            Some((units, name)) => Err(Status::permission_denied(format!(
+                "internal service: only the cluster's nodes may call it; the caller's certificate \
+                 is {name:?} with role {units:?}"
+            ))),
+            None => Err(Status::unauthenticated(
+                "internal service: the caller's certificate cannot be read",
+            )),
+        }
+    }
+}
+
+/// The organizational units and the common name of a DER certificate's subject.
+fn unit_and_name(der: &[u8]) -> Option<(Vec<String>, String)> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let subject = cert.subject();
+    let units = subject
+        .iter_organizational_unit()
+        .filter_map(|u| u.as_str().ok().map(str::to_owned))
+        .collect();
+    let name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|n| n.as_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    Some((units, name))
+}
