@@ -286,15 +286,7 @@ fn patient_name(n: usize) -> String {
 
 /// The kind of a failed operation, for the error counts.
 fn dossier_error_kind(e: &dossier_client::ClientError) -> &'static str {
-    use dossier_client::ClientError as E;
-    match e {
-        E::Timeout { .. } => "timeout",
-        E::InvalidArgument { .. } => "invalid-argument",
-        E::Session(_) => "session",
-        E::Cluster(_) => "cluster",
-        E::NoSeed(_) => "no-seed",
-        E::Server(_) => "server",
-    }
+    e.kind()
 }
 
 impl Backend {

@@ -134,12 +134,8 @@ pub struct ScaleSpec {
 /// The kind of a failed call, for the error counts.
 fn error_kind(e: &ClientError) -> String {
     match e {
-        ClientError::Timeout { .. } => "timeout".into(),
         ClientError::InvalidArgument { field, .. } => format!("invalid-{field}"),
-        ClientError::Session(_) => "session".into(),
-        ClientError::Cluster(_) => "cluster".into(),
-        ClientError::NoSeed(_) => "no-seed".into(),
-        ClientError::Server(_) => "server".into(),
+        other => other.kind().into(),
     }
 }
 

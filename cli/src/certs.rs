@@ -6,8 +6,8 @@
 //! - `node.crt`, `node.key`: a node's identity, valid for the host names and addresses it is
 //!   reached at, for serving and for calling its peers;
 //! - `client.NAME.crt`, `client.NAME.key`: a client identity. Its subject's common name is the
-//!   user name, its organizational unit the role (`admin`, `service`, `clinician`, `patient`,
-//!   `auditor`).
+//!   user name, its organizational unit the role (`admin`, `service`, `auditor`; clinicians and
+//!   patients authenticate with bearer tokens, see `tokens.rs`).
 //!
 //! Keys are ECDSA P-256, written with mode 0600; certificates are PEM. Nothing is overwritten
 //! unless asked.
@@ -32,7 +32,7 @@ pub const NODE_CERT: &str = "node.crt";
 pub const NODE_KEY: &str = "node.key";
 
 /// The roles a client certificate may carry.
-pub const ROLES: &[&str] = &["admin", "service", "clinician", "patient", "auditor"];
+pub const ROLES: &[&str] = &["admin", "service", "auditor"];
 
 /// The organization every certificate of a cluster names.
 const ORGANIZATION: &str = "Dossier";
@@ -248,7 +248,7 @@ fn sign(
     Ok(())
 }
 
-fn refuse_existing(paths: &[&Path], overwrite: bool) -> Result<()> {
+pub(crate) fn refuse_existing(paths: &[&Path], overwrite: bool) -> Result<()> {
     if overwrite {
         return Ok(());
     }
@@ -261,7 +261,7 @@ fn refuse_existing(paths: &[&Path], overwrite: bool) -> Result<()> {
 }
 
 /// Writes a private key readable by its owner only (0600), created that way.
-fn write_key(path: &Path, pem: &str) -> Result<()> {
+pub(crate) fn write_key(path: &Path, pem: &str) -> Result<()> {
     let _ = fs::remove_file(path);
     let mut file = fs::OpenOptions::new()
         .write(true)
@@ -274,7 +274,7 @@ fn write_key(path: &Path, pem: &str) -> Result<()> {
         .with_context(|| format!("write {}", path.display()))
 }
 
-fn write_public(path: &Path, pem: &str) -> Result<()> {
+pub(crate) fn write_public(path: &Path, pem: &str) -> Result<()> {
     fs::write(path, pem).with_context(|| format!("write {}", path.display()))
 }
 

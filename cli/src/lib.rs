@@ -6,3 +6,4 @@ pub mod elastic;
 pub mod ops;
 pub mod procs;
 pub mod records;
+pub mod tokens;

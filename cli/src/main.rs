@@ -4,6 +4,7 @@ mod cluster;
 mod kv;
 mod patient;
 mod playground;
+mod token;
 
 use std::time::Duration;
 
@@ -37,6 +38,10 @@ struct Cli {
     /// The user whose client certificate (client.USER.crt in --certs-dir) identifies this caller.
     #[arg(long, global = true, env = "DOSSIER_USER")]
     user: Option<String>,
+    /// A bearer token (a clinician's or patient's, from the identity provider or `dossier token
+    /// issue`) sent with record commands instead of acting as --user.
+    #[arg(long, global = true, env = "DOSSIER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// TLS settings read from --certs-dir and --user.
     #[arg(skip)]
     tls: Option<dossier_client::ClientTls>,
@@ -67,6 +72,9 @@ enum Command {
     /// Certificates: the cluster's CA, node certificates, client certificates (docs/security.md).
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Bearer tokens from a development identity provider (docs/security.md).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
 }
 
 // The variants are the subcommands' names: create-ca, create-node, create-client.
@@ -93,7 +101,8 @@ enum CertCommand {
     CreateClient {
         /// The user name (a-z, 0-9, '.', '_', '-').
         name: String,
-        /// admin (cluster operations, no clinical data), service, clinician, patient or auditor.
+        /// admin (cluster operations, no clinical data), service (application services) or
+        /// auditor. Clinicians and patients authenticate with bearer tokens (dossier token).
         #[arg(long)]
         role: String,
         #[command(flatten)]
@@ -230,17 +239,27 @@ async fn drain(address: &str, timeout_ms: u64) -> Result<()> {
 }
 
 impl Cli {
-    fn client_config(&self) -> ClientConfig {
+    fn client_config(&self) -> Result<ClientConfig> {
         let mut config = ClientConfig::new(self.seeds.clone());
         config.deadline = Duration::from_millis(self.timeout_ms);
         config.tls = self.tls.clone();
-        config
+        config.token = match &self.token {
+            Some(t) => {
+                anyhow::ensure!(
+                    self.tls.is_some(),
+                    "--token needs --certs-dir: a token never travels over plaintext"
+                );
+                Some(dossier_client::BearerToken::new(t)?)
+            }
+            None => None,
+        };
+        Ok(config)
     }
 
     /// Reads --certs-dir and --user into the TLS every connection of this command uses (not for
     /// `dossier cert`, which makes those files).
     fn load_tls(&mut self) -> Result<()> {
-        if matches!(self.command, Command::Cert(_)) {
+        if matches!(self.command, Command::Cert(_) | Command::Token(_)) {
             return Ok(());
         }
         let Some(dir) = &self.certs_dir else {
@@ -260,7 +279,7 @@ impl Cli {
     }
 
     async fn client(&self) -> Result<Client> {
-        Ok(Client::connect(self.client_config()).await?)
+        Ok(Client::connect(self.client_config()?).await?)
     }
 }
 
@@ -346,6 +365,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Playground(args) => playground::run(args).await,
             Command::Cert(c) => cert(c, cli.certs_dir.as_deref()),
+            Command::Token(c) => token::run(c, cli.certs_dir.as_deref()),
         }
     });
     match result {

@@ -234,6 +234,10 @@ pub struct LocalCluster {
 /// The user whose client certificate a secure local cluster makes for its own clients.
 pub const LOCAL_USER: &str = "local-service";
 
+/// The operator of a local cluster started with TLS: a client certificate of role `admin`
+/// (cluster operations; no clinical data).
+pub const LOCAL_ADMIN: &str = "local-admin";
+
 impl LocalCluster {
     /// Starts the processes and waits until each answers `/healthz`.
     pub async fn spawn(
@@ -262,9 +266,11 @@ impl LocalCluster {
     }
 
     /// As `spawn_with`, with TLS everywhere: a CA and certificates are made in `root/certs`
-    /// (`dossier cert`: the nodes' for 127.0.0.1, and a `service` client certificate for
-    /// [`LOCAL_USER`]), the nodes serve TLS and call each other over it, and the clients of this
-    /// cluster, and the operations of [`crate::ops`] in this process, use it.
+    /// (`dossier cert`: the nodes' for 127.0.0.1, a `service` client certificate for
+    /// [`LOCAL_USER`] and an `admin` one for [`LOCAL_ADMIN`]) with a development token issuer
+    /// (`dossier token`) the nodes trust; the nodes serve TLS and call each other over it. The
+    /// clients of this cluster act as [`LOCAL_USER`], the operations of [`crate::ops`] in this
+    /// process as [`LOCAL_ADMIN`].
     pub async fn spawn_secure(
         root: &Path,
         nodes: u64,
@@ -282,13 +288,29 @@ impl LocalCluster {
             true,
         )?;
         crate::certs::create_client(&certs, LOCAL_USER, "service", life, true)?;
+        crate::certs::create_client(&certs, LOCAL_ADMIN, "admin", life, true)?;
+        crate::tokens::create_issuer(&certs, true)?;
         let tls = dossier_client::ClientTls::from_certs_dir(&certs, Some(LOCAL_USER))?;
-        crate::ops::use_tls(tls.clone());
+        crate::ops::use_tls(dossier_client::ClientTls::from_certs_dir(
+            &certs,
+            Some(LOCAL_ADMIN),
+        )?);
         let mut args = extra_args.to_vec();
-        args.push(format!("--certs-dir={}", certs.display()));
+        args.extend(Self::secure_args(&certs));
         let mut cluster = Self::spawn_with(root, nodes, base_port, bin, &args).await?;
         cluster.tls = Some(tls);
         Ok(cluster)
+    }
+
+    /// A node's flags for TLS with the certificates in `certs` and bearer tokens of the
+    /// development issuer there (`crate::tokens`).
+    pub fn secure_args(certs: &Path) -> Vec<String> {
+        vec![
+            format!("--certs-dir={}", certs.display()),
+            format!("--token-jwks={}", certs.join(crate::tokens::JWKS).display()),
+            format!("--token-issuer={}", crate::tokens::LOCAL_ISSUER),
+            format!("--token-audience={}", crate::tokens::LOCAL_AUDIENCE),
+        ]
     }
 
     /// Where `spawn_secure` keeps the certificates of a cluster rooted at `root`.

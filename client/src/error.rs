@@ -28,9 +28,29 @@ pub enum ClientError {
     NoSeed(String),
     #[error("server error: {0}")]
     Server(String),
+    /// No certificate or token the node accepts: not retryable with the same credentials.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller may not do this (role, care relationship, consent).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 impl ClientError {
+    /// A short name of the error's kind, for counts and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientError::Timeout { .. } => "timeout",
+            ClientError::InvalidArgument { .. } => "invalid-argument",
+            ClientError::Session(_) => "session",
+            ClientError::Cluster(_) => "cluster",
+            ClientError::NoSeed(_) => "no-seed",
+            ClientError::Server(_) => "server",
+            ClientError::Unauthenticated(_) => "unauthenticated",
+            ClientError::PermissionDenied(_) => "permission-denied",
+        }
+    }
+
     /// True when the request certainly had no effect: its argument was refused (every attempt
     /// of it would be), or no node could be reached. A SESSION or cluster-state refusal is not
     /// definite: it may answer a retry whose earlier attempt was applied and its answer lost

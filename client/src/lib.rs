@@ -25,8 +25,10 @@ mod bundle;
 mod error;
 mod records;
 mod tls;
+mod token;
 pub use records::{History, RecordWrite, SearchPage, SearchQuery, WriteOptions, is_applied};
 pub use tls::ClientTls;
+pub use token::BearerToken;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -72,6 +74,9 @@ pub struct ClientConfig {
     /// TLS to the nodes (their CA, and this client's certificate if it has one); None: plaintext,
     /// for nodes run with `--insecure`.
     pub tls: Option<ClientTls>,
+    /// The bearer token of a clinician or patient, sent with Records calls and map fetches
+    /// (needs `tls`); None: the caller is who its certificate says.
+    pub token: Option<BearerToken>,
 }
 
 impl ClientConfig {
@@ -86,6 +91,7 @@ impl ClientConfig {
             connections_per_node: 2,
             coalesce: true,
             tls: None,
+            token: None,
         }
     }
 }
@@ -210,6 +216,12 @@ impl Client {
         Ok(self.lane(addr)?.channel)
     }
 
+    /// A connection to the node at `addr` with this client's TLS and identity (one of its own
+    /// pooled connections), for calls to a chosen replica that the client does not route.
+    pub fn connection(&self, addr: &str) -> Result<Channel, ClientError> {
+        self.channel(addr)
+    }
+
     /// Fetches the map from any node that answers (seeds first, then known nodes).
     pub async fn refresh_map(&self) -> Result<ClusterMap, ClientError> {
         let mut candidates = self.inner.config.seeds.clone();
@@ -221,6 +233,9 @@ impl Client {
             let mut admin = AdminClient::new(self.channel(&addr)?);
             let mut request = tonic::Request::new(ClusterMapRequest {});
             request.set_timeout(self.inner.config.attempt_timeout);
+            if let Some(token) = &self.inner.config.token {
+                token.stamp(&mut request);
+            }
             match admin.get_cluster_map(request).await {
                 Ok(map) => {
                     let map = map.into_inner();
@@ -419,6 +434,12 @@ impl Client {
             ErrorReason::Session => Attempt::Fail(ClientError::Session(detail.message)),
             ErrorReason::ClusterState => Attempt::Fail(ClientError::Cluster(detail.message)),
             ErrorReason::Internal => Attempt::Fail(ClientError::Server(detail.message)),
+            ErrorReason::Unauthenticated => {
+                Attempt::Fail(ClientError::Unauthenticated(detail.message))
+            }
+            ErrorReason::PermissionDenied => {
+                Attempt::Fail(ClientError::PermissionDenied(detail.message))
+            }
             ErrorReason::ResourceExhausted | ErrorReason::Deadline => {
                 Attempt::Retry(detail.message)
             }

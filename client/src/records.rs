@@ -109,6 +109,9 @@ impl Client {
             .routed(route_key, deadline, |lane, route, t| {
                 let mut request = tonic::Request::new(build(route));
                 request.set_timeout(t);
+                if let Some(token) = &self.inner.config.token {
+                    token.stamp(&mut request);
+                }
                 rpc(RecordsClient::new(lane.channel), request)
             })
             .await?;

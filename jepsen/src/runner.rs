@@ -134,9 +134,15 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
         dossier_cli::certs::create_ca(&certs, life, true)?;
         dossier_cli::certs::create_node(&certs, &hosts, life, true)?;
         dossier_cli::certs::create_client(&certs, "jepsen", "service", life, true)?;
+        dossier_cli::certs::create_client(&certs, "jepsen-admin", "admin", life, true)?;
+        dossier_cli::tokens::create_issuer(&certs, true)?;
         let tls = dossier_client::ClientTls::from_certs_dir(&certs, Some("jepsen"))?;
-        dossier_cli::ops::use_tls(tls.clone());
-        extra.push(format!("--certs-dir={}", certs.display()));
+        // The nemeses' cluster operations (moves, joins, removals) act as an operator.
+        dossier_cli::ops::use_tls(dossier_client::ClientTls::from_certs_dir(
+            &certs,
+            Some("jepsen-admin"),
+        )?);
+        extra.extend(dossier_cli::procs::LocalCluster::secure_args(&certs));
         Some(tls)
     } else {
         None

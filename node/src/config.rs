@@ -144,6 +144,14 @@ pub struct NodeConfig {
     /// Serve and call peers without TLS, on purpose (development only). Without `certs-dir` the
     /// node runs without TLS either way, and warns at start unless this is set.
     pub insecure: bool,
+    /// The identity provider's public keys (a JWKS file, `{"keys": [...]}`): callers may then
+    /// authenticate with `authorization: Bearer <JWT>` signed by one of them (clinicians and
+    /// patients). Needs `certs-dir`, `token-issuer` and `token-audience`.
+    pub token_jwks: Option<PathBuf>,
+    /// The `iss` every bearer token must carry.
+    pub token_issuer: String,
+    /// The `aud` every bearer token must carry (this cluster's name at the identity provider).
+    pub token_audience: String,
     /// While this node leads the meta group, move replicas and preferred leaders so that up nodes
     /// hold even shares and a shard's replicas sit in distinct zones (`node/src/balance.rs`).
     /// A cluster-wide policy: set it alike on every node. Draining a node being removed happens
@@ -186,6 +194,9 @@ impl Default for NodeConfig {
             web_allowed_origins: Vec::new(),
             certs_dir: None,
             insecure: false,
+            token_jwks: None,
+            token_issuer: String::new(),
+            token_audience: String::new(),
             placement_balance: true,
             split_shard_bytes: 512 << 20,
             split_writes_per_second: 0,
@@ -209,6 +220,8 @@ pub struct Config {
     pub raft: Arc<dossier_raft::openraft::Config>,
     /// Loaded from `certs-dir`; None: no TLS.
     pub tls: Option<crate::tls::NodeTls>,
+    /// Loaded from `token-jwks`; None: no bearer tokens accepted.
+    pub tokens: Option<Arc<crate::authn::TokenVerifier>>,
 }
 
 impl Config {
@@ -405,6 +418,23 @@ impl NodeConfig {
             Some(dir) => Some(crate::tls::NodeTls::load(dir).context("certs-dir")?),
             None => None,
         };
+        let tokens = match &self.token_jwks {
+            Some(jwks) => {
+                ensure!(
+                    tls.is_some(),
+                    "token-jwks needs certs-dir: bearer tokens are never accepted over plaintext"
+                );
+                Some(Arc::new(
+                    crate::authn::TokenVerifier::load(
+                        jwks,
+                        &self.token_issuer,
+                        &self.token_audience,
+                    )
+                    .context("token-jwks")?,
+                ))
+            }
+            None => None,
+        };
         Ok(Arc::new(Config {
             node: self,
             advertise,
@@ -412,6 +442,7 @@ impl NodeConfig {
             state,
             raft,
             tls,
+            tokens,
         }))
     }
 }
@@ -469,6 +500,16 @@ pub struct Flags {
     /// Run without TLS on purpose (development only; a node without --certs-dir warns otherwise).
     #[arg(long, env = "DOSSIER_INSECURE")]
     pub insecure: bool,
+    /// JWKS file of the identity provider whose bearer tokens (JWT) callers may present (needs
+    /// --certs-dir, --token-issuer, --token-audience).
+    #[arg(long, env = "DOSSIER_TOKEN_JWKS")]
+    pub token_jwks: Option<PathBuf>,
+    /// The issuer (`iss`) bearer tokens must name.
+    #[arg(long, env = "DOSSIER_TOKEN_ISSUER")]
+    pub token_issuer: Option<String>,
+    /// The audience (`aud`) bearer tokens must name.
+    #[arg(long, env = "DOSSIER_TOKEN_AUDIENCE")]
+    pub token_audience: Option<String>,
     /// Do not initialise a single-node cluster when none exists; wait for `dossier cluster init`.
     #[arg(long, env = "DOSSIER_NO_AUTO_INIT")]
     pub no_auto_init: bool,
@@ -551,6 +592,15 @@ impl Flags {
         }
         if self.insecure {
             config.insecure = true;
+        }
+        if let Some(v) = &self.token_jwks {
+            config.token_jwks = Some(v.clone());
+        }
+        if let Some(v) = &self.token_issuer {
+            config.token_issuer = v.clone();
+        }
+        if let Some(v) = &self.token_audience {
+            config.token_audience = v.clone();
         }
         if self.no_auto_init {
             config.auto_init = false;

@@ -52,6 +52,12 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// No identity, or credentials that do not check out.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's role or standing with the patient does not allow the call.
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 /// Where the patient's shard is, for a request that reached a node without it.
@@ -103,6 +109,8 @@ impl ApiError {
             ApiError::Session(_) => "session",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
+            ApiError::Unauthenticated(_) => "unauthenticated",
+            ApiError::PermissionDenied(_) => "permission_denied",
         }
     }
 
@@ -122,6 +130,10 @@ impl ApiError {
             ApiError::Session(_) => (Code::FailedPrecondition, ErrorReason::Session),
             ApiError::Unavailable(_) => (Code::Unavailable, ErrorReason::Unavailable),
             ApiError::Internal(_) => (Code::Internal, ErrorReason::Internal),
+            ApiError::Unauthenticated(_) => (Code::Unauthenticated, ErrorReason::Unauthenticated),
+            ApiError::PermissionDenied(_) => {
+                (Code::PermissionDenied, ErrorReason::PermissionDenied)
+            }
         }
     }
 }

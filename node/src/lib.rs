@@ -11,6 +11,8 @@
 // The layout of the deepest service futures (a bundle of writes, each waking its group) needs it.
 #![recursion_limit = "256"]
 
+mod access;
+mod authn;
 mod balance;
 mod compactor;
 pub mod config;
@@ -102,6 +104,11 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
         let nodes_only = peer_auth::NodesOnly {
             tls: config.tls.is_some(),
         };
+        // The public services know their caller (authn.rs) and decide on it (access.rs).
+        let authenticate = authn::Authenticate {
+            tls: config.tls.is_some(),
+            tokens: config.tokens.clone(),
+        };
         if let Some(tls) = &config.tls {
             server = server
                 .tls_config(tls.server.clone())
@@ -123,21 +130,24 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
                         .max_decoding_message_size(raft_message_max),
                     nodes_only,
                 ))
-                .add_service(
+                .add_service(InterceptedService::new(
                     KvServer::new(service::kv::KvService::new(Arc::clone(&node)))
                         .max_decoding_message_size(request_max),
-                )
+                    authenticate.clone(),
+                ))
                 .add_service(InterceptedService::new(
                     ShardAccessServer::new(shards::ShardAccessService::new(Arc::clone(&node))),
                     nodes_only,
                 ))
-                .add_service(
+                .add_service(InterceptedService::new(
                     RecordsServer::new(service::records::RecordsService::new(Arc::clone(&node)))
                         .max_decoding_message_size(request_max),
-                )
-                .add_service(AdminServer::new(service::admin::AdminService::new(
-                    Arc::clone(&node),
-                )))
+                    authenticate.clone(),
+                ))
+                .add_service(InterceptedService::new(
+                    AdminServer::new(service::admin::AdminService::new(Arc::clone(&node))),
+                    authenticate,
+                ))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = serving.wait_for(|stop| *stop).await;
                 })

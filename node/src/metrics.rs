@@ -24,6 +24,8 @@ pub struct Metrics {
     pub quiescence_sleeps: IntCounter,
     /// Quiescent groups woken up here.
     pub quiescence_wakes: IntCounter,
+    /// Calls served on break-the-glass grounds (docs/security.md).
+    pub break_glass: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -75,6 +77,14 @@ impl Metrics {
             "Quiescent groups woken up here",
         )
         .expect("valid metric");
+        let break_glass = IntCounter::new(
+            "dossier_break_glass_total",
+            "Calls on a patient's record served on break-the-glass grounds",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(break_glass.clone()))
+            .expect("registered once");
         registry
             .register(Box::new(quiescence_sleeps.clone()))
             .expect("registered once");
@@ -101,6 +111,7 @@ impl Metrics {
             bundle_items,
             quiescence_sleeps,
             quiescence_wakes,
+            break_glass,
         }
     }
 }

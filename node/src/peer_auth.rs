@@ -42,7 +42,7 @@ impl tonic::service::Interceptor for NodesOnly {
 }
 
 /// The organizational units and the common name of a DER certificate's subject.
-fn unit_and_name(der: &[u8]) -> Option<(Vec<String>, String)> {
+pub(crate) fn unit_and_name(der: &[u8]) -> Option<(Vec<String>, String)> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     let subject = cert.subject();
     let units = subject

@@ -9,15 +9,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestCluster;
-use dossier_cli::certs::{self, Lifetimes};
+use common::{TestCluster, make_certs};
 use dossier_client::{Client, ClientConfig, ClientTls};
-
-fn make_certs(dir: &std::path::Path) {
-    certs::create_ca(dir, Lifetimes::default(), false).unwrap();
-    certs::create_node(dir, &["127.0.0.1".into()], Lifetimes::default(), false).unwrap();
-    certs::create_client(dir, "ward-app", "service", Lifetimes::default(), false).unwrap();
-}
 
 /// A client of `cluster` with `tls`, trying for a short while only.
 async fn client_with(cluster: &TestCluster, tls: Option<ClientTls>) -> Result<Client, String> {
@@ -59,13 +52,15 @@ async fn a_tls_cluster_serves_its_clients_and_refuses_strangers() {
             Some(&b"penicillin"[..])
         );
     }
-    // A client with the CA only (clinicians and patients will bring tokens instead).
-    client_with(
+    // A client with the CA only has no identity: refused (clinicians and patients bring
+    // tokens, services and operators their certificate).
+    let anonymous = client_with(
         &cluster,
         Some(ClientTls::from_certs_dir(certs.path(), None).unwrap()),
     )
     .await
-    .unwrap();
+    .expect_err("a caller without identity was served");
+    assert!(anonymous.contains("no identity"), "{anonymous}");
 
     // Plaintext to a TLS port.
     let plain = client_with(&cluster, None).await;
@@ -130,7 +125,6 @@ async fn internal_services_answer_node_certificates_only() {
 
     let certs = tempfile::tempdir().unwrap();
     make_certs(certs.path());
-    certs::create_client(certs.path(), "dba", "admin", Lifetimes::default(), false).unwrap();
     let dir = certs.path().to_path_buf();
     let cluster = TestCluster::start(3, 1, 3, &|c| c.certs_dir = Some(dir.clone())).await;
     let addr = cluster.seeds()[0].clone();

@@ -7,10 +7,12 @@
 //!   are named; [`idempotency`]: request fingerprints and stored answers.
 //! - [`mpi`]: the master patient index protocol; [`index`] and [`search`]: per-patient search
 //!   indexes kept in the same batch as the record; [`quarantine`]: records set aside on import.
+//! - [`care`]: where a clinician stands with a patient (care relationships, consents).
 //! - [`history`] and [`everything`]: reading versions and a patient's records in stamp order.
 //!
 //! Non-goals: no gRPC, no networking, no Raft; the node adapts these to its services and store.
 
+pub mod care;
 mod codes;
 mod error;
 pub mod everything;

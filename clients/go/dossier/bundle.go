@@ -235,7 +235,8 @@ func retryable(d *pb.ErrorDetail) bool {
 	}
 	switch d.Reason {
 	case pb.ErrorReason_ERROR_REASON_INVALID_ARGUMENT, pb.ErrorReason_ERROR_REASON_SESSION,
-		pb.ErrorReason_ERROR_REASON_CLUSTER_STATE, pb.ErrorReason_ERROR_REASON_INTERNAL:
+		pb.ErrorReason_ERROR_REASON_CLUSTER_STATE, pb.ErrorReason_ERROR_REASON_INTERNAL,
+		pb.ErrorReason_ERROR_REASON_UNAUTHENTICATED, pb.ErrorReason_ERROR_REASON_PERMISSION_DENIED:
 		return false
 	}
 	return true

@@ -118,7 +118,8 @@ func (c *Client) classify(ctx context.Context, d *pb.ShardDescriptor, err error,
 		*rotate++
 		return retry
 	default:
-		// INVALID_ARGUMENT, SESSION, CLUSTER_STATE, INTERNAL: the answer is final.
+		// INVALID_ARGUMENT, SESSION, CLUSTER_STATE, INTERNAL, UNAUTHENTICATED, PERMISSION_DENIED:
+		// the answer is final.
 		return fail
 	}
 }

@@ -292,7 +292,8 @@ export class DossierClient {
       case ErrorReason.UNSPECIFIED:
         return rotate + 1;
       default:
-        // INVALID_ARGUMENT, SESSION, CLUSTER_STATE, INTERNAL: the answer is final.
+        // INVALID_ARGUMENT, SESSION, CLUSTER_STATE, INTERNAL, UNAUTHENTICATED, PERMISSION_DENIED:
+        // the answer is final.
         return undefined;
     }
   }

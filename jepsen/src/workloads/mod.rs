@@ -9,7 +9,7 @@ pub mod set;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use dossier_client::{Client, ClientError};
 use serde_json::Value;
@@ -111,7 +111,7 @@ pub fn outcome_of(e: &ClientError) -> Type {
 /// a correct replica that is not the leader refuses linearizable reads (the caller then reads
 /// through the client, which finds the leader); the nodes' unsafe test switch makes it answer
 /// from its local state. `None` when the map names no reachable replica.
-pub async fn any_replica(client: &Client, patient: &str, rng: &mut Rng) -> Option<Channel> {
+pub fn any_replica(client: &Client, patient: &str, rng: &mut Rng) -> Option<Channel> {
     let map = client.cluster_map()?;
     let h = dossier_api::patient_hash(patient);
     let shard = map
@@ -120,12 +120,9 @@ pub async fn any_replica(client: &Client, patient: &str, rng: &mut Rng) -> Optio
         .find(|d| h >= d.hash_lo && (d.hash_hi_max || h < d.hash_hi))?;
     let node = *shard.replicas.get(rng.below(shard.replicas.len()))?;
     let address = &map.nodes.iter().find(|n| n.node_id == node)?.address;
-    dossier_cli::ops::endpoint(address)
-        .ok()?
-        .connect_timeout(Duration::from_millis(200))
-        .connect()
-        .await
-        .ok()
+    // The client's own connection: its identity is the workload's (a service), not the
+    // operator's of `dossier_cli::ops`.
+    client.connection(address).ok()
 }
 
 /// What the clients of one client host share; `registers`, `sets`, `recorder` and `stop` are the

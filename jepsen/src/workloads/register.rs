@@ -239,7 +239,7 @@ async fn read_any_replica(
     key: &[u8],
     rng: &mut Rng,
 ) -> Result<Option<Vec<u8>>, ClientError> {
-    if let Some(channel) = any_replica(client, patient, rng).await {
+    if let Some(channel) = any_replica(client, patient, rng) {
         let mut request = tonic::Request::new(GetRequest {
             route: Some(RouteHeader {
                 patient_id: patient.to_owned(),

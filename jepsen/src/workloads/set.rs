@@ -221,7 +221,7 @@ async fn page(
     rng: Option<&mut Rng>,
 ) -> Result<(Items, bool), ClientError> {
     if let Some(rng) = rng
-        && let Some(channel) = any_replica(client, patient, rng).await
+        && let Some(channel) = any_replica(client, patient, rng)
     {
         let mut request = tonic::Request::new(ScanRequest {
             route: Some(RouteHeader {

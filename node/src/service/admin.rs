@@ -14,6 +14,7 @@ use dossier_api::v1::{
 use dossier_raft::openraft::async_runtime::WatchReceiver;
 use tonic::{Request, Response, Status};
 
+use crate::access::{self, Need};
 use crate::errors::ApiError;
 use crate::node::Node;
 
@@ -46,8 +47,9 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 impl Admin for AdminService {
     async fn get_cluster_map(
         &self,
-        _request: Request<ClusterMapRequest>,
+        request: Request<ClusterMapRequest>,
     ) -> Result<Response<ClusterMap>, Status> {
+        access::decide(&request, Need::Map, None)?;
         let map = self
             .node
             .map()
@@ -71,6 +73,7 @@ impl Admin for AdminService {
         &self,
         request: Request<InitClusterRequest>,
     ) -> Result<Response<InitClusterResponse>, Status> {
+        access::decide(&request, Need::ClusterChange, None)?;
         let r = request.into_inner();
         let map = self
             .node
@@ -83,6 +86,7 @@ impl Admin for AdminService {
         &self,
         request: Request<JoinClusterRequest>,
     ) -> Result<Response<JoinClusterResponse>, Status> {
+        access::decide(&request, Need::ClusterChange, None)?;
         let request = request.into_inner();
         let node = request
             .node
@@ -95,6 +99,7 @@ impl Admin for AdminService {
         &self,
         request: Request<MoveReplicaRequest>,
     ) -> Result<Response<MoveReplicaResponse>, Status> {
+        access::decide(&request, Need::ClusterChange, None)?;
         let r = request.into_inner();
         let shard = self
             .node
@@ -107,14 +112,16 @@ impl Admin for AdminService {
         &self,
         request: Request<RemoveNodeRequest>,
     ) -> Result<Response<RemoveNodeResponse>, Status> {
+        access::decide(&request, Need::ClusterChange, None)?;
         let map = self.node.remove_node(request.into_inner().node_id).await?;
         Ok(Response::new(RemoveNodeResponse { map: Some(map) }))
     }
 
     async fn get_placement(
         &self,
-        _request: Request<PlacementRequest>,
+        request: Request<PlacementRequest>,
     ) -> Result<Response<PlacementResponse>, Status> {
+        access::decide(&request, Need::ClusterStatus, None)?;
         let meta_leader =
             self.node.known_leader(crate::meta::META_SHARD) == Some(self.node.node_id());
         Ok(Response::new(PlacementResponse {
@@ -128,6 +135,7 @@ impl Admin for AdminService {
         &self,
         request: Request<SplitShardRequest>,
     ) -> Result<Response<SplitShardResponse>, Status> {
+        access::decide(&request, Need::ClusterChange, None)?;
         let r = request.into_inner();
         let (left, right) = self.node.split_shard(r.shard_id, r.at).await?;
         Ok(Response::new(SplitShardResponse {
@@ -140,6 +148,7 @@ impl Admin for AdminService {
         &self,
         request: Request<NodeStatusRequest>,
     ) -> Result<Response<NodeStatusResponse>, Status> {
+        access::decide(&request, Need::ClusterStatus, None)?;
         let count_keys = request.into_inner().count_keys;
         let node_id = self.node.node_id();
         let mut shards = Vec::new();
@@ -190,8 +199,9 @@ impl Admin for AdminService {
 
     async fn drain(
         &self,
-        _request: Request<DrainRequest>,
+        request: Request<DrainRequest>,
     ) -> Result<Response<DrainResponse>, Status> {
+        access::decide(&request, Need::ClusterChange, None)?;
         let (transferred, remaining) = self.node.drain(Duration::from_secs(5)).await;
         Ok(Response::new(DrainResponse {
             transferred,

@@ -19,6 +19,7 @@ use futures_util::{FutureExt, StreamExt};
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
+use crate::access::{self, Need};
 use crate::errors::ApiError;
 use crate::node::Node;
 
@@ -212,7 +213,10 @@ impl KvService {
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
-        let result = self.admitted(request.get_ref(), deadline, body).await;
+        let result = match access::decide(&request, Need::Kv, None) {
+            Ok(_) => self.admitted(request.get_ref(), deadline, body).await,
+            Err(e) => Err(e),
+        };
         super::observe(&self.node, method, started, result)
     }
 
@@ -488,6 +492,10 @@ impl Kv for KvService {
     ) -> Result<Response<BundleAnswers>, Status> {
         let started = Instant::now();
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
+        if let Err(refused) = access::decide(&request, Need::Kv, None) {
+            super::record(&self.node, "bundle", started, Err(&refused));
+            return Err(refused.into());
+        }
         let items = request.into_inner().items;
         self.node.metrics.bundle_items.observe(items.len() as f64);
         let max = self.node.config.node.limits.bundle_items_max;

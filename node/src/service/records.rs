@@ -27,6 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::record_everything;
+use crate::access::{self, Decision, Ground, Need};
 use crate::errors::ApiError;
 use crate::node::Node;
 use crate::record_store::{ReplicaReads, to_storage};
@@ -78,9 +79,41 @@ impl RecordsService {
             .ok_or(ApiError::shard_not_found(shard))
     }
 
+    /// Decides whether the caller of `request` may do what `need` says on `patient` of `shard`:
+    /// by role, or for a clinician by their standing with the patient, read from this replica
+    /// (as applied here: a care relationship ended a moment ago may still count on a replica
+    /// that has not applied the change).
+    fn authorize<Req>(
+        &self,
+        request: &Request<Req>,
+        need: Need,
+        shard: u64,
+        patient: &PatientId,
+    ) -> Result<Ground, ApiError> {
+        let ground = match access::decide(request, need, Some(patient))? {
+            Decision::Allowed(ground) => ground,
+            Decision::NeedsStanding(access) => {
+                let replica = self.replica(shard)?;
+                let standing = dossier_records::care::standing(
+                    &ReplicaReads(&replica),
+                    &PatientKeys::new(patient),
+                    &access.caller().care,
+                    dossier_records::now_micros(),
+                )?;
+                access.with_standing(standing)?
+            }
+        };
+        if let Ground::BreakGlass(_) = &ground {
+            self.node.metrics.break_glass.inc();
+            tracing::warn!(shard, "break-the-glass access to a patient's record");
+        }
+        Ok(ground)
+    }
+
     async fn serve<Req, T>(
         &self,
         method: &'static str,
+        need: Need,
         request: Request<Req>,
         route: impl FnOnce(&Req) -> Option<&RouteHeader>,
         body: impl AsyncFnOnce(&Req, u64, PatientId, Duration) -> Result<T, ApiError>,
@@ -91,6 +124,7 @@ impl RecordsService {
             let _permit = super::admit(&self.node)?;
             let r = request.get_ref();
             let (shard, patient) = self.route(route(r))?;
+            self.authorize(&request, need, shard, &patient)?;
             body(r, shard, patient, deadline).await
         }
         .await;
@@ -106,6 +140,7 @@ impl Records for RecordsService {
     ) -> Result<Response<RecordWriteResponse>, Status> {
         self.serve(
             "records_create_patient",
+            Need::PatientCreate,
             request,
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline| {
@@ -143,6 +178,7 @@ impl Records for RecordsService {
     ) -> Result<Response<RecordWriteResponse>, Status> {
         self.serve(
             "records_create",
+            Need::RecordWrite,
             request,
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline| {
@@ -168,6 +204,7 @@ impl Records for RecordsService {
     ) -> Result<Response<ReadRecordResponse>, Status> {
         self.serve(
             "records_read",
+            Need::RecordRead,
             request,
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline| {
@@ -198,6 +235,7 @@ impl Records for RecordsService {
     ) -> Result<Response<ReadRecordResponse>, Status> {
         self.serve(
             "records_vread",
+            Need::RecordRead,
             request,
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline| {
@@ -234,6 +272,7 @@ impl Records for RecordsService {
     ) -> Result<Response<HistoryResponse>, Status> {
         self.serve(
             "records_history",
+            Need::RecordRead,
             request,
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline| {
@@ -270,6 +309,7 @@ impl Records for RecordsService {
     ) -> Result<Response<RecordWriteResponse>, Status> {
         self.serve(
             "records_update",
+            Need::RecordWrite,
             request,
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline| {
@@ -317,6 +357,7 @@ impl Records for RecordsService {
     ) -> Result<Response<RecordWriteResponse>, Status> {
         self.serve(
             "records_delete",
+            Need::RecordWrite,
             request,
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline| {
@@ -389,6 +430,7 @@ impl Records for RecordsService {
     ) -> Result<Response<RecordWriteResponse>, Status> {
         self.serve(
             "records_transaction",
+            Need::RecordWrite,
             request,
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline| {
@@ -466,8 +508,9 @@ impl Records for RecordsService {
     ) -> Result<Response<Self::EverythingStream>, Status> {
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
         let permit = super::admit(&self.node).map_err(Status::from)?;
+        let (shard, patient) = self.route(request.get_ref().route.as_ref())?;
+        self.authorize(&request, Need::RecordRead, shard, &patient)?;
         let r = request.into_inner();
-        let (shard, patient) = self.route(r.route.as_ref()).map_err(Status::from)?;
         let mut types: Vec<&'static str> = Vec::new();
         for (i, t) in r.types.iter().enumerate() {
             let name = Self::read_type(*t, &format!("types[{i}]")).map_err(Status::from)?;
@@ -527,6 +570,12 @@ impl Records for RecordsService {
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
         let result = async {
             let _permit = super::admit(&self.node)?;
+            if let Decision::Allowed(Ground::BreakGlass(_)) =
+                access::decide(&request, Need::Lookup, None)?
+            {
+                self.node.metrics.break_glass.inc();
+                tracing::warn!("break-the-glass lookup of an identifier");
+            }
             let r = request.get_ref();
             if !self
                 .node
@@ -581,6 +630,7 @@ impl Records for RecordsService {
     ) -> Result<Response<SearchResponse>, Status> {
         self.serve(
             "records_search",
+            Need::RecordRead,
             request,
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline| {
@@ -631,6 +681,7 @@ impl Records for RecordsService {
     ) -> Result<Response<QuarantineResponse>, Status> {
         self.serve(
             "records_quarantine",
+            Need::Quarantine,
             request,
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline| {
@@ -701,6 +752,7 @@ impl Records for RecordsService {
     ) -> Result<Response<ListQuarantineResponse>, Status> {
         self.serve(
             "records_list_quarantine",
+            Need::Quarantine,
             request,
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline| {

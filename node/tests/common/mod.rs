@@ -105,13 +105,40 @@ impl Drop for TestNode {
     }
 }
 
-/// An admin client of the node at `addr`, over TLS trusting `certs_dir`'s CA when given.
+/// The service (`ward-app`, role service) and operator (`dba`, role admin) of the clusters
+/// that tests run with TLS.
+#[allow(dead_code)] // not every test binary runs TLS
+pub const SERVICE_USER: &str = "ward-app";
+pub const ADMIN_USER: &str = "dba";
+
+/// A certs directory for a TLS test cluster: CA, node certificate for 127.0.0.1, the service and
+/// admin client certificates, and a development token issuer.
+#[allow(dead_code)] // not every test binary runs TLS
+pub fn make_certs(dir: &std::path::Path) {
+    use dossier_cli::certs::{self, Lifetimes};
+    certs::create_ca(dir, Lifetimes::default(), false).unwrap();
+    certs::create_node(dir, &["127.0.0.1".into()], Lifetimes::default(), false).unwrap();
+    certs::create_client(dir, SERVICE_USER, "service", Lifetimes::default(), false).unwrap();
+    certs::create_client(dir, ADMIN_USER, "admin", Lifetimes::default(), false).unwrap();
+    dossier_cli::tokens::create_issuer(dir, false).unwrap();
+}
+
+/// Node settings for TLS from `dir` (made by `make_certs`) and its development tokens.
+#[allow(dead_code)] // not every test binary runs TLS
+pub fn secure(config: &mut NodeConfig, dir: &std::path::Path) {
+    config.certs_dir = Some(dir.to_path_buf());
+    config.token_jwks = Some(dir.join(dossier_cli::tokens::JWKS));
+    config.token_issuer = dossier_cli::tokens::LOCAL_ISSUER.into();
+    config.token_audience = dossier_cli::tokens::LOCAL_AUDIENCE.into();
+}
+
+/// An admin client of the node at `addr`, over TLS as `ADMIN_USER` of `certs_dir` when given.
 pub async fn admin_at(
     certs_dir: Option<&std::path::Path>,
     addr: &str,
 ) -> Result<AdminClient<tonic::transport::Channel>, tonic::transport::Error> {
     let endpoint = match certs_dir {
-        Some(dir) => dossier_client::ClientTls::from_certs_dir(dir, None)
+        Some(dir) => dossier_client::ClientTls::from_certs_dir(dir, Some(ADMIN_USER))
             .unwrap()
             .endpoint(addr)?,
         None => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?,
@@ -191,7 +218,7 @@ impl TestCluster {
         let mut config = ClientConfig::new(self.seeds());
         config.tls = self
             .certs_dir()
-            .map(|d| dossier_client::ClientTls::from_certs_dir(d, None).unwrap());
+            .map(|d| dossier_client::ClientTls::from_certs_dir(d, Some(SERVICE_USER)).unwrap());
         config.attempt_timeout = Duration::from_millis(700);
         config.deadline = Duration::from_secs(15);
         Client::connect(config).await.unwrap()

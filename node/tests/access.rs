@@ -1,0 +1,665 @@
+//! Authentication and authorisation on real nodes with TLS and bearer tokens: every caller
+//! (service, admin, auditor, clinicians by practitioner and by organisation, a patient, callers
+//! with no, expired, misdirected or forged credentials) × every kind of call (Kv read and
+//! write, record read, write, history, Everything, identifier lookup, cluster map, status,
+//! change) × patients with and without a care relationship, with a denying consent, with an
+//! ended relationship, with and without break-the-glass. The expected answer of each cell is
+//! written out here from the rules of docs/security.md, independently of the node's code, and
+//! every cell is asserted: an allowed call succeeds, a refused one gets exactly
+//! PERMISSION_DENIED or UNAUTHENTICATED.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use common::{ADMIN_USER, SERVICE_USER, TestCluster, make_certs, secure};
+use dossier_api::v1::admin_client::AdminClient;
+use dossier_api::v1::kv_client::KvClient;
+use dossier_api::v1::records_client::RecordsClient;
+use dossier_api::v1::{
+    CareRelationship, CareRelationshipStatus, ClusterMapRequest, CodeableConcept, Coding, Consent,
+    ConsentActor, ConsentDecision, ConsentStatus, CreateRecordRequest, DateTime, EntityType,
+    EverythingRequest, GetRequest, HistoryRequest, HumanName, Identifier, LookupIdentifierRequest,
+    Meta, NodeStatusRequest, Observation, ObservationStatus, ObservationValue, Patient, Period,
+    PutRequest, Quantity, ReadConsistency, ReadRecordRequest, Reference, RemoveNodeRequest,
+    Resource, ResourceType, RouteHeader, WriteHeader, observation_value, reference, resource,
+};
+use dossier_cli::tokens::{self, LOCAL_AUDIENCE, LOCAL_ISSUER, TokenClaims};
+use dossier_client::{ClientTls, WriteOptions, is_applied};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const NIHDI: &str = "https://www.ehealth.fgov.be/standards/fhir/core/NamingSystem/nihdi";
+const ORGS: &str =
+    "https://www.ehealth.fgov.be/standards/fhir/core/NamingSystem/nihdi-organization";
+const DR_X: &str = "10000001";
+const DR_Z: &str = "10000002";
+const WARD_O: &str = "71000001";
+const DAY_MICROS: i64 = 86_400_000_000;
+
+/// The patients, by their standing with the clinicians.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    /// An active care relationship with Dr X.
+    CaredByX,
+    /// No care relationship at all.
+    Nobody,
+    /// A relationship with Dr X and an active consent denying Dr X.
+    DeniesX,
+    /// A relationship with Dr X that ended yesterday.
+    EndedX,
+    /// An active relationship with ward O (Dr Z works for it).
+    CaredByWard,
+}
+
+const PATIENTS: [Who; 5] = [
+    Who::CaredByX,
+    Who::Nobody,
+    Who::DeniesX,
+    Who::EndedX,
+    Who::CaredByWard,
+];
+
+fn patient_id(who: Who) -> &'static str {
+    match who {
+        Who::CaredByX => "acl-cared-x",
+        Who::Nobody => "acl-nobody",
+        Who::DeniesX => "acl-denies-x",
+        Who::EndedX => "acl-ended-x",
+        Who::CaredByWard => "acl-cared-ward",
+    }
+}
+
+/// The callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Service,
+    Admin,
+    Auditor,
+    DrX,
+    DrZ,
+    /// The patient `Who::CaredByX`, through the portal.
+    PatientX,
+    NoIdentity,
+    Expired,
+    WrongAudience,
+    Forged,
+}
+
+const CALLERS: [Caller; 10] = [
+    Caller::Service,
+    Caller::Admin,
+    Caller::Auditor,
+    Caller::DrX,
+    Caller::DrZ,
+    Caller::PatientX,
+    Caller::NoIdentity,
+    Caller::Expired,
+    Caller::WrongAudience,
+    Caller::Forged,
+];
+
+/// The calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    KvGet,
+    KvPut,
+    Read,
+    Create,
+    History,
+    Everything,
+    Lookup,
+    Map,
+    Status,
+    Change,
+}
+
+const OPS: [Op; 10] = [
+    Op::KvGet,
+    Op::KvPut,
+    Op::Read,
+    Op::Create,
+    Op::History,
+    Op::Everything,
+    Op::Lookup,
+    Op::Map,
+    Op::Status,
+    Op::Change,
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Allowed,
+    Denied,
+    Unauthenticated,
+}
+
+/// The rules of docs/security.md, written out.
+fn expected(caller: Caller, op: Op, who: Who, glass: bool) -> Expect {
+    use Expect::*;
+    let on_patient = matches!(op, Op::Read | Op::Create | Op::History | Op::Everything);
+    match caller {
+        Caller::NoIdentity | Caller::Expired | Caller::WrongAudience | Caller::Forged => {
+            Unauthenticated
+        }
+        _ if op == Op::Map => Allowed,
+        Caller::Service => match op {
+            Op::Change => Denied,
+            _ => Allowed,
+        },
+        Caller::Admin => match op {
+            Op::Status | Op::Change => Allowed,
+            _ => Denied,
+        },
+        Caller::Auditor => match op {
+            Op::Status => Allowed,
+            _ => Denied,
+        },
+        Caller::PatientX => match op {
+            Op::Read | Op::History | Op::Everything if who == Who::CaredByX => Allowed,
+            _ => Denied,
+        },
+        Caller::DrX | Caller::DrZ => {
+            let related = match caller {
+                Caller::DrX => who == Who::CaredByX,
+                _ => who == Who::CaredByWard,
+            };
+            match op {
+                _ if on_patient && (related || glass) => Allowed,
+                Op::Lookup if glass => Allowed,
+                _ => Denied,
+            }
+        }
+    }
+}
+
+fn meta(id: &str) -> Option<Meta> {
+    Some(Meta {
+        id: id.into(),
+        ..Meta::default()
+    })
+}
+
+fn record(id: &str, kind: resource::Kind) -> Resource {
+    Resource {
+        meta: meta(id),
+        kind: Some(kind),
+        unmodelled_json: String::new(),
+    }
+}
+
+fn identifier_ref(entity: EntityType, system: &str, value: &str) -> Option<Reference> {
+    Some(Reference {
+        target: Some(reference::Target::Identifier(Identifier {
+            system: system.into(),
+            value: value.into(),
+            r#type: None,
+        })),
+        entity_type: entity as i32,
+        display: String::new(),
+    })
+}
+
+fn at(micros: i64) -> Option<DateTime> {
+    Some(DateTime {
+        unix_micros: micros,
+        precision: dossier_api::v1::DatePrecision::Time as i32,
+        utc_offset_minutes: 0,
+    })
+}
+
+fn concept(system: &str, code: &str) -> Option<CodeableConcept> {
+    Some(CodeableConcept {
+        codings: vec![Coding {
+            system: system.into(),
+            code: code.into(),
+            display: String::new(),
+        }],
+        text: String::new(),
+    })
+}
+
+fn relationship(id: &str, entity: EntityType, system: &str, value: &str, ended: bool) -> Resource {
+    let now = dossier_records::now_micros() as i64;
+    record(
+        id,
+        resource::Kind::CareRelationship(CareRelationship {
+            status: CareRelationshipStatus::Active as i32,
+            participant: identifier_ref(entity, system, value),
+            period: Some(Period {
+                start: at(now - 30 * DAY_MICROS),
+                end: if ended { at(now - DAY_MICROS) } else { None },
+            }),
+            ..CareRelationship::default()
+        }),
+    )
+}
+
+fn consent_denying(id: &str, value: &str) -> Resource {
+    record(
+        id,
+        resource::Kind::Consent(Consent {
+            status: ConsentStatus::Active as i32,
+            scope: concept(
+                "http://terminology.hl7.org/CodeSystem/consentscope",
+                "patient-privacy",
+            ),
+            categories: vec![concept("http://loinc.org", "59284-0").unwrap()],
+            decision: ConsentDecision::Deny as i32,
+            actors: vec![ConsentActor {
+                role: concept(
+                    "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                    "IRCP",
+                ),
+                reference: identifier_ref(EntityType::Practitioner, NIHDI, value),
+            }],
+            ..Consent::default()
+        }),
+    )
+}
+
+fn observation(id: &str) -> Resource {
+    record(
+        id,
+        resource::Kind::Observation(Observation {
+            status: ObservationStatus::Final as i32,
+            code: concept("http://loinc.org", "8302-2"),
+            value: Some(ObservationValue {
+                kind: Some(observation_value::Kind::Quantity(Quantity {
+                    value: "172".into(),
+                    unit: "cm".into(),
+                    ..Quantity::default()
+                })),
+            }),
+            ..Observation::default()
+        }),
+    )
+}
+
+fn route(patient: &str) -> Option<RouteHeader> {
+    // Shard 0: the node routes (every node holds every shard here).
+    Some(RouteHeader {
+        shard_id: 0,
+        epoch: 0,
+        patient_id: patient.into(),
+    })
+}
+
+/// The credentials of a caller: a TLS identity and maybe a token.
+struct Credentials {
+    channel: Channel,
+    token: Option<String>,
+}
+
+fn token(dir: &Path, claims: TokenClaims, audience: &str, issued: SystemTime) -> String {
+    tokens::issue(
+        dir,
+        &claims,
+        LOCAL_ISSUER,
+        audience,
+        issued,
+        Duration::from_secs(3600),
+    )
+    .unwrap()
+}
+
+async fn credentials(caller: Caller, certs: &Path, forger: &Path, addr: &str) -> Credentials {
+    let user = match caller {
+        Caller::Service => Some(SERVICE_USER),
+        Caller::Admin => Some(ADMIN_USER),
+        Caller::Auditor => Some("audit-1"),
+        _ => None,
+    };
+    let channel = ClientTls::from_certs_dir(certs, user)
+        .unwrap()
+        .endpoint(addr)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let clinician = |sub: &str, practitioner: Option<&str>, orgs: &[&str]| TokenClaims {
+        subject: sub.into(),
+        role: "clinician".into(),
+        practitioner: practitioner.map(|v| format!("{NIHDI}|{v}")),
+        organizations: orgs.iter().map(|o| format!("{ORGS}|{o}")).collect(),
+        patient: None,
+    };
+    let now = SystemTime::now();
+    let token = match caller {
+        Caller::DrX => Some(token(
+            certs,
+            clinician("dr-x", Some(DR_X), &[]),
+            LOCAL_AUDIENCE,
+            now,
+        )),
+        Caller::DrZ => Some(token(
+            certs,
+            clinician("dr-z", Some(DR_Z), &[WARD_O]),
+            LOCAL_AUDIENCE,
+            now,
+        )),
+        Caller::PatientX => Some(token(
+            certs,
+            TokenClaims {
+                subject: "portal-user-1".into(),
+                role: "patient".into(),
+                patient: Some(patient_id(Who::CaredByX).into()),
+                ..TokenClaims::default()
+            },
+            LOCAL_AUDIENCE,
+            now,
+        )),
+        // Issued two hours ago for one hour: past its expiry and the clock-skew leeway.
+        Caller::Expired => Some(token(
+            certs,
+            clinician("dr-x", Some(DR_X), &[]),
+            LOCAL_AUDIENCE,
+            now - Duration::from_secs(7200),
+        )),
+        Caller::WrongAudience => Some(token(
+            certs,
+            clinician("dr-x", Some(DR_X), &[]),
+            "another-cluster",
+            now,
+        )),
+        // Another issuer's key, with the same key id: the signature does not verify.
+        Caller::Forged => Some(token(
+            forger,
+            clinician("dr-x", Some(DR_X), &[]),
+            LOCAL_AUDIENCE,
+            now,
+        )),
+        _ => None,
+    };
+    Credentials { channel, token }
+}
+
+fn request<T>(message: T, creds: &Credentials, glass: bool) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.set_timeout(Duration::from_secs(5));
+    if let Some(t) = &creds.token {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    if glass {
+        r.metadata_mut().insert(
+            "x-dossier-break-glass",
+            "unconscious patient in the emergency room".parse().unwrap(),
+        );
+    }
+    r
+}
+
+/// Makes the call; Ok for an answer, the status code for a refusal.
+async fn call(op: Op, who: Who, creds: &Credentials, glass: bool, n: usize) -> Result<(), Code> {
+    let pid = patient_id(who);
+    let ch = creds.channel.clone();
+    let linear = ReadConsistency::Linearizable as i32;
+    let result = match op {
+        Op::KvGet => KvClient::new(ch)
+            .get(request(
+                GetRequest {
+                    route: route(pid),
+                    key: b"k".to_vec(),
+                    consistency: linear,
+                },
+                creds,
+                glass,
+            ))
+            .await
+            .map(drop),
+        Op::KvPut => KvClient::new(ch)
+            .put(request(
+                PutRequest {
+                    route: route(pid),
+                    key: b"k".to_vec(),
+                    value: b"v".to_vec(),
+                    ..PutRequest::default()
+                },
+                creds,
+                glass,
+            ))
+            .await
+            .map(drop),
+        Op::Read => RecordsClient::new(ch)
+            .read(request(
+                ReadRecordRequest {
+                    route: route(pid),
+                    r#type: ResourceType::Observation as i32,
+                    id: "obs-1".into(),
+                    consistency: linear,
+                },
+                creds,
+                glass,
+            ))
+            .await
+            .map(|r| assert!(r.into_inner().found, "{pid}: obs-1 not found")),
+        Op::Create => RecordsClient::new(ch)
+            .create(request(
+                CreateRecordRequest {
+                    route: route(pid),
+                    header: Some(WriteHeader {
+                        // 16 bytes, unique per cell.
+                        request_id: format!("acl-{n:012}").into_bytes(),
+                        author: None,
+                    }),
+                    resource: Some(observation(&format!("obs-acl-{n}"))),
+                },
+                creds,
+                glass,
+            ))
+            .await
+            .map(|r| {
+                let w = r.into_inner();
+                assert!(is_applied(&w), "{pid}: create not applied: {w:?}");
+            }),
+        Op::History => RecordsClient::new(ch)
+            .history(request(
+                HistoryRequest {
+                    route: route(pid),
+                    r#type: ResourceType::Observation as i32,
+                    id: "obs-1".into(),
+                    limit: 10,
+                    ..HistoryRequest::default()
+                },
+                creds,
+                glass,
+            ))
+            .await
+            .map(drop),
+        Op::Everything => {
+            match RecordsClient::new(ch)
+                .everything(request(
+                    EverythingRequest {
+                        route: route(pid),
+                        consistency: linear,
+                        ..EverythingRequest::default()
+                    },
+                    creds,
+                    glass,
+                ))
+                .await
+            {
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    let mut records = 0;
+                    while let Some(page) = stream.message().await.map_err(|s| s.code())? {
+                        records += page.resources.len();
+                    }
+                    assert!(records >= 2, "{pid}: Everything streamed {records} records");
+                    Ok(())
+                }
+                Err(s) => Err(s),
+            }
+        }
+        Op::Lookup => {
+            let x = format!("mpi:{}|{}", dossier_records::SYSTEM_INSZ, "85073003328");
+            RecordsClient::new(ch)
+                .lookup_identifier(request(
+                    LookupIdentifierRequest {
+                        route: route(&x),
+                        system: dossier_records::SYSTEM_INSZ.into(),
+                        value: "85073003328".into(),
+                        consistency: linear,
+                    },
+                    creds,
+                    glass,
+                ))
+                .await
+                .map(drop)
+        }
+        Op::Map => AdminClient::new(ch)
+            .get_cluster_map(request(ClusterMapRequest {}, creds, glass))
+            .await
+            .map(drop),
+        Op::Status => AdminClient::new(ch)
+            .node_status(request(NodeStatusRequest::default(), creds, glass))
+            .await
+            .map(drop),
+        // Removing a node that does not exist: refused for its argument once authorised.
+        Op::Change => match AdminClient::new(ch)
+            .remove_node(request(RemoveNodeRequest { node_id: 999 }, creds, glass))
+            .await
+        {
+            Ok(_) => panic!("node 999 was removed"),
+            Err(s) if matches!(s.code(), Code::PermissionDenied | Code::Unauthenticated) => Err(s),
+            Err(_) => Ok(()),
+        },
+    };
+    result.map_err(|s| s.code())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_gets_exactly_the_calls_its_rules_allow() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    dossier_cli::certs::create_client(
+        certs.path(),
+        "audit-1",
+        "auditor",
+        dossier_cli::certs::Lifetimes::default(),
+        false,
+    )
+    .unwrap();
+    let forger = tempfile::tempdir().unwrap();
+    tokens::create_issuer(forger.path(), false).unwrap();
+    let dir = certs.path().to_path_buf();
+    // One data shard on every node, so that any node holds every patient.
+    let cluster = TestCluster::start(3, 1, 3, &|c| secure(c, &dir)).await;
+
+    // The patients and their standing, written by the service.
+    let service = cluster.client().await;
+    let options = WriteOptions::default();
+    for who in PATIENTS {
+        let pid = patient_id(who);
+        let patient = record(
+            pid,
+            resource::Kind::Patient(Patient {
+                names: vec![HumanName {
+                    family: "Janssens".into(),
+                    given: vec!["Els".into()],
+                    ..HumanName::default()
+                }],
+                ..Patient::default()
+            }),
+        );
+        assert!(is_applied(
+            &service.create_patient(patient, &options).await.unwrap()
+        ));
+        let mut records = vec![observation("obs-1")];
+        match who {
+            Who::CaredByX => records.push(relationship(
+                "cr-1",
+                EntityType::Practitioner,
+                NIHDI,
+                DR_X,
+                false,
+            )),
+            Who::Nobody => {}
+            Who::DeniesX => {
+                records.push(relationship(
+                    "cr-1",
+                    EntityType::Practitioner,
+                    NIHDI,
+                    DR_X,
+                    false,
+                ));
+                records.push(consent_denying("consent-1", DR_X));
+            }
+            Who::EndedX => records.push(relationship(
+                "cr-1",
+                EntityType::Practitioner,
+                NIHDI,
+                DR_X,
+                true,
+            )),
+            Who::CaredByWard => records.push(relationship(
+                "cr-1",
+                EntityType::Organization,
+                ORGS,
+                WARD_O,
+                false,
+            )),
+        }
+        for r in records {
+            let w = service.create_record(pid, r, &options).await.unwrap();
+            assert!(is_applied(&w), "{pid}: {w:?}");
+        }
+    }
+
+    // The leader of the data shard answers everything (writes and linearizable reads).
+    let leader = cluster.leader_of(1).await.expect("a leader of shard 1");
+    let addr = cluster.nodes[cluster.node_index(leader)].grpc.clone();
+    let mut n = 0;
+    let mut cells = 0;
+    let mut refused_for_identity = 0;
+    for caller in CALLERS {
+        let creds = credentials(caller, certs.path(), forger.path(), &addr).await;
+        for op in OPS {
+            for who in PATIENTS {
+                for glass in [false, true] {
+                    n += 1;
+                    let want = expected(caller, op, who, glass);
+                    let got = call(op, who, &creds, glass, n).await;
+                    let verdict = match got {
+                        Ok(()) => Expect::Allowed,
+                        Err(Code::PermissionDenied) => Expect::Denied,
+                        Err(Code::Unauthenticated) => Expect::Unauthenticated,
+                        Err(code) => panic!(
+                            "{caller:?} {op:?} on {who:?} (glass {glass}): unexpected {code:?}"
+                        ),
+                    };
+                    assert_eq!(
+                        verdict, want,
+                        "{caller:?} {op:?} on {who:?} (glass {glass})"
+                    );
+                    cells += 1;
+                    refused_for_identity += usize::from(verdict == Expect::Unauthenticated);
+                }
+            }
+        }
+    }
+    assert_eq!(cells, CALLERS.len() * OPS.len() * PATIENTS.len() * 2);
+    assert_eq!(refused_for_identity, 4 * OPS.len() * PATIENTS.len() * 2);
+
+    // The clinicians' writes are there, readable by the service.
+    let cared = service
+        .read_record(
+            patient_id(Who::CaredByX),
+            ResourceType::Observation,
+            "obs-1",
+        )
+        .await
+        .unwrap();
+    assert!(cared.is_some());
+    // Served break-the-glass calls are counted on the node.
+    let glass = common::metric(
+        &cluster.nodes[cluster.node_index(leader)],
+        "dossier_break_glass_total",
+    )
+    .await;
+    assert!(glass > 0.0, "no break-the-glass call counted");
+}
