@@ -1,9 +1,11 @@
 //! `dossier`: the Dossier admin command line. See `dossier --help`.
 
+mod audit;
 mod cluster;
 mod kv;
 mod patient;
 mod playground;
+mod playground_access;
 mod token;
 
 use std::time::Duration;
@@ -42,6 +44,10 @@ struct Cli {
     /// issue`) sent with record commands instead of acting as --user.
     #[arg(long, global = true, env = "DOSSIER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Break the glass: open a patient's record without a care relationship, for this reason
+    /// (a clinician's --token; the access is flagged for review).
+    #[arg(long, global = true)]
+    break_glass: Option<String>,
     /// TLS settings read from --certs-dir and --user.
     #[arg(skip)]
     tls: Option<dossier_client::ClientTls>,
@@ -72,6 +78,9 @@ enum Command {
     /// Certificates: the cluster's CA, node certificates, client certificates (docs/security.md).
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Patients' audit chains: verify them (docs/security.md).
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Bearer tokens from a development identity provider (docs/security.md).
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -253,6 +262,11 @@ impl Cli {
             }
             None => None,
         };
+        config.break_glass = self
+            .break_glass
+            .as_deref()
+            .map(dossier_client::BreakGlass::new)
+            .transpose()?;
         Ok(config)
     }
 
@@ -366,6 +380,7 @@ fn main() -> std::process::ExitCode {
             Command::Playground(args) => playground::run(args).await,
             Command::Cert(c) => cert(c, cli.certs_dir.as_deref()),
             Command::Token(c) => token::run(c, cli.certs_dir.as_deref()),
+            Command::Audit(c) => audit::run(&cli, c).await,
         }
     });
     match result {

@@ -23,6 +23,14 @@ pub enum PatientCommand {
     /// Create a patient from a FHIR R4 Patient resource (JSON file, or - for stdin); its `id`
     /// becomes the patient id.
     Create { file: PathBuf },
+    /// Who accessed the patient's record: its audit chain, oldest first, verified as it is
+    /// read (for the patient, auditors and services).
+    AccessLog {
+        patient: String,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a patient's current record, or one of its records, as FHIR R4 JSON.
     Get {
         patient: String,
@@ -202,9 +210,13 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
     if let PatientCommand::Generate { count, seed, out } = command {
         return generate(*count, *seed, out);
     }
+    if let PatientCommand::AccessLog { patient, json } = command {
+        return crate::audit::print_log(cli, patient, *json).await;
+    }
     let client = cli.client().await?;
     match command {
         PatientCommand::Generate { .. } => unreachable!("handled above"),
+        PatientCommand::AccessLog { .. } => unreachable!("handled above"),
         PatientCommand::Create { file } => {
             let resource = read_json(file)?;
             let bundle = serde_json::json!({

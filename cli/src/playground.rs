@@ -97,10 +97,11 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
     } else {
         let certs = LocalCluster::certs_dir(&root);
         println!(
-            "TLS on every connection: CA and certificates in {}; commands take --certs-dir {} --user {}",
+            "TLS on every connection: CA and certificates in {}; commands take --certs-dir {} and --user {} (a service: data) or --user {} (an operator: cluster changes, no clinical data)",
             certs.display(),
             certs.display(),
-            dossier_cli::procs::LOCAL_USER
+            dossier_cli::procs::LOCAL_USER,
+            dossier_cli::procs::LOCAL_ADMIN
         );
         format!(
             " --certs-dir {} --user {}",
@@ -165,6 +166,12 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
             })
             .await?;
         println!("{sample_patient}: {kinds:?}");
+        if !args.insecure {
+            mark("access control: the patient's GP, another clinician, break-the-glass");
+            let sample = synth::patient(1, 7.min(args.patients.saturating_sub(1)) as u64);
+            crate::playground_access::show(&local, &LocalCluster::certs_dir(&root), &sample)
+                .await?;
+        }
     }
     cluster::print_status(&cluster::status(&seeds, true).await?);
 

@@ -21,11 +21,13 @@
 //!
 //! Non-goals: no server-side logic; depends only on `dossier-api`. Never blocks past a deadline.
 
+mod break_glass;
 mod bundle;
 mod error;
 mod records;
 mod tls;
 mod token;
+pub use break_glass::BreakGlass;
 pub use records::{History, RecordWrite, SearchPage, SearchQuery, WriteOptions, is_applied};
 pub use tls::ClientTls;
 pub use token::BearerToken;
@@ -77,6 +79,9 @@ pub struct ClientConfig {
     /// The bearer token of a clinician or patient, sent with Records calls and map fetches
     /// (needs `tls`); None: the caller is who its certificate says.
     pub token: Option<BearerToken>,
+    /// A clinician's break-the-glass reason, sent with Records calls: they are served without
+    /// a care relationship, and flagged for review.
+    pub break_glass: Option<BreakGlass>,
 }
 
 impl ClientConfig {
@@ -92,6 +97,7 @@ impl ClientConfig {
             coalesce: true,
             tls: None,
             token: None,
+            break_glass: None,
         }
     }
 }

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use dossier_api::v1::records_client::RecordsClient;
 use dossier_api::v1::{
-    CreatePatientRequest, CreateRecordRequest, DeleteRecordRequest, EverythingRequest,
-    HistoryRequest, ListQuarantineRequest, LookupIdentifierRequest, QuarantineRequest,
-    QuarantineResponse, QuarantinedRecord, ReadConsistency, ReadRecordRequest, ReadVersionRequest,
-    RecordWriteResponse, Reference, Resource, ResourceType, RouteHeader, SearchRequest,
-    TransactionEntry, TransactionRequest, UpdateRecordRequest, WriteHeader, WriteOutcome,
+    AccessLogRequest, AccessLogResponse, CreatePatientRequest, CreateRecordRequest,
+    DeleteRecordRequest, EverythingRequest, HistoryRequest, ListQuarantineRequest,
+    LookupIdentifierRequest, QuarantineRequest, QuarantineResponse, QuarantinedRecord,
+    ReadConsistency, ReadRecordRequest, ReadVersionRequest, RecordWriteResponse, Reference,
+    Resource, ResourceType, RouteHeader, SearchRequest, TransactionEntry, TransactionRequest,
+    UpdateRecordRequest, WriteHeader, WriteOutcome,
 };
 use tonic::transport::Channel;
 
@@ -111,6 +112,9 @@ impl Client {
                 request.set_timeout(t);
                 if let Some(token) = &self.inner.config.token {
                     token.stamp(&mut request);
+                }
+                if let Some(glass) = &self.inner.config.break_glass {
+                    glass.stamp(&mut request);
                 }
                 rpc(RecordsClient::new(lane.channel), request)
             })
@@ -371,6 +375,29 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// A page of the patient's audit chain (every access to the record, hash-chained), after
+    /// entry `after_seq` (0: from the first), at most `limit` entries (0: the server's page).
+    /// Linearizable. For the patient themselves, auditors and services.
+    pub async fn access_log(
+        &self,
+        patient_id: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<AccessLogResponse, ClientError> {
+        self.records_call(
+            patient_id,
+            self.inner.config.deadline,
+            |route| AccessLogRequest {
+                route: Some(route),
+                after_seq,
+                limit,
+                consistency: ReadConsistency::Linearizable as i32,
+            },
+            |mut c, r| async move { c.access_log(r).await },
+        )
+        .await
     }
 
     /// The patient holding an identifier of an indexed system (the master patient index), or

@@ -21,7 +21,7 @@ pub use bundle::{export_bundle, import_bundle};
 pub use export::{fhir_type, to_fhir};
 pub use quarantine::{Quarantined, import_resource};
 pub use search::{SearchParams, parse_search};
-pub use time::{format_date, format_date_time, parse_date, parse_date_time};
+pub use time::{format_date, format_date_time, format_instant, parse_date, parse_date_time};
 
 use dossier_api::v1::{Resource, ResourceType};
 use dossier_records::Limits;

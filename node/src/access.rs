@@ -12,6 +12,7 @@
 //! | patient create  | no    | yes     | yes (registration)             | no        | no      | no   |
 //! | identifier      | no    | yes     | glass                          | no        | no      | no   |
 //! | quarantine      | no    | yes     | no                             | no        | no      | no   |
+//! | access log      | no    | yes     | no                             | own, only | yes     | no   |
 //!
 //! "Care relationship" means an active CareRelationship naming the clinician or one of their
 //! organisations and no active Consent denying them (`dossier_records::care`); "glass" means
@@ -46,6 +47,8 @@ pub enum Need {
     Lookup,
     /// Records set aside on import (data stewardship).
     Quarantine,
+    /// A patient's audit chain: who accessed the record.
+    AccessLog,
 }
 
 /// The metadata key of a break-the-glass reason.
@@ -140,8 +143,9 @@ pub fn decide<T>(
         (Need::ClusterChange, Role::Admin | Role::Node) => Ok(Decision::Allowed(Ground::Role)),
         (Need::ClusterChange, _) => denied("change the cluster"),
         (_, Role::Service) => Ok(Decision::Allowed(Ground::Role)),
+        (Need::AccessLog, Role::Auditor) => Ok(Decision::Allowed(Ground::Role)),
         (Need::Kv, _) => denied("use the Kv service (services only)"),
-        (Need::RecordRead, Role::Patient) => match (&caller.patient, patient) {
+        (Need::RecordRead | Need::AccessLog, Role::Patient) => match (&caller.patient, patient) {
             (Some(own), Some(p)) if own == p => Ok(Decision::Allowed(Ground::Own)),
             _ => denied("read another patient's record"),
         },

@@ -12,6 +12,7 @@
 #![recursion_limit = "256"]
 
 mod access;
+mod audit;
 mod authn;
 mod balance;
 mod compactor;

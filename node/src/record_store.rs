@@ -53,6 +53,15 @@ pub fn to_storage(batch: kv::Batch) -> Batch {
             .map(|op| match op {
                 kv::Op::Put { key, value } => Op::Put { key, value },
                 kv::Op::Delete { key } => Op::Delete { key },
+                kv::Op::Append {
+                    head,
+                    prefix,
+                    value,
+                } => Op::Append {
+                    head,
+                    prefix,
+                    value,
+                },
             })
             .collect(),
     }

@@ -20,12 +20,13 @@ use dossier_api::v1::admin_client::AdminClient;
 use dossier_api::v1::kv_client::KvClient;
 use dossier_api::v1::records_client::RecordsClient;
 use dossier_api::v1::{
-    CareRelationship, CareRelationshipStatus, ClusterMapRequest, CodeableConcept, Coding, Consent,
-    ConsentActor, ConsentDecision, ConsentStatus, CreateRecordRequest, DateTime, EntityType,
-    EverythingRequest, GetRequest, HistoryRequest, HumanName, Identifier, LookupIdentifierRequest,
-    Meta, NodeStatusRequest, Observation, ObservationStatus, ObservationValue, Patient, Period,
-    PutRequest, Quantity, ReadConsistency, ReadRecordRequest, Reference, RemoveNodeRequest,
-    Resource, ResourceType, RouteHeader, WriteHeader, observation_value, reference, resource,
+    AccessLogRequest, AuditAction, AuditGround, CareRelationship, CareRelationshipStatus,
+    ClusterMapRequest, CodeableConcept, Coding, Consent, ConsentActor, ConsentDecision,
+    ConsentStatus, CreateRecordRequest, DateTime, EntityType, EverythingRequest, GetRequest,
+    HistoryRequest, HumanName, Identifier, LookupIdentifierRequest, Meta, NodeStatusRequest,
+    Observation, ObservationStatus, ObservationValue, Patient, Period, PutRequest, Quantity,
+    ReadConsistency, ReadRecordRequest, Reference, RemoveNodeRequest, Resource, ResourceType,
+    RouteHeader, WriteHeader, observation_value, reference, resource,
 };
 use dossier_cli::tokens::{self, LOCAL_AUDIENCE, LOCAL_ISSUER, TokenClaims};
 use dossier_client::{ClientTls, WriteOptions, is_applied};
@@ -41,7 +42,7 @@ const WARD_O: &str = "71000001";
 const DAY_MICROS: i64 = 86_400_000_000;
 
 /// The patients, by their standing with the clinicians.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Who {
     /// An active care relationship with Dr X.
     CaredByX,
@@ -112,12 +113,13 @@ enum Op {
     History,
     Everything,
     Lookup,
+    AccessLog,
     Map,
     Status,
     Change,
 }
 
-const OPS: [Op; 10] = [
+const OPS: [Op; 11] = [
     Op::KvGet,
     Op::KvPut,
     Op::Read,
@@ -125,6 +127,7 @@ const OPS: [Op; 10] = [
     Op::History,
     Op::Everything,
     Op::Lookup,
+    Op::AccessLog,
     Op::Map,
     Op::Status,
     Op::Change,
@@ -155,11 +158,13 @@ fn expected(caller: Caller, op: Op, who: Who, glass: bool) -> Expect {
             _ => Denied,
         },
         Caller::Auditor => match op {
-            Op::Status => Allowed,
+            Op::Status | Op::AccessLog => Allowed,
             _ => Denied,
         },
         Caller::PatientX => match op {
-            Op::Read | Op::History | Op::Everything if who == Who::CaredByX => Allowed,
+            Op::Read | Op::History | Op::Everything | Op::AccessLog if who == Who::CaredByX => {
+                Allowed
+            }
             _ => Denied,
         },
         Caller::DrX | Caller::DrZ => {
@@ -174,6 +179,27 @@ fn expected(caller: Caller, op: Op, who: Who, glass: bool) -> Expect {
             }
         }
     }
+}
+
+/// The event an allowed call leaves on its patient's audit chain: who, what, on what ground.
+fn audit_event(caller: Caller, op: Op, who: Who, glass: bool) -> Option<(String, i32, i32)> {
+    let action = match op {
+        Op::Read => AuditAction::Read,
+        Op::Create => AuditAction::Create,
+        Op::History => AuditAction::History,
+        Op::Everything => AuditAction::Everything,
+        _ => return None,
+    };
+    let (actor, ground) = match caller {
+        Caller::Service => (SERVICE_USER, AuditGround::Role),
+        Caller::PatientX => ("portal-user-1", AuditGround::Own),
+        Caller::DrX if who == Who::CaredByX => ("dr-x", AuditGround::Care),
+        Caller::DrZ if who == Who::CaredByWard => ("dr-z", AuditGround::Care),
+        Caller::DrX if glass => ("dr-x", AuditGround::BreakGlass),
+        Caller::DrZ if glass => ("dr-z", AuditGround::BreakGlass),
+        _ => return None,
+    };
+    Some((actor.to_owned(), action as i32, ground as i32))
 }
 
 fn meta(id: &str) -> Option<Meta> {
@@ -511,6 +537,18 @@ async fn call(op: Op, who: Who, creds: &Credentials, glass: bool, n: usize) -> R
                 .await
                 .map(drop)
         }
+        Op::AccessLog => RecordsClient::new(ch)
+            .access_log(request(
+                AccessLogRequest {
+                    route: route(pid),
+                    consistency: linear,
+                    ..AccessLogRequest::default()
+                },
+                creds,
+                glass,
+            ))
+            .await
+            .map(|r| assert!(r.into_inner().head_seq > 0, "{pid}: an empty audit chain")),
         Op::Map => AdminClient::new(ch)
             .get_cluster_map(request(ClusterMapRequest {}, creds, glass))
             .await
@@ -553,6 +591,14 @@ async fn every_role_gets_exactly_the_calls_its_rules_allow() {
     // The patients and their standing, written by the service.
     let service = cluster.client().await;
     let options = WriteOptions::default();
+    let mut events: std::collections::BTreeMap<Who, Vec<(String, i32, i32)>> = Default::default();
+    let by_service = |action: AuditAction| {
+        (
+            SERVICE_USER.to_owned(),
+            action as i32,
+            AuditGround::Role as i32,
+        )
+    };
     for who in PATIENTS {
         let pid = patient_id(who);
         let patient = record(
@@ -569,6 +615,10 @@ async fn every_role_gets_exactly_the_calls_its_rules_allow() {
         assert!(is_applied(
             &service.create_patient(patient, &options).await.unwrap()
         ));
+        events
+            .entry(who)
+            .or_default()
+            .push(by_service(AuditAction::CreatePatient));
         let mut records = vec![observation("obs-1")];
         match who {
             Who::CaredByX => records.push(relationship(
@@ -607,6 +657,10 @@ async fn every_role_gets_exactly_the_calls_its_rules_allow() {
         for r in records {
             let w = service.create_record(pid, r, &options).await.unwrap();
             assert!(is_applied(&w), "{pid}: {w:?}");
+            events
+                .entry(who)
+                .or_default()
+                .push(by_service(AuditAction::Create));
         }
     }
 
@@ -638,12 +692,37 @@ async fn every_role_gets_exactly_the_calls_its_rules_allow() {
                     );
                     cells += 1;
                     refused_for_identity += usize::from(verdict == Expect::Unauthenticated);
+                    if verdict == Expect::Allowed
+                        && let Some(e) = audit_event(caller, op, who, glass)
+                    {
+                        events.entry(who).or_default().push(e);
+                    }
                 }
             }
         }
     }
     assert_eq!(cells, CALLERS.len() * OPS.len() * PATIENTS.len() * 2);
     assert_eq!(refused_for_identity, 4 * OPS.len() * PATIENTS.len() * 2);
+
+    // Every allowed access to a patient's record left exactly one event on its chain, and
+    // the chain verifies; refused calls left none.
+    for who in PATIENTS {
+        let mut seen = Vec::new();
+        let report = dossier_cli::audit_log::read_chain(&service, patient_id(who), |_, e| {
+            seen.push((e.actor.clone(), e.action, e.ground));
+            if e.ground == AuditGround::BreakGlass as i32 {
+                assert_eq!(e.reason, "unconscious patient in the emergency room");
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(report.broken, None, "{who:?}");
+        let mut want = events.remove(&who).unwrap_or_default();
+        want.sort();
+        seen.sort();
+        assert_eq!(seen, want, "{who:?}: audit events");
+        assert_eq!(report.entries as usize, want.len());
+    }
 
     // The clinicians' writes are there, readable by the service.
     let cared = service
@@ -662,4 +741,130 @@ async fn every_role_gets_exactly_the_calls_its_rules_allow() {
     )
     .await;
     assert!(glass > 0.0, "no break-the-glass call counted");
+}
+
+/// Whoever rewrites a patient's audit chain underneath the API (here a holder of a node
+/// certificate writing the store's keys directly through the internal ShardAccess service) is
+/// found out by the reader: a changed entry, a removed one and a cut-off tail each break the
+/// chain where they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_with_an_audit_chain_is_detected() {
+    use dossier_api::raft::v1::ShardWriteRequest;
+    use dossier_api::raft::v1::shard_access_client::ShardAccessClient;
+    use dossier_storage::chain::{self, Break};
+
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let dir = certs.path().to_path_buf();
+    let cluster = TestCluster::start(3, 1, 3, &|c| secure(c, &dir)).await;
+    let service = cluster.client().await;
+    let options = WriteOptions::default();
+    let patients = [
+        "tamper-changed",
+        "tamper-removed",
+        "tamper-cut",
+        "tamper-none",
+    ];
+    for pid in patients {
+        let patient = record(
+            pid,
+            resource::Kind::Patient(Patient {
+                names: vec![HumanName {
+                    family: "Maes".into(),
+                    ..HumanName::default()
+                }],
+                ..Patient::default()
+            }),
+        );
+        assert!(is_applied(
+            &service.create_patient(patient, &options).await.unwrap()
+        ));
+        // Four reads: a chain of five entries.
+        for _ in 0..4 {
+            service
+                .read_record(pid, ResourceType::Patient, pid)
+                .await
+                .unwrap();
+        }
+        let report = dossier_cli::audit_log::read_chain(&service, pid, |_, _| {})
+            .await
+            .unwrap();
+        assert_eq!((report.entries, report.broken), (5, None), "{pid}");
+    }
+
+    // The node certificate opens the internal service of the shard's leader.
+    let leader = cluster.leader_of(1).await.expect("a leader of shard 1");
+    let addr = cluster.nodes[cluster.node_index(leader)].grpc.clone();
+    let node_tls = ClientTls::from_certs_dir(certs.path(), None)
+        .unwrap()
+        .with_identity(
+            std::fs::read(certs.path().join("node.crt")).unwrap(),
+            std::fs::read(certs.path().join("node.key")).unwrap(),
+        );
+    let mut inside =
+        ShardAccessClient::new(node_tls.endpoint(&addr).unwrap().connect().await.unwrap());
+    let entries = |pid: &str| {
+        dossier_records::PatientKeys::new(&dossier_records::PatientId::parse(pid, "p").unwrap())
+            .audit_entries()
+    };
+    let mut tamper = async |ops: Vec<dossier_storage::Op>| {
+        let batch = dossier_storage::Batch {
+            conditions: Vec::new(),
+            ops,
+        };
+        let answer = inside
+            .write(ShardWriteRequest {
+                shard_id: 1,
+                batch: postcard::to_allocvec(&batch).unwrap(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(answer.applied);
+    };
+
+    // One entry's event changed (say, another actor named), its stored hash kept.
+    let page = service.access_log("tamper-changed", 0, 0).await.unwrap();
+    let mut forged = page.entries[1].hash.clone();
+    let mut event = page.entries[1].event.clone();
+    *event.last_mut().unwrap() ^= 0x01;
+    forged.extend_from_slice(&event);
+    tamper(vec![dossier_storage::Op::Put {
+        key: chain::entry_key(&entries("tamper-changed"), 2).into(),
+        value: forged.into(),
+    }])
+    .await;
+    // One entry removed.
+    tamper(vec![dossier_storage::Op::Delete {
+        key: chain::entry_key(&entries("tamper-removed"), 3).into(),
+    }])
+    .await;
+    // The last entry removed (the head still names it).
+    tamper(vec![dossier_storage::Op::Delete {
+        key: chain::entry_key(&entries("tamper-cut"), 5).into(),
+    }])
+    .await;
+
+    let broken = async |pid: &str| {
+        dossier_cli::audit_log::read_chain(&service, pid, |_, _| {})
+            .await
+            .unwrap()
+            .broken
+    };
+    assert_eq!(
+        broken("tamper-changed").await,
+        Some(Break::Altered { seq: 2 })
+    );
+    assert!(matches!(
+        broken("tamper-removed").await,
+        Some(Break::Missing { seq: 3, .. })
+    ));
+    assert_eq!(
+        broken("tamper-cut").await,
+        Some(Break::Truncated {
+            head_seq: 5,
+            last: 4
+        })
+    );
+    assert_eq!(broken("tamper-none").await, None);
 }

@@ -16,6 +16,8 @@
 //! | rec   | `P 0x01 x/<Type>/<date>/<id>`         | search index by date (value: status)     |
 //! | rec   | `P 0x01 y/<Type>/<system>\|<code> 0x00 <date>/<id>` | search index by code       |
 //! | rec   | `P 0x01 z/<id>`                       | a quarantined record                     |
+//! | rec   | `P 0x01 A`                            | audit chain head: seq BE ‖ hash          |
+//! | rec   | `P 0x01 a/<seq BE>`                   | audit event: hash ‖ `AuditEvent`         |
 //! | mpi   | `mpi:<system>\|<value> 0x01 m`        | the identifier's claim record            |
 //!
 //! `<date>` is the clinical date, order-inverted so that a forward scan is newest first.
@@ -228,6 +230,16 @@ impl PatientKeys {
     /// `z/<id>` → a quarantined record (`QuarantinedRecord`).
     pub fn quarantined(&self, id: &str) -> Bytes {
         self.key(&[b"z/", id.as_bytes()])
+    }
+
+    /// `A`: the head of the patient's audit chain (the store's chain layout).
+    pub fn audit_head(&self) -> Bytes {
+        self.key(&[b"A"])
+    }
+
+    /// `a/`: the prefix of the audit chain's entries, each `a/<seq BE>`.
+    pub fn audit_entries(&self) -> Bytes {
+        self.key(&[b"a/"])
     }
 }
 

@@ -25,8 +25,20 @@ pub struct Condition {
 /// One write of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    Put { key: Bytes, value: Bytes },
-    Delete { key: Bytes },
+    Put {
+        key: Bytes,
+        value: Bytes,
+    },
+    Delete {
+        key: Bytes,
+    },
+    /// Appends `value` to the hash-chained log at `head`, entries at `prefix ‖ seq`, linked by
+    /// the store when it applies the batch (the patient's audit chain).
+    Append {
+        head: Bytes,
+        prefix: Bytes,
+        value: Bytes,
+    },
 }
 
 /// A conditional batch: applied whole if every condition holds, else not at all.

@@ -48,6 +48,16 @@ pub struct WriteEntry<'a> {
     pub releases: Vec<Ident>,
 }
 
+impl WriteEntry<'_> {
+    /// The record the entry writes.
+    pub fn record_ref(&self) -> dossier_api::v1::RecordRef {
+        dossier_api::v1::RecordRef {
+            r#type: self.rtype as i32,
+            id: self.id.clone(),
+        }
+    }
+}
+
 /// What one condition of a planned batch checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {

@@ -33,6 +33,7 @@ pub use log::engine::{
 pub use log::frame::FRAME_HEADER_BYTES;
 pub use log::record::HardState;
 pub use log::segment::SegmentId;
+pub use sm::chain;
 pub use sm::command::{
     ApplyEntry, Batch, Command, Condition, EntryPayload, Expect, Op, Outcome, Session,
 };

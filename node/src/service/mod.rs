@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod kv;
+mod record_access;
 mod record_everything;
 mod record_requests;
 mod record_write;

@@ -90,6 +90,7 @@ impl RecordsService {
         mut entry: WriteEntry<'_>,
         old: Option<&Resource>,
         new: Option<&Resource>,
+        audit: Option<dossier_records::kv::Op>,
         deadline: Duration,
     ) -> Result<RecordWriteResponse, ApiError> {
         let started = Instant::now();
@@ -173,6 +174,7 @@ impl RecordsService {
                     header,
                     fingerprint,
                     vec![entry.clone()],
+                    audit.clone(),
                     left(),
                 )
                 .await;
@@ -236,7 +238,8 @@ impl RecordsService {
         })
     }
 
-    /// Runs a write of `entries` for `patient` (docs/schema.md §5).
+    /// Runs a write of `entries` for `patient` (docs/schema.md §5), with its audit event in the
+    /// same batch.
     pub(super) async fn write(
         &self,
         shard: u64,
@@ -244,6 +247,7 @@ impl RecordsService {
         header: &WriteHeader,
         fingerprint: [u8; 16],
         entries: Vec<WriteEntry<'_>>,
+        audit: Option<dossier_records::kv::Op>,
         deadline: Duration,
     ) -> Result<RecordWriteResponse, ApiError> {
         let started = Instant::now();
@@ -267,7 +271,9 @@ impl RecordsService {
                 Planned::Answer(answer) => return Ok(answer),
                 Planned::Write(plan) => plan,
             };
-            let batch = to_storage(plan.batch.clone());
+            let mut batch = plan.batch.clone();
+            batch.ops.extend(audit.clone());
+            let batch = to_storage(batch);
             batch.check_limits(&self.node.config.state).map_err(|e| {
                 ApiError::invalid(
                     entries

@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 
 use dossier_api::v1::records_server::Records;
 use dossier_api::v1::{
-    CreatePatientRequest, CreateRecordRequest, DeleteRecordRequest, EverythingRequest,
-    EverythingResponse, HistoryRequest, HistoryResponse, ListQuarantineRequest,
-    ListQuarantineResponse, LookupIdentifierRequest, LookupIdentifierResponse, QuarantineRequest,
-    QuarantineResponse, ReadRecordRequest, ReadRecordResponse, ReadVersionRequest,
-    RecordWriteResponse, ResourceType, RouteHeader, SearchRequest, SearchResponse,
-    TransactionRequest, UpdateRecordRequest, WriteOutcome, transaction_entry,
+    AccessLogRequest, AccessLogResponse, AuditAction, CreatePatientRequest, CreateRecordRequest,
+    DeleteRecordRequest, EverythingRequest, EverythingResponse, HistoryRequest, HistoryResponse,
+    ListQuarantineRequest, ListQuarantineResponse, LookupIdentifierRequest,
+    LookupIdentifierResponse, QuarantineRequest, QuarantineResponse, ReadRecordRequest,
+    ReadRecordResponse, ReadVersionRequest, RecordRef, RecordWriteResponse, ResourceType,
+    RouteHeader, SearchRequest, SearchResponse, TransactionRequest, UpdateRecordRequest,
+    WriteOutcome, transaction_entry,
 };
 use dossier_records::idempotency::fingerprint;
 use dossier_records::kv::{Batch, Expect};
@@ -28,6 +29,7 @@ use tonic::{Request, Response, Status};
 
 use super::record_everything;
 use crate::access::{self, Decision, Ground, Need};
+use crate::audit::Audit;
 use crate::errors::ApiError;
 use crate::node::Node;
 use crate::record_store::{ReplicaReads, to_storage};
@@ -79,44 +81,13 @@ impl RecordsService {
             .ok_or(ApiError::shard_not_found(shard))
     }
 
-    /// Decides whether the caller of `request` may do what `need` says on `patient` of `shard`:
-    /// by role, or for a clinician by their standing with the patient, read from this replica
-    /// (as applied here: a care relationship ended a moment ago may still count on a replica
-    /// that has not applied the change).
-    fn authorize<Req>(
-        &self,
-        request: &Request<Req>,
-        need: Need,
-        shard: u64,
-        patient: &PatientId,
-    ) -> Result<Ground, ApiError> {
-        let ground = match access::decide(request, need, Some(patient))? {
-            Decision::Allowed(ground) => ground,
-            Decision::NeedsStanding(access) => {
-                let replica = self.replica(shard)?;
-                let standing = dossier_records::care::standing(
-                    &ReplicaReads(&replica),
-                    &PatientKeys::new(patient),
-                    &access.caller().care,
-                    dossier_records::now_micros(),
-                )?;
-                access.with_standing(standing)?
-            }
-        };
-        if let Ground::BreakGlass(_) = &ground {
-            self.node.metrics.break_glass.inc();
-            tracing::warn!(shard, "break-the-glass access to a patient's record");
-        }
-        Ok(ground)
-    }
-
     async fn serve<Req, T>(
         &self,
         method: &'static str,
         need: Need,
         request: Request<Req>,
         route: impl FnOnce(&Req) -> Option<&RouteHeader>,
-        body: impl AsyncFnOnce(&Req, u64, PatientId, Duration) -> Result<T, ApiError>,
+        body: impl AsyncFnOnce(&Req, u64, PatientId, Duration, &Audit) -> Result<T, ApiError>,
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
@@ -124,8 +95,8 @@ impl RecordsService {
             let _permit = super::admit(&self.node)?;
             let r = request.get_ref();
             let (shard, patient) = self.route(route(r))?;
-            self.authorize(&request, need, shard, &patient)?;
-            body(r, shard, patient, deadline).await
+            let audit = self.authorize(&request, need, shard, &patient)?;
+            body(r, shard, patient, deadline, &audit).await
         }
         .await;
         super::observe(&self.node, method, started, result)
@@ -143,7 +114,7 @@ impl Records for RecordsService {
             Need::PatientCreate,
             request,
             |r| r.route.as_ref(),
-            async |r, shard, patient, deadline| {
+            async |r, shard, patient, deadline, audit| {
                 let header = Self::check_header(r.header.as_ref())?;
                 let entry = self.entry(
                     &patient,
@@ -156,6 +127,12 @@ impl Records for RecordsService {
                     return Err(ApiError::invalid("resource.kind", "must be a patient"));
                 }
                 let fp = fingerprint("CreatePatient", r);
+                let audited = audit.op(
+                    &PatientKeys::new(&patient),
+                    AuditAction::CreatePatient,
+                    vec![entry.record_ref()],
+                    &[],
+                );
                 self.write_patient(
                     shard,
                     &patient,
@@ -164,6 +141,7 @@ impl Records for RecordsService {
                     entry,
                     None,
                     r.resource.as_ref(),
+                    audited,
                     deadline,
                 )
                 .await
@@ -181,7 +159,7 @@ impl Records for RecordsService {
             Need::RecordWrite,
             request,
             |r| r.route.as_ref(),
-            async |r, shard, patient, deadline| {
+            async |r, shard, patient, deadline, audit| {
                 let header = Self::check_header(r.header.as_ref())?;
                 let entry = self.entry(
                     &patient,
@@ -191,7 +169,13 @@ impl Records for RecordsService {
                     false,
                 )?;
                 let fp = fingerprint("Create", r);
-                self.write(shard, &patient, header, fp, vec![entry], deadline)
+                let audited = audit.op(
+                    &PatientKeys::new(&patient),
+                    AuditAction::Create,
+                    vec![entry.record_ref()],
+                    &[],
+                );
+                self.write(shard, &patient, header, fp, vec![entry], audited, deadline)
                     .await
             },
         )
@@ -207,7 +191,7 @@ impl Records for RecordsService {
             Need::RecordRead,
             request,
             |r| r.route.as_ref(),
-            async |r, shard, patient, deadline| {
+            async |r, shard, patient, deadline, audit| {
                 let t = Self::read_type(r.r#type, "type")?;
                 Self::check_id(&r.id, "id")?;
                 super::read_ready(&self.node, shard, patient.as_str(), r.consistency, deadline)
@@ -219,6 +203,16 @@ impl Records for RecordsService {
                     None => None,
                     Some(v) => Some(plan::version(&reads, &keys, t, &r.id, v)?),
                 };
+                let record = RecordRef {
+                    r#type: r.r#type,
+                    id: r.id.clone(),
+                };
+                self.audited(
+                    audit.op(&keys, AuditAction::Read, vec![record], &[]),
+                    &patient,
+                    deadline,
+                )
+                .await?;
                 Ok(ReadRecordResponse {
                     found: resource.is_some(),
                     resource,
@@ -238,7 +232,7 @@ impl Records for RecordsService {
             Need::RecordRead,
             request,
             |r| r.route.as_ref(),
-            async |r, shard, patient, deadline| {
+            async |r, shard, patient, deadline, audit| {
                 let t = Self::read_type(r.r#type, "type")?;
                 Self::check_id(&r.id, "id")?;
                 if r.version == 0 {
@@ -256,6 +250,16 @@ impl Records for RecordsService {
                     None => None,
                     Some(b) => Some(plan::decode(&b)?),
                 };
+                let record = RecordRef {
+                    r#type: r.r#type,
+                    id: r.id.clone(),
+                };
+                self.audited(
+                    audit.op(&keys, AuditAction::Vread, vec![record], &[]),
+                    &patient,
+                    deadline,
+                )
+                .await?;
                 Ok(ReadRecordResponse {
                     found: resource.is_some(),
                     resource,
@@ -275,7 +279,7 @@ impl Records for RecordsService {
             Need::RecordRead,
             request,
             |r| r.route.as_ref(),
-            async |r, shard, patient, deadline| {
+            async |r, shard, patient, deadline, audit| {
                 let t = Self::read_type(r.r#type, "type")?;
                 Self::check_id(&r.id, "id")?;
                 let limit = self.page_limit(r.limit)?;
@@ -292,6 +296,21 @@ impl Records for RecordsService {
                     limit,
                     self.node.config.node.records.message_bytes_max,
                 )?;
+                let record = RecordRef {
+                    r#type: r.r#type,
+                    id: r.id.clone(),
+                };
+                self.audited(
+                    audit.op(
+                        &PatientKeys::new(&patient),
+                        AuditAction::History,
+                        vec![record],
+                        &[],
+                    ),
+                    &patient,
+                    deadline,
+                )
+                .await?;
                 Ok(HistoryResponse {
                     found: page.found,
                     versions: page.versions,
@@ -312,7 +331,7 @@ impl Records for RecordsService {
             Need::RecordWrite,
             request,
             |r| r.route.as_ref(),
-            async |r, shard, patient, deadline| {
+            async |r, shard, patient, deadline, audit| {
                 let header = Self::check_header(r.header.as_ref())?;
                 if r.expected_version == 0 {
                     return Err(ApiError::invalid("expected_version", "starts at 1"));
@@ -327,6 +346,12 @@ impl Records for RecordsService {
                     true,
                 )?;
                 let fp = fingerprint("Update", r);
+                let audited = audit.op(
+                    &PatientKeys::new(&patient),
+                    AuditAction::Update,
+                    vec![entry.record_ref()],
+                    &[],
+                );
                 if entry.rtype == ResourceType::Patient {
                     let old = self
                         .patient_version(shard, &patient, r.expected_version, deadline)
@@ -340,11 +365,12 @@ impl Records for RecordsService {
                             entry,
                             old.as_ref(),
                             r.resource.as_ref(),
+                            audited,
                             deadline,
                         )
                         .await;
                 }
-                self.write(shard, &patient, header, fp, vec![entry], deadline)
+                self.write(shard, &patient, header, fp, vec![entry], audited, deadline)
                     .await
             },
         )
@@ -360,7 +386,7 @@ impl Records for RecordsService {
             Need::RecordWrite,
             request,
             |r| r.route.as_ref(),
-            async |r, shard, patient, deadline| {
+            async |r, shard, patient, deadline, audit| {
                 let header = Self::check_header(r.header.as_ref())?;
                 let t = Self::read_type(r.r#type, "type")?;
                 Self::check_id(&r.id, "id")?;
@@ -400,6 +426,12 @@ impl Records for RecordsService {
                     releases: Vec::new(),
                 };
                 let fp = fingerprint("Delete", r);
+                let audited = audit.op(
+                    &PatientKeys::new(&patient),
+                    AuditAction::Delete,
+                    vec![entry.record_ref()],
+                    &[],
+                );
                 if rtype == ResourceType::Patient {
                     let old = self
                         .patient_version(shard, &patient, r.expected_version, deadline)
@@ -413,11 +445,12 @@ impl Records for RecordsService {
                             entry,
                             old.as_ref(),
                             None,
+                            audited,
                             deadline,
                         )
                         .await;
                 }
-                self.write(shard, &patient, header, fp, vec![entry], deadline)
+                self.write(shard, &patient, header, fp, vec![entry], audited, deadline)
                     .await
             },
         )
@@ -433,7 +466,7 @@ impl Records for RecordsService {
             Need::RecordWrite,
             request,
             |r| r.route.as_ref(),
-            async |r, shard, patient, deadline| {
+            async |r, shard, patient, deadline, audit| {
                 let header = Self::check_header(r.header.as_ref())?;
                 let max = self.node.config.node.records.transaction_entries_max;
                 if r.entries.is_empty() {
@@ -493,7 +526,13 @@ impl Records for RecordsService {
                     entries.push(entry);
                 }
                 let fp = fingerprint("Transaction", r);
-                self.write(shard, &patient, header, fp, entries, deadline)
+                let audited = audit.op(
+                    &PatientKeys::new(&patient),
+                    AuditAction::Transaction,
+                    entries.iter().map(WriteEntry::record_ref).collect(),
+                    &[],
+                );
+                self.write(shard, &patient, header, fp, entries, audited, deadline)
                     .await
             },
         )
@@ -509,7 +548,7 @@ impl Records for RecordsService {
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
         let permit = super::admit(&self.node).map_err(Status::from)?;
         let (shard, patient) = self.route(request.get_ref().route.as_ref())?;
-        self.authorize(&request, Need::RecordRead, shard, &patient)?;
+        let audit = self.authorize(&request, Need::RecordRead, shard, &patient)?;
         let r = request.into_inner();
         let mut types: Vec<&'static str> = Vec::new();
         for (i, t) in r.types.iter().enumerate() {
@@ -533,6 +572,23 @@ impl Records for RecordsService {
         super::read_ready(&self.node, shard, patient.as_str(), r.consistency, deadline)
             .await
             .map_err(Status::from)?;
+        let asked: Vec<ResourceType> = r
+            .types
+            .iter()
+            .filter_map(|t| ResourceType::try_from(*t).ok())
+            .collect();
+        // Audited before the first record leaves.
+        self.audited(
+            audit.op(
+                &PatientKeys::new(&patient),
+                AuditAction::Everything,
+                Vec::new(),
+                &asked,
+            ),
+            &patient,
+            deadline,
+        )
+        .await?;
         let replica = self.replica(shard).map_err(Status::from)?;
         let bytes_max = self.node.config.node.records.message_bytes_max;
         // Two messages in flight at most: a slow reader holds back the scan, not memory.
@@ -633,7 +689,7 @@ impl Records for RecordsService {
             Need::RecordRead,
             request,
             |r| r.route.as_ref(),
-            async |r, shard, patient, deadline| {
+            async |r, shard, patient, deadline, audit| {
                 let t = Self::read_type(r.r#type, "type")?;
                 if t == "Patient" {
                     return Err(ApiError::invalid(
@@ -663,8 +719,16 @@ impl Records for RecordsService {
                 let applied_index = replica.applied_index().unwrap_or(0);
                 // On the async worker, as a Kv scan page: a page is bounded by records, bytes
                 // and SCAN_ENTRIES_MAX index entries (about a millisecond's work).
-                let page =
-                    search::search(&ReplicaReads(&replica), &PatientKeys::new(&patient), &query)?;
+                let keys = PatientKeys::new(&patient);
+                let page = search::search(&ReplicaReads(&replica), &keys, &query)?;
+                let types: Vec<ResourceType> =
+                    dossier_records::type_from_name(t).into_iter().collect();
+                self.audited(
+                    audit.op(&keys, AuditAction::Search, Vec::new(), &types),
+                    &patient,
+                    deadline,
+                )
+                .await?;
                 Ok(SearchResponse {
                     resources: page.resources,
                     next_page_token: page.next_page_token,
@@ -684,7 +748,7 @@ impl Records for RecordsService {
             Need::Quarantine,
             request,
             |r| r.route.as_ref(),
-            async |r, shard, patient, deadline| {
+            async |r, shard, patient, deadline, audit| {
                 let max = self.node.config.node.records.transaction_entries_max;
                 if r.records.len() + r.release_ids.len() > max {
                     return Err(ApiError::InvalidArgument {
@@ -714,6 +778,9 @@ impl Records for RecordsService {
                     expect: Expect::Present,
                 });
                 quarantine::write(&keys, &mut batch, &records, &r.release_ids);
+                batch
+                    .ops
+                    .extend(audit.op(&keys, AuditAction::Quarantine, Vec::new(), &[]));
                 let batch = to_storage(batch);
                 batch.check_limits(&self.node.config.state).map_err(|e| {
                     ApiError::invalid("records", format!("the write is too large: {e}"))
@@ -746,6 +813,24 @@ impl Records for RecordsService {
         .await
     }
 
+    async fn access_log(
+        &self,
+        request: Request<AccessLogRequest>,
+    ) -> Result<Response<AccessLogResponse>, Status> {
+        self.serve(
+            "records_access_log",
+            Need::AccessLog,
+            request,
+            |r| r.route.as_ref(),
+            async |r, shard, patient, deadline, _audit| {
+                super::read_ready(&self.node, shard, patient.as_str(), r.consistency, deadline)
+                    .await?;
+                self.access_log_page(shard, &patient, r.after_seq, r.limit)
+            },
+        )
+        .await
+    }
+
     async fn list_quarantine(
         &self,
         request: Request<ListQuarantineRequest>,
@@ -755,7 +840,7 @@ impl Records for RecordsService {
             Need::Quarantine,
             request,
             |r| r.route.as_ref(),
-            async |r, shard, patient, deadline| {
+            async |r, shard, patient, deadline, audit| {
                 if !r.after_id.is_empty() {
                     Self::check_id(&r.after_id, "after_id")?;
                 }
@@ -763,12 +848,15 @@ impl Records for RecordsService {
                 super::read_ready(&self.node, shard, patient.as_str(), r.consistency, deadline)
                     .await?;
                 let replica = self.replica(shard)?;
-                let (records, more) = quarantine::list(
-                    &ReplicaReads(&replica),
-                    &PatientKeys::new(&patient),
-                    &r.after_id,
-                    limit,
-                )?;
+                let keys = PatientKeys::new(&patient);
+                let (records, more) =
+                    quarantine::list(&ReplicaReads(&replica), &keys, &r.after_id, limit)?;
+                self.audited(
+                    audit.op(&keys, AuditAction::ListQuarantine, Vec::new(), &[]),
+                    &patient,
+                    deadline,
+                )
+                .await?;
                 Ok(ListQuarantineResponse { records, more })
             },
         )

@@ -27,8 +27,46 @@ pub struct Condition {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    Put { key: Bytes, value: Bytes },
-    Delete { key: Bytes },
+    Put {
+        key: Bytes,
+        value: Bytes,
+    },
+    Delete {
+        key: Bytes,
+    },
+    /// Appends `value` to the hash-chained log whose head is at `head` and whose entries are at
+    /// `prefix ‖ seq`, linked at apply time (`chain.rs`). Never refused by the state machine;
+    /// nodes older than this variant cannot apply it.
+    Append {
+        head: Bytes,
+        prefix: Bytes,
+        value: Bytes,
+    },
+}
+
+impl Op {
+    /// The keys the operation writes: its key, or for an append the head and the entries'
+    /// prefix (entries share their log's route).
+    pub fn keys(&self) -> impl Iterator<Item = &Bytes> {
+        let (first, second) = match self {
+            Op::Put { key, .. } | Op::Delete { key } => (key, None),
+            Op::Append { head, prefix, .. } => (head, Some(prefix)),
+        };
+        std::iter::once(first).chain(second)
+    }
+
+    /// Bytes the operation adds to the store, about.
+    pub fn written_bytes(&self) -> u64 {
+        match self {
+            Op::Put { key, value } => (key.len() + value.len()) as u64,
+            Op::Delete { .. } => 0,
+            Op::Append {
+                head,
+                prefix,
+                value,
+            } => (head.len() + prefix.len() + value.len() + 2 * (8 + 32)) as u64,
+        }
+    }
 }
 
 /// An atomic batch: if every condition holds, every operation is applied; otherwise none is.
@@ -117,6 +155,16 @@ impl Batch {
                     check_value(value)?;
                 }
                 Op::Delete { key } => check_key(key)?,
+                Op::Append {
+                    head,
+                    prefix,
+                    value,
+                } => {
+                    check_key(head)?;
+                    // The entries' keys carry 8 more bytes, their values a 32-byte hash.
+                    check_key(&Bytes::from(vec![0; prefix.len() + 8]))?;
+                    check_value(&Bytes::from(vec![0; value.len() + 32]))?;
+                }
             }
         }
         Ok(())
@@ -183,6 +231,11 @@ impl Command {
                             TAG_MAX + 2 * VARINT_MAX + key.len() + value.len()
                         }
                         Op::Delete { key } => TAG_MAX + VARINT_MAX + key.len(),
+                        Op::Append {
+                            head,
+                            prefix,
+                            value,
+                        } => TAG_MAX + 3 * VARINT_MAX + head.len() + prefix.len() + value.len(),
                     })
                     .sum();
                 // variant, session option and its two integers, two vector lengths

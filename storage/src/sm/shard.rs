@@ -27,6 +27,7 @@ use bytes::Bytes;
 
 use crate::ShardId;
 use crate::error::{Error, Result};
+use crate::sm::chain;
 use crate::sm::command::{ApplyEntry, Batch, Command, EntryPayload, Expect, Op, Outcome, Session};
 use crate::sm::range::{HashRange, KeyRoute};
 
@@ -645,14 +646,7 @@ impl ShardStore {
                     if batch_owned(self.route, range.as_ref(), batch) {
                         let outcome = apply_txn(&mut overlay, entry.index, *session, batch)?;
                         if outcome == Outcome::Applied {
-                            written += batch
-                                .ops
-                                .iter()
-                                .map(|op| match op {
-                                    Op::Put { key, value } => (key.len() + value.len()) as u64,
-                                    Op::Delete { .. } => 0,
-                                })
-                                .sum::<u64>();
+                            written += batch.ops.iter().map(Op::written_bytes).sum::<u64>();
                         }
                         outcome
                     } else {
@@ -765,16 +759,11 @@ fn batch_owned(route: Option<KeyRoute>, range: Option<&HashRange>, batch: &Batch
     if range.is_none() || route.is_none() {
         return true;
     }
-    fn op_key(op: &Op) -> &Bytes {
-        match op {
-            Op::Put { key, .. } | Op::Delete { key } => key,
-        }
-    }
     batch
         .conditions
         .iter()
         .map(|c| &c.key)
-        .chain(batch.ops.iter().map(op_key))
+        .chain(batch.ops.iter().flat_map(Op::keys))
         .all(|key| owns(route, range, key))
 }
 
@@ -858,6 +847,11 @@ fn apply_txn(
             match op {
                 Op::Put { key, value } => overlay.put(data_key(key), value.clone()),
                 Op::Delete { key } => overlay.delete(data_key(key)),
+                Op::Append {
+                    head,
+                    prefix,
+                    value,
+                } => append(overlay, head, prefix, value)?,
             }
         }
     }
@@ -870,6 +864,22 @@ fn apply_txn(
         overlay.put(session_key(session.client).to_vec(), record.encode());
     }
     Ok(outcome)
+}
+
+/// Links `value` after the last entry of the chain at `head` (`chain.rs`).
+fn append(overlay: &mut Overlay<'_>, head: &Bytes, prefix: &Bytes, value: &Bytes) -> Result<()> {
+    let (seq, prev) = match overlay.get(&data_key(head))? {
+        None => (0, chain::GENESIS),
+        Some(v) => chain::decode_head(&v).ok_or(overlay.corrupt("chain head"))?,
+    };
+    let seq = seq + 1;
+    let hash = chain::link(&prev, seq, value);
+    let mut entry = Vec::with_capacity(chain::HASH_BYTES + value.len());
+    entry.extend_from_slice(&hash);
+    entry.extend_from_slice(value);
+    overlay.put(data_key(&chain::entry_key(prefix, seq)), entry);
+    overlay.put(data_key(head), chain::encode_head(seq, &hash));
+    Ok(())
 }
 
 fn expire_sessions(overlay: &mut Overlay<'_>, before_index: u64) -> Result<()> {

@@ -30,6 +30,8 @@ type RecordsClient interface {
 	Search(ctx context.Context, in *SearchRequest, opts ...grpc.CallOption) (*SearchResponse, error)
 	Quarantine(ctx context.Context, in *QuarantineRequest, opts ...grpc.CallOption) (*QuarantineResponse, error)
 	ListQuarantine(ctx context.Context, in *ListQuarantineRequest, opts ...grpc.CallOption) (*ListQuarantineResponse, error)
+	// The patient's audit chain: for the patient (their own), auditors and services.
+	AccessLog(ctx context.Context, in *AccessLogRequest, opts ...grpc.CallOption) (*AccessLogResponse, error)
 }
 
 type recordsClient struct {
@@ -180,6 +182,15 @@ func (c *recordsClient) ListQuarantine(ctx context.Context, in *ListQuarantineRe
 	return out, nil
 }
 
+func (c *recordsClient) AccessLog(ctx context.Context, in *AccessLogRequest, opts ...grpc.CallOption) (*AccessLogResponse, error) {
+	out := new(AccessLogResponse)
+	err := c.cc.Invoke(ctx, "/dossier.v1.Records/AccessLog", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RecordsServer is the server API for Records service.
 // All implementations must embed UnimplementedRecordsServer
 // for forward compatibility
@@ -197,6 +208,8 @@ type RecordsServer interface {
 	Search(context.Context, *SearchRequest) (*SearchResponse, error)
 	Quarantine(context.Context, *QuarantineRequest) (*QuarantineResponse, error)
 	ListQuarantine(context.Context, *ListQuarantineRequest) (*ListQuarantineResponse, error)
+	// The patient's audit chain: for the patient (their own), auditors and services.
+	AccessLog(context.Context, *AccessLogRequest) (*AccessLogResponse, error)
 	mustEmbedUnimplementedRecordsServer()
 }
 
@@ -242,6 +255,9 @@ func (UnimplementedRecordsServer) Quarantine(context.Context, *QuarantineRequest
 }
 func (UnimplementedRecordsServer) ListQuarantine(context.Context, *ListQuarantineRequest) (*ListQuarantineResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListQuarantine not implemented")
+}
+func (UnimplementedRecordsServer) AccessLog(context.Context, *AccessLogRequest) (*AccessLogResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AccessLog not implemented")
 }
 func (UnimplementedRecordsServer) mustEmbedUnimplementedRecordsServer() {}
 
@@ -493,6 +509,24 @@ func _Records_ListQuarantine_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Records_AccessLog_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AccessLogRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RecordsServer).AccessLog(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/dossier.v1.Records/AccessLog",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RecordsServer).AccessLog(ctx, req.(*AccessLogRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _Records_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "dossier.v1.Records",
 	HandlerType: (*RecordsServer)(nil),
@@ -544,6 +578,10 @@ var _Records_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListQuarantine",
 			Handler:    _Records_ListQuarantine_Handler,
+		},
+		{
+			MethodName: "AccessLog",
+			Handler:    _Records_AccessLog_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -1,0 +1,93 @@
+//! Reading and verifying a patient's audit chain (`Records.AccessLog`): every page is checked
+//! link by link as it arrives (`dossier_storage::chain`), and the walk ends against the head the
+//! last page reports, so that a changed, removed or truncated entry is found by the reader, not
+//! taken on the node's word.
+
+use dossier_api::v1::AuditEvent;
+use dossier_client::{Client, ClientError};
+use dossier_storage::chain::{Break, Verifier};
+use prost::Message;
+
+/// What a walk of the chain found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainReport {
+    /// Entries read and linked.
+    pub entries: u64,
+    /// The head's last seq and hash (hex); 0 and empty for an empty chain.
+    pub head_seq: u64,
+    pub head_hash: String,
+    /// Where the chain breaks, if it does.
+    pub broken: Option<Break>,
+}
+
+/// Why a chain could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("entry {seq} is not an AuditEvent: {message}")]
+    Event { seq: u64, message: String },
+    #[error("the node reported a head that does not decode")]
+    Head,
+}
+
+/// Walks the chain of `patient` from its first entry, page by page, calling `each` with every
+/// entry that links; stops at the first break.
+pub async fn read_chain(
+    client: &Client,
+    patient: &str,
+    mut each: impl FnMut(u64, &AuditEvent),
+) -> Result<ChainReport, ReadError> {
+    let mut verifier = Verifier::default();
+    let mut after = 0;
+    loop {
+        let page = client.access_log(patient, after, 0).await?;
+        for entry in &page.entries {
+            let mut stored = entry.hash.clone();
+            stored.extend_from_slice(&entry.event);
+            let bytes = match verifier.next(entry.seq, &stored) {
+                Ok(bytes) => bytes,
+                Err(b) => return Ok(report(&verifier, page.head_seq, &page.head_hash, Some(b))),
+            };
+            let event = AuditEvent::decode(bytes).map_err(|e| ReadError::Event {
+                seq: entry.seq,
+                message: e.to_string(),
+            })?;
+            each(entry.seq, &event);
+            after = entry.seq;
+        }
+        if !page.more {
+            let head = match page.head_seq {
+                0 => None,
+                seq => Some((
+                    seq,
+                    page.head_hash
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| ReadError::Head)?,
+                )),
+            };
+            let broken = verifier.finish(head).err();
+            return Ok(report(&verifier, page.head_seq, &page.head_hash, broken));
+        }
+    }
+}
+
+fn report(
+    verifier: &Verifier,
+    head_seq: u64,
+    head_hash: &[u8],
+    broken: Option<Break>,
+) -> ChainReport {
+    ChainReport {
+        entries: verifier.position().0,
+        head_seq,
+        head_hash: hex(head_hash),
+        broken,
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,81 @@
+//! The audit of every access to a patient's record: each allowed Records call on a patient adds
+//! an [`AuditEvent`] to the patient's own hash-chained log (`P 0x01 A`, `P 0x01 a/<seq>`, in the
+//! patient's shard; `dossier_storage::chain`). A write carries its event in the same atomic
+//! batch; a read's event is committed before the data leaves the node (the proposal pipeline
+//! batches the events of concurrent reads into one log write). Only calls with an identity are
+//! audited: a node without TLS (`--insecure`) has no one to name.
+
+use bytes::Bytes;
+use dossier_api::v1::{AuditAction, AuditEvent, AuditGround, Identifier, RecordRef, ResourceType};
+use dossier_records::PatientKeys;
+use dossier_records::kv;
+use prost::Message;
+
+use crate::access::Ground;
+use crate::authn::{Caller, Principal};
+
+/// Who a call is served for and on what ground: the parts of its audit event known before the
+/// call runs. `None` inside: not audited.
+#[derive(Debug, Clone)]
+pub struct Audit(Option<AuditEvent>);
+
+impl Audit {
+    /// The audit of a call `principal` makes on `ground`, served by `node_id`.
+    pub fn new(principal: &Principal, ground: &Ground, node_id: u64) -> Audit {
+        let Principal::Caller(caller) = principal else {
+            return Audit(None);
+        };
+        let (ground, reason) = match ground {
+            Ground::Open => return Audit(None),
+            Ground::Role => (AuditGround::Role, String::new()),
+            Ground::Own => (AuditGround::Own, String::new()),
+            Ground::Care => (AuditGround::Care, String::new()),
+            Ground::BreakGlass(reason) => (AuditGround::BreakGlass, reason.clone()),
+        };
+        Audit(Some(AuditEvent {
+            actor: caller.name.clone(),
+            role: caller.role.name().to_owned(),
+            via: caller.via.clone().unwrap_or_default(),
+            actor_identifiers: identifiers(caller),
+            ground: ground as i32,
+            reason,
+            node_id,
+            ..AuditEvent::default()
+        }))
+    }
+
+    /// The op appending the event of `action` on `records` (or `types`) to the patient's chain,
+    /// or None when the call is not audited.
+    pub fn op(
+        &self,
+        keys: &PatientKeys,
+        action: AuditAction,
+        records: Vec<RecordRef>,
+        types: &[ResourceType],
+    ) -> Option<kv::Op> {
+        let mut event = self.0.clone()?;
+        event.time_micros = dossier_records::now_micros() as i64;
+        event.action = action as i32;
+        event.records = records;
+        event.types = types.iter().map(|t| *t as i32).collect();
+        Some(kv::Op::Append {
+            head: keys.audit_head(),
+            prefix: keys.audit_entries(),
+            value: Bytes::from(event.encode_to_vec()),
+        })
+    }
+}
+
+fn identifiers(caller: &Caller) -> Vec<Identifier> {
+    caller
+        .care
+        .practitioner
+        .iter()
+        .chain(&caller.care.organizations)
+        .map(|x| Identifier {
+            system: x.system.clone(),
+            value: x.value.clone(),
+            r#type: None,
+        })
+        .collect()
+}

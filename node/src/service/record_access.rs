@@ -1,0 +1,131 @@
+//! Who may make a Records call and what it leaves in the patient's audit chain: the
+//! authorisation of every call on a patient (`access.rs` decides; a clinician's standing is read
+//! here), the commit of a read's audit event, and the pages of the chain (`AccessLog`).
+
+use std::time::Duration;
+
+use dossier_api::v1::{AccessLogEntry, AccessLogResponse};
+use dossier_records::kv::{Batch, Reads};
+use dossier_records::{PatientId, PatientKeys};
+use dossier_storage::chain;
+use tonic::Request;
+
+use super::records::RecordsService;
+use crate::access::{self, Decision, Ground, Need};
+use crate::audit::Audit;
+use crate::authn::Principal;
+use crate::errors::ApiError;
+use crate::record_store::ReplicaReads;
+
+impl RecordsService {
+    /// Decides whether the caller of `request` may do what `need` says on `patient` of `shard`:
+    /// by role, or for a clinician by their standing with the patient, read from this replica
+    /// (as applied here: a care relationship ended a moment ago may still count on a replica
+    /// that has not applied the change).
+    pub(super) fn authorize<Req>(
+        &self,
+        request: &Request<Req>,
+        need: Need,
+        shard: u64,
+        patient: &PatientId,
+    ) -> Result<Audit, ApiError> {
+        let ground = match access::decide(request, need, Some(patient))? {
+            Decision::Allowed(ground) => ground,
+            Decision::NeedsStanding(access) => {
+                let replica = self.replica(shard)?;
+                let standing = dossier_records::care::standing(
+                    &ReplicaReads(&replica),
+                    &PatientKeys::new(patient),
+                    &access.caller().care,
+                    dossier_records::now_micros(),
+                )?;
+                access.with_standing(standing)?
+            }
+        };
+        if let Ground::BreakGlass(_) = &ground {
+            self.node.metrics.break_glass.inc();
+            tracing::warn!(shard, "break-the-glass access to a patient's record");
+        }
+        Ok(Audit::new(
+            &Principal::of(request)?,
+            &ground,
+            self.node.node_id(),
+        ))
+    }
+
+    /// Commits a read's audit event (if the call is audited) before its data leaves the node:
+    /// appended on the leader of the patient's shard, wherever it is.
+    pub(super) async fn audited(
+        &self,
+        op: Option<dossier_records::kv::Op>,
+        patient: &PatientId,
+        deadline: Duration,
+    ) -> Result<(), ApiError> {
+        let Some(op) = op else { return Ok(()) };
+        let batch = Batch {
+            conditions: Vec::new(),
+            ops: vec![op],
+        };
+        match dossier_records::kv::Shards::write(&self.shards, patient.as_str(), batch, deadline)
+            .await?
+        {
+            dossier_records::kv::BatchResult::Applied => Ok(()),
+            dossier_records::kv::BatchResult::Failed(_) => Err(ApiError::Internal(
+                "an unconditional audit append was refused".into(),
+            )),
+        }
+    }
+
+    /// A page of the patient's audit chain after `after_seq`: entries up to the head read first,
+    /// so that a page never runs past the head it reports.
+    pub(super) fn access_log_page(
+        &self,
+        shard: u64,
+        patient: &PatientId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<AccessLogResponse, ApiError> {
+        let limit = self.page_limit(limit)?;
+        let replica = self.replica(shard)?;
+        let reads = ReplicaReads(&replica);
+        let keys = PatientKeys::new(patient);
+        let head = match reads.get(&keys.audit_head())? {
+            None => None,
+            Some(v) => Some(chain::decode_head(&v).ok_or_else(|| {
+                ApiError::Internal("the audit chain's head does not decode".into())
+            })?),
+        };
+        let (head_seq, head_hash) = head.map_or((0, Vec::new()), |(s, h)| (s, h.to_vec()));
+        let prefix = keys.audit_entries();
+        let after = (after_seq > 0).then(|| chain::entry_key(&prefix, after_seq));
+        let bytes_max = self.node.config.node.records.message_bytes_max;
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
+        for (key, value) in reads.scan_prefix(&prefix, after.as_deref(), limit + 1)? {
+            let seq = dossier_records::keys::be_u64(&key[prefix.len()..])
+                .ok_or_else(|| ApiError::Internal("an audit entry's key does not decode".into()))?;
+            if seq > head_seq {
+                break;
+            }
+            if entries.len() == limit || (bytes + value.len() > bytes_max && !entries.is_empty()) {
+                more = true;
+                break;
+            }
+            let (hash, event) = chain::split_entry(&value)
+                .ok_or_else(|| ApiError::Internal(format!("audit entry {seq} does not decode")))?;
+            bytes += value.len();
+            entries.push(AccessLogEntry {
+                seq,
+                hash: hash.to_vec(),
+                event: event.to_vec(),
+            });
+        }
+        Ok(AccessLogResponse {
+            entries,
+            head_seq,
+            head_hash,
+            more,
+        })
+    }
+}
