@@ -54,15 +54,33 @@ impl Audit {
         types: &[ResourceType],
     ) -> Option<kv::Op> {
         let mut event = self.0.clone()?;
-        event.time_micros = dossier_records::now_micros() as i64;
-        event.action = action as i32;
         event.records = records;
         event.types = types.iter().map(|t| *t as i32).collect();
-        Some(kv::Op::Append {
-            head: keys.audit_head(),
-            prefix: keys.audit_entries(),
-            value: Bytes::from(event.encode_to_vec()),
-        })
+        Some(append(keys, action, event))
+    }
+
+    /// As [`Self::op`], for a Kv call on `kv_keys` (the caller's keys, without the patient's
+    /// prefix).
+    pub fn kv_op(
+        &self,
+        keys: &PatientKeys,
+        action: AuditAction,
+        kv_keys: Vec<Vec<u8>>,
+    ) -> Option<kv::Op> {
+        let mut event = self.0.clone()?;
+        event.kv_keys = kv_keys;
+        Some(append(keys, action, event))
+    }
+}
+
+/// The append of `event`, stamped now with `action`, to the chain of `keys`' patient.
+fn append(keys: &PatientKeys, action: AuditAction, mut event: AuditEvent) -> kv::Op {
+    event.time_micros = dossier_records::now_micros() as i64;
+    event.action = action as i32;
+    kv::Op::Append {
+        head: keys.audit_head(),
+        prefix: keys.audit_entries(),
+        value: Bytes::from(event.encode_to_vec()),
     }
 }
 

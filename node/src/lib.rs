@@ -13,6 +13,7 @@
 
 mod access;
 mod audit;
+mod audit_batch;
 mod authn;
 mod balance;
 mod compactor;
@@ -106,6 +107,8 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
             tls: config.tls.is_some(),
         };
         // The public services know their caller (authn.rs) and decide on it (access.rs).
+        // One batcher of read audit events for both services.
+        let audits = audit_batch::AuditBatcher::start(Arc::clone(&node));
         let authenticate = authn::Authenticate {
             tls: config.tls.is_some(),
             tokens: config.tokens.clone(),
@@ -132,7 +135,10 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
                     nodes_only,
                 ))
                 .add_service(InterceptedService::new(
-                    KvServer::new(service::kv::KvService::new(Arc::clone(&node)))
+                    KvServer::new(service::kv::KvService::new(
+                        Arc::clone(&node),
+                        audits.clone(),
+                    ))
                         .max_decoding_message_size(request_max),
                     authenticate.clone(),
                 ))
@@ -141,7 +147,10 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
                     nodes_only,
                 ))
                 .add_service(InterceptedService::new(
-                    RecordsServer::new(service::records::RecordsService::new(Arc::clone(&node)))
+                    RecordsServer::new(service::records::RecordsService::new(
+                        Arc::clone(&node),
+                        audits,
+                    ))
                         .max_decoding_message_size(request_max),
                     authenticate.clone(),
                 ))

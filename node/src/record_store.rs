@@ -32,6 +32,23 @@ impl kv::Reads for ReplicaReads<'_> {
     }
 }
 
+/// A record-layer op as a store op.
+pub fn to_storage_op(op: kv::Op) -> Op {
+    match op {
+        kv::Op::Put { key, value } => Op::Put { key, value },
+        kv::Op::Delete { key } => Op::Delete { key },
+        kv::Op::Append {
+            head,
+            prefix,
+            value,
+        } => Op::Append {
+            head,
+            prefix,
+            value,
+        },
+    }
+}
+
 /// A record-layer batch as a store batch (same conditions, same ops, same order).
 pub fn to_storage(batch: kv::Batch) -> Batch {
     Batch {
@@ -47,22 +64,6 @@ pub fn to_storage(batch: kv::Batch) -> Batch {
                 },
             })
             .collect(),
-        ops: batch
-            .ops
-            .into_iter()
-            .map(|op| match op {
-                kv::Op::Put { key, value } => Op::Put { key, value },
-                kv::Op::Delete { key } => Op::Delete { key },
-                kv::Op::Append {
-                    head,
-                    prefix,
-                    value,
-                } => Op::Append {
-                    head,
-                    prefix,
-                    value,
-                },
-            })
-            .collect(),
+        ops: batch.ops.into_iter().map(to_storage_op).collect(),
     }
 }

@@ -184,6 +184,8 @@ fn expected(caller: Caller, op: Op, who: Who, glass: bool) -> Expect {
 /// The event an allowed call leaves on its patient's audit chain: who, what, on what ground.
 fn audit_event(caller: Caller, op: Op, who: Who, glass: bool) -> Option<(String, i32, i32)> {
     let action = match op {
+        Op::KvGet => AuditAction::KvGet,
+        Op::KvPut => AuditAction::KvPut,
         Op::Read => AuditAction::Read,
         Op::Create => AuditAction::Create,
         Op::History => AuditAction::History,

@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dossier_api::v1::kv_server::Kv;
 use dossier_api::v1::{
+    AuditAction,
     BatchRequest, BundleAnswer, BundleItem, BundleRequest, BundleResponse, CompareAndSetRequest,
     DeleteRequest, GetRequest, GetResponse, ItemError, KeyValue, PutRequest, ReadConsistency,
     RouteHeader, ScanRequest, ScanResponse, SessionHeader, WriteResponse, bundle_answer,
     bundle_item, condition, operation,
 };
+use dossier_records::PatientKeys;
 use dossier_storage::{Batch, Command, Condition, Expect, Op, Outcome, Session, ShardHandle};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
@@ -19,18 +21,23 @@ use futures_util::{FutureExt, StreamExt};
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
-use crate::access::{self, Need};
+use crate::access::{self, Ground, Need};
+use crate::audit::Audit;
+use crate::audit_batch::AuditBatcher;
+use crate::authn::Principal;
+use crate::record_store::to_storage_op;
 use crate::errors::ApiError;
 use crate::node::Node;
 
 #[derive(Debug, Clone)]
 pub struct KvService {
     node: Arc<Node>,
+    audits: AuditBatcher,
 }
 
 impl KvService {
-    pub fn new(node: Arc<Node>) -> Self {
-        KvService { node }
+    pub fn new(node: Arc<Node>, audits: AuditBatcher) -> Self {
+        KvService { node, audits }
     }
 }
 
@@ -58,11 +65,13 @@ has_route!(
     ScanRequest
 );
 
-/// A request's patient, checked, and its shard.
+/// A request's patient, checked, its shard, and the audit of the call on it.
 struct Routed {
     shard: u64,
     patient: String,
     prefix: Vec<u8>,
+    chain: PatientKeys,
+    audit: Audit,
 }
 
 impl Routed {
@@ -75,7 +84,11 @@ impl Routed {
 }
 
 impl KvService {
-    fn route(&self, route: Option<&RouteHeader>) -> Result<Routed, ApiError> {
+    fn route(
+        &self,
+        route: Option<&RouteHeader>,
+        principal: &Principal,
+    ) -> Result<Routed, ApiError> {
         let route = route
             .ok_or_else(|| ApiError::invalid("route", "is required (it names the patient)"))?;
         // The one patient-id rule of every service: a patient written here can hold records.
@@ -86,6 +99,9 @@ impl KvService {
             shard: descriptor.shard_id,
             patient: patient.as_str().to_owned(),
             prefix,
+            chain: PatientKeys::new(&patient),
+            // Only services (or anyone, without TLS) reach the Kv service: on their role.
+            audit: Audit::new(principal, &Ground::Role, self.node.node_id()),
         })
     }
 
@@ -122,13 +138,22 @@ impl KvService {
         }
     }
 
+    /// Proposes `batch` with the call's audit event (`action` on `keys`) in it.
     async fn write(
         &self,
         routed: &Routed,
         session: Option<Session>,
-        batch: Batch,
+        mut batch: Batch,
+        audited: (AuditAction, Vec<Vec<u8>>),
         deadline: Duration,
     ) -> Result<WriteResponse, ApiError> {
+        let (action, keys) = audited;
+        batch.ops.extend(
+            routed
+                .audit
+                .kv_op(&routed.chain, action, keys)
+                .map(to_storage_op),
+        );
         batch
             .check_limits(&self.node.config.state)
             .map_err(|e| ApiError::invalid("batch", e.to_string()))?;
@@ -213,8 +238,13 @@ impl KvService {
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
-        let result = match access::decide(&request, Need::Kv, None) {
-            Ok(_) => self.admitted(request.get_ref(), deadline, body).await,
+        let result = match access::decide(&request, Need::Kv, None)
+            .and_then(|_| Principal::of(&request))
+        {
+            Ok(principal) => {
+                self.admitted(request.get_ref(), &principal, deadline, body)
+                    .await
+            }
             Err(e) => Err(e),
         };
         super::observe(&self.node, method, started, result)
@@ -224,23 +254,43 @@ impl KvService {
     async fn admitted<Req: HasRoute, T>(
         &self,
         request: &Req,
+        principal: &Principal,
         deadline: Duration,
         body: impl AsyncFnOnce(&Req, &Routed, Duration) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
         let _permit = super::admit(&self.node)?;
-        let routed = self.route(request.route_header())?;
+        let routed = self.route(request.route_header(), principal)?;
         body(request, &routed, deadline).await
     }
 
+    /// Commits a read's audit event before its data leaves the node.
+    async fn audited(
+        &self,
+        routed: &Routed,
+        action: AuditAction,
+        keys: Vec<Vec<u8>>,
+        deadline: Duration,
+    ) -> Result<(), ApiError> {
+        match routed.audit.kv_op(&routed.chain, action, keys) {
+            Some(op) => self.audits.append(&routed.patient, op, deadline).await,
+            None => Ok(()),
+        }
+    }
+
     /// One item of a bundle, served as the unary method of its kind would serve it.
-    async fn bundle_item(&self, item: &BundleItem, deadline: Duration) -> bundle_answer::Answer {
+    async fn bundle_item(
+        &self,
+        item: &BundleItem,
+        principal: &Principal,
+        deadline: Duration,
+    ) -> bundle_answer::Answer {
         let started = Instant::now();
         // The unary method's name, and its body run as that method runs it.
         macro_rules! as_unary {
             ($method:literal, $request:expr, $body:ident, $answer:path) => {
                 (
                     $method,
-                    self.admitted($request, deadline, async |r, routed, d| {
+                    self.admitted($request, principal, deadline, async |r, routed, d| {
                         self.$body(r, routed, d).await
                     })
                     .await
@@ -293,6 +343,8 @@ impl KvService {
             .get(&routed.key(&r.key))
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
         let applied_index = replica.applied_index().unwrap_or(0);
+        self.audited(routed, AuditAction::KvGet, vec![r.key.clone()], deadline)
+            .await?;
         Ok(match value {
             Some(v) => GetResponse {
                 found: true,
@@ -317,7 +369,8 @@ impl KvService {
         self.check_value("value", &r.value)?;
         let session = Self::session(r.session.as_ref())?;
         let batch = Batch::put(routed.key(&r.key), r.value.clone());
-        self.write(routed, session, batch, deadline).await
+        let audited = (AuditAction::KvPut, vec![r.key.clone()]);
+        self.write(routed, session, batch, audited, deadline).await
     }
 
     async fn do_delete(
@@ -328,8 +381,9 @@ impl KvService {
     ) -> Result<WriteResponse, ApiError> {
         self.check_key("key", &r.key)?;
         let session = Self::session(r.session.as_ref())?;
-        self.write(routed, session, Batch::delete(routed.key(&r.key)), deadline)
-            .await
+        let audited = (AuditAction::KvDelete, vec![r.key.clone()]);
+        let batch = Batch::delete(routed.key(&r.key));
+        self.write(routed, session, batch, audited, deadline).await
     }
 
     async fn do_compare_and_set(
@@ -344,7 +398,8 @@ impl KvService {
         let session = Self::session(r.session.as_ref())?;
         let expected = (!r.expect_absent).then(|| Bytes::from(r.expected.clone()));
         let batch = Batch::compare_and_set(routed.key(&r.key), expected, r.value.clone());
-        self.write(routed, session, batch, deadline).await
+        let audited = (AuditAction::KvCompareAndSet, vec![r.key.clone()]);
+        self.write(routed, session, batch, audited, deadline).await
     }
 
     async fn do_batch(
@@ -398,7 +453,17 @@ impl KvService {
                 }
             }
         }
-        self.write(routed, session, batch, deadline).await
+        let keys = r
+            .operations
+            .iter()
+            .filter_map(|o| match &o.op {
+                Some(operation::Op::Put(p)) => Some(p.key.clone()),
+                Some(operation::Op::Delete(d)) => Some(d.key.clone()),
+                None => None,
+            })
+            .collect();
+        self.write(routed, session, batch, (AuditAction::KvBatch, keys), deadline)
+            .await
     }
 }
 
@@ -471,6 +536,8 @@ impl Kv for KvService {
                 )
                 .map_err(|e| ApiError::Unavailable(e.to_string()))?;
             let (items, more) = (page.items, page.more);
+            self.audited(routed, AuditAction::KvScan, vec![r.prefix.clone()], deadline)
+                .await?;
             let strip = routed.prefix.len();
             let items = items
                 .into_iter()
@@ -492,10 +559,15 @@ impl Kv for KvService {
     ) -> Result<Response<BundleAnswers>, Status> {
         let started = Instant::now();
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
-        if let Err(refused) = access::decide(&request, Need::Kv, None) {
-            super::record(&self.node, "bundle", started, Err(&refused));
-            return Err(refused.into());
-        }
+        let principal = match access::decide(&request, Need::Kv, None)
+            .and_then(|_| Principal::of(&request))
+        {
+            Ok(principal) => principal,
+            Err(refused) => {
+                super::record(&self.node, "bundle", started, Err(&refused));
+                return Err(refused.into());
+            }
+        };
         let items = request.into_inner().items;
         self.node.metrics.bundle_items.observe(items.len() as f64);
         let max = self.node.config.node.limits.bundle_items_max;
@@ -515,6 +587,7 @@ impl Kv for KvService {
             .enumerate()
             .map(|(index, item)| {
                 let service = self.clone();
+                let principal = principal.clone();
                 let deadline = match item.timeout_micros {
                     0 => deadline,
                     own => deadline.min(Duration::from_micros(own)),
@@ -522,7 +595,7 @@ impl Kv for KvService {
                 async move {
                     BundleAnswer {
                         item: index as u32,
-                        answer: Some(service.bundle_item(&item, deadline).await),
+                        answer: Some(service.bundle_item(&item, &principal, deadline).await),
                     }
                 }
                 .boxed()

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use dossier_api::v1::{AccessLogEntry, AccessLogResponse};
-use dossier_records::kv::{Batch, Reads};
+use dossier_records::kv::Reads;
 use dossier_records::{PatientId, PatientKeys};
 use dossier_storage::chain;
 use tonic::Request;
@@ -53,26 +53,17 @@ impl RecordsService {
         ))
     }
 
-    /// Commits a read's audit event (if the call is audited) before its data leaves the node:
-    /// appended on the leader of the patient's shard, wherever it is.
+    /// Commits a read's audit event (if the call is audited) before its data leaves the node,
+    /// in a batch with other reads' events (`audit_batch.rs`).
     pub(super) async fn audited(
         &self,
         op: Option<dossier_records::kv::Op>,
         patient: &PatientId,
         deadline: Duration,
     ) -> Result<(), ApiError> {
-        let Some(op) = op else { return Ok(()) };
-        let batch = Batch {
-            conditions: Vec::new(),
-            ops: vec![op],
-        };
-        match dossier_records::kv::Shards::write(&self.shards, patient.as_str(), batch, deadline)
-            .await?
-        {
-            dossier_records::kv::BatchResult::Applied => Ok(()),
-            dossier_records::kv::BatchResult::Failed(_) => Err(ApiError::Internal(
-                "an unconditional audit append was refused".into(),
-            )),
+        match op {
+            Some(op) => self.audits.append(patient.as_str(), op, deadline).await,
+            None => Ok(()),
         }
     }
 

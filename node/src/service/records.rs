@@ -30,6 +30,7 @@ use tonic::{Request, Response, Status};
 use super::record_everything;
 use crate::access::{self, Decision, Ground, Need};
 use crate::audit::Audit;
+use crate::audit_batch::AuditBatcher;
 use crate::errors::ApiError;
 use crate::node::Node;
 use crate::record_store::{ReplicaReads, to_storage};
@@ -39,12 +40,14 @@ use crate::shards::ClusterShards;
 pub struct RecordsService {
     pub(super) node: Arc<Node>,
     pub(super) shards: ClusterShards,
+    /// Commits the audit events of reads, batched (`audit_batch.rs`).
+    pub(super) audits: AuditBatcher,
     /// The Everything streams reading at once (on blocking threads), in arrival order.
     everything_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl RecordsService {
-    pub fn new(node: Arc<Node>) -> Self {
+    pub fn new(node: Arc<Node>, audits: AuditBatcher) -> Self {
         let shards = ClusterShards::new(Arc::clone(&node));
         // Two Everything streams read per core: enough to keep the cores busy while readers
         // take messages, few enough that each finishes in a few times its time alone.
@@ -52,6 +55,7 @@ impl RecordsService {
         RecordsService {
             node,
             shards,
+            audits,
             everything_slots: Arc::new(tokio::sync::Semaphore::new(2 * cores)),
         }
     }
