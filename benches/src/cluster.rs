@@ -149,6 +149,8 @@ pub enum Workload {
     Mixed {
         read_percent: u8,
     },
+    /// Linearizable reads of a patient's record (`Records.Read` of one Observation).
+    RecordRead,
 }
 
 impl Workload {
@@ -158,6 +160,7 @@ impl Workload {
             "put" => Workload::Put,
             "get" => Workload::Get(ReadConsistency::Linearizable),
             "get-stale" => Workload::Get(ReadConsistency::Stale),
+            "record-read" => Workload::RecordRead,
             "mixed" => {
                 anyhow::ensure!(
                     read_percent <= 100,
@@ -165,7 +168,9 @@ impl Workload {
                 );
                 Workload::Mixed { read_percent }
             }
-            other => anyhow::bail!("unknown workload {other:?} (put, get, get-stale, mixed)"),
+            other => anyhow::bail!(
+                "unknown workload {other:?} (put, get, get-stale, mixed, record-read)"
+            ),
         })
     }
 
@@ -175,6 +180,7 @@ impl Workload {
             Workload::Get(ReadConsistency::Linearizable) => "get".into(),
             Workload::Get(ReadConsistency::Stale) => "get-stale".into(),
             Workload::Mixed { read_percent } => format!("mixed-{read_percent}r"),
+            Workload::RecordRead => "record-read".into(),
         }
     }
 
@@ -303,6 +309,52 @@ impl Backend {
         }
     }
 
+    /// The record-read workload's patient `patient` with one Observation, `obs` (kept if it
+    /// exists already).
+    async fn preload_record(&self, patient: &str, n: u64) -> Result<(), String> {
+        let (Backend::Dossier(c) | Backend::DossierUnary(c)) = self else {
+            return Err("record-read needs the dossier backend".into());
+        };
+        let resource = dossier_api::v1::Resource {
+            meta: Some(dossier_api::v1::Meta {
+                id: patient.to_owned(),
+                ..Default::default()
+            }),
+            kind: Some(dossier_api::v1::resource::Kind::Patient(
+                dossier_api::v1::Patient {
+                    names: vec![dossier_api::v1::HumanName {
+                        family: "Bench".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )),
+            unmodelled_json: String::new(),
+        };
+        let options = dossier_client::WriteOptions::default();
+        let kind = |e: dossier_client::ClientError| dossier_error_kind(&e).to_owned();
+        c.create_patient(resource, &options).await.map_err(kind)?;
+        let obs = dossier_records::synth::observation("obs".into(), n);
+        c.create_record(patient, obs, &options)
+            .await
+            .map_err(kind)?;
+        Ok(())
+    }
+
+    async fn record_read(&self, patient: &str) -> Result<(), String> {
+        let (Backend::Dossier(c) | Backend::DossierUnary(c)) = self else {
+            return Err("record-read needs the dossier backend".into());
+        };
+        match c
+            .read_record(patient, dossier_api::v1::ResourceType::Observation, "obs")
+            .await
+        {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err("not-found".into()),
+            Err(e) => Err(dossier_error_kind(&e).to_owned()),
+        }
+    }
+
     async fn put_kind(&self, client: usize, patient: &str, value: &[u8]) -> Result<(), String> {
         match self {
             Backend::Dossier(c) | Backend::DossierUnary(c) => c
@@ -362,7 +414,14 @@ pub async fn load(backend: &Backend, spec: &LoadSpec) -> Result<LoadResult> {
     anyhow::ensure!(spec.clients > 0, "--clients must be at least 1");
     anyhow::ensure!(spec.patients > 0, "--patients must be at least 1");
     let value = Arc::new(vec![0x42u8; spec.value_bytes]);
-    if spec.workload.reads() {
+    if spec.workload == Workload::RecordRead {
+        for p in 0..spec.patients {
+            backend
+                .preload_record(&patient_name(p), p as u64)
+                .await
+                .map_err(|kind| anyhow::anyhow!("preloading patient {p} failed: {kind}"))?;
+        }
+    } else if spec.workload.reads() {
         for p in 0..spec.patients {
             backend
                 .put_kind(p, &patient_name(p), &value)
@@ -389,14 +448,19 @@ pub async fn load(backend: &Backend, spec: &LoadSpec) -> Result<LoadResult> {
             move |_k| {
                 let patient = patient_name(chooser.pick(&mut rng));
                 let read = match workload {
-                    Workload::Put => None,
+                    Workload::Put | Workload::RecordRead => None,
                     Workload::Get(consistency) => Some(consistency),
                     Workload::Mixed { read_percent } => (rng.next_u64() % 100
                         < u64::from(read_percent))
                     .then_some(ReadConsistency::Linearizable),
                 };
                 let (backend, value) = (Arc::clone(&backend), Arc::clone(&value));
-                async move { backend.op(c, read, &patient, &value).await.map(|()| 1) }
+                async move {
+                    if workload == Workload::RecordRead {
+                        return backend.record_read(&patient).await.map(|()| 1);
+                    }
+                    backend.op(c, read, &patient, &value).await.map(|()| 1)
+                }
             }
         },
     )

@@ -93,7 +93,8 @@ enum Command {
     /// durable writes, linearizable reads, stale reads.
     ClusterLoad {
         /// put (durable), get (linearizable), get-stale (any replica), mixed (linearizable gets
-        /// and puts, see --read-percent); several comma separated.
+        /// and puts, see --read-percent), record-read (linearizable Records.Read of one
+        /// Observation per patient); several comma separated.
         #[arg(long, value_delimiter = ',', default_values_t = ["put".to_owned(), "get".to_owned(), "get-stale".to_owned()])]
         workloads: Vec<String>,
         /// Share of gets in the mixed workload, in percent.

@@ -139,7 +139,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
                         Arc::clone(&node),
                         audits.clone(),
                     ))
-                        .max_decoding_message_size(request_max),
+                    .max_decoding_message_size(request_max),
                     authenticate.clone(),
                 ))
                 .add_service(InterceptedService::new(
@@ -151,7 +151,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
                         Arc::clone(&node),
                         audits,
                     ))
-                        .max_decoding_message_size(request_max),
+                    .max_decoding_message_size(request_max),
                     authenticate.clone(),
                 ))
                 .add_service(InterceptedService::new(

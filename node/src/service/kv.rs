@@ -7,11 +7,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dossier_api::v1::kv_server::Kv;
 use dossier_api::v1::{
-    AuditAction,
-    BatchRequest, BundleAnswer, BundleItem, BundleRequest, BundleResponse, CompareAndSetRequest,
-    DeleteRequest, GetRequest, GetResponse, ItemError, KeyValue, PutRequest, ReadConsistency,
-    RouteHeader, ScanRequest, ScanResponse, SessionHeader, WriteResponse, bundle_answer,
-    bundle_item, condition, operation,
+    AuditAction, BatchRequest, BundleAnswer, BundleItem, BundleRequest, BundleResponse,
+    CompareAndSetRequest, DeleteRequest, GetRequest, GetResponse, ItemError, KeyValue, PutRequest,
+    ReadConsistency, RouteHeader, ScanRequest, ScanResponse, SessionHeader, WriteResponse,
+    bundle_answer, bundle_item, condition, operation,
 };
 use dossier_records::PatientKeys;
 use dossier_storage::{Batch, Command, Condition, Expect, Op, Outcome, Session, ShardHandle};
@@ -25,9 +24,9 @@ use crate::access::{self, Ground, Need};
 use crate::audit::Audit;
 use crate::audit_batch::AuditBatcher;
 use crate::authn::Principal;
-use crate::record_store::to_storage_op;
 use crate::errors::ApiError;
 use crate::node::Node;
+use crate::record_store::to_storage_op;
 
 #[derive(Debug, Clone)]
 pub struct KvService {
@@ -238,15 +237,14 @@ impl KvService {
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
-        let result = match access::decide(&request, Need::Kv, None)
-            .and_then(|_| Principal::of(&request))
-        {
-            Ok(principal) => {
-                self.admitted(request.get_ref(), &principal, deadline, body)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
+        let result =
+            match access::decide(&request, Need::Kv, None).and_then(|_| Principal::of(&request)) {
+                Ok(principal) => {
+                    self.admitted(request.get_ref(), &principal, deadline, body)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
         super::observe(&self.node, method, started, result)
     }
 
@@ -462,8 +460,14 @@ impl KvService {
                 None => None,
             })
             .collect();
-        self.write(routed, session, batch, (AuditAction::KvBatch, keys), deadline)
-            .await
+        self.write(
+            routed,
+            session,
+            batch,
+            (AuditAction::KvBatch, keys),
+            deadline,
+        )
+        .await
     }
 }
 
@@ -536,8 +540,13 @@ impl Kv for KvService {
                 )
                 .map_err(|e| ApiError::Unavailable(e.to_string()))?;
             let (items, more) = (page.items, page.more);
-            self.audited(routed, AuditAction::KvScan, vec![r.prefix.clone()], deadline)
-                .await?;
+            self.audited(
+                routed,
+                AuditAction::KvScan,
+                vec![r.prefix.clone()],
+                deadline,
+            )
+            .await?;
             let strip = routed.prefix.len();
             let items = items
                 .into_iter()
@@ -559,15 +568,14 @@ impl Kv for KvService {
     ) -> Result<Response<BundleAnswers>, Status> {
         let started = Instant::now();
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
-        let principal = match access::decide(&request, Need::Kv, None)
-            .and_then(|_| Principal::of(&request))
-        {
-            Ok(principal) => principal,
-            Err(refused) => {
-                super::record(&self.node, "bundle", started, Err(&refused));
-                return Err(refused.into());
-            }
-        };
+        let principal =
+            match access::decide(&request, Need::Kv, None).and_then(|_| Principal::of(&request)) {
+                Ok(principal) => principal,
+                Err(refused) => {
+                    super::record(&self.node, "bundle", started, Err(&refused));
+                    return Err(refused.into());
+                }
+            };
         let items = request.into_inner().items;
         self.node.metrics.bundle_items.observe(items.len() as f64);
         let max = self.node.config.node.limits.bundle_items_max;
