@@ -42,7 +42,7 @@ pub async fn print_log(cli: &Cli, patient: &str, json: bool) -> Result<()> {
     let client = cli.client().await?;
     if !json {
         println!(
-            "{:>6}  {:<27}  {:<20}  {:<9}  {:<14}  {:<11}  WHAT",
+            "{:>6}  {:<32}  {:<20}  {:<9}  {:<15}  {:<11}  WHAT",
             "SEQ", "TIME", "WHO", "ROLE", "ACTION", "GROUND"
         );
     }
@@ -51,7 +51,7 @@ pub async fn print_log(cli: &Cli, patient: &str, json: bool) -> Result<()> {
             println!("{}", event_json(seq, e));
         } else {
             println!(
-                "{seq:>6}  {:<27}  {:<20}  {:<9}  {:<14}  {:<11}  {}",
+                "{seq:>6}  {:<32}  {:<20}  {:<9}  {:<15}  {:<11}  {}",
                 dossier_fhir::format_instant(e.time_micros),
                 e.actor,
                 e.role,
@@ -114,13 +114,25 @@ fn type_name(t: i32) -> &'static str {
         .unwrap_or("?")
 }
 
+/// Records listed by name in a table row; the rest are counted.
+const RECORDS_SHOWN: usize = 3;
+
 /// The records or kinds an event names, and a break-the-glass reason.
 fn what(e: &AuditEvent) -> String {
     let mut parts: Vec<String> = e
         .records
         .iter()
+        .take(RECORDS_SHOWN)
         .map(|r| format!("{}/{}", type_name(r.r#type), r.id))
         .collect();
+    if e.records.len() > RECORDS_SHOWN {
+        parts.push(format!("(+{} more)", e.records.len() - RECORDS_SHOWN));
+    }
+    parts.extend(
+        e.kv_keys
+            .iter()
+            .map(|k| format!("key {:?}", String::from_utf8_lossy(k))),
+    );
     parts.extend(e.types.iter().map(|t| format!("{}/*", type_name(*t))));
     if !e.reason.is_empty() {
         parts.push(format!("reason: {:?}", e.reason));
@@ -141,6 +153,7 @@ fn event_json(seq: u64, e: &AuditEvent) -> serde_json::Value {
         "reason": e.reason,
         "records": e.records.iter().map(|r| format!("{}/{}", type_name(r.r#type), r.id)).collect::<Vec<_>>(),
         "types": e.types.iter().map(|t| type_name(*t)).collect::<Vec<_>>(),
+        "kv_keys": e.kv_keys.iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect::<Vec<_>>(),
         "node": e.node_id,
     })
 }

@@ -309,12 +309,10 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
                 .iter()
                 .map(|t| record_type(t))
                 .collect::<Result<Vec<_>>>()?;
-            // Streamed: the bundle is written entry by entry as messages arrive.
+            // Streamed: the bundle is written entry by entry as messages arrive, its opening
+            // with the first (nothing is printed for a refused call).
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            write!(
-                out,
-                "{{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"entry\":["
-            )?;
+            const OPENING: &str = "{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"entry\":[";
             let mut first = true;
             let mut count = 0usize;
             let as_of = client
@@ -324,7 +322,7 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
                         let t = resource["resourceType"].as_str().unwrap_or_default().to_owned();
                         let id = resource["id"].as_str().unwrap_or_default().to_owned();
                         let entry = serde_json::json!({"fullUrl": format!("{t}/{id}"), "resource": resource, "search": {"mode": "match"}});
-                        let sep = if first { "" } else { "," };
+                        let sep = if first { OPENING } else { "," };
                         first = false;
                         count += 1;
                         write!(out, "{sep}{entry}").map_err(|e| dossier_client::ClientError::Server(e.to_string()))?;
@@ -332,6 +330,9 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
                     Ok(())
                 })
                 .await?;
+            if first {
+                write!(out, "{OPENING}")?;
+            }
             writeln!(out, "],\"total\":{count}}}")?;
             out.flush()?;
             eprintln!("{count} records; pass --since {as_of} to get only later changes");
