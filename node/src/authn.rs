@@ -324,6 +324,8 @@ impl Claims {
 pub struct Authenticate {
     pub tls: bool,
     pub tokens: Option<Arc<TokenVerifier>>,
+    /// Limits the calls of clinicians and patients, per identity.
+    pub people: Option<Arc<crate::rate_limit::RateLimiter>>,
 }
 
 impl tonic::service::Interceptor for Authenticate {
@@ -373,6 +375,15 @@ impl tonic::service::Interceptor for Authenticate {
                 ));
             }
         };
+        if let Some(limiter) = &self.people
+            && matches!(caller.role, Role::Clinician | Role::Patient)
+            && !limiter.admit(&caller.name, std::time::Instant::now())
+        {
+            return Err(Status::from(ApiError::RateLimited {
+                caller: caller.name,
+                per_second: limiter.per_second() as u64,
+            }));
+        }
         request
             .extensions_mut()
             .insert(Principal::Caller(Arc::new(caller)));

@@ -37,6 +37,12 @@ pub struct Limits {
     /// retry after that is refused, never re-applied). Bounds each shard's session table; keep it
     /// far above the entries a shard commits during a client's longest retry window.
     pub session_idle_entries: u64,
+    /// Calls a second each clinician and each patient (one identity: a token's subject) may
+    /// make to this node, on average; 0: no limit. Services, operators and auditors are not
+    /// limited by it. Only with TLS (callers are known).
+    pub person_calls_per_second: u32,
+    /// Calls such a caller may make at once before its rate applies.
+    pub person_calls_burst: u32,
 }
 
 impl Default for Limits {
@@ -50,6 +56,8 @@ impl Default for Limits {
             request_bytes_max: 16 << 20,
             bundle_items_max: 1_024,
             session_idle_entries: 1_000_000,
+            person_calls_per_second: 50,
+            person_calls_burst: 200,
         }
     }
 }

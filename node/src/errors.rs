@@ -35,6 +35,9 @@ pub enum ApiError {
     },
     #[error("too many requests in flight on this node (limit {limit})")]
     ResourceExhausted { limit: u64 },
+    /// The caller is over its rate (`limits.person-calls-per-second`).
+    #[error("{caller:?} is over its rate of {per_second} calls a second on this node; retry later")]
+    RateLimited { caller: String, per_second: u64 },
     #[error("the request deadline passed; a write may still take effect")]
     Deadline,
     /// No replica of `shard` here, or no such shard in the map. `descriptor`, when known, is
@@ -103,6 +106,7 @@ impl ApiError {
             ApiError::StaleEpoch { .. } => "stale_epoch",
             ApiError::InvalidArgument { .. } => "invalid_argument",
             ApiError::ResourceExhausted { .. } => "resource_exhausted",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Deadline => "deadline",
             ApiError::ShardNotFound { .. } => "shard_not_found",
             ApiError::ClusterState(_) => "cluster_state",
@@ -121,7 +125,7 @@ impl ApiError {
             ApiError::InvalidArgument { .. } => {
                 (Code::InvalidArgument, ErrorReason::InvalidArgument)
             }
-            ApiError::ResourceExhausted { .. } => {
+            ApiError::ResourceExhausted { .. } | ApiError::RateLimited { .. } => {
                 (Code::ResourceExhausted, ErrorReason::ResourceExhausted)
             }
             ApiError::Deadline => (Code::DeadlineExceeded, ErrorReason::Deadline),
@@ -220,7 +224,9 @@ impl ApiError {
                     }],
                 },
             )),
-            ApiError::ResourceExhausted { .. } | ApiError::Unavailable(_) => details.push(any(
+            ApiError::ResourceExhausted { .. }
+            | ApiError::RateLimited { .. }
+            | ApiError::Unavailable(_) => details.push(any(
                 "google.rpc.RetryInfo",
                 &RetryInfo {
                     retry_delay: Some(RETRY_DELAY),

@@ -33,6 +33,7 @@ mod placement;
 mod placement_log;
 mod propose;
 mod quiesce;
+mod rate_limit;
 mod record_store;
 mod service;
 mod shard_leader;
@@ -112,6 +113,11 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
         let authenticate = authn::Authenticate {
             tls: config.tls.is_some(),
             tokens: config.tokens.clone(),
+            people: rate_limit::RateLimiter::new(
+                config.node.limits.person_calls_per_second,
+                config.node.limits.person_calls_burst,
+            )
+            .map(Arc::new),
         };
         if let Some(tls) = &config.tls {
             server = server

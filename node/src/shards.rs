@@ -109,7 +109,7 @@ impl ClusterShards {
             let remaining = deadline.saturating_sub(started.elapsed());
             if remaining.is_zero() {
                 return Err(ApiError::Unavailable(format!(
-                    "no leader of the shard of {route_key} answered in time (last: {last})"
+                    "no leader of the shard answered in time (last: {last})"
                 )));
             }
             let descriptor = self.node.route(dossier_api::patient_hash(route_key))?;

@@ -870,3 +870,57 @@ async fn tampering_with_an_audit_chain_is_detected() {
     );
     assert_eq!(broken("tamper-none").await, None);
 }
+
+/// A clinician over `limits.person-calls-per-second` is refused with RESOURCE_EXHAUSTED (and a
+/// RetryInfo), on their own identity only: another clinician and the services go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clinician_over_their_rate_is_refused_alone() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let forger = tempfile::tempdir().unwrap();
+    tokens::create_issuer(forger.path(), false).unwrap();
+    let dir = certs.path().to_path_buf();
+    // One call a second, five at once.
+    let cluster = TestCluster::start(3, 1, 3, &|c| {
+        secure(c, &dir);
+        c.limits.person_calls_per_second = 1;
+        c.limits.person_calls_burst = 5;
+    })
+    .await;
+    let addr = cluster.seeds()[0].clone();
+    let map = async |caller: Caller| {
+        let creds = credentials(caller, certs.path(), forger.path(), &addr).await;
+        let mut answers = Vec::new();
+        for _ in 0..20 {
+            answers.push(
+                AdminClient::new(creds.channel.clone())
+                    .get_cluster_map(request(ClusterMapRequest {}, &creds, false))
+                    .await
+                    .map(drop)
+                    .map_err(|s| {
+                        let detail = dossier_api::error_detail(s.details()).unwrap();
+                        (s.code(), detail.reason)
+                    }),
+            );
+        }
+        answers
+    };
+    let x = map(Caller::DrX).await;
+    let refused: Vec<_> = x.iter().filter(|a| a.is_err()).collect();
+    assert!(x[..5].iter().all(Result::is_ok), "the burst: {x:?}");
+    // 20 calls take well under 9 s even on a loaded machine: at least 5 are over the rate.
+    assert!(refused.len() >= 5, "over the rate: {x:?}");
+    assert!(refused.iter().all(|a| **a
+        == Err((
+            Code::ResourceExhausted,
+            dossier_api::v1::ErrorReason::ResourceExhausted as i32
+        ))));
+    assert!(
+        map(Caller::DrZ).await[..5].iter().all(Result::is_ok),
+        "another clinician"
+    );
+    assert!(
+        map(Caller::Service).await.iter().all(Result::is_ok),
+        "services are not limited"
+    );
+}

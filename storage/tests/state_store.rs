@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use dossier_storage::{
     ApplyEntry, Batch, Command, Condition, EntryPayload, Error, Expect, Op, Outcome, Session,
-    SnapshotReceiver, StateStore, StoreConfig, read_snapshot_chunk,
+    SnapshotReceiver, StateStore, StoreConfig, chain, read_snapshot_chunk,
 };
 use proptest::prelude::*;
 
@@ -64,7 +64,8 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     let cond = (0u8..6, proptest::option::of(proptest::option::of(0u8..3)));
-    let op = (0u8..6, proptest::option::of(0u8..3));
+    // Keys 0..6 put (or delete with None); 6 and 7 append to one of two hash chains.
+    let op = (0u8..8, proptest::option::of(0u8..3));
     prop_oneof![
         8 => (proptest::option::of(0u64..3), proptest::bool::weighted(0.3), proptest::collection::vec(cond, 0..3), proptest::collection::vec(op, 1..4))
             .prop_map(|(client, retry, conditions, ops)| Step::Txn { client, retry, conditions, ops }),
@@ -118,6 +119,27 @@ impl Model {
                         }
                         Op::Delete { key } => {
                             self.data.remove(key);
+                        }
+                        Op::Append {
+                            head,
+                            prefix,
+                            value,
+                        } => {
+                            let (seq, prev) = self
+                                .data
+                                .get(head)
+                                .map(|h| chain::decode_head(h).expect("a head"))
+                                .unwrap_or((0, chain::GENESIS));
+                            let hash = chain::link(&prev, seq + 1, value);
+                            let mut entry = hash.to_vec();
+                            entry.extend_from_slice(value);
+                            let mut k = prefix.to_vec();
+                            k.extend_from_slice(&(seq + 1).to_be_bytes());
+                            self.data.insert(Bytes::from(k), Bytes::from(entry));
+                            self.data.insert(
+                                head.clone(),
+                                Bytes::from(chain::encode_head(seq + 1, &hash)),
+                            );
                         }
                     }
                 }
@@ -177,9 +199,14 @@ proptest! {
                         conditions: conditions.into_iter().map(|(k, e)| Condition { key: key(k), expect: match e {
                             None => Expect::Absent, Some(None) => Expect::Present, Some(Some(v)) => Expect::Equals(Bytes::from(vec![v])),
                         }}).collect(),
-                        ops: ops.into_iter().map(|(k, v)| match v {
-                            Some(v) => Op::Put { key: key(k), value: Bytes::from(vec![v]) },
-                            None => Op::Delete { key: key(k) },
+                        ops: ops.into_iter().map(|(k, v)| match (k, v) {
+                            (6.., v) => Op::Append {
+                                head: Bytes::from(format!("p{}/head", k % 2)),
+                                prefix: Bytes::from(format!("p{}/log/", k % 2)),
+                                value: Bytes::from(vec![v.unwrap_or(9)]),
+                            },
+                            (_, Some(v)) => Op::Put { key: key(k), value: Bytes::from(vec![v]) },
+                            (_, None) => Op::Delete { key: key(k) },
                         }).collect(),
                     };
                     let want = model.apply(index, session, &batch);
