@@ -37,18 +37,35 @@ pub async fn run(cli: &Cli, command: &AuditCommand) -> Result<()> {
     Ok(())
 }
 
+/// How `dossier patient access-log` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Table,
+    /// One JSON object per line.
+    Json,
+    /// A FHIR R4 Bundle of AuditEvent resources.
+    Fhir,
+}
+
 /// Prints the patient's access log, oldest first, verifying it as it goes.
-pub async fn print_log(cli: &Cli, patient: &str, json: bool) -> Result<()> {
+pub async fn print_log(cli: &Cli, patient: &str, format: LogFormat) -> Result<()> {
     let client = cli.client().await?;
-    if !json {
+    let mut fhir_entries = Vec::new();
+    if format == LogFormat::Table {
         println!(
             "{:>6}  {:<32}  {:<20}  {:<9}  {:<15}  {:<11}  WHAT",
             "SEQ", "TIME", "WHO", "ROLE", "ACTION", "GROUND"
         );
     }
     let report = audit_log::read_chain(&client, patient, |seq, e| {
-        if json {
+        if format == LogFormat::Json {
             println!("{}", event_json(seq, e));
+        } else if format == LogFormat::Fhir {
+            let resource = dossier_fhir::audit_event_to_fhir(patient, seq, e);
+            fhir_entries.push(serde_json::json!({
+                "fullUrl": format!("AuditEvent/{}", resource["id"].as_str().unwrap_or_default()),
+                "resource": resource,
+            }));
         } else {
             println!(
                 "{seq:>6}  {:<32}  {:<20}  {:<9}  {:<15}  {:<11}  {}",
@@ -62,6 +79,15 @@ pub async fn print_log(cli: &Cli, patient: &str, json: bool) -> Result<()> {
         }
     })
     .await?;
+    if format == LogFormat::Fhir {
+        let bundle = serde_json::json!({
+            "resourceType": "Bundle",
+            "type": "collection",
+            "total": fhir_entries.len(),
+            "entry": fhir_entries,
+        });
+        println!("{bundle}");
+    }
     eprintln!("{}", summary(&report));
     if report.broken.is_some() {
         bail!("the audit chain of {patient} is broken");

@@ -30,6 +30,9 @@ pub enum PatientCommand {
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+        /// A FHIR R4 Bundle (collection) of AuditEvent resources instead of a table.
+        #[arg(long, conflicts_with = "json")]
+        fhir: bool,
     },
     /// Print a patient's current record, or one of its records, as FHIR R4 JSON.
     Get {
@@ -210,8 +213,18 @@ pub async fn run(cli: &Cli, command: &PatientCommand) -> Result<()> {
     if let PatientCommand::Generate { count, seed, out } = command {
         return generate(*count, *seed, out);
     }
-    if let PatientCommand::AccessLog { patient, json } = command {
-        return crate::audit::print_log(cli, patient, *json).await;
+    if let PatientCommand::AccessLog {
+        patient,
+        json,
+        fhir,
+    } = command
+    {
+        let format = match (json, fhir) {
+            (true, _) => crate::audit::LogFormat::Json,
+            (_, true) => crate::audit::LogFormat::Fhir,
+            _ => crate::audit::LogFormat::Table,
+        };
+        return crate::audit::print_log(cli, patient, format).await;
     }
     let client = cli.client().await?;
     match command {

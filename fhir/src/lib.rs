@@ -6,6 +6,7 @@
 //! and merged back on export (`residue.rs`). Records that do not map or validate are set aside
 //! (quarantined) with their problems, not the whole patient, unless the caller asks to refuse.
 
+mod audit;
 mod bundle;
 mod codes;
 mod export;
@@ -17,6 +18,7 @@ mod time;
 
 use std::collections::BTreeMap;
 
+pub use audit::audit_event_to_fhir;
 pub use bundle::{export_bundle, import_bundle};
 pub use export::{fhir_type, to_fhir};
 pub use quarantine::{Quarantined, import_resource};
