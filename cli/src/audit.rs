@@ -10,6 +10,17 @@ use crate::Cli;
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
+    /// List the cluster's break-the-glass accesses for review, oldest first (auditors): who,
+    /// which patient, why, when. Asks the --seeds in turn for one holding the meta group.
+    BreakGlass {
+        /// From this time (FHIR date or dateTime, e.g. 2026-12-01 or 2026-12-01T08:00:00Z);
+        /// default: 24 hours ago.
+        #[arg(long)]
+        since: Option<String>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Verify patients' audit chains: every entry links to the one before (SHA-256), none is
     /// missing, and the chain ends at its head. Exits with 1 when a chain is broken.
     Verify {
@@ -20,8 +31,12 @@ pub enum AuditCommand {
 }
 
 pub async fn run(cli: &Cli, command: &AuditCommand) -> Result<()> {
+    if let AuditCommand::BreakGlass { since, json } = command {
+        return break_glass(cli, since.as_deref(), *json).await;
+    }
     let client = cli.client().await?;
     match command {
+        AuditCommand::BreakGlass { .. } => unreachable!("handled above"),
         AuditCommand::Verify { patients } => {
             let mut broken = 0;
             for patient in patients {
@@ -182,4 +197,90 @@ fn event_json(seq: u64, e: &AuditEvent) -> serde_json::Value {
         "kv_keys": e.kv_keys.iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect::<Vec<_>>(),
         "node": e.node_id,
     })
+}
+
+/// Prints the break-the-glass accesses since `since` (default: a day ago), page by page.
+async fn break_glass(cli: &Cli, since: Option<&str>, json: bool) -> Result<()> {
+    let mut since_micros = match since {
+        Some(s) => {
+            dossier_fhir::parse_date_time(s)
+                .ok_or_else(|| anyhow::anyhow!("--since {s:?} is not a FHIR date or dateTime"))?
+                .unix_micros
+        }
+        None => dossier_records::now_micros() as i64 - 24 * 3_600_000_000,
+    };
+    if !json {
+        println!(
+            "{:<32}  {:<16}  {:<20}  {:<18}  {:>4}  REASON",
+            "TIME", "WHO", "PATIENT", "CALL", "NODE"
+        );
+    }
+    let timeout = std::time::Duration::from_millis(cli.timeout_ms);
+    let mut total = 0usize;
+    loop {
+        let page = list_page(cli, since_micros, timeout).await?;
+        for a in &page.accesses {
+            total += 1;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "time": dossier_fhir::format_instant(a.time_micros),
+                        "actor": a.actor,
+                        "actor_identifiers": a.actor_identifiers,
+                        "via": a.via,
+                        "patient": a.patient_id,
+                        "call": a.call,
+                        "node": a.node_id,
+                        "reason": a.reason,
+                    })
+                );
+            } else {
+                println!(
+                    "{:<32}  {:<16}  {:<20}  {:<18}  {:>4}  {}",
+                    dossier_fhir::format_instant(a.time_micros),
+                    a.actor,
+                    a.patient_id,
+                    a.call,
+                    a.node_id,
+                    a.reason
+                );
+            }
+        }
+        match (page.more, page.accesses.last()) {
+            (true, Some(last)) => since_micros = last.time_micros + 1,
+            _ => break,
+        }
+    }
+    eprintln!("{total} break-the-glass accesses");
+    Ok(())
+}
+
+/// One page of the list, from the first seed that holds the meta group.
+async fn list_page(
+    cli: &Cli,
+    since_micros: i64,
+    timeout: std::time::Duration,
+) -> Result<dossier_api::v1::ListBreakGlassResponse> {
+    let mut last = String::from("no seed");
+    for addr in &cli.seeds {
+        let mut admin = dossier_cli::ops::admin_client(addr, timeout)?;
+        let request = dossier_api::v1::ListBreakGlassRequest {
+            since_micros,
+            limit: 0,
+        };
+        match admin.list_break_glass(request).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                ) =>
+            {
+                bail!("{}", s.message())
+            }
+            Err(s) => last = format!("{addr}: {}", s.message()),
+        }
+    }
+    bail!("no seed answered with the break-the-glass list (last: {last})")
 }

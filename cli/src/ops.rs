@@ -39,6 +39,14 @@ pub(crate) async fn admin(
     addr: &str,
     timeout: Duration,
 ) -> Result<AdminClient<tonic::transport::Channel>> {
+    admin_client(addr, timeout)
+}
+
+/// An Admin client of the node at `addr` (connected on first use), with the TLS of `use_tls`.
+pub fn admin_client(
+    addr: &str,
+    timeout: Duration,
+) -> Result<AdminClient<tonic::transport::Channel>> {
     let channel = endpoint(addr)?
         .connect_timeout(Duration::from_millis(500))
         .timeout(timeout)

@@ -30,9 +30,7 @@ pub fn audit_event_to_fhir(patient: &str, seq: u64, e: &AuditEvent) -> Value {
         AuditAction::Read | AuditAction::KvGet | AuditAction::ListQuarantine => ("read", "R"),
         AuditAction::Vread => ("vread", "R"),
         AuditAction::History => ("history-instance", "R"),
-        AuditAction::Everything | AuditAction::Search | AuditAction::KvScan => {
-            ("search-type", "E")
-        }
+        AuditAction::Everything | AuditAction::Search | AuditAction::KvScan => ("search-type", "E"),
         AuditAction::CreatePatient | AuditAction::Create => ("create", "C"),
         AuditAction::Update
         | AuditAction::KvPut
@@ -132,7 +130,10 @@ mod tests {
         assert_eq!(f["outcome"], "0");
         assert_eq!(f["agent"][0]["who"]["identifier"]["value"], "19999999999");
         assert_eq!(f["agent"][0]["purposeOfUse"][0]["coding"][0]["code"], "BTG");
-        assert_eq!(f["agent"][0]["purposeOfUse"][0]["text"], "unconscious in the ER");
+        assert_eq!(
+            f["agent"][0]["purposeOfUse"][0]["text"],
+            "unconscious in the ER"
+        );
         assert_eq!(f["agent"][1]["who"]["display"], "ward-app");
         assert_eq!(f["entity"][0]["what"]["reference"], "Patient/p-1");
         assert_eq!(f["entity"][1]["what"]["reference"], "Observation/obs-1");

@@ -13,6 +13,7 @@
 //! | identifier      | no    | yes     | glass                          | no        | no      | no   |
 //! | quarantine      | no    | yes     | no                             | no        | no      | no   |
 //! | access log      | no    | yes     | no                             | own, only | yes     | no   |
+//! | glass review    | no    | no      | no                             | no        | yes     | no   |
 //!
 //! "Care relationship" means an active CareRelationship naming the clinician or one of their
 //! organisations and no active Consent denying them (`dossier_records::care`); "glass" means
@@ -49,6 +50,8 @@ pub enum Need {
     Quarantine,
     /// A patient's audit chain: who accessed the record.
     AccessLog,
+    /// The cluster's list of break-the-glass accesses.
+    BreakGlassReview,
 }
 
 /// The metadata key of a break-the-glass reason.
@@ -142,6 +145,8 @@ pub fn decide<T>(
         (Need::ClusterStatus, _) => denied("read the cluster's status"),
         (Need::ClusterChange, Role::Admin | Role::Node) => Ok(Decision::Allowed(Ground::Role)),
         (Need::ClusterChange, _) => denied("change the cluster"),
+        (Need::BreakGlassReview, Role::Auditor) => Ok(Decision::Allowed(Ground::Role)),
+        (Need::BreakGlassReview, _) => denied("review break-the-glass accesses (auditors only)"),
         (_, Role::Service) => Ok(Decision::Allowed(Ground::Role)),
         (Need::AccessLog, Role::Auditor) => Ok(Decision::Allowed(Ground::Role)),
         (Need::Kv, _) => denied("use the Kv service (services only)"),

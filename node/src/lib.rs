@@ -16,6 +16,7 @@ mod audit;
 mod audit_batch;
 mod authn;
 mod balance;
+mod break_glass;
 mod compactor;
 pub mod config;
 mod deadline;

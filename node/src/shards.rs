@@ -178,6 +178,79 @@ impl ClusterShards {
     }
 }
 
+impl ClusterShards {
+    /// Writes `batch` (no conditions) to the meta group: here when this node leads it, else on
+    /// the node it names as leader, else on each node of the map in turn; until the deadline.
+    pub async fn write_meta(&self, batch: kv::Batch, deadline: Duration) -> Result<(), ApiError> {
+        let started = Instant::now();
+        let batch = to_storage(batch);
+        let encoded = postcard::to_allocvec(&batch)
+            .map_err(|e| ApiError::Internal(format!("encode a batch: {e}")))?;
+        let op = ShardOp::Write(batch, encoded);
+        let meta = crate::meta::META_SHARD;
+        let mut hint: Option<u64> = None;
+        let mut rotate = 0usize;
+        let mut last = String::from("no node tried");
+        loop {
+            let remaining = deadline.saturating_sub(started.elapsed());
+            if remaining.is_zero() {
+                return Err(ApiError::Unavailable(format!(
+                    "the meta group took no write in time (last: {last})"
+                )));
+            }
+            let map = self
+                .node
+                .map()
+                .ok_or_else(|| ApiError::Unavailable("no cluster map yet".into()))?;
+            let target = match hint.or_else(|| self.node.known_leader(meta)) {
+                Some(t) if rotate == 0 => t,
+                _ => map.nodes[rotate % map.nodes.len().max(1)].node_id,
+            };
+            let result = if target == self.node.node_id() {
+                let ShardOp::Write(batch, _) = &op else {
+                    unreachable!("a write")
+                };
+                Self::local_write(&self.node, meta, batch.clone(), remaining)
+                    .await
+                    .map(|_| ())
+            } else {
+                match crate::meta::address(&map, target) {
+                    None => Err(ApiError::ClusterState(format!(
+                        "node {target} is not in the map"
+                    ))),
+                    Some(addr) => {
+                        let channel = self.node.peer_channel(addr)?;
+                        match tokio::time::timeout(remaining, remote(channel, meta, &op, remaining))
+                            .await
+                        {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err(status)) => Err(from_status(&status)),
+                            Err(_) => Err(ApiError::Deadline),
+                        }
+                    }
+                }
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(ApiError::NotLeader {
+                    leader: Some((id, _)),
+                    ..
+                }) if id != target => {
+                    hint = Some(id);
+                    rotate = 0;
+                    last = format!("node {target} is not the leader");
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    hint = None;
+                    rotate += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20).min(remaining)).await;
+        }
+    }
+}
+
 /// What `ClusterShards::call` runs.
 enum ShardOp {
     Read(Vec<Bytes>),

@@ -672,6 +672,8 @@ async fn every_role_gets_exactly_the_calls_its_rules_allow() {
     let mut n = 0;
     let mut cells = 0;
     let mut refused_for_identity = 0;
+    // Break-the-glass accesses served: each must be on the review list.
+    let mut reviews = 0;
     for caller in CALLERS {
         let creds = credentials(caller, certs.path(), forger.path(), &addr).await;
         for op in OPS {
@@ -697,8 +699,14 @@ async fn every_role_gets_exactly_the_calls_its_rules_allow() {
                     if verdict == Expect::Allowed
                         && let Some(e) = audit_event(caller, op, who, glass)
                     {
+                        reviews += usize::from(e.2 == AuditGround::BreakGlass as i32);
                         events.entry(who).or_default().push(e);
                     }
+                    reviews += usize::from(
+                        verdict == Expect::Allowed
+                            && op == Op::Lookup
+                            && matches!(caller, Caller::DrX | Caller::DrZ),
+                    );
                 }
             }
         }
@@ -725,6 +733,39 @@ async fn every_role_gets_exactly_the_calls_its_rules_allow() {
         assert_eq!(seen, want, "{who:?}: audit events");
         assert_eq!(report.entries as usize, want.len());
     }
+
+    // Every break-the-glass access is on the cluster's review list, for auditors only.
+    let auditor = credentials(Caller::Auditor, certs.path(), forger.path(), &addr).await;
+    let list = AdminClient::new(auditor.channel.clone())
+        .list_break_glass(request(
+            dossier_api::v1::ListBreakGlassRequest::default(),
+            &auditor,
+            false,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reviews > 0);
+    assert_eq!(list.accesses.len(), reviews, "{:#?}", list.accesses);
+    assert!(list.accesses.iter().all(|a| {
+        a.reason == "unconscious patient in the emergency room"
+            && (a.actor == "dr-x" || a.actor == "dr-z")
+    }));
+    assert!(
+        list.accesses
+            .iter()
+            .any(|a| a.call == "identifier-lookup" && a.patient_id.is_empty())
+    );
+    let admin = credentials(Caller::Admin, certs.path(), forger.path(), &addr).await;
+    let refused = AdminClient::new(admin.channel.clone())
+        .list_break_glass(request(
+            dossier_api::v1::ListBreakGlassRequest::default(),
+            &admin,
+            false,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
 
     // The clinicians' writes are there, readable by the service.
     let cared = service

@@ -6,10 +6,10 @@ use std::time::Duration;
 use dossier_api::v1::admin_server::Admin;
 use dossier_api::v1::{
     ClusterMap, ClusterMapRequest, DrainRequest, DrainResponse, InitClusterRequest,
-    InitClusterResponse, JoinClusterRequest, JoinClusterResponse, MoveReplicaRequest,
-    MoveReplicaResponse, NodeState, NodeStatusRequest, NodeStatusResponse, PlacementRequest,
-    PlacementResponse, RemoveNodeRequest, RemoveNodeResponse, ShardStatus, SplitShardRequest,
-    SplitShardResponse,
+    InitClusterResponse, JoinClusterRequest, JoinClusterResponse, ListBreakGlassRequest,
+    ListBreakGlassResponse, MoveReplicaRequest, MoveReplicaResponse, NodeState, NodeStatusRequest,
+    NodeStatusResponse, PlacementRequest, PlacementResponse, RemoveNodeRequest, RemoveNodeResponse,
+    ShardStatus, SplitShardRequest, SplitShardResponse,
 };
 use dossier_raft::openraft::async_runtime::WatchReceiver;
 use tonic::{Request, Response, Status};
@@ -129,6 +129,29 @@ impl Admin for AdminService {
             balancing: self.node.config.node.placement_balance,
             meta_leader,
         }))
+    }
+
+    async fn list_break_glass(
+        &self,
+        request: Request<ListBreakGlassRequest>,
+    ) -> Result<Response<ListBreakGlassResponse>, Status> {
+        access::decide(&request, Need::BreakGlassReview, None)?;
+        let deadline = crate::service::deadline_of(&request, self.node.config.request_deadline());
+        let r = request.into_inner();
+        let limit = match r.limit {
+            0 => crate::break_glass::LIST_MAX,
+            n => (n as usize).min(crate::break_glass::LIST_MAX),
+        };
+        let meta = self.node.replica(crate::meta::META_SHARD).ok_or_else(|| {
+            ApiError::ClusterState(
+                "this node holds no replica of the meta group: ask a node that does".into(),
+            )
+        })?;
+        self.node
+            .read_barrier(crate::meta::META_SHARD, deadline)
+            .await?;
+        let (accesses, more) = crate::break_glass::list(&meta, r.since_micros, limit)?;
+        Ok(Response::new(ListBreakGlassResponse { accesses, more }))
     }
 
     async fn split_shard(

@@ -13,7 +13,8 @@ use tonic::Request;
 use super::records::RecordsService;
 use crate::access::{self, Decision, Ground, Need};
 use crate::audit::Audit;
-use crate::authn::Principal;
+use crate::authn::{Caller, Principal};
+use crate::break_glass;
 use crate::errors::ApiError;
 use crate::record_store::ReplicaReads;
 
@@ -21,13 +22,15 @@ impl RecordsService {
     /// Decides whether the caller of `request` may do what `need` says on `patient` of `shard`:
     /// by role, or for a clinician by their standing with the patient, read from this replica
     /// (as applied here: a care relationship ended a moment ago may still count on a replica
-    /// that has not applied the change).
-    pub(super) fn authorize<Req>(
+    /// that has not applied the change). A break-the-glass access is put on the review list
+    /// before it is allowed.
+    pub(super) async fn authorize<Req>(
         &self,
         request: &Request<Req>,
         need: Need,
         shard: u64,
         patient: &PatientId,
+        deadline: Duration,
     ) -> Result<Audit, ApiError> {
         let ground = match access::decide(request, need, Some(patient))? {
             Decision::Allowed(ground) => ground,
@@ -42,15 +45,39 @@ impl RecordsService {
                 access.with_standing(standing)?
             }
         };
-        if let Ground::BreakGlass(_) = &ground {
-            self.node.metrics.break_glass.inc();
+        let principal = Principal::of(request)?;
+        if let (Ground::BreakGlass(reason), Principal::Caller(caller)) = (&ground, &principal) {
+            let call = match need {
+                Need::RecordWrite | Need::PatientCreate => "record-write",
+                _ => "record-read",
+            };
+            self.review_break_glass(caller, patient.as_str(), reason, call, deadline)
+                .await?;
             tracing::warn!(shard, "break-the-glass access to a patient's record");
         }
-        Ok(Audit::new(
-            &Principal::of(request)?,
-            &ground,
-            self.node.node_id(),
-        ))
+        Ok(Audit::new(&principal, &ground, self.node.node_id()))
+    }
+
+    /// Puts a break-the-glass access on the cluster's review list (`break_glass.rs`).
+    pub(super) async fn review_break_glass(
+        &self,
+        caller: &Caller,
+        patient: &str,
+        reason: &str,
+        call: &str,
+        deadline: Duration,
+    ) -> Result<(), ApiError> {
+        self.node.metrics.break_glass.inc();
+        let op = break_glass::record(caller, patient, reason, call, self.node.node_id());
+        self.shards
+            .write_meta(
+                dossier_records::kv::Batch {
+                    conditions: Vec::new(),
+                    ops: vec![op],
+                },
+                deadline,
+            )
+            .await
     }
 
     /// Commits a read's audit event (if the call is audited) before its data leaves the node,

@@ -31,6 +31,7 @@ use super::record_everything;
 use crate::access::{self, Decision, Ground, Need};
 use crate::audit::Audit;
 use crate::audit_batch::AuditBatcher;
+use crate::authn::Principal;
 use crate::errors::ApiError;
 use crate::node::Node;
 use crate::record_store::{ReplicaReads, to_storage};
@@ -99,7 +100,9 @@ impl RecordsService {
             let _permit = super::admit(&self.node)?;
             let r = request.get_ref();
             let (shard, patient) = self.route(route(r))?;
-            let audit = self.authorize(&request, need, shard, &patient)?;
+            let audit = self
+                .authorize(&request, need, shard, &patient, deadline)
+                .await?;
             body(r, shard, patient, deadline, &audit).await
         }
         .await;
@@ -552,7 +555,9 @@ impl Records for RecordsService {
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
         let permit = super::admit(&self.node).map_err(Status::from)?;
         let (shard, patient) = self.route(request.get_ref().route.as_ref())?;
-        let audit = self.authorize(&request, Need::RecordRead, shard, &patient)?;
+        let audit = self
+            .authorize(&request, Need::RecordRead, shard, &patient, deadline)
+            .await?;
         let r = request.into_inner();
         let mut types: Vec<&'static str> = Vec::new();
         for (i, t) in r.types.iter().enumerate() {
@@ -630,12 +635,10 @@ impl Records for RecordsService {
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
         let result = async {
             let _permit = super::admit(&self.node)?;
-            if let Decision::Allowed(Ground::BreakGlass(_)) =
-                access::decide(&request, Need::Lookup, None)?
-            {
-                self.node.metrics.break_glass.inc();
-                tracing::warn!("break-the-glass lookup of an identifier");
-            }
+            let glass = match access::decide(&request, Need::Lookup, None)? {
+                Decision::Allowed(Ground::BreakGlass(reason)) => Some(reason),
+                _ => None,
+            };
             let r = request.get_ref();
             if !self
                 .node
@@ -675,6 +678,12 @@ impl Records for RecordsService {
                 ));
             }
             let holder = self.mpi().lookup(&x, deadline).await?;
+            if let (Some(reason), Principal::Caller(caller)) = (glass, Principal::of(&request)?) {
+                let patient = holder.as_ref().map_or("", |p| p.as_str());
+                self.review_break_glass(&caller, patient, &reason, "identifier-lookup", deadline)
+                    .await?;
+                tracing::warn!("break-the-glass lookup of an identifier");
+            }
             Ok(LookupIdentifierResponse {
                 found: holder.is_some(),
                 patient_id: holder.map(|p| p.as_str().to_owned()).unwrap_or_default(),

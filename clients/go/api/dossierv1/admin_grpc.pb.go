@@ -26,6 +26,9 @@ type AdminClient interface {
 	RemoveNode(ctx context.Context, in *RemoveNodeRequest, opts ...grpc.CallOption) (*RemoveNodeResponse, error)
 	SplitShard(ctx context.Context, in *SplitShardRequest, opts ...grpc.CallOption) (*SplitShardResponse, error)
 	GetPlacement(ctx context.Context, in *PlacementRequest, opts ...grpc.CallOption) (*PlacementResponse, error)
+	// Break-the-glass accesses for review: auditors only; answered by nodes holding a replica of
+	// the meta group.
+	ListBreakGlass(ctx context.Context, in *ListBreakGlassRequest, opts ...grpc.CallOption) (*ListBreakGlassResponse, error)
 }
 
 type adminClient struct {
@@ -117,6 +120,15 @@ func (c *adminClient) GetPlacement(ctx context.Context, in *PlacementRequest, op
 	return out, nil
 }
 
+func (c *adminClient) ListBreakGlass(ctx context.Context, in *ListBreakGlassRequest, opts ...grpc.CallOption) (*ListBreakGlassResponse, error) {
+	out := new(ListBreakGlassResponse)
+	err := c.cc.Invoke(ctx, "/dossier.v1.Admin/ListBreakGlass", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility
@@ -130,6 +142,9 @@ type AdminServer interface {
 	RemoveNode(context.Context, *RemoveNodeRequest) (*RemoveNodeResponse, error)
 	SplitShard(context.Context, *SplitShardRequest) (*SplitShardResponse, error)
 	GetPlacement(context.Context, *PlacementRequest) (*PlacementResponse, error)
+	// Break-the-glass accesses for review: auditors only; answered by nodes holding a replica of
+	// the meta group.
+	ListBreakGlass(context.Context, *ListBreakGlassRequest) (*ListBreakGlassResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -163,6 +178,9 @@ func (UnimplementedAdminServer) SplitShard(context.Context, *SplitShardRequest) 
 }
 func (UnimplementedAdminServer) GetPlacement(context.Context, *PlacementRequest) (*PlacementResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GetPlacement not implemented")
+}
+func (UnimplementedAdminServer) ListBreakGlass(context.Context, *ListBreakGlassRequest) (*ListBreakGlassResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListBreakGlass not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 
@@ -339,6 +357,24 @@ func _Admin_GetPlacement_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_ListBreakGlass_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListBreakGlassRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ListBreakGlass(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/dossier.v1.Admin/ListBreakGlass",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ListBreakGlass(ctx, req.(*ListBreakGlassRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _Admin_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "dossier.v1.Admin",
 	HandlerType: (*AdminServer)(nil),
@@ -378,6 +414,10 @@ var _Admin_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetPlacement",
 			Handler:    _Admin_GetPlacement_Handler,
+		},
+		{
+			MethodName: "ListBreakGlass",
+			Handler:    _Admin_ListBreakGlass_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
