@@ -240,6 +240,7 @@ impl RecordsService {
 
     /// Runs a write of `entries` for `patient` (docs/schema.md §5), with its audit event in the
     /// same batch.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn write(
         &self,
         shard: u64,

@@ -148,8 +148,10 @@ impl Verifier {
 mod tests {
     use super::*;
 
+    type Head = (u64, [u8; HASH_BYTES]);
+
     /// A chain of `n` entries as the state machine stores it, and its head.
-    fn chain(n: u64) -> (Vec<(u64, Vec<u8>)>, (u64, [u8; HASH_BYTES])) {
+    fn chain(n: u64) -> (Vec<(u64, Vec<u8>)>, Head) {
         let mut prev = GENESIS;
         let mut entries = Vec::new();
         for seq in 1..=n {
@@ -163,7 +165,7 @@ mod tests {
         (entries, (n, prev))
     }
 
-    fn walk(entries: &[(u64, Vec<u8>)], head: (u64, [u8; HASH_BYTES])) -> Result<(), Break> {
+    fn walk(entries: &[(u64, Vec<u8>)], head: Head) -> Result<(), Break> {
         let mut v = Verifier::default();
         for (seq, value) in entries {
             v.next(*seq, value)?;
