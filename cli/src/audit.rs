@@ -127,24 +127,26 @@ fn summary(report: &ChainReport) -> String {
 }
 
 fn action(a: i32) -> String {
-    AuditAction::try_from(a).map_or_else(
-        |_| a.to_string(),
-        |a| {
-            a.as_str_name()
-                .trim_start_matches("AUDIT_ACTION_")
-                .to_lowercase()
-        },
+    short(
+        AuditAction::try_from(a).map(|a| a.as_str_name()).ok(),
+        "AUDIT_ACTION_",
+        a,
     )
 }
 
 fn ground(g: i32) -> String {
-    AuditGround::try_from(g).map_or_else(
-        |_| g.to_string(),
-        |g| {
-            g.as_str_name()
-                .trim_start_matches("AUDIT_GROUND_")
-                .to_lowercase()
-        },
+    short(
+        AuditGround::try_from(g).map(|g| g.as_str_name()).ok(),
+        "AUDIT_GROUND_",
+        g,
+    )
+}
+
+/// A proto enum value's name without its prefix, lower case; the number when unknown.
+fn short(name: Option<&str>, prefix: &str, raw: i32) -> String {
+    name.map_or_else(
+        || raw.to_string(),
+        |n| n.trim_start_matches(prefix).to_lowercase(),
     )
 }
 
