@@ -204,7 +204,10 @@ impl ClusterShards {
                 .ok_or_else(|| ApiError::Unavailable("no cluster map yet".into()))?;
             let target = match hint.or_else(|| self.node.known_leader(meta)) {
                 Some(t) if rotate == 0 => t,
-                _ => map.nodes[rotate % map.nodes.len().max(1)].node_id,
+                _ => match map.nodes.get(rotate % map.nodes.len().max(1)) {
+                    Some(n) => n.node_id,
+                    None => return Err(ApiError::ClusterState("the map names no node".into())),
+                },
             };
             let result = if target == self.node.node_id() {
                 let ShardOp::Write(batch, _) = &op else {
