@@ -23,7 +23,7 @@ fi
 
 echo "== Rust: cargo test --workspace"
 cargo test --workspace --locked
-cargo build --locked -p dossier-node
+cargo build --locked -p dossier-node -p dossier-cli
 export DOSSIER_NODE_BIN="$PWD/target/debug/dossier-node"
 
 echo "== wire contract: buf lint, buf breaking against api/released.binpb"

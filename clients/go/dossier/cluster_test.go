@@ -22,6 +22,8 @@ type testCluster struct {
 	bin   string
 	dir   string
 	nodes []*testNode
+	// Extra flags of every node (TLS, tokens).
+	args []string
 }
 
 type testNode struct {
@@ -59,7 +61,13 @@ func freePort(t testing.TB) string {
 // startCluster starts n nodes and initialises a cluster of `shards` shards of 3 replicas.
 func startCluster(t testing.TB, n int, shards uint32) *testCluster {
 	t.Helper()
-	c := &testCluster{t: t, bin: nodeBinary(t), dir: t.TempDir()}
+	return startClusterWith(t, n, shards, []string{"--insecure"}, grpc.WithInsecure())
+}
+
+// startClusterWith starts n nodes with `args` and initialises the cluster over `dial`.
+func startClusterWith(t testing.TB, n int, shards uint32, args []string, dial grpc.DialOption) *testCluster {
+	t.Helper()
+	c := &testCluster{t: t, bin: nodeBinary(t), dir: t.TempDir(), args: args}
 	for i := 1; i <= n; i++ {
 		node := &testNode{
 			id:   uint64(i),
@@ -78,7 +86,7 @@ func startCluster(t testing.TB, n int, shards uint32) *testCluster {
 	deadline := time.Now().Add(60 * time.Second)
 	target := c.nodes[0].grpc
 	for {
-		conn, err := grpc.Dial(target, grpc.WithInsecure())
+		conn, err := grpc.Dial(target, dial)
 		if err != nil {
 			t.Fatalf("dial %s: %v", target, err)
 		}
@@ -106,10 +114,12 @@ func (c *testCluster) start(node *testNode) {
 		c.t.Fatal(err)
 	}
 	defer log.Close()
-	node.cmd = exec.Command(c.bin,
+	args := []string{
 		"--node-id", strconv.FormatUint(node.id, 10),
 		"--listen", node.grpc, "--http-listen", node.http,
-		"--data-dir", node.data, "--no-auto-init")
+		"--data-dir", node.data, "--no-auto-init",
+	}
+	node.cmd = exec.Command(c.bin, append(args, c.args...)...)
 	node.cmd.Stdout, node.cmd.Stderr = log, log
 	if err := node.cmd.Start(); err != nil {
 		c.t.Fatalf("start %s: %v", c.bin, err)

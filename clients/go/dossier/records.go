@@ -78,6 +78,21 @@ func (c *Client) ReadRecord(ctx context.Context, patientID string, rtype pb.Reso
 	return answer.Resource, nil
 }
 
+// AccessLog returns a page of the patient's audit chain after entry afterSeq (0: from the
+// first), at most limit entries (0: the server's page): who accessed the record, hash-chained
+// (docs/client-protocol.md §12). Linearizable; for the patient, auditors and services.
+func (c *Client) AccessLog(ctx context.Context, patientID string, afterSeq uint64, limit uint32) (*pb.AccessLogResponse, error) {
+	var answer *pb.AccessLogResponse
+	err := c.routed(ctx, patientID, func(ctx context.Context, conn *grpc.ClientConn, route *pb.RouteHeader) error {
+		var err error
+		answer, err = pb.NewRecordsClient(conn).AccessLog(ctx, &pb.AccessLogRequest{
+			Route: route, AfterSeq: afterSeq, Limit: limit, Consistency: pb.ReadConsistency_READ_CONSISTENCY_LINEARIZABLE,
+		})
+		return err
+	})
+	return answer, err
+}
+
 // LookupIdentifier finds the patient holding an identifier of an indexed system (the master
 // patient index); found is false when none does.
 func (c *Client) LookupIdentifier(ctx context.Context, system, value string) (patientID string, found bool, err error) {
