@@ -13,6 +13,14 @@ use dossier_client::ClientError;
 
 const MIB: usize = 1 << 20;
 
+/// The two tests run one after the other, each cluster torn down before the next starts. sled
+/// 0.34 guards every tree of the process with one global concurrency-control lock: a batch
+/// takes it exclusively, reads share it. The other test's cluster dropping its databases (a
+/// flush that waits for its IO buffers while the lock is shared) once held the burst's nodes,
+/// which live in the same process, for 90 s: no write committed and the test failed. Separate
+/// node processes share no such lock.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A value of `len` bytes that names its writer in every byte position.
 fn value(writer: usize, len: usize) -> Vec<u8> {
     (0..len).map(|i| (writer * 31 + i) as u8).collect()
@@ -23,6 +31,7 @@ fn value(writer: usize, len: usize) -> Vec<u8> {
 /// follower catches up to the leader, and every acknowledged value reads back whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_of_large_writes_keeps_the_shard_alive() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cluster = TestCluster::start(3, 1, 3, &|_| {}).await;
     let client = cluster.client().await;
     let writers: Vec<_> = (0..64)
@@ -97,6 +106,7 @@ async fn burst_of_large_writes_keeps_the_shard_alive() {
 /// 4 MiB): it is refused as INVALID_ARGUMENT naming the limit, and the shard goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_above_the_entry_limit_is_refused() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cluster = TestCluster::start(3, 1, 3, &|_| {}).await;
     let client = cluster.client().await;
     let operations: Vec<Operation> = (0..5)
