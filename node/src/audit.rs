@@ -7,8 +7,8 @@
 
 use bytes::Bytes;
 use dossier_api::v1::{AuditAction, AuditEvent, AuditGround, Identifier, RecordRef, ResourceType};
-use dossier_records::PatientKeys;
 use dossier_records::kv;
+use dossier_records::{PatientId, PatientKeys};
 use prost::Message;
 
 use crate::access::Ground;
@@ -59,17 +59,17 @@ impl Audit {
         Some(append(keys, action, event))
     }
 
-    /// As [`Self::op`], for a Kv call on `kv_keys` (the caller's keys, without the patient's
-    /// prefix).
+    /// As [`Self::op`], for a Kv call on `patient`'s `kv_keys` (the caller's keys, without the
+    /// patient's prefix).
     pub fn kv_op(
         &self,
-        keys: &PatientKeys,
+        patient: &PatientId,
         action: AuditAction,
         kv_keys: Vec<Vec<u8>>,
     ) -> Option<kv::Op> {
         let mut event = self.0.clone()?;
         event.kv_keys = kv_keys;
-        Some(append(keys, action, event))
+        Some(append(&PatientKeys::new(patient), action, event))
     }
 }
 
@@ -87,9 +87,7 @@ fn append(keys: &PatientKeys, action: AuditAction, mut event: AuditEvent) -> kv:
 fn identifiers(caller: &Caller) -> Vec<Identifier> {
     caller
         .care
-        .practitioner
-        .iter()
-        .chain(&caller.care.organizations)
+        .idents()
         .map(|x| Identifier {
             system: x.system.clone(),
             value: x.value.clone(),

@@ -28,13 +28,7 @@ pub fn record(caller: &Caller, patient: &str, reason: &str, call: &str, node_id:
     let access = BreakGlassAccess {
         time_micros,
         actor: caller.name.clone(),
-        actor_identifiers: caller
-            .care
-            .practitioner
-            .iter()
-            .chain(&caller.care.organizations)
-            .map(|x| x.joined())
-            .collect(),
+        actor_identifiers: caller.care.idents().map(|x| x.joined()).collect(),
         via: caller.via.clone().unwrap_or_default(),
         patient_id: patient.to_owned(),
         reason: reason.to_owned(),

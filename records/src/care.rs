@@ -29,12 +29,17 @@ pub struct CareIdentity {
 }
 
 impl CareIdentity {
+    /// The practitioner's identifier, then the organisations'.
+    pub fn idents(&self) -> impl Iterator<Item = &Ident> {
+        self.practitioner.iter().chain(&self.organizations)
+    }
+
     fn names(&self, r: Option<&Reference>) -> bool {
         let Some(reference::Target::Identifier(x)) = r.and_then(|r| r.target.as_ref()) else {
             return false;
         };
-        let is = |i: &Ident| i.system == x.system && i.value == x.value;
-        self.practitioner.iter().any(is) || self.organizations.iter().any(is)
+        self.idents()
+            .any(|i| i.system == x.system && i.value == x.value)
     }
 }
 

@@ -12,7 +12,7 @@ use dossier_api::v1::{
     ReadConsistency, RouteHeader, ScanRequest, ScanResponse, SessionHeader, WriteResponse,
     bundle_answer, bundle_item, condition, operation,
 };
-use dossier_records::PatientKeys;
+use dossier_records::PatientId;
 use dossier_storage::{Batch, Command, Condition, Expect, Op, Outcome, Session, ShardHandle};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
@@ -67,9 +67,8 @@ has_route!(
 /// A request's patient, checked, its shard, and the audit of the call on it.
 struct Routed {
     shard: u64,
-    patient: String,
+    patient: PatientId,
     prefix: Vec<u8>,
-    chain: PatientKeys,
     audit: Audit,
 }
 
@@ -91,14 +90,13 @@ impl KvService {
         let route = route
             .ok_or_else(|| ApiError::invalid("route", "is required (it names the patient)"))?;
         // The one patient-id rule of every service: a patient written here can hold records.
-        let patient = dossier_records::PatientId::parse(&route.patient_id, "route.patient_id")?;
+        let patient = PatientId::parse(&route.patient_id, "route.patient_id")?;
         let descriptor = super::hosted_shard(&self.node, route)?;
         let prefix = patient.kv_prefix();
         Ok(Routed {
             shard: descriptor.shard_id,
-            patient: patient.as_str().to_owned(),
+            patient,
             prefix,
-            chain: PatientKeys::new(&patient),
             // Only services (or anyone, without TLS) reach the Kv service: on their role.
             audit: Audit::new(principal, &Ground::Role, self.node.node_id()),
         })
@@ -150,7 +148,7 @@ impl KvService {
         batch.ops.extend(
             routed
                 .audit
-                .kv_op(&routed.chain, action, keys)
+                .kv_op(&routed.patient, action, keys)
                 .map(to_storage_op),
         );
         batch
@@ -207,7 +205,7 @@ impl KvService {
         super::read_ready(
             &self.node,
             routed.shard,
-            &routed.patient,
+            routed.patient.as_str(),
             consistency,
             deadline,
         )
@@ -269,8 +267,12 @@ impl KvService {
         keys: Vec<Vec<u8>>,
         deadline: Duration,
     ) -> Result<(), ApiError> {
-        match routed.audit.kv_op(&routed.chain, action, keys) {
-            Some(op) => self.audits.append(&routed.patient, op, deadline).await,
+        match routed.audit.kv_op(&routed.patient, action, keys) {
+            Some(op) => {
+                self.audits
+                    .append(routed.patient.as_str(), op, deadline)
+                    .await
+            }
             None => Ok(()),
         }
     }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
+use crate::sm::chain;
 
 /// What a condition expects of a key's current value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,46 +125,47 @@ impl Batch {
                 max: config.ops_per_batch_max,
             });
         }
-        let check_key = |key: &Bytes| {
-            if key.len() > config.key_bytes_max {
+        // By length: an append's entry key and value are checked before they exist.
+        let check_key = |bytes: usize| {
+            if bytes > config.key_bytes_max {
                 return Err(Error::KeyTooLarge {
-                    bytes: key.len(),
+                    bytes,
                     max: config.key_bytes_max,
                 });
             }
             Ok(())
         };
-        let check_value = |value: &Bytes| {
-            if value.len() > config.value_bytes_max {
+        let check_value = |bytes: usize| {
+            if bytes > config.value_bytes_max {
                 return Err(Error::ValueTooLarge {
-                    bytes: value.len(),
+                    bytes,
                     max: config.value_bytes_max,
                 });
             }
             Ok(())
         };
         for condition in &self.conditions {
-            check_key(&condition.key)?;
+            check_key(condition.key.len())?;
             if let Expect::Equals(value) = &condition.expect {
-                check_value(value)?;
+                check_value(value.len())?;
             }
         }
         for op in &self.ops {
             match op {
                 Op::Put { key, value } => {
-                    check_key(key)?;
-                    check_value(value)?;
+                    check_key(key.len())?;
+                    check_value(value.len())?;
                 }
-                Op::Delete { key } => check_key(key)?,
+                Op::Delete { key } => check_key(key.len())?,
                 Op::Append {
                     head,
                     prefix,
                     value,
                 } => {
-                    check_key(head)?;
+                    check_key(head.len())?;
                     // The entries' keys carry 8 more bytes, their values a 32-byte hash.
-                    check_key(&Bytes::from(vec![0; prefix.len() + 8]))?;
-                    check_value(&Bytes::from(vec![0; value.len() + 32]))?;
+                    check_key(prefix.len() + 8)?;
+                    check_value(value.len() + chain::HASH_BYTES)?;
                 }
             }
         }
