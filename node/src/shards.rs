@@ -91,12 +91,12 @@ impl ClusterShards {
         }
     }
 
-    /// Runs `op` on the leader of the shard holding `route_key`: here when this node leads it,
-    /// else on the node the local replica or the last answer names, else on each replica in
-    /// turn; until the deadline.
+    /// Runs `op` on the leader of `group`: here when this node leads it, else on the node the
+    /// local replica or the last answer names, else on each candidate in turn; until the
+    /// deadline.
     async fn call(
         &self,
-        route_key: &str,
+        group: Group<'_>,
         op: &ShardOp,
         deadline: Duration,
     ) -> Result<ShardAnswer, ApiError> {
@@ -112,12 +112,31 @@ impl ClusterShards {
                     "no leader of the shard answered in time (last: {last})"
                 )));
             }
-            let descriptor = self.node.route(dossier_api::patient_hash(route_key))?;
-            let shard = descriptor.shard_id;
+            let (shard, candidates) = match group {
+                Group::Of(route_key) => {
+                    let d = self.node.route(dossier_api::patient_hash(route_key))?;
+                    (d.shard_id, d.replicas)
+                }
+                // Any node of the map may hold a meta replica; one without answers
+                // SHARD_NOT_FOUND and the next is tried.
+                Group::Meta => {
+                    let map = self
+                        .node
+                        .map()
+                        .ok_or_else(|| ApiError::Unavailable("no cluster map yet".into()))?;
+                    let nodes: Vec<u64> = map.nodes.iter().map(|n| n.node_id).collect();
+                    (crate::meta::META_SHARD, nodes)
+                }
+            };
+            let Some(&fallback) = candidates.get(rotate % candidates.len().max(1)) else {
+                return Err(ApiError::ClusterState(format!(
+                    "shard {shard} has no replica"
+                )));
+            };
             let target = hint
                 .or_else(|| self.node.known_leader(shard))
-                .filter(|t| descriptor.replicas.contains(t) && rotate == 0)
-                .unwrap_or_else(|| descriptor.replicas[rotate % descriptor.replicas.len().max(1)]);
+                .filter(|t| candidates.contains(t) && rotate == 0)
+                .unwrap_or(fallback);
             let result = if target == self.node.node_id() {
                 match op {
                     ShardOp::Read(keys) => Self::local_read(&self.node, shard, keys, remaining)
@@ -179,79 +198,31 @@ impl ClusterShards {
 }
 
 impl ClusterShards {
-    /// Writes `batch` (no conditions) to the meta group: here when this node leads it, else on
-    /// the node it names as leader, else on each node of the map in turn; until the deadline.
+    /// Writes `batch` (no conditions) to the meta group, through its leader wherever it is.
     pub async fn write_meta(&self, batch: kv::Batch, deadline: Duration) -> Result<(), ApiError> {
-        let started = Instant::now();
         let batch = to_storage(batch);
         let encoded = postcard::to_allocvec(&batch)
             .map_err(|e| ApiError::Internal(format!("encode a batch: {e}")))?;
-        let op = ShardOp::Write(batch, encoded);
-        let meta = crate::meta::META_SHARD;
-        let mut hint: Option<u64> = None;
-        let mut rotate = 0usize;
-        let mut last = String::from("no node tried");
-        loop {
-            let remaining = deadline.saturating_sub(started.elapsed());
-            if remaining.is_zero() {
-                return Err(ApiError::Unavailable(format!(
-                    "the meta group took no write in time (last: {last})"
-                )));
-            }
-            let map = self
-                .node
-                .map()
-                .ok_or_else(|| ApiError::Unavailable("no cluster map yet".into()))?;
-            let target = match hint.or_else(|| self.node.known_leader(meta)) {
-                Some(t) if rotate == 0 => t,
-                _ => match map.nodes.get(rotate % map.nodes.len().max(1)) {
-                    Some(n) => n.node_id,
-                    None => return Err(ApiError::ClusterState("the map names no node".into())),
-                },
-            };
-            let result = if target == self.node.node_id() {
-                let ShardOp::Write(batch, _) = &op else {
-                    unreachable!("a write")
-                };
-                Self::local_write(&self.node, meta, batch.clone(), remaining)
-                    .await
-                    .map(|_| ())
-            } else {
-                match crate::meta::address(&map, target) {
-                    None => Err(ApiError::ClusterState(format!(
-                        "node {target} is not in the map"
-                    ))),
-                    Some(addr) => {
-                        let channel = self.node.peer_channel(addr)?;
-                        match tokio::time::timeout(remaining, remote(channel, meta, &op, remaining))
-                            .await
-                        {
-                            Ok(Ok(_)) => Ok(()),
-                            Ok(Err(status)) => Err(from_status(&status)),
-                            Err(_) => Err(ApiError::Deadline),
-                        }
-                    }
-                }
-            };
-            match result {
-                Ok(()) => return Ok(()),
-                Err(ApiError::NotLeader {
-                    leader: Some((id, _)),
-                    ..
-                }) if id != target => {
-                    hint = Some(id);
-                    rotate = 0;
-                    last = format!("node {target} is not the leader");
-                }
-                Err(e) => {
-                    last = e.to_string();
-                    hint = None;
-                    rotate += 1;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20).min(remaining)).await;
+        match self
+            .call(Group::Meta, &ShardOp::Write(batch, encoded), deadline)
+            .await?
+        {
+            ShardAnswer::Batch(BatchResult::Applied) => Ok(()),
+            ShardAnswer::Batch(BatchResult::Failed(_)) => Err(ApiError::Internal(
+                "an unconditional meta batch was refused".into(),
+            )),
+            ShardAnswer::Values(_) => Err(ApiError::Internal("a write answered as a read".into())),
         }
     }
+}
+
+/// The group a `ClusterShards::call` goes to.
+#[derive(Debug, Clone, Copy)]
+enum Group<'a> {
+    /// The shard holding a routing key (a patient id or an identifier's `mpi:` key).
+    Of(&'a str),
+    /// The meta group.
+    Meta,
 }
 
 /// What `ClusterShards::call` runs.
@@ -343,7 +314,10 @@ impl Shards for ClusterShards {
         keys: Vec<Bytes>,
         deadline: Duration,
     ) -> Result<Vec<Option<Bytes>>, ApiError> {
-        match self.call(route_key, &ShardOp::Read(keys), deadline).await? {
+        match self
+            .call(Group::Of(route_key), &ShardOp::Read(keys), deadline)
+            .await?
+        {
             ShardAnswer::Values(v) => Ok(v),
             ShardAnswer::Batch(_) => Err(ApiError::Internal("a read answered as a write".into())),
         }
@@ -359,7 +333,11 @@ impl Shards for ClusterShards {
         let encoded = postcard::to_allocvec(&batch)
             .map_err(|e| ApiError::Internal(format!("encode a batch: {e}")))?;
         match self
-            .call(route_key, &ShardOp::Write(batch, encoded), deadline)
+            .call(
+                Group::Of(route_key),
+                &ShardOp::Write(batch, encoded),
+                deadline,
+            )
             .await?
         {
             ShardAnswer::Batch(r) => Ok(r),
