@@ -20,6 +20,8 @@ pub struct NodeProc {
     bin: PathBuf,
     /// Extra flags for `dossier-node` (e.g. test-only switches).
     pub extra_args: Vec<String>,
+    /// The peer endpoint (host:port, `--peer-listen`), when the internal services have their own.
+    pub peer: Option<String>,
     /// A command the node runs under (e.g. `ip netns exec NS` for a test host in a namespace).
     pub prefix: Vec<String>,
     child: Option<Child>,
@@ -62,6 +64,7 @@ impl NodeProc {
             data,
             bin,
             extra_args: Vec::new(),
+            peer: None,
             prefix: Vec::new(),
             child: None,
         }
@@ -96,6 +99,7 @@ impl NodeProc {
             .arg("--data-dir")
             .arg(&self.data)
             .arg("--no-auto-init")
+            .args(self.peer.iter().map(|p| format!("--peer-listen={p}")))
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("clone log handle")?)
@@ -222,7 +226,8 @@ pub async fn http_ok(addr: &str, path: &str) -> bool {
 }
 
 /// A local cluster of `dossier-node` processes on loopback: node `i` (from 1) listens on gRPC port
-/// `base_port + i` and HTTP port `base_port + 80 + i`, with its data under `root/node-i`.
+/// `base_port + i` and HTTP port `base_port + 80 + i` (and, with TLS, serves its internal
+/// services on the peer port `base_port + 40 + i`), with its data under `root/node-i`.
 #[derive(Debug)]
 pub struct LocalCluster {
     pub procs: Vec<NodeProc>,
@@ -268,7 +273,8 @@ impl LocalCluster {
     /// As `spawn_with`, with TLS everywhere: a CA and certificates are made in `root/certs`
     /// (`dossier cert`: the nodes' for 127.0.0.1, a `service` client certificate for
     /// [`LOCAL_USER`] and an `admin` one for [`LOCAL_ADMIN`]) with a development token issuer
-    /// (`dossier token`) the nodes trust; the nodes serve TLS and call each other over it. The
+    /// (`dossier token`) the nodes trust; the nodes serve TLS and call each other over it, on
+    /// peer ports of their own that admit node certificates only. The
     /// clients of this cluster act as [`LOCAL_USER`], the operations of [`crate::ops`] in this
     /// process as [`LOCAL_ADMIN`].
     pub async fn spawn_secure(
@@ -297,7 +303,7 @@ impl LocalCluster {
         )?);
         let mut args = extra_args.to_vec();
         args.extend(Self::secure_args(&certs));
-        let mut cluster = Self::spawn_with(root, nodes, base_port, bin, &args).await?;
+        let mut cluster = Self::spawn_procs(root, nodes, base_port, bin, &args, true).await?;
         cluster.tls = Some(tls);
         Ok(cluster)
     }
@@ -326,6 +332,22 @@ impl LocalCluster {
         bin: &Path,
         extra_args: &[String],
     ) -> Result<LocalCluster> {
+        Self::spawn_procs(root, nodes, base_port, bin, extra_args, false).await
+    }
+
+    /// The peer port of node `id` of a cluster on `base_port`.
+    pub fn peer_port(base_port: u16, id: u64) -> u16 {
+        base_port + 40 + id as u16
+    }
+
+    async fn spawn_procs(
+        root: &Path,
+        nodes: u64,
+        base_port: u16,
+        bin: &Path,
+        extra_args: &[String],
+        peer_ports: bool,
+    ) -> Result<LocalCluster> {
         let mut procs: Vec<NodeProc> = (1..=nodes)
             .map(|id| {
                 let (grpc, http) = (base_port + id as u16, base_port + 80 + id as u16);
@@ -337,6 +359,9 @@ impl LocalCluster {
                     bin.to_path_buf(),
                 );
                 p.extra_args = extra_args.to_vec();
+                if peer_ports {
+                    p.peer = Some(format!("127.0.0.1:{}", Self::peer_port(base_port, id)));
+                }
                 p
             })
             .collect();

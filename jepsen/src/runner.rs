@@ -421,16 +421,27 @@ fn node_proc(config: &RunConfig, net: Option<&Net>, id: u64, extra: &[String]) -
                 config.node_bin.clone(),
             );
             p.prefix = net.prefix(id);
+            if config.tls {
+                p.peer = Some(format!("{ip}:7100"));
+            }
             p
         }
-        None => NodeProc::new(
-            id,
-            config.base_port + id as u16,
-            config.base_port + 80 + id as u16,
-            data,
-            config.node_bin.clone(),
-        ),
+        None => {
+            let mut p = NodeProc::new(
+                id,
+                config.base_port + id as u16,
+                config.base_port + 80 + id as u16,
+                data,
+                config.node_bin.clone(),
+            );
+            if config.tls {
+                let port = LocalCluster::peer_port(config.base_port, id);
+                p.peer = Some(format!("127.0.0.1:{port}"));
+            }
+            p
+        }
     };
+    // With TLS the internal services have their own port, as a secure deployment runs them.
     p.extra_args = extra.to_vec();
     p
 }

@@ -17,8 +17,9 @@
 //!   call is [`Principal::Open`]: development only.
 
 use std::collections::HashSet;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail, ensure};
 use dossier_records::{Ident, PatientId, care::CareIdentity};
@@ -105,15 +106,23 @@ impl Principal {
 
 /// Checks bearer tokens: the identity provider's keys, issuer and audience.
 pub struct TokenVerifier {
-    keys: Vec<(Option<String>, DecodingKey, Algorithm)>,
+    /// The JWKS file, read again when it changes (the identity provider rolled its keys).
+    jwks: PathBuf,
+    keys: RwLock<Arc<Keys>>,
     issuer: String,
     audience: String,
+}
+
+/// One reading of the JWKS file: its keys, and when it was changed and its size then.
+struct Keys {
+    stamp: (SystemTime, u64),
+    keys: Vec<(Option<String>, DecodingKey, Algorithm)>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenVerifier")
-            .field("keys", &self.keys.len())
+            .field("keys", &self.keys().keys.len())
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .finish()
@@ -147,43 +156,73 @@ impl TokenVerifier {
             !audience.is_empty(),
             "token-audience is required with token-jwks"
         );
-        let text =
-            std::fs::read_to_string(jwks).with_context(|| format!("read {}", jwks.display()))?;
-        let set: JwkSet = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "{} is not a JWKS (a JSON {{\"keys\": [...]}})",
-                jwks.display()
-            )
-        })?;
-        let mut keys = Vec::new();
-        for (i, jwk) in set.keys.iter().enumerate() {
-            let alg = match jwk.common.key_algorithm {
-                Some(a) => a
-                    .to_string()
-                    .parse::<Algorithm>()
-                    .with_context(|| format!("{}: key {i}: algorithm", jwks.display()))?,
-                None => bail!(
-                    "{}: key {i} names no algorithm (\"alg\"); one of ES256, ES384, RS256, PS256, EdDSA is required",
-                    jwks.display()
-                ),
-            };
-            ensure!(
-                ALGORITHMS.contains(&alg),
-                "{}: key {i}: algorithm {alg:?} is not accepted (public-key algorithms only)",
-                jwks.display()
-            );
-            let key = DecodingKey::from_jwk(jwk)
-                .with_context(|| format!("{}: key {i}", jwks.display()))?;
-            keys.push((jwk.common.key_id.clone(), key, alg));
-        }
-        ensure!(!keys.is_empty(), "{} holds no key", jwks.display());
         Ok(TokenVerifier {
-            keys,
+            jwks: jwks.to_path_buf(),
+            keys: RwLock::new(Arc::new(read_keys(jwks)?)),
             issuer: issuer.to_owned(),
             audience: audience.to_owned(),
         })
     }
 
+    /// Reads the JWKS file again if it changed since the last reading (or whatever it is when
+    /// `force`). `Ok(true)`: the new keys are in use. An error leaves the old ones.
+    pub fn reload(&self, force: bool) -> Result<bool> {
+        if !force && stamp(&self.jwks)? == self.keys().stamp {
+            return Ok(false);
+        }
+        let next = read_keys(&self.jwks)?;
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        Ok(true)
+    }
+
+    fn keys(&self) -> Arc<Keys> {
+        Arc::clone(&self.keys.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// The keys of the JWKS file `jwks`: public-key algorithms only, each naming its algorithm.
+fn read_keys(jwks: &Path) -> Result<Keys> {
+    // Stamped before reading: a change made while reading is seen by the next check.
+    let stamp = stamp(jwks)?;
+    let text = std::fs::read_to_string(jwks).with_context(|| format!("read {}", jwks.display()))?;
+    let set: JwkSet = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a JWKS (a JSON {{\"keys\": [...]}})",
+            jwks.display()
+        )
+    })?;
+    let mut keys = Vec::new();
+    for (i, jwk) in set.keys.iter().enumerate() {
+        let alg = match jwk.common.key_algorithm {
+            Some(a) => a
+                .to_string()
+                .parse::<Algorithm>()
+                .with_context(|| format!("{}: key {i}: algorithm", jwks.display()))?,
+            None => bail!(
+                "{}: key {i} names no algorithm (\"alg\"); one of ES256, ES384, RS256, PS256, EdDSA is required",
+                jwks.display()
+            ),
+        };
+        ensure!(
+            ALGORITHMS.contains(&alg),
+            "{}: key {i}: algorithm {alg:?} is not accepted (public-key algorithms only)",
+            jwks.display()
+        );
+        let key =
+            DecodingKey::from_jwk(jwk).with_context(|| format!("{}: key {i}", jwks.display()))?;
+        keys.push((jwk.common.key_id.clone(), key, alg));
+    }
+    ensure!(!keys.is_empty(), "{} holds no key", jwks.display());
+    Ok(Keys { stamp, keys })
+}
+
+/// When `path` was last changed, and its size.
+fn stamp(path: &Path) -> Result<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).with_context(|| format!("read {}", path.display()))?;
+    Ok((meta.modified()?, meta.len()))
+}
+
+impl TokenVerifier {
     /// The caller a token names, or why it is refused.
     pub fn verify(&self, token: &str) -> Result<Caller, String> {
         if token.len() > TOKEN_BYTES_MAX {
@@ -194,7 +233,8 @@ impl TokenVerifier {
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| format!("bearer token is not a JWT: {e}"))?;
-        let candidates: Vec<_> = self
+        let keys = self.keys();
+        let candidates: Vec<_> = keys
             .keys
             .iter()
             .filter(|(kid, _, alg)| {
@@ -415,4 +455,67 @@ fn certificate_caller(request: &Request<()>) -> Result<Option<Caller>, Status> {
         patient: None,
         via: None,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::{Duration, SystemTime};
+
+    use dossier_cli::tokens::{self, LOCAL_AUDIENCE, LOCAL_ISSUER, TokenClaims};
+
+    use super::TokenVerifier;
+
+    fn token(dir: &std::path::Path) -> String {
+        let claims = TokenClaims {
+            subject: "ward-app".into(),
+            role: "service".into(),
+            ..TokenClaims::default()
+        };
+        tokens::issue(
+            dir,
+            &claims,
+            LOCAL_ISSUER,
+            LOCAL_AUDIENCE,
+            SystemTime::now(),
+            Duration::from_secs(600),
+        )
+        .unwrap()
+    }
+
+    /// The identity provider rolls its key: tokens of the new key are accepted once the JWKS
+    /// file changed, those of the old one no longer; a file that does not parse is refused and
+    /// the keys in use stay.
+    #[test]
+    fn token_keys_follow_the_jwks_file() {
+        let dir = tempfile::tempdir().unwrap();
+        tokens::create_issuer(dir.path(), false).unwrap();
+        let jwks = dir.path().join(tokens::JWKS);
+        let verifier = TokenVerifier::load(&jwks, LOCAL_ISSUER, LOCAL_AUDIENCE).unwrap();
+        let old = token(dir.path());
+        assert_eq!(verifier.verify(&old).unwrap().name, "ward-app");
+        assert!(!verifier.reload(false).unwrap(), "nothing changed");
+
+        tokens::create_issuer(dir.path(), true).unwrap();
+        // The file's time as a later change leaves it, whatever the clock's granularity.
+        std::fs::File::options()
+            .append(true)
+            .open(&jwks)
+            .unwrap()
+            .set_modified(SystemTime::now() + Duration::from_secs(5))
+            .unwrap();
+        let new = token(dir.path());
+        assert!(verifier.verify(&new).is_err(), "a key not yet loaded");
+        assert!(verifier.reload(false).unwrap(), "the change was not seen");
+        assert_eq!(verifier.verify(&new).unwrap().name, "ward-app");
+        assert!(
+            verifier.verify(&old).is_err(),
+            "the rolled key still passes"
+        );
+
+        std::fs::write(&jwks, "{}").unwrap();
+        assert!(verifier.reload(true).is_err());
+        assert_eq!(verifier.verify(&new).unwrap().name, "ward-app");
+    }
 }

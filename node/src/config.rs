@@ -114,10 +114,18 @@ impl Default for RecordsConfig {
 pub struct NodeConfig {
     /// This node's id, unique in the cluster, not 0.
     pub node_id: u64,
-    /// Address of the gRPC endpoint (public Kv/Admin and internal Raft services).
+    /// Address of the gRPC endpoint: the public services (Kv, Records, Admin), and the internal
+    /// ones (Raft, ShardAccess) unless `peer-listen` is set.
     pub listen: SocketAddr,
     /// Address other nodes and clients use to reach this node (default: `listen`).
     pub advertise: Option<String>,
+    /// Address of a separate peer endpoint serving only the internal services (Raft,
+    /// ShardAccess); with TLS it admits only callers presenting a node certificate of the
+    /// cluster's CA. Unset: the internal services share `listen`. Chosen when the node first
+    /// joins or founds the cluster: peers learn it from the cluster map.
+    pub peer_listen: Option<SocketAddr>,
+    /// Address peers use to reach `peer-listen` (default: `peer-listen`).
+    pub peer_advertise: Option<String>,
     /// Address of the HTTP endpoint (/metrics, /healthz, /readyz).
     pub http_listen: SocketAddr,
     /// Directory of everything this node stores (log, state, snapshots).
@@ -190,6 +198,8 @@ impl Default for NodeConfig {
             node_id: 1,
             listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
             advertise: None,
+            peer_listen: None,
+            peer_advertise: None,
             http_listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
             data_dir: PathBuf::from("dossier-data"),
             cluster_name: "dossier".to_owned(),
@@ -223,16 +233,29 @@ impl Default for NodeConfig {
 pub struct Config {
     pub node: NodeConfig,
     pub advertise: String,
+    /// Where peers reach this node's internal services: `peer-advertise`, `peer-listen`, or
+    /// `advertise` when they share the client port.
+    pub peer_advertise: String,
     pub log: Arc<LogConfig>,
     pub state: Arc<StoreConfig>,
     pub raft: Arc<dossier_raft::openraft::Config>,
     /// Loaded from `certs-dir`; None: no TLS.
-    pub tls: Option<crate::tls::NodeTls>,
+    pub tls: Option<Arc<crate::tls::NodeTls>>,
     /// Loaded from `token-jwks`; None: no bearer tokens accepted.
     pub tokens: Option<Arc<crate::authn::TokenVerifier>>,
 }
 
 impl Config {
+    /// The peer address this node writes into the cluster map: empty when its internal services
+    /// share its client address.
+    pub fn own_peer_address(&self) -> String {
+        if self.peer_advertise == self.advertise {
+            String::new()
+        } else {
+            self.peer_advertise.clone()
+        }
+    }
+
     pub fn request_deadline(&self) -> Duration {
         Duration::from_millis(self.node.limits.request_deadline_ms)
     }
@@ -285,6 +308,16 @@ impl NodeConfig {
             self.listen != self.http_listen,
             "listen and http-listen must differ, both are {}",
             self.listen
+        );
+        if let Some(peer) = self.peer_listen {
+            ensure!(
+                peer != self.listen && peer != self.http_listen,
+                "peer-listen ({peer}) must differ from listen and http-listen"
+            );
+        }
+        ensure!(
+            self.peer_advertise.is_none() || self.peer_listen.is_some(),
+            "peer-advertise needs peer-listen"
         );
         let r = &self.raft;
         if r.election_timeout_min_ms <= 3 * r.heartbeat_interval_ms {
@@ -402,6 +435,11 @@ impl NodeConfig {
             .advertise
             .clone()
             .unwrap_or_else(|| self.listen.to_string());
+        let peer_advertise = match (&self.peer_advertise, self.peer_listen) {
+            (Some(a), _) => a.clone(),
+            (None, Some(peer)) => peer.to_string(),
+            (None, None) => advertise.clone(),
+        };
         let log = LogConfig {
             dir: self.data_dir.join("log"),
             ..self.log.clone()
@@ -423,7 +461,9 @@ impl NodeConfig {
             "insecure and certs-dir contradict each other: pick one"
         );
         let tls = match &self.certs_dir {
-            Some(dir) => Some(crate::tls::NodeTls::load(dir).context("certs-dir")?),
+            Some(dir) => Some(Arc::new(
+                crate::tls::NodeTls::load(dir).context("certs-dir")?,
+            )),
             None => None,
         };
         let tokens = match &self.token_jwks {
@@ -446,6 +486,7 @@ impl NodeConfig {
         Ok(Arc::new(Config {
             node: self,
             advertise,
+            peer_advertise,
             log,
             state,
             raft,
@@ -474,12 +515,21 @@ pub struct Flags {
     /// This node's id: unique in the cluster, not 0.
     #[arg(long, env = "DOSSIER_NODE_ID")]
     pub node_id: Option<u64>,
-    /// gRPC listen address (public Kv/Admin and internal Raft services).
+    /// gRPC listen address (public Kv, Records and Admin services; the internal Raft and
+    /// ShardAccess services too unless --peer-listen is given).
     #[arg(long, env = "DOSSIER_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// Address peers and clients use to reach this node (default: the listen address).
     #[arg(long, env = "DOSSIER_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Serve the internal services (Raft, ShardAccess) on this separate address only; with TLS
+    /// it admits node certificates of the cluster's CA only. Set it when the node first starts
+    /// (founding or joining the cluster): peers learn it from the cluster map.
+    #[arg(long, env = "DOSSIER_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+    /// Address peers use to reach --peer-listen (default: --peer-listen).
+    #[arg(long, env = "DOSSIER_PEER_ADVERTISE")]
+    pub peer_advertise: Option<String>,
     /// HTTP listen address for /metrics, /healthz and /readyz.
     #[arg(long, env = "DOSSIER_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
@@ -576,6 +626,12 @@ impl Flags {
         }
         if let Some(v) = &self.advertise {
             config.advertise = Some(v.clone());
+        }
+        if let Some(v) = self.peer_listen {
+            config.peer_listen = Some(v);
+        }
+        if let Some(v) = &self.peer_advertise {
+            config.peer_advertise = Some(v.clone());
         }
         if let Some(v) = self.http_listen {
             config.http_listen = v;

@@ -1,12 +1,12 @@
 //! `dossier-node`: the Dossier server.
 //!
 //! A node hosts the meta group (the cluster map) and the replicas of the data shards the map
-//! assigns to it, all over one shared log and one state store. It serves the public `Kv` and
-//! `Admin` gRPC services and the internal Raft service on one port, and `/metrics`, `/healthz`,
-//! `/readyz` over HTTP. See `docs/architecture.md` and `docs/operations.md`.
+//! assigns to it, all over one shared log and one state store. It serves the public `Kv`,
+//! `Records` and `Admin` gRPC services, the internal Raft and ShardAccess services on the same
+//! port or on their own (`peer-listen`), and `/metrics`, `/healthz`, `/readyz` over HTTP. See `docs/architecture.md` and `docs/operations.md`.
 //!
-//! Non-goals: no routing logic beyond "which shard holds this patient" (clients cache the map);
-//! no authorisation yet.
+//! Non-goals: no routing logic beyond "which shard holds this patient" (clients cache the map).
+//! Who may call what is docs/security.md.
 
 // The layout of the deepest service futures (a bundle of writes, each waking its group) needs it.
 #![recursion_limit = "256"]
@@ -23,6 +23,7 @@ mod deadline;
 mod errors;
 mod http;
 mod leadership;
+mod listener;
 mod liveness;
 mod membership;
 mod meta;
@@ -78,7 +79,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
             "UNSAFE: linearizable reads are served without a read barrier (testing only)"
         );
     }
-    info!(node_id = node.node_id(), listen = %config.node.listen, http = %config.node.http_listen, tls = config.tls.is_some(), "node started");
+    info!(node_id = node.node_id(), listen = %config.node.listen, peer_listen = ?config.node.peer_listen, http = %config.node.http_listen, tls = config.tls.is_some(), "node started");
     if config.tls.is_none() && !config.node.insecure {
         tracing::warn!(
             "NO TLS: patient data and Raft traffic cross the network in clear text and any caller \
@@ -94,20 +95,66 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
         .max(config.log.entry_bytes_max as usize)
         + RAFT_MESSAGE_SLACK_BYTES;
     let request_max = config.node.limits.request_bytes_max;
+    // Both endpoints stop serving when `serving` turns true.
+    macro_rules! serve {
+        ($router:expr, $listener:expr, $endpoint:expr) => {{
+            let mut serving = serving_rx.clone();
+            let stop = async move {
+                let _ = serving.wait_for(|stop| *stop).await;
+            };
+            match &config.tls {
+                Some(tls) => {
+                    let incoming = listener::tls($listener, Arc::clone(tls), $endpoint);
+                    tokio::spawn(async move {
+                        $router.serve_with_incoming_shutdown(incoming, stop).await
+                    })
+                }
+                None => {
+                    let incoming = listener::plain($listener);
+                    tokio::spawn(async move {
+                        $router.serve_with_incoming_shutdown(incoming, stop).await
+                    })
+                }
+            }
+        }};
+    }
+    // Raft and ShardAccess answer only node certificates when TLS is on; on their own port
+    // (`peer-listen`) the handshake also requires a certificate of the cluster's CA.
+    let nodes_only = peer_auth::NodesOnly {
+        tls: config.tls.is_some(),
+    };
+    let raft_service = InterceptedService::new(
+        RaftGrpc::new(RaftServer::new(Arc::clone(&node), serving_rx.clone()))
+            .max_decoding_message_size(raft_message_max),
+        nodes_only,
+    );
+    let shard_access_service = InterceptedService::new(
+        ShardAccessServer::new(shards::ShardAccessService::new(Arc::clone(&node))),
+        nodes_only,
+    );
+    let deadlines = deadline::DeadlineLayer {
+        default: node.config.request_deadline() + Duration::from_secs(1),
+        exempt: &[INSTALL_SNAPSHOT_PATH],
+    };
+    let peers = match config.node.peer_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("bind peer endpoint {addr}"))?;
+            let router = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .layer(deadlines)
+                .add_service(raft_service.clone())
+                .add_service(shard_access_service.clone());
+            Some(serve!(router, listener, tls::Endpoint::Peers))
+        }
+        None => None,
+    };
     let grpc = {
-        let node = Arc::clone(&node);
-        let mut serving = serving_rx.clone();
-        let replication_stop = serving_rx.clone();
         let addr = config.node.listen;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("bind gRPC endpoint {addr}"))?;
-        let incoming = tokio_stream_listener(listener);
-        let mut server = tonic::transport::Server::builder();
-        // Raft and ShardAccess answer only node certificates when TLS is on.
-        let nodes_only = peer_auth::NodesOnly {
-            tls: config.tls.is_some(),
-        };
         // The public services know their caller (authn.rs) and decide on it (access.rs).
         // One batcher of read audit events for both services.
         let audits = audit_batch::AuditBatcher::start(Arc::clone(&node));
@@ -120,57 +167,51 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
             )
             .map(Arc::new),
         };
-        if let Some(tls) = &config.tls {
-            server = server
-                .tls_config(tls.server.clone())
-                .context("TLS of the gRPC endpoint")?;
-        }
-        tokio::spawn(async move {
-            server
-                .tcp_nodelay(true)
-                // gRPC-Web for browsers comes over HTTP/1.1 (web.rs).
-                .accept_http1(true)
-                .layer(web::cors(&node.config.node.web_allowed_origins))
-                .layer(tonic_web::GrpcWebLayer::new())
-                .layer(deadline::DeadlineLayer {
-                    default: node.config.request_deadline() + Duration::from_secs(1),
-                    exempt: &[INSTALL_SNAPSHOT_PATH],
-                })
-                .add_service(InterceptedService::new(
-                    RaftGrpc::new(RaftServer::new(Arc::clone(&node), replication_stop))
-                        .max_decoding_message_size(raft_message_max),
-                    nodes_only,
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            // gRPC-Web for browsers comes over HTTP/1.1 (web.rs).
+            .accept_http1(true)
+            .layer(web::cors(&node.config.node.web_allowed_origins))
+            .layer(tonic_web::GrpcWebLayer::new())
+            .layer(deadlines)
+            .add_service(InterceptedService::new(
+                KvServer::new(service::kv::KvService::new(
+                    Arc::clone(&node),
+                    audits.clone(),
                 ))
-                .add_service(InterceptedService::new(
-                    KvServer::new(service::kv::KvService::new(
-                        Arc::clone(&node),
-                        audits.clone(),
-                    ))
-                    .max_decoding_message_size(request_max),
-                    authenticate.clone(),
+                .max_decoding_message_size(request_max),
+                authenticate.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                RecordsServer::new(service::records::RecordsService::new(
+                    Arc::clone(&node),
+                    audits,
                 ))
-                .add_service(InterceptedService::new(
-                    ShardAccessServer::new(shards::ShardAccessService::new(Arc::clone(&node))),
-                    nodes_only,
-                ))
-                .add_service(InterceptedService::new(
-                    RecordsServer::new(service::records::RecordsService::new(
-                        Arc::clone(&node),
-                        audits,
-                    ))
-                    .max_decoding_message_size(request_max),
-                    authenticate.clone(),
-                ))
-                .add_service(InterceptedService::new(
-                    AdminServer::new(service::admin::AdminService::new(Arc::clone(&node))),
-                    authenticate,
-                ))
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = serving.wait_for(|stop| *stop).await;
-                })
-                .await
-        })
+                .max_decoding_message_size(request_max),
+                authenticate.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                AdminServer::new(service::admin::AdminService::new(Arc::clone(&node))),
+                authenticate,
+            ));
+        // Without a peer port the internal services share this one.
+        let router = if peers.is_none() {
+            router
+                .add_service(raft_service)
+                .add_service(shard_access_service)
+        } else {
+            router
+        };
+        serve!(router, listener, tls::Endpoint::Public)
     };
+    let reload = config.tls.as_ref().map(|tls| {
+        tokio::spawn(reload_credentials(
+            Arc::clone(tls),
+            config.tokens.clone(),
+            Arc::clone(&node),
+            serving_rx.clone(),
+        ))
+    });
     let http = {
         let node = Arc::clone(&node);
         let mut serving = serving_rx.clone();
@@ -255,10 +296,15 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
     compactor.abort();
     quiescence.abort();
     split_check.abort();
-    match grpc.await {
-        Ok(Err(e)) => error!(error = %e, "gRPC server failed"),
-        Err(e) => error!(error = %e, "gRPC server task failed"),
-        Ok(Ok(())) => {}
+    if let Some(reload) = reload {
+        reload.abort();
+    }
+    for (what, server) in std::iter::once(("gRPC", grpc)).chain(peers.map(|p| ("peer", p))) {
+        match server.await {
+            Ok(Err(e)) => error!(error = %e, "{what} server failed"),
+            Err(e) => error!(error = %e, "{what} server task failed"),
+            Ok(Ok(())) => {}
+        }
     }
     if let Ok(Err(e)) = http.await {
         error!(error = %format!("{e:#}"), "HTTP server failed");
@@ -268,16 +314,55 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
     Ok(())
 }
 
-fn tokio_stream_listener(
-    listener: tokio::net::TcpListener,
-) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures_util::stream::unfold(listener, |listener| async move {
-        let accepted = listener.accept().await.map(|(stream, _)| {
-            let _ = stream.set_nodelay(true);
-            stream
-        });
-        Some((accepted, listener))
-    })
+/// How often the certs directory and the JWKS file are checked for new files.
+const CREDENTIALS_CHECK: Duration = Duration::from_secs(5);
+
+/// Reads the node's certificates and the identity provider's keys again when their files change
+/// or on SIGHUP, until `serving` stops: the next connections in and out, and the next tokens,
+/// use them. Files that do not load are logged and what is in use is kept.
+async fn reload_credentials(
+    tls: Arc<tls::NodeTls>,
+    tokens: Option<Arc<authn::TokenVerifier>>,
+    node: Arc<Node>,
+    mut serving: watch::Receiver<bool>,
+) {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        let forced = tokio::select! {
+            _ = tokio::time::sleep(CREDENTIALS_CHECK) => false,
+            Some(()) = async {
+                match hangup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => true,
+            _ = serving.wait_for(|stop| *stop) => return,
+        };
+        match tls.reload(forced) {
+            Ok(true) => {
+                node.set_peer_tls(tls.client());
+                info!(
+                    sighup = forced,
+                    "certificates reloaded: new connections use them"
+                );
+            }
+            Ok(false) => {}
+            Err(e) => warn!(
+                error = %format!("{e:#}"),
+                "the certs directory does not load; keeping the certificates in use"
+            ),
+        }
+        if let Some(tokens) = &tokens {
+            match tokens.reload(forced) {
+                Ok(true) => info!(sighup = forced, "token keys (JWKS) reloaded"),
+                Ok(false) => {}
+                Err(e) => warn!(
+                    error = %format!("{e:#}"),
+                    "the JWKS file does not load; keeping the token keys in use"
+                ),
+            }
+        }
+    }
 }
 
 async fn wait_for_stop(stop: Option<watch::Receiver<bool>>) {

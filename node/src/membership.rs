@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use dossier_api::v1::admin_client::AdminClient;
 use dossier_api::v1::{
-    ClusterMap, ErrorReason, JoinClusterRequest, NodeInfo, NodeState, ShardDescriptor,
+    ClusterMap, ErrorReason, JoinClusterRequest, NodeInfo, NodeState, NodeStatusRequest,
+    ShardDescriptor,
 };
 use dossier_raft::openraft::BasicNode;
 use dossier_raft::openraft::async_runtime::WatchReceiver;
@@ -25,6 +26,8 @@ use crate::node::Node;
 const MAP_CHANGE_ATTEMPTS: usize = 8;
 /// Deadline of each step of a map change (barrier, write).
 const MAP_STEP_DEADLINE: Duration = Duration::from_secs(5);
+/// For a node to tell its peer endpoint at init.
+const PEER_ADDRESS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Between two rounds of join requests.
 const JOIN_RETRY: Duration = Duration::from_millis(500);
 
@@ -66,12 +69,14 @@ pub(crate) fn add_node(map: &ClusterMap, node: &NodeInfo) -> Result<MapChange, A
                 ),
             ));
         }
-        if known.address != node.address {
+        if known.address != node.address || known.peer_address != node.peer_address {
             return Err(ApiError::invalid(
                 "node.node_id",
                 format!(
-                    "node {} is already in the cluster at {}; a new node needs a new id",
-                    node.node_id, known.address
+                    "node {} is already in the cluster at {} (peer endpoint {}); a new node needs a new id, and a node's addresses are fixed when it joins",
+                    node.node_id,
+                    known.address,
+                    meta::peer_of(known)
                 ),
             ));
         }
@@ -89,12 +94,56 @@ pub(crate) fn add_node(map: &ClusterMap, node: &NodeInfo) -> Result<MapChange, A
         address: node.address.clone(),
         zone: node.zone.clone(),
         standby: node.standby,
+        peer_address: node.peer_address.clone(),
         ..NodeInfo::default()
     });
     Ok(MapChange::Next(next))
 }
 
 impl Node {
+    /// The nodes of an init request, each with its peer endpoint: as given, this node's own, or
+    /// as the node reports it (NodeStatus on its client address). Every node must answer: the
+    /// meta group's members are recorded with the endpoint their peers dial.
+    pub(crate) async fn learn_peer_addresses(
+        &self,
+        mut nodes: Vec<NodeInfo>,
+    ) -> Result<Vec<NodeInfo>, ApiError> {
+        for n in nodes.iter_mut().filter(|n| n.peer_address.is_empty()) {
+            if n.node_id == self.node_id() {
+                n.peer_address = self.config.own_peer_address();
+                continue;
+            }
+            let channel = self.peer_channel(&n.address)?;
+            let mut request = tonic::Request::new(NodeStatusRequest { count_keys: false });
+            request.set_timeout(PEER_ADDRESS_TIMEOUT);
+            let status = AdminClient::new(channel)
+                .node_status(request)
+                .await
+                .map_err(|s| {
+                    ApiError::Unavailable(format!(
+                        "node {} at {} did not say where its peers reach it (start every node before init): {}",
+                        n.node_id,
+                        n.address,
+                        s.message()
+                    ))
+                })?
+                .into_inner();
+            if status.node_id != n.node_id {
+                return Err(ApiError::invalid(
+                    "nodes",
+                    format!(
+                        "{} is node {}, not node {}",
+                        n.address, status.node_id, n.node_id
+                    ),
+                ));
+            }
+            if status.peer_address != n.address {
+                n.peer_address = status.peer_address;
+            }
+        }
+        Ok(nodes)
+    }
+
     /// Changes the map on the meta leader: `change` decides from the current map, and the
     /// result is written only if the map is still the one it decided on (else it decides again).
     pub(crate) async fn change_map(
@@ -171,7 +220,7 @@ impl Node {
             .ok_or(ApiError::shard_not_found(META_SHARD))?;
         let membership = meta.metrics().borrow_watched().membership_config.clone();
         if membership.membership().get_node(&node.node_id).is_none() {
-            meta.add_learner(node.node_id, BasicNode::new(&node.address), false)
+            meta.add_learner(node.node_id, BasicNode::new(meta::peer_of(&node)), false)
                 .await
                 .map_err(|e| match e.forward_to_leader() {
                     Some(_) => ApiError::Unavailable(
@@ -195,6 +244,7 @@ impl Node {
             address: self.config.advertise.clone(),
             zone: self.config.node.zone.clone(),
             standby: self.config.node.standby,
+            peer_address: self.config.own_peer_address(),
             ..NodeInfo::default()
         };
         let mut announced = false;

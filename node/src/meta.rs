@@ -79,11 +79,26 @@ pub fn shard_for(map: &ClusterMap, hash: u64) -> Option<&ShardDescriptor> {
     map.shards.iter().find(|d| covers(d, hash))
 }
 
+/// Where clients reach `node`: its public services.
 pub fn address(map: &ClusterMap, node: u64) -> Option<&str> {
     map.nodes
         .iter()
         .find(|n| n.node_id == node)
         .map(|n| n.address.as_str())
+}
+
+/// Where peers reach `node`'s internal services (Raft, ShardAccess).
+pub fn peer_address(map: &ClusterMap, node: u64) -> Option<&str> {
+    map.nodes.iter().find(|n| n.node_id == node).map(peer_of)
+}
+
+/// A node's peer endpoint: its own when it has one, else its client address.
+pub fn peer_of(node: &NodeInfo) -> &str {
+    if node.peer_address.is_empty() {
+        &node.address
+    } else {
+        &node.peer_address
+    }
 }
 
 pub fn encode(map: &ClusterMap) -> Vec<u8> {

@@ -147,7 +147,7 @@ impl Node {
         if d.replicas.contains(&to) && !d.replicas.contains(&from) {
             return Ok(d);
         }
-        let address = meta::address(&map, to)
+        let address = meta::peer_address(&map, to)
             .ok_or_else(|| ApiError::invalid("to_node", format!("node {to} has no address")))?
             .to_owned();
         info!(

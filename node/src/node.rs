@@ -87,7 +87,7 @@ impl Node {
         let pool = PeerPool::new(
             NetworkConfig::default(),
             &config.node.cluster_name,
-            config.tls.as_ref().map(|t| t.peer.clone()),
+            config.tls.as_ref().map(|t| t.client()),
         )
         .context("node.cluster-name")?;
         let vote_hold = VoteHold::at_start(&config.raft, &engine);
@@ -135,6 +135,11 @@ impl Node {
     /// Replication streams and sessions of this node's leaders.
     pub fn append_counts(&self) -> &dossier_raft::AppendStreamCounts {
         self.ctx.pool.append_counts()
+    }
+
+    /// Calls peers with `tls` from now on (certificates reloaded).
+    pub fn set_peer_tls(&self, tls: tonic::transport::ClientTlsConfig) {
+        self.ctx.pool.set_tls(tls);
     }
 
     /// The shared channel to a peer node (internal services).
@@ -475,12 +480,13 @@ impl Node {
                 format!("must include this node ({})", self.node_id()),
             ));
         }
+        let nodes = self.learn_peer_addresses(nodes).await?;
         let meta = self
             .group(META_SHARD)
             .ok_or(ApiError::shard_not_found(META_SHARD))?;
         let members: BTreeMap<u64, BasicNode> = nodes
             .iter()
-            .map(|n| (n.node_id, BasicNode::new(&n.address)))
+            .map(|n| (n.node_id, BasicNode::new(meta::peer_of(n))))
             .collect();
         if let Err(e) = meta.initialize(members).await {
             // Already initialised (a retry): carry on and write the map if it is missing.
@@ -532,6 +538,7 @@ impl Node {
             node_id: self.node_id(),
             address: self.config.advertise.clone(),
             zone: self.config.node.zone.clone(),
+            peer_address: self.config.own_peer_address(),
             ..NodeInfo::default()
         };
         let map = self
@@ -551,13 +558,14 @@ impl Node {
         leader: Option<u64>,
         node: Option<&BasicNode>,
     ) -> ApiError {
-        let hint = match (leader, node) {
-            (Some(id), Some(node)) => Some((id, node.addr.clone())),
-            (Some(id), None) => self
-                .map()
-                .and_then(|m| meta::address(&m, id).map(|a| (id, a.to_owned()))),
-            _ => None,
-        };
+        // Clients are sent to the leader's client address, from the map; a group's member
+        // record holds its peer endpoint, the same unless it serves `peer-listen`.
+        let hint = leader.and_then(|id| {
+            self.map()
+                .and_then(|m| meta::address(&m, id).map(str::to_owned))
+                .or_else(|| node.map(|n| n.addr.clone()))
+                .map(|a| (id, a))
+        });
         ApiError::NotLeader {
             shard,
             leader: hint,
@@ -758,8 +766,8 @@ fn members(map: &ClusterMap, replicas: &[u64]) -> Result<BTreeMap<u64, BasicNode
     replicas
         .iter()
         .map(|id| {
-            let addr =
-                meta::address(map, *id).with_context(|| format!("node {id} is not in the map"))?;
+            let addr = meta::peer_address(map, *id)
+                .with_context(|| format!("node {id} is not in the map"))?;
             Ok((*id, BasicNode::new(addr)))
         })
         .collect()

@@ -363,7 +363,7 @@ impl Node {
             let mut wanted = voters.clone();
             wanted.remove(&node);
             if let Some(r) = replacement {
-                let address = meta::address(map, r)
+                let address = meta::peer_address(map, r)
                     .ok_or_else(|| ApiError::ClusterState(format!("node {r} has no address")))?;
                 tokio::time::timeout(
                     META_CATCH_UP,

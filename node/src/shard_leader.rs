@@ -46,7 +46,7 @@ impl Node {
                 let map = self
                     .map()
                     .ok_or_else(|| ApiError::ClusterState("no map".into()))?;
-                let addr = meta::address(&map, target)
+                let addr = meta::peer_address(&map, target)
                     .ok_or_else(|| {
                         ApiError::ClusterState(format!("node {target} is not in the map"))
                     })?

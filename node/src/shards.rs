@@ -152,7 +152,7 @@ impl ClusterShards {
                 let addr = self
                     .node
                     .map()
-                    .and_then(|m| crate::meta::address(&m, target).map(str::to_owned))
+                    .and_then(|m| crate::meta::peer_address(&m, target).map(str::to_owned))
                     .ok_or_else(|| {
                         ApiError::ClusterState(format!("node {target} is not in the map"))
                     })?;

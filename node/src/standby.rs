@@ -143,7 +143,7 @@ impl Node {
         match change {
             Change::Add { shard, node } => {
                 let d = descriptor(&map, shard)?.clone();
-                let address = meta::address(&map, node)
+                let address = meta::peer_address(&map, node)
                     .ok_or_else(|| {
                         ApiError::invalid("node_id", format!("node {node} has no address"))
                     })?

@@ -180,3 +180,255 @@ async fn internal_services_answer_node_certificates_only() {
     }
     cluster.client().await.put("p-2", b"k", b"v").await.unwrap();
 }
+
+/// A peer port per node (`peer-listen`): the cluster's Raft traffic runs there (writes commit,
+/// a joining node receives the map), the client port no longer serves Raft or ShardAccess, and
+/// the peer port refuses a caller without a certificate in the handshake and a client
+/// certificate of the cluster's CA at the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_port_serves_the_internal_services_to_nodes_only() {
+    use dossier_api::raft::v1::raft_client::RaftClient;
+    use dossier_api::raft::v1::shard_access_client::ShardAccessClient;
+    use dossier_api::raft::v1::{PingRequest, ShardReadRequest};
+    use dossier_api::v1::ClusterMapRequest;
+
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let dir = certs.path().to_path_buf();
+    let with_peer_port = |c: &mut dossier_node::NodeConfig| {
+        c.certs_dir = Some(dir.clone());
+        c.peer_listen = Some(
+            format!("127.0.0.1:{}", common::free_port())
+                .parse()
+                .unwrap(),
+        );
+    };
+    // Init names client addresses only: the nodes tell their peer endpoints.
+    let cluster = TestCluster::start(3, 2, 3, &with_peer_port).await;
+    let client = cluster.client().await;
+    for i in 0..20 {
+        client
+            .put(&format!("patient-{i}"), b"k", b"v")
+            .await
+            .unwrap();
+    }
+    let map = client.refresh_map().await.unwrap();
+    for (n, node) in map.nodes.iter().zip(&cluster.nodes) {
+        let peer = node.config.peer_listen.unwrap().to_string();
+        assert_eq!(
+            (n.address.as_str(), n.peer_address.as_str()),
+            (node.grpc.as_str(), peer.as_str())
+        );
+    }
+
+    let node_tls = ClientTls::from_certs_dir(certs.path(), None)
+        .unwrap()
+        .with_identity(
+            std::fs::read(certs.path().join("node.crt")).unwrap(),
+            std::fs::read(certs.path().join("node.key")).unwrap(),
+        );
+    let ping = PingRequest {
+        from_node: 2,
+        incarnation: 1,
+    };
+    let read = ShardReadRequest {
+        shard_id: 0,
+        keys: vec![b"map".to_vec()],
+    };
+    // The client port: no internal service, whoever asks.
+    let public = node_tls
+        .endpoint(&cluster.nodes[0].grpc)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let refused = RaftClient::new(public.clone())
+        .ping(ping)
+        .await
+        .expect_err("Raft answered on the client port");
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+    let refused = ShardAccessClient::new(public)
+        .read(read.clone())
+        .await
+        .expect_err("ShardAccess answered on the client port");
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+
+    // The peer port: a service's certificate passes the handshake, not the service.
+    let peer = cluster.nodes[0].config.peer_listen.unwrap().to_string();
+    let service = ClientTls::from_certs_dir(certs.path(), Some("ward-app"))
+        .unwrap()
+        .endpoint(&peer)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let refused = ShardAccessClient::new(service.clone())
+        .read(read.clone())
+        .await
+        .expect_err("a service read the meta shard");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let refused = RaftClient::new(service)
+        .ping(ping)
+        .await
+        .expect_err("a service reached Raft");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // Without a certificate the handshake fails: no call is served.
+    let anonymous = ClientTls::from_certs_dir(certs.path(), None)
+        .unwrap()
+        .endpoint(&peer)
+        .unwrap();
+    let answer = match anonymous.connect().await {
+        Ok(channel) => RaftClient::new(channel).ping(ping).await.map(|_| ()),
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    let refused = answer.expect_err("a caller without certificate reached the peer port");
+    assert!(
+        !matches!(
+            refused.code(),
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+        ),
+        "the handshake should have refused it, not the service: {refused:?}"
+    );
+    // A node's certificate is let through.
+    let node_channel = node_tls.endpoint(&peer).unwrap().connect().await.unwrap();
+    if let Err(status) = RaftClient::new(node_channel).ping(ping).await {
+        assert!(
+            !matches!(
+                status.code(),
+                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+            ),
+            "{status:?}"
+        );
+    }
+
+    // A node joining with a peer port of its own gets the map over it.
+    let joined = cluster.join_node(4, &client, &with_peer_port).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let known = match common::admin_at(Some(certs.path()), &joined.grpc).await {
+            Ok(mut admin) => admin
+                .get_cluster_map(ClusterMapRequest::default())
+                .await
+                .map(|m| m.into_inner().nodes.iter().any(|n| n.node_id == 4)),
+            Err(_) => Ok(false),
+        };
+        if known.unwrap_or(false) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 4 got no map over its peer port"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let map = client.refresh_map().await.unwrap();
+    let four = map.nodes.iter().find(|n| n.node_id == 4).unwrap();
+    assert_eq!(
+        four.peer_address,
+        joined.config.peer_listen.unwrap().to_string()
+    );
+}
+
+/// The certificate a node serves at `addr`, as a client trusting `certs/ca.crt` receives it.
+async fn served_certificate(addr: &str, certs: &std::path::Path) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(certs.join("ca.crt")).unwrap())
+        .unwrap();
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let host = ServerName::try_from(addr.split(':').next().unwrap().to_owned()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(host, tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// The DER of the certificate in `path`.
+fn certificate_file(path: &std::path::Path) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_file(path)
+        .unwrap()
+        .to_vec()
+}
+
+/// New node certificates put in the certs directory are served without a restart (new
+/// connections get them; the cluster keeps committing over connections made with either), and
+/// a directory that does not load is refused while the node keeps the certificates it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_certificates_are_reloaded_without_restart() {
+    use dossier_cli::certs::{self, Lifetimes};
+
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let dir = certs.path().to_path_buf();
+    let cluster = TestCluster::start(3, 1, 3, &|c| {
+        c.certs_dir = Some(dir.clone());
+        c.peer_listen = Some(
+            format!("127.0.0.1:{}", common::free_port())
+                .parse()
+                .unwrap(),
+        );
+    })
+    .await;
+    let addr = cluster.nodes[0].grpc.clone();
+    let first = certificate_file(&certs.path().join("node.crt"));
+    assert_eq!(served_certificate(&addr, certs.path()).await, first);
+
+    // A certificate whose key is not beside it: refused, the old one is served on.
+    let spare = tempfile::tempdir().unwrap();
+    std::fs::copy(certs.path().join("ca.crt"), spare.path().join("ca.crt")).unwrap();
+    std::fs::copy(certs.path().join("ca.key"), spare.path().join("ca.key")).unwrap();
+    certs::create_node(
+        spare.path(),
+        &["127.0.0.1".into()],
+        Lifetimes::default(),
+        false,
+    )
+    .unwrap();
+    let saved = std::fs::read(certs.path().join("node.crt")).unwrap();
+    std::fs::copy(spare.path().join("node.crt"), certs.path().join("node.crt")).unwrap();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(served_certificate(&addr, certs.path()).await, first);
+    std::fs::write(certs.path().join("node.crt"), saved).unwrap();
+
+    // A whole new certificate and key: served once the node has seen them.
+    certs::create_node(
+        certs.path(),
+        &["127.0.0.1".into()],
+        Lifetimes::default(),
+        true,
+    )
+    .unwrap();
+    let second = certificate_file(&certs.path().join("node.crt"));
+    assert_ne!(first, second);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for node in &cluster.nodes {
+        for addr in [
+            node.grpc.clone(),
+            node.config.peer_listen.unwrap().to_string(),
+        ] {
+            while served_certificate(&addr, certs.path()).await != second {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{addr} still serves the old certificate"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let client = cluster.client().await;
+    for i in 0..10 {
+        client.put(&format!("p-{i}"), b"k", b"v").await.unwrap();
+    }
+}

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use dossier_api::raft::v1::raft_client::RaftClient;
@@ -121,7 +121,7 @@ pub struct PeerPool {
     /// This node's cluster, named in every message it sends.
     cluster: ClusterName,
     /// TLS to peers (the cluster's CA, this node's certificate as its identity); None: plaintext.
-    tls: Option<ClientTlsConfig>,
+    tls: RwLock<Option<ClientTlsConfig>>,
     channels: Mutex<HashMap<String, Channel>>,
     streams: Mutex<HashMap<String, Arc<Mux>>>,
     counts: Arc<AppendStreamCounts>,
@@ -138,12 +138,22 @@ impl PeerPool {
         Ok(Arc::new(PeerPool {
             config,
             cluster: cluster.parse()?,
-            tls,
+            tls: RwLock::new(tls),
             channels: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             counts: Arc::default(),
             snapshots: SnapshotCounts::default(),
         }))
+    }
+
+    /// Calls peers with `tls` from now on (certificates reloaded): channels are made anew on
+    /// next use; connections in use keep the settings they were made with.
+    pub fn set_tls(&self, tls: ClientTlsConfig) {
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = Some(tls);
+        self.channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Snapshots sent and received by this node.
@@ -219,8 +229,9 @@ impl PeerPool {
     /// An endpoint for `addr` (host:port) as this node reaches its peers: over TLS with its node
     /// certificate when the pool has one.
     pub fn endpoint(&self, addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-        match &self.tls {
-            Some(tls) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls.clone()),
+        let tls = self.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match tls {
+            Some(tls) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls),
             None => Endpoint::from_shared(format!("http://{addr}")),
         }
     }

@@ -217,6 +217,7 @@ impl Admin for AdminService {
             shards,
             state_bytes_on_disk: dir_bytes(&data.join("state")),
             log_bytes_on_disk: dir_bytes(&data.join("log")),
+            peer_address: self.node.config.peer_advertise.clone(),
         }))
     }
 
