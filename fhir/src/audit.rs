@@ -30,7 +30,10 @@ pub fn audit_event_to_fhir(patient: &str, seq: u64, e: &AuditEvent) -> Value {
         AuditAction::Read | AuditAction::KvGet | AuditAction::ListQuarantine => ("read", "R"),
         AuditAction::Vread => ("vread", "R"),
         AuditAction::History => ("history-instance", "R"),
-        AuditAction::Everything | AuditAction::Search | AuditAction::KvScan => ("search-type", "E"),
+        AuditAction::Everything
+        | AuditAction::Search
+        | AuditAction::KvScan
+        | AuditAction::LookupIdentifier => ("search-type", "E"),
         AuditAction::CreatePatient | AuditAction::Create => ("create", "C"),
         AuditAction::Update
         | AuditAction::KvPut

@@ -965,3 +965,69 @@ async fn a_clinician_over_their_rate_is_refused_alone() {
         "services are not limited"
     );
 }
+
+/// Resolving a patient's national number leaves an event on that patient's chain: the patient's
+/// access log shows who found them by their identifier; a number nobody holds leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identifier_lookup_is_on_the_holders_chain() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let dir = certs.path().to_path_buf();
+    let cluster = TestCluster::start(3, 2, 3, &|c| secure(c, &dir)).await;
+    let service = cluster.client().await;
+    let number = dossier_records::insz_with_check(850_730_033, false);
+    let mut patient = record(
+        "lookup-holder",
+        resource::Kind::Patient(Patient {
+            identifiers: vec![Identifier {
+                system: dossier_records::SYSTEM_INSZ.into(),
+                value: number.clone(),
+                r#type: None,
+            }],
+            ..Patient::default()
+        }),
+    );
+    patient.meta = meta("lookup-holder");
+    assert!(is_applied(
+        &service
+            .create_patient(patient, &WriteOptions::default())
+            .await
+            .unwrap()
+    ));
+    let found = service
+        .lookup_identifier(dossier_records::SYSTEM_INSZ, &number)
+        .await
+        .unwrap();
+    assert_eq!(found.as_deref(), Some("lookup-holder"));
+    let other = dossier_records::insz_with_check(850_730_034, false);
+    assert_eq!(
+        service
+            .lookup_identifier(dossier_records::SYSTEM_INSZ, &other)
+            .await
+            .unwrap(),
+        None
+    );
+
+    let mut seen = Vec::new();
+    let report = dossier_cli::audit_log::read_chain(&service, "lookup-holder", |_, e| {
+        seen.push((e.actor.clone(), e.action, e.ground))
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.broken, None);
+    assert_eq!(
+        seen,
+        vec![
+            (
+                SERVICE_USER.to_owned(),
+                AuditAction::CreatePatient as i32,
+                AuditGround::Role as i32
+            ),
+            (
+                SERVICE_USER.to_owned(),
+                AuditAction::LookupIdentifier as i32,
+                AuditGround::Role as i32
+            ),
+        ]
+    );
+}

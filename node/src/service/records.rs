@@ -635,8 +635,16 @@ impl Records for RecordsService {
         let deadline = super::deadline_of(&request, self.node.config.request_deadline());
         let result = async {
             let _permit = super::admit(&self.node)?;
-            let glass = match access::decide(&request, Need::Lookup, None)? {
-                Decision::Allowed(Ground::BreakGlass(reason)) => Some(reason),
+            let ground = match access::decide(&request, Need::Lookup, None)? {
+                Decision::Allowed(ground) => ground,
+                Decision::NeedsStanding(_) => {
+                    return Err(ApiError::Internal(
+                        "an identifier lookup is decided by role".into(),
+                    ));
+                }
+            };
+            let glass = match &ground {
+                Ground::BreakGlass(reason) => Some(reason.clone()),
                 _ => None,
             };
             let r = request.get_ref();
@@ -678,6 +686,18 @@ impl Records for RecordsService {
                 ));
             }
             let holder = self.mpi().lookup(&x, deadline).await?;
+            // The holder's chain records who resolved their identifier, before the answer
+            // leaves the node.
+            if let Some(holder) = &holder {
+                let principal = Principal::of(&request)?;
+                let op = Audit::new(&principal, &ground, self.node.node_id()).op(
+                    &PatientKeys::new(holder),
+                    AuditAction::LookupIdentifier,
+                    Vec::new(),
+                    &[],
+                );
+                self.audited(op, holder, deadline).await?;
+            }
             if let (Some(reason), Principal::Caller(caller)) = (glass, Principal::of(&request)?) {
                 let patient = holder.as_ref().map_or("", |p| p.as_str());
                 self.review_break_glass(&caller, patient, &reason, "identifier-lookup", deadline)
