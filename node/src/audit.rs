@@ -1,8 +1,8 @@
 //! The audit of every access to a patient's record: each allowed Records call on a patient adds
 //! an [`AuditEvent`] to the patient's own hash-chained log (`P 0x01 A`, `P 0x01 a/<seq>`, in the
 //! patient's shard; `dossier_storage::chain`). A write carries its event in the same atomic
-//! batch; a read's event is committed before the data leaves the node (the proposal pipeline
-//! batches the events of concurrent reads into one log write). Only calls with an identity are
+//! batch; a read's event is made durable in the node's audit journal before the data leaves the
+//! node, then moved to the chain (`audit_journal.rs`, `audit_batch.rs`). Only calls with an identity are
 //! audited: a node without TLS (`--insecure`) has no one to name.
 
 use bytes::Bytes;

@@ -14,6 +14,7 @@
 mod access;
 mod audit;
 mod audit_batch;
+mod audit_journal;
 mod authn;
 mod balance;
 mod break_glass;
@@ -136,6 +137,10 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
         default: node.config.request_deadline() + Duration::from_secs(1),
         exempt: &[INSTALL_SNAPSHOT_PATH],
     };
+    // One batcher of read audit events for both public services; it first moves to their
+    // chains the events a previous run journaled.
+    let audits = audit_batch::AuditBatcher::start(Arc::clone(&node))
+        .map_err(|e| anyhow::anyhow!("open the audit journal: {e}"))?;
     let peers = match config.node.peer_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -156,8 +161,6 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
             .await
             .with_context(|| format!("bind gRPC endpoint {addr}"))?;
         // The public services know their caller (authn.rs) and decide on it (access.rs).
-        // One batcher of read audit events for both services.
-        let audits = audit_batch::AuditBatcher::start(Arc::clone(&node));
         let authenticate = authn::Authenticate {
             tls: config.tls.is_some(),
             tokens: config.tokens.clone(),
@@ -185,7 +188,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
             .add_service(InterceptedService::new(
                 RecordsServer::new(service::records::RecordsService::new(
                     Arc::clone(&node),
-                    audits,
+                    audits.clone(),
                 ))
                 .max_decoding_message_size(request_max),
                 authenticate.clone(),
@@ -290,6 +293,10 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
         kept = kept.len(),
         "leaderships handed over"
     );
+    // Reads' events journaled here go to their chains now rather than at the next start.
+    if let Err(e) = audits.flush(Duration::from_secs(3)).await {
+        warn!(error = %e, backlog = audits.backlog(), "audit events left in the journal; they are moved at the next start");
+    }
     let _ = serving_tx.send(true);
     reconcile.abort();
     placement.abort();

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	pb "dossier.internal/go/api/dossierv1"
 	"dossier.internal/go/dossier"
@@ -122,10 +123,18 @@ func TestSecurity(t *testing.T) {
 		t.Fatalf("breaking the glass: %v %v", got, err)
 	}
 
-	// The patient's audit chain, read by the service and verified link by link.
-	log, err := service.AccessLog(ctx, id, 0, 0)
-	if err != nil {
-		t.Fatalf("access log: %v", err)
+	// The patient's audit chain, read by the service and verified link by link. A read's event
+	// reaches the chain from its serving node's journal: the node answering moves its own
+	// first, another's follow within moments.
+	var log *pb.AccessLogResponse
+	for wait := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		log, err = service.AccessLog(ctx, id, 0, 0)
+		if err != nil {
+			t.Fatalf("access log: %v", err)
+		}
+		if len(log.Entries) >= 2 || time.Now().After(wait) {
+			break
+		}
 	}
 	prev := make([]byte, 32)
 	var last pb.AuditEvent

@@ -259,7 +259,8 @@ impl KvService {
         body(request, &routed, deadline).await
     }
 
-    /// Commits a read's audit event before its data leaves the node.
+    /// Records a read's audit event (durable in the node's journal) before its data leaves the
+    /// node.
     async fn audited(
         &self,
         routed: &Routed,

@@ -80,8 +80,8 @@ impl RecordsService {
             .await
     }
 
-    /// Commits a read's audit event (if the call is audited) before its data leaves the node,
-    /// in a batch with other reads' events (`audit_batch.rs`).
+    /// Records a read's audit event (if the call is audited) durably in the node's journal
+    /// before its data leaves the node; it reaches the chain behind the read (`audit_batch.rs`).
     pub(super) async fn audited(
         &self,
         op: Option<dossier_records::kv::Op>,

@@ -47,6 +47,9 @@ pub struct RecordsService {
     everything_slots: Arc<tokio::sync::Semaphore>,
 }
 
+/// The longest an access log read waits for this node's journaled events to reach their chains.
+const ACCESS_LOG_FLUSH_MAX: Duration = Duration::from_secs(2);
+
 impl RecordsService {
     pub fn new(node: Arc<Node>, audits: AuditBatcher) -> Self {
         let shards = ClusterShards::new(Arc::clone(&node));
@@ -856,6 +859,13 @@ impl Records for RecordsService {
             request,
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline, _audit| {
+                // The events of reads this node served are in their chains first (reads served
+                // by other nodes reach them as quickly, on their own). A journal that cannot
+                // drain in time (a shard without quorum) delays the answer, never refuses it.
+                let _ = self
+                    .audits
+                    .flush((deadline / 2).min(ACCESS_LOG_FLUSH_MAX))
+                    .await;
                 super::read_ready(&self.node, shard, patient.as_str(), r.consistency, deadline)
                     .await?;
                 self.access_log_page(shard, &patient, r.after_seq, r.limit)

@@ -1,0 +1,291 @@
+//! The node's journal of read audit events: a read's event is made durable here, in the node's
+//! own log (a group of its own, [`JOURNAL_GROUP`], fsynced with the Raft entries of the same
+//! moment: many reads share one fdatasync), before the read answers. `audit_batch.rs` then moves
+//! the events into their patients' chains in large batches, and the journal forgets what was
+//! moved. After a crash, what the journal still holds is moved again on restart.
+//!
+//! Entry `seq` of the journal: version byte 1, then the routing key, the chain's head key and
+//! entry prefix (each a u16 BE length and the bytes), then the encoded `AuditEvent`, whose
+//! `journal_seq` is `seq`.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use dossier_api::v1::AuditEvent;
+use dossier_records::kv;
+use dossier_storage::{GroupId, LogEngine, Submit, WriteBatch};
+use prost::Message;
+use tokio::sync::oneshot;
+
+use crate::errors::ApiError;
+
+/// The log group of the journal: no shard has this id.
+pub const JOURNAL_GROUP: GroupId = u64::MAX;
+
+const VERSION: u8 = 1;
+
+/// One journaled event: where its chain is (the patient's routing key and the chain's keys) and
+/// the append.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub seq: u64,
+    pub route_key: String,
+    pub op: kv::Op,
+}
+
+/// The journal over a node's log.
+#[derive(Debug)]
+pub struct Journal {
+    /// The next seq, held while an entry is submitted so that entries reach the log in order.
+    next: Mutex<u64>,
+}
+
+impl Journal {
+    /// Opens the journal in `engine`; returns it with the entries it still holds (oldest first),
+    /// to be moved to their chains.
+    pub fn open(engine: &LogEngine) -> Result<(Journal, Vec<Entry>), ApiError> {
+        let state = engine.group_state(JOURNAL_GROUP);
+        let (held, next) = match &state {
+            Some(s) => match s.entries {
+                Some((first, last)) => (Some(first..last + 1), last + 1),
+                None => (None, s.purged.as_ref().map_or(1, |(p, _)| p + 1)),
+            },
+            None => (None, 1),
+        };
+        let mut entries = Vec::new();
+        if let Some(range) = held {
+            for (seq, data) in engine
+                .entries(JOURNAL_GROUP, range)
+                .map_err(|e| ApiError::Internal(format!("read the audit journal: {e}")))?
+            {
+                entries.push(decode(seq, &data).ok_or_else(|| {
+                    ApiError::Internal(format!("audit journal entry {seq} does not decode"))
+                })?);
+            }
+        }
+        Ok((
+            Journal {
+                next: Mutex::new(next),
+            },
+            entries,
+        ))
+    }
+
+    /// The seq the next entry will get.
+    pub fn next_seq(&self) -> u64 {
+        *self.next.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the append `op` (to the chain of `route_key`) durable in the journal, its event
+    /// stamped with its seq; returns the entry once the log has fsynced it.
+    pub async fn append(
+        &self,
+        engine: &LogEngine,
+        route_key: &str,
+        op: &kv::Op,
+    ) -> Result<Entry, ApiError> {
+        let kv::Op::Append {
+            head,
+            prefix,
+            value,
+        } = op
+        else {
+            return Err(ApiError::Internal("only appends are journaled".into()));
+        };
+        let mut event = AuditEvent::decode(value.as_ref())
+            .map_err(|e| ApiError::Internal(format!("an audit event does not decode: {e}")))?;
+        loop {
+            let (tx, durable) = oneshot::channel::<dossier_storage::Result<()>>();
+            let submitted = {
+                let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+                let seq = *next;
+                event.journal_seq = seq;
+                let stamped = Bytes::from(event.encode_to_vec());
+                let mut batch = WriteBatch::new();
+                batch.append(
+                    JOURNAL_GROUP,
+                    seq,
+                    encode(route_key, head, prefix, &stamped),
+                );
+                let callback = Box::new(move |r: dossier_storage::Result<()>| {
+                    let _ = tx.send(r);
+                });
+                match engine.try_submit(batch, callback) {
+                    Ok(()) => {
+                        *next += 1;
+                        Some((seq, stamped))
+                    }
+                    Err(Submit::Refused(e)) => {
+                        return Err(ApiError::Unavailable(format!(
+                            "the audit journal refused an event: {e}"
+                        )));
+                    }
+                    // The log is behind on its disk: wait for room and try again.
+                    Err(Submit::Full(..)) => None,
+                }
+            };
+            let Some((seq, stamped)) = submitted else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            };
+            durable
+                .await
+                .map_err(|_| ApiError::Unavailable("the node's log closed".into()))?
+                .map_err(|e| {
+                    ApiError::Unavailable(format!("the audit journal could not write: {e}"))
+                })?;
+            return Ok(Entry {
+                seq,
+                route_key: route_key.to_owned(),
+                op: kv::Op::Append {
+                    head: head.clone(),
+                    prefix: prefix.clone(),
+                    value: stamped,
+                },
+            });
+        }
+    }
+}
+
+/// Forgets the journal's entries up to `seq` (moved to their chains).
+pub fn forget_to(engine: &LogEngine, seq: u64) {
+    let mut batch = WriteBatch::new();
+    batch.purge_to(JOURNAL_GROUP, seq, Bytes::new());
+    // Durability of a purge does not matter: entries left behind are moved again, harmlessly.
+    let _ = engine.try_submit(batch, Box::new(|_| {}));
+}
+
+fn encode(route_key: &str, head: &[u8], prefix: &[u8], event: &[u8]) -> Bytes {
+    let mut out =
+        BytesMut::with_capacity(1 + 6 + route_key.len() + head.len() + prefix.len() + event.len());
+    out.put_u8(VERSION);
+    for part in [route_key.as_bytes(), head, prefix] {
+        out.put_u16(u16::try_from(part.len()).unwrap_or(u16::MAX));
+        out.put_slice(&part[..part.len().min(u16::MAX as usize)]);
+    }
+    out.put_slice(event);
+    out.freeze()
+}
+
+fn decode(seq: u64, data: &[u8]) -> Option<Entry> {
+    let (&version, mut rest) = data.split_first()?;
+    if version != VERSION {
+        return None;
+    }
+    let mut parts = Vec::with_capacity(3);
+    for _ in 0..3 {
+        let len = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+        parts.push(rest.get(2..2 + len)?);
+        rest = &rest[2 + len..];
+    }
+    Some(Entry {
+        seq,
+        route_key: String::from_utf8(parts[0].to_vec()).ok()?,
+        op: kv::Op::Append {
+            head: Bytes::copy_from_slice(parts[1]),
+            prefix: Bytes::copy_from_slice(parts[2]),
+            value: Bytes::copy_from_slice(rest),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use dossier_api::v1::AuditEvent;
+    use dossier_records::kv;
+    use dossier_storage::{LogConfig, LogEngine};
+    use prost::Message;
+
+    use super::{Journal, forget_to};
+
+    fn engine(dir: &std::path::Path) -> LogEngine {
+        let config = LogConfig {
+            dir: dir.to_path_buf(),
+            ..LogConfig::default()
+        }
+        .validate()
+        .unwrap();
+        LogEngine::open(Arc::clone(&config)).unwrap()
+    }
+
+    fn append_op(actor: &str) -> kv::Op {
+        kv::Op::Append {
+            head: Bytes::from_static(b"P\x01A"),
+            prefix: Bytes::from_static(b"P\x01a/"),
+            value: AuditEvent {
+                actor: actor.into(),
+                node_id: 7,
+                ..AuditEvent::default()
+            }
+            .encode_to_vec()
+            .into(),
+        }
+    }
+
+    fn actor_and_seq(op: &kv::Op) -> (String, u64) {
+        let kv::Op::Append { value, .. } = op else {
+            panic!("not an append")
+        };
+        let e = AuditEvent::decode(value.as_ref()).unwrap();
+        (e.actor, e.journal_seq)
+    }
+
+    /// What the journal made durable and did not forget is handed back when the node starts
+    /// again, in order, each event stamped with its seq; seqs go on from there, also after the
+    /// journal forgot everything.
+    #[tokio::test]
+    async fn a_restart_hands_back_what_was_not_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = engine(dir.path());
+            let (journal, left) = Journal::open(&log).unwrap();
+            assert!(left.is_empty());
+            for actor in ["a", "b", "c"] {
+                let entry = journal
+                    .append(&log, "patient-1", &append_op(actor))
+                    .await
+                    .unwrap();
+                assert_eq!(actor_and_seq(&entry.op).0, actor);
+            }
+            forget_to(&log, 1);
+            // The purge travels with the next write; make it durable with one more append.
+            journal
+                .append(&log, "patient-2", &append_op("d"))
+                .await
+                .unwrap();
+            log.close().unwrap();
+        }
+        let log = engine(dir.path());
+        let (journal, left) = Journal::open(&log).unwrap();
+        let got: Vec<_> = left
+            .iter()
+            .map(|e| (e.seq, e.route_key.clone(), actor_and_seq(&e.op)))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, "patient-1".to_owned(), ("b".to_owned(), 2)),
+                (3, "patient-1".to_owned(), ("c".to_owned(), 3)),
+                (4, "patient-2".to_owned(), ("d".to_owned(), 4)),
+            ]
+        );
+        assert_eq!(journal.next_seq(), 5);
+        forget_to(&log, 4);
+        let entry = journal
+            .append(&log, "patient-3", &append_op("e"))
+            .await
+            .unwrap();
+        assert_eq!(entry.seq, 5);
+        log.close().unwrap();
+        let log = engine(dir.path());
+        let (journal, left) = Journal::open(&log).unwrap();
+        assert_eq!(left.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![5]);
+        assert_eq!(journal.next_seq(), 6);
+    }
+}
