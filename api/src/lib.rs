@@ -28,6 +28,8 @@ pub mod raft {
 
 mod descriptor;
 mod error_detail;
+mod grant;
 mod hash;
 pub use error_detail::{ERROR_DETAIL_TYPE_URL, error_detail};
+pub use grant::{GRANT_URI_PREFIX, Grant};
 pub use hash::{PATIENT_HASH_SEED, patient_hash};

@@ -120,7 +120,28 @@ pub fn create_client(
     lifetimes: Lifetimes,
     overwrite: bool,
 ) -> Result<Vec<PathBuf>> {
+    create_client_with_grants(dir, name, role, &[], lifetimes, overwrite)
+}
+
+/// As [`create_client`], for a service scoped to `grants` (`dossier_api::Grant` names; none:
+/// every call a service may make), carried as subject alternative names
+/// `urn:dossier:grant:<name>`.
+pub fn create_client_with_grants(
+    dir: &Path,
+    name: &str,
+    role: &str,
+    grants: &[String],
+    lifetimes: Lifetimes,
+    overwrite: bool,
+) -> Result<Vec<PathBuf>> {
     check_user_name(name)?;
+    for g in grants {
+        dossier_api::Grant::parse(g).map_err(anyhow::Error::msg)?;
+    }
+    ensure!(
+        grants.is_empty() || role == "service",
+        "grants scope a service; role {role:?} takes none"
+    );
     ensure!(
         ROLES.contains(&role),
         "unknown role {role:?}: one of {}",
@@ -130,6 +151,15 @@ pub fn create_client(
     refuse_existing(&[&cert, &key], overwrite)?;
     let mut params = leaf_params(name, role, lifetimes.leaf_days);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.subject_alt_names = grants
+        .iter()
+        .map(|g| {
+            format!("{}{g}", dossier_api::GRANT_URI_PREFIX)
+                .try_into()
+                .map(SanType::URI)
+                .context("a grant as a certificate name")
+        })
+        .collect::<Result<_>>()?;
     sign(dir, params, &cert, &key, lifetimes)?;
     Ok(vec![cert, key])
 }

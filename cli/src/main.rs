@@ -114,6 +114,10 @@ enum CertCommand {
         /// auditor. Clinicians and patients authenticate with bearer tokens (dossier token).
         #[arg(long)]
         role: String,
+        /// Scope a service to these calls only (comma separated): records-read, records-write,
+        /// patients-create, lookup, kv, access-log. Without: every call a service may make.
+        #[arg(long, value_delimiter = ',')]
+        grant: Vec<String>,
         #[command(flatten)]
         common: CertArgs,
     },
@@ -157,9 +161,19 @@ fn cert(command: &CertCommand, certs_dir: Option<&std::path::Path>) -> Result<()
         CertCommand::CreateNode { hosts, common } => {
             certs::create_node(dir, hosts, common.lifetimes()?, common.overwrite)?
         }
-        CertCommand::CreateClient { name, role, common } => {
-            certs::create_client(dir, name, role, common.lifetimes()?, common.overwrite)?
-        }
+        CertCommand::CreateClient {
+            name,
+            role,
+            grant,
+            common,
+        } => certs::create_client_with_grants(
+            dir,
+            name,
+            role,
+            grant,
+            common.lifetimes()?,
+            common.overwrite,
+        )?,
     };
     for path in written {
         println!("wrote {}", path.display());

@@ -34,6 +34,10 @@ pub enum TokenCommand {
         /// A patient's own patient id (role patient).
         #[arg(long)]
         patient: Option<String>,
+        /// Scope a service to these calls only (comma separated): records-read, records-write,
+        /// patients-create, lookup, kv, access-log.
+        #[arg(long, value_delimiter = ',')]
+        grant: Vec<String>,
         /// Validity, in minutes.
         #[arg(long, default_value_t = 60)]
         minutes: u64,
@@ -62,6 +66,7 @@ pub fn run(command: &TokenCommand, certs_dir: Option<&Path>) -> Result<()> {
             practitioner,
             organizations,
             patient,
+            grant,
             minutes,
             issuer,
             audience,
@@ -73,6 +78,7 @@ pub fn run(command: &TokenCommand, certs_dir: Option<&Path>) -> Result<()> {
                 practitioner: practitioner.clone(),
                 organizations: organizations.clone(),
                 patient: patient.clone(),
+                grants: grant.clone(),
             };
             let lifetime = Duration::from_secs(minutes.saturating_mul(60));
             println!(

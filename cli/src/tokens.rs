@@ -71,6 +71,8 @@ pub struct TokenClaims {
     pub practitioner: Option<String>,
     pub organizations: Vec<String>,
     pub patient: Option<String>,
+    /// A service's grants (`dossier_api::Grant` names); empty: none listed.
+    pub grants: Vec<String>,
 }
 
 /// A token for `claims`, signed with `dir/token-issuer.key`, issued at `issued_at` and valid
@@ -96,6 +98,14 @@ pub fn issue(
             "identifier {x:?} must be system|value"
         );
     }
+    for g in &claims.grants {
+        dossier_api::Grant::parse(g).map_err(anyhow::Error::msg)?;
+    }
+    ensure!(
+        claims.grants.is_empty() || claims.role == "service",
+        "grants scope a service; role {:?} takes none",
+        claims.role
+    );
     if claims.role == "patient" {
         ensure!(claims.patient.is_some(), "a patient token needs --patient");
     }
@@ -134,6 +144,9 @@ pub fn issue(
     }
     if let Some(p) = &claims.patient {
         body["patient"] = p.clone().into();
+    }
+    if !claims.grants.is_empty() {
+        body["grants"] = claims.grants.clone().into();
     }
     let mut header = Header::new(Algorithm::ES256);
     header.kid = Some(KEY_ID.to_owned());

@@ -15,11 +15,15 @@
 //! | access log      | no    | yes     | no                             | own, only | yes     | no   |
 //! | glass review    | no    | no      | no                             | no        | yes     | no   |
 //!
+//! A service whose certificate or token names grants (`dossier_api::Grant`) makes only the calls
+//! they cover ([`grant_for`]).
+//!
 //! "Care relationship" means an active CareRelationship naming the clinician or one of their
 //! organisations and no active Consent denying them (`dossier_records::care`); "glass" means
 //! break-the-glass: the request carries `x-dossier-break-glass: <reason>`, and is served and
 //! logged as such.
 
+use dossier_api::Grant;
 use dossier_records::PatientId;
 use dossier_records::care::Standing;
 use tonic::Request;
@@ -147,7 +151,20 @@ pub fn decide<T>(
         (Need::ClusterChange, _) => denied("change the cluster"),
         (Need::BreakGlassReview, Role::Auditor) => Ok(Decision::Allowed(Ground::Role)),
         (Need::BreakGlassReview, _) => denied("review break-the-glass accesses (auditors only)"),
-        (_, Role::Service) => Ok(Decision::Allowed(Ground::Role)),
+        (_, Role::Service) => match grant_for(need) {
+            Some(grant) if !caller.granted(grant) => denied(&format!(
+                "{} (its grants are {}; this call needs {grant})",
+                what(need),
+                caller
+                    .grants
+                    .iter()
+                    .flatten()
+                    .map(|g| g.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            _ => Ok(Decision::Allowed(Ground::Role)),
+        },
         (Need::AccessLog, Role::Auditor) => Ok(Decision::Allowed(Ground::Role)),
         (Need::Kv, _) => denied("use the Kv service (services only)"),
         (Need::RecordRead | Need::AccessLog, Role::Patient) => match (&caller.patient, patient) {
@@ -176,6 +193,36 @@ pub fn decide<T>(
             denied("write records (a patient reads their own record)")
         }
         (_, Role::Patient | Role::Clinician) => denied("use this call"),
+    }
+}
+
+/// The grant a service needs for `need`; `None`: any service may.
+fn grant_for(need: Need) -> Option<Grant> {
+    match need {
+        Need::Map | Need::ClusterStatus | Need::ClusterChange | Need::BreakGlassReview => None,
+        Need::Kv => Some(Grant::Kv),
+        Need::RecordRead => Some(Grant::RecordsRead),
+        Need::RecordWrite | Need::Quarantine => Some(Grant::RecordsWrite),
+        Need::PatientCreate => Some(Grant::PatientsCreate),
+        Need::Lookup => Some(Grant::Lookup),
+        Need::AccessLog => Some(Grant::AccessLog),
+    }
+}
+
+/// What a call needing `need` does, for a refusal.
+fn what(need: Need) -> &'static str {
+    match need {
+        Need::Map => "read the cluster map",
+        Need::ClusterStatus => "read the cluster's status",
+        Need::ClusterChange => "change the cluster",
+        Need::Kv => "use the Kv service",
+        Need::RecordRead => "read records",
+        Need::RecordWrite => "write records",
+        Need::PatientCreate => "register patients",
+        Need::Lookup => "resolve identifiers",
+        Need::Quarantine => "quarantine records",
+        Need::AccessLog => "read access logs",
+        Need::BreakGlassReview => "review break-the-glass accesses",
     }
 }
 

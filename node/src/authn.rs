@@ -22,6 +22,7 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail, ensure};
+use dossier_api::Grant;
 use dossier_records::{Ident, PatientId, care::CareIdentity};
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
@@ -83,6 +84,15 @@ pub struct Caller {
     pub patient: Option<PatientId>,
     /// The certificate of the connection a token came on, when it differs from the caller.
     pub via: Option<String>,
+    /// What a service is granted (`dossier_api::Grant`); `None`: every call a service may make.
+    pub grants: Option<Vec<Grant>>,
+}
+
+impl Caller {
+    /// Whether the caller's grants, if it has any, include `grant`.
+    pub fn granted(&self, grant: Grant) -> bool {
+        self.grants.as_ref().is_none_or(|g| g.contains(&grant))
+    }
 }
 
 /// The identity a request was served under.
@@ -299,6 +309,8 @@ struct Claims {
     practitioner: Option<String>,
     #[serde(default)]
     organizations: Vec<String>,
+    #[serde(default)]
+    grants: Option<Vec<String>>,
 }
 
 impl Claims {
@@ -348,12 +360,18 @@ impl Claims {
                     .into(),
             );
         }
+        let grants = self
+            .grants
+            .map(|names| grant_list(names.iter().map(String::as_str)))
+            .transpose()
+            .map_err(|e| format!("bearer token claim grants: {e}"))?;
         Ok(Caller {
             name: self.sub,
             role,
             care,
             patient,
             via: None,
+            grants,
         })
     }
 }
@@ -448,13 +466,26 @@ fn certificate_caller(request: &Request<()>) -> Result<Option<Caller>, Status> {
             "the client certificate {name:?} names no known role (organizational unit {units:?})"
         ))
     })?;
+    let grants = crate::peer_auth::granted(first.as_ref())
+        .map(|names| grant_list(names.iter().map(String::as_str)))
+        .transpose()
+        .map_err(|e| unauthenticated(&format!("the client certificate {name:?}: {e}")))?;
     Ok(Some(Caller {
         name,
         role,
         care: CareIdentity::default(),
         patient: None,
         via: None,
+        grants,
     }))
+}
+
+/// Grants from their names, sorted, each once; an unknown name is an error.
+fn grant_list<'a>(names: impl Iterator<Item = &'a str>) -> Result<Vec<Grant>, String> {
+    let mut grants = names.map(Grant::parse).collect::<Result<Vec<_>, _>>()?;
+    grants.sort_unstable();
+    grants.dedup();
+    Ok(grants)
 }
 
 #[cfg(test)]

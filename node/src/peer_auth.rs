@@ -6,7 +6,7 @@
 //! the port (docs/security.md).
 
 use tonic::{Request, Status};
-use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 /// The organizational unit of node certificates.
 const NODE_UNIT: &str = "node";
@@ -39,6 +39,30 @@ impl tonic::service::Interceptor for NodesOnly {
             )),
         }
     }
+}
+
+/// The grants a DER certificate names (subject alternative names `urn:dossier:grant:<name>`),
+/// `None` when it names none.
+pub(crate) fn granted(der: &[u8]) -> Option<Vec<String>> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let names: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(uri) => uri
+                        .strip_prefix(dossier_api::GRANT_URI_PREFIX)
+                        .map(str::to_owned),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (!names.is_empty()).then_some(names)
 }
 
 /// The organizational units and the common name of a DER certificate's subject.

@@ -354,6 +354,7 @@ async fn credentials(caller: Caller, certs: &Path, forger: &Path, addr: &str) ->
         practitioner: practitioner.map(|v| format!("{NIHDI}|{v}")),
         organizations: orgs.iter().map(|o| format!("{ORGS}|{o}")).collect(),
         patient: None,
+        grants: Vec::new(),
     };
     let now = SystemTime::now();
     let token = match caller {
@@ -1047,5 +1048,166 @@ async fn an_identifier_lookup_is_on_the_holders_chain() {
                 AuditGround::Role as i32
             ),
         ]
+    );
+}
+
+/// A service scoped by grants makes the calls they name and no other: a certificate granting
+/// records-read reads records but writes none, touches no Kv key, resolves no identifier and
+/// reads no access log; a token granting kv and access-log the other way round. Grants are
+/// checked when the certificate or token is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_makes_only_the_calls_its_grants_name() {
+    use dossier_client::{BearerToken, Client, ClientConfig, ClientError, ClientTls};
+
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let life = dossier_cli::certs::Lifetimes::default();
+    dossier_cli::certs::create_client_with_grants(
+        certs.path(),
+        "lab-reader",
+        "service",
+        &["records-read".into()],
+        life,
+        false,
+    )
+    .unwrap();
+    dossier_cli::certs::create_client_with_grants(
+        certs.path(),
+        "kv-app",
+        "service",
+        &["kv".into(), "access-log".into()],
+        life,
+        false,
+    )
+    .unwrap();
+    for (role, grants) in [("service", "everything"), ("auditor", "records-read")] {
+        assert!(
+            dossier_cli::certs::create_client_with_grants(
+                certs.path(),
+                "refused",
+                role,
+                &[grants.into()],
+                life,
+                false,
+            )
+            .is_err(),
+            "{role} with {grants}"
+        );
+    }
+    let dir = certs.path().to_path_buf();
+    let cluster = TestCluster::start(3, 1, 3, &|c| secure(c, &dir)).await;
+    let service = cluster.client().await;
+    let options = WriteOptions::default();
+    let pid = "grant-1";
+    assert!(is_applied(
+        &service
+            .create_patient(
+                record(pid, resource::Kind::Patient(Patient::default())),
+                &options
+            )
+            .await
+            .unwrap()
+    ));
+    assert!(is_applied(
+        &service
+            .create_record(pid, observation("obs-1"), &options)
+            .await
+            .unwrap()
+    ));
+    let connect = async |user: Option<&str>, token: Option<String>| {
+        let mut config = ClientConfig::new(cluster.seeds());
+        config.tls = Some(ClientTls::from_certs_dir(certs.path(), user).unwrap());
+        config.token = token.map(|t| BearerToken::new(&t).unwrap());
+        config.attempt_timeout = Duration::from_millis(700);
+        config.deadline = Duration::from_secs(5);
+        Client::connect(config).await.unwrap()
+    };
+    let denied = |r: Result<(), ClientError>, what: &str| match r {
+        Err(ClientError::PermissionDenied(m)) => assert!(m.contains("grants"), "{what}: {m}"),
+        other => panic!("{what}: want PERMISSION_DENIED, got {other:?}"),
+    };
+
+    let reader = connect(Some("lab-reader"), None).await;
+    assert!(
+        reader
+            .read_record(pid, ResourceType::Observation, "obs-1")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    denied(
+        reader
+            .create_record(pid, observation("obs-2"), &options)
+            .await
+            .map(drop),
+        "write",
+    );
+    denied(reader.put(pid, b"k", b"v").await.map(drop), "Kv put");
+    denied(
+        reader
+            .lookup_identifier(dossier_records::SYSTEM_INSZ, "85073003328")
+            .await
+            .map(drop),
+        "lookup",
+    );
+    denied(reader.access_log(pid, 0, 0).await.map(drop), "access log");
+
+    let kv_app = connect(Some("kv-app"), None).await;
+    kv_app.put(pid, b"k", b"v").await.unwrap();
+    assert_eq!(
+        kv_app.get(pid, b"k").await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    assert!(kv_app.access_log(pid, 0, 0).await.unwrap().head_seq > 0);
+    denied(
+        kv_app
+            .read_record(pid, ResourceType::Observation, "obs-1")
+            .await
+            .map(drop),
+        "record read",
+    );
+
+    // A token's grants (a service authenticating through the identity provider).
+    let claims = TokenClaims {
+        subject: "lab-app".into(),
+        role: "service".into(),
+        grants: vec!["records-read".into()],
+        ..TokenClaims::default()
+    };
+    let lab_app = connect(
+        None,
+        Some(token(
+            certs.path(),
+            claims,
+            LOCAL_AUDIENCE,
+            SystemTime::now(),
+        )),
+    )
+    .await;
+    assert!(
+        lab_app
+            .read_record(pid, ResourceType::Observation, "obs-1")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    denied(lab_app.access_log(pid, 0, 0).await.map(drop), "access log");
+    let bad = TokenClaims {
+        subject: "kv-app".into(),
+        role: "clinician".into(),
+        practitioner: Some(format!("{NIHDI}|{DR_X}")),
+        grants: vec!["kv".into()],
+        ..TokenClaims::default()
+    };
+    assert!(
+        tokens::issue(
+            certs.path(),
+            &bad,
+            LOCAL_ISSUER,
+            LOCAL_AUDIENCE,
+            SystemTime::now(),
+            Duration::from_secs(60)
+        )
+        .is_err()
     );
 }
