@@ -16,12 +16,23 @@ use dossier_client::{Client, ClientConfig};
 use dossier_node::NodeConfig;
 use tokio::sync::watch;
 
+/// A loopback port free now and not handed out before in this process: the system may offer
+/// a port it just gave to another call (released, not yet bound by its node), and two
+/// endpoints of one node would then collide.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub struct TestNode {
