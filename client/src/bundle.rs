@@ -30,6 +30,8 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use crate::BearerToken;
+
 pub(crate) use bundle_answer::Answer;
 pub(crate) use bundle_item::Request as Item;
 
@@ -64,6 +66,8 @@ pub(crate) struct Lane {
     born: Instant,
     /// Requests of this lane awaiting their answers.
     outstanding: Arc<AtomicUsize>,
+    /// The caller's bearer token, sent with every Kv call.
+    token: Option<BearerToken>,
 }
 
 /// Counts a request as outstanding on its lane while it lives.
@@ -82,11 +86,11 @@ impl Lane {
 
     /// A lane over `channel`; with `coalesce`, a task on the current runtime (if any) sends its
     /// bundles.
-    pub(crate) fn new(channel: Channel, coalesce: bool) -> Lane {
+    pub(crate) fn new(channel: Channel, coalesce: bool, token: Option<BearerToken>) -> Lane {
         let runtime = tokio::runtime::Handle::try_current().ok();
         let queue = runtime.filter(|_| coalesce).map(|runtime| {
             let (tx, rx) = mpsc::channel(QUEUE_MAX);
-            runtime.spawn(send_bundles(channel.clone(), rx));
+            runtime.spawn(send_bundles(channel.clone(), rx, token.clone()));
             tx
         });
         Lane {
@@ -95,6 +99,7 @@ impl Lane {
             unary_until: Arc::new(AtomicU64::new(0)),
             born: Instant::now(),
             outstanding: Arc::new(AtomicUsize::new(0)),
+            token,
         }
     }
 
@@ -109,7 +114,7 @@ impl Lane {
             .as_ref()
             .filter(|_| !alone && self.now_ms() >= self.unary_until.load(Ordering::Relaxed))
         else {
-            return unary(self.channel.clone(), item, timeout).await;
+            return unary(self.channel.clone(), item, timeout, self.token.as_ref()).await;
         };
         let (tx, rx) = oneshot::channel();
         let pending = Pending {
@@ -120,7 +125,13 @@ impl Lane {
         if let Err(mpsc::error::SendError(pending)) = queue.send(pending).await {
             // The lane's task is gone (its runtime shut down): requests go alone from now on.
             self.unary_until.store(u64::MAX, Ordering::Relaxed);
-            return unary(self.channel.clone(), pending.item, timeout).await;
+            return unary(
+                self.channel.clone(),
+                pending.item,
+                timeout,
+                self.token.as_ref(),
+            )
+            .await;
         }
         match rx.await {
             Ok(Err(status)) if status.code() == Code::Unimplemented => {
@@ -143,7 +154,11 @@ impl Lane {
 
 /// The lane's task: takes whatever is queued, sends it as bundles, and goes back for more
 /// without waiting for their answers. Ends when the client (every sender) is gone.
-async fn send_bundles(channel: Channel, mut queue: mpsc::Receiver<Pending>) {
+async fn send_bundles(
+    channel: Channel,
+    mut queue: mpsc::Receiver<Pending>,
+    token: Option<BearerToken>,
+) {
     let mut taken = Vec::with_capacity(BUNDLE_ITEMS_MAX);
     while queue.recv_many(&mut taken, BUNDLE_ITEMS_MAX).await > 0 {
         // Let the tasks that are already runnable (typically the callers woken by the last
@@ -168,19 +183,23 @@ async fn send_bundles(channel: Channel, mut queue: mpsc::Receiver<Pending>) {
         for pending in taken.drain(..).filter(|p| !p.answer.is_closed()) {
             let size = pending.item.encoded_len();
             if !bundle.is_empty() && bytes + size > BUNDLE_BYTES_MAX {
-                tokio::spawn(send(channel.clone(), std::mem::take(&mut bundle)));
+                tokio::spawn(send(
+                    channel.clone(),
+                    std::mem::take(&mut bundle),
+                    token.clone(),
+                ));
                 bytes = 0;
             }
             bytes += size;
             bundle.push(pending);
         }
         if !bundle.is_empty() {
-            tokio::spawn(send(channel.clone(), bundle));
+            tokio::spawn(send(channel.clone(), bundle, token.clone()));
         }
     }
 }
 
-async fn send(channel: Channel, bundle: Vec<Pending>) {
+async fn send(channel: Channel, bundle: Vec<Pending>, token: Option<BearerToken>) {
     let now = Instant::now();
     let left = |p: &Pending| {
         p.due
@@ -202,6 +221,9 @@ async fn send(channel: Channel, bundle: Vec<Pending>) {
         .collect();
     let mut request = tonic::Request::new(BundleRequest { items });
     request.set_timeout(timeout);
+    if let Some(token) = &token {
+        token.stamp(&mut request);
+    }
     let result = KvClient::new(channel)
         .max_decoding_message_size(ANSWER_BYTES_MAX)
         .bundle(request)
@@ -258,24 +280,37 @@ fn item_result(answer: Option<Answer>) -> Result<Answer, Status> {
     }
 }
 
-/// The request sent alone, as its own unary call.
-async fn unary(channel: Channel, item: Item, timeout: Duration) -> Result<Answer, Status> {
-    fn timed<T>(message: T, timeout: Duration) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request.set_timeout(timeout);
-        request
+/// `message` as a request with `timeout` and, when there is one, the caller's token.
+fn stamped<T>(message: T, timeout: Duration, token: Option<&BearerToken>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    if let Some(token) = token {
+        token.stamp(&mut request);
     }
+    request
+}
+
+/// The request sent alone, as its own unary call.
+async fn unary(
+    channel: Channel,
+    item: Item,
+    timeout: Duration,
+    token: Option<&BearerToken>,
+) -> Result<Answer, Status> {
     let mut kv = KvClient::new(channel).max_decoding_message_size(ANSWER_BYTES_MAX);
     let write = |r: tonic::Response<_>| Answer::Write(r.into_inner());
     match item {
         Item::Get(r) => kv
-            .get(timed(r, timeout))
+            .get(stamped(r, timeout, token))
             .await
             .map(|r| Answer::Get(r.into_inner())),
-        Item::Put(r) => kv.put(timed(r, timeout)).await.map(write),
-        Item::Delete(r) => kv.delete(timed(r, timeout)).await.map(write),
-        Item::CompareAndSet(r) => kv.compare_and_set(timed(r, timeout)).await.map(write),
-        Item::Batch(r) => kv.batch(timed(r, timeout)).await.map(write),
+        Item::Put(r) => kv.put(stamped(r, timeout, token)).await.map(write),
+        Item::Delete(r) => kv.delete(stamped(r, timeout, token)).await.map(write),
+        Item::CompareAndSet(r) => kv
+            .compare_and_set(stamped(r, timeout, token))
+            .await
+            .map(write),
+        Item::Batch(r) => kv.batch(stamped(r, timeout, token)).await.map(write),
     }
 }
 
@@ -350,7 +385,7 @@ mod tests {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_lazy();
-        let lane = Lane::new(channel, true);
+        let lane = Lane::new(channel, true, None);
         let timeout = Duration::from_secs(5);
         let get = || Item::Get(GetRequest::default());
         let answered =

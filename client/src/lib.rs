@@ -76,7 +76,7 @@ pub struct ClientConfig {
     /// TLS to the nodes (their CA, and this client's certificate if it has one); None: plaintext,
     /// for nodes run with `--insecure`.
     pub tls: Option<ClientTls>,
-    /// The bearer token of a clinician or patient, sent with Records calls and map fetches
+    /// The bearer token of a clinician, patient or service, sent with every call
     /// (needs `tls`); None: the caller is who its certificate says.
     pub token: Option<BearerToken>,
     /// A clinician's break-the-glass reason, sent with Records calls: they are served without
@@ -211,7 +211,13 @@ impl Client {
         .connect_timeout(self.inner.config.connect_timeout)
         .tcp_nodelay(true);
         let pool: Arc<[Lane]> = (0..self.inner.config.connections_per_node.max(1))
-            .map(|_| Lane::new(endpoint.connect_lazy(), self.inner.config.coalesce))
+            .map(|_| {
+                Lane::new(
+                    endpoint.connect_lazy(),
+                    self.inner.config.coalesce,
+                    self.inner.config.token.clone(),
+                )
+            })
             .collect();
         let lane = pool[turn % pool.len()].clone();
         lanes.insert(addr.to_owned(), pool);
@@ -634,6 +640,9 @@ impl Client {
                     consistency: consistency as i32,
                 });
                 request.set_timeout(t);
+                if let Some(token) = &self.inner.config.token {
+                    token.stamp(&mut request);
+                }
                 async move {
                     let mut kv = KvClient::new(lane.channel)
                         .max_decoding_message_size(bundle::ANSWER_BYTES_MAX);

@@ -1,8 +1,7 @@
 //! A bearer token (an OAuth2/OIDC access token from the hospital's identity provider or the
-//! patient portal) that the client sends as `authorization: Bearer <token>` with its Records
-//! calls and cluster-map fetches: clinicians and patients are authenticated by it
-//! (docs/security.md). Application services present their client certificate instead (Kv calls
-//! carry no token). The token never appears in `Debug` output.
+//! patient portal) that the client sends as `authorization: Bearer <token>` with every call
+//! (Records, Kv, cluster-map fetches): clinicians and patients are authenticated by it, and
+//! services may be (docs/security.md). The token never appears in `Debug` output.
 
 use tonic::metadata::AsciiMetadataValue;
 

@@ -1171,7 +1171,7 @@ async fn a_service_makes_only_the_calls_its_grants_name() {
     let claims = TokenClaims {
         subject: "lab-app".into(),
         role: "service".into(),
-        grants: vec!["records-read".into()],
+        grants: vec!["records-read".into(), "kv".into()],
         ..TokenClaims::default()
     };
     let lab_app = connect(
@@ -1192,6 +1192,12 @@ async fn a_service_makes_only_the_calls_its_grants_name() {
             .is_some()
     );
     denied(lab_app.access_log(pid, 0, 0).await.map(drop), "access log");
+    // The token travels with Kv calls too (bundled or alone).
+    lab_app.put(pid, b"lab", b"1").await.unwrap();
+    assert_eq!(
+        lab_app.get(pid, b"lab").await.unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
     let bad = TokenClaims {
         subject: "kv-app".into(),
         role: "clinician".into(),
