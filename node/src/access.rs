@@ -19,11 +19,14 @@
 //! they cover ([`grant_for`]).
 //!
 //! "Care relationship" means an active CareRelationship naming the clinician or one of their
-//! organisations and no active Consent denying them (`dossier_records::care`); "glass" means
+//! organisations and no active Consent denying them the whole record (`dossier_records::care`;
+//! a consent naming kinds of record withholds those only, checked by the handlers through
+//! `Audit::check_type`); "glass" means
 //! break-the-glass: the request carries `x-dossier-break-glass: <reason>`, and is served and
 //! logged as such.
 
 use dossier_api::Grant;
+use dossier_api::v1::ResourceType;
 use dossier_records::PatientId;
 use dossier_records::care::Standing;
 use tonic::Request;
@@ -101,13 +104,21 @@ impl Access {
         &self.caller
     }
 
-    /// Decides from the clinician's standing with the patient.
-    pub fn with_standing(self, standing: Standing) -> Result<Ground, ApiError> {
-        if standing.related && !standing.denied {
-            return Ok(Ground::Care);
+    /// Decides from the clinician's standing with the patient: the ground, and the kinds of
+    /// record the patient's consents withhold from the clinician on that ground. Breaking the
+    /// glass opens what consents withhold too.
+    pub fn with_standing(
+        self,
+        standing: Standing,
+    ) -> Result<(Ground, Vec<ResourceType>), ApiError> {
+        if standing.related
+            && !standing.denied
+            && (standing.withheld.is_empty() || self.glass.is_none())
+        {
+            return Ok((Ground::Care, standing.withheld));
         }
         if let Some(reason) = self.glass {
-            return Ok(Ground::BreakGlass(reason));
+            return Ok((Ground::BreakGlass(reason), Vec::new()));
         }
         Err(ApiError::PermissionDenied(if standing.denied {
             format!(

@@ -13,35 +13,79 @@ use prost::Message;
 
 use crate::access::Ground;
 use crate::authn::{Caller, Principal};
+use crate::errors::ApiError;
 
 /// Who a call is served for and on what ground: the parts of its audit event known before the
-/// call runs. `None` inside: not audited.
+/// call runs (`None`: not audited), and the kinds of record the patient's consents withhold
+/// from the caller on that ground.
 #[derive(Debug, Clone)]
-pub struct Audit(Option<AuditEvent>);
+pub struct Audit {
+    event: Option<AuditEvent>,
+    withheld: Vec<ResourceType>,
+}
 
 impl Audit {
     /// The audit of a call `principal` makes on `ground`, served by `node_id`.
     pub fn new(principal: &Principal, ground: &Ground, node_id: u64) -> Audit {
+        let none = Audit {
+            event: None,
+            withheld: Vec::new(),
+        };
         let Principal::Caller(caller) = principal else {
-            return Audit(None);
+            return none;
         };
         let (ground, reason) = match ground {
-            Ground::Open => return Audit(None),
+            Ground::Open => return none,
             Ground::Role => (AuditGround::Role, String::new()),
             Ground::Own => (AuditGround::Own, String::new()),
             Ground::Care => (AuditGround::Care, String::new()),
             Ground::BreakGlass(reason) => (AuditGround::BreakGlass, reason.clone()),
         };
-        Audit(Some(AuditEvent {
-            actor: caller.name.clone(),
-            role: caller.role.name().to_owned(),
-            via: caller.via.clone().unwrap_or_default(),
-            actor_identifiers: identifiers(caller),
-            ground: ground as i32,
-            reason,
-            node_id,
-            ..AuditEvent::default()
-        }))
+        Audit {
+            event: Some(AuditEvent {
+                actor: caller.name.clone(),
+                role: caller.role.name().to_owned(),
+                via: caller.via.clone().unwrap_or_default(),
+                actor_identifiers: identifiers(caller),
+                ground: ground as i32,
+                reason,
+                node_id,
+                ..AuditEvent::default()
+            }),
+            withheld: Vec::new(),
+        }
+    }
+
+    /// The same, with `types` withheld from the caller by the patient's consents.
+    pub fn withholding(self, types: Vec<ResourceType>) -> Audit {
+        Audit {
+            withheld: types,
+            ..self
+        }
+    }
+
+    /// Whether the patient's consents withhold records of type `t` from the caller.
+    pub fn withholds(&self, t: ResourceType) -> bool {
+        self.withheld.contains(&t)
+    }
+
+    /// Refuses a call on records of type `t` (its wire value) that the patient's consents
+    /// withhold.
+    pub fn check_type(&self, t: i32) -> Result<(), ApiError> {
+        let Some(t) = ResourceType::try_from(t)
+            .ok()
+            .filter(|t| self.withholds(*t))
+        else {
+            return Ok(());
+        };
+        Err(ApiError::PermissionDenied(format!(
+            "a consent of the patient withholds {} records from {:?}; in an emergency, break the glass ({}: <reason>)",
+            dossier_records::type_name(t).unwrap_or("these"),
+            self.event
+                .as_ref()
+                .map_or("the caller", |e| e.actor.as_str()),
+            crate::access::BREAK_GLASS_HEADER
+        )))
     }
 
     /// The op appending the event of `action` on `records` (or `types`) to the patient's chain,
@@ -53,7 +97,7 @@ impl Audit {
         records: Vec<RecordRef>,
         types: &[ResourceType],
     ) -> Option<kv::Op> {
-        let mut event = self.0.clone()?;
+        let mut event = self.event.clone()?;
         event.records = records;
         event.types = types.iter().map(|t| *t as i32).collect();
         Some(append(keys, action, event))
@@ -67,7 +111,7 @@ impl Audit {
         action: AuditAction,
         kv_keys: Vec<Vec<u8>>,
     ) -> Option<kv::Op> {
-        let mut event = self.0.clone()?;
+        let mut event = self.event.clone()?;
         event.kv_keys = kv_keys;
         Some(append(&PatientKeys::new(patient), action, event))
     }

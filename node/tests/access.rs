@@ -1217,3 +1217,119 @@ async fn a_service_makes_only_the_calls_its_grants_name() {
         .is_err()
     );
 }
+
+/// A consent that withholds a kind of record from a clinician withholds that kind only: the
+/// clinician in care reads the patient's other records, is refused its observations (read,
+/// write, Everything asked for them), gets an Everything without them, and reaches them only by
+/// breaking the glass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consent_withholds_only_the_kinds_of_record_it_names() {
+    use dossier_client::{BearerToken, BreakGlass, Client, ClientConfig, ClientError, ClientTls};
+
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let dir = certs.path().to_path_buf();
+    let cluster = TestCluster::start(3, 1, 3, &|c| secure(c, &dir)).await;
+    let service = cluster.client().await;
+    let options = WriteOptions::default();
+    let pid = "consent-typed";
+    assert!(is_applied(
+        &service
+            .create_patient(
+                record(pid, resource::Kind::Patient(Patient::default())),
+                &options
+            )
+            .await
+            .unwrap()
+    ));
+    let mut consent = consent_denying("consent-obs", DR_X);
+    if let Some(resource::Kind::Consent(c)) = &mut consent.kind {
+        c.resource_types = vec![ResourceType::Observation as i32];
+    }
+    for r in [
+        observation("obs-1"),
+        relationship("cr-1", EntityType::Practitioner, NIHDI, DR_X, false),
+        consent,
+    ] {
+        assert!(is_applied(
+            &service.create_record(pid, r, &options).await.unwrap()
+        ));
+    }
+    let claims = TokenClaims {
+        subject: "dr-x".into(),
+        role: "clinician".into(),
+        practitioner: Some(format!("{NIHDI}|{DR_X}")),
+        ..TokenClaims::default()
+    };
+    let jwt = token(certs.path(), claims, LOCAL_AUDIENCE, SystemTime::now());
+    let connect = async |glass: bool| {
+        let mut config = ClientConfig::new(cluster.seeds());
+        config.tls = Some(ClientTls::from_certs_dir(certs.path(), None).unwrap());
+        config.token = Some(BearerToken::new(&jwt).unwrap());
+        if glass {
+            config.break_glass =
+                Some(BreakGlass::new("unconscious patient in the emergency room").unwrap());
+        }
+        config.attempt_timeout = Duration::from_millis(700);
+        config.deadline = Duration::from_secs(5);
+        Client::connect(config).await.unwrap()
+    };
+    let withheld = |r: Result<(), ClientError>, what: &str| match r {
+        Err(ClientError::PermissionDenied(m)) => assert!(m.contains("withholds"), "{what}: {m}"),
+        other => panic!("{what}: want PERMISSION_DENIED, got {other:?}"),
+    };
+
+    let dr_x = connect(false).await;
+    assert!(
+        dr_x.read_record(pid, ResourceType::Patient, pid)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        dr_x.read_record(pid, ResourceType::CareRelationship, "cr-1")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    withheld(
+        dr_x.read_record(pid, ResourceType::Observation, "obs-1")
+            .await
+            .map(drop),
+        "read",
+    );
+    withheld(
+        dr_x.create_record(pid, observation("obs-2"), &options)
+            .await
+            .map(drop),
+        "write",
+    );
+    withheld(
+        dr_x.everything(pid, 0, &[ResourceType::Observation], false, |_| Ok(()))
+            .await
+            .map(drop),
+        "Everything of observations",
+    );
+    let mut kinds = Vec::new();
+    dr_x.everything(pid, 0, &[], false, |page| {
+        kinds.extend(
+            page.iter()
+                .filter_map(|r| r.kind.as_ref().map(std::mem::discriminant)),
+        );
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let observation_kind = std::mem::discriminant(observation("x").kind.as_ref().unwrap());
+    assert_eq!(kinds.len(), 3, "Patient, CareRelationship and Consent");
+    assert!(!kinds.contains(&observation_kind));
+
+    let glass = connect(true).await;
+    assert!(
+        glass
+            .read_record(pid, ResourceType::Observation, "obs-1")
+            .await
+            .unwrap()
+            .is_some()
+    );
+}

@@ -8,9 +8,9 @@
 //!   or one of their organisation identifiers;
 //! - a Consent denies when its status is ACTIVE, its decision is DENY, its period (if any)
 //!   covers now, it is not entered-in-error, and one of its actors is the clinician or one of
-//!   their organisations. A denying consent covers the whole record, whatever its
-//!   `resource_types` say: the check is made once per request, before the record types it will
-//!   touch are known, so it errs on the side of the patient.
+//!   their organisations. A denying consent without `resource_types` denies the whole record;
+//!   one with `resource_types` withholds those kinds of record only (the call is refused when it
+//!   names one, and Everything leaves them out).
 
 use dossier_api::v1::{
     CareRelationshipStatus, ConsentDecision, ConsentStatus, RecordStatus, Reference, Resource,
@@ -44,12 +44,14 @@ impl CareIdentity {
 }
 
 /// What the patient's records say of a clinician.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Standing {
     /// An active care relationship names them.
     pub related: bool,
-    /// An active consent denies them.
+    /// An active consent denies them the whole record.
     pub denied: bool,
+    /// Kinds of record active consents withhold from them (the rest stays open).
+    pub withheld: Vec<dossier_api::v1::ResourceType>,
 }
 
 /// The most records of one kind a standing check reads; a patient with more care relationships
@@ -81,7 +83,16 @@ pub fn standing<R: Reads>(
             && covers(c.period.as_ref(), now_micros)
             && c.actors.iter().any(|a| who.names(a.reference.as_ref()))
         {
-            standing.denied = true;
+            if c.resource_types.is_empty() {
+                standing.denied = true;
+            }
+            for t in &c.resource_types {
+                if let Ok(t) = dossier_api::v1::ResourceType::try_from(*t)
+                    && !standing.withheld.contains(&t)
+                {
+                    standing.withheld.push(t);
+                }
+            }
         }
     }
     Ok(standing)

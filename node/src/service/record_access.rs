@@ -32,8 +32,8 @@ impl RecordsService {
         patient: &PatientId,
         deadline: Duration,
     ) -> Result<Audit, ApiError> {
-        let ground = match access::decide(request, need, Some(patient))? {
-            Decision::Allowed(ground) => ground,
+        let (ground, withheld) = match access::decide(request, need, Some(patient))? {
+            Decision::Allowed(ground) => (ground, Vec::new()),
             Decision::NeedsStanding(access) => {
                 let replica = self.replica(shard)?;
                 let standing = dossier_records::care::standing(
@@ -55,7 +55,7 @@ impl RecordsService {
                 .await?;
             tracing::warn!(shard, "break-the-glass access to a patient's record");
         }
-        Ok(Audit::new(&principal, &ground, self.node.node_id()))
+        Ok(Audit::new(&principal, &ground, self.node.node_id()).withholding(withheld))
     }
 
     /// Puts a break-the-glass access on the cluster's review list (`break_glass.rs`).

@@ -178,6 +178,7 @@ impl Records for RecordsService {
                     EntryOp::Create,
                     false,
                 )?;
+                audit.check_type(entry.rtype as i32)?;
                 let fp = fingerprint("Create", r);
                 let audited = audit.op(
                     &PatientKeys::new(&patient),
@@ -203,6 +204,7 @@ impl Records for RecordsService {
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline, audit| {
                 let t = Self::read_type(r.r#type, "type")?;
+                audit.check_type(r.r#type)?;
                 Self::check_id(&r.id, "id")?;
                 super::read_ready(&self.node, shard, patient.as_str(), r.consistency, deadline)
                     .await?;
@@ -244,6 +246,7 @@ impl Records for RecordsService {
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline, audit| {
                 let t = Self::read_type(r.r#type, "type")?;
+                audit.check_type(r.r#type)?;
                 Self::check_id(&r.id, "id")?;
                 if r.version == 0 {
                     return Err(ApiError::invalid("version", "starts at 1"));
@@ -291,6 +294,7 @@ impl Records for RecordsService {
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline, audit| {
                 let t = Self::read_type(r.r#type, "type")?;
+                audit.check_type(r.r#type)?;
                 Self::check_id(&r.id, "id")?;
                 let limit = self.page_limit(r.limit)?;
                 super::read_ready(&self.node, shard, patient.as_str(), r.consistency, deadline)
@@ -355,6 +359,7 @@ impl Records for RecordsService {
                     },
                     true,
                 )?;
+                audit.check_type(entry.rtype as i32)?;
                 let fp = fingerprint("Update", r);
                 let audited = audit.op(
                     &PatientKeys::new(&patient),
@@ -399,6 +404,7 @@ impl Records for RecordsService {
             async |r, shard, patient, deadline, audit| {
                 let header = Self::check_header(r.header.as_ref())?;
                 let t = Self::read_type(r.r#type, "type")?;
+                audit.check_type(r.r#type)?;
                 Self::check_id(&r.id, "id")?;
                 if r.expected_version == 0 {
                     return Err(ApiError::invalid("expected_version", "starts at 1"));
@@ -527,6 +533,7 @@ impl Records for RecordsService {
                             ));
                         }
                     };
+                    audit.check_type(entry.rtype as i32)?;
                     if !seen.insert((entry.rtype as i32, entry.id.clone())) {
                         return Err(ApiError::invalid(
                             format!("{}.meta.id", entry.field),
@@ -572,9 +579,14 @@ impl Records for RecordsService {
             }
             types.push(name);
         }
+        for t in &r.types {
+            audit.check_type(*t).map_err(Status::from)?;
+        }
         if types.is_empty() {
+            // Everything the patient's consents leave open to the caller.
             types = dossier_records::RESOURCE_TYPES
                 .iter()
+                .filter(|t| !audit.withholds(**t))
                 .filter_map(|t| type_name(*t))
                 .collect();
         }
@@ -727,6 +739,7 @@ impl Records for RecordsService {
             |r| r.route.as_ref(),
             async |r, shard, patient, deadline, audit| {
                 let t = Self::read_type(r.r#type, "type")?;
+                audit.check_type(r.r#type)?;
                 if t == "Patient" {
                     return Err(ApiError::invalid(
                         "type",
