@@ -1051,6 +1051,20 @@ async fn an_identifier_lookup_is_on_the_holders_chain() {
     );
 }
 
+/// A secure 3-node cluster of one shard, its service client, and patient `pid` registered.
+async fn cluster_with_patient(certs: &Path, pid: &str) -> (TestCluster, dossier_client::Client) {
+    let dir = certs.to_path_buf();
+    let cluster = TestCluster::start(3, 1, 3, &|c| secure(c, &dir)).await;
+    let service = cluster.client().await;
+    let patient = record(pid, resource::Kind::Patient(Patient::default()));
+    let written = service
+        .create_patient(patient, &WriteOptions::default())
+        .await
+        .unwrap();
+    assert!(is_applied(&written));
+    (cluster, service)
+}
+
 /// A service scoped by grants makes the calls they name and no other: a certificate granting
 /// records-read reads records but writes none, touches no Kv key, resolves no identifier and
 /// reads no access log; a token granting kv and access-log the other way round. Grants are
@@ -1094,20 +1108,9 @@ async fn a_service_makes_only_the_calls_its_grants_name() {
             "{role} with {grants}"
         );
     }
-    let dir = certs.path().to_path_buf();
-    let cluster = TestCluster::start(3, 1, 3, &|c| secure(c, &dir)).await;
-    let service = cluster.client().await;
-    let options = WriteOptions::default();
     let pid = "grant-1";
-    assert!(is_applied(
-        &service
-            .create_patient(
-                record(pid, resource::Kind::Patient(Patient::default())),
-                &options
-            )
-            .await
-            .unwrap()
-    ));
+    let (cluster, service) = cluster_with_patient(certs.path(), pid).await;
+    let options = WriteOptions::default();
     assert!(is_applied(
         &service
             .create_record(pid, observation("obs-1"), &options)
@@ -1228,20 +1231,9 @@ async fn a_consent_withholds_only_the_kinds_of_record_it_names() {
 
     let certs = tempfile::tempdir().unwrap();
     make_certs(certs.path());
-    let dir = certs.path().to_path_buf();
-    let cluster = TestCluster::start(3, 1, 3, &|c| secure(c, &dir)).await;
-    let service = cluster.client().await;
-    let options = WriteOptions::default();
     let pid = "consent-typed";
-    assert!(is_applied(
-        &service
-            .create_patient(
-                record(pid, resource::Kind::Patient(Patient::default())),
-                &options
-            )
-            .await
-            .unwrap()
-    ));
+    let (cluster, service) = cluster_with_patient(certs.path(), pid).await;
+    let options = WriteOptions::default();
     let mut consent = consent_denying("consent-obs", DR_X);
     if let Some(resource::Kind::Consent(c)) = &mut consent.kind {
         c.resource_types = vec![ResourceType::Observation as i32];
