@@ -27,6 +27,8 @@ async fn snapshot_longer_than_the_request_deadline_arrives() {
     let client = cluster.client().await;
     let patient = patient_in_shard(&client, 1, "stream");
     let (down, index) = cluster.stop_a_follower_of(1).await;
+    // The stopped follower holds no entry past the leader's last one now.
+    let stopped_at = leader_status(&cluster).await.last_log_index;
     let value: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
     let writers: Vec<_> = (0..4)
         .map(|w| {
@@ -59,6 +61,23 @@ async fn snapshot_longer_than_the_request_deadline_arrives() {
             .batch(&patient, Vec::new(), operations, Duration::from_secs(10))
             .await
             .unwrap();
+    }
+    // The follower must need a snapshot: the leader's log purged past what it holds. The leader
+    // postpones a purge while a replication request (to the stopped follower, retried) covers
+    // the entries, and tries again as writes progress: small writes until it has purged.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut extra = 0;
+    while leader_status(&cluster).await.purged_index <= stopped_at {
+        assert!(
+            Instant::now() < deadline,
+            "the leader did not purge its log past index {stopped_at}"
+        );
+        client
+            .put(&patient, format!("nudge-{extra}").as_bytes(), b"n")
+            .await
+            .unwrap();
+        extra += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     cluster.nodes[index].start();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -94,4 +113,22 @@ async fn snapshot_longer_than_the_request_deadline_arrives() {
     // The returning replica serves the data from its own state.
     let got = client.get(&patient, b"doc-3-15").await.unwrap().unwrap();
     assert!(got[..] == value[..]);
+}
+
+/// Shard 1's status on its leader.
+async fn leader_status(cluster: &TestCluster) -> dossier_api::v1::ShardStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = cluster
+            .replicas()
+            .await
+            .into_iter()
+            .filter(|r| r.shard_id == 1 && r.role == "leader")
+            .max_by_key(|r| r.term)
+        {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "shard 1 has no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
