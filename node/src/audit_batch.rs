@@ -277,6 +277,9 @@ async fn run(
                 .1
                 .push(s);
         }
+        node.metrics
+            .audit_backlog
+            .set(progress.pending.len() as i64);
         let now_moved = progress.moved();
         if now_moved != moved {
             moved = now_moved;

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use dossier_raft::openraft::async_runtime::WatchReceiver;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, Registry, TextEncoder,
 };
 
 use crate::node::Node;
@@ -26,6 +26,8 @@ pub struct Metrics {
     pub quiescence_wakes: IntCounter,
     /// Calls served on break-the-glass grounds (docs/security.md).
     pub break_glass: IntCounter,
+    /// Reads' audit events journaled here and not yet in their chains (`audit_batch.rs`).
+    pub audit_backlog: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -85,6 +87,14 @@ impl Metrics {
         registry
             .register(Box::new(break_glass.clone()))
             .expect("registered once");
+        let audit_backlog = IntGauge::new(
+            "dossier_audit_backlog",
+            "Reads' audit events journaled on this node and not yet moved to their chains",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(audit_backlog.clone()))
+            .expect("registered once");
         registry
             .register(Box::new(quiescence_sleeps.clone()))
             .expect("registered once");
@@ -112,6 +122,7 @@ impl Metrics {
             quiescence_sleeps,
             quiescence_wakes,
             break_glass,
+            audit_backlog,
         }
     }
 }

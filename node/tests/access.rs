@@ -1049,6 +1049,22 @@ async fn an_identifier_lookup_is_on_the_holders_chain() {
             ),
         ]
     );
+    // Every node's journal is drained, and says so.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for node in &cluster.nodes {
+        while !common::metrics_page(node)
+            .await
+            .lines()
+            .any(|l| l == "dossier_audit_backlog 0")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {} reports audit events left in its journal",
+                node.id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// A secure 3-node cluster of one shard, its service client, and patient `pid` registered.

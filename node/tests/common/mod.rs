@@ -391,9 +391,21 @@ pub fn shared<T>(v: T) -> Arc<T> {
 /// The value of an unlabelled metric on a node's /metrics page (0 when absent, or while the
 /// node does not listen yet).
 pub async fn metric(node: &TestNode, name: &str) -> f64 {
+    metrics_page(node)
+        .await
+        .lines()
+        .find_map(|line| {
+            let (metric, value) = line.split_once(' ')?;
+            (metric == name).then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+/// The node's `/metrics` page; empty when the node does not answer.
+pub async fn metrics_page(node: &TestNode) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut stream) = tokio::net::TcpStream::connect(node.config.http_listen).await else {
-        return 0.0;
+        return String::new();
     };
     stream
         .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
@@ -401,10 +413,5 @@ pub async fn metric(node: &TestNode, name: &str) -> f64 {
         .unwrap();
     let mut page = String::new();
     stream.read_to_string(&mut page).await.unwrap();
-    page.lines()
-        .find_map(|line| {
-            let (metric, value) = line.split_once(' ')?;
-            (metric == name).then(|| value.trim().parse().ok())?
-        })
-        .unwrap_or(0.0)
+    page
 }
