@@ -23,6 +23,7 @@ pub mod config;
 mod deadline;
 mod errors;
 mod http;
+mod init;
 mod leadership;
 mod listener;
 mod liveness;
