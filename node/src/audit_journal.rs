@@ -12,10 +12,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use dossier_api::v1::AuditEvent;
 use dossier_records::kv;
 use dossier_storage::{GroupId, LogEngine, Submit, WriteBatch};
-use prost::Message;
+use prost::encoding::WireType;
 use tokio::sync::oneshot;
 
 use crate::errors::ApiError;
@@ -93,15 +92,12 @@ impl Journal {
         else {
             return Err(ApiError::Internal("only appends are journaled".into()));
         };
-        let mut event = AuditEvent::decode(value.as_ref())
-            .map_err(|e| ApiError::Internal(format!("an audit event does not decode: {e}")))?;
         loop {
             let (tx, durable) = oneshot::channel::<dossier_storage::Result<()>>();
             let submitted = {
                 let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
                 let seq = *next;
-                event.journal_seq = seq;
-                let stamped = Bytes::from(event.encode_to_vec());
+                let stamped = stamp(value, seq);
                 let mut batch = WriteBatch::new();
                 batch.append(
                     JOURNAL_GROUP,
@@ -146,6 +142,18 @@ impl Journal {
             });
         }
     }
+}
+
+/// The encoded event `event` with its `journal_seq` set to `seq`: the field appended to the
+/// encoding (a field met last wins; the event's own encoding leaves it unset, 0), with no
+/// decode and re-encode on the read path.
+fn stamp(event: &[u8], seq: u64) -> Bytes {
+    const JOURNAL_SEQ_FIELD: u32 = 13;
+    let mut out = BytesMut::with_capacity(event.len() + 11);
+    out.put_slice(event);
+    prost::encoding::encode_key(JOURNAL_SEQ_FIELD, WireType::Varint, &mut out);
+    prost::encoding::encode_varint(seq, &mut out);
+    out.freeze()
 }
 
 /// Forgets the journal's entries up to `seq` (moved to their chains).
@@ -202,7 +210,26 @@ mod tests {
     use dossier_storage::{LogConfig, LogEngine};
     use prost::Message;
 
-    use super::{Journal, forget_to};
+    use super::{Journal, forget_to, stamp};
+
+    /// The stamped bytes decode as the event with its journal seq, whatever else it holds.
+    #[test]
+    fn a_stamp_sets_the_journal_seq_and_keeps_the_rest() {
+        let event = AuditEvent {
+            actor: "ward-app".into(),
+            node_id: 3,
+            kv_keys: vec![b"k".to_vec()],
+            ..AuditEvent::default()
+        };
+        let stamped = AuditEvent::decode(stamp(&event.encode_to_vec(), 300).as_ref()).unwrap();
+        assert_eq!(
+            stamped,
+            AuditEvent {
+                journal_seq: 300,
+                ..event
+            }
+        );
+    }
 
     fn engine(dir: &std::path::Path) -> LogEngine {
         let config = LogConfig {

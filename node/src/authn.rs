@@ -29,6 +29,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use tonic::{Request, Status};
 
 use crate::errors::ApiError;
+use crate::tls::file_stamp;
 
 /// What a caller may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -177,7 +178,7 @@ impl TokenVerifier {
     /// Reads the JWKS file again if it changed since the last reading (or whatever it is when
     /// `force`). `Ok(true)`: the new keys are in use. An error leaves the old ones.
     pub fn reload(&self, force: bool) -> Result<bool> {
-        if !force && stamp(&self.jwks)? == self.keys().stamp {
+        if !force && file_stamp(&self.jwks)? == self.keys().stamp {
             return Ok(false);
         }
         let next = read_keys(&self.jwks)?;
@@ -193,7 +194,7 @@ impl TokenVerifier {
 /// The keys of the JWKS file `jwks`: public-key algorithms only, each naming its algorithm.
 fn read_keys(jwks: &Path) -> Result<Keys> {
     // Stamped before reading: a change made while reading is seen by the next check.
-    let stamp = stamp(jwks)?;
+    let stamp = file_stamp(jwks)?;
     let text = std::fs::read_to_string(jwks).with_context(|| format!("read {}", jwks.display()))?;
     let set: JwkSet = serde_json::from_str(&text).with_context(|| {
         format!(
@@ -224,12 +225,6 @@ fn read_keys(jwks: &Path) -> Result<Keys> {
     }
     ensure!(!keys.is_empty(), "{} holds no key", jwks.display());
     Ok(Keys { stamp, keys })
-}
-
-/// When `path` was last changed, and its size.
-fn stamp(path: &Path) -> Result<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).with_context(|| format!("read {}", path.display()))?;
-    Ok((meta.modified()?, meta.len()))
 }
 
 impl TokenVerifier {
@@ -459,14 +454,18 @@ fn certificate_caller(request: &Request<()>) -> Result<Option<Caller>, Status> {
     let Some(first) = certs.as_deref().and_then(|c| c.first()) else {
         return Ok(None);
     };
-    let (units, name) = crate::peer_auth::unit_and_name(first.as_ref())
+    let crate::peer_auth::Subject {
+        units,
+        name,
+        grants,
+    } = crate::peer_auth::subject(first.as_ref())
         .ok_or_else(|| unauthenticated("the client certificate cannot be read"))?;
     let role = units.iter().find_map(|u| Role::parse(u)).ok_or_else(|| {
         unauthenticated(&format!(
             "the client certificate {name:?} names no known role (organizational unit {units:?})"
         ))
     })?;
-    let grants = crate::peer_auth::granted(first.as_ref())
+    let grants = grants
         .map(|names| grant_list(names.iter().map(String::as_str)))
         .transpose()
         .map_err(|e| unauthenticated(&format!("the client certificate {name:?}: {e}")))?;

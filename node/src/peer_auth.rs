@@ -28,9 +28,9 @@ impl tonic::service::Interceptor for NodesOnly {
                 "internal service: only the cluster's nodes may call it, with their node certificate",
             ));
         };
-        match unit_and_name(first.as_ref()) {
-            Some((units, _)) if units.iter().any(|u| u == NODE_UNIT) => Ok(request),
-            Some((units, name)) => Err(Status::permission_denied(format!(
+        match subject(first.as_ref()) {
+            Some(s) if s.units.iter().any(|u| u == NODE_UNIT) => Ok(request),
+            Some(Subject { units, name, .. }) => Err(Status::permission_denied(format!(
                 "internal service: only the cluster's nodes may call it; the caller's certificate \
                  is {name:?} with role {units:?}"
             ))),
@@ -41,11 +41,31 @@ impl tonic::service::Interceptor for NodesOnly {
     }
 }
 
-/// The grants a DER certificate names (subject alternative names `urn:dossier:grant:<name>`),
-/// `None` when it names none.
-pub(crate) fn granted(der: &[u8]) -> Option<Vec<String>> {
+/// What a certificate says of its holder.
+pub(crate) struct Subject {
+    /// The organizational units: the role.
+    pub units: Vec<String>,
+    /// The common name.
+    pub name: String,
+    /// The grants it names (subject alternative names `urn:dossier:grant:<name>`); `None`: none.
+    pub grants: Option<Vec<String>>,
+}
+
+/// The subject of a DER certificate, read in one parse.
+pub(crate) fn subject(der: &[u8]) -> Option<Subject> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let names: Vec<String> = cert
+    let dn = cert.subject();
+    let units = dn
+        .iter_organizational_unit()
+        .filter_map(|u| u.as_str().ok().map(str::to_owned))
+        .collect();
+    let name = dn
+        .iter_common_name()
+        .next()
+        .and_then(|n| n.as_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let grants: Vec<String> = cert
         .subject_alternative_name()
         .ok()
         .flatten()
@@ -62,22 +82,9 @@ pub(crate) fn granted(der: &[u8]) -> Option<Vec<String>> {
                 .collect()
         })
         .unwrap_or_default();
-    (!names.is_empty()).then_some(names)
-}
-
-/// The organizational units and the common name of a DER certificate's subject.
-pub(crate) fn unit_and_name(der: &[u8]) -> Option<(Vec<String>, String)> {
-    let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let subject = cert.subject();
-    let units = subject
-        .iter_organizational_unit()
-        .filter_map(|u| u.as_str().ok().map(str::to_owned))
-        .collect();
-    let name = subject
-        .iter_common_name()
-        .next()
-        .and_then(|n| n.as_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    Some((units, name))
+    Some(Subject {
+        units,
+        name,
+        grants: (!grants.is_empty()).then_some(grants),
+    })
 }

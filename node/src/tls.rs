@@ -167,12 +167,14 @@ impl Loaded {
 fn stamp(dir: &Path) -> Result<Vec<(SystemTime, u64)>> {
     [CA_CERT, NODE_CERT, NODE_KEY]
         .iter()
-        .map(|name| {
-            let path = dir.join(name);
-            let meta = fs::metadata(&path).with_context(|| format!("read {}", path.display()))?;
-            Ok((meta.modified()?, meta.len()))
-        })
+        .map(|name| file_stamp(&dir.join(name)))
         .collect()
+}
+
+/// When `path` was last changed, and its size: a file read again when this changes.
+pub(crate) fn file_stamp(path: &Path) -> Result<(SystemTime, u64)> {
+    let meta = fs::metadata(path).with_context(|| format!("read {}", path.display()))?;
+    Ok((meta.modified()?, meta.len()))
 }
 
 /// The file `name` in `dir`, which must hold a PEM block of `kind`.

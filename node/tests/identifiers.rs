@@ -7,37 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestCluster;
-use dossier_api::v1::{
-    HumanName, Identifier, Meta, Patient, Resource, ResourceType, WriteOutcome, resource,
-};
+use common::{TestCluster, patient_with_insz as patient};
+use dossier_api::v1::{ResourceType, WriteOutcome, resource};
 use dossier_client::{ClientError, WriteOptions, is_applied};
 use dossier_records::SYSTEM_INSZ;
-
-fn patient(id: &str, insz: &[&str]) -> Resource {
-    Resource {
-        unmodelled_json: String::new(),
-        meta: Some(Meta {
-            id: id.into(),
-            ..Meta::default()
-        }),
-        kind: Some(resource::Kind::Patient(Patient {
-            identifiers: insz
-                .iter()
-                .map(|v| Identifier {
-                    system: SYSTEM_INSZ.into(),
-                    value: (*v).into(),
-                    r#type: None,
-                })
-                .collect(),
-            names: vec![HumanName {
-                family: "Janssens".into(),
-                ..HumanName::default()
-            }],
-            ..Patient::default()
-        })),
-    }
-}
 
 /// A valid INSZ number from nine digits.
 fn insz(first9: u64) -> String {

@@ -13,10 +13,8 @@ use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use common::{TestCluster, make_certs, secure};
-use dossier_api::v1::{
-    HumanName, Identifier, Meta, Patient, Resource, ResourceType, WriteOutcome, resource,
-};
+use common::{TestCluster, make_certs, patient_with_insz, secure};
+use dossier_api::v1::{ResourceType, WriteOutcome};
 use dossier_cli::tokens::{self, LOCAL_AUDIENCE, LOCAL_ISSUER, TokenClaims};
 use dossier_client::{BearerToken, BreakGlass, Client, ClientConfig, ClientTls, WriteOptions};
 use dossier_records::SYSTEM_INSZ;
@@ -36,28 +34,6 @@ impl Write for Capture {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-fn patient(id: &str, number: &str) -> Resource {
-    Resource {
-        meta: Some(Meta {
-            id: id.into(),
-            ..Meta::default()
-        }),
-        kind: Some(resource::Kind::Patient(Patient {
-            identifiers: vec![Identifier {
-                system: SYSTEM_INSZ.into(),
-                value: number.into(),
-                r#type: None,
-            }],
-            names: vec![HumanName {
-                family: "Peeters".into(),
-                ..HumanName::default()
-            }],
-            ..Patient::default()
-        })),
-        unmodelled_json: String::new(),
     }
 }
 
@@ -109,12 +85,12 @@ async fn no_national_number_token_or_key_is_logged() {
     let nobody = dossier_records::insz_with_check(750_101_124, false);
 
     service
-        .create_patient(patient("log-1", &number), &options)
+        .create_patient(patient_with_insz("log-1", &[&number]), &options)
         .await
         .unwrap();
     // The same number for another patient: refused for the number.
     let second = service
-        .create_patient(patient("log-2", &number), &options)
+        .create_patient(patient_with_insz("log-2", &[&number]), &options)
         .await
         .unwrap();
     assert_eq!(

@@ -415,3 +415,32 @@ pub async fn metrics_page(node: &TestNode) -> String {
     stream.read_to_string(&mut page).await.unwrap();
     page
 }
+
+/// A Patient record `id` holding the national numbers (INSZ) `insz`.
+#[allow(dead_code)] // not every test binary registers patients
+pub fn patient_with_insz(id: &str, insz: &[&str]) -> dossier_api::v1::Resource {
+    use dossier_api::v1::{HumanName, Identifier, Meta, Patient, resource};
+    use dossier_records::SYSTEM_INSZ;
+    dossier_api::v1::Resource {
+        unmodelled_json: String::new(),
+        meta: Some(Meta {
+            id: id.into(),
+            ..Meta::default()
+        }),
+        kind: Some(resource::Kind::Patient(Patient {
+            identifiers: insz
+                .iter()
+                .map(|v| Identifier {
+                    system: SYSTEM_INSZ.into(),
+                    value: (*v).into(),
+                    r#type: None,
+                })
+                .collect(),
+            names: vec![HumanName {
+                family: "Janssens".into(),
+                ..HumanName::default()
+            }],
+            ..Patient::default()
+        })),
+    }
+}
