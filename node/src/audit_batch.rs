@@ -58,7 +58,6 @@ struct Shipment {
 /// The node's batcher of read audit events.
 #[derive(Clone)]
 pub struct AuditBatcher {
-    node: Arc<Node>,
     journal: Arc<Journal>,
     queue: mpsc::Sender<Shipment>,
     room: Arc<Semaphore>,
@@ -87,7 +86,10 @@ impl AuditBatcher {
     /// current runtime.
     pub fn start(node: Arc<Node>) -> Result<AuditBatcher, ApiError> {
         let (journal, left) = Journal::open(node.engine())?;
-        let journal = Arc::new(journal);
+        let log = Arc::clone(&node);
+        tokio::spawn(Arc::clone(&journal).run(Arc::new(move |batch, on_durable| {
+            log.engine().try_submit(batch, on_durable)
+        })));
         if !left.is_empty() {
             info!(
                 events = left.len(),
@@ -103,7 +105,6 @@ impl AuditBatcher {
         }
         tokio::spawn(run(Arc::clone(&node), rx, moved_tx, first - 1));
         Ok(AuditBatcher {
-            node,
             journal,
             queue,
             room: Arc::new(Semaphore::new(BACKLOG_MAX)),
@@ -126,7 +127,7 @@ impl AuditBatcher {
                 .map_err(|_| ApiError::Unavailable("the node is shutting down".into()))?;
             let entry = self
                 .journal
-                .append(self.node.engine(), route_key, &op)
+                .append(route_key, &op)
                 .await?;
             self.queue
                 .send(Shipment {
