@@ -27,7 +27,10 @@ const DOSSIER_ROLES: &str = "https://dossier.example/fhir/CodeSystem/role";
 pub fn audit_event_to_fhir(patient: &str, seq: u64, e: &AuditEvent) -> Value {
     let action = AuditAction::try_from(e.action).unwrap_or(AuditAction::Unspecified);
     let (interaction, crude) = match action {
-        AuditAction::Read | AuditAction::KvGet | AuditAction::ListQuarantine => ("read", "R"),
+        AuditAction::Read
+        | AuditAction::KvGet
+        | AuditAction::ListQuarantine
+        | AuditAction::AccessLog => ("read", "R"),
         AuditAction::Vread => ("vread", "R"),
         AuditAction::History => ("history-instance", "R"),
         AuditAction::Everything

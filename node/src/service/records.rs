@@ -871,7 +871,7 @@ impl Records for RecordsService {
             Need::AccessLog,
             request,
             |r| r.route.as_ref(),
-            async |r, shard, patient, deadline, _audit| {
+            async |r, shard, patient, deadline, audit| {
                 // The events of reads this node served are in their chains first (reads served
                 // by other nodes reach them as quickly, on their own). A journal that cannot
                 // drain in time (a shard without quorum) delays the answer, never refuses it.
@@ -881,7 +881,16 @@ impl Records for RecordsService {
                     .await;
                 super::read_ready(&self.node, shard, patient.as_str(), r.consistency, deadline)
                     .await?;
-                self.access_log_page(shard, &patient, r.after_seq, r.limit)
+                let page = self.access_log_page(shard, &patient, r.after_seq, r.limit)?;
+                // Reading the log is an access to the record too: its event follows the page.
+                let keys = PatientKeys::new(&patient);
+                self.audited(
+                    audit.op(&keys, AuditAction::AccessLog, Vec::new(), &[]),
+                    &patient,
+                    deadline,
+                )
+                .await?;
+                Ok(page)
             },
         )
         .await
