@@ -12,12 +12,13 @@ use ::http::{HeaderName, HeaderValue, Method};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 /// Request headers a gRPC-Web client sends (and `authorization` for the callers to come).
-const ALLOWED_HEADERS: [&str; 7] = [
+const ALLOWED_HEADERS: [&str; 8] = [
     "content-type",
     "x-grpc-web",
     "x-user-agent",
     "grpc-timeout",
     "authorization",
+    crate::access::BREAK_GLASS_HEADER,
     "connect-protocol-version",
     "connect-timeout-ms",
 ];

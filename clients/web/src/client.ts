@@ -69,6 +69,13 @@ export interface DossierConfig {
   /** First and largest pause between retries, doubling (10 and 100 ms). */
   backoffMinMs?: number;
   backoffMaxMs?: number;
+  /**
+   * The caller's bearer token (a clinician's or a patient's, from the identity provider or the
+   * portal), sent as `authorization: Bearer <token>` with every call; a function is asked
+   * before each request, so that a refreshed token is used at once. Without it, calls carry no
+   * identity (or the transport's client certificate).
+   */
+  token?: string | (() => string);
 }
 
 /** The generated clients of one node, over its transport. */
@@ -98,8 +105,8 @@ export type ResourceInit = MessageInitShape<typeof ResourceSchema>;
 
 /** A connection to a Dossier cluster; share one per application. */
 export class DossierClient {
-  readonly config: Required<Omit<DossierConfig, "baseUrl" | "transport">> &
-    Pick<DossierConfig, "baseUrl" | "transport">;
+  readonly config: Required<Omit<DossierConfig, "baseUrl" | "transport" | "token">> &
+    Pick<DossierConfig, "baseUrl" | "transport" | "token">;
   private map: ClusterMap | undefined;
   private readonly nodes = new Map<string, Node>();
   /** The leader each shard last answered from (or was hinted). */
@@ -117,6 +124,7 @@ export class DossierClient {
       scheme: config.scheme ?? "http",
       baseUrl: config.baseUrl,
       transport: config.transport,
+      token: config.token,
       attemptTimeoutMs: positive(config.attemptTimeoutMs, 2000),
       deadlineMs: positive(config.deadlineMs, 10000),
       backoffMinMs,
@@ -211,7 +219,27 @@ export class DossierClient {
   }
 
   deadline(options?: RequestOptions): Deadline {
-    return new Deadline(options?.timeoutMs ?? this.config.deadlineMs, options?.signal);
+    return new Deadline(options?.timeoutMs ?? this.config.deadlineMs, options?.signal, this.headers(options));
+  }
+
+  /** The credentials of a request's calls: the token, and the request's break-the-glass reason. */
+  private headers(options?: RequestOptions): Record<string, string> | undefined {
+    const headers: Record<string, string> = {};
+    const token = typeof this.config.token === "function" ? this.config.token() : this.config.token;
+    if (token !== undefined) {
+      if (token === "" || /[\s]/.test(token)) {
+        throw clientError(Code.InvalidArgument, "token: must be one word of printable characters");
+      }
+      headers["authorization"] = `Bearer ${token}`;
+    }
+    const reason = options?.breakGlass?.trim();
+    if (reason !== undefined) {
+      if (reason.length < 8 || reason.length > 512 || !/^[\x20-\x7e]+$/.test(reason)) {
+        throw clientError(Code.InvalidArgument, "breakGlass: a reason of 8 to 512 printable ASCII characters");
+      }
+      headers["x-dossier-break-glass"] = reason;
+    }
+    return Object.keys(headers).length === 0 ? undefined : headers;
   }
 
   /**

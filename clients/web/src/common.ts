@@ -12,6 +12,12 @@ export type Bytes = Uint8Array | string;
 export interface RequestOptions {
   signal?: AbortSignal;
   timeoutMs?: number;
+  /**
+   * A clinician's reason to open a record without a care relationship (break-the-glass,
+   * docs/security.md): 8 to 512 bytes of text, sent with this request only, audited and listed
+   * for review.
+   */
+  breakGlass?: string;
 }
 
 export interface ReadOptions extends RequestOptions {
@@ -36,12 +42,13 @@ export interface WriteResult {
   index: bigint;
 }
 
-/** The time left to a request and its caller's signal. */
+/** The time left to a request, its caller's signal and the headers of its calls. */
 export class Deadline {
   readonly expiresAt: number;
   constructor(
     timeoutMs: number,
     readonly signal?: AbortSignal,
+    readonly headers?: Record<string, string>,
   ) {
     this.expiresAt = Date.now() + timeoutMs;
   }
@@ -57,7 +64,11 @@ export class Deadline {
   }
   /** Options of one call: at most `attemptMs`, within the deadline. */
   call(attemptMs: number): CallOptions {
-    return { signal: this.signal, timeoutMs: Math.max(1, Math.min(attemptMs, this.remaining())) };
+    return {
+      signal: this.signal,
+      timeoutMs: Math.max(1, Math.min(attemptMs, this.remaining())),
+      headers: this.headers,
+    };
   }
 }
 

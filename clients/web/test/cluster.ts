@@ -7,7 +7,7 @@ import * as net from "node:net";
 import * as os from "node:os";
 import * as path from "node:path";
 import { fileURLToPath } from "node:url";
-import { createClient } from "@connectrpc/connect";
+import { createClient, type Transport } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { Admin } from "../src/gen/dossier/v1/admin_pb.js";
 
@@ -65,8 +65,16 @@ async function freePort(): Promise<string> {
   });
 }
 
-export function adminAt(address: string) {
-  return createClient(Admin, createGrpcWebTransport({ baseUrl: `http://${address}` }));
+export function adminAt(address: string, transport?: (baseUrl: string) => Transport) {
+  const baseUrl = transport === undefined ? `http://${address}` : `https://${address}`;
+  return createClient(Admin, transport?.(baseUrl) ?? createGrpcWebTransport({ baseUrl }));
+}
+
+/** How the test's nodes run: extra arguments (TLS, tokens) and the operator's transport. */
+export interface ClusterOptions {
+  args?: string[];
+  /** The transport of the operator initialising the cluster (https, a client certificate). */
+  admin?: (baseUrl: string) => Transport;
 }
 
 export class TestCluster {
@@ -75,12 +83,13 @@ export class TestCluster {
   private constructor(
     readonly bin: string,
     readonly dir: string,
+    readonly options: ClusterOptions,
   ) {}
 
   /** Starts n nodes and initialises a cluster of `shards` shards of 3 replicas (at most 60 s). */
-  static async start(n: number, shards: number): Promise<TestCluster> {
+  static async start(n: number, shards: number, options: ClusterOptions = {}): Promise<TestCluster> {
     const bin = nodeBinary();
-    const c = new TestCluster(bin, fs.mkdtempSync(path.join(os.tmpdir(), "dossier-web-")));
+    const c = new TestCluster(bin, fs.mkdtempSync(path.join(os.tmpdir(), "dossier-web-")), options);
     try {
       for (let i = 1; i <= n; i++) {
         const node: TestNode = {
@@ -104,7 +113,7 @@ export class TestCluster {
 
   private async init(shards: number): Promise<void> {
     const nodes = this.nodes.map((n) => ({ nodeId: n.id, address: n.grpc }));
-    const admin = adminAt(this.nodes[0]!.grpc);
+    const admin = adminAt(this.nodes[0]!.grpc, this.options.admin);
     const deadline = Date.now() + 60_000;
     for (;;) {
       let failure: unknown;
@@ -144,6 +153,7 @@ export class TestCluster {
           "--data-dir", node.data,
           "--no-auto-init",
           "--web-allowed-origins", PORTAL_ORIGIN,
+          ...(this.options.args ?? []),
         ],
         { stdio: ["ignore", log, log] },
       );
@@ -223,7 +233,7 @@ export class TestCluster {
         continue;
       }
       try {
-        const status = await adminAt(node.grpc).nodeStatus({}, { timeoutMs: 2_000 });
+        const status = await adminAt(node.grpc, this.options.admin).nodeStatus({}, { timeoutMs: 2_000 });
         for (const s of status.shards) {
           if (s.shardId === shard && s.role === "leader" && s.term >= bestTerm) {
             best = node;
