@@ -47,6 +47,7 @@ mod splitter;
 mod standby;
 pub mod tls;
 mod web;
+mod whole_body;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -176,6 +177,11 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
             // gRPC-Web for browsers comes over HTTP/1.1 (web.rs).
             .accept_http1(true)
             .layer(web::cors(&node.config.node.web_allowed_origins))
+            // A gRPC-Web request is read whole before it runs, so that an early refusal reaches
+            // an HTTP/1.1 client (whole_body.rs); base64 (grpc-web-text) makes it a third larger.
+            .layer(whole_body::WholeBodyLayer {
+                bytes_max: request_max.saturating_mul(2),
+            })
             .layer(tonic_web::GrpcWebLayer::new())
             .layer(deadlines)
             .add_service(InterceptedService::new(

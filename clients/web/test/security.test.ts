@@ -8,8 +8,9 @@ import * as os from "node:os";
 import * as path from "node:path";
 import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
-import { Code } from "@connectrpc/connect";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-node";
+import { Kv } from "../src/gen/dossier/v1/kv_pb.js";
 import { applied, DossierClient, DossierError, ResourceType } from "../src/index.js";
 import { nodeBinary, TestCluster } from "./cluster.js";
 
@@ -18,8 +19,11 @@ function dossier(...args: string[]): string {
   return execFileSync(path.join(path.dirname(nodeBinary()), "dossier"), args, { encoding: "utf8" });
 }
 
-/** gRPC-Web over https trusting `dir/ca.crt`, presenting `client.USER.crt` when a user is named. */
-function tls(dir: string, user?: string) {
+/**
+ * gRPC-Web over https trusting `dir/ca.crt`, presenting `client.USER.crt` when a user is named;
+ * over HTTP/2 (as browsers do with TLS) unless told HTTP/1.1 (as Node's fetch does).
+ */
+function tls(dir: string, user?: string, httpVersion: "1.1" | "2" = "2") {
   const ca = fs.readFileSync(path.join(dir, "ca.crt"));
   const identity =
     user === undefined
@@ -29,7 +33,7 @@ function tls(dir: string, user?: string) {
           key: fs.readFileSync(path.join(dir, `client.${user}.key`)),
         };
   return (baseUrl: string) =>
-    createGrpcWebTransport({ baseUrl, httpVersion: "2", nodeOptions: { ca, ...identity } });
+    createGrpcWebTransport({ baseUrl, httpVersion, nodeOptions: { ca, ...identity } });
 }
 
 async function refused(call: Promise<unknown>, code: Code, what: string): Promise<void> {
@@ -78,11 +82,32 @@ describe("security over gRPC-Web with TLS", { timeout: 180_000 }, () => {
       assert.ok(applied(w), `the service creates ${id}`);
     }
 
-    // No certificate, no token: no node gives the map.
-    await assert.rejects(
-      DossierClient.connect({ seeds, scheme: "https", transport: tls(dir), deadlineMs: 2000 }),
-      (err: unknown) => String(err).toLowerCase().includes("unauthenticated"),
-    );
+    // No certificate, no token: no node gives the map. Over HTTP/1.1 too: the refusal comes
+    // back as an answer, not as a broken connection.
+    for (const version of ["2", "1.1"] as const) {
+      await assert.rejects(
+        DossierClient.connect({ seeds, scheme: "https", transport: tls(dir, undefined, version), deadlineMs: 2000 }),
+        (err: unknown) => {
+          assert.match(String(err), /\[unauthenticated\]/, `HTTP/${version}`);
+          return true;
+        },
+      );
+    }
+
+    // A large request refused before it is read (here for want of identity) is answered too,
+    // over HTTP/1.1, where the node would otherwise close the connection while the client still
+    // sends it.
+    const kv = createClient(Kv, tls(dir, undefined, "1.1")(`https://${seeds[0]}`));
+    for (let i = 0; i < 3; i++) {
+      await assert.rejects(
+        kv.put({ route: { patientId: "web-secure-1" }, key: new Uint8Array([1]), value: new Uint8Array(512 * 1024) }),
+        (err: unknown) => {
+          assert.ok(err instanceof ConnectError, String(err));
+          assert.equal(err.code, Code.Unauthenticated, err.message);
+          return true;
+        },
+      );
+    }
 
     // A patient reads their own record, and no one else's.
     const portal = dossier("--certs-dir", dir, "token", "issue", "portal-1", "--role", "patient",
