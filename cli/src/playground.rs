@@ -182,7 +182,8 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
         bail!("{} acknowledged writes were lost", outcome.lost);
     }
     let cluster_args = local.procs[0].extra_args.clone();
-    let joined = join_a_node(&root, &bin, args, &seeds, &cluster_args).await?;
+    let peer_ports = local.procs[0].peer.is_some();
+    let joined = join_a_node(&root, &bin, args, &seeds, &cluster_args, peer_ports).await?;
     local.procs.push(joined);
     split_a_shard(&client, &seeds, &sample_patient).await?;
     let timer = match args.exit_after {
@@ -216,14 +217,16 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
     Ok(())
 }
 
-/// Starts one more node with `--join` and waits until the cluster map holds it and it has taken
-/// its share of replicas and leaderships (the placement driver).
+/// Starts one more node with `--join` (with a peer port of its own when the others have one)
+/// and waits until the cluster map holds it and it has taken its share of replicas and
+/// leaderships (the placement driver).
 async fn join_a_node(
     root: &std::path::Path,
     bin: &std::path::Path,
     args: &PlaygroundArgs,
     seeds: &[String],
     cluster_args: &[String],
+    peer_port: bool,
 ) -> Result<NodeProc> {
     let id = args.nodes + 1;
     let zone = "dc-joined";
@@ -238,6 +241,12 @@ async fn join_a_node(
         root.join(format!("node-{id}")),
         bin.to_path_buf(),
     );
+    if peer_port {
+        node.peer = Some(format!(
+            "127.0.0.1:{}",
+            LocalCluster::peer_port(args.base_port, id)
+        ));
+    }
     node.extra_args = cluster_args.to_vec();
     node.extra_args.extend([
         "--join".into(),
