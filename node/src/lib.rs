@@ -39,6 +39,7 @@ mod propose;
 mod quiesce;
 mod rate_limit;
 mod record_store;
+mod request_drain;
 mod service;
 mod shard_leader;
 pub mod shards;
@@ -47,7 +48,6 @@ mod splitter;
 mod standby;
 pub mod tls;
 mod web;
-mod whole_body;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -177,9 +177,10 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
             // gRPC-Web for browsers comes over HTTP/1.1 (web.rs).
             .accept_http1(true)
             .layer(web::cors(&node.config.node.web_allowed_origins))
-            // A gRPC-Web request is read whole before it runs, so that an early refusal reaches
-            // an HTTP/1.1 client (whole_body.rs); base64 (grpc-web-text) makes it a third larger.
-            .layer(whole_body::WholeBodyLayer {
+            // What a call refused early left unread of an HTTP/1.1 request is read and dropped
+            // before the answer goes, so that the refusal reaches the client (request_drain.rs);
+            // base64 (grpc-web-text) makes a request a third larger.
+            .layer(request_drain::DrainLayer {
                 bytes_max: request_max.saturating_mul(2),
             })
             .layer(tonic_web::GrpcWebLayer::new())
