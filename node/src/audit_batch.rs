@@ -59,7 +59,6 @@ struct Shipment {
 #[derive(Clone)]
 pub struct AuditBatcher {
     journal: Arc<Journal>,
-    queue: mpsc::Sender<Shipment>,
     room: Arc<Semaphore>,
     /// Every event with a seq up to this one is in its chain.
     moved: watch::Receiver<u64>,
@@ -86,10 +85,6 @@ impl AuditBatcher {
     /// current runtime.
     pub fn start(node: Arc<Node>) -> Result<AuditBatcher, ApiError> {
         let (journal, left) = Journal::open(node.engine())?;
-        let log = Arc::clone(&node);
-        tokio::spawn(Arc::clone(&journal).run(Arc::new(move |batch, on_durable| {
-            log.engine().try_submit(batch, on_durable)
-        })));
         if !left.is_empty() {
             info!(
                 events = left.len(),
@@ -98,15 +93,25 @@ impl AuditBatcher {
         }
         let first = left.first().map_or_else(|| journal.next_seq(), |e| e.seq);
         let (moved_tx, moved) = watch::channel(first - 1);
-        // Room for the backlog's events and those a previous run left: a send never waits.
+        // Room for the backlog's events and those a previous run left: a send never waits (each
+        // event of the backlog holds a permit of `room` until it is in its chain).
         let (queue, rx) = mpsc::channel(BACKLOG_MAX + left.len().max(1));
         for entry in left {
             let _ = queue.try_send(Shipment { entry, _room: None });
         }
         tokio::spawn(run(Arc::clone(&node), rx, moved_tx, first - 1));
+        // The journal's task hands each durable event to the mover itself: an event whose read
+        // gave up waiting is moved all the same, and the moved mark goes on past it.
+        let log = Arc::clone(&node);
+        let deliver = queue.clone();
+        tokio::spawn(Arc::clone(&journal).run(
+            Arc::new(move |batch, on_durable| log.engine().try_submit(batch, on_durable)),
+            Arc::new(move |entry, room| {
+                let _ = deliver.try_send(Shipment { entry, _room: room });
+            }),
+        ));
         Ok(AuditBatcher {
             journal,
-            queue,
             room: Arc::new(Semaphore::new(BACKLOG_MAX)),
             moved,
         })
@@ -125,17 +130,7 @@ impl AuditBatcher {
                 .acquire_owned()
                 .await
                 .map_err(|_| ApiError::Unavailable("the node is shutting down".into()))?;
-            let entry = self
-                .journal
-                .append(route_key, &op)
-                .await?;
-            self.queue
-                .send(Shipment {
-                    entry,
-                    _room: Some(room),
-                })
-                .await
-                .map_err(|_| ApiError::Unavailable("the node is shutting down".into()))
+            self.journal.append(route_key, &op, Some(room)).await.map(drop)
         })
         .await
         .map_err(|_| {

@@ -15,7 +15,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use dossier_records::kv;
 use dossier_storage::{GroupId, LogEngine, OnDurable, Submit, WriteBatch};
 use prost::encoding::WireType;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, oneshot};
 
 use crate::errors::ApiError;
 
@@ -34,6 +34,10 @@ const BATCH_MAX: usize = 1024;
 
 /// How the journal hands a batch to the node's log ([`LogEngine::try_submit`]).
 pub type SubmitFn = dyn Fn(WriteBatch, OnDurable) -> Result<(), Submit> + Send + Sync;
+
+/// Where the journal hands each durable entry, with the room in the backlog it holds until it
+/// is in its chain.
+pub type DeliverFn = dyn Fn(Entry, Option<OwnedSemaphorePermit>) + Send + Sync;
 
 /// One journaled event: where its chain is (the patient's routing key and the chain's keys) and
 /// the append.
@@ -54,17 +58,24 @@ pub struct Journal {
 
 #[derive(Debug)]
 struct Queue {
-    /// The seq the next event gets: seqs are given in the order events join `waiting`, so
-    /// that batches reach the log in seq order.
+    /// The seq the next written entry gets. Seqs are given when a batch is made, by the one
+    /// task that writes, and kept only once the log took the batch: the group's entries stay
+    /// contiguous whatever the log refuses.
     next: u64,
     waiting: Vec<Waiting>,
 }
 
+/// An event waiting to be written: its chain, its unstamped encoding, its room in the backlog,
+/// and its reader, told once it is durable (the reader may be gone: the event is written and
+/// moved all the same).
 #[derive(Debug)]
 struct Waiting {
-    seq: u64,
-    data: Bytes,
-    durable: oneshot::Sender<Result<(), String>>,
+    route_key: String,
+    head: Bytes,
+    prefix: Bytes,
+    event: Bytes,
+    room: Option<OwnedSemaphorePermit>,
+    durable: oneshot::Sender<Result<u64, String>>,
 }
 
 impl Journal {
@@ -104,14 +115,20 @@ impl Journal {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The seq the next entry will get.
+    /// The seq the next entry written will get: every entry below it is durable.
     pub fn next_seq(&self) -> u64 {
         self.queue().next
     }
 
-    /// Makes the append `op` (to the chain of `route_key`) durable in the journal, its event
-    /// stamped with its seq; returns the entry once the log has fsynced it.
-    pub async fn append(&self, route_key: &str, op: &kv::Op) -> Result<Entry, ApiError> {
+    /// Makes the append `op` (to the chain of `route_key`) durable in the journal; returns its
+    /// seq once the log has fsynced it. The journal's task then hands the entry, stamped with its
+    /// seq, on with `room` ([`Journal::run`]), whether or not this call is still waiting.
+    pub async fn append(
+        &self,
+        route_key: &str,
+        op: &kv::Op,
+        room: Option<OwnedSemaphorePermit>,
+    ) -> Result<u64, ApiError> {
         let kv::Op::Append {
             head,
             prefix,
@@ -121,42 +138,29 @@ impl Journal {
             return Err(ApiError::Internal("only appends are journaled".into()));
         };
         let (tx, durable) = oneshot::channel();
-        let (seq, stamped) = {
+        {
             let mut queue = self.queue();
-            let seq = queue.next;
-            queue.next += 1;
-            let stamped = stamp(value, seq);
-            let data = encode(route_key, head, prefix, &stamped);
             queue.waiting.push(Waiting {
-                seq,
-                data,
+                route_key: route_key.to_owned(),
+                head: head.clone(),
+                prefix: prefix.clone(),
+                event: value.clone(),
+                room,
                 durable: tx,
             });
             if queue.waiting.len() == 1 {
                 self.arrived.notify_one();
             }
-            (seq, stamped)
-        };
+        }
         durable
             .await
             .map_err(|_| ApiError::Unavailable("the node's audit journal stopped".into()))?
-            .map_err(|e| {
-                ApiError::Unavailable(format!("the audit journal could not write: {e}"))
-            })?;
-        Ok(Entry {
-            seq,
-            route_key: route_key.to_owned(),
-            op: kv::Op::Append {
-                head: head.clone(),
-                prefix: prefix.clone(),
-                value: stamped,
-            },
-        })
+            .map_err(|e| ApiError::Unavailable(format!("the audit journal could not write: {e}")))
     }
 
     /// Writes the waiting events through `submit`, one batch at a time, at most one batch per
-    /// [`INTERVAL`]; runs until the task is dropped.
-    pub async fn run(self: Arc<Self>, submit: Arc<SubmitFn>) {
+    /// [`INTERVAL`], and hands each durable entry to `deliver`; runs until the task is dropped.
+    pub async fn run(self: Arc<Self>, submit: Arc<SubmitFn>, deliver: Arc<DeliverFn>) {
         let mut last = Instant::now();
         loop {
             loop {
@@ -171,25 +175,57 @@ impl Journal {
                 tokio::time::sleep_until(due.into()).await;
             }
             last = Instant::now();
-            let batch: Vec<Waiting> = {
+            let (first, batch): (u64, Vec<Waiting>) = {
                 let mut queue = self.queue();
                 let n = queue.waiting.len().min(BATCH_MAX);
-                queue.waiting.drain(..n).collect()
+                (queue.next, queue.waiting.drain(..n).collect())
             };
-            let result = write(submit.as_ref(), &batch).await;
-            for w in batch {
-                let _ = w.durable.send(result.clone());
+            let stamped: Vec<Bytes> = (first..)
+                .zip(&batch)
+                .map(|(seq, w)| stamp(&w.event, seq))
+                .collect();
+            let data: Vec<Bytes> = batch
+                .iter()
+                .zip(&stamped)
+                .map(|(w, event)| encode(&w.route_key, &w.head, &w.prefix, event))
+                .collect();
+            let (taken, result) = write(submit.as_ref(), first, &data).await;
+            if taken {
+                self.queue().next = first + batch.len() as u64;
+            }
+            // Entries the log took are moved even when their fsync failed (their reads fail:
+            // the chain may over-report, never under-report), so that the moved mark goes on.
+            for ((seq, w), event) in (first..).zip(batch).zip(stamped) {
+                let Waiting {
+                    route_key,
+                    head,
+                    prefix,
+                    room,
+                    durable,
+                    ..
+                } = w;
+                if taken {
+                    let op = kv::Op::Append {
+                        head,
+                        prefix,
+                        value: event,
+                    };
+                    deliver(Entry { seq, route_key, op }, room);
+                }
+                let _ = durable.send(result.clone().map(|()| seq));
             }
         }
     }
 }
 
-/// Writes `batch` to the log and waits until it is durable.
-async fn write(submit: &SubmitFn, batch: &[Waiting]) -> Result<(), String> {
+/// Writes `data` as the entries from `first` on, and waits until they are durable. Says whether
+/// the log took the entries (their seqs are then spent, durable or not) and whether they are
+/// durable.
+async fn write(submit: &SubmitFn, first: u64, data: &[Bytes]) -> (bool, Result<(), String>) {
     loop {
         let mut log_batch = WriteBatch::new();
-        for w in batch {
-            log_batch.append(JOURNAL_GROUP, w.seq, w.data.clone());
+        for (seq, d) in (first..).zip(data) {
+            log_batch.append(JOURNAL_GROUP, seq, d.clone());
         }
         let (tx, durable) = oneshot::channel::<dossier_storage::Result<()>>();
         let callback = Box::new(move |r: dossier_storage::Result<()>| {
@@ -197,7 +233,7 @@ async fn write(submit: &SubmitFn, batch: &[Waiting]) -> Result<(), String> {
         });
         match submit(log_batch, callback) {
             Ok(()) => {}
-            Err(Submit::Refused(e)) => return Err(e.to_string()),
+            Err(Submit::Refused(e)) => return (false, Err(e.to_string())),
             // The log is behind on its disk: wait for room and try again.
             Err(Submit::Full(..)) => {
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -205,8 +241,8 @@ async fn write(submit: &SubmitFn, batch: &[Waiting]) -> Result<(), String> {
             }
         }
         return match durable.await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err("the node's log closed".into()),
+            Ok(r) => (true, r.map_err(|e| e.to_string())),
+            Err(_) => (true, Err("the node's log closed".into())),
         };
     }
 }
@@ -269,33 +305,78 @@ fn decode(seq: u64, data: &[u8]) -> Option<Entry> {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
 
     use bytes::Bytes;
     use dossier_api::v1::AuditEvent;
     use dossier_records::kv;
-    use dossier_storage::{LogConfig, LogEngine};
+    use dossier_storage::{LogConfig, LogEngine, Submit};
     use prost::Message;
 
-    use super::{Journal, forget_to, stamp};
+    use super::{Entry, Journal, SubmitFn, forget_to, stamp};
 
-    /// A journal over `log`, writing.
-    fn started(
-        log: &Arc<LogEngine>,
-    ) -> (Arc<Journal>, Vec<super::Entry>, tokio::task::JoinHandle<()>) {
-        let (journal, left) = Journal::open(log).unwrap();
-        let submit_to = Arc::clone(log);
-        let task = tokio::spawn(Arc::clone(&journal).run(Arc::new(move |batch, on_durable| {
-            submit_to.try_submit(batch, on_durable)
-        })));
-        (journal, left, task)
+    /// A running journal over a log, with the entries it delivered and the batches it submitted.
+    struct Running {
+        log: Arc<LogEngine>,
+        journal: Arc<Journal>,
+        left: Vec<Entry>,
+        delivered: Arc<Mutex<Vec<Entry>>>,
+        batches: Arc<AtomicUsize>,
+        task: tokio::task::JoinHandle<()>,
     }
 
-    /// Stops the journal's task, then closes its log.
-    async fn close(log: Arc<LogEngine>, task: tokio::task::JoinHandle<()>) {
-        task.abort();
-        let _ = task.await;
-        Arc::into_inner(log).unwrap().close().unwrap();
+    impl Running {
+        /// The journal over `log`, submitting through `refuse_first` refusals first.
+        fn start(log: LogEngine, refuse_first: usize) -> Running {
+            let log = Arc::new(log);
+            let (journal, left) = Journal::open(&log).unwrap();
+            let delivered = Arc::new(Mutex::new(Vec::new()));
+            let batches = Arc::new(AtomicUsize::new(0));
+            let (submit_to, count) = (Arc::clone(&log), Arc::clone(&batches));
+            let submit: Arc<SubmitFn> = Arc::new(move |batch, on_durable| {
+                if count.fetch_add(1, Ordering::Relaxed) < refuse_first {
+                    return Err(Submit::Refused(dossier_storage::Error::Failed));
+                }
+                submit_to.try_submit(batch, on_durable)
+            });
+            let into = Arc::clone(&delivered);
+            let task = tokio::spawn(Arc::clone(&journal).run(
+                submit,
+                Arc::new(move |entry, _room| into.lock().unwrap().push(entry)),
+            ));
+            Running {
+                log,
+                journal,
+                left,
+                delivered,
+                batches,
+                task,
+            }
+        }
+
+        fn delivered(&self) -> Vec<(u64, String)> {
+            let mut got: Vec<(u64, String)> = self
+                .delivered
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    let (actor, seq) = actor_and_seq(&e.op);
+                    assert_eq!(seq, e.seq, "an entry is stamped with its seq");
+                    (e.seq, actor)
+                })
+                .collect();
+            got.sort();
+            got
+        }
+
+        /// Stops the journal's task, then closes its log.
+        async fn close(self) {
+            self.task.abort();
+            let _ = self.task.await;
+            Arc::into_inner(self.log).unwrap().close().unwrap();
+        }
     }
 
     /// The stamped bytes decode as the event with its journal seq, whatever else it holds.
@@ -349,48 +430,68 @@ mod tests {
         (e.actor, e.journal_seq)
     }
 
-    /// Reads arriving together share batches (one fdatasync each), and every event is in the
-    /// log, in seq order, once its append returns.
+    /// Reads arriving together share batches (one fdatasync each); every event is in the log,
+    /// in seq order, and handed on, once its append returns.
     #[tokio::test]
     async fn concurrent_appends_share_batches() {
         let dir = tempfile::tempdir().unwrap();
-        let log = Arc::new(engine(dir.path()));
-        let (journal, _) = Journal::open(&log).unwrap();
-        let submissions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (count, submit_to) = (Arc::clone(&submissions), Arc::clone(&log));
-        let task = tokio::spawn(Arc::clone(&journal).run(Arc::new(move |batch, on_durable| {
-            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            submit_to.try_submit(batch, on_durable)
-        })));
+        let running = Running::start(engine(dir.path()), 0);
         let appends = (0..200).map(|i| {
-            let journal = Arc::clone(&journal);
+            let journal = Arc::clone(&running.journal);
             async move {
                 journal
-                    .append(&format!("patient-{i}"), &append_op(&format!("actor-{i}")))
+                    .append(
+                        &format!("patient-{i}"),
+                        &append_op(&format!("actor-{i}")),
+                        None,
+                    )
                     .await
                     .unwrap()
             }
         });
-        let mut seqs: Vec<u64> = futures_util::future::join_all(appends)
-            .await
-            .iter()
-            .map(|e| e.seq)
-            .collect();
+        let mut seqs: Vec<u64> = futures_util::future::join_all(appends).await;
         seqs.sort_unstable();
         assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
-        let batches = submissions.load(std::sync::atomic::Ordering::Relaxed);
+        let batches = running.batches.load(Ordering::Relaxed);
         assert!(batches <= 10, "200 appends took {batches} batches");
-        close(log, task).await;
+        let want: Vec<(u64, String)> = (1..=200).map(|s| (s, format!("actor-{}", s - 1))).collect();
+        assert_eq!(running.delivered(), want);
+        running.close().await;
         let log = engine(dir.path());
         let (_, left) = Journal::open(&log).unwrap();
-        let actors: Vec<(u64, String)> = left
+        let held: Vec<(u64, String)> = left
             .iter()
             .map(|e| (e.seq, actor_and_seq(&e.op).0))
             .collect();
-        assert_eq!(actors.len(), 200);
-        for (seq, actor) in actors {
-            assert_eq!(actor, format!("actor-{}", seq - 1));
+        assert_eq!(held, want);
+    }
+
+    /// A batch the log refuses fails its reads and spends no seq: the next batch starts where
+    /// the refused one did, so the journal's entries stay contiguous and it keeps working.
+    #[tokio::test]
+    async fn a_refused_batch_spends_no_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = Running::start(engine(dir.path()), 1);
+        assert!(
+            running
+                .journal
+                .append("patient-1", &append_op("refused"), None)
+                .await
+                .is_err()
+        );
+        for actor in ["a", "b"] {
+            running
+                .journal
+                .append("patient-1", &append_op(actor), None)
+                .await
+                .unwrap();
         }
+        assert_eq!(
+            running.delivered(),
+            vec![(1, "a".to_owned()), (2, "b".to_owned())]
+        );
+        assert_eq!(running.journal.next_seq(), 3);
+        running.close().await;
     }
 
     /// What the journal made durable and did not forget is handed back when the node starts
@@ -400,24 +501,27 @@ mod tests {
     async fn a_restart_hands_back_what_was_not_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let log = Arc::new(engine(dir.path()));
-            let (journal, left, task) = started(&log);
-            assert!(left.is_empty());
+            let running = Running::start(engine(dir.path()), 0);
+            assert!(running.left.is_empty());
             for actor in ["a", "b", "c"] {
-                let entry = journal
-                    .append("patient-1", &append_op(actor))
+                running
+                    .journal
+                    .append("patient-1", &append_op(actor), None)
                     .await
                     .unwrap();
-                assert_eq!(actor_and_seq(&entry.op).0, actor);
             }
-            forget_to(&log, 1);
+            forget_to(&running.log, 1);
             // The purge travels with the next write; make it durable with one more append.
-            journal.append("patient-2", &append_op("d")).await.unwrap();
-            close(log, task).await;
+            running
+                .journal
+                .append("patient-2", &append_op("d"), None)
+                .await
+                .unwrap();
+            running.close().await;
         }
-        let log = Arc::new(engine(dir.path()));
-        let (journal, left, task) = started(&log);
-        let got: Vec<_> = left
+        let running = Running::start(engine(dir.path()), 0);
+        let got: Vec<_> = running
+            .left
             .iter()
             .map(|e| (e.seq, e.route_key.clone(), actor_and_seq(&e.op)))
             .collect();
@@ -429,11 +533,15 @@ mod tests {
                 (4, "patient-2".to_owned(), ("d".to_owned(), 4)),
             ]
         );
-        assert_eq!(journal.next_seq(), 5);
-        forget_to(&log, 4);
-        let entry = journal.append("patient-3", &append_op("e")).await.unwrap();
-        assert_eq!(entry.seq, 5);
-        close(log, task).await;
+        assert_eq!(running.journal.next_seq(), 5);
+        forget_to(&running.log, 4);
+        let seq = running
+            .journal
+            .append("patient-3", &append_op("e"), None)
+            .await
+            .unwrap();
+        assert_eq!(seq, 5);
+        running.close().await;
         let log = engine(dir.path());
         let (journal, left) = Journal::open(&log).unwrap();
         assert_eq!(left.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![5]);
