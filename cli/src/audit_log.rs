@@ -1,7 +1,8 @@
 //! Reading and verifying a patient's audit chain (`Records.AccessLog`): every page is checked
 //! link by link as it arrives (`dossier_storage::chain`), and the walk ends against the head the
-//! last page reports, so that a changed, removed or truncated entry is found by the reader, not
-//! taken on the node's word.
+//! first page reports, so that a changed, removed or truncated entry is found by the reader, not
+//! taken on the node's word (and the reader's own reads, which the log gains as it is read, do
+//! not keep the walk going).
 
 use dossier_api::v1::AuditEvent;
 use dossier_client::{Client, ClientError};
@@ -40,14 +41,20 @@ pub async fn read_chain(
 ) -> Result<ChainReport, ReadError> {
     let mut verifier = Verifier::default();
     let mut after = 0;
+    // The walk ends at the head the first page reports: reading the log adds to it (each page
+    // read is an access, audited), so a walk that chased the moving end would never end.
+    let mut end: Option<(u64, Vec<u8>)> = None;
     loop {
         let page = client.access_log(patient, after, 0).await?;
-        for entry in &page.entries {
+        let (head_seq, head_hash) = end
+            .get_or_insert_with(|| (page.head_seq, page.head_hash.clone()))
+            .clone();
+        for entry in page.entries.iter().take_while(|e| e.seq <= head_seq) {
             let mut stored = entry.hash.clone();
             stored.extend_from_slice(&entry.event);
             let bytes = match verifier.next(entry.seq, &stored) {
                 Ok(bytes) => bytes,
-                Err(b) => return Ok(report(&verifier, page.head_seq, &page.head_hash, Some(b))),
+                Err(b) => return Ok(report(&verifier, head_seq, &head_hash, Some(b))),
             };
             let event = AuditEvent::decode(bytes).map_err(|e| ReadError::Event {
                 seq: entry.seq,
@@ -56,19 +63,19 @@ pub async fn read_chain(
             each(entry.seq, &event);
             after = entry.seq;
         }
-        if !page.more {
-            let head = match page.head_seq {
+        if !page.more || page.entries.is_empty() || after >= head_seq {
+            let head = match head_seq {
                 0 => None,
                 seq => Some((
                     seq,
-                    page.head_hash
+                    head_hash
                         .as_slice()
                         .try_into()
                         .map_err(|_| ReadError::Head)?,
                 )),
             };
             let broken = verifier.finish(head).err();
-            return Ok(report(&verifier, page.head_seq, &page.head_hash, broken));
+            return Ok(report(&verifier, head_seq, &head_hash, broken));
         }
     }
 }

@@ -227,8 +227,8 @@ export class DossierClient {
     const headers: Record<string, string> = {};
     const token = typeof this.config.token === "function" ? this.config.token() : this.config.token;
     if (token !== undefined) {
-      if (token === "" || /[\s]/.test(token)) {
-        throw clientError(Code.InvalidArgument, "token: must be one word of printable characters");
+      if (!/^[\x21-\x7e]+$/.test(token)) {
+        throw clientError(Code.InvalidArgument, "token: must be one word of printable ASCII characters");
       }
       headers["authorization"] = `Bearer ${token}`;
     }
@@ -246,7 +246,7 @@ export class DossierClient {
    * Runs `call` against the patient's shard until it succeeds, fails for good, or the deadline
    * passes; for the requests this class has no method for (Search, History, ...).
    */
-  routed<T>(patientId: string, call: Attempt<T>, options?: RequestOptions): Promise<T> {
+  async routed<T>(patientId: string, call: Attempt<T>, options?: RequestOptions): Promise<T> {
     return this.routedWithin(this.deadline(options), patientId, call);
   }
 
@@ -506,7 +506,7 @@ export class DossierClient {
         const s = n.records
           .everything(
             { route, sinceMicros, consistency },
-            { signal: stop.signal, timeoutMs: Math.max(1, deadline.remaining()) },
+            { signal: stop.signal, timeoutMs: Math.max(1, deadline.remaining()), headers: deadline.headers },
           )
           [Symbol.asyncIterator]();
         const first = await s.next();

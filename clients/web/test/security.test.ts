@@ -117,6 +117,10 @@ describe("security over gRPC-Web with TLS", { timeout: 180_000 }, () => {
     });
     const own = await patient.readRecord("web-secure-1", ResourceType.PATIENT, "web-secure-1");
     assert.equal(own?.kind.case, "patient");
+    // The Everything stream carries the token too.
+    const everything: string[] = [];
+    await patient.everything("web-secure-1", 0n, (rs) => void everything.push(...rs.map((r) => r.kind.case ?? "")));
+    assert.deepEqual(everything, ["patient"]);
     await refused(
       patient.readRecord("web-secure-2", ResourceType.PATIENT, "web-secure-2"),
       Code.PermissionDenied,
@@ -137,6 +141,11 @@ describe("security over gRPC-Web with TLS", { timeout: 180_000 }, () => {
       breakGlass: "unconscious patient in the emergency room",
     });
     assert.equal(opened?.kind.case, "patient");
+    let streamed = 0;
+    await dr.everything("web-secure-2", 0n, (rs) => void (streamed += rs.length), {
+      breakGlass: "unconscious patient in the emergency room",
+    });
+    assert.equal(streamed, 1, "Everything on breaking the glass");
     await refused(
       dr.readRecord("web-secure-2", ResourceType.PATIENT, "web-secure-2"),
       Code.PermissionDenied,
