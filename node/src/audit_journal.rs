@@ -180,15 +180,11 @@ impl Journal {
                 let n = queue.waiting.len().min(BATCH_MAX);
                 (queue.next, queue.waiting.drain(..n).collect())
             };
-            let stamped: Vec<Bytes> = (first..)
+            // Each entry's bytes end with its stamped event: the chain's value is a slice of them.
+            let (data, stamped): (Vec<Bytes>, Vec<Bytes>) = (first..)
                 .zip(&batch)
-                .map(|(seq, w)| stamp(&w.event, seq))
-                .collect();
-            let data: Vec<Bytes> = batch
-                .iter()
-                .zip(&stamped)
-                .map(|(w, event)| encode(&w.route_key, &w.head, &w.prefix, event))
-                .collect();
+                .map(|(seq, w)| encode(&w.route_key, &w.head, &w.prefix, &w.event, seq))
+                .unzip();
             let (taken, result) = write(submit.as_ref(), first, &data).await;
             if taken {
                 self.queue().next = first + batch.len() as u64;
@@ -247,16 +243,27 @@ async fn write(submit: &SubmitFn, first: u64, data: &[Bytes]) -> (bool, Result<(
     }
 }
 
-/// The encoded event `event` with its `journal_seq` set to `seq`: the field appended to the
-/// encoding (a field met last wins; the event's own encoding leaves it unset, 0), with no
-/// decode and re-encode on the read path.
-fn stamp(event: &[u8], seq: u64) -> Bytes {
+/// Entry `seq`'s bytes, and the stamped event they end with (a slice of them, not a copy). The
+/// event is stamped with its `journal_seq` by appending the field to its encoding (a field met
+/// last wins; the event's own encoding leaves it unset, 0): no decode and re-encode on the read
+/// path.
+fn encode(route_key: &str, head: &[u8], prefix: &[u8], event: &[u8], seq: u64) -> (Bytes, Bytes) {
     const JOURNAL_SEQ_FIELD: u32 = 13;
-    let mut out = BytesMut::with_capacity(event.len() + 11);
+    let mut out = BytesMut::with_capacity(
+        1 + 6 + route_key.len() + head.len() + prefix.len() + event.len() + 11,
+    );
+    out.put_u8(VERSION);
+    for part in [route_key.as_bytes(), head, prefix] {
+        out.put_u16(u16::try_from(part.len()).unwrap_or(u16::MAX));
+        out.put_slice(&part[..part.len().min(u16::MAX as usize)]);
+    }
+    let event_at = out.len();
     out.put_slice(event);
     prost::encoding::encode_key(JOURNAL_SEQ_FIELD, WireType::Varint, &mut out);
     prost::encoding::encode_varint(seq, &mut out);
-    out.freeze()
+    let data = out.freeze();
+    let stamped = data.slice(event_at..);
+    (data, stamped)
 }
 
 /// Forgets the journal's entries up to `seq` (moved to their chains).
@@ -267,36 +274,27 @@ pub fn forget_to(engine: &LogEngine, seq: u64) {
     let _ = engine.try_submit(batch, Box::new(|_| {}));
 }
 
-fn encode(route_key: &str, head: &[u8], prefix: &[u8], event: &[u8]) -> Bytes {
-    let mut out =
-        BytesMut::with_capacity(1 + 6 + route_key.len() + head.len() + prefix.len() + event.len());
-    out.put_u8(VERSION);
-    for part in [route_key.as_bytes(), head, prefix] {
-        out.put_u16(u16::try_from(part.len()).unwrap_or(u16::MAX));
-        out.put_slice(&part[..part.len().min(u16::MAX as usize)]);
-    }
-    out.put_slice(event);
-    out.freeze()
-}
-
-fn decode(seq: u64, data: &[u8]) -> Option<Entry> {
-    let (&version, mut rest) = data.split_first()?;
-    if version != VERSION {
+fn decode(seq: u64, data: &Bytes) -> Option<Entry> {
+    if data.first() != Some(&VERSION) {
         return None;
     }
+    let mut at = 1;
     let mut parts = Vec::with_capacity(3);
     for _ in 0..3 {
-        let len = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
-        parts.push(rest.get(2..2 + len)?);
-        rest = &rest[2 + len..];
+        let len = u16::from_be_bytes(data.get(at..at + 2)?.try_into().ok()?) as usize;
+        parts.push(
+            data.get(at + 2..at + 2 + len)
+                .map(|_| data.slice(at + 2..at + 2 + len))?,
+        );
+        at += 2 + len;
     }
     Some(Entry {
         seq,
         route_key: String::from_utf8(parts[0].to_vec()).ok()?,
         op: kv::Op::Append {
-            head: Bytes::copy_from_slice(parts[1]),
-            prefix: Bytes::copy_from_slice(parts[2]),
-            value: Bytes::copy_from_slice(rest),
+            head: parts[1].clone(),
+            prefix: parts[2].clone(),
+            value: data.slice(at..),
         },
     })
 }
@@ -314,7 +312,7 @@ mod tests {
     use dossier_storage::{LogConfig, LogEngine, Submit};
     use prost::Message;
 
-    use super::{Entry, Journal, SubmitFn, forget_to, stamp};
+    use super::{Entry, Journal, SubmitFn, encode, forget_to};
 
     /// A running journal over a log, with the entries it delivered and the batches it submitted.
     struct Running {
@@ -388,7 +386,8 @@ mod tests {
             kv_keys: vec![b"k".to_vec()],
             ..AuditEvent::default()
         };
-        let stamped = AuditEvent::decode(stamp(&event.encode_to_vec(), 300).as_ref()).unwrap();
+        let (_, stamped) = encode("p", b"h", b"a/", &event.encode_to_vec(), 300);
+        let stamped = AuditEvent::decode(stamped.as_ref()).unwrap();
         assert_eq!(
             stamped,
             AuditEvent {
