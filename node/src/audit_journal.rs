@@ -282,11 +282,12 @@ fn decode(seq: u64, data: &Bytes) -> Option<Entry> {
     let mut parts = Vec::with_capacity(3);
     for _ in 0..3 {
         let len = u16::from_be_bytes(data.get(at..at + 2)?.try_into().ok()?) as usize;
-        parts.push(
-            data.get(at + 2..at + 2 + len)
-                .map(|_| data.slice(at + 2..at + 2 + len))?,
-        );
-        at += 2 + len;
+        let end = at + 2 + len;
+        if end > data.len() {
+            return None;
+        }
+        parts.push(data.slice(at + 2..end));
+        at = end;
     }
     Some(Entry {
         seq,
