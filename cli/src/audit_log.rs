@@ -43,12 +43,9 @@ pub async fn read_chain(
     let mut after = 0;
     // The walk ends at the head the first page reports: reading the log adds to it (each page
     // read is an access, audited), so a walk that chased the moving end would never end.
-    let mut end: Option<(u64, Vec<u8>)> = None;
+    let mut page = client.access_log(patient, 0, 0).await?;
+    let (head_seq, head_hash) = (page.head_seq, page.head_hash.clone());
     loop {
-        let page = client.access_log(patient, after, 0).await?;
-        let (head_seq, head_hash) = end
-            .get_or_insert_with(|| (page.head_seq, page.head_hash.clone()))
-            .clone();
         for entry in page.entries.iter().take_while(|e| e.seq <= head_seq) {
             let mut stored = entry.hash.clone();
             stored.extend_from_slice(&entry.event);
@@ -77,6 +74,7 @@ pub async fn read_chain(
             let broken = verifier.finish(head).err();
             return Ok(report(&verifier, head_seq, &head_hash, broken));
         }
+        page = client.access_log(patient, after, 0).await?;
     }
 }
 

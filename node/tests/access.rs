@@ -106,14 +106,6 @@ const CALLERS: [Caller; 10] = [
 /// The auditor reading the chains at the end of the matrix.
 const CHAIN_READER: &str = "chain-reader";
 
-/// A client presenting the certificate of `user`.
-async fn client_as(cluster: &TestCluster, certs: &Path, user: &str) -> dossier_client::Client {
-    let mut config = dossier_client::ClientConfig::new(cluster.seeds());
-    config.tls = Some(ClientTls::from_certs_dir(certs, Some(user)).unwrap());
-    config.deadline = Duration::from_secs(15);
-    dossier_client::Client::connect(config).await.unwrap()
-}
-
 /// The calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -735,7 +727,7 @@ async fn every_role_gets_exactly_the_calls_its_rules_allow() {
     // Reads' events come from their serving node's journal: the node answering the access log
     // moves its own first; another node's (had leadership moved) follow within moments.
     // The chains are read by an auditor of their own, whose reads of the log are audited too.
-    let reader = client_as(&cluster, &dir, CHAIN_READER).await;
+    let reader = cluster.client_as(CHAIN_READER).await;
     for who in PATIENTS {
         let mut want = events.remove(&who).unwrap_or_default();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -1127,7 +1119,7 @@ async fn cluster_with_patient(certs: &Path, pid: &str) -> (TestCluster, dossier_
 /// checked when the certificate or token is made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_makes_only_the_calls_its_grants_name() {
-    use dossier_client::{BearerToken, Client, ClientConfig, ClientError, ClientTls};
+    use dossier_client::{BearerToken, Client, ClientError};
 
     let certs = tempfile::tempdir().unwrap();
     make_certs(certs.path());
@@ -1174,10 +1166,8 @@ async fn a_service_makes_only_the_calls_its_grants_name() {
             .unwrap()
     ));
     let connect = async |user: Option<&str>, token: Option<String>| {
-        let mut config = ClientConfig::new(cluster.seeds());
-        config.tls = Some(ClientTls::from_certs_dir(certs.path(), user).unwrap());
+        let mut config = cluster.client_config(user);
         config.token = token.map(|t| BearerToken::new(&t).unwrap());
-        config.attempt_timeout = Duration::from_millis(700);
         config.deadline = Duration::from_secs(5);
         Client::connect(config).await.unwrap()
     };
@@ -1283,7 +1273,7 @@ async fn a_service_makes_only_the_calls_its_grants_name() {
 /// breaking the glass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consent_withholds_only_the_kinds_of_record_it_names() {
-    use dossier_client::{BearerToken, BreakGlass, Client, ClientConfig, ClientError, ClientTls};
+    use dossier_client::{BearerToken, BreakGlass, Client, ClientError};
 
     let certs = tempfile::tempdir().unwrap();
     make_certs(certs.path());
@@ -1311,14 +1301,12 @@ async fn a_consent_withholds_only_the_kinds_of_record_it_names() {
     };
     let jwt = token(certs.path(), claims, LOCAL_AUDIENCE, SystemTime::now());
     let connect = async |glass: bool| {
-        let mut config = ClientConfig::new(cluster.seeds());
-        config.tls = Some(ClientTls::from_certs_dir(certs.path(), None).unwrap());
+        let mut config = cluster.client_config(None);
         config.token = Some(BearerToken::new(&jwt).unwrap());
         if glass {
             config.break_glass =
                 Some(BreakGlass::new("unconscious patient in the emergency room").unwrap());
         }
-        config.attempt_timeout = Duration::from_millis(700);
         config.deadline = Duration::from_secs(5);
         Client::connect(config).await.unwrap()
     };

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use common::{TestCluster, make_certs, patient_with_insz, secure};
 use dossier_api::v1::{ResourceType, WriteOutcome};
 use dossier_cli::tokens::{self, LOCAL_AUDIENCE, LOCAL_ISSUER, TokenClaims};
-use dossier_client::{BearerToken, BreakGlass, Client, ClientConfig, ClientTls, WriteOptions};
+use dossier_client::{BearerToken, BreakGlass, Client, WriteOptions};
 use dossier_records::SYSTEM_INSZ;
 
 /// Every line logged in this test binary.
@@ -53,14 +53,12 @@ async fn clinician(
     token: &str,
     glass: bool,
 ) -> Result<Client, dossier_client::ClientError> {
-    let mut config = ClientConfig::new(cluster.seeds());
-    config.tls = Some(ClientTls::from_certs_dir(cluster.certs_dir().unwrap(), None).unwrap());
+    let mut config = cluster.client_config(None);
     config.token = Some(BearerToken::new(token).unwrap());
     if glass {
         config.break_glass =
             Some(BreakGlass::new("unconscious patient in the emergency room").unwrap());
     }
-    config.attempt_timeout = Duration::from_millis(700);
     config.deadline = Duration::from_secs(5);
     Client::connect(config).await
 }

@@ -225,14 +225,28 @@ impl TestCluster {
         self.nodes[0].config.certs_dir.as_deref()
     }
 
-    pub async fn client(&self) -> Client {
+    /// A client configuration for this cluster: with TLS on, it presents `user`'s certificate
+    /// (None: none, for callers with a token).
+    pub fn client_config(&self, user: Option<&str>) -> ClientConfig {
         let mut config = ClientConfig::new(self.seeds());
         config.tls = self
             .certs_dir()
-            .map(|d| dossier_client::ClientTls::from_certs_dir(d, Some(SERVICE_USER)).unwrap());
+            .map(|d| dossier_client::ClientTls::from_certs_dir(d, user).unwrap());
         config.attempt_timeout = Duration::from_millis(700);
         config.deadline = Duration::from_secs(15);
-        Client::connect(config).await.unwrap()
+        config
+    }
+
+    /// A client of the cluster's service (with TLS on, by its certificate).
+    pub async fn client(&self) -> Client {
+        self.client_as(SERVICE_USER).await
+    }
+
+    /// A client presenting `user`'s certificate (with TLS on).
+    pub async fn client_as(&self, user: &str) -> Client {
+        Client::connect(self.client_config(Some(user)))
+            .await
+            .unwrap()
     }
 
     pub async fn admin(&self, node: usize) -> AdminClient<tonic::transport::Channel> {
