@@ -596,6 +596,7 @@ pub struct Flags {
     pub election_timeout_max_ms: Option<u64>,
     /// Idle groups go quiescent after this many milliseconds without a new entry (no Raft timers
     /// until they are used again; followers watch the leader's node by ping instead); 0: never.
+    /// Default 2000.
     #[arg(long, env = "DOSSIER_QUIESCE_AFTER_MS")]
     pub quiesce_after_ms: Option<u64>,
     /// Threads of the async runtime (0: one per CPU core).

@@ -9,37 +9,38 @@ use std::time::{Duration, Instant};
 
 use common::TestCluster;
 use dossier_api::v1::{Operation, operation};
-use dossier_client::ClientError;
+use dossier_client::{Client, ClientError};
 
 const MIB: usize = 1 << 20;
-
-/// The two tests run one after the other, each cluster torn down before the next starts. sled
-/// 0.34 guards every tree of the process with one global concurrency-control lock: a batch
-/// takes it exclusively, reads share it. The other test's cluster dropping its databases (a
-/// flush that waits for its IO buffers while the lock is shared) once held the burst's nodes,
-/// which live in the same process, for 90 s: no write committed and the test failed. Separate
-/// node processes share no such lock.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A value of `len` bytes that names its writer in every byte position.
 fn value(writer: usize, len: usize) -> Vec<u8> {
     (0..len).map(|i| (writer * 31 + i) as u8).collect()
 }
 
-/// 64 writers put 1 MiB each into one shard at once (64 MiB, twice the log's batch limit, far
-/// above one AppendEntries): the shard keeps its leader, small writes still commit, every
-/// follower catches up to the leader, and every acknowledged value reads back whole.
+/// Both checks run on one cluster, one after the other: sled 0.34 guards every tree of a process
+/// with one global concurrency-control lock (a batch takes it exclusively, reads share it), so
+/// two in-process clusters side by side can hold each other up; one tearing down its databases
+/// (a flush that waits for its IO buffers while the lock is shared) once held the other's nodes
+/// for 90 s. Separate node processes share no such lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn burst_of_large_writes_keeps_the_shard_alive() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+async fn large_writes_keep_the_shard_alive_and_an_oversized_command_is_refused() {
     let cluster = TestCluster::start(3, 1, 3, &|_| {}).await;
     let client = cluster.client().await;
+    burst_of_large_writes_keeps_the_shard_alive(&cluster, &client).await;
+    command_above_the_entry_limit_is_refused(&client).await;
+}
+
+/// 64 writers put 1 MiB each into one fresh shard at once (64 MiB, twice the log's batch limit,
+/// far above one AppendEntries): the shard keeps its leader, small writes still commit, every
+/// follower catches up to the leader, and every acknowledged value reads back whole.
+async fn burst_of_large_writes_keeps_the_shard_alive(cluster: &TestCluster, client: &Client) {
     let writers: Vec<_> = (0..64)
         .map(|w| {
             let client = client.clone();
             tokio::spawn(async move {
-                // A deadline that a loaded 2-core machine meets (the test file's other test
-                // runs beside this one); the burst, not the deadline, is under test.
+                // A deadline that a loaded 2-core machine meets; the burst, not the deadline,
+                // is under test.
                 let outcome = client
                     .put_with(
                         &format!("big-{w}"),
@@ -104,11 +105,7 @@ async fn burst_of_large_writes_keeps_the_shard_alive() {
 
 /// A batch of five 1 MiB puts encodes to more than one log entry holds (`log.entry-bytes-max`,
 /// 4 MiB): it is refused as INVALID_ARGUMENT naming the limit, and the shard goes on serving.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn command_above_the_entry_limit_is_refused() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let cluster = TestCluster::start(3, 1, 3, &|_| {}).await;
-    let client = cluster.client().await;
+async fn command_above_the_entry_limit_is_refused(client: &Client) {
     let operations: Vec<Operation> = (0..5)
         .map(|i| Operation {
             op: Some(operation::Op::Put(operation::Put {

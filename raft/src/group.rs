@@ -74,7 +74,7 @@ impl Default for RaftConfig {
             replicate_before_local_flush: true,
             read_lease: true,
             read_lease_margin_ms: 60,
-            quiesce_after_ms: 0,
+            quiesce_after_ms: 2000,
         }
     }
 }
