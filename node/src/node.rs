@@ -340,6 +340,7 @@ impl Node {
             if d.epoch <= 1
                 && d.split_from == 0
                 && d.replicas.first() == Some(&me)
+                && !seen_initialised(&raft)
                 && !raft.is_initialized().await.context("query group state")?
             {
                 let members = members(&map, &d.replicas)?;
@@ -703,4 +704,14 @@ impl GroupRegistry for Node {
     fn quiesce(&self, request: &dossier_api::raft::v1::QuiesceRequest) -> Result<(), String> {
         self.quiesce_here(request)
     }
+}
+
+/// Whether the group's metrics already show it initialised (a log or a term): read from the
+/// metrics' watch, without a message to the group's core. The reconcile loop asks this of every
+/// shard it starts, ten times a second; asking the core instead woke every quiescent group's
+/// task as often.
+fn seen_initialised(raft: &Raft) -> bool {
+    let metrics = raft.metrics();
+    let m = metrics.borrow_watched();
+    m.last_log_index.is_some() || m.current_term > 0
 }

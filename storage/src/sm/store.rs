@@ -243,16 +243,23 @@ pub(crate) fn flush(inner: &StoreInner) -> Result<()> {
         // tree a snapshot view holds keeps its writes in memory and its durable state where it is.
         let _applying = shard.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         shard.write_back_locked()?;
-        stored.push((
-            shard.stored_applied.load(Ordering::Acquire),
-            shard.tree_checkpoint_locked()?,
-        ));
+        let applied = shard.stored_applied.load(Ordering::Acquire);
+        // A shard that applied nothing since its last flush has nothing new to publish: an
+        // idle node's many shards cost no reads of their trees.
+        if applied == shard.durable_applied.load(Ordering::Acquire) {
+            stored.push(None);
+            continue;
+        }
+        stored.push(Some((applied, shard.tree_checkpoint_locked()?)));
     }
     inner
         .db
         .flush()
         .map_err(|e| Error::sled("flush state store", e))?;
-    for (shard, (applied, checkpoint)) in shards.iter().zip(stored) {
+    for (shard, stored) in shards.iter().zip(stored) {
+        let Some((applied, checkpoint)) = stored else {
+            continue;
+        };
         shard.durable_applied.fetch_max(applied, Ordering::AcqRel);
         shard.publish_durable(checkpoint);
     }
