@@ -24,7 +24,7 @@ pub struct PlaygroundArgs {
     /// Where the nodes keep their data and logs (default: a temporary directory, removed at exit).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Nodes to start (at least 3).
+    /// Nodes to start (3 to 38; the demo adds one).
     #[arg(long, default_value_t = 3)]
     nodes: u64,
     #[arg(long, default_value_t = 8)]
@@ -50,6 +50,9 @@ pub struct PlaygroundArgs {
     insecure: bool,
 }
 
+/// The span of each kind of port (gRPC, peer, HTTP) above `--base-port`.
+const PORT_BLOCK: u64 = 40;
+
 fn mark(step: &str) {
     println!("\n== {step}");
 }
@@ -57,6 +60,22 @@ fn mark(step: &str) {
 pub async fn run(args: &PlaygroundArgs) -> Result<()> {
     if args.nodes < 3 {
         bail!("--nodes must be at least 3 (a shard keeps 3 replicas)");
+    }
+    // Node i serves gRPC on base+i, its peer port on base+40+i and HTTP on base+80+i; the demo
+    // adds one node to those asked for.
+    if args.nodes + 1 >= PORT_BLOCK {
+        bail!(
+            "--nodes must be at most {} (the playground gives each node a port in blocks of {PORT_BLOCK} above --base-port)",
+            PORT_BLOCK - 2
+        );
+    }
+    if u64::from(args.base_port) + 2 * PORT_BLOCK + args.nodes + 1 > u64::from(u16::MAX) {
+        bail!(
+            "--base-port {} leaves no room for {} nodes' ports (base+1 to base+{}); choose a lower one",
+            args.base_port,
+            args.nodes + 1,
+            2 * PORT_BLOCK + args.nodes + 1
+        );
     }
     let bin = node_binary(args.node_bin.as_deref())?;
     let (_temp, root) = match &args.data_dir {
@@ -517,4 +536,36 @@ async fn kill_leader_under_load(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(KillOutcome { lost })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PlaygroundArgs, run};
+
+    fn args(nodes: u64, base_port: u16) -> PlaygroundArgs {
+        PlaygroundArgs {
+            data_dir: None,
+            nodes,
+            shards: 8,
+            base_port,
+            patients: 1,
+            writers: 1,
+            exit_after: Some(0),
+            node_bin: None,
+            insecure: true,
+        }
+    }
+
+    /// Node i's gRPC, peer and HTTP ports sit in blocks of 40 above the base port: more nodes
+    /// than a block holds, or a base port too high for them, is refused before anything starts
+    /// (with 40 nodes, node 40's gRPC port was node 0's peer port; near 65,535 the sums overflowed).
+    #[tokio::test]
+    async fn ports_outside_their_blocks_are_refused() {
+        let e = run(&args(39, 7100)).await.unwrap_err().to_string();
+        assert!(e.contains("--nodes must be at most 38"), "{e}");
+        let e = run(&args(3, 65_460)).await.unwrap_err().to_string();
+        assert!(e.contains("--base-port 65460 leaves no room"), "{e}");
+        let e = run(&args(2, 7100)).await.unwrap_err().to_string();
+        assert!(e.contains("at least 3"), "{e}");
+    }
 }

@@ -62,6 +62,8 @@ pub struct AuditBatcher {
     room: Arc<Semaphore>,
     /// Every event with a seq up to this one is in its chain.
     moved: watch::Receiver<u64>,
+    /// The journal's and the mover's tasks (both hold the node).
+    tasks: Arc<[tokio::task::AbortHandle; 2]>,
 }
 
 impl std::fmt::Debug for AuditBatcher {
@@ -99,12 +101,12 @@ impl AuditBatcher {
         for entry in left {
             let _ = queue.try_send(Shipment { entry, _room: None });
         }
-        tokio::spawn(run(Arc::clone(&node), rx, moved_tx, first - 1));
+        let mover = tokio::spawn(run(Arc::clone(&node), rx, moved_tx, first - 1));
         // The journal's task hands each durable event to the mover itself: an event whose read
         // gave up waiting is moved all the same, and the moved mark goes on past it.
         let log = Arc::clone(&node);
         let deliver = queue.clone();
-        tokio::spawn(Arc::clone(&journal).run(
+        let writer = tokio::spawn(Arc::clone(&journal).run(
             Arc::new(move |batch, on_durable| log.engine().try_submit(batch, on_durable)),
             Arc::new(move |entry, room| {
                 let _ = deliver.try_send(Shipment { entry, _room: room });
@@ -114,7 +116,17 @@ impl AuditBatcher {
             journal,
             room: Arc::new(Semaphore::new(BACKLOG_MAX)),
             moved,
+            tasks: Arc::new([writer.abort_handle(), mover.abort_handle()]),
         })
+    }
+
+    /// Stops the journal's and the mover's tasks, which hold the node: once the node's servers
+    /// have stopped, so that the node (its log and state store) is released when its run ends,
+    /// not when its runtime does. Events not yet moved stay in the journal for the next start.
+    pub fn stop(&self) {
+        for task in self.tasks.iter() {
+            task.abort();
+        }
     }
 
     /// Makes `op` (an append to the chain of `route_key`) durable within `deadline`; it is then

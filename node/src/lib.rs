@@ -324,6 +324,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
     if let Ok(Err(e)) = http.await {
         error!(error = %format!("{e:#}"), "HTTP server failed");
     }
+    audits.stop();
     node.shutdown().await;
     info!("node stopped");
     Ok(())

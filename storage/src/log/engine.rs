@@ -239,7 +239,10 @@ impl LogEngine {
             let e = match e {
                 fs::TryLockError::Error(e) => e,
                 fs::TryLockError::WouldBlock => {
-                    std::io::Error::new(std::io::ErrorKind::WouldBlock, "another process holds it")
+                    std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        "a running node holds it (another process, or one still running in this process)",
+                    )
                 }
             };
             Error::io("lock log directory", &lock_path, e)

@@ -1,0 +1,53 @@
+//! What a node holds is let go when its run returns.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestNode;
+use tokio::sync::watch;
+
+/// `dossier_node::run` returns after a stop with nothing of the node still running: the same
+/// data directory opens again at once in the same runtime (an embedder restarting a node in
+/// place). Before, the audit journal's tasks kept the node, and its log's lock, until the
+/// runtime itself was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_lets_go_of_its_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = TestNode::new(1, dir.path().join("node-1"), &|_| {})
+        .config
+        .clone()
+        .validate()
+        .unwrap();
+    let (stop, stopped) = watch::channel(false);
+    let first = tokio::spawn(dossier_node::run(config.clone(), Some(stopped)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!first.is_finished(), "the node stopped by itself");
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), first)
+        .await
+        .expect("the node stops within 30 s")
+        .unwrap()
+        .unwrap();
+
+    // Tasks aborted as the run ended are dropped by the runtime moments later: a few tries.
+    let mut refusals = Vec::new();
+    for _ in 0..20 {
+        let (stop, stopped) = watch::channel(false);
+        let again = tokio::spawn(dossier_node::run(config.clone(), Some(stopped)));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if !again.is_finished() {
+            stop.send(true).unwrap();
+            tokio::time::timeout(Duration::from_secs(30), again)
+                .await
+                .expect("the second run stops within 30 s")
+                .unwrap()
+                .unwrap();
+            return;
+        }
+        refusals.push(format!("{:#}", again.await.unwrap().unwrap_err()));
+    }
+    panic!("the data directory stayed held after the run ended: {refusals:?}");
+}
