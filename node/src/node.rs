@@ -706,8 +706,9 @@ impl GroupRegistry for Node {
     }
 }
 
-/// Whether the group's metrics already show it initialised (a log or a term): read from the
-/// metrics' watch, without a message to the group's core. The reconcile loop asks this of every
+/// Whether the group's metrics already show it initialised: a log or a term, the test openraft's
+/// `is_initialized` makes on its state (metrics may lag it, never lead it), read from the
+/// metrics' watch without a message to the group's core. The reconcile loop asks this of every
 /// shard it starts, ten times a second; asking the core instead woke every quiescent group's
 /// task as often.
 fn seen_initialised(raft: &Raft) -> bool {
