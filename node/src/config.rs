@@ -267,7 +267,13 @@ impl Config {
 
 impl NodeConfig {
     /// Checks every field and the relations between them; messages name the field.
-    pub fn validate(self) -> Result<Arc<Config>> {
+    pub fn validate(mut self) -> Result<Arc<Config>> {
+        // Quiescence's default follows election timeouts raised above its reach: a config that
+        // raises them without naming quiesce-after-ms stays valid (and quiescent).
+        let r = &mut self.raft;
+        if r.quiesce_after_ms == dossier_raft::QUIESCE_AFTER_DEFAULT_MS {
+            r.quiesce_after_ms = r.quiesce_after_ms.max(2 * r.election_timeout_max_ms);
+        }
         ensure!(self.node_id != 0, "node-id must not be 0");
         ensure!(
             !self.cluster_name.is_empty()
@@ -596,7 +602,7 @@ pub struct Flags {
     pub election_timeout_max_ms: Option<u64>,
     /// Idle groups go quiescent after this many milliseconds without a new entry (no Raft timers
     /// until they are used again; followers watch the leader's node by ping instead); 0: never.
-    /// Default 2000.
+    /// Default 2000 (twice the election timeout's maximum when that is more).
     #[arg(long, env = "DOSSIER_QUIESCE_AFTER_MS")]
     pub quiesce_after_ms: Option<u64>,
     /// Threads of the async runtime (0: one per CPU core).
@@ -704,6 +710,33 @@ impl Flags {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Raising the election timeouts without naming quiesce-after-ms keeps the config valid: the
+    /// default follows them. An explicit value too short for them is refused; 0 stays off.
+    #[test]
+    fn quiescence_default_follows_raised_election_timeouts() {
+        let mut c = NodeConfig::default();
+        c.raft.election_timeout_min_ms = 1_000;
+        c.raft.election_timeout_max_ms = 1_500;
+        assert_eq!(
+            c.clone().validate().unwrap().node.raft.quiesce_after_ms,
+            3_000
+        );
+        c.raft.quiesce_after_ms = 0;
+        assert_eq!(c.clone().validate().unwrap().node.raft.quiesce_after_ms, 0);
+        c.raft.quiesce_after_ms = 2_500;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("quiesce-after-ms (2500)"), "{e}");
+        assert_eq!(
+            NodeConfig::default()
+                .validate()
+                .unwrap()
+                .node
+                .raft
+                .quiesce_after_ms,
+            dossier_raft::QUIESCE_AFTER_DEFAULT_MS
+        );
+    }
 
     /// Defaults are valid; a too-short election timeout is refused with a message naming both fields.
     #[test]

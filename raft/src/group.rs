@@ -56,6 +56,10 @@ pub struct RaftConfig {
     pub quiesce_after_ms: u64,
 }
 
+/// `RaftConfig::quiesce_after_ms` by default: a group quiet for 2 s stops its timers. A node's
+/// configuration raises it to twice the election timeout when that is more.
+pub const QUIESCE_AFTER_DEFAULT_MS: u64 = 2000;
+
 impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
@@ -74,7 +78,7 @@ impl Default for RaftConfig {
             replicate_before_local_flush: true,
             read_lease: true,
             read_lease_margin_ms: 60,
-            quiesce_after_ms: 2000,
+            quiesce_after_ms: QUIESCE_AFTER_DEFAULT_MS,
         }
     }
 }

@@ -24,7 +24,7 @@ mod vote_hold;
 
 pub use append::AppendStreamCounts;
 pub use error::Error;
-pub use group::{GroupContext, Raft, RaftConfig};
+pub use group::{GroupContext, QUIESCE_AFTER_DEFAULT_MS, Raft, RaftConfig};
 pub use log_store::LogStore;
 pub use network::{APPEND_PIPELINE_DEPTH, GroupNetwork, NetworkConfig, PeerPool};
 pub use server::{GroupRegistry, RaftServer};
