@@ -129,6 +129,11 @@ impl AuditBatcher {
         }
     }
 
+    /// A guard that stops the tasks when dropped.
+    pub fn stop_on_drop(&self) -> StopOnDrop {
+        StopOnDrop(Arc::clone(&self.tasks))
+    }
+
     /// Makes `op` (an append to the chain of `route_key`) durable within `deadline`; it is then
     /// moved to its chain in the background.
     pub async fn append(
@@ -167,6 +172,18 @@ impl AuditBatcher {
     /// Events journaled and not yet in their chains.
     pub fn backlog(&self) -> usize {
         BACKLOG_MAX - self.room.available_permits()
+    }
+}
+
+/// Stops the journal's and the mover's tasks when dropped ([`AuditBatcher::stop_on_drop`]).
+#[derive(Debug)]
+pub struct StopOnDrop(Arc<[tokio::task::AbortHandle; 2]>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        for task in self.0.iter() {
+            task.abort();
+        }
     }
 }
 

@@ -272,7 +272,9 @@ impl NodeConfig {
         // raises them without naming quiesce-after-ms stays valid (and quiescent).
         let r = &mut self.raft;
         if r.quiesce_after_ms == dossier_raft::QUIESCE_AFTER_DEFAULT_MS {
-            r.quiesce_after_ms = r.quiesce_after_ms.max(2 * r.election_timeout_max_ms);
+            r.quiesce_after_ms = r
+                .quiesce_after_ms
+                .max(r.election_timeout_max_ms.saturating_mul(2));
         }
         ensure!(self.node_id != 0, "node-id must not be 0");
         ensure!(
@@ -341,7 +343,8 @@ impl NodeConfig {
             r.election_timeout_min_ms
         );
         ensure!(
-            r.quiesce_after_ms == 0 || r.quiesce_after_ms >= 2 * r.election_timeout_max_ms,
+            r.quiesce_after_ms == 0
+                || r.quiesce_after_ms >= r.election_timeout_max_ms.saturating_mul(2),
             "raft.quiesce-after-ms ({}) must be 0 (off) or at least twice raft.election-timeout-max-ms ({})",
             r.quiesce_after_ms,
             r.election_timeout_max_ms

@@ -143,6 +143,9 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
     // chains the events a previous run journaled.
     let audits = audit_batch::AuditBatcher::start(Arc::clone(&node))
         .map_err(|e| anyhow::anyhow!("open the audit journal: {e}"))?;
+    // Whichever way this run ends (a port that cannot be bound, an error), its tasks let go of
+    // the node; a normal stop stops them earlier, once the servers have.
+    let _stop_audits = audits.stop_on_drop();
     let peers = match config.node.peer_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)

@@ -32,7 +32,28 @@ async fn a_stopped_node_lets_go_of_its_data_directory() {
         .unwrap()
         .unwrap();
 
-    // Tasks aborted as the run ended are dropped by the runtime moments later: a few tries.
+    runs_again(config).await;
+}
+
+/// A run that fails once the node is open (its gRPC port is taken) lets go of the directory too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_lets_go_of_its_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = TestNode::new(1, dir.path().join("node-1"), &|_| {})
+        .config
+        .clone()
+        .validate()
+        .unwrap();
+    let taken = std::net::TcpListener::bind(config.node.listen).unwrap();
+    let e = dossier_node::run(config.clone(), None).await.unwrap_err();
+    assert!(format!("{e:#}").contains("bind"), "{e:#}");
+    drop(taken);
+    runs_again(config).await;
+}
+
+/// Starts a node on `config` and stops it, failing if its data directory stays held.
+async fn runs_again(config: std::sync::Arc<dossier_node::Config>) {
+    // Tasks aborted as a run ended are dropped by the runtime moments later: a few tries.
     let mut refusals = Vec::new();
     for _ in 0..20 {
         let (stop, stopped) = watch::channel(false);
@@ -42,7 +63,7 @@ async fn a_stopped_node_lets_go_of_its_data_directory() {
             stop.send(true).unwrap();
             tokio::time::timeout(Duration::from_secs(30), again)
                 .await
-                .expect("the second run stops within 30 s")
+                .expect("the node stops within 30 s")
                 .unwrap()
                 .unwrap();
             return;
