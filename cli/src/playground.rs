@@ -14,7 +14,7 @@ use clap::Args;
 use dossier_client::{Client, ReadConsistency};
 
 use dossier_cli::ops as cluster;
-use dossier_cli::procs::{LocalCluster, NodeProc, node_binary};
+use dossier_cli::procs::{LocalCluster, NodeProc, PORT_BLOCK, local_ports, node_binary};
 use dossier_cli::records::TRANSACTION_ENTRIES;
 use dossier_fhir::ImportedBundle;
 use dossier_records::synth;
@@ -50,9 +50,6 @@ pub struct PlaygroundArgs {
     insecure: bool,
 }
 
-/// The span of each kind of port (gRPC, peer, HTTP) above `--base-port`.
-const PORT_BLOCK: u64 = 40;
-
 fn mark(step: &str) {
     println!("\n== {step}");
 }
@@ -61,20 +58,19 @@ pub async fn run(args: &PlaygroundArgs) -> Result<()> {
     if args.nodes < 3 {
         bail!("--nodes must be at least 3 (a shard keeps 3 replicas)");
     }
-    // Node i serves gRPC on base+i, its peer port on base+40+i and HTTP on base+80+i; the demo
-    // adds one node to those asked for.
-    if args.nodes + 1 >= PORT_BLOCK {
+    // The demo adds one node to those asked for; every node's ports must fit (`local_ports`).
+    let last = args.nodes + 1;
+    if last >= u64::from(PORT_BLOCK) {
         bail!(
             "--nodes must be at most {} (the playground gives each node a port in blocks of {PORT_BLOCK} above --base-port)",
             PORT_BLOCK - 2
         );
     }
-    if u64::from(args.base_port) + 2 * PORT_BLOCK + args.nodes + 1 > u64::from(u16::MAX) {
+    if local_ports(args.base_port, last).is_none() {
         bail!(
-            "--base-port {} leaves no room for {} nodes' ports (base+1 to base+{}); choose a lower one",
+            "--base-port {} leaves no room for {last} nodes' ports (base+1 to base+{}); choose a lower one",
             args.base_port,
-            args.nodes + 1,
-            2 * PORT_BLOCK + args.nodes + 1
+            2 * PORT_BLOCK + last as u16
         );
     }
     let bin = node_binary(args.node_bin.as_deref())?;
@@ -253,19 +249,13 @@ async fn join_a_node(
         "node {id} joins the running cluster (--join {})",
         seeds[0]
     ));
-    let mut node = NodeProc::new(
+    let mut node = LocalCluster::node(
+        args.base_port,
         id,
-        args.base_port + id as u16,
-        args.base_port + 80 + id as u16,
         root.join(format!("node-{id}")),
         bin.to_path_buf(),
-    );
-    if peer_port {
-        node.peer = Some(format!(
-            "127.0.0.1:{}",
-            LocalCluster::peer_port(args.base_port, id)
-        ));
-    }
+        peer_port,
+    )?;
     node.extra_args = cluster_args.to_vec();
     node.extra_args.extend([
         "--join".into(),

@@ -225,9 +225,24 @@ pub async fn http_ok(addr: &str, path: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// A local cluster of `dossier-node` processes on loopback: node `i` (from 1) listens on gRPC port
-/// `base_port + i` and HTTP port `base_port + 80 + i` (and, with TLS, serves its internal
-/// services on the peer port `base_port + 40 + i`), with its data under `root/node-i`.
+/// The span of each kind of port above a local cluster's base port: node `i` (1 to
+/// `PORT_BLOCK - 1`) listens on gRPC port `base_port + i`, peer port
+/// `base_port + PORT_BLOCK + i` and HTTP port `base_port + 2 × PORT_BLOCK + i`.
+pub const PORT_BLOCK: u16 = 40;
+
+/// The gRPC, peer and HTTP ports of node `id` of a local cluster on `base_port`, or None when
+/// they do not fit (an id outside its block, a port past 65,535).
+pub fn local_ports(base_port: u16, id: u64) -> Option<[u16; 3]> {
+    let id = u16::try_from(id)
+        .ok()
+        .filter(|id| (1..PORT_BLOCK).contains(id))?;
+    let at = |block: u16| base_port.checked_add(block * PORT_BLOCK + id);
+    Some([at(0)?, at(1)?, at(2)?])
+}
+
+/// A local cluster of `dossier-node` processes on loopback, node `i` (from 1) on the ports of
+/// [`local_ports`] (the peer port only with TLS, for its internal services), with its data under
+/// `root/node-i`.
 #[derive(Debug)]
 pub struct LocalCluster {
     pub procs: Vec<NodeProc>,
@@ -337,7 +352,29 @@ impl LocalCluster {
 
     /// The peer port of node `id` of a cluster on `base_port`.
     pub fn peer_port(base_port: u16, id: u64) -> u16 {
-        base_port + 40 + id as u16
+        base_port + PORT_BLOCK + id as u16
+    }
+
+    /// The process of node `id` of a cluster on `base_port` ([`local_ports`]), with its peer
+    /// port when `peer_port`, its data in `data`.
+    pub fn node(
+        base_port: u16,
+        id: u64,
+        data: PathBuf,
+        bin: PathBuf,
+        peer_port: bool,
+    ) -> Result<NodeProc> {
+        let [grpc, peer, http] = local_ports(base_port, id).with_context(|| {
+            format!(
+                "node {id} has no ports above base port {base_port} (node ids go from 1 to {}, ports up to 65535)",
+                PORT_BLOCK - 1
+            )
+        })?;
+        let mut p = NodeProc::new(id, grpc, http, data, bin);
+        if peer_port {
+            p.peer = Some(format!("127.0.0.1:{peer}"));
+        }
+        Ok(p)
     }
 
     async fn spawn_procs(
@@ -348,23 +385,19 @@ impl LocalCluster {
         extra_args: &[String],
         peer_ports: bool,
     ) -> Result<LocalCluster> {
-        let mut procs: Vec<NodeProc> = (1..=nodes)
+        let mut procs = (1..=nodes)
             .map(|id| {
-                let (grpc, http) = (base_port + id as u16, base_port + 80 + id as u16);
-                let mut p = NodeProc::new(
+                let mut p = Self::node(
+                    base_port,
                     id,
-                    grpc,
-                    http,
                     root.join(format!("node-{id}")),
                     bin.to_path_buf(),
-                );
+                    peer_ports,
+                )?;
                 p.extra_args = extra_args.to_vec();
-                if peer_ports {
-                    p.peer = Some(format!("127.0.0.1:{}", Self::peer_port(base_port, id)));
-                }
-                p
+                Ok(p)
             })
-            .collect();
+            .collect::<Result<Vec<NodeProc>>>()?;
         for p in &mut procs {
             p.spawn()?;
         }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use dossier_cli::procs::{LocalCluster, NodeProc};
+use dossier_cli::procs::{LocalCluster, NodeProc, PORT_BLOCK};
 use serde_json::json;
 
 use crate::checker;
@@ -430,7 +430,7 @@ fn node_proc(config: &RunConfig, net: Option<&Net>, id: u64, extra: &[String]) -
             let mut p = NodeProc::new(
                 id,
                 config.base_port + id as u16,
-                config.base_port + 80 + id as u16,
+                config.base_port + 2 * PORT_BLOCK + id as u16,
                 data,
                 config.node_bin.clone(),
             );

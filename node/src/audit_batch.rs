@@ -120,16 +120,9 @@ impl AuditBatcher {
         })
     }
 
-    /// Stops the journal's and the mover's tasks, which hold the node: once the node's servers
-    /// have stopped, so that the node (its log and state store) is released when its run ends,
-    /// not when its runtime does. Events not yet moved stay in the journal for the next start.
-    pub fn stop(&self) {
-        for task in self.tasks.iter() {
-            task.abort();
-        }
-    }
-
-    /// A guard that stops the tasks when dropped.
+    /// A guard that stops the journal's and the mover's tasks, which hold the node, when it is
+    /// dropped: so that the node (its log and state store) is released when its run ends, not
+    /// when its runtime does. Events not yet moved stay in the journal for the next start.
     pub fn stop_on_drop(&self) -> StopOnDrop {
         StopOnDrop(Arc::clone(&self.tasks))
     }

@@ -137,6 +137,14 @@ impl Journal {
         else {
             return Err(ApiError::Internal("only appends are journaled".into()));
         };
+        if [route_key.as_bytes(), head, prefix]
+            .iter()
+            .any(|part| part.len() > usize::from(u16::MAX))
+        {
+            return Err(ApiError::Internal(
+                "an audit event's routing key or chain keys exceed 64 KiB".into(),
+            ));
+        }
         let (tx, durable) = oneshot::channel();
         {
             let mut queue = self.queue();
@@ -254,8 +262,10 @@ fn encode(route_key: &str, head: &[u8], prefix: &[u8], event: &[u8], seq: u64) -
     );
     out.put_u8(VERSION);
     for part in [route_key.as_bytes(), head, prefix] {
-        out.put_u16(u16::try_from(part.len()).unwrap_or(u16::MAX));
-        out.put_slice(&part[..part.len().min(u16::MAX as usize)]);
+        // `Journal::append` refuses longer parts.
+        debug_assert!(part.len() <= usize::from(u16::MAX));
+        out.put_u16(part.len() as u16);
+        out.put_slice(part);
     }
     let event_at = out.len();
     out.put_slice(event);

@@ -145,7 +145,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
         .map_err(|e| anyhow::anyhow!("open the audit journal: {e}"))?;
     // Whichever way this run ends (a port that cannot be bound, an error), its tasks let go of
     // the node; a normal stop stops them earlier, once the servers have.
-    let _stop_audits = audits.stop_on_drop();
+    let stop_audits = audits.stop_on_drop();
     let peers = match config.node.peer_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -327,7 +327,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
     if let Ok(Err(e)) = http.await {
         error!(error = %format!("{e:#}"), "HTTP server failed");
     }
-    audits.stop();
+    drop(stop_audits);
     node.shutdown().await;
     info!("node stopped");
     Ok(())

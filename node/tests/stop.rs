@@ -4,9 +4,11 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestNode;
+use dossier_node::Config;
 use tokio::sync::watch;
 
 /// `dossier_node::run` returns after a stop with nothing of the node still running: the same
@@ -16,11 +18,7 @@ use tokio::sync::watch;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_node_lets_go_of_its_data_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let config = TestNode::new(1, dir.path().join("node-1"), &|_| {})
-        .config
-        .clone()
-        .validate()
-        .unwrap();
+    let config = config(dir.path());
     let (stop, stopped) = watch::channel(false);
     let first = tokio::spawn(dossier_node::run(config.clone(), Some(stopped)));
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -39,11 +37,7 @@ async fn a_stopped_node_lets_go_of_its_data_directory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_run_lets_go_of_its_data_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let config = TestNode::new(1, dir.path().join("node-1"), &|_| {})
-        .config
-        .clone()
-        .validate()
-        .unwrap();
+    let config = config(dir.path());
     let taken = std::net::TcpListener::bind(config.node.listen).unwrap();
     let e = dossier_node::run(config.clone(), None).await.unwrap_err();
     assert!(format!("{e:#}").contains("bind"), "{e:#}");
@@ -51,8 +45,17 @@ async fn a_failed_run_lets_go_of_its_data_directory() {
     runs_again(config).await;
 }
 
+/// A lone node's configuration, its data under `dir`.
+fn config(dir: &std::path::Path) -> Arc<Config> {
+    TestNode::new(1, dir.join("node-1"), &|_| {})
+        .config
+        .clone()
+        .validate()
+        .unwrap()
+}
+
 /// Starts a node on `config` and stops it, failing if its data directory stays held.
-async fn runs_again(config: std::sync::Arc<dossier_node::Config>) {
+async fn runs_again(config: Arc<Config>) {
     // Tasks aborted as a run ended are dropped by the runtime moments later: a few tries.
     let mut refusals = Vec::new();
     for _ in 0..20 {
