@@ -463,6 +463,12 @@ fn counted_entries(index: &mut u64, n: usize, value_bytes: usize) -> Vec<ApplyEn
                 key: Bytes::from_static(b"count"),
                 value: Bytes::from(i.to_be_bytes().to_vec()),
             });
+            // A chain entry too: write-backs that hold one go to sled in two steps.
+            batch.ops.push(Op::Append {
+                head: Bytes::from_static(b"chain/head"),
+                prefix: Bytes::from_static(b"chain/log/"),
+                value: Bytes::from(format!("entry {i}")),
+            });
             ApplyEntry {
                 index: i,
                 log_id: Bytes::new(),
@@ -569,6 +575,17 @@ fn sigkill_leaves_store_at_an_applied_prefix() {
         keys.last().unwrap().0,
         Bytes::from(format!("k{applied:08}"))
     );
+    // The chain holds exactly one entry per applied entry, linked, and its head names the last.
+    let head = shard.get(b"chain/head").unwrap().expect("chain head");
+    let head = chain::decode_head(&head).unwrap();
+    assert_eq!(head.0, applied);
+    let mut verifier = chain::Verifier::default();
+    let entries = shard.scan_prefix(b"chain/log/", None, usize::MAX).unwrap();
+    for (key, value) in &entries {
+        let seq = u64::from_be_bytes(key[b"chain/log/".len()..].try_into().unwrap());
+        verifier.next(seq, value).unwrap();
+    }
+    verifier.finish(Some(head)).unwrap();
     eprintln!(
         "killed after {:?}: durable {durable}, recovered applied {applied}",
         started.elapsed()
@@ -651,8 +668,9 @@ fn reads_race_snapshot_installs() {
     assert!(reader.join().unwrap() > 0);
 }
 
-/// Write-backs run beside applies and reads (as the flusher does): a reader never sees the
-/// counter go back or a key it counted missing, and the tree ends at the last applied index.
+/// Write-backs, whole and in the flusher's two steps, run beside applies and reads: a reader
+/// never sees the counter go back or a key it counted missing, and the tree ends at the last
+/// applied index.
 #[test]
 fn write_backs_race_applies_and_reads() {
     let dir = tempfile::tempdir().unwrap();
@@ -664,7 +682,7 @@ fn write_backs_race_applies_and_reads() {
     }
     .validate()
     .unwrap();
-    let store = StateStore::open(cfg).unwrap();
+    let store = Arc::new(StateStore::open(cfg).unwrap());
     let shard = store.create_shard(1).unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let spawn = |f: Box<dyn Fn() + Send>| {
@@ -676,8 +694,18 @@ fn write_backs_race_applies_and_reads() {
         })
     };
     let flusher = {
-        let shard = Arc::clone(&shard);
-        spawn(Box::new(move || shard.write_back().unwrap()))
+        let (shard, store) = (Arc::clone(&shard), Arc::clone(&store));
+        let rounds = std::sync::atomic::AtomicU64::new(0);
+        spawn(Box::new(move || {
+            if rounds
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .is_multiple_of(2)
+            {
+                shard.write_back().unwrap();
+            } else {
+                store.flush().unwrap();
+            }
+        }))
     };
     let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let reader = {
@@ -713,7 +741,8 @@ fn write_backs_race_applies_and_reads() {
     assert!(seen.load(std::sync::atomic::Ordering::SeqCst) > 0);
     store.flush().unwrap();
     assert_eq!(shard.durable_applied_index(), Some(index));
-    assert_eq!(shard.key_count().unwrap(), index as usize + 2); // keys, count, applied id
+    // Keys, count, applied id, and the chain's entries and head.
+    assert_eq!(shard.key_count().unwrap(), 2 * index as usize + 3);
 }
 
 /// `n` puts without a session from `first_index` on, of `value_bytes` each, over keys that

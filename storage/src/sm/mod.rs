@@ -6,3 +6,4 @@ pub(crate) mod range;
 pub(crate) mod shard;
 pub(crate) mod split;
 pub(crate) mod store;
+pub(crate) mod write_back;

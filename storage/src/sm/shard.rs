@@ -11,9 +11,10 @@
 //! ```
 //! Applying a run of entries puts their data, the session records and the applied id into the
 //! shard's write-back buffer, an ordered map in memory that every read consults before the tree.
-//! The buffer goes to sled as one `sled::Batch` when it holds `write-back-bytes` or at the next
-//! flush. sled applies a batch atomically and recovers batches as a prefix: after a crash the
-//! store is exactly at some applied index, and the layer above re-applies the log from there.
+//! The buffer goes to sled when it holds `write-back-bytes` or at the next flush, as one atomic
+//! `sled::Batch`, or, when it holds chain entries, in two steps around a flush
+//! (`write_back.rs`). Either way, after a crash the store is exactly at some applied index, and
+//! the layer above re-applies the log from there.
 //!
 //! Why not one sled batch per apply run: every `sled::Batch` makes sled seal and write its own
 //! I/O buffer on a thread pool that wakes all its threads per job. At a few thousand small runs
@@ -30,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::sm::chain;
 use crate::sm::command::{ApplyEntry, Batch, Command, EntryPayload, Expect, Op, Outcome, Session};
 use crate::sm::range::{HashRange, KeyRoute};
+use crate::sm::write_back::WriteBack;
 
 pub(crate) const SPACE_META: u8 = 0x00;
 pub(crate) const SPACE_SESSION: u8 = 0x01;
@@ -48,28 +50,6 @@ pub struct Applied {
     pub index: u64,
     /// The caller's encoding of the log id (for openraft: term, leader and index).
     pub log_id: Bytes,
-}
-
-/// Applied writes that sled has not been handed yet (tree keys, `None` for a removal).
-#[derive(Debug, Default)]
-pub(crate) struct WriteBack {
-    writes: BTreeMap<Vec<u8>, Option<Bytes>>,
-    bytes: usize,
-}
-
-impl WriteBack {
-    pub(crate) fn contains(&self, key: &[u8]) -> bool {
-        self.writes.contains_key(key)
-    }
-
-    /// Buffered writes of keys in `[lo, hi)`.
-    pub(crate) fn range(
-        &self,
-        lo: &[u8],
-        hi: &[u8],
-    ) -> impl Iterator<Item = (&Vec<u8>, &Option<Bytes>)> {
-        self.writes.range(lo.to_vec()..hi.to_vec())
-    }
 }
 
 /// One page of a scan.
@@ -193,6 +173,8 @@ struct Overlay<'a> {
     tree: &'a sled::Tree,
     write_back: &'a WriteBack,
     writes: BTreeMap<Vec<u8>, Option<Bytes>>,
+    /// Keys of `writes` written once and never changed (chain entries: `write_back.rs`).
+    once: Vec<Vec<u8>>,
 }
 
 impl Overlay<'_> {
@@ -205,6 +187,12 @@ impl Overlay<'_> {
 
     fn put(&mut self, key: Vec<u8>, value: impl Into<Bytes>) {
         self.writes.insert(key, Some(value.into()));
+    }
+
+    /// Puts a key that no later write changes (a chain entry, at its seq).
+    fn put_once(&mut self, key: Vec<u8>, value: impl Into<Bytes>) {
+        self.once.push(key.clone());
+        self.put(key, value);
     }
 
     fn delete(&mut self, key: Vec<u8>) {
@@ -390,7 +378,7 @@ impl ShardStore {
         self.hold.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn held(&self) -> bool {
+    pub(crate) fn held(&self) -> bool {
         self.hold_state().views > 0
     }
 
@@ -421,7 +409,7 @@ impl ShardStore {
         self.tree.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write_back_buffer(&self) -> std::sync::RwLockReadGuard<'_, WriteBack> {
+    pub(crate) fn write_back_buffer(&self) -> std::sync::RwLockReadGuard<'_, WriteBack> {
         self.write_back.read().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -429,48 +417,6 @@ impl ShardStore {
     fn read(&self, key: &[u8]) -> Result<Option<Bytes>> {
         let tree = self.tree();
         read_through(&self.write_back_buffer(), &tree, key)
-    }
-
-    /// Hands the write-back buffer to sled as one atomic batch. The caller holds `apply_lock`, so
-    /// the buffer cannot change meanwhile; readers keep finding the writes in the buffer until
-    /// the tree has them.
-    pub(crate) fn write_back_locked(&self) -> Result<()> {
-        if self.held() {
-            return Ok(());
-        }
-        let batch = {
-            let buffer = self.write_back_buffer();
-            if buffer.writes.is_empty() {
-                return Ok(());
-            }
-            let mut batch = sled::Batch::default();
-            for (key, value) in &buffer.writes {
-                match value {
-                    Some(value) => batch.insert(key.as_slice(), value.as_ref()),
-                    None => batch.remove(key.as_slice()),
-                }
-            }
-            batch
-        };
-        self.tree()
-            .apply_batch(batch)
-            .map_err(|e| Error::sled("write back applied entries", e))?;
-        let mut buffer = self.write_back.write().unwrap_or_else(|e| e.into_inner());
-        *buffer = WriteBack::default();
-        self.stored_applied
-            .store(self.applied.load(Ordering::Acquire), Ordering::Release);
-        Ok(())
-    }
-
-    /// Hands every applied write to sled (not yet durable: see `StateStore::flush`).
-    pub fn write_back(&self) -> Result<()> {
-        let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.write_back_locked()
-    }
-
-    /// Drops the write-back buffer; the caller holds `apply_lock` and is replacing the tree.
-    pub(crate) fn discard_write_back_locked(&self) {
-        *self.write_back.write().unwrap_or_else(|e| e.into_inner()) = WriteBack::default();
     }
 
     /// Keys held (data, sessions and the few metadata keys). A full scan in sled: for status
@@ -621,6 +567,7 @@ impl ShardStore {
             tree: &tree,
             write_back: &buffer,
             writes: BTreeMap::new(),
+            once: Vec::new(),
         };
         let mut expected = self.applied.load(Ordering::Acquire);
         let mut outcomes = Vec::with_capacity(entries.len());
@@ -690,15 +637,13 @@ impl ShardStore {
             }),
         );
         let writes = std::mem::take(&mut overlay.writes);
+        let once = std::mem::take(&mut overlay.once);
         drop(overlay);
         drop(buffer);
         drop(tree);
         let full = {
             let mut buffer = self.write_back.write().unwrap_or_else(|e| e.into_inner());
-            for (key, value) in writes {
-                buffer.bytes += key.len() + value.as_ref().map_or(0, Bytes::len);
-                buffer.writes.insert(key, value);
-            }
+            buffer.merge(writes, once);
             buffer.bytes >= self.write_back_bytes
         };
         *self.range.write().unwrap_or_else(|e| e.into_inner()) = range;
@@ -877,7 +822,7 @@ fn append(overlay: &mut Overlay<'_>, head: &Bytes, prefix: &Bytes, value: &Bytes
     let mut entry = Vec::with_capacity(chain::HASH_BYTES + value.len());
     entry.extend_from_slice(&hash);
     entry.extend_from_slice(value);
-    overlay.put(data_key(&chain::entry_key(prefix, seq)), entry);
+    overlay.put_once(data_key(&chain::entry_key(prefix, seq)), entry);
     overlay.put(data_key(head), chain::encode_head(seq, &hash));
     Ok(())
 }

@@ -4,7 +4,8 @@
 //! Durability: sled's own background flush is turned off. A flusher thread calls `Db::flush` every
 //! `flush-interval-ms`; before each flush it hands every shard's write-back buffer to sled and notes
 //! the applied index the tree then holds, and after the flush returns it publishes that index as
-//! the shard's durable applied index. A crash loses at most the
+//! the shard's durable applied index. Buffers holding chain entries go in two steps around an
+//! extra flush, the entries first (`write_back.rs`); one flush runs at a time. A crash loses at most the
 //! applies since the last flush, which the layer above re-applies from the log, so the log must
 //! never be purged past [`ShardStore::durable_applied_index`].
 //!
@@ -45,6 +46,8 @@ pub(crate) struct StoreInner {
     /// The routing hash of keys, for split ranges.
     pub(crate) route: Option<KeyRoute>,
     pub(crate) shards: Mutex<HashMap<ShardId, ShardHandle>>,
+    /// Held through a whole flush: a shard's staged batch must follow its entries' flush.
+    flushing: Mutex<()>,
     stop: Mutex<bool>,
     wake: Condvar,
 }
@@ -119,6 +122,7 @@ impl StateStore {
             config: Arc::clone(&config),
             route,
             shards: Mutex::new(shards),
+            flushing: Mutex::new(()),
             stop: Mutex::new(false),
             wake: Condvar::new(),
         });
@@ -230,6 +234,7 @@ impl StateStore {
 }
 
 pub(crate) fn flush(inner: &StoreInner) -> Result<()> {
+    let _one = inner.flushing.lock().unwrap_or_else(|e| e.into_inner());
     let shards: Vec<ShardHandle> = inner
         .shards
         .lock()
@@ -237,12 +242,24 @@ pub(crate) fn flush(inner: &StoreInner) -> Result<()> {
         .values()
         .cloned()
         .collect();
+    // Chain entries first, durable before the batches whose heads name them (`write_back.rs`).
+    let mut staged = false;
+    for shard in &shards {
+        let _applying = shard.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        staged |= shard.stage_locked()?;
+    }
+    if staged {
+        inner
+            .db
+            .flush()
+            .map_err(|e| Error::sled("flush chain entries", e))?;
+    }
     let mut stored = Vec::with_capacity(shards.len());
     for shard in &shards {
         // Under the apply lock the tree's applied id, membership and data agree; a shard whose
         // tree a snapshot view holds keeps its writes in memory and its durable state where it is.
         let _applying = shard.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-        shard.write_back_locked()?;
+        shard.write_back_staged_locked()?;
         let applied = shard.stored_applied.load(Ordering::Acquire);
         // A shard that applied nothing since its last flush has nothing new to publish: an
         // idle node's many shards cost no reads of their trees.

@@ -1,0 +1,423 @@
+//! The write-back buffer of a shard replica: applied writes that sled has not been handed yet,
+//! and how they reach the tree.
+//!
+//! Every read consults the buffer before the tree. The buffer reaches the tree in one of two
+//! ways; either way the tree is, after a crash, exactly at some applied index, and the layer
+//! above re-applies the log from there.
+//!
+//! - **Whole** ([`ShardStore::write_back_locked`]): every buffered write and the applied id in
+//!   one `sled::Batch`, which sled applies atomically. Used when the buffer is full, before a
+//!   snapshot or a split reads the tree, and by the flusher for buffers without write-once
+//!   entries.
+//! - **Staged**, by the flusher, for buffers holding write-once entries (the entries of hash
+//!   chains: each is written once, at its seq, and never changed). A `sled::Batch` holds sled's
+//!   process-wide concurrency lock for writing while it applies, and every read of every shard
+//!   of the node waits behind it; an audited workload adds a new chain entry per access, whose
+//!   batches are large (new keys: node splits) and stalled all reads by tens of milliseconds.
+//!   So the flusher first inserts the write-once entries one by one (sled's shared lock,
+//!   [`ShardStore::stage_locked`]) and sets the rest of the buffer aside as the shard's staged
+//!   batch; then flushes sled, so that the entries are on disk; then applies the staged batch
+//!   (the mutable keys: chain heads, values, sessions and the applied id, small) atomically
+//!   ([`ShardStore::write_back_staged_locked`]), and flushes again.
+//!
+//! Why staging is crash-safe: an entry reaches the disk before any batch whose heads name it
+//! (the flush between), so a durable head never names a missing entry. A crash after the
+//! entries' flush and before the batch's leaves entries beyond their chains' heads, which the
+//! tree's applied index does not cover; re-applying the log from that index writes each of them
+//! again with the same bytes (an append's seq and hash follow from the head and the entry's
+//! bytes, and the log's committed entries are the same on every replay), so the replica ends
+//! exactly as if there had been no crash. Readers never see such entries out of place: a read
+//! goes through the buffer, which keeps every staged write until the tree holds it, and a
+//! snapshot view holds a tree written back whole.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+use crate::sm::shard::ShardStore;
+
+/// Applied writes that sled has not been handed yet (tree keys, `None` for a removal).
+#[derive(Debug, Default)]
+pub(crate) struct WriteBack {
+    pub(crate) writes: BTreeMap<Vec<u8>, Option<Bytes>>,
+    /// Bytes put into `writes` since it was last emptied (a trigger, not an exact size).
+    pub(crate) bytes: usize,
+    /// Keys of `writes` that are written once and never changed (chain entries).
+    once: BTreeSet<Vec<u8>>,
+    /// What the flusher set aside to apply after the write-once entries are durable.
+    staged: Option<Staged>,
+}
+
+/// A buffer's mutable writes as of one applied index, ready for one atomic batch.
+#[derive(Debug)]
+struct Staged {
+    batch: sled::Batch,
+    /// Every write the stage covered (the write-once ones too), to drop from the buffer once the
+    /// tree holds them, unless rewritten since.
+    covered: Vec<(Vec<u8>, Option<Bytes>)>,
+    /// Applied index + 1 that the batch brings the tree to.
+    applied: u64,
+}
+
+impl WriteBack {
+    pub(crate) fn contains(&self, key: &[u8]) -> bool {
+        self.writes.contains_key(key)
+    }
+
+    /// Buffered writes of keys in `[lo, hi)`.
+    pub(crate) fn range(
+        &self,
+        lo: &[u8],
+        hi: &[u8],
+    ) -> impl Iterator<Item = (&Vec<u8>, &Option<Bytes>)> {
+        self.writes.range(lo.to_vec()..hi.to_vec())
+    }
+
+    /// Takes an apply run's writes; `once` names those that are written once and never
+    /// changed.
+    pub(crate) fn merge(&mut self, writes: BTreeMap<Vec<u8>, Option<Bytes>>, once: Vec<Vec<u8>>) {
+        for (key, value) in writes {
+            self.bytes += key.len() + value.as_ref().map_or(0, Bytes::len);
+            self.writes.insert(key, value);
+        }
+        self.once.extend(once);
+    }
+}
+
+impl ShardStore {
+    /// Hands the whole write-back buffer to sled as one atomic batch. The caller holds
+    /// `apply_lock`, so the buffer cannot change meanwhile; readers keep finding the writes in
+    /// the buffer until the tree has them.
+    pub(crate) fn write_back_locked(&self) -> Result<()> {
+        if self.held() {
+            return Ok(());
+        }
+        let batch = {
+            let buffer = self.write_back_buffer();
+            if buffer.writes.is_empty() {
+                return Ok(());
+            }
+            let mut batch = sled::Batch::default();
+            for (key, value) in &buffer.writes {
+                match value {
+                    Some(value) => batch.insert(key.as_slice(), value.as_ref()),
+                    None => batch.remove(key.as_slice()),
+                }
+            }
+            batch
+        };
+        self.tree()
+            .apply_batch(batch)
+            .map_err(|e| Error::sled("write back applied entries", e))?;
+        *self.write_back.write().unwrap_or_else(|e| e.into_inner()) = WriteBack::default();
+        self.stored_applied
+            .store(self.applied.load(Ordering::Acquire), Ordering::Release);
+        Ok(())
+    }
+
+    /// The flusher's first step for this shard (the caller holds `apply_lock`): inserts the
+    /// buffer's write-once entries into the tree one by one and stages the rest for
+    /// [`ShardStore::write_back_staged_locked`], which must come after sled's next flush.
+    /// Returns whether anything was staged (false: nothing write-once is buffered, or a view
+    /// holds the tree).
+    pub(crate) fn stage_locked(&self) -> Result<bool> {
+        if self.held() {
+            return Ok(false);
+        }
+        let staged = {
+            let buffer = self.write_back_buffer();
+            if buffer.once.is_empty() {
+                None
+            } else {
+                let tree = self.tree();
+                let mut batch = sled::Batch::default();
+                let mut covered = Vec::with_capacity(buffer.writes.len());
+                for (key, value) in &buffer.writes {
+                    match value {
+                        Some(value) if buffer.once.contains(key) => {
+                            tree.insert(key.as_slice(), value.as_ref())
+                                .map_err(|e| Error::sled("write back a chain entry", e))?;
+                        }
+                        Some(value) => batch.insert(key.as_slice(), value.as_ref()),
+                        None => batch.remove(key.as_slice()),
+                    }
+                    covered.push((key.clone(), value.clone()));
+                }
+                Some(Staged {
+                    batch,
+                    covered,
+                    applied: self.applied.load(Ordering::Acquire),
+                })
+            }
+        };
+        let any = staged.is_some();
+        // A stage left by a round that failed before its batch is replaced, never applied: its
+        // entries' flush may not have happened.
+        self.write_back
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .staged = staged;
+        Ok(any)
+    }
+
+    /// The flusher's second step for this shard, after sled flushed the staged entries (the
+    /// caller holds `apply_lock`): applies the staged batch and drops from the buffer what the
+    /// tree now holds; without a stage, the whole buffer.
+    pub(crate) fn write_back_staged_locked(&self) -> Result<()> {
+        let staged = self
+            .write_back
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .staged
+            .take();
+        let Some(Staged {
+            batch,
+            covered,
+            applied,
+        }) = staged
+        else {
+            return self.write_back_locked();
+        };
+        // A view taken since the stage wrote the buffer back whole first, which dropped the stage.
+        debug_assert!(!self.held(), "a stage survived a view's whole write-back");
+        self.tree()
+            .apply_batch(batch)
+            .map_err(|e| Error::sled("write back applied entries", e))?;
+        let mut buffer = self.write_back.write().unwrap_or_else(|e| e.into_inner());
+        for (key, value) in covered {
+            // Rewritten since the stage: the buffer's newer value stays for the next write-back.
+            if buffer.writes.get(&key) == Some(&value) {
+                buffer.writes.remove(&key);
+                buffer.once.remove(&key);
+                buffer.bytes = buffer
+                    .bytes
+                    .saturating_sub(key.len() + value.as_ref().map_or(0, Bytes::len));
+            }
+        }
+        if buffer.writes.is_empty() {
+            buffer.bytes = 0;
+        }
+        drop(buffer);
+        self.stored_applied.store(applied, Ordering::Release);
+        Ok(())
+    }
+
+    /// Hands every applied write to sled (not yet durable: see `StateStore::flush`).
+    pub fn write_back(&self) -> Result<()> {
+        let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.write_back_locked()
+    }
+
+    /// Drops the write-back buffer; the caller holds `apply_lock` and is replacing the tree.
+    pub(crate) fn discard_write_back_locked(&self) {
+        *self.write_back.write().unwrap_or_else(|e| e.into_inner()) = WriteBack::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use crate::config::StoreConfig;
+    use crate::sm::chain::{self, Verifier};
+    use crate::sm::command::{ApplyEntry, Batch, Command, EntryPayload, Op};
+    use crate::sm::shard::ShardHandle;
+    use crate::sm::store::StateStore;
+
+    const CHAINS: u64 = 3;
+
+    fn config(dir: &Path) -> Arc<StoreConfig> {
+        StoreConfig {
+            dir: dir.to_path_buf(),
+            // The test runs the flusher's steps itself.
+            flush_interval_ms: 60_000,
+            ..StoreConfig::default()
+        }
+        .validate()
+        .unwrap()
+    }
+
+    /// Entries `from..=to`: each appends to one of the chains and rewrites a plain key.
+    fn entries(from: u64, to: u64) -> Vec<ApplyEntry> {
+        (from..=to)
+            .map(|i| {
+                let c = i % CHAINS;
+                let batch = Batch {
+                    conditions: Vec::new(),
+                    ops: vec![
+                        Op::Append {
+                            head: Bytes::from(format!("c{c}/head")),
+                            prefix: Bytes::from(format!("c{c}/log/")),
+                            value: Bytes::from(format!("event {i} {}", "x".repeat(100))),
+                        },
+                        Op::Put {
+                            key: Bytes::from(format!("v{c}")),
+                            value: Bytes::from(i.to_be_bytes().to_vec()),
+                        },
+                    ],
+                };
+                ApplyEntry {
+                    index: i,
+                    log_id: Bytes::from(format!("id-{i}")),
+                    payload: EntryPayload::Command(Command::Txn {
+                        session: None,
+                        batch,
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// Every key and value of the shard, read through its buffer.
+    fn dump(shard: &ShardHandle) -> Vec<(Bytes, Bytes)> {
+        shard.scan_prefix(b"", None, usize::MAX).unwrap()
+    }
+
+    /// A chain's head seq, and its entries as stored in the tree (sled alone, no buffer).
+    fn tree_chain(shard: &ShardHandle, c: u64) -> (u64, usize) {
+        let head = shard
+            .get(format!("c{c}/head").as_bytes())
+            .unwrap()
+            .map_or(0, |h| chain::decode_head(&h).unwrap().0);
+        let entries = shard
+            .tree()
+            .scan_prefix(super::super::shard::data_key(
+                format!("c{c}/log/").as_bytes(),
+            ))
+            .count();
+        (head, entries)
+    }
+
+    fn verify(shard: &ShardHandle, c: u64) {
+        let mut v = Verifier::default();
+        let prefix = format!("c{c}/log/");
+        for (key, value) in shard
+            .scan_prefix(prefix.as_bytes(), None, usize::MAX)
+            .unwrap()
+        {
+            let seq = u64::from_be_bytes(key[prefix.len()..].try_into().unwrap());
+            v.next(seq, &value).unwrap();
+        }
+        let head = shard.get(format!("c{c}/head").as_bytes()).unwrap();
+        v.finish(head.map(|h| chain::decode_head(&h).unwrap()))
+            .unwrap();
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for item in std::fs::read_dir(from).unwrap() {
+            let item = item.unwrap();
+            let target = to.join(item.file_name());
+            if item.file_type().unwrap().is_dir() {
+                copy_dir(&item.path(), &target);
+            } else {
+                std::fs::copy(item.path(), target).unwrap();
+            }
+        }
+    }
+
+    /// The crash window of a staged write-back: chain entries are on disk, the batch with their
+    /// heads and the applied index is not. The store reopened there is at the previous applied
+    /// index with entries beyond their heads, and re-applying the log from that index brings it
+    /// to exactly the state of a store that never crashed, every chain intact.
+    #[test]
+    fn a_crash_between_the_entries_and_their_batch_is_undone_by_replay() {
+        let live_dir = tempfile::tempdir().unwrap();
+        let crashed_dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(config(live_dir.path())).unwrap();
+        let shard = store.create_shard(1).unwrap();
+        shard.apply(&entries(1, 30)).unwrap();
+        store.flush().unwrap();
+        assert_eq!(shard.durable_applied_index(), Some(30));
+        shard.apply(&entries(31, 60)).unwrap();
+
+        // The flusher's first step and its flush, then a crash: a copy of the directory now.
+        {
+            let _applying = shard.apply_lock.lock().unwrap();
+            assert!(shard.stage_locked().unwrap(), "chain entries are staged");
+        }
+        store.inner().db.flush().unwrap();
+        copy_dir(live_dir.path(), crashed_dir.path());
+
+        // The live store goes on: its next flush applies everything.
+        store.flush().unwrap();
+        assert_eq!(shard.durable_applied_index(), Some(60));
+        let want = dump(&shard);
+        for c in 0..CHAINS {
+            verify(&shard, c);
+            assert_eq!(tree_chain(&shard, c).0, 20);
+        }
+        drop(shard);
+        drop(store);
+
+        let crashed = StateStore::open(config(crashed_dir.path())).unwrap();
+        let replica = crashed.shard(1).unwrap();
+        assert_eq!(
+            replica.applied_index(),
+            Some(30),
+            "the staged batch was not on disk"
+        );
+        for c in 0..CHAINS {
+            let (head, stored) = tree_chain(&replica, c);
+            assert_eq!(head, 10);
+            assert_eq!(stored, 20, "the later entries reached the disk first");
+        }
+        // Replay from the applied index, as the layer above does after a crash.
+        replica.apply(&entries(31, 60)).unwrap();
+        assert_eq!(dump(&replica), want);
+        for c in 0..CHAINS {
+            verify(&replica, c);
+        }
+        crashed.flush().unwrap();
+        assert_eq!(replica.durable_applied_index(), Some(60));
+        assert_eq!(dump(&replica), want);
+    }
+
+    /// Between the two steps, reads see the newest applied state; a write-back then keeps what
+    /// was rewritten meanwhile, and drops what the tree holds.
+    #[test]
+    fn reads_between_the_steps_see_the_newest_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(config(dir.path())).unwrap();
+        let shard = store.create_shard(1).unwrap();
+        shard.apply(&entries(1, 12)).unwrap();
+        {
+            let _applying = shard.apply_lock.lock().unwrap();
+            assert!(shard.stage_locked().unwrap());
+        }
+        // Applied after the stage: new heads, entries and values, in the buffer only.
+        shard.apply(&entries(13, 15)).unwrap();
+        let newest = dump(&shard);
+        {
+            let _applying = shard.apply_lock.lock().unwrap();
+            shard.write_back_staged_locked().unwrap();
+        }
+        assert_eq!(dump(&shard), newest);
+        assert_eq!(
+            shard
+                .stored_applied
+                .load(std::sync::atomic::Ordering::Acquire),
+            13,
+            "the tree is at the stage's index"
+        );
+        let buffered = shard.write_back_buffer().writes.len();
+        assert!(
+            buffered > 0 && buffered <= 3 * 3 + 1,
+            "only the writes of entries 13..=15 stay buffered, not {buffered}"
+        );
+        for c in 0..CHAINS {
+            verify(&shard, c);
+        }
+        store.flush().unwrap();
+        assert_eq!(shard.durable_applied_index(), Some(15));
+        assert!(shard.write_back_buffer().writes.is_empty());
+        assert_eq!(dump(&shard), newest);
+    }
+}
