@@ -545,6 +545,14 @@ fn sigkill_leaves_store_at_an_applied_prefix() {
             break;
         }
     }
+    // Killed at a varying point of the flusher's cycle (5 ms), not just after a report: now and
+    // then between a round's two flushes, with chain entries on disk ahead of their batch.
+    let jitter = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_micros()
+        % 5_000;
+    std::thread::sleep(std::time::Duration::from_micros(u64::from(jitter)));
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(durable > 0, "the child reported nothing durable");
@@ -575,17 +583,50 @@ fn sigkill_leaves_store_at_an_applied_prefix() {
         keys.last().unwrap().0,
         Bytes::from(format!("k{applied:08}"))
     );
-    // The chain holds exactly one entry per applied entry, linked, and its head names the last.
+    // The chain: one linked entry per applied entry, its head naming the last; entries beyond
+    // the head (written ahead of their batch, which the kill lost) follow on without a gap.
     let head = shard.get(b"chain/head").unwrap().expect("chain head");
     let head = chain::decode_head(&head).unwrap();
     assert_eq!(head.0, applied);
+    let seqs = |shard: &dossier_storage::ShardHandle| -> Vec<(u64, Bytes)> {
+        shard
+            .scan_prefix(b"chain/log/", None, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(key, value)| {
+                let seq = u64::from_be_bytes(key[b"chain/log/".len()..].try_into().unwrap());
+                (seq, value)
+            })
+            .collect()
+    };
     let mut verifier = chain::Verifier::default();
-    let entries = shard.scan_prefix(b"chain/log/", None, usize::MAX).unwrap();
-    for (key, value) in &entries {
-        let seq = u64::from_be_bytes(key[b"chain/log/".len()..].try_into().unwrap());
-        verifier.next(seq, value).unwrap();
+    let entries = seqs(&shard);
+    for (seq, value) in entries.iter().take_while(|(seq, _)| *seq <= head.0) {
+        verifier.next(*seq, value).unwrap();
     }
     verifier.finish(Some(head)).unwrap();
+    let beyond = entries.last().map_or(0, |(seq, _)| *seq);
+    assert_eq!(entries.len() as u64, beyond.max(applied), "no gap");
+    // Replaying the entries after the applied index, as the layer above does, writes those
+    // beyond the head again with the same bytes and leaves one intact chain.
+    let mut index = applied;
+    let replay = counted_entries(
+        &mut index,
+        (beyond.saturating_sub(applied) + 16) as usize,
+        200,
+    );
+    shard.apply(&replay).unwrap();
+    let head = chain::decode_head(&shard.get(b"chain/head").unwrap().unwrap()).unwrap();
+    assert_eq!(head.0, index);
+    let mut verifier = chain::Verifier::default();
+    for (seq, value) in seqs(&shard) {
+        verifier.next(seq, &value).unwrap();
+    }
+    verifier.finish(Some(head)).unwrap();
+    eprintln!(
+        "entries beyond the head at reopen: {}",
+        beyond.saturating_sub(applied)
+    );
     eprintln!(
         "killed after {:?}: durable {durable}, recovered applied {applied}",
         started.elapsed()
@@ -853,4 +894,54 @@ fn view_fails_when_held_writes_outgrow_their_bound() {
         .unwrap()
         .write_to(&dir.path().join("snap"))
         .unwrap();
+}
+
+/// Replicas are removed while flushes run (the flusher, snapshot builds and shutdown all flush):
+/// a removal waits for no flush round and no round waits for a removed replica, so neither hangs.
+#[test]
+fn removals_and_flushes_never_wait_for_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(StateStore::open(config(dir.path())).unwrap());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flusher = {
+        let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut rounds = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                store.flush().unwrap();
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let (done_tx, done) = std::sync::mpsc::sync_channel(1);
+    let remover = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+            let mut removed = 0u64;
+            let mut shard_id = 100;
+            while std::time::Instant::now() < deadline {
+                shard_id += 1;
+                let shard = store.create_shard(shard_id).unwrap();
+                let mut index = 0;
+                // Chain entries too, so that rounds stage this replica between their flushes.
+                shard.apply(&counted_entries(&mut index, 32, 100)).unwrap();
+                store.remove_shard(shard_id).unwrap();
+                removed += 1;
+            }
+            done_tx.send(removed).unwrap();
+        })
+    };
+    let removed = done
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("a removal and a flush waited for each other");
+    remover.join().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = flusher.join().unwrap();
+    assert!(
+        removed > 0 && rounds > 0,
+        "{removed} removals, {rounds} rounds"
+    );
+    eprintln!("{removed} removals beside {rounds} flush rounds");
 }

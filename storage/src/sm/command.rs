@@ -37,7 +37,10 @@ pub enum Op {
     },
     /// Appends `value` to the hash-chained log whose head is at `head` and whose entries are at
     /// `prefix ‖ seq`, linked at apply time (`chain.rs`). Never refused by the state machine;
-    /// nodes older than this variant cannot apply it.
+    /// nodes older than this variant cannot apply it. The caller keeps the keys under `prefix`
+    /// for the chain alone: no `Put`, `Delete` or condition may name them (other than a split
+    /// giving them away), because entries reach the tree ahead of the rest of their apply's
+    /// writes (`write_back.rs`).
     Append {
         head: Bytes,
         prefix: Bytes,

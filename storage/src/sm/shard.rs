@@ -21,7 +21,7 @@
 //! per second per node that was more than half of the node's context switches.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -93,6 +93,8 @@ pub struct ShardStore {
     /// Bytes of keys and values put by applied batches since this replica was opened (a cheap
     /// sign of growth: the split check measures the shard only after enough of it).
     written_bytes: AtomicU64,
+    /// Removed from the store (set under `apply_lock`): flushes leave it alone.
+    pub(crate) removed: AtomicBool,
 }
 
 /// A durable state of a shard replica: its applied id and the membership applied by then.
@@ -242,6 +244,7 @@ impl ShardStore {
             route,
             range: RwLock::new(range),
             written_bytes: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
         })
     }
 

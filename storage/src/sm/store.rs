@@ -206,11 +206,18 @@ impl StateStore {
             .remove(&shard)
             .ok_or(Error::ShardMissing { shard })?;
         let _applying = handle.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // A flush round that listed the shard before it left the map skips it from now on.
+        handle.removed.store(true, Ordering::Release);
         self.inner
             .catalog
             .remove(shard.to_be_bytes())
             .map_err(|e| Error::sled("remove shard from catalog", e))?;
-        self.flush()?;
+        // sled's flush, not `StateStore::flush`: that one would wait for a round that may be
+        // waiting for this shard's apply lock.
+        self.inner
+            .db
+            .flush()
+            .map_err(|e| Error::sled("flush shard removal", e))?;
         let name = handle.tree().name();
         self.inner
             .db
@@ -246,7 +253,9 @@ pub(crate) fn flush(inner: &StoreInner) -> Result<()> {
     let mut staged = false;
     for shard in &shards {
         let _applying = shard.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-        staged |= shard.stage_locked()?;
+        if !shard.removed.load(Ordering::Acquire) {
+            staged |= shard.stage_locked()?;
+        }
     }
     if staged {
         inner
@@ -259,6 +268,10 @@ pub(crate) fn flush(inner: &StoreInner) -> Result<()> {
         // Under the apply lock the tree's applied id, membership and data agree; a shard whose
         // tree a snapshot view holds keeps its writes in memory and its durable state where it is.
         let _applying = shard.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if shard.removed.load(Ordering::Acquire) {
+            stored.push(None);
+            continue;
+        }
         shard.write_back_staged_locked()?;
         let applied = shard.stored_applied.load(Ordering::Acquire);
         // A shard that applied nothing since its last flush has nothing new to publish: an

@@ -7,8 +7,8 @@
 //!
 //! - **Whole** ([`ShardStore::write_back_locked`]): every buffered write and the applied id in
 //!   one `sled::Batch`, which sled applies atomically. Used when the buffer is full, before a
-//!   snapshot or a split reads the tree, and by the flusher for buffers without write-once
-//!   entries.
+//!   snapshot view holds the tree or a split point is measured, and by the flusher for buffers
+//!   without write-once entries.
 //! - **Staged**, by the flusher, for buffers holding write-once entries (the entries of hash
 //!   chains: each is written once, at its seq, and never changed). A `sled::Batch` holds sled's
 //!   process-wide concurrency lock for writing while it applies, and every read of every shard
@@ -26,9 +26,16 @@
 //! tree's applied index does not cover; re-applying the log from that index writes each of them
 //! again with the same bytes (an append's seq and hash follow from the head and the entry's
 //! bytes, and the log's committed entries are the same on every replay), so the replica ends
-//! exactly as if there had been no crash. Readers never see such entries out of place: a read
-//! goes through the buffer, which keeps every staged write until the tree holds it, and a
-//! snapshot view holds a tree written back whole.
+//! exactly as if there had been no crash. Until that replay, reads of the reopened replica (and
+//! a snapshot view taken then) may see such entries beyond their heads; chain readers stop at
+//! the head (`AccessLog`). While the node runs, a read goes through the buffer, which keeps
+//! every staged write until the tree holds it, and a snapshot view holds a tree written back
+//! whole, so none sees them.
+//!
+//! This needs the entries to be written once indeed: nothing but their append writes or reads
+//! the keys under a chain's prefix (a split's removal of given-away keys aside), so that replay
+//! reads only heads, which the batch keeps in step with the applied index ([`crate::Op`]'s
+//! `Append`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
@@ -191,14 +198,14 @@ impl ShardStore {
             if buffer.writes.get(&key) == Some(&value) {
                 buffer.writes.remove(&key);
                 buffer.once.remove(&key);
-                buffer.bytes = buffer
-                    .bytes
-                    .saturating_sub(key.len() + value.as_ref().map_or(0, Bytes::len));
             }
         }
-        if buffer.writes.is_empty() {
-            buffer.bytes = 0;
-        }
+        // What is left was applied since the stage: count it afresh, as a whole write-back would.
+        buffer.bytes = buffer
+            .writes
+            .iter()
+            .map(|(key, value)| key.len() + value.as_ref().map_or(0, Bytes::len))
+            .sum();
         drop(buffer);
         self.stored_applied.store(applied, Ordering::Release);
         Ok(())
@@ -419,5 +426,39 @@ mod tests {
         assert_eq!(shard.durable_applied_index(), Some(15));
         assert!(shard.write_back_buffer().writes.is_empty());
         assert_eq!(dump(&shard), newest);
+    }
+
+    /// A snapshot view taken between the steps writes the buffer back whole, stage and all; the
+    /// second step then has nothing staged and leaves the held tree alone.
+    #[test]
+    fn a_view_between_the_steps_takes_the_whole_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(config(dir.path())).unwrap();
+        let shard = store.create_shard(1).unwrap();
+        shard.apply(&entries(1, 12)).unwrap();
+        {
+            let _applying = shard.apply_lock.lock().unwrap();
+            assert!(shard.stage_locked().unwrap());
+        }
+        let view = shard.view().unwrap();
+        assert_eq!(view.meta().applied.as_ref().map(|a| a.index), Some(12));
+        assert!(shard.write_back_buffer().writes.is_empty());
+        shard.apply(&entries(13, 15)).unwrap();
+        {
+            let _applying = shard.apply_lock.lock().unwrap();
+            assert!(!shard.stage_locked().unwrap(), "a held tree is not staged");
+            shard.write_back_staged_locked().unwrap();
+        }
+        assert_eq!(
+            shard.write_back_buffer().writes.len(),
+            3 * 3 + 1,
+            "entries 13..=15 stay buffered while the view holds the tree"
+        );
+        drop(view);
+        store.flush().unwrap();
+        assert_eq!(shard.durable_applied_index(), Some(15));
+        for c in 0..CHAINS {
+            verify(&shard, c);
+        }
     }
 }
