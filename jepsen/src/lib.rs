@@ -15,6 +15,7 @@
 //! Non-goals: no knowledge of Dossier's internals; it talks to the cluster only through
 //! `dossier-client` and the public gRPC API, and controls processes with signals.
 
+pub mod audit;
 pub mod checker;
 pub mod client_host;
 pub mod history;

@@ -237,6 +237,10 @@ fn main() -> std::process::ExitCode {
                     );
                     valid &= ids.valid;
                 }
+                if let Some(audit) = &outcome.audit {
+                    println!("{}", dossier_jepsen::audit::summary(audit));
+                    valid &= audit.valid;
+                }
                 println!("run folder: {}", outcome.out.display());
                 if !outcome.not_ready.is_empty() {
                     anyhow::bail!("{}", runner::not_ready_line(&outcome.not_ready).trim_end());

@@ -73,6 +73,8 @@ pub struct RunOutcome {
     pub out: PathBuf,
     /// The identifier workload's check, when it ran.
     pub identifiers: Option<crate::identifiers::Report>,
+    /// The audit check, when the run had TLS on.
+    pub audit: Option<crate::audit::Report>,
 }
 
 pub async fn run(config: RunConfig) -> Result<RunOutcome> {
@@ -330,6 +332,25 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     } else {
         None
     };
+    // With TLS every access is audited: each patient's chain is intact and holds an event per
+    // acknowledged operation (after the final reads, whose events are checked too).
+    let audit = if config.tls {
+        let acknowledged =
+            crate::audit::acknowledged(&recorder.events.lock().unwrap_or_else(|e| e.into_inner()));
+        let client = client.clone();
+        let report = first
+            .handle()
+            .spawn(async move { crate::audit::check(&client, &acknowledged).await })
+            .await
+            .context("audit check")?;
+        std::fs::write(
+            config.out.join("audit.json"),
+            serde_json::to_string_pretty(&report)?,
+        )?;
+        Some(report)
+    } else {
+        None
+    };
     drop(hosts);
     let membership = if membership {
         let checked = nemesis::membership::final_check(&stage).await;
@@ -373,6 +394,7 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
         not_ready,
         out: config.out.clone(),
         identifiers,
+        audit,
     })
 }
 
