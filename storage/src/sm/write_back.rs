@@ -317,6 +317,18 @@ mod tests {
             .unwrap();
     }
 
+    /// A store whose shard applied entries `1..=last` and went through the flusher's first step.
+    fn staged_after(dir: &Path, last: u64) -> (StateStore, ShardHandle) {
+        let store = StateStore::open(config(dir)).unwrap();
+        let shard = store.create_shard(1).unwrap();
+        shard.apply(&entries(1, last)).unwrap();
+        {
+            let _applying = shard.apply_lock.lock().unwrap();
+            assert!(shard.stage_locked().unwrap(), "chain entries are staged");
+        }
+        (store, shard)
+    }
+
     fn copy_dir(from: &Path, to: &Path) {
         std::fs::create_dir_all(to).unwrap();
         for item in std::fs::read_dir(from).unwrap() {
@@ -392,13 +404,7 @@ mod tests {
     #[test]
     fn reads_between_the_steps_see_the_newest_state() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(config(dir.path())).unwrap();
-        let shard = store.create_shard(1).unwrap();
-        shard.apply(&entries(1, 12)).unwrap();
-        {
-            let _applying = shard.apply_lock.lock().unwrap();
-            assert!(shard.stage_locked().unwrap());
-        }
+        let (store, shard) = staged_after(dir.path(), 12);
         // Applied after the stage: new heads, entries and values, in the buffer only.
         shard.apply(&entries(13, 15)).unwrap();
         let newest = dump(&shard);
@@ -433,13 +439,7 @@ mod tests {
     #[test]
     fn a_view_between_the_steps_takes_the_whole_buffer() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(config(dir.path())).unwrap();
-        let shard = store.create_shard(1).unwrap();
-        shard.apply(&entries(1, 12)).unwrap();
-        {
-            let _applying = shard.apply_lock.lock().unwrap();
-            assert!(shard.stage_locked().unwrap());
-        }
+        let (store, shard) = staged_after(dir.path(), 12);
         let view = shard.view().unwrap();
         assert_eq!(view.meta().applied.as_ref().map(|a| a.index), Some(12));
         assert!(shard.write_back_buffer().writes.is_empty());
