@@ -1,5 +1,6 @@
 //! The sled state store: commands, one shard replica's tree, the node's database, splits.
 
+pub(crate) mod apply;
 pub mod chain;
 pub(crate) mod command;
 pub(crate) mod range;

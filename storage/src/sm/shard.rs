@@ -20,7 +20,6 @@
 //! I/O buffer on a thread pool that wakes all its threads per job. At a few thousand small runs
 //! per second per node that was more than half of the node's context switches.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -28,8 +27,7 @@ use bytes::Bytes;
 
 use crate::ShardId;
 use crate::error::{Error, Result};
-use crate::sm::chain;
-use crate::sm::command::{ApplyEntry, Batch, Command, EntryPayload, Expect, Op, Outcome, Session};
+use crate::sm::command::Outcome;
 use crate::sm::range::{HashRange, KeyRoute};
 use crate::sm::write_back::WriteBack;
 
@@ -64,11 +62,11 @@ pub struct ScanPage {
 /// and sled's own.
 #[derive(Debug)]
 pub struct ShardStore {
-    shard: ShardId,
+    pub(crate) shard: ShardId,
     /// Applied writes not yet in the tree; changed only under `apply_lock`.
     pub(crate) write_back: RwLock<WriteBack>,
     /// Size of the buffer that triggers a write to the tree.
-    write_back_bytes: usize,
+    pub(crate) write_back_bytes: usize,
     /// Applied index + 1 as held by the tree (behind `applied` while the buffer holds writes).
     pub(crate) stored_applied: AtomicU64,
     /// The live tree; swapped whole when a snapshot is installed.
@@ -84,15 +82,15 @@ pub struct ShardStore {
     /// Snapshot views holding the tree still (see `snapshot/view.rs`).
     pub(crate) hold: Mutex<Hold>,
     /// Bytes the write-back buffer may grow to while a view holds the tree.
-    hold_bytes_max: usize,
+    pub(crate) hold_bytes_max: usize,
     /// The routing hash of keys (none: keys are never checked against a range).
     pub(crate) route: Option<KeyRoute>,
     /// The range owned since a split, as applied (mirrors `KEY_RANGE`; changed under
     /// `apply_lock`).
-    range: RwLock<Option<HashRange>>,
+    pub(crate) range: RwLock<Option<HashRange>>,
     /// Bytes of keys and values put by applied batches since this replica was opened (a cheap
     /// sign of growth: the split check measures the shard only after enough of it).
-    written_bytes: AtomicU64,
+    pub(crate) written_bytes: AtomicU64,
     /// Removed from the store (set under `apply_lock`): flushes leave it alone.
     pub(crate) removed: AtomicBool,
 }
@@ -120,7 +118,7 @@ pub(crate) fn data_key(key: &[u8]) -> Vec<u8> {
     k
 }
 
-fn session_key(client: u64) -> [u8; 9] {
+pub(crate) fn session_key(client: u64) -> [u8; 9] {
     let mut k = [SPACE_SESSION; 9];
     k[1..].copy_from_slice(&client.to_be_bytes());
     k
@@ -141,14 +139,14 @@ pub(crate) fn decode_applied(bytes: &[u8]) -> Option<Applied> {
     })
 }
 
-struct SessionRecord {
-    seq: u64,
-    index: u64,
-    outcome: Outcome,
+pub(crate) struct SessionRecord {
+    pub(crate) seq: u64,
+    pub(crate) index: u64,
+    pub(crate) outcome: Outcome,
 }
 
 impl SessionRecord {
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(21);
         v.extend_from_slice(&self.seq.to_be_bytes());
         v.extend_from_slice(&self.index.to_be_bytes());
@@ -156,7 +154,7 @@ impl SessionRecord {
         v
     }
 
-    fn decode(bytes: &[u8]) -> Option<SessionRecord> {
+    pub(crate) fn decode(bytes: &[u8]) -> Option<SessionRecord> {
         let seq = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
         let index = u64::from_be_bytes(bytes.get(8..16)?.try_into().ok()?);
         let outcome = Outcome::decode(bytes.get(16..)?)?;
@@ -168,49 +166,12 @@ impl SessionRecord {
     }
 }
 
-/// Writes of one apply run, seen by later entries of the same run before they reach the
-/// write-back buffer.
-struct Overlay<'a> {
-    shard: ShardId,
-    tree: &'a sled::Tree,
-    write_back: &'a WriteBack,
-    writes: BTreeMap<Vec<u8>, Option<Bytes>>,
-    /// Keys of `writes` written once and never changed (chain entries: `write_back.rs`).
-    once: Vec<Vec<u8>>,
-}
-
-impl Overlay<'_> {
-    fn get(&self, key: &[u8]) -> Result<Option<Bytes>> {
-        if let Some(value) = self.writes.get(key) {
-            return Ok(value.clone());
-        }
-        read_through(self.write_back, self.tree, key)
-    }
-
-    fn put(&mut self, key: Vec<u8>, value: impl Into<Bytes>) {
-        self.writes.insert(key, Some(value.into()));
-    }
-
-    /// Puts a key that no later write changes (a chain entry, at its seq).
-    fn put_once(&mut self, key: Vec<u8>, value: impl Into<Bytes>) {
-        self.once.push(key.clone());
-        self.put(key, value);
-    }
-
-    fn delete(&mut self, key: Vec<u8>) {
-        self.writes.insert(key, None);
-    }
-
-    fn corrupt(&self, what: &'static str) -> Error {
-        Error::StoreCorrupt {
-            shard: self.shard,
-            what,
-        }
-    }
-}
-
 /// `key` as the buffer, then the tree, hold it.
-fn read_through(write_back: &WriteBack, tree: &sled::Tree, key: &[u8]) -> Result<Option<Bytes>> {
+pub(crate) fn read_through(
+    write_back: &WriteBack,
+    tree: &sled::Tree,
+    key: &[u8],
+) -> Result<Option<Bytes>> {
     if let Some(value) = write_back.writes.get(key) {
         return Ok(value.clone());
     }
@@ -422,6 +383,81 @@ impl ShardStore {
         read_through(&self.write_back_buffer(), &tree, key)
     }
 
+    /// Hands the whole write-back buffer to sled as one atomic batch (`write_back.rs`). The
+    /// caller holds `apply_lock`, so the buffer cannot change meanwhile; readers keep finding
+    /// the writes in the buffer until the tree has them.
+    pub(crate) fn write_back_locked(&self) -> Result<()> {
+        if self.held() {
+            return Ok(());
+        }
+        let Some(batch) = self.write_back_buffer().whole_batch() else {
+            return Ok(());
+        };
+        self.tree()
+            .apply_batch(batch)
+            .map_err(|e| Error::sled("write back applied entries", e))?;
+        *self.write_back.write().unwrap_or_else(|e| e.into_inner()) = WriteBack::default();
+        self.stored_applied
+            .store(self.applied.load(Ordering::Acquire), Ordering::Release);
+        Ok(())
+    }
+
+    /// The flusher's first step for this shard (the caller holds `apply_lock`): the buffer's
+    /// write-once entries into the tree one by one, the rest staged for
+    /// [`ShardStore::write_back_staged_locked`], which must come after sled's next flush.
+    /// Returns whether anything was staged (false: nothing write-once is buffered, or a view
+    /// holds the tree).
+    pub(crate) fn stage_locked(&self) -> Result<bool> {
+        if self.held() {
+            return Ok(false);
+        }
+        let staged = self
+            .write_back_buffer()
+            .stage_into(&self.tree(), self.applied.load(Ordering::Acquire))?;
+        let any = staged.is_some();
+        self.write_back
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_staged(staged);
+        Ok(any)
+    }
+
+    /// The flusher's second step for this shard, after sled flushed the staged entries (the
+    /// caller holds `apply_lock`): applies the staged batch and drops from the buffer what the
+    /// tree now holds; without a stage, the whole buffer.
+    pub(crate) fn write_back_staged_locked(&self) -> Result<()> {
+        let staged = self
+            .write_back
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_staged();
+        let Some((batch, covered, applied)) = staged.map(|s| s.into_parts()) else {
+            return self.write_back_locked();
+        };
+        // A view taken since the stage wrote the buffer back whole first, which dropped the stage.
+        debug_assert!(!self.held(), "a stage survived a view's whole write-back");
+        self.tree()
+            .apply_batch(batch)
+            .map_err(|e| Error::sled("write back applied entries", e))?;
+        self.write_back
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .written(covered);
+        self.stored_applied.store(applied, Ordering::Release);
+        Ok(())
+    }
+
+    /// Hands every applied write to sled (not yet durable: see `StateStore::flush`).
+    pub fn write_back(&self) -> Result<()> {
+        let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.write_back_locked()
+    }
+
+    /// Drops the write-back buffer; the caller holds `apply_lock` and is replacing the tree.
+    pub(crate) fn discard_write_back_locked(&self) {
+        *self.write_back.write().unwrap_or_else(|e| e.into_inner()) = WriteBack::default();
+    }
+
     /// Keys held (data, sessions and the few metadata keys). A full scan in sled: for status
     /// reports, not for request paths.
     pub fn key_count(&self) -> Result<usize> {
@@ -555,119 +591,6 @@ impl ShardStore {
         Ok(ScanPage { items: out, more })
     }
 
-    /// Applies committed entries in order, in one atomic sled batch with the applied id, and
-    /// returns one outcome per entry. Entries must be above the applied index and increasing;
-    /// otherwise nothing is applied and `ApplyOutOfOrder` is returned.
-    pub fn apply(&self, entries: &[ApplyEntry]) -> Result<Vec<Outcome>> {
-        let Some(last) = entries.last() else {
-            return Ok(Vec::new());
-        };
-        let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let tree = self.tree();
-        let buffer = self.write_back_buffer();
-        let mut overlay = Overlay {
-            shard: self.shard,
-            tree: &tree,
-            write_back: &buffer,
-            writes: BTreeMap::new(),
-            once: Vec::new(),
-        };
-        let mut expected = self.applied.load(Ordering::Acquire);
-        let mut outcomes = Vec::with_capacity(entries.len());
-        let mut range = self.range();
-        let mut written = 0u64;
-        for entry in entries {
-            if entry.index < expected || entry.index == u64::MAX {
-                let applied = expected.checked_sub(1);
-                return Err(Error::ApplyOutOfOrder {
-                    shard: self.shard,
-                    index: entry.index,
-                    applied,
-                });
-            }
-            expected = entry.index + 1;
-            let outcome = match &entry.payload {
-                EntryPayload::Blank => Outcome::Done,
-                EntryPayload::Membership(membership) => {
-                    overlay.put(KEY_MEMBERSHIP.to_vec(), membership.clone());
-                    Outcome::Done
-                }
-                EntryPayload::Command(Command::Txn { session, batch }) => {
-                    if batch_owned(self.route, range.as_ref(), batch) {
-                        let outcome = apply_txn(&mut overlay, entry.index, *session, batch)?;
-                        if outcome == Outcome::Applied {
-                            written += batch.ops.iter().map(Op::written_bytes).sum::<u64>();
-                        }
-                        outcome
-                    } else {
-                        Outcome::OutOfRange
-                    }
-                }
-                EntryPayload::Command(Command::ExpireSessions { before_index }) => {
-                    expire_sessions(&mut overlay, *before_index)?;
-                    Outcome::Done
-                }
-                EntryPayload::Command(Command::Split { at, child, lo, hi })
-                    if !split_applies(range.as_ref(), *at, *lo, *hi) =>
-                {
-                    // Proposed from a view of the shard older than a split applied since:
-                    // nothing is done (the proposer sees the applied split and finishes it).
-                    let _ = child;
-                    Outcome::OutOfRange
-                }
-                EntryPayload::Command(Command::Split { at, child, lo, hi }) => {
-                    let kept = HashRange {
-                        lo: *lo,
-                        hi: Some(*at),
-                    };
-                    let given = HashRange { lo: *at, hi: *hi };
-                    give_away(&mut overlay, self.route, &given)?;
-                    let mut split = at.to_be_bytes().to_vec();
-                    split.extend_from_slice(&child.to_be_bytes());
-                    overlay.put(KEY_SPLIT.to_vec(), split);
-                    overlay.put(KEY_RANGE.to_vec(), kept.encode().to_vec());
-                    range = Some(kept);
-                    Outcome::Done
-                }
-            };
-            outcomes.push(outcome);
-        }
-        overlay.put(
-            KEY_APPLIED.to_vec(),
-            encode_applied(&Applied {
-                index: last.index,
-                log_id: last.log_id.clone(),
-            }),
-        );
-        let writes = std::mem::take(&mut overlay.writes);
-        let once = std::mem::take(&mut overlay.once);
-        drop(overlay);
-        drop(buffer);
-        drop(tree);
-        let full = {
-            let mut buffer = self.write_back.write().unwrap_or_else(|e| e.into_inner());
-            buffer.merge(writes, once);
-            buffer.bytes >= self.write_back_bytes
-        };
-        *self.range.write().unwrap_or_else(|e| e.into_inner()) = range;
-        self.written_bytes.fetch_add(written, Ordering::Relaxed);
-        self.applied.store(last.index + 1, Ordering::Release);
-        if full {
-            let held_bytes = self.write_back_buffer().bytes;
-            if held_bytes > self.hold_bytes_max && self.held() {
-                tracing::warn!(
-                    shard = self.shard,
-                    held_bytes,
-                    "writes outgrew the buffer while a snapshot view held the tree; the view fails \
-                     and is taken again"
-                );
-                self.break_hold_locked();
-            }
-            self.write_back_locked()?;
-        }
-        Ok(outcomes)
-    }
-
     /// Every session in the table, as `(client, last seq, last index)` (for tests and tools).
     pub fn sessions(&self) -> Result<Vec<(u64, u64, u64)>> {
         self.write_back()?;
@@ -695,163 +618,11 @@ pub(crate) fn split_applies(range: Option<&HashRange>, at: u64, lo: u64, hi: Opt
     range.is_none_or(|r| *r == whole) && at > lo && whole.contains(at)
 }
 
-fn owns(route: Option<KeyRoute>, range: Option<&HashRange>, key: &[u8]) -> bool {
+pub(crate) fn owns(route: Option<KeyRoute>, range: Option<&HashRange>, key: &[u8]) -> bool {
     match (route, range) {
         (Some(route), Some(range)) => route(key).is_none_or(|h| range.contains(h)),
         _ => true,
     }
-}
-
-/// Whether every key the batch names belongs to the range (no key is looked at before a split).
-fn batch_owned(route: Option<KeyRoute>, range: Option<&HashRange>, batch: &Batch) -> bool {
-    if range.is_none() || route.is_none() {
-        return true;
-    }
-    batch
-        .conditions
-        .iter()
-        .map(|c| &c.key)
-        .chain(batch.ops.iter().flat_map(Op::keys))
-        .all(|key| owns(route, range, key))
-}
-
-/// Removes the data keys routed into `given` (a split gave them to another shard), as this run
-/// sees them: the tree, the write-back buffer, then earlier entries of the run.
-fn give_away(overlay: &mut Overlay<'_>, route: Option<KeyRoute>, given: &HashRange) -> Result<()> {
-    let Some(route) = route else {
-        return Ok(());
-    };
-    let moved = |key: &[u8]| route(&key[1..]).is_some_and(|h| given.contains(h));
-    let mut doomed: Vec<Vec<u8>> = Vec::new();
-    for item in overlay.tree.range([SPACE_DATA]..[SPACE_SHARD]) {
-        let (key, _) = item.map_err(|e| Error::sled("scan keys to give away", e))?;
-        if moved(&key) {
-            doomed.push(key.to_vec());
-        }
-    }
-    let data_space = vec![SPACE_DATA]..vec![SPACE_SHARD];
-    for writes in [&overlay.write_back.writes, &overlay.writes] {
-        for (key, value) in writes.range(data_space.clone()) {
-            if value.is_some() && moved(key) {
-                doomed.push(key.clone());
-            }
-        }
-    }
-    for key in doomed {
-        overlay.delete(key);
-    }
-    Ok(())
-}
-
-fn apply_txn(
-    overlay: &mut Overlay<'_>,
-    index: u64,
-    session: Option<Session>,
-    batch: &Batch,
-) -> Result<Outcome> {
-    if let Some(session) = session {
-        let key = session_key(session.client);
-        match overlay.get(&key)? {
-            Some(bytes) => {
-                let record =
-                    SessionRecord::decode(&bytes).ok_or(overlay.corrupt("session record"))?;
-                if session.seq == record.seq {
-                    let failed_condition = match record.outcome {
-                        Outcome::ConditionFailed { index } => Some(index),
-                        _ => None,
-                    };
-                    return Ok(Outcome::Replayed {
-                        index: record.index,
-                        failed_condition,
-                    });
-                }
-                if session.seq < record.seq {
-                    return Ok(Outcome::StaleSequence { last: record.seq });
-                }
-            }
-            // Sequence numbers start at 1: a later one from an unknown session means the session
-            // was expired, and the request may already have been applied once.
-            None if session.seq > 1 => return Ok(Outcome::SessionExpired),
-            None => {}
-        }
-    }
-    let mut outcome = Outcome::Applied;
-    for (i, condition) in batch.conditions.iter().enumerate() {
-        let current = overlay.get(&data_key(&condition.key))?;
-        let holds = match (&condition.expect, &current) {
-            (Expect::Absent, None) | (Expect::Present, Some(_)) => true,
-            (Expect::Equals(want), Some(have)) => want == have,
-            _ => false,
-        };
-        if !holds {
-            outcome = Outcome::ConditionFailed {
-                index: u32::try_from(i).unwrap_or(u32::MAX),
-            };
-            break;
-        }
-    }
-    if outcome == Outcome::Applied {
-        for op in &batch.ops {
-            match op {
-                Op::Put { key, value } => overlay.put(data_key(key), value.clone()),
-                Op::Delete { key } => overlay.delete(data_key(key)),
-                Op::Append {
-                    head,
-                    prefix,
-                    value,
-                } => append(overlay, head, prefix, value)?,
-            }
-        }
-    }
-    if let Some(session) = session {
-        let record = SessionRecord {
-            seq: session.seq,
-            index,
-            outcome,
-        };
-        overlay.put(session_key(session.client).to_vec(), record.encode());
-    }
-    Ok(outcome)
-}
-
-/// Links `value` after the last entry of the chain at `head` (`chain.rs`).
-fn append(overlay: &mut Overlay<'_>, head: &Bytes, prefix: &Bytes, value: &Bytes) -> Result<()> {
-    let (seq, prev) = match overlay.get(&data_key(head))? {
-        None => (0, chain::GENESIS),
-        Some(v) => chain::decode_head(&v).ok_or(overlay.corrupt("chain head"))?,
-    };
-    let seq = seq + 1;
-    let hash = chain::link(&prev, seq, value);
-    let mut entry = Vec::with_capacity(chain::HASH_BYTES + value.len());
-    entry.extend_from_slice(&hash);
-    entry.extend_from_slice(value);
-    overlay.put_once(data_key(&chain::entry_key(prefix, seq)), entry);
-    overlay.put(data_key(head), chain::encode_head(seq, &hash));
-    Ok(())
-}
-
-fn expire_sessions(overlay: &mut Overlay<'_>, before_index: u64) -> Result<()> {
-    // The session table as this entry sees it: the tree, then the write-back buffer, then the
-    // entries earlier in this run. The tree alone may be behind (a snapshot view can hold it).
-    let mut sessions: BTreeMap<Vec<u8>, Option<Bytes>> = BTreeMap::new();
-    for item in overlay.tree.scan_prefix([SPACE_SESSION]) {
-        let (key, value) = item.map_err(|e| Error::sled("scan sessions", e))?;
-        sessions.insert(key.to_vec(), Some(Bytes::copy_from_slice(&value)));
-    }
-    let session_space = vec![SPACE_SESSION]..vec![SPACE_DATA];
-    for writes in [&overlay.write_back.writes, &overlay.writes] {
-        for (key, value) in writes.range(session_space.clone()) {
-            sessions.insert(key.clone(), value.clone());
-        }
-    }
-    for (key, value) in sessions {
-        let Some(value) = value else { continue };
-        let record = SessionRecord::decode(&value).ok_or(overlay.corrupt("session record"))?;
-        if record.index < before_index {
-            overlay.delete(key);
-        }
-    }
-    Ok(())
 }
 
 /// The range stored in `tree`, if it split.

@@ -5,7 +5,7 @@
 //! ways; either way the tree is, after a crash, exactly at some applied index, and the layer
 //! above re-applies the log from there.
 //!
-//! - **Whole** ([`ShardStore::write_back_locked`]): every buffered write and the applied id in
+//! - **Whole** (`ShardStore::write_back_locked`): every buffered write and the applied id in
 //!   one `sled::Batch`, which sled applies atomically. Used when the buffer is full, before a
 //!   snapshot view holds the tree or a split point is measured, and by the flusher for buffers
 //!   without write-once entries.
@@ -15,10 +15,10 @@
 //!   of the node waits behind it; an audited workload adds a new chain entry per access, whose
 //!   batches are large (new keys: node splits) and stalled all reads by tens of milliseconds.
 //!   So the flusher first inserts the write-once entries one by one (sled's shared lock,
-//!   [`ShardStore::stage_locked`]) and sets the rest of the buffer aside as the shard's staged
+//!   `ShardStore::stage_locked`) and sets the rest of the buffer aside as the shard's staged
 //!   batch; then flushes sled, so that the entries are on disk; then applies the staged batch
 //!   (the mutable keys: chain heads, values, sessions and the applied id, small) atomically
-//!   ([`ShardStore::write_back_staged_locked`]), and flushes again.
+//!   (`ShardStore::write_back_staged_locked`), and flushes again.
 //!
 //! Why staging is crash-safe: an entry reaches the disk before any batch whose heads name it
 //! (the flush between), so a durable head never names a missing entry. A crash after the
@@ -38,12 +38,10 @@
 //! `Append`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
-use crate::sm::shard::ShardStore;
 
 /// Applied writes that sled has not been handed yet (tree keys, `None` for a removal).
 #[derive(Debug, Default)]
@@ -57,13 +55,16 @@ pub(crate) struct WriteBack {
     staged: Option<Staged>,
 }
 
+/// Buffered writes, key and value (`None`: a removal).
+pub(crate) type Writes = Vec<(Vec<u8>, Option<Bytes>)>;
+
 /// A buffer's mutable writes as of one applied index, ready for one atomic batch.
 #[derive(Debug)]
-struct Staged {
+pub(crate) struct Staged {
     batch: sled::Batch,
     /// Every write the stage covered (the write-once ones too), to drop from the buffer once the
     /// tree holds them, unless rewritten since.
-    covered: Vec<(Vec<u8>, Option<Bytes>)>,
+    covered: Writes,
     /// Applied index + 1 that the batch brings the tree to.
     applied: u64,
 }
@@ -93,133 +94,82 @@ impl WriteBack {
     }
 }
 
-impl ShardStore {
-    /// Hands the whole write-back buffer to sled as one atomic batch. The caller holds
-    /// `apply_lock`, so the buffer cannot change meanwhile; readers keep finding the writes in
-    /// the buffer until the tree has them.
-    pub(crate) fn write_back_locked(&self) -> Result<()> {
-        if self.held() {
-            return Ok(());
+impl WriteBack {
+    /// The whole buffer as one batch; `None` when it is empty.
+    pub(crate) fn whole_batch(&self) -> Option<sled::Batch> {
+        if self.writes.is_empty() {
+            return None;
         }
-        let batch = {
-            let buffer = self.write_back_buffer();
-            if buffer.writes.is_empty() {
-                return Ok(());
+        let mut batch = sled::Batch::default();
+        for (key, value) in &self.writes {
+            match value {
+                Some(value) => batch.insert(key.as_slice(), value.as_ref()),
+                None => batch.remove(key.as_slice()),
             }
-            let mut batch = sled::Batch::default();
-            for (key, value) in &buffer.writes {
-                match value {
-                    Some(value) => batch.insert(key.as_slice(), value.as_ref()),
-                    None => batch.remove(key.as_slice()),
-                }
-            }
-            batch
-        };
-        self.tree()
-            .apply_batch(batch)
-            .map_err(|e| Error::sled("write back applied entries", e))?;
-        *self.write_back.write().unwrap_or_else(|e| e.into_inner()) = WriteBack::default();
-        self.stored_applied
-            .store(self.applied.load(Ordering::Acquire), Ordering::Release);
-        Ok(())
+        }
+        Some(batch)
     }
 
-    /// The flusher's first step for this shard (the caller holds `apply_lock`): inserts the
-    /// buffer's write-once entries into the tree one by one and stages the rest for
-    /// [`ShardStore::write_back_staged_locked`], which must come after sled's next flush.
-    /// Returns whether anything was staged (false: nothing write-once is buffered, or a view
-    /// holds the tree).
-    pub(crate) fn stage_locked(&self) -> Result<bool> {
-        if self.held() {
-            return Ok(false);
+    /// The first step: inserts the write-once entries into `tree` one by one and returns the
+    /// rest as the stage of applied index + 1 `applied`; `None` when nothing write-once is
+    /// buffered. The stage is applied by [`WriteBack::take_staged`]'s caller after sled's next
+    /// flush.
+    pub(crate) fn stage_into(&self, tree: &sled::Tree, applied: u64) -> Result<Option<Staged>> {
+        if self.once.is_empty() {
+            return Ok(None);
         }
-        let staged = {
-            let buffer = self.write_back_buffer();
-            if buffer.once.is_empty() {
-                None
-            } else {
-                let tree = self.tree();
-                let mut batch = sled::Batch::default();
-                let mut covered = Vec::with_capacity(buffer.writes.len());
-                for (key, value) in &buffer.writes {
-                    match value {
-                        Some(value) if buffer.once.contains(key) => {
-                            tree.insert(key.as_slice(), value.as_ref())
-                                .map_err(|e| Error::sled("write back a chain entry", e))?;
-                        }
-                        Some(value) => batch.insert(key.as_slice(), value.as_ref()),
-                        None => batch.remove(key.as_slice()),
-                    }
-                    covered.push((key.clone(), value.clone()));
+        let mut batch = sled::Batch::default();
+        let mut covered = Vec::with_capacity(self.writes.len());
+        for (key, value) in &self.writes {
+            match value {
+                Some(value) if self.once.contains(key) => {
+                    tree.insert(key.as_slice(), value.as_ref())
+                        .map_err(|e| Error::sled("write back a chain entry", e))?;
                 }
-                Some(Staged {
-                    batch,
-                    covered,
-                    applied: self.applied.load(Ordering::Acquire),
-                })
+                Some(value) => batch.insert(key.as_slice(), value.as_ref()),
+                None => batch.remove(key.as_slice()),
             }
-        };
-        let any = staged.is_some();
-        // A stage left by a round that failed before its batch is replaced, never applied: its
-        // entries' flush may not have happened.
-        self.write_back
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .staged = staged;
-        Ok(any)
-    }
-
-    /// The flusher's second step for this shard, after sled flushed the staged entries (the
-    /// caller holds `apply_lock`): applies the staged batch and drops from the buffer what the
-    /// tree now holds; without a stage, the whole buffer.
-    pub(crate) fn write_back_staged_locked(&self) -> Result<()> {
-        let staged = self
-            .write_back
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .staged
-            .take();
-        let Some(Staged {
+            covered.push((key.clone(), value.clone()));
+        }
+        Ok(Some(Staged {
             batch,
             covered,
             applied,
-        }) = staged
-        else {
-            return self.write_back_locked();
-        };
-        // A view taken since the stage wrote the buffer back whole first, which dropped the stage.
-        debug_assert!(!self.held(), "a stage survived a view's whole write-back");
-        self.tree()
-            .apply_batch(batch)
-            .map_err(|e| Error::sled("write back applied entries", e))?;
-        let mut buffer = self.write_back.write().unwrap_or_else(|e| e.into_inner());
+        }))
+    }
+
+    /// Keeps `staged` for the second step. A stage left by a round that failed before its batch
+    /// is replaced, never applied: its entries' flush may not have happened.
+    pub(crate) fn set_staged(&mut self, staged: Option<Staged>) {
+        self.staged = staged;
+    }
+
+    pub(crate) fn take_staged(&mut self) -> Option<Staged> {
+        self.staged.take()
+    }
+
+    /// After the tree took `staged`'s batch: drops from the buffer what the tree now holds.
+    pub(crate) fn written(&mut self, covered: Writes) {
         for (key, value) in covered {
             // Rewritten since the stage: the buffer's newer value stays for the next write-back.
-            if buffer.writes.get(&key) == Some(&value) {
-                buffer.writes.remove(&key);
-                buffer.once.remove(&key);
+            if self.writes.get(&key) == Some(&value) {
+                self.writes.remove(&key);
+                self.once.remove(&key);
             }
         }
         // What is left was applied since the stage: count it afresh, as a whole write-back would.
-        buffer.bytes = buffer
+        self.bytes = self
             .writes
             .iter()
             .map(|(key, value)| key.len() + value.as_ref().map_or(0, Bytes::len))
             .sum();
-        drop(buffer);
-        self.stored_applied.store(applied, Ordering::Release);
-        Ok(())
     }
+}
 
-    /// Hands every applied write to sled (not yet durable: see `StateStore::flush`).
-    pub fn write_back(&self) -> Result<()> {
-        let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.write_back_locked()
-    }
-
-    /// Drops the write-back buffer; the caller holds `apply_lock` and is replacing the tree.
-    pub(crate) fn discard_write_back_locked(&self) {
-        *self.write_back.write().unwrap_or_else(|e| e.into_inner()) = WriteBack::default();
+impl Staged {
+    /// The batch to apply, the writes it covers, and the applied index + 1 it brings the tree to.
+    pub(crate) fn into_parts(self) -> (sled::Batch, Writes, u64) {
+        (self.batch, self.covered, self.applied)
     }
 }
 
