@@ -215,13 +215,13 @@ fn joining(
     seeds: &[String],
     extra: &[&str],
 ) -> Result<NodeProc> {
-    let mut node = NodeProc::new(
+    let mut node = dossier_cli::procs::LocalCluster::node(
+        base_port,
         id,
-        base_port + id as u16,
-        base_port + 80 + id as u16,
         dir.join(format!("node-{id}")),
         dossier_cli::procs::node_binary(None)?,
-    );
+        false,
+    )?;
     node.extra_args = ["--join".to_owned(), seeds.join(",")]
         .into_iter()
         .chain(extra.iter().map(|a| (*a).to_owned()))

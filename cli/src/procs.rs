@@ -350,11 +350,6 @@ impl LocalCluster {
         Self::spawn_procs(root, nodes, base_port, bin, extra_args, false).await
     }
 
-    /// The peer port of node `id` of a cluster on `base_port`.
-    pub fn peer_port(base_port: u16, id: u64) -> u16 {
-        base_port + PORT_BLOCK + id as u16
-    }
-
     /// The process of node `id` of a cluster on `base_port` ([`local_ports`]), with its peer
     /// port when `peer_port`, its data in `data`.
     pub fn node(

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use dossier_cli::procs::{LocalCluster, NodeProc, PORT_BLOCK};
+use dossier_cli::procs::{LocalCluster, NodeProc};
 use serde_json::json;
 
 use crate::checker;
@@ -151,7 +151,7 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     };
     let mut procs = Vec::new();
     for id in 1..=config.nodes {
-        procs.push(node_proc(&config, net.as_deref(), id, &extra));
+        procs.push(node_proc(&config, net.as_deref(), id, &extra)?);
     }
     let cluster = LocalCluster::from_procs(procs).await?;
     cluster
@@ -430,7 +430,7 @@ async fn leaderless(address: &str) -> String {
 }
 
 /// The process of node `id`: in its namespace when there is a test network, else on loopback.
-fn node_proc(config: &RunConfig, net: Option<&Net>, id: u64, extra: &[String]) -> NodeProc {
+fn node_proc(config: &RunConfig, net: Option<&Net>, id: u64, extra: &[String]) -> Result<NodeProc> {
     let data = config.out.join("nodes").join(format!("node-{id}"));
     let mut p = match net {
         Some(net) => {
@@ -448,24 +448,17 @@ fn node_proc(config: &RunConfig, net: Option<&Net>, id: u64, extra: &[String]) -
             }
             p
         }
-        None => {
-            let mut p = NodeProc::new(
-                id,
-                config.base_port + id as u16,
-                config.base_port + 2 * PORT_BLOCK + id as u16,
-                data,
-                config.node_bin.clone(),
-            );
-            if config.tls {
-                let port = LocalCluster::peer_port(config.base_port, id);
-                p.peer = Some(format!("127.0.0.1:{port}"));
-            }
-            p
-        }
+        None => LocalCluster::node(
+            config.base_port,
+            id,
+            data,
+            config.node_bin.clone(),
+            config.tls,
+        )?,
     };
     // With TLS the internal services have their own port, as a secure deployment runs them.
     p.extra_args = extra.to_vec();
-    p
+    Ok(p)
 }
 
 /// A client of the cluster with short attempts (fast failover) and a 10 s deadline, as

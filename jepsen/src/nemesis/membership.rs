@@ -67,7 +67,7 @@ pub struct Schedule {
     pub removals_max: usize,
     pub splits_max: usize,
     /// The process of a new node with id `id` (its namespace, address, data folder, flags).
-    pub node: Box<dyn Fn(u64) -> NodeProc + Send + Sync>,
+    pub node: Box<dyn Fn(u64) -> Result<NodeProc> + Send + Sync>,
 }
 
 impl std::fmt::Debug for Schedule {
@@ -232,7 +232,7 @@ async fn move_replica_of(stage: &Stage, shard: Option<u64>, rng: &mut Rng) -> Re
 /// may strike it while it joins.
 async fn join(stage: &Stage, schedule: &Schedule, id: u64) -> Result<Done> {
     let seeds = stage.seeds().await;
-    let mut node = (schedule.node)(id);
+    let mut node = (schedule.node)(id)?;
     node.extra_args
         .extend(["--join".to_owned(), seeds.join(",")]);
     node.spawn().with_context(|| format!("start node {id}"))?;
