@@ -431,7 +431,7 @@ impl ShardStore {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .take_staged();
-        let Some((batch, covered, applied)) = staged.map(|s| s.into_parts()) else {
+        let Some((batch, applied)) = staged else {
             return self.write_back_locked();
         };
         // A view taken since the stage wrote the buffer back whole first, which dropped the stage.
@@ -442,7 +442,7 @@ impl ShardStore {
         self.write_back
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .written(covered);
+            .written();
         self.stored_applied.store(applied, Ordering::Release);
         Ok(())
     }

@@ -53,18 +53,15 @@ pub(crate) struct WriteBack {
     once: BTreeSet<Vec<u8>>,
     /// What the flusher set aside to apply after the write-once entries are durable.
     staged: Option<Staged>,
+    /// Keys written since the stage was set aside: the only ones the buffer keeps once the
+    /// tree has taken the stage (every other key is in the tree by then).
+    rewritten: BTreeSet<Vec<u8>>,
 }
-
-/// Buffered writes, key and value (`None`: a removal).
-pub(crate) type Writes = Vec<(Vec<u8>, Option<Bytes>)>;
 
 /// A buffer's mutable writes as of one applied index, ready for one atomic batch.
 #[derive(Debug)]
 pub(crate) struct Staged {
     batch: sled::Batch,
-    /// Every write the stage covered (the write-once ones too), to drop from the buffer once the
-    /// tree holds them, unless rewritten since.
-    covered: Writes,
     /// Applied index + 1 that the batch brings the tree to.
     applied: u64,
 }
@@ -88,6 +85,9 @@ impl WriteBack {
     pub(crate) fn merge(&mut self, writes: BTreeMap<Vec<u8>, Option<Bytes>>, once: Vec<Vec<u8>>) {
         for (key, value) in writes {
             self.bytes += key.len() + value.as_ref().map_or(0, Bytes::len);
+            if self.staged.is_some() {
+                self.rewritten.insert(key.clone());
+            }
             self.writes.insert(key, value);
         }
         self.once.extend(once);
@@ -119,7 +119,6 @@ impl WriteBack {
             return Ok(None);
         }
         let mut batch = sled::Batch::default();
-        let mut covered = Vec::with_capacity(self.writes.len());
         for (key, value) in &self.writes {
             match value {
                 Some(value) if self.once.contains(key) => {
@@ -129,47 +128,35 @@ impl WriteBack {
                 Some(value) => batch.insert(key.as_slice(), value.as_ref()),
                 None => batch.remove(key.as_slice()),
             }
-            covered.push((key.clone(), value.clone()));
         }
-        Ok(Some(Staged {
-            batch,
-            covered,
-            applied,
-        }))
+        Ok(Some(Staged { batch, applied }))
     }
 
     /// Keeps `staged` for the second step. A stage left by a round that failed before its batch
     /// is replaced, never applied: its entries' flush may not have happened.
     pub(crate) fn set_staged(&mut self, staged: Option<Staged>) {
         self.staged = staged;
+        self.rewritten.clear();
     }
 
-    pub(crate) fn take_staged(&mut self) -> Option<Staged> {
-        self.staged.take()
+    /// The stage's batch and the applied index + 1 it brings the tree to.
+    pub(crate) fn take_staged(&mut self) -> Option<(sled::Batch, u64)> {
+        self.staged.take().map(|s| (s.batch, s.applied))
     }
 
-    /// After the tree took `staged`'s batch: drops from the buffer what the tree now holds.
-    pub(crate) fn written(&mut self, covered: Writes) {
-        for (key, value) in covered {
-            // Rewritten since the stage: the buffer's newer value stays for the next write-back.
-            if self.writes.get(&key) == Some(&value) {
-                self.writes.remove(&key);
-                self.once.remove(&key);
-            }
-        }
+    /// After the tree took the stage's batch: drops from the buffer what the tree now holds,
+    /// every key but those written since the stage (their newer values wait for the next
+    /// write-back).
+    pub(crate) fn written(&mut self) {
+        let rewritten = std::mem::take(&mut self.rewritten);
+        self.writes.retain(|key, _| rewritten.contains(key));
+        self.once.retain(|key| rewritten.contains(key));
         // What is left was applied since the stage: count it afresh, as a whole write-back would.
         self.bytes = self
             .writes
             .iter()
             .map(|(key, value)| key.len() + value.as_ref().map_or(0, Bytes::len))
             .sum();
-    }
-}
-
-impl Staged {
-    /// The batch to apply, the writes it covers, and the applied index + 1 it brings the tree to.
-    pub(crate) fn into_parts(self) -> (sled::Batch, Writes, u64) {
-        (self.batch, self.covered, self.applied)
     }
 }
 
