@@ -23,12 +23,7 @@ async fn a_stopped_node_lets_go_of_its_data_directory() {
     let first = tokio::spawn(dossier_node::run(config.clone(), Some(stopped)));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!first.is_finished(), "the node stopped by itself");
-    stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), first)
-        .await
-        .expect("the node stops within 30 s")
-        .unwrap()
-        .unwrap();
+    stop_and_wait(&stop, first).await;
 
     runs_again(config).await;
 }
@@ -63,15 +58,23 @@ async fn runs_again(config: Arc<Config>) {
         let again = tokio::spawn(dossier_node::run(config.clone(), Some(stopped)));
         tokio::time::sleep(Duration::from_millis(300)).await;
         if !again.is_finished() {
-            stop.send(true).unwrap();
-            tokio::time::timeout(Duration::from_secs(30), again)
-                .await
-                .expect("the node stops within 30 s")
-                .unwrap()
-                .unwrap();
+            stop_and_wait(&stop, again).await;
             return;
         }
         refusals.push(format!("{:#}", again.await.unwrap().unwrap_err()));
     }
     panic!("the data directory stayed held after the run ended: {refusals:?}");
+}
+
+/// Asks a running node to stop and waits until its run returned without an error.
+async fn stop_and_wait(
+    stop: &watch::Sender<bool>,
+    run: tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the node stops within 30 s")
+        .unwrap()
+        .unwrap();
 }
