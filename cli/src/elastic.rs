@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use dossier_api::v1::admin_client::AdminClient;
 use dossier_api::v1::{
-    ClusterMap, ErrorReason, MoveReplicaRequest, NodeState, RemoveNodeRequest, ShardDescriptor,
-    SplitShardRequest,
+    ClusterMap, ErrorReason, MoveReplicaRequest, NodeState, NodeStatusRequest, RemoveNodeRequest,
+    ShardDescriptor, SplitShardRequest,
 };
 use tonic::transport::Channel;
 
@@ -153,5 +153,52 @@ pub async fn wait_removed(seeds: &[String], node: u64, limit: Duration) -> Resul
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// What [`wait_audit_moved`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditJournal {
+    /// Every event the node journaled is in its chain.
+    Empty,
+    /// The node did not answer (it may be down for good): its disk may still hold events.
+    Unreachable(String),
+}
+
+/// Waits until the node `client` talks to (node `node`) has moved every audit event of the reads
+/// it served from its journal to their patients' chains (`NodeStatus.audit_backlog` 0), printing
+/// the count as it falls. Fails when the node still holds events after `limit`: until then its
+/// disk holds events that exist nowhere else.
+pub async fn wait_audit_moved(
+    mut client: AdminClient<Channel>,
+    node: u64,
+    limit: Duration,
+) -> Result<AuditJournal> {
+    let started = Instant::now();
+    let mut printed = None;
+    loop {
+        let backlog = match client
+            .node_status(NodeStatusRequest { count_keys: false })
+            .await
+        {
+            Ok(status) => status.into_inner().audit_backlog,
+            Err(e) => return Ok(AuditJournal::Unreachable(e.message().to_owned())),
+        };
+        if backlog == 0 {
+            return Ok(AuditJournal::Empty);
+        }
+        if printed != Some(backlog) {
+            println!(
+                "[{:>6.1?}] node {node} has {backlog} audit events still to move to their chains",
+                started.elapsed()
+            );
+            printed = Some(backlog);
+        }
+        if started.elapsed() > limit {
+            bail!(
+                "node {node} still holds {backlog} audit events after {limit:?}: keep it running until its audit backlog is 0, then stop it"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

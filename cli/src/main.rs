@@ -223,9 +223,10 @@ enum NodeCommand {
     },
     /// Decommission a node: it is marked draining, the placement driver moves its replicas to
     /// other nodes one at a time (zones respected), its meta group vote goes to another node,
-    /// and it ends removed; then it may be stopped and its disk wiped. Refused when the other
-    /// up nodes could not hold every shard's replicas. Waits and prints progress unless
-    /// --no-wait; safe to repeat.
+    /// and it ends removed; the command then waits until the node has moved the audit events of
+    /// the reads it served from its journal to their chains, and only then says it may be
+    /// stopped and its disk wiped. Refused when the other up nodes could not hold every shard's
+    /// replicas. Waits and prints progress unless --no-wait; safe to repeat.
     Remove {
         /// The node id (see `dossier node list`).
         id: u64,
@@ -354,16 +355,33 @@ fn main() -> std::process::ExitCode {
                 dossier_cli::elastic::remove_node(&cli.seeds, *id).await?;
                 println!("node {id} is draining: its replicas move to other nodes");
                 if !*no_wait {
-                    dossier_cli::elastic::wait_removed(
-                        &cli.seeds,
-                        *id,
-                        Duration::from_secs(*wait_secs),
-                    )
-                    .await?;
+                    let limit = Duration::from_secs(*wait_secs);
+                    let map = dossier_cli::elastic::wait_removed(&cli.seeds, *id, limit).await?;
                     println!(
-                        "node {id} removed in {:.1?}: it holds nothing and may be stopped",
+                        "node {id} removed in {:.1?}: it holds no replica",
                         started.elapsed()
                     );
+                    // The removed node's journal may still hold audit events of reads it served.
+                    let address = map
+                        .nodes
+                        .iter()
+                        .find(|n| n.node_id == *id)
+                        .map(|n| n.address.clone())
+                        .unwrap_or_default();
+                    let left = limit.saturating_sub(started.elapsed());
+                    let client = dossier_cli::ops::admin_client(&address, Duration::from_secs(5))?;
+                    use dossier_cli::elastic::AuditJournal;
+                    match dossier_cli::elastic::wait_audit_moved(client, *id, left).await {
+                        Ok(AuditJournal::Empty) => println!(
+                            "node {id}'s audit journal is empty: it may be stopped and its disk wiped"
+                        ),
+                        Ok(AuditJournal::Unreachable(e)) => eprintln!(
+                            "warning: node {id} did not answer ({e}): its disk may still hold audit events of the reads it served; do not wipe it until, started again, it reports an audit backlog of 0 (dossier_audit_backlog on its /metrics page)"
+                        ),
+                        Err(e) => anyhow::bail!(
+                            "{e:#}\nnode {id} is removed, but its disk still holds audit events of the reads it served: do not wipe it yet"
+                        ),
+                    }
                 }
                 Ok(())
             }

@@ -162,7 +162,14 @@ impl AuditBatcher {
         Ok(())
     }
 
-    /// Events journaled and not yet in their chains.
+    /// Events in the journal and not yet in their chains, those a previous run left included:
+    /// a node's disk may be wiped only once this is 0.
+    pub fn unmoved(&self) -> u64 {
+        let journaled = self.journal.next_seq() - 1;
+        journaled.saturating_sub(*self.moved.borrow())
+    }
+
+    /// Events journaled by this run and not yet in their chains (room taken in the backlog).
     pub fn backlog(&self) -> usize {
         BACKLOG_MAX - self.room.available_permits()
     }

@@ -205,7 +205,10 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
                 authenticate.clone(),
             ))
             .add_service(InterceptedService::new(
-                AdminServer::new(service::admin::AdminService::new(Arc::clone(&node))),
+                AdminServer::new(service::admin::AdminService::new(
+                    Arc::clone(&node),
+                    audits.clone(),
+                )),
                 authenticate,
             ));
         // Without a peer port the internal services share this one.

@@ -1369,3 +1369,79 @@ async fn a_consent_withholds_only_the_kinds_of_record_it_names() {
             .is_some()
     );
 }
+
+/// A node reports the audit events of the reads it served that are not yet in their chains
+/// (`NodeStatus.audit_backlog`, what `dossier node remove` waits on before the node's disk may
+/// be wiped): a stale read served while the patient's shard has no quorum is answered from the
+/// journal, its event cannot be moved, and the node says so until the quorum is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reports_the_audit_events_it_has_not_moved() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let (mut cluster, service) = cluster_with_patient(certs.path(), "backlog-holder").await;
+    let admin = cluster.admin(0).await;
+    let empty = dossier_cli::elastic::AuditJournal::Empty;
+    assert_eq!(
+        dossier_cli::elastic::wait_audit_moved(admin.clone(), 1, Duration::from_secs(10))
+            .await
+            .unwrap(),
+        empty
+    );
+
+    // No quorum left for node 1: its reads' events stay in its journal.
+    cluster.nodes[1].stop().await;
+    cluster.nodes[2].stop().await;
+    let channel = ClientTls::from_certs_dir(certs.path(), Some(SERVICE_USER))
+        .unwrap()
+        .endpoint(&cluster.nodes[0].grpc)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut kv = KvClient::new(channel);
+    for _ in 0..3 {
+        let mut r = tonic::Request::new(GetRequest {
+            route: route("backlog-holder"),
+            key: b"k".to_vec(),
+            consistency: ReadConsistency::Stale as i32,
+        });
+        r.set_timeout(Duration::from_secs(5));
+        kv.get(r).await.unwrap();
+    }
+    let backlog = admin
+        .clone()
+        .node_status(NodeStatusRequest { count_keys: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .audit_backlog;
+    assert_eq!(backlog, 3, "three reads' events wait in the journal");
+    let refused =
+        dossier_cli::elastic::wait_audit_moved(admin.clone(), 1, Duration::from_millis(500))
+            .await
+            .unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("still holds 3 audit events"),
+        "{refused:#}"
+    );
+
+    // The quorum is back: the events reach the chain and the backlog empties.
+    cluster.nodes[1].start();
+    cluster.nodes[2].start();
+    assert_eq!(
+        dossier_cli::elastic::wait_audit_moved(admin, 1, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        empty
+    );
+    let mut gets = 0;
+    let report = dossier_cli::audit_log::read_chain(&service, "backlog-holder", |_, e| {
+        if e.action == AuditAction::KvGet as i32 {
+            gets += 1;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.broken, None);
+    assert_eq!(gets, 3);
+}

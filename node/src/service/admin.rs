@@ -15,17 +15,20 @@ use dossier_raft::openraft::async_runtime::WatchReceiver;
 use tonic::{Request, Response, Status};
 
 use crate::access::{self, Need};
+use crate::audit_batch::AuditBatcher;
 use crate::errors::ApiError;
 use crate::node::Node;
 
 #[derive(Debug, Clone)]
 pub struct AdminService {
     node: Arc<Node>,
+    /// The node's read audit journal, whose backlog the node's status reports.
+    audits: AuditBatcher,
 }
 
 impl AdminService {
-    pub fn new(node: Arc<Node>) -> Self {
-        AdminService { node }
+    pub fn new(node: Arc<Node>, audits: AuditBatcher) -> Self {
+        AdminService { node, audits }
     }
 }
 
@@ -218,6 +221,7 @@ impl Admin for AdminService {
             state_bytes_on_disk: dir_bytes(&data.join("state")),
             log_bytes_on_disk: dir_bytes(&data.join("log")),
             peer_address: self.node.config.peer_advertise.clone(),
+            audit_backlog: self.audits.unmoved(),
         }))
     }
 
