@@ -54,6 +54,24 @@ pub struct Report {
     pub unreadable: Vec<String>,
 }
 
+/// One line for the run's summary.
+pub fn summary(ids: &Report) -> String {
+    format!(
+        "identifiers: {}: {} creates ({} acknowledged, {} told the number is held, {} indeterminate); {} numbers held; duplicates {:?}, overlapping holders {:?}, lost {:?}, index mismatches {:?}, unreadable {:?}",
+        if ids.valid { "valid" } else { "INVALID" },
+        ids.attempts,
+        ids.acknowledged,
+        ids.held_answers,
+        ids.indeterminate,
+        ids.holders.len(),
+        ids.duplicates,
+        ids.overlaps.iter().take(5).collect::<Vec<_>>(),
+        ids.lost,
+        ids.lookup_mismatches,
+        ids.unreadable
+    )
+}
+
 /// A valid INSZ number from nine digits.
 fn insz(first9: u64) -> String {
     dossier_records::insz_with_check(first9, false)

@@ -214,38 +214,12 @@ fn main() -> std::process::ExitCode {
                     outcome = runner::run(config) => outcome?,
                     _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the cluster and test network were torn down"),
                 };
-                print!("{}", runner::summary(&outcome.report, outcome.faults));
-                print!(
-                    "{}",
-                    runner::nemesis_summary(&outcome.counts, outcome.membership.as_ref())
-                );
-                let mut valid = outcome.report.valid && !matches!(outcome.membership, Some(Err(_)));
-                if let Some(ids) = &outcome.identifiers {
-                    println!(
-                        "identifiers: {}: {} creates ({} acknowledged, {} told the number is held, {} indeterminate); {} numbers held; duplicates {:?}, overlapping holders {:?}, lost {:?}, index mismatches {:?}, unreadable {:?}",
-                        if ids.valid { "valid" } else { "INVALID" },
-                        ids.attempts,
-                        ids.acknowledged,
-                        ids.held_answers,
-                        ids.indeterminate,
-                        ids.holders.len(),
-                        ids.duplicates,
-                        ids.overlaps.iter().take(5).collect::<Vec<_>>(),
-                        ids.lost,
-                        ids.lookup_mismatches,
-                        ids.unreadable
-                    );
-                    valid &= ids.valid;
-                }
-                if let Some(audit) = &outcome.audit {
-                    println!("{}", dossier_jepsen::audit::summary(audit));
-                    valid &= audit.valid;
-                }
+                print!("{}", outcome.summary());
                 println!("run folder: {}", outcome.out.display());
                 if !outcome.not_ready.is_empty() {
                     anyhow::bail!("{}", runner::not_ready_line(&outcome.not_ready).trim_end());
                 }
-                Ok(valid)
+                Ok(outcome.valid())
             }
             Command::Check { history, check_budget } => {
                 let report = runner::check_history(&history, Duration::from_secs(check_budget), None)?;

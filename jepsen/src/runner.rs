@@ -77,6 +77,42 @@ pub struct RunOutcome {
     pub audit: Option<crate::audit::Report>,
 }
 
+impl RunOutcome {
+    /// The run's verdict: the history, the membership check, the identifiers' and the audit's
+    /// checks all valid, and every node ready after the faults.
+    pub fn valid(&self) -> bool {
+        self.report.valid
+            && !matches!(self.membership, Some(Err(_)))
+            && self.identifiers.as_ref().is_none_or(|r| r.valid)
+            && self.audit.as_ref().is_none_or(|r| r.valid)
+            && self.not_ready.is_empty()
+    }
+
+    /// What the run printed and `summary.txt` holds: the history's verdict, the nemesis, the
+    /// identifiers' and the audit's checks, the nodes not ready, the whole run's verdict.
+    pub fn summary(&self) -> String {
+        let mut text = summary(&self.report, self.faults)
+            + &nemesis_summary(&self.counts, self.membership.as_ref());
+        if let Some(ids) = &self.identifiers {
+            text.push_str(&crate::identifiers::summary(ids));
+            text.push('\n');
+        }
+        if let Some(audit) = &self.audit {
+            text.push_str(&crate::audit::summary(audit));
+            text.push('\n');
+        }
+        if !self.not_ready.is_empty() {
+            text.push_str(&not_ready_line(&self.not_ready));
+        }
+        text.push_str(if self.valid() {
+            "run: VALID\n"
+        } else {
+            "run: INVALID\n"
+        });
+        text
+    }
+}
+
 pub async fn run(config: RunConfig) -> Result<RunOutcome> {
     std::fs::create_dir_all(&config.out)
         .with_context(|| format!("create {}", config.out.display()))?;
@@ -376,26 +412,18 @@ pub async fn run(config: RunConfig) -> Result<RunOutcome> {
         config.check_budget_per_key,
         Some(faults_end),
     )?;
-    let counts = journal.counts();
-    write_results(
-        &config.out,
-        &report,
-        faults,
-        &counts,
-        membership.as_ref(),
-        &not_ready,
-        config.time_limit,
-    )?;
-    Ok(RunOutcome {
+    let outcome = RunOutcome {
         report,
         faults,
-        counts,
+        counts: journal.counts(),
         membership,
         not_ready,
         out: config.out.clone(),
         identifiers,
         audit,
-    })
+    };
+    write_results(&outcome, config.time_limit)?;
+    Ok(outcome)
 }
 
 /// The status of the node at `address` (`Admin.NodeStatus`), within 10 s.
@@ -488,26 +516,28 @@ pub fn check_history(
     Ok(checker::check(&ops, budget, faults_end))
 }
 
-/// `results.json` and `summary.txt` in the run folder.
-pub fn write_results(
-    out: &Path,
-    report: &checker::Report,
-    faults: u64,
-    counts: &BTreeMap<String, u64>,
-    membership: Option<&Result<String, String>>,
-    not_ready: &[u64],
-    duration: Duration,
-) -> Result<()> {
-    let json = json!({ "valid": report.valid, "unknown": report.unknown, "faults": faults, "nemesis": counts, "membership": membership, "not_ready": not_ready, "duration_s": duration.as_secs_f64(), "report": report });
+/// `results.json` and `summary.txt` in the run folder. `valid` in `results.json` is the whole
+/// run's verdict; `history_valid` the history's alone.
+pub fn write_results(outcome: &RunOutcome, duration: Duration) -> Result<()> {
+    let o = outcome;
+    let json = json!({
+        "valid": o.valid(),
+        "history_valid": o.report.valid,
+        "unknown": o.report.unknown,
+        "faults": o.faults,
+        "nemesis": o.counts,
+        "membership": o.membership,
+        "not_ready": o.not_ready,
+        "identifiers": o.identifiers,
+        "audit": o.audit,
+        "duration_s": duration.as_secs_f64(),
+        "report": o.report,
+    });
     std::fs::write(
-        out.join("results.json"),
+        o.out.join("results.json"),
         serde_json::to_string_pretty(&json)?,
     )?;
-    let mut text = summary(report, faults) + &nemesis_summary(counts, membership);
-    if !not_ready.is_empty() {
-        text.push_str(&not_ready_line(not_ready));
-    }
-    std::fs::write(out.join("summary.txt"), text)?;
+    std::fs::write(o.out.join("summary.txt"), o.summary())?;
     Ok(())
 }
 
@@ -717,5 +747,59 @@ mod tests {
         assert_eq!(nemesis_summary(&BTreeMap::new(), None), "");
         let wrong = Err("shards [2] list a removed node".to_owned());
         assert!(nemesis_summary(&BTreeMap::new(), Some(&wrong)).contains("INVALID"));
+    }
+
+    /// A run whose history is valid but whose audit is not is reported invalid, in its summary
+    /// and in `results.json`, which says which check failed.
+    #[test]
+    fn a_failed_audit_makes_the_whole_run_invalid_in_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let report = checker::check(&[], Duration::from_secs(1), None);
+        assert!(report.valid, "an empty history is valid");
+        let mut outcome = RunOutcome {
+            report,
+            faults: 0,
+            counts: BTreeMap::new(),
+            membership: None,
+            not_ready: Vec::new(),
+            out: dir.path().to_path_buf(),
+            identifiers: None,
+            audit: Some(crate::audit::Report {
+                valid: true,
+                ..crate::audit::Report::default()
+            }),
+        };
+        assert!(outcome.valid());
+        write_results(&outcome, Duration::from_secs(1)).unwrap();
+        assert!(
+            std::fs::read_to_string(dir.path().join("summary.txt"))
+                .unwrap()
+                .ends_with("run: VALID\n")
+        );
+
+        outcome.audit = Some(crate::audit::Report {
+            valid: false,
+            short: vec![(
+                "p-1".to_owned(),
+                crate::audit::Accesses::default(),
+                crate::audit::Accesses {
+                    reads: 1,
+                    writes: 0,
+                },
+            )],
+            ..crate::audit::Report::default()
+        });
+        assert!(!outcome.valid());
+        write_results(&outcome, Duration::from_secs(1)).unwrap();
+        let summary = std::fs::read_to_string(dir.path().join("summary.txt")).unwrap();
+        assert!(summary.contains("audit: INVALID"), "{summary}");
+        assert!(summary.ends_with("run: INVALID\n"), "{summary}");
+        let results: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("results.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(results["valid"], false);
+        assert_eq!(results["history_valid"], true);
+        assert_eq!(results["audit"]["valid"], false);
     }
 }
