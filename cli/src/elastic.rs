@@ -156,19 +156,26 @@ pub async fn wait_removed(seeds: &[String], node: u64, limit: Duration) -> Resul
     }
 }
 
+/// How long [`wait_audit_moved`] asks a node that does not answer.
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(15);
+
 /// What [`wait_audit_moved`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditJournal {
     /// Every event the node journaled is in its chain.
     Empty,
-    /// The node did not answer (it may be down for good): its disk may still hold events.
+    /// The node did not answer within the wait (it may be down for good): its disk may still
+    /// hold events.
     Unreachable(String),
+    /// The node does not report its backlog (a version that predates it).
+    Unreported,
 }
 
 /// Waits until the node `client` talks to (node `node`) has moved every audit event of the reads
 /// it served from its journal to their patients' chains (`NodeStatus.audit_backlog` 0), printing
-/// the count as it falls. Fails when the node still holds events after `limit`: until then its
-/// disk holds events that exist nowhere else.
+/// the count as it falls; a node that does not answer is asked again for 15 s. Fails when
+/// the node still holds events after `limit`, or refuses the caller: until then its disk holds
+/// events that exist nowhere else.
 pub async fn wait_audit_moved(
     mut client: AdminClient<Channel>,
     node: u64,
@@ -177,12 +184,33 @@ pub async fn wait_audit_moved(
     let started = Instant::now();
     let mut printed = None;
     loop {
-        let backlog = match client
+        let answer = client
             .node_status(NodeStatusRequest { count_keys: false })
-            .await
-        {
-            Ok(status) => status.into_inner().audit_backlog,
-            Err(e) => return Ok(AuditJournal::Unreachable(e.message().to_owned())),
+            .await;
+        let backlog = match answer {
+            Ok(status) => match status.into_inner().audit_backlog {
+                Some(backlog) => backlog,
+                None => return Ok(AuditJournal::Unreported),
+            },
+            Err(e)
+                if matches!(
+                    e.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                ) =>
+            {
+                bail!(
+                    "node {node} refused to report its audit backlog: {}",
+                    e.message()
+                )
+            }
+            // A node that keeps refusing connections is down: asked for a while, not the whole wait.
+            Err(e) if started.elapsed() > limit.min(UNREACHABLE_AFTER) => {
+                return Ok(AuditJournal::Unreachable(e.message().to_owned()));
+            }
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
         };
         if backlog == 0 {
             return Ok(AuditJournal::Empty);

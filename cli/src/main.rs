@@ -368,18 +368,32 @@ fn main() -> std::process::ExitCode {
                         .find(|n| n.node_id == *id)
                         .map(|n| n.address.clone())
                         .unwrap_or_default();
-                    let left = limit.saturating_sub(started.elapsed());
-                    let client = dossier_cli::ops::admin_client(&address, Duration::from_secs(5))?;
+                    // Its own time, whatever the drain took of --wait-secs.
+                    let left = limit
+                        .saturating_sub(started.elapsed())
+                        .max(Duration::from_secs(60));
+                    let client =
+                        dossier_cli::ops::admin_client(&address, Duration::from_secs(30))?;
                     use dossier_cli::elastic::AuditJournal;
+                    let unchecked = |why: String| {
+                        anyhow::anyhow!(
+                            "node {id} is removed, but {why}: its disk may still hold audit events of the reads it served; do not wipe it until, running, it reports an audit backlog of 0 (dossier_audit_backlog on its /metrics page)"
+                        )
+                    };
                     match dossier_cli::elastic::wait_audit_moved(client, *id, left).await {
                         Ok(AuditJournal::Empty) => println!(
                             "node {id}'s audit journal is empty: it may be stopped and its disk wiped"
                         ),
-                        Ok(AuditJournal::Unreachable(e)) => eprintln!(
-                            "warning: node {id} did not answer ({e}): its disk may still hold audit events of the reads it served; do not wipe it until, started again, it reports an audit backlog of 0 (dossier_audit_backlog on its /metrics page)"
-                        ),
+                        Ok(AuditJournal::Unreachable(e)) => {
+                            return Err(unchecked(format!("it did not answer ({e})")));
+                        }
+                        Ok(AuditJournal::Unreported) => {
+                            return Err(unchecked(
+                                "its version does not report its audit backlog".into(),
+                            ));
+                        }
                         Err(e) => anyhow::bail!(
-                            "{e:#}\nnode {id} is removed, but its disk still holds audit events of the reads it served: do not wipe it yet"
+                            "{e:#}\nnode {id} is removed, but its disk may still hold audit events of the reads it served: do not wipe it yet"
                         ),
                     }
                 }

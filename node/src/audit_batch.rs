@@ -101,7 +101,13 @@ impl AuditBatcher {
         for entry in left {
             let _ = queue.try_send(Shipment { entry, _room: None });
         }
-        let mover = tokio::spawn(run(Arc::clone(&node), rx, moved_tx, first - 1));
+        let mover = tokio::spawn(run(
+            Arc::clone(&node),
+            Arc::clone(&journal),
+            rx,
+            moved_tx,
+            first - 1,
+        ));
         // The journal's task hands each durable event to the mover itself: an event whose read
         // gave up waiting is moved all the same, and the moved mark goes on past it.
         let log = Arc::clone(&node);
@@ -165,14 +171,20 @@ impl AuditBatcher {
     /// Events in the journal and not yet in their chains, those a previous run left included:
     /// a node's disk may be wiped only once this is 0.
     pub fn unmoved(&self) -> u64 {
-        let journaled = self.journal.next_seq() - 1;
-        journaled.saturating_sub(*self.moved.borrow())
+        unmoved(&self.journal, *self.moved.borrow())
     }
 
     /// Events journaled by this run and not yet in their chains (room taken in the backlog).
     pub fn backlog(&self) -> usize {
         BACKLOG_MAX - self.room.available_permits()
     }
+}
+
+/// Events in `journal` beyond `moved`, the mark below which every event is in its chain. The
+/// mark is read first: read after the journal's seq, a batch journaled and moved in between
+/// would count as moved and not as journaled.
+fn unmoved(journal: &Journal, moved: u64) -> u64 {
+    (journal.next_seq() - 1).saturating_sub(moved)
 }
 
 /// Stops the journal's and the mover's tasks when dropped ([`AuditBatcher::stop_on_drop`]).
@@ -243,6 +255,7 @@ struct Moved {
 
 async fn run(
     node: Arc<Node>,
+    journal: Arc<Journal>,
     mut rx: mpsc::Receiver<Shipment>,
     moved_tx: watch::Sender<u64>,
     mut moved: u64,
@@ -302,14 +315,14 @@ async fn run(
                 .1
                 .push(s);
         }
-        node.metrics
-            .audit_backlog
-            .set(progress.pending.len() as i64);
         let now_moved = progress.moved();
         if now_moved != moved {
             moved = now_moved;
             let _ = moved_tx.send(moved);
         }
+        node.metrics
+            .audit_backlog
+            .set(unmoved(&journal, moved) as i64);
         if moved > forgotten
             && (moved - forgotten >= FORGET_EVERY || last_forget.elapsed() >= FORGET_AFTER)
         {

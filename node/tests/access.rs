@@ -1415,7 +1415,7 @@ async fn a_node_reports_the_audit_events_it_has_not_moved() {
         .unwrap()
         .into_inner()
         .audit_backlog;
-    assert_eq!(backlog, 3, "three reads' events wait in the journal");
+    assert_eq!(backlog, Some(3), "three reads' events wait in the journal");
     let refused =
         dossier_cli::elastic::wait_audit_moved(admin.clone(), 1, Duration::from_millis(500))
             .await
@@ -1434,14 +1434,16 @@ async fn a_node_reports_the_audit_events_it_has_not_moved() {
             .unwrap(),
         empty
     );
-    let mut gets = 0;
+    // A move retried after its proposal timed out without a quorum may commit twice: events
+    // are counted once per node and journal seq, as the access log shows them.
+    let mut gets = std::collections::BTreeSet::new();
     let report = dossier_cli::audit_log::read_chain(&service, "backlog-holder", |_, e| {
         if e.action == AuditAction::KvGet as i32 {
-            gets += 1;
+            gets.insert((e.node_id, e.journal_seq));
         }
     })
     .await
     .unwrap();
     assert_eq!(report.broken, None);
-    assert_eq!(gets, 3);
+    assert_eq!(gets.len(), 3, "{gets:?}");
 }

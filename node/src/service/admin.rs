@@ -221,7 +221,7 @@ impl Admin for AdminService {
             state_bytes_on_disk: dir_bytes(&data.join("state")),
             log_bytes_on_disk: dir_bytes(&data.join("log")),
             peer_address: self.node.config.peer_advertise.clone(),
-            audit_backlog: self.audits.unmoved(),
+            audit_backlog: Some(self.audits.unmoved()),
         }))
     }
 
