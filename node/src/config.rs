@@ -267,15 +267,7 @@ impl Config {
 
 impl NodeConfig {
     /// Checks every field and the relations between them; messages name the field.
-    pub fn validate(mut self) -> Result<Arc<Config>> {
-        // Quiescence's default follows election timeouts raised above its reach: a config that
-        // raises them without naming quiesce-after-ms stays valid (and quiescent).
-        let r = &mut self.raft;
-        if r.quiesce_after_ms == dossier_raft::QUIESCE_AFTER_DEFAULT_MS {
-            r.quiesce_after_ms = r
-                .quiesce_after_ms
-                .max(r.election_timeout_max_ms.saturating_mul(2));
-        }
+    pub fn validate(self) -> Result<Arc<Config>> {
         ensure!(self.node_id != 0, "node-id must not be 0");
         ensure!(
             !self.cluster_name.is_empty()
@@ -342,11 +334,13 @@ impl NodeConfig {
             r.election_timeout_max_ms,
             r.election_timeout_min_ms
         );
+        // Quiescence's default follows election timeouts raised above its reach: a config that
+        // raises them without naming quiesce-after-ms stays valid (and quiescent).
         ensure!(
-            r.quiesce_after_ms == 0
-                || r.quiesce_after_ms >= r.election_timeout_max_ms.saturating_mul(2),
+            r.quiescence_ms() == 0
+                || r.quiescence_ms() >= r.election_timeout_max_ms.saturating_mul(2),
             "raft.quiesce-after-ms ({}) must be 0 (off) or at least twice raft.election-timeout-max-ms ({})",
-            r.quiesce_after_ms,
+            r.quiescence_ms(),
             r.election_timeout_max_ms
         );
         ensure!(
@@ -704,7 +698,7 @@ impl Flags {
             config.raft.election_timeout_max_ms = v;
         }
         if let Some(v) = self.quiesce_after_ms {
-            config.raft.quiesce_after_ms = v;
+            config.raft.quiesce_after_ms = Some(v);
         }
         Ok(config)
     }
@@ -715,28 +709,26 @@ mod tests {
     use super::*;
 
     /// Raising the election timeouts without naming quiesce-after-ms keeps the config valid: the
-    /// default follows them. An explicit value too short for them is refused; 0 stays off.
+    /// default follows them. An explicit value too short for them is refused, the default's own
+    /// value included; 0 stays off.
     #[test]
     fn quiescence_default_follows_raised_election_timeouts() {
+        let quiescence = |c: &NodeConfig| c.clone().validate().unwrap().node.raft.quiescence_ms();
         let mut c = NodeConfig::default();
         c.raft.election_timeout_min_ms = 1_000;
         c.raft.election_timeout_max_ms = 1_500;
+        assert_eq!(quiescence(&c), 3_000);
+        c.raft.quiesce_after_ms = Some(0);
+        assert_eq!(quiescence(&c), 0);
+        c.raft.quiesce_after_ms = Some(3_500);
+        assert_eq!(quiescence(&c), 3_500);
+        for short in [2_500, dossier_raft::QUIESCE_AFTER_DEFAULT_MS] {
+            c.raft.quiesce_after_ms = Some(short);
+            let e = c.clone().validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("quiesce-after-ms ({short})")), "{e}");
+        }
         assert_eq!(
-            c.clone().validate().unwrap().node.raft.quiesce_after_ms,
-            3_000
-        );
-        c.raft.quiesce_after_ms = 0;
-        assert_eq!(c.clone().validate().unwrap().node.raft.quiesce_after_ms, 0);
-        c.raft.quiesce_after_ms = 2_500;
-        let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("quiesce-after-ms (2500)"), "{e}");
-        assert_eq!(
-            NodeConfig::default()
-                .validate()
-                .unwrap()
-                .node
-                .raft
-                .quiesce_after_ms,
+            quiescence(&NodeConfig::default()),
             dossier_raft::QUIESCE_AFTER_DEFAULT_MS
         );
     }

@@ -125,7 +125,7 @@ impl Quiet {
 
 impl Node {
     fn quiescence_on(&self) -> bool {
-        self.config.node.raft.quiesce_after_ms > 0
+        self.config.node.raft.quiescence_ms() > 0
     }
 
     /// One leader lease: how long a woken member holds back its candidacy.
@@ -375,7 +375,7 @@ impl Node {
     /// Quiesces, one round, the data groups led here whose log has not grown since
     /// `quiesce-after-ms` (`idle`: each group's last index and since when).
     async fn quiesce_idle(&self, idle: &mut HashMap<u64, (u64, Instant)>) {
-        let after = Duration::from_millis(self.config.node.raft.quiesce_after_ms);
+        let after = Duration::from_millis(self.config.node.raft.quiescence_ms());
         let me = self.node_id();
         let mut seen = Vec::new();
         for (shard, raft, quiet) in self.quiet_groups() {

@@ -41,7 +41,7 @@ async fn wait_all_quiet(cluster: &TestCluster, replicas: usize, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_groups_go_quiet_wake_for_use_and_fail_over() {
     let mut cluster = TestCluster::start(3, SHARDS as u32, 3, &|c| {
-        c.raft.quiesce_after_ms = 600;
+        c.raft.quiesce_after_ms = Some(600);
         c.placement_balance = false;
     })
     .await;

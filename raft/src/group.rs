@@ -53,11 +53,13 @@ pub struct RaftConfig {
     /// goes quiescent: its replicas stop their Raft timers (no heartbeats, no election timeouts)
     /// until it is written, read linearizably or changed again; followers watch the leader's
     /// node instead through one node-level ping per peer (0: never; `node/src/quiesce.rs`).
-    pub quiesce_after_ms: u64,
+    /// Not set: [`QUIESCE_AFTER_DEFAULT_MS`], or twice `election_timeout_max_ms` when that is
+    /// more ([`RaftConfig::quiescence_ms`]).
+    pub quiesce_after_ms: Option<u64>,
 }
 
-/// `RaftConfig::quiesce_after_ms` by default: a group quiet for 2 s stops its timers. A node's
-/// configuration raises it to twice the election timeout when that is more.
+/// `RaftConfig::quiesce_after_ms` by default: a group quiet for 2 s stops its timers, or for
+/// twice the election timeout when that is more.
 pub const QUIESCE_AFTER_DEFAULT_MS: u64 = 2000;
 
 impl Default for RaftConfig {
@@ -78,12 +80,20 @@ impl Default for RaftConfig {
             replicate_before_local_flush: true,
             read_lease: true,
             read_lease_margin_ms: 60,
-            quiesce_after_ms: QUIESCE_AFTER_DEFAULT_MS,
+            quiesce_after_ms: None,
         }
     }
 }
 
 impl RaftConfig {
+    /// How long a group stays quiet before it goes quiescent, in milliseconds (0: never): the
+    /// value set, or the default, which follows raised election timeouts.
+    pub fn quiescence_ms(&self) -> u64 {
+        self.quiesce_after_ms.unwrap_or_else(|| {
+            QUIESCE_AFTER_DEFAULT_MS.max(self.election_timeout_max_ms.saturating_mul(2))
+        })
+    }
+
     /// How a linearizable read is confirmed (see `read_lease`).
     pub fn read_option(&self) -> openraft::LinearizerOption {
         if self.read_lease {
