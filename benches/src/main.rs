@@ -274,7 +274,7 @@ enum Command {
         /// Seconds measured.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
-        /// Extra dossier-node flag (repeat it), e.g. --node-arg=--raft-quiesce-after-ms=2000.
+        /// Extra dossier-node flag (repeat it), e.g. --node-arg=--quiesce-after-ms=2000.
         #[arg(long = "node-arg", allow_hyphen_values = true)]
         node_args: Vec<String>,
         #[arg(long, default_value_t = 7600)]

@@ -233,7 +233,8 @@ enum NodeCommand {
         /// Return once the node is marked draining.
         #[arg(long)]
         no_wait: bool,
-        /// Give up waiting (the drain goes on) after this many seconds.
+        /// Give up waiting after this many seconds (the drain goes on); the audit-journal check
+        /// that follows the removal gets at least 60 s, whatever is left.
         #[arg(long, default_value_t = 3600)]
         wait_secs: u64,
     },

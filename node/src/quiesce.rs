@@ -1,8 +1,8 @@
 //! Quiescent groups: a group nobody writes costs no timer, no heartbeat and no message.
 //!
-//! With `raft.quiesce-after-ms` set, the leader of a data group whose log has not grown for that
-//! long, every member holding all of it, stops its own Raft timers (openraft's tick: no
-//! heartbeats) and asks each member to do the same (`Raft.Quiesce`). A member agrees only when it
+//! With quiescence on (`raft.quiesce-after-ms` not 0), the leader of a data group whose log has
+//! not grown for that long, every member holding all of it, stops its own Raft timers
+//! (openraft's tick: no heartbeats) and asks each member to do the same (`Raft.Quiesce`). A member agrees only when it
 //! follows that leader in that term and holds its whole log, and while the leader's node answers
 //! its pings (`liveness.rs`). If a voter does not agree, the leader starts its timers again: the
 //! group stays awake.
@@ -435,7 +435,7 @@ impl Node {
     }
 }
 
-/// The quiescence loops of a node (when `raft.quiesce-after-ms` is set): liveness pings and the
+/// The quiescence loops of a node (when `raft.quiesce-after-ms` is not 0): liveness pings and the
 /// watch on quiescent groups' leaders every `PING_EVERY`, and, in a loop of its own (a Quiesce
 /// round may wait on a slow member), idle groups looked for every `CHECK_EVERY`.
 pub(crate) async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
