@@ -209,10 +209,14 @@ fn main() -> std::process::ExitCode {
                     identifier_clients,
                     identifier_pool,
                 };
-                // Ctrl-C drops the run: its processes are stopped and its namespaces removed.
+                // Ctrl-C or SIGTERM (`timeout`, a CI runner's cancel) drops the run: its
+                // processes are stopped and its namespaces removed.
+                let mut terminate =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 let outcome = tokio::select! {
                     outcome = runner::run(config) => outcome?,
                     _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the cluster and test network were torn down"),
+                    _ = terminate.recv() => anyhow::bail!("terminated; the cluster and test network were torn down"),
                 };
                 print!("{}", outcome.summary());
                 println!("run folder: {}", outcome.out.display());
