@@ -72,13 +72,8 @@ pub async fn print_log(cli: &Cli, patient: &str, format: LogFormat) -> Result<()
             "SEQ", "TIME", "WHO", "ROLE", "ACTION", "GROUND"
         );
     }
-    // A read's event moved to the chain twice (its node crashed between the move and
-    // forgetting it) is shown once: its serving node and journal seq name it.
-    let mut seen = std::collections::HashSet::new();
-    let report = audit_log::read_chain(&client, patient, |seq, e| {
-        if e.journal_seq != 0 && !seen.insert((e.node_id, e.journal_seq)) {
-            return;
-        }
+    // A read's event moved to the chain twice is shown once.
+    let report = audit_log::read_accesses(&client, patient, |seq, e| {
         if format == LogFormat::Json {
             println!("{}", event_json(seq, e));
         } else if format == LogFormat::Fhir {

@@ -78,6 +78,23 @@ pub async fn read_chain(
     }
 }
 
+/// As [`read_chain`], calling `each` once per access, as the access log shows them: an event of
+/// a read moved to the chain twice (its node crashed between the move and forgetting it) names
+/// the same serving node and journal seq as the first, and is skipped.
+pub async fn read_accesses(
+    client: &Client,
+    patient: &str,
+    mut each: impl FnMut(u64, &AuditEvent),
+) -> Result<ChainReport, ReadError> {
+    let mut seen = std::collections::HashSet::new();
+    read_chain(client, patient, |seq, e| {
+        if e.journal_seq == 0 || seen.insert((e.node_id, e.journal_seq)) {
+            each(seq, e);
+        }
+    })
+    .await
+}
+
 fn report(
     verifier: &Verifier,
     head_seq: u64,

@@ -5,15 +5,16 @@
 //! request whose answer was lost) but never under-report: an acknowledged access without its
 //! event is an access the patient cannot see.
 //!
-//! Read events are counted once per (node, journal seq): an event moved twice (its node crashed
-//! between the move and forgetting it) appears twice in the chain with the same pair. A write's
+//! Read events are counted once per (node, journal seq), as the access log shows them
+//! (`dossier_cli::audit_log::read_accesses`): an event moved twice (its node crashed between the
+//! move and forgetting it) appears twice in the chain with the same pair. A write's
 //! event is in the same atomic batch as the write, so it exists exactly when the write applied.
 //!
 //! Events of reads reach their chains behind the reads (each node moves its journal in the
 //! background), so a chain that is short, or cannot be read, is read again, for up to
 //! [`SETTLE`] per patient, before it counts.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use dossier_api::v1::AuditAction;
@@ -88,24 +89,16 @@ pub async fn check(client: &Client, acknowledged: &BTreeMap<String, Accesses>) -
         report.acknowledged.writes += want.writes;
         let deadline = Instant::now() + SETTLE;
         loop {
-            let mut reads = BTreeSet::new();
-            let mut unjournaled_reads = 0u64;
-            let mut writes = 0u64;
-            let read = dossier_cli::audit_log::read_chain(client, patient, |_, event| {
-                match kind(event.action) {
-                    Some(F::Read) if event.journal_seq != 0 => {
-                        reads.insert((event.node_id, event.journal_seq));
+            let mut found = Accesses::default();
+            let read =
+                dossier_cli::audit_log::read_accesses(client, patient, |_, event| {
+                    match kind(event.action) {
+                        Some(F::Read) => found.reads += 1,
+                        Some(_) => found.writes += 1,
+                        None => {}
                     }
-                    Some(F::Read) => unjournaled_reads += 1,
-                    Some(_) => writes += 1,
-                    None => {}
-                }
-            })
-            .await;
-            let found = Accesses {
-                reads: reads.len() as u64 + unjournaled_reads,
-                writes,
-            };
+                })
+                .await;
             let short = found.reads < want.reads || found.writes < want.writes;
             if (read.is_err() || short) && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(200)).await;
