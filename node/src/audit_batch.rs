@@ -69,7 +69,7 @@ pub struct AuditBatcher {
 impl std::fmt::Debug for AuditBatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditBatcher")
-            .field("backlog", &self.backlog())
+            .field("unmoved", &self.unmoved())
             .finish_non_exhaustive()
     }
 }
@@ -172,11 +172,6 @@ impl AuditBatcher {
     /// a node's disk may be wiped only once this is 0.
     pub fn unmoved(&self) -> u64 {
         unmoved(&self.journal, *self.moved.borrow())
-    }
-
-    /// Events journaled by this run and not yet in their chains (room taken in the backlog).
-    pub fn backlog(&self) -> usize {
-        BACKLOG_MAX - self.room.available_permits()
     }
 }
 

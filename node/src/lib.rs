@@ -309,7 +309,7 @@ pub async fn run(config: Arc<Config>, stop: Option<watch::Receiver<bool>>) -> Re
     );
     // Reads' events journaled here go to their chains now rather than at the next start.
     if let Err(e) = audits.flush(Duration::from_secs(3)).await {
-        warn!(error = %e, backlog = audits.backlog(), "audit events left in the journal; they are moved at the next start");
+        warn!(error = %e, unmoved = audits.unmoved(), "audit events left in the journal; they are moved at the next start");
     }
     let _ = serving_tx.send(true);
     reconcile.abort();
