@@ -674,6 +674,22 @@ fn out_of_order_apply_is_refused() {
     assert_eq!(dump(&shard), before);
 }
 
+/// Runs `round` on a thread of its own until `stop` is set; the thread returns the rounds it ran.
+fn until_stopped(
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+    mut round: impl FnMut() + Send + 'static,
+) -> std::thread::JoinHandle<u64> {
+    let stop = Arc::clone(stop);
+    std::thread::spawn(move || {
+        let mut rounds = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            round();
+            rounds += 1;
+        }
+        rounds
+    })
+}
+
 /// Reads racing snapshot installs never fail: the old tree is dropped only after readers let go.
 #[test]
 fn reads_race_snapshot_installs() {
@@ -685,21 +701,16 @@ fn reads_race_snapshot_installs() {
     shard.build_snapshot(&file).unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
-        let (shard, stop) = (Arc::clone(&shard), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            let mut reads = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                assert_eq!(
-                    shard
-                        .scan_prefix(b"patient-3/", None, usize::MAX)
-                        .unwrap()
-                        .len(),
-                    43
-                );
-                assert!(shard.get(b"patient-0/x-0").unwrap().is_some());
-                reads += 1;
-            }
-            reads
+        let shard = Arc::clone(&shard);
+        until_stopped(&stop, move || {
+            assert_eq!(
+                shard
+                    .scan_prefix(b"patient-3/", None, usize::MAX)
+                    .unwrap()
+                    .len(),
+                43
+            );
+            assert!(shard.get(b"patient-0/x-0").unwrap().is_some());
         })
     };
     for _ in 0..20 {
@@ -726,18 +737,10 @@ fn write_backs_race_applies_and_reads() {
     let store = Arc::new(StateStore::open(cfg).unwrap());
     let shard = store.create_shard(1).unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let spawn = |f: Box<dyn Fn() + Send>| {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                f();
-            }
-        })
-    };
     let flusher = {
         let (shard, store) = (Arc::clone(&shard), Arc::clone(&store));
         let rounds = std::sync::atomic::AtomicU64::new(0);
-        spawn(Box::new(move || {
+        until_stopped(&stop, move || {
             if rounds
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 .is_multiple_of(2)
@@ -746,12 +749,12 @@ fn write_backs_race_applies_and_reads() {
             } else {
                 store.flush().unwrap();
             }
-        }))
+        })
     };
     let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let reader = {
         let (shard, seen) = (Arc::clone(&shard), Arc::clone(&seen));
-        spawn(Box::new(move || {
+        until_stopped(&stop, move || {
             let count = shard
                 .get(b"count")
                 .unwrap()
@@ -769,7 +772,7 @@ fn write_backs_race_applies_and_reads() {
                         .is_some()
                 );
             }
-        }))
+        })
     };
     let mut index = 0u64;
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
@@ -904,15 +907,8 @@ fn removals_and_flushes_never_wait_for_each_other() {
     let store = Arc::new(StateStore::open(config(dir.path())).unwrap());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flusher = {
-        let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            let mut rounds = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                store.flush().unwrap();
-                rounds += 1;
-            }
-            rounds
-        })
+        let store = Arc::clone(&store);
+        until_stopped(&stop, move || store.flush().unwrap())
     };
     let (done_tx, done) = std::sync::mpsc::sync_channel(1);
     let remover = {

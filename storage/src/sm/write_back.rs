@@ -84,30 +84,39 @@ impl WriteBack {
     /// changed.
     pub(crate) fn merge(&mut self, writes: BTreeMap<Vec<u8>, Option<Bytes>>, once: Vec<Vec<u8>>) {
         for (key, value) in writes {
-            self.bytes += key.len() + value.as_ref().map_or(0, Bytes::len);
-            if self.staged.is_some() {
+            self.bytes += entry_bytes(&key, &value);
+            // Heads, sessions and the applied id come back every run: a key is copied once.
+            if self.staged.is_some() && !self.rewritten.contains(&key) {
                 self.rewritten.insert(key.clone());
             }
             self.writes.insert(key, value);
         }
         self.once.extend(once);
     }
+
+    /// The buffered writes as one batch, but for those `kept_out` names.
+    fn batch(&self, kept_out: impl Fn(&[u8], &Option<Bytes>) -> bool) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (key, value) in &self.writes {
+            match value {
+                _ if kept_out(key, value) => {}
+                Some(value) => batch.insert(key.as_slice(), value.as_ref()),
+                None => batch.remove(key.as_slice()),
+            }
+        }
+        batch
+    }
+}
+
+/// What a buffered write counts toward [`WriteBack::bytes`].
+fn entry_bytes(key: &[u8], value: &Option<Bytes>) -> usize {
+    key.len() + value.as_ref().map_or(0, Bytes::len)
 }
 
 impl WriteBack {
     /// The whole buffer as one batch; `None` when it is empty.
     pub(crate) fn whole_batch(&self) -> Option<sled::Batch> {
-        if self.writes.is_empty() {
-            return None;
-        }
-        let mut batch = sled::Batch::default();
-        for (key, value) in &self.writes {
-            match value {
-                Some(value) => batch.insert(key.as_slice(), value.as_ref()),
-                None => batch.remove(key.as_slice()),
-            }
-        }
-        Some(batch)
+        (!self.writes.is_empty()).then(|| self.batch(|_, _| false))
     }
 
     /// The first step: inserts the write-once entries into `tree` one by one and returns the
@@ -118,18 +127,19 @@ impl WriteBack {
         if self.once.is_empty() {
             return Ok(None);
         }
-        let mut batch = sled::Batch::default();
+        // A write-once key removed since (a split gave it away) stays in the batch, a removal.
         for (key, value) in &self.writes {
-            match value {
-                Some(value) if self.once.contains(key) => {
-                    tree.insert(key.as_slice(), value.as_ref())
-                        .map_err(|e| Error::sled("write back a chain entry", e))?;
-                }
-                Some(value) => batch.insert(key.as_slice(), value.as_ref()),
-                None => batch.remove(key.as_slice()),
+            if let Some(value) = value
+                && self.once.contains(key)
+            {
+                tree.insert(key.as_slice(), value.as_ref())
+                    .map_err(|e| Error::sled("write back a chain entry", e))?;
             }
         }
-        Ok(Some(Staged { batch, applied }))
+        Ok(Some(Staged {
+            batch: self.batch(|key, value| value.is_some() && self.once.contains(key)),
+            applied,
+        }))
     }
 
     /// Keeps `staged` for the second step. A stage left by a round that failed before its batch
@@ -148,15 +158,20 @@ impl WriteBack {
     /// every key but those written since the stage (their newer values wait for the next
     /// write-back).
     pub(crate) fn written(&mut self) {
-        let rewritten = std::mem::take(&mut self.rewritten);
-        self.writes.retain(|key, _| rewritten.contains(key));
-        self.once.retain(|key| rewritten.contains(key));
-        // What is left was applied since the stage: count it afresh, as a whole write-back would.
-        self.bytes = self
-            .writes
-            .iter()
-            .map(|(key, value)| key.len() + value.as_ref().map_or(0, Bytes::len))
-            .sum();
+        // Built from the keys written since the stage, not by sifting the whole buffer; what is
+        // left is counted afresh, as a whole write-back would leave it.
+        let mut writes = std::mem::take(&mut self.writes);
+        let once = std::mem::take(&mut self.once);
+        self.bytes = 0;
+        for key in std::mem::take(&mut self.rewritten) {
+            if let Some(value) = writes.remove(&key) {
+                self.bytes += entry_bytes(&key, &value);
+                if once.contains(&key) {
+                    self.once.insert(key.clone());
+                }
+                self.writes.insert(key, value);
+            }
+        }
     }
 }
 
@@ -259,11 +274,14 @@ mod tests {
         let store = StateStore::open(config(dir)).unwrap();
         let shard = store.create_shard(1).unwrap();
         shard.apply(&entries(1, last)).unwrap();
-        {
-            let _applying = shard.apply_lock.lock().unwrap();
-            assert!(shard.stage_locked().unwrap(), "chain entries are staged");
-        }
+        stage(&shard);
         (store, shard)
+    }
+
+    /// The flusher's first step on `shard`, which holds chain entries.
+    fn stage(shard: &ShardHandle) {
+        let _applying = shard.apply_lock.lock().unwrap();
+        assert!(shard.stage_locked().unwrap(), "chain entries are staged");
     }
 
     fn copy_dir(from: &Path, to: &Path) {
@@ -295,10 +313,7 @@ mod tests {
         shard.apply(&entries(31, 60)).unwrap();
 
         // The flusher's first step and its flush, then a crash: a copy of the directory now.
-        {
-            let _applying = shard.apply_lock.lock().unwrap();
-            assert!(shard.stage_locked().unwrap(), "chain entries are staged");
-        }
+        stage(&shard);
         store.inner().db.flush().unwrap();
         copy_dir(live_dir.path(), crashed_dir.path());
 
